@@ -1,0 +1,3 @@
+//! Switchyard: a blue/green traffic switch for Deepgram self-hosted API containers.
+
+pub mod stub;

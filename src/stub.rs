@@ -1,0 +1,1 @@
+//! The Deepgram-compatible stub upstream.
