@@ -1,3 +1,43 @@
 //! Switchyard: a blue/green traffic switch for Deepgram self-hosted API containers.
+//!
+//! # A request's path
+//! A client connects to the proxy listener (`listener`), optionally through TLS (`tls`).
+//! hyper parses the request; `proxy::Proxy::handle` loads the route table once
+//! (`route_table`), checks the client key if `[client_auth]` is set, and takes the
+//! active colour (the standby one on the preview listener). Within that colour
+//! `upstream::pick` chooses by least outstanding work of two random healthy upstreams.
+//! Plain HTTP goes through a pooled client (`proxy::http`), bodies streamed both ways, a
+//! connect failure retried on another upstream of the same colour. A WebSocket upgrade
+//! (`proxy::websocket`) gets its own upstream handshake and a relay task pinned to that
+//! colour for its whole life.
+//!
+//! # A flip's path
+//! `admin` takes `POST /flip`; `control`, the only writer, checks it, writes the state
+//! (`state`) and publishes a new table. New requests see the new colour at once. Streams on
+//! the old colour are told through `drain::DrainWatch`; at their deadline the relay ends
+//! them the way Deepgram's protocol expects and closes the client with 1012.
+//!
+//! # Invariants
+//! - The route table is immutable and swapped whole; a request loads it once.
+//! - No lock is held across `.await`; route changes are serialized by one task instead.
+//! - Traffic never crosses colours on its own: retries stay within the colour.
+//! - Every stream is counted (`drain::Tracker`) until its task ends, so shutdown and
+//!   `/drain/wait` see upgraded connections that hyper no longer tracks.
+//! - Buffers are bounded: one message per direction per stream, 64 KiB request heads.
 
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod ctl;
+pub mod drain;
+pub mod error;
+pub mod health;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod route_table;
+pub mod state;
 pub mod stub;
+pub mod tls;
+pub mod upstream;

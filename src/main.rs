@@ -1,1 +1,335 @@
-fn main() {}
+//! The `switchyard` binary: CLI, logging, config, and running until a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::config::Config;
+use switchyard::control::Change;
+use switchyard::ctl;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "A blue/green traffic switch for Deepgram self-hosted API containers")]
+struct Cli {
+    /// Log format: human-readable text, or JSON lines for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit 0, or non-zero naming file, field and reason.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The whole blue/green story on one machine: two stub upstreams and the proxy.
+    Demo {
+        #[arg(long, default_value_t = 8080)]
+        proxy_port: u16,
+        #[arg(long, default_value_t = 8081)]
+        preview_port: u16,
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
+    },
+    /// A Deepgram-compatible stub server, for tests, demos and benchmarks.
+    StubUpstream {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        name: String,
+        /// The `system_health` it reports at start.
+        #[arg(long, default_value = "Healthy")]
+        health: String,
+    },
+    /// A client for the admin API.
+    Ctl {
+        /// The admin API's base URL.
+        #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        /// A file holding the admin token (else SWITCHYARD_ADMIN_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Show the route table, colours and upstreams.
+    Status,
+    /// Send new traffic to a colour (default: the standby one).
+    Flip {
+        #[arg(long)]
+        to: Option<String>,
+        /// Flip even if the target has no healthy upstream.
+        #[arg(long)]
+        force: bool,
+        /// How long the old colour's streams may run (default: drain.timeout).
+        #[arg(long)]
+        drain_timeout: Option<String>,
+        #[arg(long)]
+        expect_generation: Option<u64>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Send new traffic back to the rollback target.
+    Rollback {
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        expect_generation: Option<u64>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Forget the rollback target.
+    Commit {
+        #[arg(long)]
+        expect_generation: Option<u64>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Every route change, oldest first.
+    History,
+    /// Re-read the config file.
+    Reload,
+    /// Wait until a colour holds no traffic; exit 3 if the timeout passes first.
+    WaitDrained {
+        color: String,
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                if let Err(e) = switchyard::control::load_settings(c.clone()) {
+                    eprintln!("error: {e}");
+                    return Ok(1);
+                }
+                if switchyard::app::load_token(&c).is_err() {
+                    eprintln!(
+                        "warning: no admin token in {} (SWITCHYARD_ADMIN_TOKEN may supply it at run time)",
+                        c.admin.token_file.display()
+                    );
+                }
+                println!("{}: ok", config.display());
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(1)
+            }
+        },
+        Command::Run { config } => {
+            let config = Config::load(&config).map_err(anyhow::Error::msg)?;
+            run(config).await
+        }
+        Command::Demo {
+            proxy_port,
+            preview_port,
+            admin_port,
+        } => demo(proxy_port, preview_port, admin_port).await,
+        Command::StubUpstream { listen, name, health } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("--listen: cannot listen on {listen}"))?;
+            tracing::info!(%listen, %name, "stub upstream listening");
+            let stub = switchyard::stub::Stub::new(switchyard::stub::StubOptions {
+                name,
+                health,
+                ..Default::default()
+            });
+            stub.serve(listener, terminated()).await?;
+            Ok(0)
+        }
+        Command::Ctl {
+            admin,
+            token_file,
+            json,
+            command,
+        } => {
+            let token = match token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("--token-file {}", f.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => std::env::var("SWITCHYARD_ADMIN_TOKEN").ok(),
+            };
+            let command = match command {
+                CtlCommand::Status => ctl::Command::Status,
+                CtlCommand::History => ctl::Command::History,
+                CtlCommand::Reload => ctl::Command::Reload,
+                CtlCommand::Flip { to, force, drain_timeout, expect_generation, reason } => {
+                    ctl::Command::Flip { to, force, drain_timeout, expect_generation, reason }
+                }
+                CtlCommand::Rollback { force, expect_generation, reason } => {
+                    ctl::Command::Rollback { force, expect_generation, reason }
+                }
+                CtlCommand::Commit { expect_generation, reason } => {
+                    ctl::Command::Commit { expect_generation, reason }
+                }
+                CtlCommand::WaitDrained { color, timeout } => ctl::Command::WaitDrained { color, timeout },
+            };
+            let code = ctl::run(&ctl::Options { admin, token, json }, command).await;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Runs until SIGTERM/SIGINT, reloading on SIGHUP; a second stop signal exits at once.
+async fn run(config: Config) -> anyhow::Result<u8> {
+    let handle = switchyard::app::start(config).await?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let control = handle.control.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match control.apply(Change::Reload).await {
+                Ok(outcome) => tracing::info!(generation = outcome.table.generation, "reloaded the config (SIGHUP)"),
+                Err(e) => tracing::error!(error = %e, "reload refused; the old config stays"),
+            }
+        }
+    });
+    terminated().await;
+    handle.shutdown();
+    tokio::select! {
+        _ = handle.wait() => Ok(0),
+        _ = terminated() => {
+            tracing::warn!("second stop signal: exiting now");
+            Ok(1)
+        }
+    }
+}
+
+async fn demo(proxy_port: u16, preview_port: u16, admin_port: u16) -> anyhow::Result<u8> {
+    use switchyard::stub::{StubOptions, spawn};
+    let blue = spawn(StubOptions { name: "blue".into(), ..Default::default() }).await?;
+    let green = spawn(StubOptions { name: "green".into(), ..Default::default() }).await?;
+    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let token = format!("demo-{:016x}", fastrand::u64(..));
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, &token)?;
+    let config_text = format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:{proxy_port}"
+preview = "127.0.0.1:{preview_port}"
+admin = "127.0.0.1:{admin_port}"
+[pools]
+blue = ["{blue}"]
+green = ["{green}"]
+[routing]
+state_file = "{state}"
+[drain]
+timeout = "20s"
+grace = "5s"
+[health]
+interval = "1s"
+[admin]
+token_file = "{token_file}"
+"#,
+        blue = blue.url(),
+        green = green.url(),
+        state = dir.join("route.json").display(),
+        token_file = token_file.display(),
+    );
+    let config_path = dir.join("switchyard.toml");
+    std::fs::write(&config_path, &config_text)?;
+    let config = Config::load(&config_path).map_err(anyhow::Error::msg)?;
+    let handle = switchyard::app::start(config).await?;
+    let admin = format!("http://{}", handle.admin_addr);
+    println!(
+        r#"
+Switchyard demo: blue stub at {blue}, green stub at {green}.
+  proxy    http://{proxy}   (active colour)
+  preview  http://{preview}   (standby colour)
+  admin    {admin}   token in {token_file}
+
+Try:
+  curl -si -X POST --data-binary 'hello' http://{proxy}/v1/listen | grep -i -e x-switchyard-color -e x-stub-name
+  curl -s {admin}/status
+  cargo run --release -- ctl --admin {admin} --token-file {token_file} status
+  cargo run --release -- ctl --admin {admin} --token-file {token_file} flip --to green --reason demo
+  curl -si -X POST --data-binary 'hello' http://{proxy}/v1/listen | grep -i x-switchyard-color
+  cargo run --release -- ctl --admin {admin} --token-file {token_file} rollback
+  cargo run --release -- ctl --admin {admin} --token-file {token_file} history
+  curl -s {admin}/metrics | grep switchyard_active_color
+Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
+(CloseStream, finals, close 1012) 20 s after it. Ctrl-C to stop.
+"#,
+        blue = blue.url(),
+        green = green.url(),
+        proxy = handle.proxy_addr,
+        preview = handle.preview_addr.map(|a| a.to_string()).unwrap_or_default(),
+        token_file = token_file.display(),
+    );
+    terminated().await;
+    handle.shutdown();
+    handle.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(0)
+}

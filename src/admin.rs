@@ -1,0 +1,456 @@
+//! The admin API: status, flip, rollback, commit, history, drain wait, reload, metrics and
+//! probes, on `listen.admin`.
+//!
+//! Reads are open (the listener binds loopback by default); every mutating call needs
+//! `Authorization: Bearer <token>`, compared in constant time. Bodies are parsed strictly
+//! (unknown fields are 400) and limited in size. Every error is `{"error", "message"}`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::control::{Change, ChangeError, Control, FlipRequest};
+use crate::drain::Tracker;
+use crate::metrics::{ListenerKind, Metrics};
+use crate::route_table::RouteTable;
+use crate::state::rfc3339;
+use crate::upstream::Color;
+
+/// Largest admin request body.
+const MAX_BODY: usize = 64 * 1024;
+/// Longest `/drain/wait` long-poll.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// The admin bearer token; never printed.
+#[derive(Clone)]
+pub struct Token(Arc<[u8]>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+impl Token {
+    /// Wraps a token (already trimmed, non-empty).
+    pub fn new(token: &str) -> Token {
+        Token(token.as_bytes().into())
+    }
+
+    fn accepts(&self, headers: &HeaderMap) -> bool {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .and_then(|v| {
+                (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii())
+            })
+            .unwrap_or_default();
+        bool::from(presented.ct_eq(&self.0))
+    }
+}
+
+/// What the admin handlers share.
+#[derive(Clone)]
+pub struct Admin {
+    pub control: Control,
+    pub tracker: Arc<Tracker>,
+    pub metrics: Metrics,
+    pub token: Token,
+    /// Extra `/status` fields from the store (`{"kind": "file"}` here).
+    pub store_status: Arc<dyn Fn() -> Value + Send + Sync>,
+}
+
+/// An admin error as JSON.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let (Some(Value::Object(extra)), Some(obj)) = (self.extra, body.as_object_mut()) {
+            obj.extend(extra);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            ChangeError::GenerationMismatch { expected, actual } => ApiError {
+                extra: Some(json!({ "expected": expected, "generation": actual })),
+                ..ApiError::new(StatusCode::CONFLICT, "generation_mismatch", message)
+            },
+            ChangeError::TargetUnhealthy(_) => ApiError::new(StatusCode::CONFLICT, "target_unhealthy", message),
+            ChangeError::NoRollbackTarget => ApiError::new(StatusCode::CONFLICT, "no_rollback_target", message),
+            ChangeError::Config(c) => ApiError {
+                extra: Some(json!({ "field": c.field, "file": c.file })),
+                ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", message)
+            },
+            ChangeError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message),
+            ChangeError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
+        }
+    }
+}
+
+/// The body of `/flip` and `/rollback`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeBody {
+    to: Option<Color>,
+    #[serde(default)]
+    force: bool,
+    #[serde(default, with = "humantime_serde")]
+    drain_timeout: Option<Duration>,
+    expect_generation: Option<u64>,
+    reason: Option<String>,
+    /// Accepted for the etcd store's fleet-wide acknowledgement; with one file-store
+    /// replica the change is applied before the answer, so there is nothing to wait for.
+    #[serde(default, with = "humantime_serde")]
+    #[allow(dead_code)]
+    wait_replicas: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitBody {
+    expect_generation: Option<u64>,
+    reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    color: Option<String>,
+    timeout: Option<String>,
+}
+
+/// Builds the admin router; tests call this directly.
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/flip", post(flip))
+        .route("/rollback", post(rollback))
+        .route("/commit", post(commit))
+        .route("/history", get(history))
+        .route("/drain/wait", get(drain_wait))
+        .route("/reload", post(reload))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(admin)
+}
+
+fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
+    if admin.token.accepts(headers) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this call needs Authorization: Bearer <admin token>",
+        ))
+    }
+}
+
+fn parse_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The `/status` document for a table.
+pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
+    let now = std::time::Instant::now();
+    let colors: serde_json::Map<String, Value> = Color::ALL
+        .iter()
+        .map(|&color| {
+            let counts = admin.tracker.counts(color);
+            let order = table.drain_order(color);
+            let state = if color == table.active {
+                "active"
+            } else if order.is_some() && !counts.is_empty() {
+                "draining"
+            } else {
+                "standby"
+            };
+            let deadline = order
+                .filter(|_| state == "draining")
+                .map(|o| rfc3339(o.deadline_at));
+            let upstreams: Vec<Value> = table
+                .pool(color)
+                .iter()
+                .map(|u| {
+                    json!({
+                        "url": &*u.name,
+                        "healthy": u.is_healthy(),
+                        "health": u.observed().as_str(),
+                        "in_flight": u.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                        "open_streams": u.open_streams.load(std::sync::atomic::Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            let _ = now;
+            (
+                color.as_str().to_owned(),
+                json!({
+                    "state": state,
+                    "drain_deadline": deadline,
+                    "open_streams": counts.open_streams,
+                    "in_flight": counts.in_flight,
+                    "upstreams": upstreams,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "active": table.active,
+        "standby": table.standby(),
+        "rollback_to": table.rollback_to,
+        "generation": table.generation,
+        "changed_at": rfc3339(table.changed_at),
+        "colors": colors,
+        "store": (admin.store_status)(),
+    })
+}
+
+async fn status(State(admin): State<Admin>) -> Json<Value> {
+    let table = admin.control.router().load_full();
+    Json(status_json(&admin, &table))
+}
+
+fn change_answer(admin: &Admin, outcome: crate::control::Outcome) -> Json<Value> {
+    let mut body = status_json(admin, &outcome.table);
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("changed".into(), Value::Bool(outcome.changed));
+    }
+    Json(body)
+}
+
+async fn flip(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let b: ChangeBody = parse_body(&body)?;
+    let outcome = admin
+        .control
+        .apply(Change::Flip(FlipRequest {
+            to: b.to,
+            force: b.force,
+            drain_timeout: b.drain_timeout,
+            expect_generation: b.expect_generation,
+            reason: b.reason,
+        }))
+        .await?;
+    Ok(change_answer(&admin, outcome))
+}
+
+async fn rollback(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let b: ChangeBody = parse_body(&body)?;
+    if b.to.is_some() {
+        return Err(ApiError::bad_request("rollback takes no `to`: it returns to rollback_to"));
+    }
+    let outcome = admin
+        .control
+        .apply(Change::Rollback(FlipRequest {
+            to: None,
+            force: b.force,
+            drain_timeout: b.drain_timeout,
+            expect_generation: b.expect_generation,
+            reason: b.reason,
+        }))
+        .await?;
+    Ok(change_answer(&admin, outcome))
+}
+
+async fn commit(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let b: CommitBody = parse_body(&body)?;
+    let outcome = admin
+        .control
+        .apply(Change::Commit {
+            expect_generation: b.expect_generation,
+            reason: b.reason,
+        })
+        .await?;
+    Ok(change_answer(&admin, outcome))
+}
+
+async fn reload(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("reload takes no body"));
+    }
+    let outcome = admin.control.apply(Change::Reload).await?;
+    Ok(change_answer(&admin, outcome))
+}
+
+async fn history(State(admin): State<Admin>) -> Json<Value> {
+    let state = admin.control.state();
+    Json(json!({ "history": state.history }))
+}
+
+async fn drain_wait(State(admin): State<Admin>, query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let color: Color = q
+        .color
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request("query parameter `color` is required"))?
+        .parse()
+        .map_err(ApiError::bad_request)?;
+    let timeout = match q.timeout.as_deref() {
+        None => Duration::from_secs(60),
+        Some(t) => humantime::parse_duration(t)
+            .map_err(|e| ApiError::bad_request(format!("timeout `{t}`: {e}")))?
+            .min(MAX_WAIT),
+    };
+    let counts = admin.tracker.wait_empty(color, timeout).await;
+    Ok(Json(if counts.is_empty() {
+        json!({ "drained": true, "color": color, "open_streams": 0, "in_flight": 0 })
+    } else {
+        json!({ "drained": false, "color": color, "open_streams": counts.open_streams, "in_flight": counts.in_flight })
+    }))
+}
+
+async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        admin.metrics.encode(),
+    )
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "ok": true }))
+}
+
+async fn readyz(State(admin): State<Admin>) -> (StatusCode, Json<Value>) {
+    let table = admin.control.router().load();
+    if table.has_healthy(table.active) {
+        (StatusCode::OK, Json(json!({ "ready": true, "active": table.active })))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "active": table.active, "error": "no_healthy_upstream",
+                          "message": format!("{} has no healthy upstream", table.active) })),
+        )
+    }
+}
+
+/// Serves the admin API until `stop` resolves, counting connections for `connections`.
+pub async fn serve(listener: TcpListener, admin: Admin, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let gauge = admin.metrics.connections(ListenerKind::Admin).clone();
+    let app = router(admin);
+    axum::serve(Counted { inner: listener, gauge }, app)
+        .with_graceful_shutdown(stop)
+        .await
+}
+
+/// A listener whose sockets count themselves in the `connections` gauge.
+struct Counted {
+    inner: TcpListener,
+    gauge: prometheus::IntGauge,
+}
+
+/// A socket that leaves the gauge when dropped.
+struct CountedStream {
+    inner: TcpStream,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for CountedStream {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl axum::serve::Listener for Counted {
+    type Io = CountedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((inner, addr)) => {
+                    self.gauge.inc();
+                    return (
+                        CountedStream {
+                            inner,
+                            gauge: self.gauge.clone(),
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl AsyncRead for CountedStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The time of the last change, for callers that want it without a table.
+pub fn changed_at(table: &RouteTable) -> SystemTime {
+    table.changed_at
+}

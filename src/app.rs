@@ -1,0 +1,203 @@
+//! Wiring: shared handles, listeners, tasks, and the shutdown order.
+//!
+//! Start-up: metrics, admin token, route state and first table (`control`), proxy,
+//! listeners bound (an address in use is an error naming the field), health checks, admin.
+//! Shutdown (SIGTERM, SIGINT, or `Handle::shutdown`): the proxy and preview listeners stop
+//! accepting; every stream gets a drain order with `drain.timeout`; open HTTP requests
+//! finish; once no stream is left (or the drain and grace bound passes) the admin API,
+//! which stays up throughout, stops and `Handle::wait` returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin, Token};
+use crate::config::{Config, ConfigError};
+use crate::control::{Control, StartError as ControlStartError};
+use crate::drain::Tracker;
+use crate::metrics::{ListenerKind, Metrics};
+use crate::proxy::Proxy;
+use crate::route_table::Router;
+use crate::upstream::Color;
+
+/// Why Switchyard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Control(#[from] ControlStartError),
+    #[error("{field}: cannot listen on {addr}: {source}")]
+    Bind {
+        field: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no admin token: {file} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set; admin writes are never open"
+    )]
+    NoToken { file: String },
+}
+
+/// A running Switchyard.
+pub struct Handle {
+    /// Where the proxy listener is bound (useful with port 0).
+    pub proxy_addr: SocketAddr,
+    /// Where the preview listener is bound, if configured.
+    pub preview_addr: Option<SocketAddr>,
+    /// Where the admin API is bound.
+    pub admin_addr: SocketAddr,
+    /// Route changes.
+    pub control: Control,
+    /// Traffic counts.
+    pub tracker: Arc<Tracker>,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Handle {
+    /// Starts the graceful shutdown (idempotent).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// The router (current table).
+    pub fn router(&self) -> &Arc<Router> {
+        self.control.router()
+    }
+
+    /// Waits until shutdown has finished.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Reads the admin token: `SWITCHYARD_ADMIN_TOKEN`, else `admin.token_file`.
+pub fn load_token(config: &Config) -> Result<Token, StartError> {
+    if let Ok(t) = std::env::var("SWITCHYARD_ADMIN_TOKEN") {
+        let t = t.trim();
+        if !t.is_empty() {
+            return Ok(Token::new(t));
+        }
+    }
+    let file = config.admin.token_file.display().to_string();
+    match std::fs::read_to_string(&config.admin.token_file) {
+        Ok(t) if !t.trim().is_empty() => Ok(Token::new(t.trim())),
+        _ => Err(StartError::NoToken { file }),
+    }
+}
+
+async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { field, addr, source })
+}
+
+/// Starts everything `config` describes.
+pub async fn start(config: Config) -> Result<Handle, StartError> {
+    let metrics = Metrics::new();
+    let token = load_token(&config)?;
+    let proxy_listener = bind("listen.proxy", config.listen.proxy).await?;
+    let preview_listener = match config.listen.preview {
+        Some(addr) => Some(bind("listen.preview", addr).await?),
+        None => None,
+    };
+    let admin_listener = bind("listen.admin", config.listen.admin).await?;
+    let addr = |l: &TcpListener, configured: SocketAddr| l.local_addr().unwrap_or(configured);
+    let proxy_addr = addr(&proxy_listener, config.listen.proxy);
+    let preview_addr = preview_listener
+        .as_ref()
+        .zip(config.listen.preview)
+        .map(|(l, c)| addr(l, c));
+    let admin_addr = addr(&admin_listener, config.listen.admin);
+
+    let (control, router) = Control::start(config, metrics.clone())?;
+    let tracker = Arc::new(Tracker::default());
+    let proxy = Arc::new(
+        Proxy::new(router.clone(), tracker.clone(), metrics.clone()).map_err(|e| ConfigError {
+            file: router.load().settings.config.source.display().to_string(),
+            field: e.0,
+            reason: e.1,
+        })?,
+    );
+
+    let shutdown = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+    crate::health::spawn(
+        router.clone(),
+        metrics.clone(),
+        proxy.upstreams.tls.clone(),
+        stop_background.clone(),
+    );
+    let mut listeners = vec![tokio::spawn(crate::listener::serve(
+        proxy_listener,
+        ListenerKind::Proxy,
+        proxy.clone(),
+        stop_accepting.clone(),
+    ))];
+    if let Some(l) = preview_listener {
+        listeners.push(tokio::spawn(crate::listener::serve(
+            l,
+            ListenerKind::Preview,
+            proxy.clone(),
+            stop_accepting.clone(),
+        )));
+    }
+    let admin_state = Admin {
+        control: control.clone(),
+        tracker: tracker.clone(),
+        metrics: metrics.clone(),
+        token,
+        store_status: Arc::new(|| serde_json::json!({ "kind": "file" })),
+    };
+    let admin_stop = stop_background.clone();
+    let admin_task = tokio::spawn(async move {
+        if let Err(e) = admin::serve(admin_listener, admin_state, async move { admin_stop.cancelled().await }).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    tracing::info!(proxy = %proxy_addr, preview = ?preview_addr, admin = %admin_addr, "switchyard is listening");
+
+    let done = {
+        let shutdown = shutdown.clone();
+        let tracker = tracker.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            let drain = router.load().settings.config.drain;
+            tracing::info!(timeout = ?drain.timeout, "shutting down: no new connections; draining streams");
+            stop_accepting.cancel();
+            tracker.begin_shutdown(drain.timeout);
+            // Streams end at the deadline plus grace; the extra allows their close handshakes.
+            let bound = drain.timeout + drain.grace + Duration::from_secs(10);
+            let streams = async {
+                for color in Color::ALL {
+                    tracker.wait_empty(color, bound).await;
+                }
+            };
+            let requests = futures_util::future::join_all(listeners);
+            let _ = tokio::time::timeout(bound, async { tokio::join!(streams, requests) }).await;
+            stop_background.cancel();
+            let _ = admin_task.await;
+            tracing::info!("shutdown complete");
+        })
+    };
+
+    Ok(Handle {
+        proxy_addr,
+        preview_addr,
+        admin_addr,
+        control,
+        tracker,
+        metrics,
+        shutdown,
+        done,
+    })
+}

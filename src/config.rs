@@ -1,0 +1,492 @@
+//! Typed, validated configuration and the error that names what is wrong.
+//!
+//! Loading is two stages: `config::file` is the serde mirror of the TOML (unknown keys
+//! rejected), and `Config::try_from` turns it into typed values in one place, so every
+//! refusal names the file, the field and the reason. Secrets (the admin token, client keys)
+//! are read by `Config::load_secrets`, not here, because `check` must work without them.
+
+mod file;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+
+use crate::upstream::Color;
+
+/// A refused configuration: which file, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {field}: {reason}")]
+pub struct ConfigError {
+    /// The config file (or the file a field points at).
+    pub file: String,
+    /// Dotted path of the offending key, e.g. `pools.blue[1]`.
+    pub field: String,
+    /// What is wrong, for a human.
+    pub reason: String,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this came from; reload re-reads it.
+    pub source: PathBuf,
+    pub listen: Listen,
+    pub tls: Option<TlsFiles>,
+    pub pools: Pools,
+    pub routing: Routing,
+    pub drain: Drain,
+    pub health: Health,
+    pub admin: Admin,
+    pub client_auth: Option<ClientAuth>,
+    pub limits: Limits,
+    pub upstream_tls: UpstreamTls,
+}
+
+/// Listener addresses; these cannot change on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub proxy: SocketAddr,
+    pub preview: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+/// PEM files for TLS termination on the proxy and preview listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The two colours' upstream URLs, each non-empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pools {
+    pub blue: Vec<UpstreamUrl>,
+    pub green: Vec<UpstreamUrl>,
+}
+
+/// Where the route state lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// Active colour on the very first start (no state yet).
+    pub initial: Color,
+    /// The state file; with the etcd store it is the fail-static copy.
+    pub state_file: PathBuf,
+    pub store: Store,
+}
+
+/// The route state store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Store {
+    /// One proxy, one file.
+    File,
+    /// Several replicas share one key in etcd.
+    Etcd(EtcdStore),
+}
+
+/// `routing.etcd`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdStore {
+    pub endpoints: Vec<String>,
+    pub key: String,
+    pub replica_id: Option<String>,
+    pub lease_ttl: Duration,
+    pub timeout: Duration,
+}
+
+/// How long old-colour streams may run after a flip, and how long finals may take after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    pub timeout: Duration,
+    pub grace: Duration,
+}
+
+/// How an upstream's health is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthMode {
+    /// A 200 whose JSON `system_health` is Ready, Healthy or Degraded.
+    Deepgram,
+    /// Any 2xx.
+    Http,
+    /// No probes; only connect errors on live traffic mark an upstream down.
+    Off,
+}
+
+/// Active health checking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub mode: HealthMode,
+    pub path: PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// The admin API's bearer token source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub token_file: PathBuf,
+}
+
+/// Client keys for the proxy and preview listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub keys_file: PathBuf,
+}
+
+/// Timeouts and connection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Trust for `https://` upstreams.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamTls {
+    /// `None`: the system roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A parsed pool entry: `http://host:port` or `https://host:port`, nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl UpstreamUrl {
+    /// Parses a pool entry; the error is the reason, for `ConfigError`.
+    pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
+        let uri: Uri = text
+            .parse()
+            .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            Some(other) => return Err(format!("`{text}`: scheme `{other}` is not http or https")),
+            None => return Err(format!("`{text}` has no scheme (http:// or https://)")),
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{text}` has no host"))?;
+        if authority.host().is_empty() {
+            return Err(format!("`{text}` has no host"));
+        }
+        if authority.as_str().contains('@') {
+            return Err(format!("`{text}`: credentials in the URL are not supported"));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+            return Err(format!(
+                "`{text}`: a pool URL is scheme://host:port only; paths are passed from the client"
+            ));
+        }
+        Ok(UpstreamUrl { scheme, authority })
+    }
+
+    /// True for `https://`.
+    pub fn is_tls(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    /// The port, defaulting by scheme.
+    pub fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.is_tls() { 443 } else { 80 })
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            field: "-".into(),
+            reason: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file_name = path.display().to_string();
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+            file: file_name.clone(),
+            field: "-".into(),
+            reason: one_line(&e.to_string()),
+        })?;
+        let raw: file::File = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError {
+                file: file_name.clone(),
+                field: if field == "." { "-".into() } else { field },
+                reason: one_line(&e.into_inner().to_string()),
+            }
+        })?;
+        Config::from_file(path, raw)
+    }
+
+    fn from_file(path: &Path, raw: file::File) -> Result<Config, ConfigError> {
+        let err = |field: &str, reason: String| ConfigError {
+            file: path.display().to_string(),
+            field: field.into(),
+            reason,
+        };
+        let addr = |field: &str, value: Option<&String>| -> Result<SocketAddr, ConfigError> {
+            let value = value.ok_or_else(|| err(field, "is required".into()))?;
+            value
+                .parse()
+                .map_err(|e| err(field, format!("`{value}` is not an address (ip:port): {e}")))
+        };
+
+        let listen = raw.listen.ok_or_else(|| err("listen", "is required".into()))?;
+        let listen = Listen {
+            proxy: addr("listen.proxy", listen.proxy.as_ref())?,
+            preview: match &listen.preview {
+                Some(p) => Some(addr("listen.preview", Some(p))?),
+                None => None,
+            },
+            admin: addr("listen.admin", listen.admin.as_ref())?,
+        };
+
+        let pools = raw.pools.ok_or_else(|| err("pools", "is required".into()))?;
+        let pool = |name: &str, urls: Option<Vec<String>>| -> Result<Vec<UpstreamUrl>, ConfigError> {
+            let field = format!("pools.{name}");
+            let urls = urls.ok_or_else(|| err(&field, "is required (both colours need a pool)".into()))?;
+            if urls.is_empty() {
+                return Err(err(&field, "is empty: a pool needs at least one upstream URL".into()));
+            }
+            let mut parsed: Vec<UpstreamUrl> = Vec::with_capacity(urls.len());
+            for (i, url) in urls.iter().enumerate() {
+                let u = UpstreamUrl::parse(url).map_err(|r| err(&format!("{field}[{i}]"), r))?;
+                if parsed.contains(&u) {
+                    return Err(err(&format!("{field}[{i}]"), format!("`{url}` is listed twice")));
+                }
+                parsed.push(u);
+            }
+            Ok(parsed)
+        };
+        let pools = Pools {
+            blue: pool("blue", pools.blue)?,
+            green: pool("green", pools.green)?,
+        };
+
+        let initial: Color = raw
+            .routing
+            .initial
+            .parse()
+            .map_err(|e: String| err("routing.initial", e))?;
+        if raw.routing.state_file.is_empty() {
+            return Err(err("routing.state_file", "must not be empty".into()));
+        }
+        let store = match raw.routing.store.as_str() {
+            "file" => {
+                if raw.routing.etcd.is_some() {
+                    return Err(err(
+                        "routing.etcd",
+                        "is set but routing.store is \"file\"; set store = \"etcd\" to use it".into(),
+                    ));
+                }
+                Store::File
+            }
+            "etcd" => {
+                let etcd = raw
+                    .routing
+                    .etcd
+                    .ok_or_else(|| err("routing.etcd", "is required when store = \"etcd\"".into()))?;
+                if etcd.endpoints.is_empty() {
+                    return Err(err("routing.etcd.endpoints", "needs at least one endpoint".into()));
+                }
+                if etcd.key.is_empty() {
+                    return Err(err("routing.etcd.key", "must not be empty".into()));
+                }
+                if etcd.lease_ttl.is_zero() {
+                    return Err(err("routing.etcd.lease_ttl", "must be greater than zero".into()));
+                }
+                if etcd.timeout.is_zero() {
+                    return Err(err("routing.etcd.timeout", "must be greater than zero".into()));
+                }
+                if !cfg!(feature = "etcd") {
+                    return Err(err(
+                        "routing.store",
+                        "\"etcd\" needs a build with the etcd feature: \
+                         `cargo build --release --features etcd` (needs protoc)"
+                            .into(),
+                    ));
+                }
+                Store::Etcd(EtcdStore {
+                    endpoints: etcd.endpoints,
+                    key: etcd.key,
+                    replica_id: etcd.replica_id,
+                    lease_ttl: etcd.lease_ttl,
+                    timeout: etcd.timeout,
+                })
+            }
+            other => {
+                return Err(err(
+                    "routing.store",
+                    format!("`{other}` is not a store; use \"file\" or \"etcd\""),
+                ))
+            }
+        };
+
+        let health = raw.health;
+        let mode = match health.mode.as_str() {
+            "deepgram" => HealthMode::Deepgram,
+            "http" => HealthMode::Http,
+            "off" => HealthMode::Off,
+            other => {
+                return Err(err(
+                    "health.mode",
+                    format!("`{other}` is not a mode; use \"deepgram\", \"http\" or \"off\""),
+                ))
+            }
+        };
+        if !health.path.starts_with('/') {
+            return Err(err("health.path", format!("`{}` must start with /", health.path)));
+        }
+        let health_path: PathAndQuery = health
+            .path
+            .parse()
+            .map_err(|e| err("health.path", format!("`{}` is not a path: {e}", health.path)))?;
+        let positive = |field: &str, d: Duration| {
+            if d.is_zero() {
+                Err(err(field, "must be greater than zero".into()))
+            } else {
+                Ok(d)
+            }
+        };
+        let health = Health {
+            mode,
+            path: health_path,
+            interval: positive("health.interval", health.interval)?,
+            timeout: positive("health.timeout", health.timeout)?,
+            rise: if health.rise == 0 {
+                return Err(err("health.rise", "must be at least 1".into()));
+            } else {
+                health.rise
+            },
+            fall: if health.fall == 0 {
+                return Err(err("health.fall", "must be at least 1".into()));
+            } else {
+                health.fall
+            },
+        };
+
+        let limits = Limits {
+            connect_timeout: positive("limits.connect_timeout", raw.limits.connect_timeout)?,
+            response_timeout: positive("limits.response_timeout", raw.limits.response_timeout)?,
+            header_read_timeout: positive(
+                "limits.header_read_timeout",
+                raw.limits.header_read_timeout,
+            )?,
+            max_connections: if raw.limits.max_connections == 0 {
+                return Err(err("limits.max_connections", "must be at least 1".into()));
+            } else {
+                raw.limits.max_connections
+            },
+        };
+
+        let non_empty = |field: &str, value: String| -> Result<PathBuf, ConfigError> {
+            if value.is_empty() {
+                Err(err(field, "must not be empty".into()))
+            } else {
+                Ok(PathBuf::from(value))
+            }
+        };
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            listen,
+            tls: match raw.tls {
+                Some(t) => Some(TlsFiles {
+                    cert: non_empty("tls.cert", t.cert)?,
+                    key: non_empty("tls.key", t.key)?,
+                }),
+                None => None,
+            },
+            pools,
+            routing: Routing {
+                initial,
+                state_file: PathBuf::from(raw.routing.state_file),
+                store,
+            },
+            drain: Drain {
+                timeout: raw.drain.timeout,
+                grace: raw.drain.grace,
+            },
+            health,
+            admin: Admin {
+                token_file: non_empty("admin.token_file", raw.admin.token_file)?,
+            },
+            client_auth: match raw.client_auth {
+                Some(c) => Some(ClientAuth {
+                    keys_file: non_empty("client_auth.keys_file", c.keys_file)?,
+                }),
+                None => None,
+            },
+            limits,
+            upstream_tls: UpstreamTls {
+                ca_file: match raw.upstream_tls.and_then(|u| u.ca_file) {
+                    Some(f) => Some(non_empty("upstream_tls.ca_file", f)?),
+                    None => None,
+                },
+            },
+        })
+    }
+
+    /// Names the first field a reload may not change, if any (listeners and the store).
+    pub fn reload_conflict(&self, new: &Config) -> Option<ConfigError> {
+        let err = |field: &str| ConfigError {
+            file: new.source.display().to_string(),
+            field: field.into(),
+            reason: "cannot change on reload; restart Switchyard to change it".into(),
+        };
+        if self.listen.proxy != new.listen.proxy {
+            return Some(err("listen.proxy"));
+        }
+        if self.listen.preview != new.listen.preview {
+            return Some(err("listen.preview"));
+        }
+        if self.listen.admin != new.listen.admin {
+            return Some(err("listen.admin"));
+        }
+        if self.tls.is_some() != new.tls.is_some() {
+            return Some(err("tls"));
+        }
+        if self.routing.store != new.routing.store {
+            return Some(err("routing.store"));
+        }
+        if self.routing.state_file != new.routing.state_file {
+            return Some(err("routing.state_file"));
+        }
+        None
+    }
+}
+
+/// toml's messages span several lines with a source excerpt; one line reads better in logs.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests;

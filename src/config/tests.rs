@@ -1,0 +1,37 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("test.toml"), text)
+}
+
+const MINIMAL: &str = r#"
+[listen]
+proxy = "127.0.0.1:8080"
+admin = "127.0.0.1:9901"
+[pools]
+blue = ["http://127.0.0.1:9001"]
+green = ["http://127.0.0.1:9002"]
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(c.drain.timeout, Duration::from_secs(1800));
+    assert_eq!(c.health.rise, 2);
+    assert_eq!(c.routing.initial, Color::Blue);
+    assert_eq!(c.limits.max_connections, 20_000);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = parse(&format!("{MINIMAL}\n[limits]\nmax_conns = 3\n")).expect_err("unknown key");
+    assert_eq!(e.file, "test.toml");
+    assert!(e.reason.contains("max_conns"), "{e}");
+    assert!(e.field.contains("limits"), "{e}");
+}
+
+#[test]
+fn zero_drain_timeout_is_valid() {
+    let c = parse(&format!("{MINIMAL}\n[drain]\ntimeout = \"0s\"\n")).expect("valid");
+    assert!(c.drain.timeout.is_zero());
+}

@@ -1,0 +1,234 @@
+//! `switchyard ctl`: a client for the admin API, with human output or `--json`.
+//!
+//! Exit codes are part of the contract: 0 done, 2 refused by the API (4xx), 1 the API
+//! cannot be reached or failed (5xx), 3 `wait-drained` timed out.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+/// What to ask the admin API.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Status,
+    Flip {
+        to: Option<String>,
+        force: bool,
+        drain_timeout: Option<String>,
+        expect_generation: Option<u64>,
+        reason: Option<String>,
+    },
+    Rollback {
+        force: bool,
+        expect_generation: Option<u64>,
+        reason: Option<String>,
+    },
+    Commit {
+        expect_generation: Option<u64>,
+        reason: Option<String>,
+    },
+    History,
+    Reload,
+    WaitDrained {
+        color: String,
+        timeout: String,
+    },
+}
+
+/// Where the API is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Base URL, e.g. `http://127.0.0.1:9901`.
+    pub admin: String,
+    /// The bearer token for mutating calls.
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a summary.
+    pub json: bool,
+}
+
+/// Runs one command; returns the process exit code. Output goes to stdout, errors to stderr.
+pub async fn run(options: &Options, command: Command) -> i32 {
+    let (method, path, body, wait) = match &command {
+        Command::Status => (Method::GET, "/status".to_owned(), None, None),
+        Command::History => (Method::GET, "/history".to_owned(), None, None),
+        Command::Reload => (Method::POST, "/reload".to_owned(), None, None),
+        Command::Flip {
+            to,
+            force,
+            drain_timeout,
+            expect_generation,
+            reason,
+        } => (
+            Method::POST,
+            "/flip".to_owned(),
+            Some(compact(json!({"to": to, "force": force, "drain_timeout": drain_timeout,
+                "expect_generation": expect_generation, "reason": reason}))),
+            None,
+        ),
+        Command::Rollback {
+            force,
+            expect_generation,
+            reason,
+        } => (
+            Method::POST,
+            "/rollback".to_owned(),
+            Some(compact(json!({"force": force, "expect_generation": expect_generation, "reason": reason}))),
+            None,
+        ),
+        Command::Commit {
+            expect_generation,
+            reason,
+        } => (
+            Method::POST,
+            "/commit".to_owned(),
+            Some(compact(json!({"expect_generation": expect_generation, "reason": reason}))),
+            None,
+        ),
+        Command::WaitDrained { color, timeout } => {
+            let wait = humantime::parse_duration(timeout).unwrap_or(Duration::from_secs(60));
+            (
+                Method::GET,
+                format!("/drain/wait?color={color}&timeout={timeout}"),
+                None,
+                Some(wait),
+            )
+        }
+    };
+    let url = format!("{}{}", options.admin.trim_end_matches('/'), path);
+    let mut req = Request::builder().method(method).uri(&url);
+    if let Some(token) = &options.token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    if !body.is_empty() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = match req.body(Full::new(Bytes::from(body))) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: bad admin URL {url}: {e}");
+            return 1;
+        }
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let limit = wait.unwrap_or_default() + Duration::from_secs(30);
+    let response = match tokio::time::timeout(limit, client.request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!("error: cannot reach the admin API at {}: {}", options.admin, crate::proxy::http::source_chain(&e));
+            return 1;
+        }
+        Err(_) => {
+            eprintln!("error: the admin API at {} did not answer in {limit:?}", options.admin);
+            return 1;
+        }
+    };
+    let status = response.status();
+    let bytes = match response.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            eprintln!("error: reading the answer: {e}");
+            return 1;
+        }
+    };
+    let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+    if !status.is_success() {
+        if options.json {
+            println!("{value}");
+        }
+        let code = value.get("error").and_then(Value::as_str).unwrap_or("error");
+        let message = value.get("message").and_then(Value::as_str).unwrap_or("");
+        eprintln!("refused ({}): {code}: {message}", status.as_u16());
+        return if status.is_client_error() { 2 } else { 1 };
+    }
+    if options.json {
+        println!("{value}");
+    } else {
+        print!("{}", human(&command, &value));
+    }
+    match command {
+        Command::WaitDrained { .. } if value.get("drained") != Some(&Value::Bool(true)) => 3,
+        _ => 0,
+    }
+}
+
+fn compact(v: Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).collect()),
+        other => other,
+    }
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+/// A short human summary of an answer.
+pub fn human(command: &Command, v: &Value) -> String {
+    match command {
+        Command::History => {
+            let mut out = String::new();
+            for e in v.get("history").and_then(Value::as_array).into_iter().flatten() {
+                out.push_str(&format!(
+                    "{:>5}  {}  {:<8} {} -> {}{}\n",
+                    e.get("generation").and_then(Value::as_u64).unwrap_or(0),
+                    s(e, "at"),
+                    s(e, "action"),
+                    e.get("from").and_then(Value::as_str).unwrap_or("-"),
+                    s(e, "to"),
+                    e.get("reason").and_then(Value::as_str).map(|r| format!("  ({r})")).unwrap_or_default(),
+                ));
+            }
+            out
+        }
+        Command::WaitDrained { color, .. } => {
+            if v.get("drained") == Some(&Value::Bool(true)) {
+                format!("{color} is drained: no requests, no streams\n")
+            } else {
+                format!(
+                    "{color} is not drained yet: {} open streams, {} requests in flight\n",
+                    v.get("open_streams").and_then(Value::as_u64).unwrap_or(0),
+                    v.get("in_flight").and_then(Value::as_u64).unwrap_or(0)
+                )
+            }
+        }
+        _ => {
+            let mut out = String::new();
+            if let Some(changed) = v.get("changed").and_then(Value::as_bool) {
+                out.push_str(if changed { "changed\n" } else { "no change: already so\n" });
+            }
+            out.push_str(&format!(
+                "active: {}  standby: {}  rollback to: {}  generation: {}  changed at: {}\n",
+                s(v, "active"),
+                s(v, "standby"),
+                v.get("rollback_to").and_then(Value::as_str).unwrap_or("none"),
+                v.get("generation").and_then(Value::as_u64).unwrap_or(0),
+                s(v, "changed_at"),
+            ));
+            for color in ["blue", "green"] {
+                let Some(c) = v.get("colors").and_then(|c| c.get(color)) else { continue };
+                out.push_str(&format!(
+                    "{color}: {}  streams: {}  in flight: {}{}\n",
+                    s(c, "state"),
+                    c.get("open_streams").and_then(Value::as_u64).unwrap_or(0),
+                    c.get("in_flight").and_then(Value::as_u64).unwrap_or(0),
+                    c.get("drain_deadline").and_then(Value::as_str).map(|d| format!("  drain deadline: {d}")).unwrap_or_default(),
+                ));
+                for u in c.get("upstreams").and_then(Value::as_array).into_iter().flatten() {
+                    out.push_str(&format!(
+                        "  {}  {}  ({})\n",
+                        s(u, "url"),
+                        if u.get("healthy") == Some(&Value::Bool(true)) { "healthy" } else { "UNHEALTHY" },
+                        s(u, "health"),
+                    ));
+                }
+            }
+            out
+        }
+    }
+}

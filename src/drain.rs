@@ -1,0 +1,322 @@
+//! Who holds traffic, and when a stream must end.
+//!
+//! `Tracker` counts in-flight requests and open streams per colour (the guards below keep
+//! the counts honest on every exit path) and carries the shutdown order. `DrainWatch` tells
+//! one stream its deadline: the earliest of its colour's drain order (a flip away from it),
+//! its upstream's retirement (a reload removed it) and shutdown, counting only orders
+//! given after the stream opened. The protocol-aware close itself is in
+//! `proxy::websocket`; this module takes no hyper types.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::IntGauge;
+use tokio::sync::{Notify, watch};
+
+use crate::route_table::Router;
+use crate::upstream::{Color, Upstream};
+
+/// An order to drain: streams opened before `since` end at `deadline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainOrder {
+    /// When the order was given (monotonic).
+    pub since: Instant,
+    /// When the streams it covers must start their protocol-aware close.
+    pub deadline: Instant,
+    /// `deadline` on the wall clock, for `/status`.
+    pub deadline_at: SystemTime,
+}
+
+impl DrainOrder {
+    /// An order given now that ends streams after `timeout`.
+    pub fn starting_now(timeout: Duration) -> DrainOrder {
+        let since = Instant::now();
+        DrainOrder {
+            since,
+            deadline: since + timeout,
+            deadline_at: SystemTime::now() + timeout,
+        }
+    }
+
+    /// Whether a stream opened at `opened_at` is covered.
+    pub fn covers(&self, opened_at: Instant) -> bool {
+        opened_at <= self.since
+    }
+}
+
+/// What a WebSocket stream is, for metrics and for how a drain ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/listen`, `/v2/listen`: `CloseStream`, then the finals.
+    Listen,
+    /// `/v1/speak`, `/v2/speak`: `Flush`, then `Close`.
+    Speak,
+    /// Anything else (e.g. `/v1/agent/converse`): 1012 to the client, 1001 upstream.
+    Other,
+}
+
+impl Endpoint {
+    /// Classifies a request path.
+    pub fn of_path(path: &str) -> Endpoint {
+        match path.trim_end_matches('/') {
+            "/v1/listen" | "/v2/listen" => Endpoint::Listen,
+            "/v1/speak" | "/v2/speak" => Endpoint::Speak,
+            _ => Endpoint::Other,
+        }
+    }
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Listen => "listen",
+            Endpoint::Speak => "speak",
+            Endpoint::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ColorCounts {
+    in_flight: AtomicU64,
+    open_streams: AtomicU64,
+}
+
+/// Per-colour traffic counts and the shutdown order.
+#[derive(Debug)]
+pub struct Tracker {
+    colors: [ColorCounts; 2],
+    /// Woken whenever a colour's traffic drops, for `/drain/wait` and shutdown.
+    emptied: Notify,
+    shutdown: watch::Sender<Option<DrainOrder>>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            colors: Default::default(),
+            emptied: Notify::new(),
+            shutdown: watch::Sender::new(None),
+        }
+    }
+}
+
+/// A colour's traffic at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub in_flight: u64,
+    pub open_streams: u64,
+}
+
+impl Counts {
+    /// No requests and no streams.
+    pub fn is_empty(&self) -> bool {
+        self.in_flight == 0 && self.open_streams == 0
+    }
+}
+
+impl Tracker {
+    /// The colour's current counts.
+    pub fn counts(&self, color: Color) -> Counts {
+        let c = &self.colors[color.index()];
+        Counts {
+            in_flight: c.in_flight.load(Ordering::Acquire),
+            open_streams: c.open_streams.load(Ordering::Acquire),
+        }
+    }
+
+    /// Counts a request until the guard drops.
+    pub fn request(self: &Arc<Self>, upstream: &Arc<Upstream>) -> RequestGuard {
+        self.colors[upstream.color.index()]
+            .in_flight
+            .fetch_add(1, Ordering::AcqRel);
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard {
+            tracker: self.clone(),
+            upstream: upstream.clone(),
+        }
+    }
+
+    /// Counts a stream until the guard drops.
+    pub fn stream(self: &Arc<Self>, upstream: &Arc<Upstream>) -> StreamGuard {
+        self.colors[upstream.color.index()]
+            .open_streams
+            .fetch_add(1, Ordering::AcqRel);
+        upstream.open_streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard {
+            tracker: self.clone(),
+            upstream: upstream.clone(),
+        }
+    }
+
+    /// Waits until `color` holds no traffic or `timeout` passes; returns the last counts.
+    pub async fn wait_empty(&self, color: Color, timeout: Duration) -> Counts {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            let counts = self.counts(color);
+            if counts.is_empty() {
+                return counts;
+            }
+            if tokio::time::timeout_at(deadline, emptied).await.is_err() {
+                return self.counts(color);
+            }
+        }
+    }
+
+    /// Orders every stream to drain (SIGTERM); the deadline of an earlier order stands.
+    pub fn begin_shutdown(&self, timeout: Duration) {
+        self.shutdown.send_if_modified(|order| {
+            if order.is_some() {
+                return false;
+            }
+            *order = Some(DrainOrder::starting_now(timeout));
+            true
+        });
+    }
+
+    /// The shutdown order, once given.
+    pub fn shutdown_order(&self) -> Option<DrainOrder> {
+        *self.shutdown.borrow()
+    }
+
+    fn release(&self, color: Color, which: impl Fn(&ColorCounts) -> &AtomicU64) {
+        which(&self.colors[color.index()]).fetch_sub(1, Ordering::AcqRel);
+        self.emptied.notify_waiters();
+    }
+}
+
+/// One in-flight HTTP request; counted per colour and upstream until dropped.
+#[derive(Debug)]
+pub struct RequestGuard {
+    tracker: Arc<Tracker>,
+    upstream: Arc<Upstream>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.tracker
+            .release(self.upstream.color, |c| &c.in_flight);
+    }
+}
+
+/// One open stream; counted per colour and upstream until dropped.
+#[derive(Debug)]
+pub struct StreamGuard {
+    tracker: Arc<Tracker>,
+    upstream: Arc<Upstream>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.upstream.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.tracker
+            .release(self.upstream.color, |c| &c.open_streams);
+    }
+}
+
+/// Tells one stream when it must end, following route changes and shutdown.
+pub struct DrainWatch {
+    opened_at: Instant,
+    upstream: Arc<Upstream>,
+    router: Arc<Router>,
+    changes: watch::Receiver<u64>,
+    shutdown: watch::Receiver<Option<DrainOrder>>,
+    /// `draining_streams` for the stream's colour, raised while an order covers it.
+    gauge: Option<(IntGauge, bool)>,
+}
+
+impl Drop for DrainWatch {
+    fn drop(&mut self) {
+        if let Some((gauge, true)) = &self.gauge {
+            gauge.dec();
+        }
+    }
+}
+
+impl DrainWatch {
+    /// Keeps `gauge` raised by one while this stream is under a drain order.
+    pub fn counting(mut self, gauge: IntGauge) -> DrainWatch {
+        self.gauge = Some((gauge, false));
+        self.mark(self.current().is_some());
+        self
+    }
+
+    fn mark(&mut self, draining: bool) {
+        if let Some((gauge, counted)) = &mut self.gauge
+            && *counted != draining
+        {
+            if draining {
+                gauge.inc();
+            } else {
+                gauge.dec();
+            }
+            *counted = draining;
+        }
+    }
+
+    /// Watches for a stream on `upstream` that opened now.
+    pub fn new(router: Arc<Router>, tracker: &Tracker, upstream: Arc<Upstream>) -> DrainWatch {
+        DrainWatch {
+            opened_at: Instant::now(),
+            changes: router.subscribe(),
+            shutdown: tracker.shutdown.subscribe(),
+            upstream,
+            router,
+            gauge: None,
+        }
+    }
+
+    /// The order that ends this stream soonest, if any covers it now. A flip back to the
+    /// stream's colour clears its colour's order, which is how a rollback cancels a drain.
+    pub fn current(&self) -> Option<DrainOrder> {
+        let table = self.router.load();
+        let orders = [
+            table.drain_order(self.upstream.color),
+            self.upstream.retired(),
+            *self.shutdown.borrow(),
+        ];
+        orders
+            .into_iter()
+            .flatten()
+            .filter(|o| o.covers(self.opened_at))
+            .min_by_key(|o| o.deadline)
+    }
+
+    /// Resolves when the route table or the shutdown order changes. Cancel-safe.
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            r = self.changes.changed() => {
+                if r.is_err() { std::future::pending::<()>().await }
+            }
+            r = self.shutdown.changed() => {
+                if r.is_err() { std::future::pending::<()>().await }
+            }
+        }
+    }
+
+    /// Resolves at this stream's drain deadline, following changes until then; returns the
+    /// order that fired. Cancel-safe: call it again in a loop.
+    pub async fn deadline(&mut self) -> DrainOrder {
+        loop {
+            let current = self.current();
+            self.mark(current.is_some());
+            match current {
+                Some(order) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(order.deadline.into()) => {
+                            if self.current().is_some_and(|now| now.deadline <= Instant::now()) {
+                                return order;
+                            }
+                        }
+                        _ = self.changed() => {}
+                    }
+                }
+                None => self.changed().await,
+            }
+        }
+    }
+}

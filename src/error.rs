@@ -1,0 +1,75 @@
+//! Errors Switchyard itself answers with, and who is to blame for each.
+//!
+//! The HTTP edge turns a `ProxyError` into a JSON response in one exhaustive match; blame
+//! decides the log level (client faults are not logged as errors) and the metric label.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// Who caused a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    Client,
+    Upstream,
+    Internal,
+}
+
+/// A request Switchyard answers itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no healthy upstream in {0}")]
+    NoHealthyUpstream(&'static str),
+    #[error("could not connect to any upstream of {0}")]
+    ConnectFailed(&'static str),
+    #[error("the upstream failed: {0}")]
+    UpstreamFailed(String),
+    #[error("the upstream did not answer within {0:?}")]
+    UpstreamTimeout(std::time::Duration),
+    #[error("missing or unknown client key")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// Who is to blame.
+    pub fn blame(&self) -> Blame {
+        match self {
+            ProxyError::NoHealthyUpstream(_)
+            | ProxyError::ConnectFailed(_)
+            | ProxyError::UpstreamFailed(_)
+            | ProxyError::UpstreamTimeout(_) => Blame::Upstream,
+            ProxyError::Unauthorized | ProxyError::BadRequest(_) => Blame::Client,
+        }
+    }
+
+    /// The status and the JSON `error` code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::NoHealthyUpstream(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream"),
+            ProxyError::ConnectFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
+            ProxyError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+            ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        }
+    }
+
+    /// The JSON answer.
+    pub fn to_response(&self) -> Response<Bytes> {
+        let (status, code) = self.status_and_code();
+        json_error(status, code, &self.to_string())
+    }
+}
+
+/// `{"error": code, "message": message}` with the given status.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut response = Response::new(Bytes::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

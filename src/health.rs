@@ -1,0 +1,143 @@
+//! Active health checks, one task per upstream, following the route table.
+//!
+//! Results land in the shared `Upstream` (rise/fall there), which every table holds, so a
+//! health change needs no new table. A supervisor starts probes for upstreams a reload
+//! adds and stops those of upstreams it removes. In `deepgram` mode a pass is a 200 whose
+//! `system_health` is Ready, Healthy or Degraded; a fresh node says Ready until it has
+//! served traffic, so Healthy is never demanded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HealthMode;
+use crate::metrics::Metrics;
+use crate::route_table::Router;
+use crate::upstream::{Observed, Upstream};
+
+type ProbeClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// The largest status body read; Deepgram's is a few hundred bytes.
+const MAX_STATUS_BODY: usize = 64 * 1024;
+
+/// Starts the supervisor; it and every probe stop when `stop` is cancelled.
+pub fn spawn(router: Arc<Router>, metrics: Metrics, tls: Arc<rustls::ClientConfig>, stop: CancellationToken) {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(rustls::ClientConfig::clone(&tls))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    // Probes must not reuse a connection: a reused socket would hide a restarted node.
+    let client: ProbeClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(https);
+    tokio::spawn(supervise(router, metrics, client, stop));
+}
+
+async fn supervise(router: Arc<Router>, metrics: Metrics, client: ProbeClient, stop: CancellationToken) {
+    let mut changes = router.subscribe();
+    let mut probes: HashMap<usize, CancellationToken> = HashMap::new();
+    loop {
+        let table = router.load_full();
+        let current: Vec<Arc<Upstream>> = table.pools.iter().flat_map(|p| p.iter().cloned()).collect();
+        probes.retain(|ptr, token| {
+            let keep = current.iter().any(|u| Arc::as_ptr(u) as usize == *ptr);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        for upstream in current {
+            probes.entry(Arc::as_ptr(&upstream) as usize).or_insert_with(|| {
+                let token = stop.child_token();
+                tokio::spawn(probe_loop(upstream, router.clone(), metrics.clone(), client.clone(), token.clone()));
+                token
+            });
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn probe_loop(upstream: Arc<Upstream>, router: Arc<Router>, metrics: Metrics, client: ProbeClient, stop: CancellationToken) {
+    loop {
+        let health = router.load().settings.config.health.clone();
+        let changed = match health.mode {
+            HealthMode::Off => {
+                upstream.set_not_checked();
+                // Without probes, a passively failed upstream is retried after a cool-down.
+                if upstream.is_healthy() { None } else { upstream.forgive() }
+            }
+            mode => {
+                let observed = probe(&client, &upstream, mode, &health.path, health.timeout).await;
+                upstream.record_probe(observed, health.rise, health.fall)
+            }
+        };
+        if let Some(healthy) = changed {
+            metrics.upstream_health(&upstream);
+            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy, health = upstream.observed().as_str(), "upstream health changed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(health.interval) => {}
+        }
+    }
+}
+
+async fn probe(client: &ProbeClient, upstream: &Upstream, mode: HealthMode, path: &http::uri::PathAndQuery, timeout: Duration) -> Observed {
+    let uri = crate::proxy::http::upstream_uri(upstream, path);
+    let attempt = async {
+        let response = match client.get(uri).await {
+            Ok(r) => r,
+            Err(_) => return Observed::Unreachable,
+        };
+        let status = response.status();
+        if mode == HealthMode::Http {
+            return if status.is_success() { Observed::Ok } else { Observed::BadResponse };
+        }
+        if status != http::StatusCode::OK {
+            return Observed::BadResponse;
+        }
+        let Ok(body) = Limited::new(response.into_body(), MAX_STATUS_BODY).collect().await else {
+            return Observed::BadResponse;
+        };
+        judge(&body.to_bytes())
+    };
+    tokio::time::timeout(timeout, attempt).await.unwrap_or(Observed::Unreachable)
+}
+
+/// Reads Deepgram's `/v1/status` body; unknown fields are fine, an unknown state fails.
+pub fn judge(body: &[u8]) -> Observed {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("system_health").and_then(|s| s.as_str()).map(Observed::from_system_health))
+        .unwrap_or(Observed::BadResponse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judges_deepgram_states() {
+        assert_eq!(judge(br#"{"system_health":"Ready","new_field":1}"#), Observed::Ready);
+        assert!(judge(br#"{"system_health":"Healthy"}"#).passes());
+        assert!(judge(br#"{"system_health":"Degraded"}"#).passes());
+        assert!(!judge(br#"{"system_health":"Initializing"}"#).passes());
+        assert!(!judge(br#"{"system_health":"Critical"}"#).passes());
+        assert!(!judge(br#"{"system_health":"Sleepy"}"#).passes());
+        assert_eq!(judge(b"not json"), Observed::BadResponse);
+        assert_eq!(judge(br#"{"other":1}"#), Observed::BadResponse);
+    }
+}

@@ -1,0 +1,102 @@
+//! Accept loops: one hyper connection per socket (HTTP/1.1 with upgrades, or HTTP/2 by
+//! prior knowledge or ALPN), TLS when the table has a certificate, raced against shutdown.
+//!
+//! `limits.max_connections` is a semaphore taken before `accept`, so beyond it accepting
+//! waits and the kernel's backlog holds new clients; nothing is refused or crashes.
+//! `limits.header_read_timeout` closes clients that never finish their headers. Neither
+//! touches a stream once it is upgraded: those are tracked by `drain`, not by hyper.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::ListenerKind;
+use crate::proxy::{ConnInfo, Proxy};
+
+/// Largest request head accepted; beyond it hyper answers 431.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Serves `listener` until `stop` is cancelled, then lets open requests finish.
+/// Upgraded streams are not waited for here; `drain` ends them.
+pub async fn serve(listener: TcpListener, kind: ListenerKind, proxy: Arc<Proxy>, stop: CancellationToken) {
+    let limits = proxy.router().load().settings.config.limits;
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (socket, client) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = kind.as_str(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = socket.set_nodelay(true);
+        let table = proxy.router().load_full();
+        let limits = table.settings.config.limits;
+        let tls = table.settings.tls.clone();
+        drop(table);
+        let proxy = proxy.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let gauge = proxy.metrics().connections(kind).clone();
+            gauge.inc();
+            let conn_info = ConnInfo {
+                client,
+                listener: kind,
+                tls: tls.is_some(),
+            };
+            let service = service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, conn_info).await) }
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .keep_alive(true);
+            builder.http2().timer(TokioTimer::new());
+            match tls {
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(socket)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            let _ = watcher.watch(conn.into_owned()).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+            }
+            gauge.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

@@ -1,0 +1,117 @@
+//! Per request: one route-table snapshot, client auth, the colour, then dispatch to plain
+//! HTTP (`proxy::http`) or a WebSocket stream (`proxy::websocket`).
+//!
+//! Phases, in order, for every request on the proxy and preview listeners:
+//! 1. load the table once (`Router::load_full`); everything below uses that snapshot;
+//! 2. client auth, when `[client_auth]` is set (401, not routed, no colour header);
+//! 3. the colour: the active one on the proxy listener, the standby one on preview;
+//! 4. pick an upstream in that colour (least outstanding work of two random choices),
+//!    retrying a connect failure on another upstream of the same colour, never the other;
+//! 5. forward, tagging the answer with `x-switchyard-color`.
+
+pub mod body;
+pub mod headers;
+pub mod http;
+pub mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ::http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+
+use crate::drain::Tracker;
+use crate::error::ProxyError;
+use crate::metrics::{ListenerKind, Metrics};
+use crate::route_table::{RouteTable, Router};
+use crate::upstream::Color;
+
+pub use body::ProxyBody;
+
+/// The header naming the colour that served (or was tried for) a response.
+pub const COLOR_HEADER: &str = "x-switchyard-color";
+
+/// What the listener knows about a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub client: SocketAddr,
+    /// Proxy (active colour) or preview (standby colour).
+    pub listener: ListenerKind,
+    /// Whether the client connection is TLS (`X-Forwarded-Proto`).
+    pub tls: bool,
+}
+
+/// Shared state of the proxy listeners.
+pub struct Proxy {
+    pub(crate) router: Arc<Router>,
+    pub(crate) tracker: Arc<Tracker>,
+    pub(crate) metrics: Metrics,
+    pub(crate) upstreams: http::Upstreams,
+}
+
+impl Proxy {
+    /// Builds the proxy; fails only on a bad upstream TLS set-up.
+    pub fn new(
+        router: Arc<Router>,
+        tracker: Arc<Tracker>,
+        metrics: Metrics,
+    ) -> Result<Proxy, crate::tls::TlsError> {
+        let table = router.load();
+        let upstreams = http::Upstreams::new(&table.settings.config)?;
+        drop(table);
+        Ok(Proxy {
+            router,
+            tracker,
+            metrics,
+            upstreams,
+        })
+    }
+
+    /// The router (for listeners that need the TLS config of the current table).
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Handles one request from a client.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let table = self.router.load_full();
+        if let Some(keys) = &table.settings.client_keys
+            && !headers::client_key(req.headers()).is_some_and(|k| keys.accepts(k))
+        {
+            return ProxyError::Unauthorized.to_response().map(ProxyBody::full);
+        }
+        let color = match conn.listener {
+            ListenerKind::Preview => table.standby(),
+            _ => table.active,
+        };
+        if websocket::is_upgrade(&req) {
+            websocket::forward(&self, req, table, color, conn).await
+        } else {
+            self.upstreams.forward(&self, req, &table, color, conn).await
+        }
+    }
+}
+
+/// Tags a response with the colour.
+pub(crate) fn tag<B>(mut response: Response<B>, color: Color) -> Response<B> {
+    response
+        .headers_mut()
+        .insert(COLOR_HEADER, HeaderValue::from_static(color.as_str()));
+    response
+}
+
+/// An error answer from Switchyard, tagged with the colour it tried.
+pub(crate) fn error_response(error: &ProxyError, color: Color) -> Response<ProxyBody> {
+    tag(error.to_response().map(ProxyBody::full), color)
+}
+
+/// Used by `websocket` and `http` to reach the table's timeouts.
+pub(crate) fn limits(table: &RouteTable) -> crate::config::Limits {
+    table.settings.config.limits
+}

@@ -1,0 +1,194 @@
+//! Header rewriting between client and upstream: hop-by-hop headers out, `X-Forwarded-*`
+//! in, and the client key found wherever Deepgram clients put it.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `upgrade`
+/// which the WebSocket path sets itself.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Rewrites a client request's headers for the upstream: hop-by-hop out, the client
+/// address appended to `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`
+/// replaced, and `Host` dropped so the upstream's authority is sent.
+/// `host` is the client's `Host` (or HTTP/2 `:authority`), verbatim.
+pub fn to_upstream(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<HeaderValue>) {
+    strip_hop_by_hop(headers);
+    let forwarded_for = {
+        let mut prior = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .peekable();
+        if prior.peek().is_some() {
+            let mut joined = prior.collect::<Vec<_>>().join(", ");
+            joined.push_str(", ");
+            joined.push_str(&client.to_string());
+            HeaderValue::from_str(&joined).ok()
+        } else {
+            HeaderValue::from_str(&client.to_string()).ok()
+        }
+    };
+    match forwarded_for {
+        Some(v) => {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+        None => {
+            headers.remove(X_FORWARDED_FOR);
+        }
+    }
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    match host {
+        Some(h) => {
+            headers.insert(X_FORWARDED_HOST, h);
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+    }
+    headers.remove(header::HOST);
+}
+
+/// The client key a Deepgram client presented: `Authorization: Token <key>` or
+/// `Bearer <key>`, or the second element of `Sec-WebSocket-Protocol: token, <key>`
+/// (browsers cannot set headers on a WebSocket).
+pub fn client_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        let bytes = auth.as_bytes();
+        for scheme in [&b"token "[..], &b"bearer "[..]] {
+            if bytes.len() > scheme.len() && bytes[..scheme.len()].eq_ignore_ascii_case(scheme) {
+                return Some(trim_ascii(&bytes[scheme.len()..]));
+            }
+        }
+    }
+    let protocols = offered_protocols(headers);
+    let mut it = protocols.iter();
+    while let Some(p) = it.next() {
+        if p.eq_ignore_ascii_case("token") || p.eq_ignore_ascii_case("bearer") {
+            return it.next().map(|k| k.as_bytes());
+        }
+    }
+    None
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+/// The `Sec-WebSocket-Protocol` values a client offered, in order.
+pub fn offered_protocols(headers: &HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// The session id a Deepgram SDK sent, as a header or in the subprotocol list.
+pub fn session_id(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get("x-deepgram-session-id").and_then(|v| v.to_str().ok()) {
+        return Some(v.chars().take(128).collect());
+    }
+    let protocols = offered_protocols(headers);
+    let mut it = protocols.iter();
+    while let Some(p) = it.next() {
+        if p.eq_ignore_ascii_case("x-deepgram-session-id") {
+            return it.next().map(|s| s.chars().take(128).collect());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-trace"));
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.2.2.2"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert(header::HOST, HeaderValue::from_static("api.example:8080"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Token abc"));
+        h.insert("dg-thing", HeaderValue::from_static("x"));
+        to_upstream(&mut h, "127.0.0.9".parse().expect("ip"), false, Some(HeaderValue::from_static("api.example:8080")));
+        assert!(h.get("x-trace").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get(header::TE).is_none());
+        assert!(h.get(header::HOST).is_none());
+        assert_eq!(h["x-forwarded-for"], "10.1.1.1, 10.2.2.2, 127.0.0.9");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example:8080");
+        assert_eq!(h[header::AUTHORIZATION], "Token abc");
+        assert_eq!(h["dg-thing"], "x");
+    }
+
+    #[test]
+    fn finds_client_keys() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Token k1"));
+        assert_eq!(client_key(&h), Some(&b"k1"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer k2"));
+        assert_eq!(client_key(&h), Some(&b"k2"[..]));
+        h.remove(header::AUTHORIZATION);
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("token, k3, x-deepgram-session-id, abc"),
+        );
+        assert_eq!(client_key(&h), Some(&b"k3"[..]));
+        assert_eq!(session_id(&h).as_deref(), Some("abc"));
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("token"));
+        assert_eq!(client_key(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
+        assert_eq!(client_key(&h), None);
+    }
+}

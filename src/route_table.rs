@@ -1,0 +1,197 @@
+//! The immutable route table and the one `ArcSwap` that holds it.
+//!
+//! Everything the request path needs to decide — active colour, pools, health (through the
+//! shared `Upstream`s), drain orders, timeouts, client keys, the TLS certificate — is in one
+//! `RouteTable`, swapped whole. A request loads it once and keeps what it got; a change is a
+//! new table built by `control`, the single writer. Streams subscribe to changes to learn
+//! their drain deadlines.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::{ArcSwap, Guard};
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+
+use crate::config::{Config, UpstreamUrl};
+use crate::drain::DrainOrder;
+use crate::upstream::{Color, Upstream};
+
+/// One colour's upstreams in this table.
+pub type Pool = Arc<[Arc<Upstream>]>;
+
+/// The routing state at one generation. Never mutated; replaced whole.
+#[derive(Debug)]
+pub struct RouteTable {
+    /// Where new traffic on the proxy listener goes.
+    pub active: Color,
+    /// The colour `rollback` returns to; `None` after a commit.
+    pub rollback_to: Option<Color>,
+    /// Grows by one on every change, so callers can detect races (`expect_generation`).
+    pub generation: u64,
+    /// When this generation began.
+    pub changed_at: SystemTime,
+    /// Upstreams per colour, indexed by `Color::index`.
+    pub pools: [Pool; 2],
+    /// Per colour: the order draining its older streams, if a flip moved traffic away.
+    pub drains: [Option<DrainOrder>; 2],
+    /// What a reload may change besides the pools.
+    pub settings: Arc<Settings>,
+}
+
+/// Reloadable settings that travel with the table, so one load sees one consistent config.
+#[derive(Debug)]
+pub struct Settings {
+    /// The validated config these came from.
+    pub config: Arc<Config>,
+    /// Keys accepted on the proxy and preview listeners; `None`: no client auth.
+    pub client_keys: Option<ClientKeys>,
+    /// The certificate served on the proxy and preview listeners.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Client keys, compared in constant time; never printed.
+pub struct ClientKeys(Vec<Box<[u8]>>);
+
+impl std::fmt::Debug for ClientKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientKeys({} keys)", self.0.len())
+    }
+}
+
+impl ClientKeys {
+    /// Parses a keys file: one key per line; blank lines and `#` comments skipped.
+    pub fn parse(text: &str) -> ClientKeys {
+        ClientKeys(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| l.as_bytes().into())
+                .collect(),
+        )
+    }
+
+    /// How many keys there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none (every request is refused).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `presented` is a listed key. Every key is compared, in constant time, so the
+    /// answer's timing says nothing about which key came close.
+    pub fn accepts(&self, presented: &[u8]) -> bool {
+        let mut found = subtle::Choice::from(0u8);
+        for key in &self.0 {
+            found |= key.as_ref().ct_eq(presented);
+        }
+        found.into()
+    }
+}
+
+impl RouteTable {
+    /// The colour that is not active.
+    pub fn standby(&self) -> Color {
+        self.active.other()
+    }
+
+    /// A colour's upstreams.
+    pub fn pool(&self, color: Color) -> &Pool {
+        &self.pools[color.index()]
+    }
+
+    /// The drain order on a colour, if any.
+    pub fn drain_order(&self, color: Color) -> Option<DrainOrder> {
+        self.drains[color.index()]
+    }
+
+    /// Whether a colour has an upstream that may take new work.
+    pub fn has_healthy(&self, color: Color) -> bool {
+        self.pool(color).iter().any(|u| u.is_healthy())
+    }
+
+    /// Builds the pools for `config`, keeping the `Upstream` of every URL that stays in
+    /// the same colour, so health and counts carry over a reload.
+    pub fn pools_for(config: &Config, previous: Option<&RouteTable>) -> [Pool; 2] {
+        Color::ALL.map(|color| {
+            let urls: &[UpstreamUrl] = match color {
+                Color::Blue => &config.pools.blue,
+                Color::Green => &config.pools.green,
+            };
+            urls.iter()
+                .map(|url| {
+                    previous
+                        .and_then(|t| t.pool(color).iter().find(|u| &u.url == url).cloned())
+                        .unwrap_or_else(|| Arc::new(Upstream::new(url.clone(), color)))
+                })
+                .collect()
+        })
+    }
+}
+
+/// The handle to the current table: one atomic load per request, change notifications
+/// for streams.
+#[derive(Debug)]
+pub struct Router {
+    table: ArcSwap<RouteTable>,
+    changes: watch::Sender<u64>,
+}
+
+impl Router {
+    /// A router starting at `table`.
+    pub fn new(table: RouteTable) -> Router {
+        let generation = table.generation;
+        Router {
+            table: ArcSwap::from_pointee(table),
+            changes: watch::Sender::new(generation),
+        }
+    }
+
+    /// The current table, for one request.
+    pub fn load(&self) -> Guard<Arc<RouteTable>> {
+        self.table.load()
+    }
+
+    /// The current table, to keep for a long time (a stream, a connection).
+    pub fn load_full(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// Publishes a new table and wakes every stream to re-check its deadline.
+    pub fn store(&self, table: RouteTable) {
+        let generation = table.generation;
+        self.table.store(Arc::new(table));
+        self.changes.send_replace(generation);
+    }
+
+    /// Wakes on every published table.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Wakes streams without a new generation (a health change does not need one, but a
+    /// retired upstream's streams must look again).
+    pub fn nudge(&self) {
+        self.changes.send_modify(|_| {});
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_match_exactly() {
+        let keys = ClientKeys::parse("# team keys\nalpha\n\n  beta  \n");
+        assert_eq!(keys.len(), 2);
+        assert!(keys.accepts(b"alpha"));
+        assert!(keys.accepts(b"beta"));
+        assert!(!keys.accepts(b"alph"));
+        assert!(!keys.accepts(b"alphaa"));
+        assert!(!keys.accepts(b""));
+        assert_eq!(format!("{keys:?}"), "ClientKeys(2 keys)");
+    }
+}

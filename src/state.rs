@@ -1,0 +1,252 @@
+//! The persisted route state and the file that keeps it across restarts.
+//!
+//! Written atomically (temp file, fsync, rename, fsync of the directory) before a change is
+//! acknowledged. A missing file means first start; an unreadable one is an error that names
+//! the file, never a silent reset to `routing.initial`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::upstream::Color;
+
+/// How many history entries are kept; older ones are dropped so the file stays small.
+pub const HISTORY_LIMIT: usize = 1000;
+
+/// What a route change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Startup,
+    Flip,
+    Rollback,
+    Commit,
+    Reload,
+}
+
+impl Action {
+    /// The label used in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Startup => "startup",
+            Action::Flip => "flip",
+            Action::Rollback => "rollback",
+            Action::Commit => "commit",
+            Action::Reload => "reload",
+        }
+    }
+}
+
+/// One route change, as `GET /history` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryEntry {
+    pub generation: u64,
+    pub action: Action,
+    /// Active colour before; `None` for `startup`.
+    pub from: Option<Color>,
+    /// Active colour after.
+    pub to: Color,
+    /// RFC 3339 UTC.
+    pub at: String,
+    /// The caller's reason, if given.
+    pub reason: Option<String>,
+}
+
+/// The durable part of the route table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteState {
+    pub active: Color,
+    pub rollback_to: Option<Color>,
+    pub generation: u64,
+    /// RFC 3339 UTC.
+    pub changed_at: String,
+    pub history: Vec<HistoryEntry>,
+}
+
+impl RouteState {
+    /// The state of a first start.
+    pub fn first_start(initial: Color, at: SystemTime) -> RouteState {
+        let at = rfc3339(at);
+        RouteState {
+            active: initial,
+            rollback_to: None,
+            generation: 1,
+            changed_at: at.clone(),
+            history: vec![HistoryEntry {
+                generation: 1,
+                action: Action::Startup,
+                from: None,
+                to: initial,
+                at,
+                reason: None,
+            }],
+        }
+    }
+
+    /// The state after a change: generation + 1 and a history entry.
+    pub fn next(
+        &self,
+        action: Action,
+        active: Color,
+        rollback_to: Option<Color>,
+        at: SystemTime,
+        reason: Option<String>,
+    ) -> RouteState {
+        let generation = self.generation + 1;
+        let at = rfc3339(at);
+        let mut history = self.history.clone();
+        history.push(HistoryEntry {
+            generation,
+            action,
+            from: Some(self.active),
+            to: active,
+            at: at.clone(),
+            reason,
+        });
+        if history.len() > HISTORY_LIMIT {
+            history.drain(..history.len() - HISTORY_LIMIT);
+        }
+        RouteState {
+            active,
+            rollback_to,
+            generation,
+            changed_at: at,
+            history,
+        }
+    }
+
+    /// `changed_at` as a time (falls back to now for a hand-edited, unparsable value).
+    pub fn changed_at_time(&self) -> SystemTime {
+        humantime::parse_rfc3339(&self.changed_at).unwrap_or_else(|_| SystemTime::now())
+    }
+}
+
+/// Formats a time as RFC 3339 UTC with seconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Why the state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path}: not a valid route state ({source}); fix or remove it")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state file {path}: cannot write: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The route state in one JSON file.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    /// A store at `path` (created on first save).
+    pub fn new(path: impl Into<PathBuf>) -> FileStore {
+        FileStore { path: path.into() }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the state; `Ok(None)` when the file does not exist.
+    pub fn load(&self) -> Result<Option<RouteState>, StateError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let state: RouteState = serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(Some(state))
+    }
+
+    /// Writes the state durably: a crash leaves either the old file or the new one.
+    /// Blocking; call it from `spawn_blocking`.
+    pub fn save(&self, state: &RouteState) -> Result<(), StateError> {
+        let write_err = |source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir).map_err(write_err)?;
+        let json = serde_json::to_vec_pretty(state).expect("the route state always serializes");
+        let file_name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "route.json".into());
+        let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
+        file.write_all(&json).map_err(write_err)?;
+        file.write_all(b"\n").map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        drop(file);
+        std::fs::rename(&tmp, &self.path).map_err(write_err)?;
+        // The rename is durable only once the directory entry is.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_history() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::new(dir.path().join("sub/route.json"));
+        assert!(store.load().expect("missing is fine").is_none());
+        let s1 = RouteState::first_start(Color::Blue, SystemTime::now());
+        let s2 = s1.next(Action::Flip, Color::Green, Some(Color::Blue), SystemTime::now(), Some("deploy".into()));
+        store.save(&s2).expect("save");
+        let back = store.load().expect("load").expect("present");
+        assert_eq!(back, s2);
+        assert_eq!(back.generation, 2);
+        assert_eq!(back.history.len(), 2);
+        assert_eq!(back.history[1].from, Some(Color::Blue));
+    }
+
+    #[test]
+    fn corrupt_file_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("route.json");
+        std::fs::write(&path, "{not json").expect("write");
+        let err = FileStore::new(&path).load().expect_err("corrupt");
+        assert!(err.to_string().contains(&path.display().to_string()));
+    }
+}

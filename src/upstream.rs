@@ -1,0 +1,372 @@
+//! Colours, upstreams and the choice of an upstream within a colour.
+//!
+//! An `Upstream` outlives route tables: a reload that keeps a URL keeps its `Arc<Upstream>`,
+//! so its health and its in-flight counts carry over. What changes per table (which
+//! upstreams a colour has) lives in `route_table`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::UpstreamUrl;
+use crate::drain::DrainOrder;
+
+/// One of the two upstream pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    Blue,
+    Green,
+}
+
+impl Color {
+    /// Both colours, blue first; the index of each is `Color::index`.
+    pub const ALL: [Color; 2] = [Color::Blue, Color::Green];
+
+    /// The other colour.
+    pub fn other(self) -> Color {
+        match self {
+            Color::Blue => Color::Green,
+            Color::Green => Color::Blue,
+        }
+    }
+
+    /// A stable array index (blue 0, green 1) for per-colour counters.
+    pub fn index(self) -> usize {
+        match self {
+            Color::Blue => 0,
+            Color::Green => 1,
+        }
+    }
+
+    /// The lowercase name used in headers, JSON and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Color::Blue => "blue",
+            Color::Green => "green",
+        }
+    }
+}
+
+impl fmt::Display for Color {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Color {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Color, String> {
+        match s {
+            "blue" => Ok(Color::Blue),
+            "green" => Ok(Color::Green),
+            other => Err(format!("`{other}` is not a colour; use \"blue\" or \"green\"")),
+        }
+    }
+}
+
+/// What the last health probe said, as shown in `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// No probe has finished yet.
+    Unknown,
+    /// Deepgram's `system_health` states.
+    Initializing,
+    Ready,
+    Healthy,
+    Degraded,
+    Critical,
+    /// A state this build does not know: fails, since it may mean anything.
+    Other,
+    /// A 2xx in `http` mode.
+    Ok,
+    /// Probe could not connect or timed out.
+    Unreachable,
+    /// Non-200, or a body that is not the JSON we expect.
+    BadResponse,
+    /// Probing is off; only live traffic judges.
+    NotChecked,
+}
+
+impl Observed {
+    fn from_u8(v: u8) -> Observed {
+        use Observed::*;
+        [
+            Unknown,
+            Initializing,
+            Ready,
+            Healthy,
+            Degraded,
+            Critical,
+            Other,
+            Ok,
+            Unreachable,
+            BadResponse,
+            NotChecked,
+        ]
+        .get(v as usize)
+        .copied()
+        .unwrap_or(Unknown)
+    }
+
+    /// The string shown as `health` in `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Observed::Unknown => "unknown",
+            Observed::Initializing => "Initializing",
+            Observed::Ready => "Ready",
+            Observed::Healthy => "Healthy",
+            Observed::Degraded => "Degraded",
+            Observed::Critical => "Critical",
+            Observed::Other => "unknown_state",
+            Observed::Ok => "ok",
+            Observed::Unreachable => "unreachable",
+            Observed::BadResponse => "bad_response",
+            Observed::NotChecked => "not_checked",
+        }
+    }
+
+    /// Parses Deepgram's `system_health` value.
+    pub fn from_system_health(s: &str) -> Observed {
+        match s {
+            "Initializing" => Observed::Initializing,
+            "Ready" => Observed::Ready,
+            "Healthy" => Observed::Healthy,
+            "Degraded" => Observed::Degraded,
+            "Critical" => Observed::Critical,
+            _ => Observed::Other,
+        }
+    }
+
+    /// Whether this observation counts as a passing probe.
+    pub fn passes(self) -> bool {
+        matches!(
+            self,
+            Observed::Ready | Observed::Healthy | Observed::Degraded | Observed::Ok
+        )
+    }
+}
+
+/// Rise/fall bookkeeping; a short critical section, never held across `.await`.
+#[derive(Debug, Default)]
+struct Streak {
+    passes: u32,
+    failures: u32,
+    /// Until the first verdict, one result decides (as HAProxy does at startup), so a dead
+    /// upstream is not trusted for `fall` intervals and a live one is usable at once.
+    decided: bool,
+}
+
+/// One upstream server of a colour.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Where it is.
+    pub url: UpstreamUrl,
+    /// The colour whose pool lists it (fixed: a URL moved to the other pool is a new upstream).
+    pub color: Color,
+    /// `url` as text, kept for labels and JSON without reformatting on the request path.
+    pub name: Arc<str>,
+    /// Requests sent and not yet answered in full; half of "outstanding work".
+    pub in_flight: AtomicU64,
+    /// Open WebSocket streams; the other half of "outstanding work".
+    pub open_streams: AtomicU64,
+    healthy: AtomicBool,
+    observed: AtomicU8,
+    streak: Mutex<Streak>,
+    /// Set when a reload removes it from its pool: its streams drain as in a flip.
+    retired: Mutex<Option<DrainOrder>>,
+}
+
+impl Upstream {
+    /// A new upstream, presumed healthy until a probe or live traffic says otherwise.
+    pub fn new(url: UpstreamUrl, color: Color) -> Upstream {
+        Upstream {
+            name: url.to_string().into(),
+            url,
+            color,
+            in_flight: AtomicU64::new(0),
+            open_streams: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            observed: AtomicU8::new(Observed::Unknown as u8),
+            streak: Mutex::new(Streak::default()),
+            retired: Mutex::new(None),
+        }
+    }
+
+    /// Whether new work may go here.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The last probe's observation.
+    pub fn observed(&self) -> Observed {
+        Observed::from_u8(self.observed.load(Ordering::Relaxed))
+    }
+
+    /// Outstanding work: in-flight requests plus open streams.
+    pub fn load(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed) + self.open_streams.load(Ordering::Relaxed)
+    }
+
+    /// Degraded upstreams still serve, but the balancer prefers others.
+    fn degraded(&self) -> bool {
+        self.observed() == Observed::Degraded
+    }
+
+    /// Records a probe result; returns the new health if it changed.
+    pub fn record_probe(&self, observed: Observed, rise: u32, fall: u32) -> Option<bool> {
+        self.observed.store(observed as u8, Ordering::Relaxed);
+        self.record(observed.passes(), true, rise, fall)
+    }
+
+    /// A connect error on live traffic: one failure toward `fall`.
+    pub fn record_passive_failure(&self, fall: u32) -> Option<bool> {
+        self.record(false, false, 0, fall)
+    }
+
+    /// Marks the upstream healthy for good (health mode `off` has no probes to do it).
+    pub fn set_not_checked(&self) {
+        self.observed
+            .store(Observed::NotChecked as u8, Ordering::Relaxed);
+    }
+
+    /// Marks a passively failed upstream usable again (health mode `off` has no probe to
+    /// do it, so it retries after a cool-down, as nginx's `fail_timeout` does).
+    pub fn forgive(&self) -> Option<bool> {
+        let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
+        streak.failures = 0;
+        let was = self.healthy.swap(true, Ordering::Relaxed);
+        (!was).then_some(true)
+    }
+
+    fn record(&self, pass: bool, probe: bool, rise: u32, fall: u32) -> Option<bool> {
+        let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
+        let was = self.healthy.load(Ordering::Relaxed);
+        // Passive failures alone do not settle the startup verdict: one refused connection
+        // should not outweigh the first probe.
+        let undecided = probe && !streak.decided;
+        let now = if pass {
+            streak.failures = 0;
+            streak.passes = streak.passes.saturating_add(1);
+            if undecided || streak.passes >= rise {
+                true
+            } else {
+                was
+            }
+        } else {
+            streak.passes = 0;
+            streak.failures = streak.failures.saturating_add(1);
+            if undecided || streak.failures >= fall {
+                false
+            } else {
+                was
+            }
+        };
+        if probe {
+            streak.decided = true;
+        }
+        self.healthy.store(now, Ordering::Relaxed);
+        (now != was).then_some(now)
+    }
+
+    /// Marks the upstream as removed from its pool by a reload.
+    pub fn retire(&self, order: DrainOrder) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.get_or_insert(order);
+    }
+
+    /// The drain order a reload gave this upstream, if it was removed.
+    pub fn retired(&self) -> Option<DrainOrder> {
+        *self.retired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Picks by least outstanding work among two random healthy candidates (power of two
+/// choices), skipping `tried`. Non-degraded upstreams win over degraded ones.
+/// Returns `None` when no healthy, untried upstream is left.
+pub fn pick<'a>(pool: &'a [Arc<Upstream>], tried: &[&Upstream]) -> Option<&'a Arc<Upstream>> {
+    let usable = |u: &&Arc<Upstream>| u.is_healthy() && !tried.iter().any(|t| std::ptr::eq(*t, &***u));
+    let rank = |u: &Upstream| (u.degraded(), u.load());
+    match pool.len() {
+        0 => None,
+        1 => pool.first().filter(usable),
+        n => {
+            let a = fastrand::usize(..n);
+            let mut b = fastrand::usize(..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (ua, ub) = (&pool[a], &pool[b]);
+            match (usable(&ua), usable(&ub)) {
+                (true, true) => Some(if rank(ub) < rank(ua) { ub } else { ua }),
+                (true, false) => Some(ua),
+                (false, true) => Some(ub),
+                // Both samples unusable: fall back to a scan so a pool with one healthy
+                // upstream among many still finds it.
+                (false, false) => pool.iter().filter(usable).min_by_key(|u| rank(u)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(port: u16) -> Arc<Upstream> {
+        let url = UpstreamUrl::parse(&format!("http://127.0.0.1:{port}")).expect("valid url");
+        Arc::new(Upstream::new(url, Color::Blue))
+    }
+
+    #[test]
+    fn pick_prefers_less_loaded() {
+        let pool = vec![upstream(1), upstream(2)];
+        pool[0].in_flight.store(5, Ordering::Relaxed);
+        for _ in 0..50 {
+            let chosen = pick(&pool, &[]).expect("one healthy");
+            assert_eq!(chosen.url.port(), 2);
+        }
+    }
+
+    #[test]
+    fn pick_skips_unhealthy_and_tried() {
+        let pool = vec![upstream(1), upstream(2), upstream(3)];
+        pool[0].record_probe(Observed::Critical, 2, 3);
+        for _ in 0..50 {
+            let first = pick(&pool, &[]).expect("healthy left");
+            assert_ne!(first.url.port(), 1);
+            let second = pick(&pool, &[first]).expect("one more");
+            assert_ne!(second.url.port(), 1);
+            assert_ne!(second.url.port(), first.url.port());
+            assert!(pick(&pool, &[first, second]).is_none());
+        }
+    }
+
+    #[test]
+    fn first_probe_decides_then_rise_and_fall_apply() {
+        let u = upstream(1);
+        assert!(u.is_healthy());
+        assert_eq!(u.record_probe(Observed::Critical, 2, 3), Some(false));
+        assert_eq!(u.record_probe(Observed::Ready, 2, 3), None);
+        assert_eq!(u.record_probe(Observed::Healthy, 2, 3), Some(true));
+        assert_eq!(u.record_probe(Observed::Critical, 2, 3), None);
+        assert_eq!(u.record_passive_failure(3), None);
+        assert_eq!(u.record_probe(Observed::Unreachable, 2, 3), Some(false));
+        assert_eq!(u.observed(), Observed::Unreachable);
+    }
+
+    #[test]
+    fn degraded_passes_but_is_deprioritised() {
+        let pool = vec![upstream(1), upstream(2)];
+        pool[0].record_probe(Observed::Degraded, 1, 1);
+        pool[1].in_flight.store(10, Ordering::Relaxed);
+        assert!(pool[0].is_healthy());
+        for _ in 0..20 {
+            assert_eq!(pick(&pool, &[]).expect("healthy").url.port(), 2);
+        }
+    }
+}
