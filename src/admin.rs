@@ -55,7 +55,8 @@ impl Token {
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes())
             .and_then(|v| {
-                (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii())
+                (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+                    .then(|| v[7..].trim_ascii())
             })
             .unwrap_or_default();
         bool::from(presented.ct_eq(&self.0))
@@ -114,14 +115,24 @@ impl From<ChangeError> for ApiError {
                 extra: Some(json!({ "expected": expected, "generation": actual })),
                 ..ApiError::new(StatusCode::CONFLICT, "generation_mismatch", message)
             },
-            ChangeError::TargetUnhealthy(_) => ApiError::new(StatusCode::CONFLICT, "target_unhealthy", message),
-            ChangeError::NoRollbackTarget => ApiError::new(StatusCode::CONFLICT, "no_rollback_target", message),
+            ChangeError::TargetUnhealthy(_) => {
+                ApiError::new(StatusCode::CONFLICT, "target_unhealthy", message)
+            }
+            ChangeError::NoRollbackTarget => {
+                ApiError::new(StatusCode::CONFLICT, "no_rollback_target", message)
+            }
             ChangeError::Config(c) => ApiError {
                 extra: Some(json!({ "field": c.field, "file": c.file })),
                 ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", message)
             },
-            ChangeError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message),
-            ChangeError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
+            ChangeError::Store(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                message,
+            ),
+            ChangeError::Stopped => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
+            }
         }
     }
 }
@@ -170,9 +181,15 @@ pub fn router(admin: Admin) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
+        })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed here",
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)
@@ -194,7 +211,8 @@ fn parse_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> Result<
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// The `/status` document for a table.
@@ -265,7 +283,11 @@ fn change_answer(admin: &Admin, outcome: crate::control::Outcome) -> Json<Value>
     Json(body)
 }
 
-async fn flip(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn flip(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let b: ChangeBody = parse_body(&body)?;
     let outcome = admin
@@ -281,11 +303,17 @@ async fn flip(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Re
     Ok(change_answer(&admin, outcome))
 }
 
-async fn rollback(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn rollback(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let b: ChangeBody = parse_body(&body)?;
     if b.to.is_some() {
-        return Err(ApiError::bad_request("rollback takes no `to`: it returns to rollback_to"));
+        return Err(ApiError::bad_request(
+            "rollback takes no `to`: it returns to rollback_to",
+        ));
     }
     let outcome = admin
         .control
@@ -300,7 +328,11 @@ async fn rollback(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -
     Ok(change_answer(&admin, outcome))
 }
 
-async fn commit(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn commit(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let b: CommitBody = parse_body(&body)?;
     let outcome = admin
@@ -313,7 +345,11 @@ async fn commit(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> 
     Ok(change_answer(&admin, outcome))
 }
 
-async fn reload(State(admin): State<Admin>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn reload(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("reload takes no body"));
@@ -327,7 +363,10 @@ async fn history(State(admin): State<Admin>) -> Json<Value> {
     Json(json!({ "history": state.history }))
 }
 
-async fn drain_wait(State(admin): State<Admin>, query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<Value>, ApiError> {
+async fn drain_wait(
+    State(admin): State<Admin>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let color: Color = q
         .color
@@ -351,7 +390,10 @@ async fn drain_wait(State(admin): State<Admin>, query: Result<Query<WaitQuery>, 
 
 async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         admin.metrics.encode(),
     )
 }
@@ -363,23 +405,38 @@ async fn healthz() -> Json<Value> {
 async fn readyz(State(admin): State<Admin>) -> (StatusCode, Json<Value>) {
     let table = admin.control.router().load();
     if table.has_healthy(table.active) {
-        (StatusCode::OK, Json(json!({ "ready": true, "active": table.active })))
+        (
+            StatusCode::OK,
+            Json(json!({ "ready": true, "active": table.active })),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "active": table.active, "error": "no_healthy_upstream",
-                          "message": format!("{} has no healthy upstream", table.active) })),
+            Json(
+                json!({ "ready": false, "active": table.active, "error": "no_healthy_upstream",
+                          "message": format!("{} has no healthy upstream", table.active) }),
+            ),
         )
     }
 }
 
 /// Serves the admin API until `stop` resolves, counting connections for `connections`.
-pub async fn serve(listener: TcpListener, admin: Admin, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    admin: Admin,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let gauge = admin.metrics.connections(ListenerKind::Admin).clone();
     let app = router(admin);
-    axum::serve(Counted { inner: listener, gauge }, app)
-        .with_graceful_shutdown(stop)
-        .await
+    axum::serve(
+        Counted {
+            inner: listener,
+            gauge,
+        },
+        app,
+    )
+    .with_graceful_shutdown(stop)
+    .await
 }
 
 /// A listener whose sockets count themselves in the `connections` gauge.
@@ -431,13 +488,21 @@ impl axum::serve::Listener for Counted {
 }
 
 impl AsyncRead for CountedStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for CountedStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 

@@ -96,7 +96,11 @@ pub fn load_token(config: &Config) -> Result<Token, StartError> {
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { field, addr, source })
+        .map_err(|source| StartError::Bind {
+            field,
+            addr,
+            source,
+        })
 }
 
 /// Starts everything `config` describes.
@@ -159,7 +163,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     };
     let admin_stop = stop_background.clone();
     let admin_task = tokio::spawn(async move {
-        if let Err(e) = admin::serve(admin_listener, admin_state, async move { admin_stop.cancelled().await }).await {
+        if let Err(e) = admin::serve(admin_listener, admin_state, async move {
+            admin_stop.cancelled().await
+        })
+        .await
+        {
             tracing::error!(error = %e, "admin listener failed");
         }
     });

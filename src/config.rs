@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
+use http::uri::{Authority, PathAndQuery, Scheme};
 
 use crate::upstream::Color;
 
@@ -181,7 +181,9 @@ impl UpstreamUrl {
             return Err(format!("`{text}` has no host"));
         }
         if authority.as_str().contains('@') {
-            return Err(format!("`{text}`: credentials in the URL are not supported"));
+            return Err(format!(
+                "`{text}`: credentials in the URL are not supported"
+            ));
         }
         if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
             return Err(format!(
@@ -253,7 +255,9 @@ impl Config {
                 .map_err(|e| err(field, format!("`{value}` is not an address (ip:port): {e}")))
         };
 
-        let listen = raw.listen.ok_or_else(|| err("listen", "is required".into()))?;
+        let listen = raw
+            .listen
+            .ok_or_else(|| err("listen", "is required".into()))?;
         let listen = Listen {
             proxy: addr("listen.proxy", listen.proxy.as_ref())?,
             preview: match &listen.preview {
@@ -263,18 +267,29 @@ impl Config {
             admin: addr("listen.admin", listen.admin.as_ref())?,
         };
 
-        let pools = raw.pools.ok_or_else(|| err("pools", "is required".into()))?;
-        let pool = |name: &str, urls: Option<Vec<String>>| -> Result<Vec<UpstreamUrl>, ConfigError> {
+        let pools = raw
+            .pools
+            .ok_or_else(|| err("pools", "is required".into()))?;
+        let pool = |name: &str,
+                    urls: Option<Vec<String>>|
+         -> Result<Vec<UpstreamUrl>, ConfigError> {
             let field = format!("pools.{name}");
-            let urls = urls.ok_or_else(|| err(&field, "is required (both colours need a pool)".into()))?;
+            let urls =
+                urls.ok_or_else(|| err(&field, "is required (both colours need a pool)".into()))?;
             if urls.is_empty() {
-                return Err(err(&field, "is empty: a pool needs at least one upstream URL".into()));
+                return Err(err(
+                    &field,
+                    "is empty: a pool needs at least one upstream URL".into(),
+                ));
             }
             let mut parsed: Vec<UpstreamUrl> = Vec::with_capacity(urls.len());
             for (i, url) in urls.iter().enumerate() {
                 let u = UpstreamUrl::parse(url).map_err(|r| err(&format!("{field}[{i}]"), r))?;
                 if parsed.contains(&u) {
-                    return Err(err(&format!("{field}[{i}]"), format!("`{url}` is listed twice")));
+                    return Err(err(
+                        &format!("{field}[{i}]"),
+                        format!("`{url}` is listed twice"),
+                    ));
                 }
                 parsed.push(u);
             }
@@ -298,27 +313,36 @@ impl Config {
                 if raw.routing.etcd.is_some() {
                     return Err(err(
                         "routing.etcd",
-                        "is set but routing.store is \"file\"; set store = \"etcd\" to use it".into(),
+                        "is set but routing.store is \"file\"; set store = \"etcd\" to use it"
+                            .into(),
                     ));
                 }
                 Store::File
             }
             "etcd" => {
-                let etcd = raw
-                    .routing
-                    .etcd
-                    .ok_or_else(|| err("routing.etcd", "is required when store = \"etcd\"".into()))?;
+                let etcd = raw.routing.etcd.ok_or_else(|| {
+                    err("routing.etcd", "is required when store = \"etcd\"".into())
+                })?;
                 if etcd.endpoints.is_empty() {
-                    return Err(err("routing.etcd.endpoints", "needs at least one endpoint".into()));
+                    return Err(err(
+                        "routing.etcd.endpoints",
+                        "needs at least one endpoint".into(),
+                    ));
                 }
                 if etcd.key.is_empty() {
                     return Err(err("routing.etcd.key", "must not be empty".into()));
                 }
                 if etcd.lease_ttl.is_zero() {
-                    return Err(err("routing.etcd.lease_ttl", "must be greater than zero".into()));
+                    return Err(err(
+                        "routing.etcd.lease_ttl",
+                        "must be greater than zero".into(),
+                    ));
                 }
                 if etcd.timeout.is_zero() {
-                    return Err(err("routing.etcd.timeout", "must be greater than zero".into()));
+                    return Err(err(
+                        "routing.etcd.timeout",
+                        "must be greater than zero".into(),
+                    ));
                 }
                 if !cfg!(feature = "etcd") {
                     return Err(err(
@@ -340,7 +364,7 @@ impl Config {
                 return Err(err(
                     "routing.store",
                     format!("`{other}` is not a store; use \"file\" or \"etcd\""),
-                ))
+                ));
             }
         };
 
@@ -353,16 +377,21 @@ impl Config {
                 return Err(err(
                     "health.mode",
                     format!("`{other}` is not a mode; use \"deepgram\", \"http\" or \"off\""),
-                ))
+                ));
             }
         };
         if !health.path.starts_with('/') {
-            return Err(err("health.path", format!("`{}` must start with /", health.path)));
+            return Err(err(
+                "health.path",
+                format!("`{}` must start with /", health.path),
+            ));
         }
-        let health_path: PathAndQuery = health
-            .path
-            .parse()
-            .map_err(|e| err("health.path", format!("`{}` is not a path: {e}", health.path)))?;
+        let health_path: PathAndQuery = health.path.parse().map_err(|e| {
+            err(
+                "health.path",
+                format!("`{}` is not a path: {e}", health.path),
+            )
+        })?;
         let positive = |field: &str, d: Duration| {
             if d.is_zero() {
                 Err(err(field, "must be greater than zero".into()))
@@ -483,7 +512,9 @@ fn one_line(message: &str) -> String {
     message
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }

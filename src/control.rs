@@ -113,11 +113,13 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
         None => None,
     };
     let tls = match &config.tls {
-        Some(files) => Some(crate::tls::server_config(files).map_err(|reason| ConfigError {
-            file: config.source.display().to_string(),
-            field: reason.0,
-            reason: reason.1,
-        })?),
+        Some(files) => Some(
+            crate::tls::server_config(files).map_err(|reason| ConfigError {
+                file: config.source.display().to_string(),
+                field: reason.0,
+                reason: reason.1,
+            })?,
+        ),
         None => None,
     };
     Ok(Settings {
@@ -345,7 +347,13 @@ impl Writer {
         if let Some(conflict) = current.settings.config.reload_conflict(&config) {
             return Err(conflict.into());
         }
-        let new_state = state.next(Action::Reload, current.active, current.rollback_to, now, None);
+        let new_state = state.next(
+            Action::Reload,
+            current.active,
+            current.rollback_to,
+            now,
+            None,
+        );
         let table = RouteTable {
             active: current.active,
             rollback_to: current.rollback_to,

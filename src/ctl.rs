@@ -66,8 +66,10 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         } => (
             Method::POST,
             "/flip".to_owned(),
-            Some(compact(json!({"to": to, "force": force, "drain_timeout": drain_timeout,
-                "expect_generation": expect_generation, "reason": reason}))),
+            Some(compact(
+                json!({"to": to, "force": force, "drain_timeout": drain_timeout,
+                "expect_generation": expect_generation, "reason": reason}),
+            )),
             None,
         ),
         Command::Rollback {
@@ -77,7 +79,9 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         } => (
             Method::POST,
             "/rollback".to_owned(),
-            Some(compact(json!({"force": force, "expect_generation": expect_generation, "reason": reason}))),
+            Some(compact(
+                json!({"force": force, "expect_generation": expect_generation, "reason": reason}),
+            )),
             None,
         ),
         Command::Commit {
@@ -86,7 +90,9 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         } => (
             Method::POST,
             "/commit".to_owned(),
-            Some(compact(json!({"expect_generation": expect_generation, "reason": reason}))),
+            Some(compact(
+                json!({"expect_generation": expect_generation, "reason": reason}),
+            )),
             None,
         ),
         Command::WaitDrained { color, timeout } => {
@@ -120,11 +126,18 @@ pub async fn run(options: &Options, command: Command) -> i32 {
     let response = match tokio::time::timeout(limit, client.request(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            eprintln!("error: cannot reach the admin API at {}: {}", options.admin, crate::proxy::http::source_chain(&e));
+            eprintln!(
+                "error: cannot reach the admin API at {}: {}",
+                options.admin,
+                crate::proxy::http::source_chain(&e)
+            );
             return 1;
         }
         Err(_) => {
-            eprintln!("error: the admin API at {} did not answer in {limit:?}", options.admin);
+            eprintln!(
+                "error: the admin API at {} did not answer in {limit:?}",
+                options.admin
+            );
             return 1;
         }
     };
@@ -136,12 +149,16 @@ pub async fn run(options: &Options, command: Command) -> i32 {
             return 1;
         }
     };
-    let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+    let value: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
     if !status.is_success() {
         if options.json {
             println!("{value}");
         }
-        let code = value.get("error").and_then(Value::as_str).unwrap_or("error");
+        let code = value
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("error");
         let message = value.get("message").and_then(Value::as_str).unwrap_or("");
         eprintln!("refused ({}): {code}: {message}", status.as_u16());
         return if status.is_client_error() { 2 } else { 1 };
@@ -159,7 +176,9 @@ pub async fn run(options: &Options, command: Command) -> i32 {
 
 fn compact(v: Value) -> Value {
     match v {
-        Value::Object(map) => Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).collect())
+        }
         other => other,
     }
 }
@@ -173,7 +192,12 @@ pub fn human(command: &Command, v: &Value) -> String {
     match command {
         Command::History => {
             let mut out = String::new();
-            for e in v.get("history").and_then(Value::as_array).into_iter().flatten() {
+            for e in v
+                .get("history")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 out.push_str(&format!(
                     "{:>5}  {}  {:<8} {} -> {}{}\n",
                     e.get("generation").and_then(Value::as_u64).unwrap_or(0),
@@ -181,7 +205,10 @@ pub fn human(command: &Command, v: &Value) -> String {
                     s(e, "action"),
                     e.get("from").and_then(Value::as_str).unwrap_or("-"),
                     s(e, "to"),
-                    e.get("reason").and_then(Value::as_str).map(|r| format!("  ({r})")).unwrap_or_default(),
+                    e.get("reason")
+                        .and_then(Value::as_str)
+                        .map(|r| format!("  ({r})"))
+                        .unwrap_or_default(),
                 ));
             }
             out
@@ -200,30 +227,50 @@ pub fn human(command: &Command, v: &Value) -> String {
         _ => {
             let mut out = String::new();
             if let Some(changed) = v.get("changed").and_then(Value::as_bool) {
-                out.push_str(if changed { "changed\n" } else { "no change: already so\n" });
+                out.push_str(if changed {
+                    "changed\n"
+                } else {
+                    "no change: already so\n"
+                });
             }
             out.push_str(&format!(
                 "active: {}  standby: {}  rollback to: {}  generation: {}  changed at: {}\n",
                 s(v, "active"),
                 s(v, "standby"),
-                v.get("rollback_to").and_then(Value::as_str).unwrap_or("none"),
+                v.get("rollback_to")
+                    .and_then(Value::as_str)
+                    .unwrap_or("none"),
                 v.get("generation").and_then(Value::as_u64).unwrap_or(0),
                 s(v, "changed_at"),
             ));
             for color in ["blue", "green"] {
-                let Some(c) = v.get("colors").and_then(|c| c.get(color)) else { continue };
+                let Some(c) = v.get("colors").and_then(|c| c.get(color)) else {
+                    continue;
+                };
                 out.push_str(&format!(
                     "{color}: {}  streams: {}  in flight: {}{}\n",
                     s(c, "state"),
                     c.get("open_streams").and_then(Value::as_u64).unwrap_or(0),
                     c.get("in_flight").and_then(Value::as_u64).unwrap_or(0),
-                    c.get("drain_deadline").and_then(Value::as_str).map(|d| format!("  drain deadline: {d}")).unwrap_or_default(),
+                    c.get("drain_deadline")
+                        .and_then(Value::as_str)
+                        .map(|d| format!("  drain deadline: {d}"))
+                        .unwrap_or_default(),
                 ));
-                for u in c.get("upstreams").and_then(Value::as_array).into_iter().flatten() {
+                for u in c
+                    .get("upstreams")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     out.push_str(&format!(
                         "  {}  {}  ({})\n",
                         s(u, "url"),
-                        if u.get("healthy") == Some(&Value::Bool(true)) { "healthy" } else { "UNHEALTHY" },
+                        if u.get("healthy") == Some(&Value::Bool(true)) {
+                            "healthy"
+                        } else {
+                            "UNHEALTHY"
+                        },
                         s(u, "health"),
                     ));
                 }

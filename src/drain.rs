@@ -198,8 +198,7 @@ pub struct RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.tracker
-            .release(self.upstream.color, |c| &c.in_flight);
+        self.tracker.release(self.upstream.color, |c| &c.in_flight);
     }
 }
 

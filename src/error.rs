@@ -46,8 +46,12 @@ impl ProxyError {
     /// The status and the JSON `error` code.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ProxyError::NoHealthyUpstream(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream"),
-            ProxyError::ConnectFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
+            ProxyError::NoHealthyUpstream(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream")
+            }
+            ProxyError::ConnectFailed(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+            }
             ProxyError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),

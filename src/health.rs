@@ -28,11 +28,16 @@ type ProbeClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Byt
 const MAX_STATUS_BODY: usize = 64 * 1024;
 
 /// Starts the supervisor; it and every probe stop when `stop` is cancelled.
-pub fn spawn(router: Arc<Router>, metrics: Metrics, tls: Arc<rustls::ClientConfig>, stop: CancellationToken) {
+pub fn spawn(
+    router: Arc<Router>,
+    metrics: Metrics,
+    tls: Arc<rustls::ClientConfig>,
+    stop: CancellationToken,
+) {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(rustls::ClientConfig::clone(&tls))
+        .with_tls_config(crate::tls::without_alpn(&tls))
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
@@ -43,12 +48,18 @@ pub fn spawn(router: Arc<Router>, metrics: Metrics, tls: Arc<rustls::ClientConfi
     tokio::spawn(supervise(router, metrics, client, stop));
 }
 
-async fn supervise(router: Arc<Router>, metrics: Metrics, client: ProbeClient, stop: CancellationToken) {
+async fn supervise(
+    router: Arc<Router>,
+    metrics: Metrics,
+    client: ProbeClient,
+    stop: CancellationToken,
+) {
     let mut changes = router.subscribe();
     let mut probes: HashMap<usize, CancellationToken> = HashMap::new();
     loop {
         let table = router.load_full();
-        let current: Vec<Arc<Upstream>> = table.pools.iter().flat_map(|p| p.iter().cloned()).collect();
+        let current: Vec<Arc<Upstream>> =
+            table.pools.iter().flat_map(|p| p.iter().cloned()).collect();
         probes.retain(|ptr, token| {
             let keep = current.iter().any(|u| Arc::as_ptr(u) as usize == *ptr);
             if !keep {
@@ -57,11 +68,19 @@ async fn supervise(router: Arc<Router>, metrics: Metrics, client: ProbeClient, s
             keep
         });
         for upstream in current {
-            probes.entry(Arc::as_ptr(&upstream) as usize).or_insert_with(|| {
-                let token = stop.child_token();
-                tokio::spawn(probe_loop(upstream, router.clone(), metrics.clone(), client.clone(), token.clone()));
-                token
-            });
+            probes
+                .entry(Arc::as_ptr(&upstream) as usize)
+                .or_insert_with(|| {
+                    let token = stop.child_token();
+                    tokio::spawn(probe_loop(
+                        upstream,
+                        router.clone(),
+                        metrics.clone(),
+                        client.clone(),
+                        token.clone(),
+                    ));
+                    token
+                });
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -70,14 +89,24 @@ async fn supervise(router: Arc<Router>, metrics: Metrics, client: ProbeClient, s
     }
 }
 
-async fn probe_loop(upstream: Arc<Upstream>, router: Arc<Router>, metrics: Metrics, client: ProbeClient, stop: CancellationToken) {
+async fn probe_loop(
+    upstream: Arc<Upstream>,
+    router: Arc<Router>,
+    metrics: Metrics,
+    client: ProbeClient,
+    stop: CancellationToken,
+) {
     loop {
         let health = router.load().settings.config.health.clone();
         let changed = match health.mode {
             HealthMode::Off => {
                 upstream.set_not_checked();
                 // Without probes, a passively failed upstream is retried after a cool-down.
-                if upstream.is_healthy() { None } else { upstream.forgive() }
+                if upstream.is_healthy() {
+                    None
+                } else {
+                    upstream.forgive()
+                }
             }
             mode => {
                 let observed = probe(&client, &upstream, mode, &health.path, health.timeout).await;
@@ -95,7 +124,13 @@ async fn probe_loop(upstream: Arc<Upstream>, router: Arc<Router>, metrics: Metri
     }
 }
 
-async fn probe(client: &ProbeClient, upstream: &Upstream, mode: HealthMode, path: &http::uri::PathAndQuery, timeout: Duration) -> Observed {
+async fn probe(
+    client: &ProbeClient,
+    upstream: &Upstream,
+    mode: HealthMode,
+    path: &http::uri::PathAndQuery,
+    timeout: Duration,
+) -> Observed {
     let uri = crate::proxy::http::upstream_uri(upstream, path);
     let attempt = async {
         let response = match client.get(uri).await {
@@ -104,24 +139,37 @@ async fn probe(client: &ProbeClient, upstream: &Upstream, mode: HealthMode, path
         };
         let status = response.status();
         if mode == HealthMode::Http {
-            return if status.is_success() { Observed::Ok } else { Observed::BadResponse };
+            return if status.is_success() {
+                Observed::Ok
+            } else {
+                Observed::BadResponse
+            };
         }
         if status != http::StatusCode::OK {
             return Observed::BadResponse;
         }
-        let Ok(body) = Limited::new(response.into_body(), MAX_STATUS_BODY).collect().await else {
+        let Ok(body) = Limited::new(response.into_body(), MAX_STATUS_BODY)
+            .collect()
+            .await
+        else {
             return Observed::BadResponse;
         };
         judge(&body.to_bytes())
     };
-    tokio::time::timeout(timeout, attempt).await.unwrap_or(Observed::Unreachable)
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(Observed::Unreachable)
 }
 
 /// Reads Deepgram's `/v1/status` body; unknown fields are fine, an unknown state fails.
 pub fn judge(body: &[u8]) -> Observed {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.get("system_health").and_then(|s| s.as_str()).map(Observed::from_system_health))
+        .and_then(|v| {
+            v.get("system_health")
+                .and_then(|s| s.as_str())
+                .map(Observed::from_system_health)
+        })
         .unwrap_or(Observed::BadResponse)
 }
 
@@ -131,7 +179,10 @@ mod tests {
 
     #[test]
     fn judges_deepgram_states() {
-        assert_eq!(judge(br#"{"system_health":"Ready","new_field":1}"#), Observed::Ready);
+        assert_eq!(
+            judge(br#"{"system_health":"Ready","new_field":1}"#),
+            Observed::Ready
+        );
         assert!(judge(br#"{"system_health":"Healthy"}"#).passes());
         assert!(judge(br#"{"system_health":"Degraded"}"#).passes());
         assert!(!judge(br#"{"system_health":"Initializing"}"#).passes());

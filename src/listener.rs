@@ -25,7 +25,12 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves `listener` until `stop` is cancelled, then lets open requests finish.
 /// Upgraded streams are not waited for here; `drain` ends them.
-pub async fn serve(listener: TcpListener, kind: ListenerKind, proxy: Arc<Proxy>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    kind: ListenerKind,
+    proxy: Arc<Proxy>,
+    stop: CancellationToken,
+) {
     let limits = proxy.router().load().settings.config.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -79,9 +84,12 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, proxy: Arc<Proxy>,
             match tls {
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(socket)).await {
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(socket))
+                        .await
+                    {
                         Ok(Ok(stream)) => {
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
                             let _ = watcher.watch(conn.into_owned()).await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
@@ -89,7 +97,8 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, proxy: Arc<Proxy>,
                     }
                 }
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
                     let _ = watcher.watch(conn.into_owned()).await;
                 }
             }

@@ -11,7 +11,11 @@ use switchyard::ctl;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "A blue/green traffic switch for Deepgram self-hosted API containers")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A blue/green traffic switch for Deepgram self-hosted API containers"
+)]
 struct Cli {
     /// Log format: human-readable text, or JSON lines for log pipelines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -60,7 +64,11 @@ enum Command {
     /// A client for the admin API.
     Ctl {
         /// The admin API's base URL.
-        #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "http://127.0.0.1:9901")]
+        #[arg(
+            long,
+            env = "SWITCHYARD_ADMIN",
+            default_value = "http://127.0.0.1:9901"
+        )]
         admin: String,
         /// A file holding the admin token (else SWITCHYARD_ADMIN_TOKEN).
         #[arg(long)]
@@ -123,9 +131,15 @@ enum CtlCommand {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -133,7 +147,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -180,7 +197,11 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             preview_port,
             admin_port,
         } => demo(proxy_port, preview_port, admin_port).await,
-        Command::StubUpstream { listen, name, health } => {
+        Command::StubUpstream {
+            listen,
+            name,
+            health,
+        } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("--listen: cannot listen on {listen}"))?;
@@ -212,16 +233,38 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 CtlCommand::Status => ctl::Command::Status,
                 CtlCommand::History => ctl::Command::History,
                 CtlCommand::Reload => ctl::Command::Reload,
-                CtlCommand::Flip { to, force, drain_timeout, expect_generation, reason } => {
-                    ctl::Command::Flip { to, force, drain_timeout, expect_generation, reason }
+                CtlCommand::Flip {
+                    to,
+                    force,
+                    drain_timeout,
+                    expect_generation,
+                    reason,
+                } => ctl::Command::Flip {
+                    to,
+                    force,
+                    drain_timeout,
+                    expect_generation,
+                    reason,
+                },
+                CtlCommand::Rollback {
+                    force,
+                    expect_generation,
+                    reason,
+                } => ctl::Command::Rollback {
+                    force,
+                    expect_generation,
+                    reason,
+                },
+                CtlCommand::Commit {
+                    expect_generation,
+                    reason,
+                } => ctl::Command::Commit {
+                    expect_generation,
+                    reason,
+                },
+                CtlCommand::WaitDrained { color, timeout } => {
+                    ctl::Command::WaitDrained { color, timeout }
                 }
-                CtlCommand::Rollback { force, expect_generation, reason } => {
-                    ctl::Command::Rollback { force, expect_generation, reason }
-                }
-                CtlCommand::Commit { expect_generation, reason } => {
-                    ctl::Command::Commit { expect_generation, reason }
-                }
-                CtlCommand::WaitDrained { color, timeout } => ctl::Command::WaitDrained { color, timeout },
             };
             let code = ctl::run(&ctl::Options { admin, token, json }, command).await;
             Ok(u8::try_from(code).unwrap_or(1))
@@ -231,7 +274,10 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
 
 /// Resolves on SIGTERM or SIGINT.
 async fn terminated() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -248,7 +294,10 @@ async fn run(config: Config) -> anyhow::Result<u8> {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match control.apply(Change::Reload).await {
-                Ok(outcome) => tracing::info!(generation = outcome.table.generation, "reloaded the config (SIGHUP)"),
+                Ok(outcome) => tracing::info!(
+                    generation = outcome.table.generation,
+                    "reloaded the config (SIGHUP)"
+                ),
                 Err(e) => tracing::error!(error = %e, "reload refused; the old config stays"),
             }
         }
@@ -266,8 +315,16 @@ async fn run(config: Config) -> anyhow::Result<u8> {
 
 async fn demo(proxy_port: u16, preview_port: u16, admin_port: u16) -> anyhow::Result<u8> {
     use switchyard::stub::{StubOptions, spawn};
-    let blue = spawn(StubOptions { name: "blue".into(), ..Default::default() }).await?;
-    let green = spawn(StubOptions { name: "green".into(), ..Default::default() }).await?;
+    let blue = spawn(StubOptions {
+        name: "blue".into(),
+        ..Default::default()
+    })
+    .await?;
+    let green = spawn(StubOptions {
+        name: "green".into(),
+        ..Default::default()
+    })
+    .await?;
     let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let token = format!("demo-{:016x}", fastrand::u64(..));
@@ -324,7 +381,10 @@ Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
         blue = blue.url(),
         green = green.url(),
         proxy = handle.proxy_addr,
-        preview = handle.preview_addr.map(|a| a.to_string()).unwrap_or_default(),
+        preview = handle
+            .preview_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
         token_file = token_file.display(),
     );
     terminated().await;

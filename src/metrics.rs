@@ -176,7 +176,10 @@ impl Metrics {
         };
 
         let requests = IntCounterVec::new(
-            Opts::new("requests_total", "Requests routed, by colour, protocol and status class."),
+            Opts::new(
+                "requests_total",
+                "Requests routed, by colour, protocol and status class.",
+            ),
             &["color", "protocol", "code"],
         )
         .expect("valid metric");
@@ -193,7 +196,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let open_streams = IntGaugeVec::new(
-            Opts::new("open_streams", "Open WebSocket streams, draining ones included."),
+            Opts::new(
+                "open_streams",
+                "Open WebSocket streams, draining ones included.",
+            ),
             &["color", "endpoint"],
         )
         .expect("valid metric");
@@ -203,7 +209,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let closes = IntCounterVec::new(
-            Opts::new("stream_closes_total", "Stream ends, by who or what ended them."),
+            Opts::new(
+                "stream_closes_total",
+                "Stream ends, by who or what ended them.",
+            ),
             &["color", "reason"],
         )
         .expect("valid metric");
@@ -217,8 +226,8 @@ impl Metrics {
             &["color"],
         )
         .expect("valid metric");
-        let route_generation =
-            IntGauge::new("route_generation", "The route table's generation.").expect("valid metric");
+        let route_generation = IntGauge::new("route_generation", "The route table's generation.")
+            .expect("valid metric");
         let route_changes = IntCounterVec::new(
             Opts::new("route_changes_total", "Route changes by action."),
             &["action"],
@@ -230,7 +239,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let upstream_errors = IntCounterVec::new(
-            Opts::new("upstream_errors_total", "Upstream failures on live traffic."),
+            Opts::new(
+                "upstream_errors_total",
+                "Upstream failures on live traffic.",
+            ),
             &["color", "upstream", "kind"],
         )
         .expect("valid metric");
@@ -258,8 +270,12 @@ impl Metrics {
         for action in ["startup", "flip", "rollback", "commit", "reload"] {
             route_changes.with_label_values(&[action]);
         }
-        let connections_by = [ListenerKind::Proxy, ListenerKind::Preview, ListenerKind::Admin]
-            .map(|l| connections.with_label_values(&[l.as_str()]));
+        let connections_by = [
+            ListenerKind::Proxy,
+            ListenerKind::Preview,
+            ListenerKind::Admin,
+        ]
+        .map(|l| connections.with_label_values(&[l.as_str()]));
 
         reg(Box::new(requests));
         reg(Box::new(duration));

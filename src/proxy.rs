@@ -79,7 +79,11 @@ impl Proxy {
     }
 
     /// Handles one request from a client.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<ProxyBody> {
         let table = self.router.load_full();
         if let Some(keys) = &table.settings.client_keys
             && !headers::client_key(req.headers()).is_some_and(|k| keys.accepts(k))
@@ -93,7 +97,9 @@ impl Proxy {
         if websocket::is_upgrade(&req) {
             websocket::forward(&self, req, table, color, conn).await
         } else {
-            self.upstreams.forward(&self, req, &table, color, conn).await
+            self.upstreams
+                .forward(&self, req, &table, color, conn)
+                .await
         }
     }
 }

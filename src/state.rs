@@ -182,10 +182,11 @@ impl FileStore {
                 });
             }
         };
-        let state: RouteState = serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-            path: self.path.clone(),
-            source,
-        })?;
+        let state: RouteState =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })?;
         Ok(Some(state))
     }
 
@@ -232,7 +233,13 @@ mod tests {
         let store = FileStore::new(dir.path().join("sub/route.json"));
         assert!(store.load().expect("missing is fine").is_none());
         let s1 = RouteState::first_start(Color::Blue, SystemTime::now());
-        let s2 = s1.next(Action::Flip, Color::Green, Some(Color::Blue), SystemTime::now(), Some("deploy".into()));
+        let s2 = s1.next(
+            Action::Flip,
+            Color::Green,
+            Some(Color::Blue),
+            SystemTime::now(),
+            Some("deploy".into()),
+        );
         store.save(&s2).expect("save");
         let back = store.load().expect("load").expect("present");
         assert_eq!(back, s2);

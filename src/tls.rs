@@ -37,7 +37,12 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         )
     })?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_bytes.as_slice())
-        .map_err(|e| TlsError("tls.key".into(), format!("{}: not PEM: {e}", files.key.display())))?
+        .map_err(|e| {
+            TlsError(
+                "tls.key".into(),
+                format!("{}: not PEM: {e}", files.key.display()),
+            )
+        })?
         .ok_or_else(|| {
             TlsError(
                 "tls.key".into(),
@@ -64,7 +69,10 @@ pub fn upstream_client_config(tls: &UpstreamTls) -> Result<Arc<rustls::ClientCon
         Some(path) => {
             for cert in read_certs(path, "upstream_tls.ca_file")? {
                 roots.add(cert).map_err(|e| {
-                    TlsError("upstream_tls.ca_file".into(), format!("bad CA certificate: {e}"))
+                    TlsError(
+                        "upstream_tls.ca_file".into(),
+                        format!("bad CA certificate: {e}"),
+                    )
                 })?;
             }
         }
@@ -84,4 +92,11 @@ pub fn upstream_client_config(tls: &UpstreamTls) -> Result<Arc<rustls::ClientCon
     .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A copy of `config` without ALPN: hyper-rustls sets ALPN itself and refuses a preset one.
+pub fn without_alpn(config: &rustls::ClientConfig) -> rustls::ClientConfig {
+    let mut config = config.clone();
+    config.alpn_protocols.clear();
+    config
 }

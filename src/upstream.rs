@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -64,7 +64,9 @@ impl FromStr for Color {
         match s {
             "blue" => Ok(Color::Blue),
             "green" => Ok(Color::Green),
-            other => Err(format!("`{other}` is not a colour; use \"blue\" or \"green\"")),
+            other => Err(format!(
+                "`{other}` is not a colour; use \"blue\" or \"green\""
+            )),
         }
     }
 }
@@ -289,7 +291,8 @@ impl Upstream {
 /// choices), skipping `tried`. Non-degraded upstreams win over degraded ones.
 /// Returns `None` when no healthy, untried upstream is left.
 pub fn pick<'a>(pool: &'a [Arc<Upstream>], tried: &[&Upstream]) -> Option<&'a Arc<Upstream>> {
-    let usable = |u: &&Arc<Upstream>| u.is_healthy() && !tried.iter().any(|t| std::ptr::eq(*t, &***u));
+    let usable =
+        |u: &&Arc<Upstream>| u.is_healthy() && !tried.iter().any(|t| std::ptr::eq(*t, &***u));
     let rank = |u: &Upstream| (u.degraded(), u.load());
     match pool.len() {
         0 => None,

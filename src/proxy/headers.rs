@@ -128,7 +128,10 @@ pub fn offered_protocols(headers: &HeaderMap) -> Vec<&str> {
 
 /// The session id a Deepgram SDK sent, as a header or in the subprotocol list.
 pub fn session_id(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get("x-deepgram-session-id").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get("x-deepgram-session-id")
+        .and_then(|v| v.to_str().ok())
+    {
         return Some(v.chars().take(128).collect());
     }
     let protocols = offered_protocols(headers);
@@ -148,7 +151,10 @@ mod tests {
     #[test]
     fn rewrites_forwarding_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-trace"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-trace"),
+        );
         h.insert("x-trace", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -158,7 +164,12 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("api.example:8080"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Token abc"));
         h.insert("dg-thing", HeaderValue::from_static("x"));
-        to_upstream(&mut h, "127.0.0.9".parse().expect("ip"), false, Some(HeaderValue::from_static("api.example:8080")));
+        to_upstream(
+            &mut h,
+            "127.0.0.9".parse().expect("ip"),
+            false,
+            Some(HeaderValue::from_static("api.example:8080")),
+        );
         assert!(h.get("x-trace").is_none());
         assert!(h.get("keep-alive").is_none());
         assert!(h.get(header::CONNECTION).is_none());
@@ -186,7 +197,10 @@ mod tests {
         );
         assert_eq!(client_key(&h), Some(&b"k3"[..]));
         assert_eq!(session_id(&h).as_deref(), Some("abc"));
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("token"));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("token"),
+        );
         assert_eq!(client_key(&h), None);
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
         assert_eq!(client_key(&h), None);

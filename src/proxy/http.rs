@@ -78,7 +78,7 @@ impl Upstreams {
         http.enforce_http(false);
         http.set_nodelay(true);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(rustls::ClientConfig::clone(&tls))
+            .with_tls_config(crate::tls::without_alpn(&tls))
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -178,7 +178,9 @@ impl Upstreams {
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     drop(guard);
-                    proxy.metrics.upstream_error(upstream, UpstreamErrorKind::Connect);
+                    proxy
+                        .metrics
+                        .upstream_error(upstream, UpstreamErrorKind::Connect);
                     let fall = table.settings.config.health.fall;
                     if upstream.record_passive_failure(fall).is_some() {
                         proxy.metrics.upstream_health(upstream);
@@ -188,29 +190,34 @@ impl Upstreams {
                     if tried.len() >= MAX_ATTEMPTS || !retry {
                         break ProxyError::ConnectFailed(color.as_str());
                     }
-                    next_body = reclaim
-                        .take()
-                        .and_then(|r| r.take())
-                        .map(|b| {
-                            let (b, r) = RequestBody::reclaimable(b, to_upstream.clone());
-                            reclaim = Some(r);
-                            b
-                        });
+                    next_body = reclaim.take().and_then(|r| r.take()).map(|b| {
+                        let (b, r) = RequestBody::reclaimable(b, to_upstream.clone());
+                        reclaim = Some(r);
+                        b
+                    });
                 }
                 Ok(Err(e)) => {
-                    proxy.metrics.upstream_error(upstream, UpstreamErrorKind::Protocol);
+                    proxy
+                        .metrics
+                        .upstream_error(upstream, UpstreamErrorKind::Protocol);
                     tracing::warn!(upstream = %upstream.name, color = %color, error = %source_chain(&e), "upstream failed");
                     break ProxyError::UpstreamFailed(source_chain(&e));
                 }
                 Err(_) => {
-                    proxy.metrics.upstream_error(upstream, UpstreamErrorKind::Timeout);
+                    proxy
+                        .metrics
+                        .upstream_error(upstream, UpstreamErrorKind::Timeout);
                     tracing::warn!(upstream = %upstream.name, color = %color, "upstream response timed out");
                     break ProxyError::UpstreamTimeout(limits.response_timeout);
                 }
             }
         };
         let (status, _) = error.status_and_code();
-        metrics.request(Protocol::Http, status.as_u16(), started.elapsed().as_secs_f64());
+        metrics.request(
+            Protocol::Http,
+            status.as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
         error_response(&error, color)
     }
 }

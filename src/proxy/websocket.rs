@@ -100,8 +100,10 @@ pub async fn forward(
         let e = ProxyError::BadRequest("only WebSocket version 13 is supported".into());
         let mut r = error_response(&e, color);
         *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
-        r.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return r;
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
@@ -132,7 +134,10 @@ pub async fn forward(
     let key = generate_key();
     up_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     up_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    up_headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    up_headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
     up_headers.insert(
         header::SEC_WEBSOCKET_KEY,
         HeaderValue::from_str(&key).expect("a base64 key is a valid header value"),
@@ -149,7 +154,11 @@ pub async fn forward(
             } else {
                 ProxyError::ConnectFailed(color.as_str())
             };
-            metrics.request(Protocol::WebSocket, e.status_and_code().0.as_u16(), started.elapsed().as_secs_f64());
+            metrics.request(
+                Protocol::WebSocket,
+                e.status_and_code().0.as_u16(),
+                started.elapsed().as_secs_f64(),
+            );
             return error_response(&e, color);
         };
         match tokio::time::timeout(limits.connect_timeout, connect(proxy, upstream)).await {
@@ -159,7 +168,9 @@ pub async fn forward(
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("connect timed out after {:?}", limits.connect_timeout),
                 };
-                proxy.metrics.upstream_error(upstream, UpstreamErrorKind::Connect);
+                proxy
+                    .metrics
+                    .upstream_error(upstream, UpstreamErrorKind::Connect);
                 if upstream.record_passive_failure(fall).is_some() {
                     proxy.metrics.upstream_health(upstream);
                 }
@@ -177,13 +188,23 @@ pub async fn forward(
     let fail = |e: ProxyError, kind: UpstreamErrorKind| {
         proxy.metrics.upstream_error(&upstream, kind);
         tracing::warn!(upstream = %upstream.name, color = %color, error = %e, "upstream handshake failed");
-        metrics.request(Protocol::WebSocket, e.status_and_code().0.as_u16(), started.elapsed().as_secs_f64());
+        metrics.request(
+            Protocol::WebSocket,
+            e.status_and_code().0.as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
         error_response(&e, color)
     };
-    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-        Ok(pair) => pair,
-        Err(e) => return fail(ProxyError::UpstreamFailed(source_chain(&e)), UpstreamErrorKind::Protocol),
-    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                return fail(
+                    ProxyError::UpstreamFailed(source_chain(&e)),
+                    UpstreamErrorKind::Protocol,
+                );
+            }
+        };
     tokio::spawn(async move {
         // Ends by itself once the connection is upgraded or closed.
         let _ = connection.with_upgrades().await;
@@ -191,7 +212,12 @@ pub async fn forward(
     let mut up_req = Request::new(Empty::<Bytes>::new());
     *up_req.uri_mut() = match path.parse() {
         Ok(uri) => uri,
-        Err(_) => return fail(ProxyError::BadRequest("bad path".into()), UpstreamErrorKind::Protocol),
+        Err(_) => {
+            return fail(
+                ProxyError::BadRequest("bad path".into()),
+                UpstreamErrorKind::Protocol,
+            );
+        }
     };
     *up_req.headers_mut() = up_headers;
     up_req.headers_mut().insert(
@@ -200,18 +226,37 @@ pub async fn forward(
             .expect("an authority is a valid header value"),
     );
     let guard = proxy.tracker.request(&upstream);
-    let response = match tokio::time::timeout(limits.response_timeout, sender.send_request(up_req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return fail(ProxyError::UpstreamFailed(source_chain(&e)), UpstreamErrorKind::Protocol),
-        Err(_) => return fail(ProxyError::UpstreamTimeout(limits.response_timeout), UpstreamErrorKind::Timeout),
-    };
+    let response =
+        match tokio::time::timeout(limits.response_timeout, sender.send_request(up_req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                return fail(
+                    ProxyError::UpstreamFailed(source_chain(&e)),
+                    UpstreamErrorKind::Protocol,
+                );
+            }
+            Err(_) => {
+                return fail(
+                    ProxyError::UpstreamTimeout(limits.response_timeout),
+                    UpstreamErrorKind::Timeout,
+                );
+            }
+        };
 
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // A refusal (400 bad model, 429 over capacity, 503 no engine) goes back as it came.
         let status = response.status().as_u16();
         let (mut rparts, rbody) = response.into_parts();
         headers::strip_hop_by_hop(&mut rparts.headers);
-        let body = ProxyBody::upstream(rbody, &proxy.metrics, color, Protocol::WebSocket, status, started, guard);
+        let body = ProxyBody::upstream(
+            rbody,
+            &proxy.metrics,
+            color,
+            Protocol::WebSocket,
+            status,
+            started,
+            guard,
+        );
         return tag(Response::from_parts(rparts, body), color);
     }
     drop(guard);
@@ -275,7 +320,8 @@ pub async fn forward(
     let upstream_upgrade = hyper::upgrade::on(response);
     tokio::spawn(
         async move {
-            let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade)
+            {
                 Ok(pair) => pair,
                 Err(e) => {
                     tracing::warn!(error = %e, "upgrade failed");
@@ -283,8 +329,18 @@ pub async fn forward(
                     return;
                 }
             };
-            let client = WebSocketStream::from_raw_socket(TokioIo::new(client_io), Role::Server, Some(ws_config())).await;
-            let upstream = WebSocketStream::from_raw_socket(TokioIo::new(upstream_io), Role::Client, Some(ws_config())).await;
+            let client = WebSocketStream::from_raw_socket(
+                TokioIo::new(client_io),
+                Role::Server,
+                Some(ws_config()),
+            )
+            .await;
+            let upstream = WebSocketStream::from_raw_socket(
+                TokioIo::new(upstream_io),
+                Role::Client,
+                Some(ws_config()),
+            )
+            .await;
             stream.relay(client, upstream).await;
         }
         .instrument(span),
@@ -362,8 +418,14 @@ impl Stream {
                             return Ending::UpstreamFinished;
                         }
                         Some(Err(e)) => return Ending::UpstreamLost(e.to_string()),
-                        None if injected.load(Ordering::Acquire) => return Ending::UpstreamFinished,
-                        None => return Ending::UpstreamLost("connection closed without a close frame".into()),
+                        None if injected.load(Ordering::Acquire) => {
+                            return Ending::UpstreamFinished;
+                        }
+                        None => {
+                            return Ending::UpstreamLost(
+                                "connection closed without a close frame".into(),
+                            );
+                        }
                     };
                     match msg {
                         Message::Close(frame) => {
@@ -433,7 +495,11 @@ impl Stream {
                 tracing::info!(message = closing, "drain deadline: ending the stream");
                 loop {
                     if !closing.is_empty() {
-                        if up_tx.send(Message::Text(Utf8Bytes::from_static(closing))).await.is_err() {
+                        if up_tx
+                            .send(Message::Text(Utf8Bytes::from_static(closing)))
+                            .await
+                            .is_err()
+                        {
                             return Ending::UpstreamFinished;
                         }
                         closing = "";
@@ -526,7 +592,14 @@ impl Stream {
         );
     }
 
-    fn ended(&self, reason: CloseReason, code: Option<u16>, dropped: u64, bytes_in: u64, bytes_out: u64) {
+    fn ended(
+        &self,
+        reason: CloseReason,
+        code: Option<u16>,
+        dropped: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
         let seconds = self.opened.elapsed().as_secs_f64();
         self.proxy
             .metrics

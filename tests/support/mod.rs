@@ -1,0 +1,276 @@
+//! Test harness: stub upstreams, a config in a temp dir, Switchyard started in-process on
+//! port 0, and small HTTP and WebSocket client helpers.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use switchyard::app::Handle;
+use switchyard::config::Config;
+use switchyard::stub::{StubHandle, StubOptions};
+
+/// The admin token every harness instance uses.
+pub const TOKEN: &str = "test-admin-token";
+
+/// A bound on any single wait in a test; generous for a busy 2-core CI machine.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A fresh pooled HTTP/1.1 client.
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Builds a test environment.
+pub struct EnvBuilder {
+    pub blue: usize,
+    pub green: usize,
+    pub drain_timeout: &'static str,
+    pub grace: &'static str,
+    pub health: &'static str,
+    /// Extra TOML appended to the config (whole tables only).
+    pub extra: String,
+}
+
+impl Default for EnvBuilder {
+    fn default() -> Self {
+        EnvBuilder {
+            blue: 1,
+            green: 1,
+            drain_timeout: "30m",
+            grace: "10s",
+            health: "mode = \"deepgram\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1",
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running Switchyard with its stubs.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub blue: Vec<StubHandle>,
+    pub green: Vec<StubHandle>,
+    pub app: Option<Handle>,
+    pub config_path: std::path::PathBuf,
+    pub client: HttpClient,
+}
+
+async fn stubs(color: &str, n: usize) -> Vec<StubHandle> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let name = if n == 1 { color.to_owned() } else { format!("{color}-{i}") };
+        v.push(
+            switchyard::stub::spawn(StubOptions {
+                name,
+                ..Default::default()
+            })
+            .await
+            .expect("stub starts"),
+        );
+    }
+    v
+}
+
+fn urls(stubs: &[StubHandle]) -> String {
+    stubs
+        .iter()
+        .map(|s| format!("\"{}\"", s.url()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl EnvBuilder {
+    /// The config text for these stubs.
+    pub fn config_text(&self, dir: &std::path::Path, blue: &str, green: &str) -> String {
+        format!(
+            r#"[listen]
+proxy = "127.0.0.1:0"
+preview = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[pools]
+blue = [{blue}]
+green = [{green}]
+
+[routing]
+state_file = "{state}"
+
+[drain]
+timeout = "{timeout}"
+grace = "{grace}"
+
+[health]
+{health}
+
+[admin]
+token_file = "{token}"
+
+[limits]
+connect_timeout = "1s"
+{extra}
+"#,
+            state = dir.join("route.json").display(),
+            timeout = self.drain_timeout,
+            grace = self.grace,
+            health = self.health,
+            token = dir.join("admin.token").display(),
+            extra = self.extra,
+        )
+    }
+
+    /// Starts stubs and Switchyard.
+    pub async fn start(self) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("admin.token"), TOKEN).expect("token file");
+        let blue = stubs("blue", self.blue).await;
+        let green = stubs("green", self.green).await;
+        let text = self.config_text(dir.path(), &urls(&blue), &urls(&green));
+        let config_path = dir.path().join("switchyard.toml");
+        std::fs::write(&config_path, text).expect("config file");
+        let config = Config::load(&config_path).expect("valid config");
+        let app = switchyard::app::start(config).await.expect("switchyard starts");
+        Env {
+            dir,
+            blue,
+            green,
+            app: Some(app),
+            config_path,
+            client: http_client(),
+        }
+    }
+}
+
+impl Env {
+    /// The running app.
+    pub fn app(&self) -> &Handle {
+        self.app.as_ref().expect("app running")
+    }
+
+    pub fn proxy_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.app().proxy_addr, path)
+    }
+
+    pub fn preview_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.app().preview_addr.expect("preview"), path)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.app().proxy_addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.app().admin_addr, path)
+    }
+
+    /// GET on the admin API → status and JSON.
+    pub async fn admin_get(&self, path: &str) -> (StatusCode, Value) {
+        let req = Request::get(self.admin_url(path))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        send_json(&self.client, req).await
+    }
+
+    /// POST with the admin token → status and JSON. `body` None sends no body.
+    pub async fn admin_post(&self, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let req = Request::post(self.admin_url(path))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
+            .expect("request");
+        send_json(&self.client, req).await
+    }
+
+    /// Flips to `to` and asserts it succeeded.
+    pub async fn flip(&self, to: &str) -> Value {
+        let (status, body) = self
+            .admin_post("/flip", Some(serde_json::json!({ "to": to })))
+            .await;
+        assert_eq!(status, StatusCode::OK, "flip to {to}: {body}");
+        body
+    }
+
+    /// Rewrites the config file (for reload tests).
+    pub fn write_config(&self, builder: &EnvBuilder, blue: &str, green: &str) {
+        std::fs::write(&self.config_path, builder.config_text(self.dir.path(), blue, green))
+            .expect("config file");
+    }
+
+    /// Stops Switchyard gracefully and waits.
+    pub async fn shutdown(&mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown();
+            tokio::time::timeout(PATIENCE * 3, app.wait())
+                .await
+                .expect("shutdown finishes");
+        }
+    }
+}
+
+/// Sends a request and returns status and parsed JSON (`Value::Null` if not JSON).
+pub async fn send_json(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, Value) {
+    let response = tokio::time::timeout(PATIENCE, client.request(req))
+        .await
+        .expect("answer in time")
+        .expect("request succeeds");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// A GET through any URL → the response with its body collected.
+pub async fn get(client: &HttpClient, url: &str) -> http::Response<Bytes> {
+    let req = Request::get(url).body(Full::new(Bytes::new())).expect("request");
+    let response = tokio::time::timeout(PATIENCE, client.request(req))
+        .await
+        .expect("answer in time")
+        .expect("request succeeds");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    http::Response::from_parts(parts, body)
+}
+
+/// The colour header of a response.
+pub fn color_of<B>(response: &http::Response<B>) -> String {
+    response
+        .headers()
+        .get("x-switchyard-color")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The stub name header of a response.
+pub fn stub_of<B>(response: &http::Response<B>) -> String {
+    response
+        .headers()
+        .get("x-stub-name")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Polls `cond` on a signal-less condition (admin state) until true, bounded by PATIENCE.
+/// Used only where no event exists to wait on (e.g. a health probe's verdict).
+pub async fn eventually<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met in {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
