@@ -29,6 +29,7 @@ pub fn http_client() -> HttpClient {
 }
 
 /// Builds a test environment.
+#[derive(Clone)]
 pub struct EnvBuilder {
     pub blue: usize,
     pub green: usize,
