@@ -27,7 +27,9 @@ async fn echo_upstream(name: &'static str) -> (SocketAddr, tokio::task::JoinHand
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         loop {
-            let Ok((socket, _)) = listener.accept().await else { return };
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| async move {
                     let status = req
@@ -43,12 +45,19 @@ async fn echo_upstream(name: &'static str) -> (SocketAddr, tokio::task::JoinHand
                         .collect();
                     let method = req.method().to_string();
                     let uri = req.uri().to_string();
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     let answer = json!({"name": name, "method": method, "uri": uri, "headers": headers, "body_len": body.len()});
                     let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
                     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-                    r.headers_mut().insert("dg-request-id", "req-123".parse().expect("value"));
-                    r.headers_mut().insert("dg-error", "stub says no".parse().expect("value"));
+                    r.headers_mut()
+                        .insert("dg-request-id", "req-123".parse().expect("value"));
+                    r.headers_mut()
+                        .insert("dg-error", "stub says no".parse().expect("value"));
                     Ok::<_, Infallible>(r)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -104,11 +113,19 @@ async fn post(env: &Env, url: &str, body: &'static [u8]) -> (Response<Bytes>, Va
 #[tokio::test]
 async fn get_and_post_keep_path_query_and_end_to_end_headers() {
     let (env, _upstream) = echo_env().await;
-    let (response, echo) = post(&env, &env.proxy_url("/v1/listen?model=nova-3&smart_format=true&keyterm=a%20b"), b"audio").await;
+    let (response, echo) = post(
+        &env,
+        &env.proxy_url("/v1/listen?model=nova-3&smart_format=true&keyterm=a%20b"),
+        b"audio",
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(color_of(&response), "blue");
     assert_eq!(echo["method"], "POST");
-    assert_eq!(echo["uri"], "/v1/listen?model=nova-3&smart_format=true&keyterm=a%20b");
+    assert_eq!(
+        echo["uri"],
+        "/v1/listen?model=nova-3&smart_format=true&keyterm=a%20b"
+    );
     assert_eq!(echo["body_len"], 5);
     let h = &echo["headers"];
     assert_eq!(h["authorization"], "Token secret-key");
@@ -116,8 +133,14 @@ async fn get_and_post_keep_path_query_and_end_to_end_headers() {
     assert_eq!(h["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "api.example:8080");
-    assert!(h.get("x-hop").is_none(), "a header named by Connection is hop-by-hop: {h}");
-    assert_ne!(h["host"], "api.example:8080", "the upstream gets its own authority");
+    assert!(
+        h.get("x-hop").is_none(),
+        "a header named by Connection is hop-by-hop: {h}"
+    );
+    assert_ne!(
+        h["host"], "api.example:8080",
+        "the upstream gets its own authority"
+    );
     // Upstream headers pass through untouched.
     assert_eq!(response.headers()["dg-request-id"], "req-123");
     assert_eq!(response.headers()["dg-error"], "stub says no");
@@ -132,7 +155,11 @@ async fn get_and_post_keep_path_query_and_end_to_end_headers() {
 async fn upstream_status_codes_pass_through_untouched() {
     let (env, _upstream) = echo_env().await;
     for status in [400u16, 429, 503] {
-        let got = get(&env.client, &env.proxy_url(&format!("/v1/listen?status={status}"))).await;
+        let got = get(
+            &env.client,
+            &env.proxy_url(&format!("/v1/listen?status={status}")),
+        )
+        .await;
         assert_eq!(got.status().as_u16(), status);
         assert_eq!(color_of(&got), "blue");
         assert_eq!(got.headers()["dg-error"], "stub says no");
@@ -166,14 +193,24 @@ async fn a_20_mib_streamed_upload_arrives_intact() {
         .expect("request");
     let response = client.request(req).await.expect("answer");
     assert_eq!(response.status(), StatusCode::OK);
-    let json: Value = serde_json::from_slice(&response.into_body().collect().await.expect("body").to_bytes()).expect("json");
+    let json: Value = serde_json::from_slice(
+        &response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes(),
+    )
+    .expect("json");
     let sent = producer.await.expect("producer");
     assert_eq!(json["metadata"]["bytes"], (CHUNK * CHUNKS) as u64);
     assert_eq!(json["metadata"]["sha256"], sent.as_str());
     assert_eq!(json["metadata"]["stub"], "blue");
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -211,30 +248,65 @@ async fn a_chunked_response_streams_before_the_upstream_finishes() {
         ..Default::default()
     };
     let env = builder.clone().start().await;
-    env.write_config(&EnvBuilder { health: "mode = \"off\"", ..Default::default() }, &format!("\"http://{addr}\""), &format!("\"{}\"", env.green[0].url()));
+    env.write_config(
+        &EnvBuilder {
+            health: "mode = \"off\"",
+            ..Default::default()
+        },
+        &format!("\"http://{addr}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
     assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
 
-    let req = Request::post(env.proxy_url("/v1/speak")).body(Full::new(Bytes::new())).expect("request");
-    let response = tokio::time::timeout(PATIENCE, env.client.request(req)).await.expect("in time").expect("answer");
+    let req = Request::post(env.proxy_url("/v1/speak"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, env.client.request(req))
+        .await
+        .expect("in time")
+        .expect("answer");
     let mut body = response.into_body();
-    let first = tokio::time::timeout(PATIENCE, body.frame()).await.expect("first chunk in time").expect("frame").expect("ok");
-    assert_eq!(first.into_data().expect("data"), Bytes::from_static(b"first"));
+    let first = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("first chunk in time")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(
+        first.into_data().expect("data"),
+        Bytes::from_static(b"first")
+    );
     // Only now may the upstream produce the last chunk: the first arrived before it existed.
     release.notify_one();
-    let rest = tokio::time::timeout(PATIENCE, body.collect()).await.expect("in time").expect("rest").to_bytes();
+    let rest = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("in time")
+        .expect("rest")
+        .to_bytes();
     assert_eq!(rest, Bytes::from_static(b"last"));
 }
 
 #[tokio::test]
 async fn every_upstream_down_is_a_503_json_and_never_the_other_colour() {
-    let mut env = EnvBuilder { health: "mode = \"off\"", ..Default::default() }.start().await;
+    let mut env = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    }
+    .start()
+    .await;
     env.blue.clear(); // stops the blue stub: connections are refused
     let got = get(&env.client, &env.proxy_url("/v1/listen")).await;
     assert_eq!(got.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(color_of(&got), "blue");
     let json: Value = serde_json::from_slice(got.body()).expect("json");
-    assert!(json["error"].is_string() && json["message"].is_string(), "{json}");
-    assert_eq!(env.green[0].state.http_requests(), 0, "traffic never crosses colours");
+    assert!(
+        json["error"].is_string() && json["message"].is_string(),
+        "{json}"
+    );
+    assert_eq!(
+        env.green[0].state.http_requests(),
+        0,
+        "traffic never crosses colours"
+    );
 }
 
 #[tokio::test]
@@ -249,8 +321,20 @@ async fn an_upstream_that_breaks_before_answering_is_a_502_json() {
             drop(socket);
         }
     });
-    let env = EnvBuilder { health: "mode = \"off\"", ..Default::default() }.start().await;
-    env.write_config(&EnvBuilder { health: "mode = \"off\"", ..Default::default() }, &format!("\"http://{addr}\""), &format!("\"{}\"", env.green[0].url()));
+    let env = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    }
+    .start()
+    .await;
+    env.write_config(
+        &EnvBuilder {
+            health: "mode = \"off\"",
+            ..Default::default()
+        },
+        &format!("\"http://{addr}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
     assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
     let got = get(&env.client, &env.proxy_url("/v1/listen")).await;
     assert_eq!(got.status(), StatusCode::BAD_GATEWAY);
@@ -262,7 +346,11 @@ async fn an_upstream_that_breaks_before_answering_is_a_502_json() {
 #[tokio::test]
 async fn a_connect_failure_is_retried_on_another_upstream_of_the_same_colour() {
     // A port nothing listens on: bind, read the port, close.
-    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
     let builder = EnvBuilder {
         // Passive marking would take the dead upstream out after one failure; a high fall
         // keeps it in rotation so the retry path is exercised on many requests.
@@ -271,7 +359,11 @@ async fn a_connect_failure_is_retried_on_another_upstream_of_the_same_colour() {
     };
     let env = builder.clone().start().await;
     let blue_live = env.blue[0].url();
-    env.write_config(&builder, &format!("\"http://{dead}\", \"{blue_live}\""), &format!("\"{}\"", env.green[0].url()));
+    env.write_config(
+        &builder,
+        &format!("\"http://{dead}\", \"{blue_live}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
     assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
     for _ in 0..30 {
         let got = get(&env.client, &env.proxy_url("/v1/status")).await;
@@ -281,22 +373,37 @@ async fn a_connect_failure_is_retried_on_another_upstream_of_the_same_colour() {
     let metrics = env.app().metrics.encode();
     let retried = metrics
         .lines()
-        .find(|l| l.starts_with("switchyard_upstream_errors_total") && l.contains(&dead.to_string()) && l.contains("kind=\"connect\""))
+        .find(|l| {
+            l.starts_with("switchyard_upstream_errors_total")
+                && l.contains(&dead.to_string())
+                && l.contains("kind=\"connect\"")
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    assert!(retried >= 1.0, "30 random picks of 2 upstreams hit the dead one at least once:\n{metrics}");
+    assert!(
+        retried >= 1.0,
+        "30 random picks of 2 upstreams hit the dead one at least once:\n{metrics}"
+    );
     assert_eq!(env.green[0].state.http_requests(), 0);
 }
 
 #[tokio::test]
 async fn a_swap_moves_the_next_request_on_the_same_keep_alive_connection() {
     let env = EnvBuilder::default().start().await;
-    let stream = tokio::net::TcpStream::connect(env.app().proxy_addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await.expect("handshake");
+    let stream = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .expect("handshake");
     tokio::spawn(conn);
     let ask = |sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>| {
-        let req = Request::get("/v1/status").header("host", "switchyard").body(Full::new(Bytes::new())).expect("request");
+        let req = Request::get("/v1/status")
+            .header("host", "switchyard")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
         sender.send_request(req)
     };
     let first = ask(&mut sender).await.expect("first");
@@ -304,7 +411,9 @@ async fn a_swap_moves_the_next_request_on_the_same_keep_alive_connection() {
     first.into_body().collect().await.expect("body");
     env.flip("green").await;
     sender.ready().await.expect("connection still open");
-    let second = ask(&mut sender).await.expect("second on the same connection");
+    let second = ask(&mut sender)
+        .await
+        .expect("second on the same connection");
     assert_eq!(color_of(&second), "green");
     assert_eq!(stub_of(&second), "green");
 }
@@ -315,12 +424,22 @@ async fn h2c_with_prior_knowledge_works() {
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http::<Full<Bytes>>();
-    let req = Request::post(env.proxy_url("/v1/listen?model=nova")).body(Full::new(Bytes::from_static(b"abc"))).expect("request");
+    let req = Request::post(env.proxy_url("/v1/listen?model=nova"))
+        .body(Full::new(Bytes::from_static(b"abc")))
+        .expect("request");
     let response = client.request(req).await.expect("answer");
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(color_of(&response), "blue");
-    let json: Value = serde_json::from_slice(&response.into_body().collect().await.expect("body").to_bytes()).expect("json");
+    let json: Value = serde_json::from_slice(
+        &response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes(),
+    )
+    .expect("json");
     assert_eq!(json["metadata"]["bytes"], 3);
 }
 
@@ -339,7 +458,10 @@ async fn concurrent_clients_see_no_errors_while_the_table_swaps() {
             while done.load(Ordering::Acquire) < CLIENTS && swaps < 5_000 {
                 let control = &env.app().control;
                 let _ = control
-                    .apply(Change::Flip(FlipRequest { force: true, ..Default::default() }))
+                    .apply(Change::Flip(FlipRequest {
+                        force: true,
+                        ..Default::default()
+                    }))
                     .await
                     .expect("flip");
                 swaps += 1;
@@ -374,25 +496,40 @@ async fn concurrent_clients_see_no_errors_while_the_table_swaps() {
     }
     let mut checked = 0;
     for c in clients {
-        checked += tokio::time::timeout(PATIENCE * 3, c).await.expect("clients finish").expect("client ok");
+        checked += tokio::time::timeout(PATIENCE * 3, c)
+            .await
+            .expect("clients finish")
+            .expect("client ok");
     }
     let swaps = swapper.await.expect("swapper");
-    assert!(swaps >= 10, "the table was swapped while clients ran ({swaps} swaps)");
+    assert!(
+        swaps >= 10,
+        "the table was swapped while clients ran ({swaps} swaps)"
+    );
     let _ = checked;
 }
 
 #[tokio::test]
 async fn a_request_with_a_huge_header_gets_431_and_the_proxy_stays_up() {
     let env = EnvBuilder::default().start().await;
-    let mut stream = tokio::net::TcpStream::connect(env.app().proxy_addr).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
     let huge = "a".repeat(1 << 20);
     let head = format!("GET /v1/status HTTP/1.1\r\nhost: x\r\nx-big: {huge}\r\n\r\n");
     let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes()).await;
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(PATIENCE, tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer)).await;
+    let _ = tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer),
+    )
+    .await;
     let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 431"), "{}", text.lines().next().unwrap_or(""));
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "{}",
+        text.lines().next().unwrap_or("")
+    );
     let got = get(&env.client, &env.proxy_url("/v1/status")).await;
     assert_eq!(got.status(), StatusCode::OK);
 }
-

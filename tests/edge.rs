@@ -1,0 +1,358 @@
+//! The edge of the proxy: TLS termination (HTTP/1.1, h2 by ALPN, wss) and certificate
+//! reload, client keys, and clients that never finish their request headers.
+
+mod support;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+struct Cert {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+fn self_signed() -> Cert {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("certificate");
+    Cert {
+        cert_pem: ck.cert.pem(),
+        key_pem: ck.signing_key.serialize_pem(),
+        der: ck.cert.der().clone(),
+    }
+}
+
+fn write_cert(dir: &std::path::Path, cert: &Cert) {
+    std::fs::write(dir.join("server.crt"), &cert.cert_pem).expect("cert");
+    std::fs::write(dir.join("server.key"), &cert.key_pem).expect("key");
+}
+
+fn client_config(trusted: &Cert) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.der.clone()).expect("root");
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// A fresh HTTP/1.1-over-TLS client trusting only `trusted` (no pooled connections shared
+/// with other clients, so each one sees the certificate served at its connect).
+fn https_client(trusted: &Cert) -> HttpsClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_config(trusted))
+        .https_only()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
+}
+
+fn tls_builder(dir: &std::path::Path) -> EnvBuilder {
+    EnvBuilder {
+        extra: format!(
+            "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        ),
+        ..Default::default()
+    }
+}
+
+/// Starts an env whose proxy terminates TLS with `cert`; the files live in `certs`.
+async fn tls_env(certs: &tempfile::TempDir, cert: &Cert) -> Env {
+    write_cert(certs.path(), cert);
+    tls_builder(certs.path()).start().await
+}
+
+#[tokio::test]
+async fn tls_serves_http1_h2_by_alpn_and_wss_and_reloads_its_certificate() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let first = self_signed();
+    let env = tls_env(&certs, &first).await;
+    let url = format!(
+        "https://localhost:{}/v1/listen",
+        env.app().proxy_addr.port()
+    );
+
+    // HTTP/1.1 over TLS.
+    let client = https_client(&first);
+    let req = Request::post(&url)
+        .body(Full::new(Bytes::from_static(b"hello")))
+        .expect("request");
+    let response = client.request(req).await.expect("answer over TLS");
+    assert_eq!(response.version(), http::Version::HTTP_11);
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(color_of(&response), "blue");
+    assert_eq!(
+        env.blue[0].state.last_headers()["x-forwarded-proto"],
+        "https"
+    );
+
+    // HTTP/2 chosen by ALPN.
+    let mut config = client_config(&first);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "the proxy offers h2 by ALPN"
+    );
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::post(&url)
+        .body(Full::new(Bytes::from_static(b"hello h2")))
+        .expect("request");
+    let response = sender.send_request(req).await.expect("h2 answer");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(color_of(&response), "blue");
+    let json: serde_json::Value = serde_json::from_slice(
+        &response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes(),
+    )
+    .expect("json");
+    assert_eq!(json["metadata"]["bytes"], 8);
+
+    // A wss:// stream opened with the first certificate.
+    let connector = tokio_tungstenite::Connector::Rustls(Arc::new(client_config(&first)));
+    let ws_url = format!("wss://localhost:{}/v1/listen", env.app().proxy_addr.port());
+    let (mut ws, response) = tokio_tungstenite::connect_async_tls_with_config(
+        ws_url.into_client_request().expect("request"),
+        None,
+        false,
+        Some(connector),
+    )
+    .await
+    .expect("wss handshake");
+    assert_eq!(response.headers()["x-switchyard-color"], "blue");
+    ws.send(Message::binary(vec![1u8; 3200]))
+        .await
+        .expect("audio");
+    let first_result = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("in time")
+        .expect("message")
+        .expect("ok");
+    assert!(
+        first_result
+            .to_text()
+            .expect("text")
+            .contains("\"Results\"")
+    );
+
+    // Reload with a new certificate: new connections get it, the old stream stays open.
+    let second = self_signed();
+    write_cert(certs.path(), &second);
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let client = https_client(&second);
+    let response = client
+        .request(
+            Request::get(&url.replace("/v1/listen", "/v1/status"))
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("the new certificate is served to new connections");
+    assert_eq!(response.status(), StatusCode::OK);
+    let old_client = https_client(&first);
+    assert!(
+        old_client
+            .request(
+                Request::get(&url)
+                    .body(Full::new(Bytes::new()))
+                    .expect("request")
+            )
+            .await
+            .is_err(),
+        "the old certificate is no longer served"
+    );
+    ws.send(Message::binary(vec![2u8; 3200]))
+        .await
+        .expect("the old stream still takes audio");
+    let next = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("in time")
+        .expect("message")
+        .expect("ok");
+    assert!(next.to_text().expect("text").contains("\"Results\""));
+    ws.close(None).await.expect("close");
+}
+
+fn auth_builder(dir: &std::path::Path) -> EnvBuilder {
+    std::fs::write(dir.join("client-keys"), "# comment\nkey-one\nkey-two\n").expect("keys");
+    EnvBuilder {
+        extra: format!(
+            "\n[client_auth]\nkeys_file = \"{}\"\n",
+            dir.join("client-keys").display()
+        ),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn client_keys_are_required_in_every_accepted_form() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let env = auth_builder(keys.path()).start().await;
+    let url = env.proxy_url("/v1/listen");
+    let with_auth = |value: Option<&str>| {
+        let mut req = Request::post(&url);
+        if let Some(v) = value {
+            req = req.header("authorization", v);
+        }
+        req.body(Full::new(Bytes::new())).expect("request")
+    };
+    for accepted in ["Token key-one", "Bearer key-two", "token key-one"] {
+        let (status, _) = send_json(&env.client, with_auth(Some(accepted))).await;
+        assert_eq!(status, StatusCode::OK, "{accepted}");
+    }
+    for refused in [
+        None,
+        Some("Token nope"),
+        Some("Token key-on"),
+        Some("Basic key-one"),
+        Some("Token "),
+    ] {
+        let response = env
+            .client
+            .request(with_auth(refused))
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{refused:?}");
+        assert!(
+            response.headers().get("x-switchyard-color").is_none(),
+            "a 401 was not routed"
+        );
+        let body: serde_json::Value = serde_json::from_slice(
+            &response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes(),
+        )
+        .expect("json");
+        assert_eq!(body["error"], "unauthorized");
+    }
+    assert_eq!(
+        env.blue[0].state.http_requests(),
+        3,
+        "only accepted requests reach the upstream"
+    );
+
+    // Browsers: the key as the second subprotocol element; forwarded unchanged.
+    let mut req = env
+        .ws_url("/v1/listen")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "token, key-two".parse().expect("value"),
+    );
+    let (mut ws, response) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("accepted handshake");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "token");
+    assert_eq!(
+        env.blue[0].state.last_headers()["sec-websocket-protocol"],
+        "token, key-two"
+    );
+    ws.close(None).await.expect("close");
+
+    let mut req = env
+        .ws_url("/v1/listen")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "token, wrong".parse().expect("value"),
+    );
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("a wrong key must refuse the handshake: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn stalled_clients_do_not_block_others_and_are_closed_after_the_header_timeout() {
+    let env = start_with_header_timeout(EnvBuilder::default(), "2s").await;
+    let mut stalled = Vec::new();
+    for _ in 0..500 {
+        let mut s = tokio::net::TcpStream::connect(env.app().proxy_addr)
+            .await
+            .expect("connect");
+        tokio::io::AsyncWriteExt::write_all(
+            &mut s,
+            b"GET /v1/status HTTP/1.1\r\nhost: x\r\nx-half: ",
+        )
+        .await
+        .expect("half a request");
+        stalled.push(s);
+    }
+    let got = get(&env.client, &env.proxy_url("/v1/status")).await;
+    assert_eq!(
+        got.status(),
+        StatusCode::OK,
+        "a normal request is answered while 500 clients stall"
+    );
+    // Each stalled connection is closed by the proxy (EOF or a 408) once the timeout passes.
+    for mut s in stalled {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(
+            PATIENCE,
+            tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+        )
+        .await;
+        assert!(
+            read.is_ok(),
+            "a stalled client is closed after the header timeout"
+        );
+    }
+}
+
+async fn start_with_header_timeout(builder: EnvBuilder, timeout: &str) -> Env {
+    let env = builder.clone().start().await;
+    // The header timeout is read per connection from the current table: a reload applies it.
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let text = text.replace(
+        "[limits]\n",
+        &format!("[limits]\nheader_read_timeout = \"{timeout}\"\n"),
+    );
+    std::fs::write(&env.config_path, text).expect("config");
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    env
+}
