@@ -179,7 +179,7 @@ async fn tls_serves_http1_h2_by_alpn_and_wss_and_reloads_its_certificate() {
     let client = https_client(&second);
     let response = client
         .request(
-            Request::get(&url.replace("/v1/listen", "/v1/status"))
+            Request::get(url.replace("/v1/listen", "/v1/status"))
                 .body(Full::new(Bytes::new()))
                 .expect("request"),
         )
