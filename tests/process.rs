@@ -1,0 +1,234 @@
+//! The real binary as a child process: SIGTERM drains open streams and exits 0, a second
+//! signal exits at once, and secrets never reach the log.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use switchyard::stub::StubOptions;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Proc {
+    child: Child,
+    proxy: u16,
+    admin: u16,
+    dir: tempfile::TempDir,
+    _stubs: Vec<switchyard::stub::StubHandle>,
+    blue: std::sync::Arc<switchyard::stub::StubState>,
+}
+
+impl Proc {
+    async fn start(drain_timeout: &str) -> Proc {
+        let blue = switchyard::stub::spawn(StubOptions {
+            name: "blue".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("stub");
+        let green = switchyard::stub::spawn(StubOptions {
+            name: "green".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("stub");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("admin.token"), TOKEN).expect("token");
+        std::fs::write(dir.path().join("keys"), "very-secret-client-key\n").expect("keys");
+        let (proxy, admin) = (free_port(), free_port());
+        let config = format!(
+            r#"[listen]
+proxy = "127.0.0.1:{proxy}"
+admin = "127.0.0.1:{admin}"
+[pools]
+blue = ["{blue}"]
+green = ["{green}"]
+[routing]
+state_file = "{state}"
+[drain]
+timeout = "{drain_timeout}"
+grace = "5s"
+[admin]
+token_file = "{token}"
+[client_auth]
+keys_file = "{keys}"
+"#,
+            blue = blue.url(),
+            green = green.url(),
+            state = dir.path().join("route.json").display(),
+            token = dir.path().join("admin.token").display(),
+            keys = dir.path().join("keys").display(),
+        );
+        std::fs::write(dir.path().join("switchyard.toml"), config).expect("config");
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "--config"])
+            .arg(dir.path().join("switchyard.toml"))
+            .env("RUST_LOG", "debug")
+            .env_remove("SWITCHYARD_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("stderr.log")).expect("log file"),
+            ))
+            .spawn()
+            .expect("switchyard starts");
+        let state = blue.state.clone();
+        let p = Proc {
+            child,
+            proxy,
+            admin,
+            dir,
+            _stubs: vec![blue, green],
+            blue: state,
+        };
+        let client = http_client();
+        let url = format!("http://127.0.0.1:{}/healthz", p.admin);
+        eventually(|| {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let req = http::Request::get(url)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .expect("request");
+                client.request(req).await.is_ok()
+            }
+        })
+        .await;
+        p
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Waits for the child to exit, bounded.
+    async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "switchyard did not exit within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_open_streams_then_exits_zero() {
+    let mut p = Proc::start("1s").await;
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let mut req = format!("ws://127.0.0.1:{}/v1/listen", p.proxy)
+            .into_client_request()
+            .expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            "Token very-secret-client-key".parse().expect("value"),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("handshake");
+        ws.send(Message::binary(vec![7u8; 3200 * 2]))
+            .await
+            .expect("audio");
+        streams.push(ws);
+    }
+    p.blue.wait_until(|s| s.audio_bytes() >= 5 * 6400).await;
+    p.signal("TERM");
+    for mut ws in streams {
+        let mut finals = 0;
+        let mut metadata = false;
+        let close = loop {
+            match tokio::time::timeout(PATIENCE, ws.next())
+                .await
+                .expect("in time")
+            {
+                Some(Ok(Message::Text(t))) => {
+                    if t.contains("\"Results\"") && t.contains("\"is_final\":true") {
+                        finals += 1;
+                    }
+                    metadata |= t.contains("\"Metadata\"");
+                }
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => {}
+                other => panic!("stream ended without a close frame: {other:?}"),
+            }
+        };
+        assert_eq!(finals, 3, "two chunks of audio plus the CloseStream final");
+        assert!(
+            metadata,
+            "the Metadata after CloseStream reached the client"
+        );
+        assert_eq!(close.map(|f| u16::from(f.code)), Some(1012));
+    }
+    assert_eq!(p.blue.close_streams(), 5);
+    assert_eq!(p.exit_code(PATIENCE).await, Some(0));
+    let log = p.log();
+    assert!(
+        !log.contains("very-secret-client-key"),
+        "a client key reached the log:\n{log}"
+    );
+    assert!(!log.contains(TOKEN), "the admin token reached the log");
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut p = Proc::start("30m").await;
+    let mut req = format!("ws://127.0.0.1:{}/v1/listen", p.proxy)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "token, very-secret-client-key".parse().expect("value"),
+    );
+    let (_ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("handshake");
+    p.blue.wait_until(|s| s.ws_open_now() == 1).await;
+    p.signal("TERM");
+    // The stream would hold shutdown for 30 minutes; a second signal must not wait for it.
+    let client = http_client();
+    let status_url = format!("http://127.0.0.1:{}/status", p.admin);
+    let _ = get(&client, &status_url).await; // the admin API stays up during the drain
+    p.signal("INT");
+    let code = p.exit_code(PATIENCE).await;
+    assert!(
+        code.is_some() && code != Some(0),
+        "a forced exit is not a clean one: {code:?}"
+    );
+    let log = p.log();
+    assert!(
+        !log.contains("very-secret-client-key"),
+        "a client key reached the log:\n{log}"
+    );
+}

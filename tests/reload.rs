@@ -1,0 +1,130 @@
+//! Reload: an upstream removed from its pool has its streams drained as in a flip, while
+//! the active colour, the other streams and open connections carry on.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
+    let builder = EnvBuilder {
+        blue: 2,
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    // Open streams until each blue upstream holds at least one (the pick is random).
+    let mut streams = Vec::new();
+    while env.blue.iter().any(|s| s.state.ws_open_now() == 0) {
+        assert!(
+            streams.len() < 64,
+            "power of two choices spreads streams over both upstreams"
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(env.ws_url("/v1/listen"))
+            .await
+            .expect("handshake");
+        streams.push(ws);
+        let opened = streams.len() as u64;
+        // Wait for the stub side of the new stream, so the loop condition sees it.
+        let (a, b) = (env.blue[0].state.clone(), env.blue[1].state.clone());
+        tokio::time::timeout(PATIENCE, async {
+            while a.ws_opened() + b.ws_opened() < opened {
+                tokio::select! {
+                    _ = a.wait_until(|s| s.ws_opened() + b.ws_opened() >= opened) => {}
+                    _ = b.wait_until(|s| s.ws_opened() + a.ws_opened() >= opened) => {}
+                }
+            }
+        })
+        .await
+        .expect("the stub saw the handshake");
+    }
+    // Remove blue-1 with a short drain.
+    let kept = env.blue[0].url();
+    let reload = EnvBuilder {
+        drain_timeout: "1s",
+        ..builder
+    };
+    env.write_config(
+        &reload,
+        &format!("\"{kept}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["active"], "blue",
+        "a reload leaves the active colour alone"
+    );
+    assert_eq!(
+        body["colors"]["blue"]["upstreams"].as_array().map(Vec::len),
+        Some(1)
+    );
+
+    let removed_streams = env.blue[1].state.ws_open_now();
+    assert!(removed_streams >= 1);
+    // Every stream gets audio; those on the removed upstream are then drained.
+    let mut drained = 0;
+    let mut alive = Vec::new();
+    for mut ws in streams {
+        ws.send(Message::binary(vec![1u8; 3200]))
+            .await
+            .expect("audio");
+        let first = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("in time")
+            .expect("msg")
+            .expect("ok");
+        let text = first.to_text().expect("text").to_owned();
+        assert!(text.contains("\"Results\""), "{text}");
+        if text.contains("blue-1") {
+            // Drained: the CloseStream final, the Metadata, then 1012.
+            let mut saw_metadata = false;
+            let close = loop {
+                match tokio::time::timeout(PATIENCE, ws.next())
+                    .await
+                    .expect("in time")
+                {
+                    Some(Ok(Message::Text(t))) => saw_metadata |= t.contains("\"Metadata\""),
+                    Some(Ok(Message::Close(f))) => break f,
+                    Some(Ok(_)) => {}
+                    other => panic!("no close frame: {other:?}"),
+                }
+            };
+            assert!(saw_metadata);
+            assert_eq!(close.map(|f| u16::from(f.code)), Some(1012));
+            drained += 1;
+        } else {
+            alive.push(ws);
+        }
+    }
+    assert_eq!(drained as u64, removed_streams);
+    assert_eq!(env.blue[1].state.close_streams(), removed_streams);
+    // The kept upstream's streams survived the reload and still work.
+    for mut ws in alive {
+        ws.send(Message::binary(vec![2u8; 3200]))
+            .await
+            .expect("audio");
+        let next = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("in time")
+            .expect("msg")
+            .expect("ok");
+        assert!(
+            next.to_text().expect("text").contains("blue-0"),
+            "kept streams keep working"
+        );
+        ws.close(None).await.expect("close");
+    }
+    let (_, history) = env.admin_get("/history").await;
+    let last = &history["history"]
+        .as_array()
+        .expect("array")
+        .last()
+        .cloned()
+        .expect("entry");
+    assert_eq!(last["action"], "reload");
+    assert_eq!(last["from"], "blue");
+    assert_eq!(last["to"], "blue");
+}
