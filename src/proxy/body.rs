@@ -109,23 +109,92 @@ impl Body for RequestBody {
     }
 }
 
-/// Records a request's metrics when its response body ends or is dropped.
-struct Finish {
-    metrics: Metrics,
-    color: Color,
-    protocol: Protocol,
-    status: u16,
-    started: Instant,
-    _guard: RequestGuard,
+/// What the access log line names; captured only when that log is enabled.
+#[derive(Debug)]
+pub struct Access {
+    pub method: http::Method,
+    /// The path without the query (queries can carry keys and personal data).
+    pub path: String,
+    pub upstream: Arc<str>,
+}
+
+impl Access {
+    /// Captures the fields if `switchyard::access` logs at info; `None` costs nothing.
+    pub fn capture(method: &http::Method, uri: &http::Uri, upstream: &Arc<str>) -> Option<Access> {
+        tracing::enabled!(target: "switchyard::access", tracing::Level::INFO).then(|| Access {
+            method: method.clone(),
+            path: uri.path().to_owned(),
+            upstream: upstream.clone(),
+        })
+    }
+
+    /// Writes one access line.
+    pub fn log(&self, color: Color, status: u16, seconds: f64, bytes: Option<u64>) {
+        tracing::info!(
+            target: "switchyard::access",
+            color = color.as_str(),
+            upstream = &*self.upstream,
+            method = %self.method,
+            path = %self.path,
+            status,
+            duration_ms = seconds * 1000.0,
+            bytes_to_client = bytes,
+            "request"
+        );
+    }
+}
+
+/// A request's bookkeeping, recorded (metrics and the access line) when its response body
+/// ends or is dropped; holding it keeps the request counted as in flight.
+pub struct Finish {
+    pub metrics: Metrics,
+    pub color: Color,
+    pub protocol: Protocol,
+    pub status: u16,
+    pub started: Instant,
+    pub access: Option<Access>,
+    pub guard: RequestGuard,
+    bytes: u64,
+}
+
+impl Finish {
+    /// Bookkeeping for a request whose answer has `status`.
+    pub fn new(
+        metrics: &Metrics,
+        color: Color,
+        protocol: Protocol,
+        status: u16,
+        started: Instant,
+        guard: RequestGuard,
+    ) -> Finish {
+        Finish {
+            metrics: metrics.clone(),
+            color,
+            protocol,
+            status,
+            started,
+            access: None,
+            guard,
+            bytes: 0,
+        }
+    }
+
+    /// Adds the access line's fields.
+    pub fn with_access(mut self, access: Option<Access>) -> Finish {
+        self.access = access;
+        self
+    }
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        self.metrics.color(self.color).request(
-            self.protocol,
-            self.status,
-            self.started.elapsed().as_secs_f64(),
-        );
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics
+            .color(self.color)
+            .request(self.protocol, self.status, seconds);
+        if let Some(access) = &self.access {
+            access.log(self.color, self.status, seconds, Some(self.bytes));
+        }
     }
 }
 
@@ -142,7 +211,7 @@ pub enum ProxyBody {
 }
 
 /// Opaque end-of-request bookkeeping carried by an upstream body.
-pub struct FinishHandle(#[allow(dead_code)] Finish);
+pub struct FinishHandle(Finish);
 
 impl ProxyBody {
     /// A complete body.
@@ -155,26 +224,11 @@ impl ProxyBody {
         ProxyBody::Full(None)
     }
 
-    /// The upstream's body; metrics are recorded and the guard released when it ends.
-    pub fn upstream(
-        inner: Incoming,
-        metrics: &Metrics,
-        color: Color,
-        protocol: Protocol,
-        status: u16,
-        started: Instant,
-        guard: RequestGuard,
-    ) -> ProxyBody {
+    /// The upstream's body; `finish` is recorded when it ends.
+    pub fn upstream(inner: Incoming, finish: Finish) -> ProxyBody {
         ProxyBody::Upstream {
-            to_client: metrics.color(color).bytes_to_client.clone(),
-            finish: Some(Box::new(FinishHandle(Finish {
-                metrics: metrics.clone(),
-                color,
-                protocol,
-                status,
-                started,
-                _guard: guard,
-            }))),
+            to_client: finish.metrics.color(finish.color).bytes_to_client.clone(),
+            finish: Some(Box::new(FinishHandle(finish))),
             inner,
         }
     }
@@ -200,6 +254,9 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             to_client.inc_by(data.len() as u64);
+                            if let Some(f) = finish.as_mut() {
+                                f.0.bytes += data.len() as u64;
+                            }
                         }
                     }
                     // The end, or a failure: the request is over either way.

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::body::{ProxyBody, RequestBody};
+use super::body::{Access, Finish, ProxyBody, RequestBody};
 use super::{ConnInfo, Proxy, error_response, headers, tag};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -158,6 +158,7 @@ impl Upstreams {
             *up_req.headers_mut() = headers;
 
             let guard = proxy.tracker.request(upstream);
+            let access = Access::capture(&parts.method, &parts.uri, &upstream.name);
             let answer =
                 tokio::time::timeout(limits.response_timeout, self.client.request(up_req)).await;
             match answer {
@@ -165,15 +166,16 @@ impl Upstreams {
                     let (mut rparts, rbody) = response.into_parts();
                     headers::strip_hop_by_hop(&mut rparts.headers);
                     let status = rparts.status.as_u16();
-                    let body = ProxyBody::upstream(
-                        rbody,
+                    let finish = Finish::new(
                         &proxy.metrics,
                         color,
                         Protocol::Http,
                         status,
                         started,
                         guard,
-                    );
+                    )
+                    .with_access(access);
+                    let body = ProxyBody::upstream(rbody, finish);
                     return tag(Response::from_parts(rparts, body), color);
                 }
                 Ok(Err(e)) if e.is_connect() => {

@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::Instrument;
 
-use super::body::ProxyBody;
+use super::body::{Access, Finish, ProxyBody};
 use super::http::{client_host, source_chain};
 use super::{ConnInfo, Proxy, error_response, headers, tag};
 use crate::drain::{DrainWatch, Endpoint};
@@ -248,15 +248,17 @@ pub async fn forward(
         let status = response.status().as_u16();
         let (mut rparts, rbody) = response.into_parts();
         headers::strip_hop_by_hop(&mut rparts.headers);
-        let body = ProxyBody::upstream(
-            rbody,
+        let access = Access::capture(&Method::GET, &parts.uri, &upstream.name);
+        let finish = Finish::new(
             &proxy.metrics,
             color,
             Protocol::WebSocket,
             status,
             started,
             guard,
-        );
+        )
+        .with_access(access);
+        let body = ProxyBody::upstream(rbody, finish);
         return tag(Response::from_parts(rparts, body), color);
     }
     drop(guard);
