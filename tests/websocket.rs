@@ -368,10 +368,22 @@ async fn speak_stream_drains_with_flush_then_close() {
 
 /// Forwards TCP connections to a stub and records each one's first request head, so a test
 /// can see the exact request line Switchyard sent (the stub records headers only).
+/// Optionally it holds `GET /v1/listen` handshakes until released, to put an upstream
+/// handshake in flight across a route change.
 struct Tap {
     addr: SocketAddr,
     heads: Arc<Mutex<Vec<String>>>,
+    gate: Arc<Gate>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Holds `/v1/listen` handshakes at the tap while `closed`.
+#[derive(Default)]
+struct Gate {
+    closed: AtomicBool,
+    /// A permit per handshake that arrived and is being held.
+    held: tokio::sync::Notify,
+    release: tokio::sync::Notify,
 }
 
 impl Drop for Tap {
@@ -386,11 +398,12 @@ async fn tap(target: SocketAddr) -> Tap {
         .expect("bind the tap");
     let addr = listener.local_addr().expect("tap address");
     let heads = Arc::new(Mutex::new(Vec::new()));
-    let recorded = heads.clone();
+    let gate = Arc::new(Gate::default());
+    let (recorded, gates) = (heads.clone(), gate.clone());
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         while let Ok((mut client, _)) = listener.accept().await {
-            let heads = recorded.clone();
+            let (heads, gate) = (recorded.clone(), gates.clone());
             conns.spawn(async move {
                 let Ok(mut upstream) = TcpStream::connect(target).await else {
                     return;
@@ -406,17 +419,26 @@ async fn tap(target: SocketAddr) -> Tap {
                         break end;
                     }
                 };
-                heads
-                    .lock()
-                    .expect("tap lock")
-                    .push(String::from_utf8_lossy(&head[..end]).into_owned());
+                let text = String::from_utf8_lossy(&head[..end]).into_owned();
+                let hold =
+                    text.starts_with("GET /v1/listen") && gate.closed.load(Ordering::Acquire);
+                heads.lock().expect("tap lock").push(text);
+                if hold {
+                    gate.held.notify_one();
+                    gate.release.notified().await;
+                }
                 if upstream.write_all(&head).await.is_ok() {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                 }
             });
         }
     });
-    Tap { addr, heads, task }
+    Tap {
+        addr,
+        heads,
+        gate,
+        task,
+    }
 }
 
 /// Switchyard with blue behind a `Tap`, built as `EnvBuilder::start` does.
@@ -501,6 +523,29 @@ async fn handshake_passes_subprotocol_auth_session_path_and_query() {
     ws.send(audio(RESULT_BYTES)).await.expect("audio sent");
     let result = next_json(&mut ws).await;
     assert_eq!(transcript(&result), "blue 1");
+}
+
+/// A stream whose upstream handshake is still in flight when the flip happens was routed to
+/// the old colour before the change, so it drains with the streams opened before it.
+#[tokio::test]
+async fn stream_whose_handshake_straddles_the_flip_is_drained() {
+    let (env, tap) = env_with_tapped_blue().await;
+    tap.gate.closed.store(true, Ordering::Release);
+    let url = env.ws_url("/v1/listen");
+    let opening = tokio::spawn(async move { Listen::open(&url).await });
+    within(
+        "the upstream handshake to reach blue",
+        tap.gate.held.notified(),
+    )
+    .await;
+    flip_with(&env, "green", "1s").await;
+    tap.gate.release.notify_one();
+    let (mut stream, response) = within("the handshake", opening)
+        .await
+        .expect("the handshake succeeds");
+    assert_eq!(color_of(&response), "blue");
+    stream.expect_drained("blue").await;
+    assert_eq!(env.blue[0].state.close_streams(), 1);
 }
 
 /// Frames of the flood in the back-pressure scenarios.

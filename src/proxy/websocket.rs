@@ -310,8 +310,13 @@ pub async fn forward(
         proxy: proxy.clone(),
         color,
         endpoint,
-        watch: DrainWatch::new(proxy.router.clone(), &proxy.tracker, upstream.clone())
-            .counting(metrics.draining_streams.clone()),
+        watch: DrainWatch::new(
+            proxy.router.clone(),
+            &proxy.tracker,
+            upstream.clone(),
+            table.generation,
+        )
+        .counting(metrics.draining_streams.clone()),
         _guard: proxy.tracker.stream(&upstream),
         upstream,
         opened: started,
