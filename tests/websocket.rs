@@ -677,6 +677,29 @@ async fn back_pressure_bounds_buffering_and_loses_nothing() {
     assert!(rest.is_empty(), "{rest:?}");
 }
 
+/// A client that stopped reading cannot hold a draining stream open: at the deadline its
+/// stream ends on the upstream too, and the old colour drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_ends_a_stream_whose_client_stopped_reading() {
+    let env = EnvBuilder::default().start().await;
+    let (mut ws, _) = open(&env.ws_url("/v1/agent/converse")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Welcome");
+    let (tx, _rx) = ws.split();
+    let flood = Flood::start(tx);
+    flood.until_stalled().await;
+
+    flip_with(&env, "green", "1s").await;
+    let blue = &env.blue[0].state;
+    within(
+        "the upstream session to end",
+        blue.wait_until(|s| s.ws_open_now() == 0),
+    )
+    .await;
+    let (status, body) = env.admin_get("/drain/wait?color=blue&timeout=20s").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["drained"], true, "{body}");
+}
+
 /// Upstream close codes and reasons reach the client; a dead upstream becomes 1011.
 #[tokio::test]
 async fn upstream_close_code_and_reason_pass_through() {
