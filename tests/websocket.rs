@@ -886,3 +886,82 @@ async fn status_shows_draining_and_drain_wait_sees_the_end() {
     assert_eq!(body["colors"]["blue"]["state"], "standby", "{body}");
     assert_eq!(body["colors"]["blue"]["open_streams"], 0, "{body}");
 }
+
+/// The usual drain: the client keeps streaming audio through the deadline. Every Results
+/// the stub sent reaches the client, they cover every byte the stub got (audio after the
+/// injected `CloseStream` is dropped by the proxy, not sent), then Metadata and 1012.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_drain_while_the_client_keeps_streaming() {
+    let env = EnvBuilder::default().start().await;
+    let (ws, _) = open(&env.ws_url("/v1/listen")).await;
+    let (mut tx, mut rx) = ws.split();
+    // Real-time-ish audio: 1000 bytes every 20 ms, until the stream is closed.
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if tx.send(audio(1000)).await.is_err() {
+                return tx;
+            }
+        }
+    });
+    let mut messages = Vec::new();
+    let close = within("the drain to end the stream", async {
+        loop {
+            match rx.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(message)) => {
+                    let first = messages.is_empty();
+                    messages.push(json_of(&message));
+                    if first {
+                        // Streaming is under way: flip.
+                        flip_with(&env, "green", "1s").await;
+                    }
+                }
+                other => panic!("expected a message or a close, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(close_code(&close), Some(1012));
+    let tx = within("the sender to stop", sender)
+        .await
+        .expect("the sender ends");
+    let mut ws = tx.reunite(rx).expect("same stream");
+    within("the end of the close handshake", async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+
+    let (metadata, results) = messages.split_last().expect("Metadata");
+    assert_eq!(metadata["type"], "Metadata", "{metadata}");
+    assert!(results.iter().all(|r| r["type"] == "Results"));
+    assert!(results.iter().all(|r| transcript(r).starts_with("blue ")));
+    assert_eq!(results.last().expect("a final")["from_finalize"], true);
+    let blue = &env.blue[0].state;
+    assert_eq!(blue.final_results_sent(), results.len() as u64);
+    assert_eq!(
+        results.len() as u64,
+        blue.audio_bytes() / RESULT_BYTES as u64 + 1
+    );
+    assert_eq!(blue.close_streams(), 1);
+}
+
+/// Flux (`/v2/listen`) closes without a status code after `CloseStream`: a normal end of
+/// its drain, which the client sees as 1012 after the last update.
+#[tokio::test]
+async fn flux_drain_ends_with_1012() {
+    let env = EnvBuilder::default().start().await;
+    let (mut ws, _) = open(&env.ws_url("/v2/listen?model=flux-general-en")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Connected");
+    ws.send(audio(RESULT_BYTES)).await.expect("sent");
+    let update = next_json(&mut ws).await;
+    assert_eq!(update["type"], "TurnInfo", "{update}");
+    assert_eq!(update["transcript"], "blue 1", "{update}");
+    flip_with(&env, "green", "0s").await;
+    let (messages, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1012));
+    let last = json_of(messages.last().expect("the final update"));
+    assert_eq!(last["type"], "TurnInfo", "{last}");
+    assert_eq!(env.blue[0].state.close_streams(), 1);
+}
