@@ -82,10 +82,7 @@ async fn next(ws: &mut Ws) -> Message {
 }
 
 async fn next_json(ws: &mut Ws) -> Value {
-    match next(ws).await {
-        Message::Text(text) => serde_json::from_str(text.as_str()).expect("JSON text"),
-        other => panic!("expected a JSON text message, got {other:?}"),
-    }
+    json_of(&next(ws).await)
 }
 
 /// Reads every message up to the close frame, then lets the client answer the close.
@@ -180,8 +177,7 @@ impl Listen {
     }
 
     /// Waits for the drain: the finals and `Metadata` from the upstream, then close 1012.
-    /// Returns the Metadata.
-    async fn expect_drained(&mut self, stub: &str) -> Value {
+    async fn expect_drained(&mut self, stub: &str) {
         let (messages, close) = read_to_close(&mut self.ws).await;
         assert_eq!(close_code(&close), Some(1012), "drain closes with 1012");
         let (metadata, finals) = messages.split_last().expect("Metadata before the close");
@@ -203,7 +199,6 @@ impl Listen {
             "results for {} bytes",
             self.sent
         );
-        metadata
     }
 
     /// Ends the stream from the client with 1000 and waits for the close reply.
