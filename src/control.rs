@@ -312,11 +312,11 @@ impl Writer {
         let timeout = req
             .drain_timeout
             .unwrap_or(current.settings.config.drain.timeout);
+        let new_state = state.next(action, to, Some(from), now, req.reason);
         let mut drains = current.drains;
-        drains[from.index()] = Some(DrainOrder::starting_now(timeout));
+        drains[from.index()] = Some(DrainOrder::starting_now(new_state.generation, timeout));
         // Traffic returning to a colour cancels the drain of its streams.
         drains[to.index()] = None;
-        let new_state = state.next(action, to, Some(from), now, req.reason);
         let table = RouteTable {
             active: to,
             rollback_to: Some(from),
@@ -372,7 +372,7 @@ impl Writer {
         for color in Color::ALL {
             for u in old.pool(color).iter() {
                 if !new.pool(color).iter().any(|n| Arc::ptr_eq(n, u)) {
-                    u.retire(DrainOrder::starting_now(timeout));
+                    u.retire(DrainOrder::starting_now(new.generation, timeout));
                     self.metrics.forget_upstream(u);
                     tracing::info!(upstream = %u.name, color = %color, "upstream removed; its streams drain");
                 }

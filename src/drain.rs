@@ -4,8 +4,8 @@
 //! the counts honest on every exit path) and carries the shutdown order. `DrainWatch` tells
 //! one stream its deadline: the earliest of its colour's drain order (a flip away from it),
 //! its upstream's retirement (a reload removed it) and shutdown, counting only orders
-//! given after the stream opened. The protocol-aware close itself is in
-//! `proxy::websocket`; this module takes no hyper types.
+//! given by changes after the table that routed the stream. The protocol-aware close
+//! itself is in `proxy::websocket`; this module takes no hyper types.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,11 +17,16 @@ use tokio::sync::{Notify, watch};
 use crate::route_table::Router;
 use crate::upstream::{Color, Upstream};
 
-/// An order to drain: streams opened before `since` end at `deadline`.
+/// An order to drain: streams routed by a table older than `generation` end at `deadline`.
+///
+/// Coverage goes by the route-table generation that routed the stream, not by when the
+/// stream opened: a stream whose upstream handshake was still in flight at the change, or
+/// whose request loaded the table while the change was being persisted, was routed before
+/// the change and must drain with the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainOrder {
-    /// When the order was given (monotonic).
-    pub since: Instant,
+    /// The generation of the change that gave the order.
+    pub generation: u64,
     /// When the streams it covers must start their protocol-aware close.
     pub deadline: Instant,
     /// `deadline` on the wall clock, for `/status`.
@@ -29,19 +34,19 @@ pub struct DrainOrder {
 }
 
 impl DrainOrder {
-    /// An order given now that ends streams after `timeout`.
-    pub fn starting_now(timeout: Duration) -> DrainOrder {
-        let since = Instant::now();
+    /// An order given now by the change that makes `generation`; it ends the streams
+    /// routed before that change after `timeout`.
+    pub fn starting_now(generation: u64, timeout: Duration) -> DrainOrder {
         DrainOrder {
-            since,
-            deadline: since + timeout,
+            generation,
+            deadline: Instant::now() + timeout,
             deadline_at: SystemTime::now() + timeout,
         }
     }
 
-    /// Whether a stream opened at `opened_at` is covered.
-    pub fn covers(&self, opened_at: Instant) -> bool {
-        opened_at <= self.since
+    /// Whether a stream routed by a table of `generation` is covered.
+    pub fn covers(&self, generation: u64) -> bool {
+        generation < self.generation
     }
 }
 
@@ -172,7 +177,8 @@ impl Tracker {
             if order.is_some() {
                 return false;
             }
-            *order = Some(DrainOrder::starting_now(timeout));
+            // Every stream, whatever table routed it, ends at shutdown.
+            *order = Some(DrainOrder::starting_now(u64::MAX, timeout));
             true
         });
     }
@@ -219,7 +225,8 @@ impl Drop for StreamGuard {
 
 /// Tells one stream when it must end, following route changes and shutdown.
 pub struct DrainWatch {
-    opened_at: Instant,
+    /// The generation of the route table that routed the stream.
+    generation: u64,
     upstream: Arc<Upstream>,
     router: Arc<Router>,
     changes: watch::Receiver<u64>,
@@ -257,10 +264,15 @@ impl DrainWatch {
         }
     }
 
-    /// Watches for a stream on `upstream` that opened now.
-    pub fn new(router: Arc<Router>, tracker: &Tracker, upstream: Arc<Upstream>) -> DrainWatch {
+    /// Watches for a stream on `upstream` routed by the table of `generation`.
+    pub fn new(
+        router: Arc<Router>,
+        tracker: &Tracker,
+        upstream: Arc<Upstream>,
+        generation: u64,
+    ) -> DrainWatch {
         DrainWatch {
-            opened_at: Instant::now(),
+            generation,
             changes: router.subscribe(),
             shutdown: tracker.shutdown.subscribe(),
             upstream,
@@ -281,7 +293,7 @@ impl DrainWatch {
         orders
             .into_iter()
             .flatten()
-            .filter(|o| o.covers(self.opened_at))
+            .filter(|o| o.covers(self.generation))
             .min_by_key(|o| o.deadline)
     }
 

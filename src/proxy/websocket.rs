@@ -44,7 +44,9 @@ use crate::metrics::{CloseReason, Protocol, UpstreamErrorKind};
 use crate::route_table::RouteTable;
 use crate::upstream::{Color, Upstream, pick};
 
-/// How long a close handshake may take once Switchyard starts one.
+/// How long a close handshake with one peer may take once Switchyard starts or answers
+/// one, sending its close frame included: a peer that stopped reading must not hold a
+/// stream, its drain or shutdown open.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 const CLOSE_STREAM: &str = r#"{"type":"CloseStream"}"#;
@@ -312,8 +314,13 @@ pub async fn forward(
         proxy: proxy.clone(),
         color,
         endpoint,
-        watch: DrainWatch::new(proxy.router.clone(), &proxy.tracker, upstream.clone())
-            .counting(metrics.draining_streams.clone()),
+        watch: DrainWatch::new(
+            proxy.router.clone(),
+            &proxy.tracker,
+            upstream.clone(),
+            table.generation,
+        )
+        .counting(metrics.draining_streams.clone()),
         _guard: proxy.tracker.stream(&upstream),
         upstream,
         opened: started,
@@ -379,13 +386,13 @@ struct Stream {
 
 /// How a relay ended, before the closing handshakes.
 enum Ending {
-    /// The upstream sent a close frame; it was forwarded to the client.
+    /// The upstream sent a close frame, to forward to the client.
     UpstreamClosed(Option<CloseFrame>),
     /// The upstream finished after the drain message: the graceful end of a drain.
     UpstreamFinished,
     /// The upstream connection broke without a close frame.
     UpstreamLost(String),
-    /// The client sent a close frame; it was forwarded upstream.
+    /// The client sent a close frame, to forward upstream.
     ClientClosed(Option<CloseFrame>),
     /// The client connection broke.
     ClientLost(String),
@@ -434,7 +441,6 @@ impl Stream {
                             if injected.load(Ordering::Acquire) {
                                 return Ending::UpstreamFinished;
                             }
-                            let _ = cl_tx.send(Message::Close(frame.clone())).await;
                             return Ending::UpstreamClosed(frame);
                         }
                         Message::Binary(ref b) if b.is_empty() => continue,
@@ -463,18 +469,20 @@ impl Stream {
                     loop {
                         tokio::select! {
                             msg = cl_rx.next() => match msg {
-                                Some(Ok(Message::Close(frame))) => {
-                                    let _ = up_tx.send(Message::Close(frame.clone())).await;
-                                    return Ending::ClientClosed(frame);
-                                }
+                                Some(Ok(Message::Close(frame))) => return Ending::ClientClosed(frame),
                                 // Deepgram reads an empty binary frame as the end of the stream.
                                 Some(Ok(Message::Binary(b))) if b.is_empty() => {
                                     dropped.fetch_add(1, Ordering::Relaxed);
                                 }
                                 Some(Ok(msg)) => {
                                     let len = payload_len(&msg);
-                                    if let Err(e) = up_tx.send(msg).await {
-                                        return Ending::UpstreamLost(e.to_string());
+                                    // An upstream that does not take the message (it waits on
+                                    // a client that stopped reading) must not hide the deadline.
+                                    tokio::select! {
+                                        sent = up_tx.send(msg) => if let Err(e) = sent {
+                                            return Ending::UpstreamLost(e.to_string());
+                                        },
+                                        _ = &mut deadline => break,
                                     }
                                     bytes_in.fetch_add(len, Ordering::Relaxed);
                                     metrics.bytes_to_upstream.inc_by(len);
@@ -497,12 +505,11 @@ impl Stream {
                 tracing::info!(message = closing, "drain deadline: ending the stream");
                 loop {
                     if !closing.is_empty() {
-                        if up_tx
-                            .send(Message::Text(Utf8Bytes::from_static(closing)))
-                            .await
-                            .is_err()
-                        {
-                            return Ending::UpstreamFinished;
+                        let message = Message::Text(Utf8Bytes::from_static(closing));
+                        match tokio::time::timeout_at(grace_end, up_tx.send(message)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return Ending::UpstreamFinished,
+                            Err(_) => return Ending::GraceExpired,
                         }
                         closing = "";
                     }
@@ -540,47 +547,55 @@ impl Stream {
                 reason: Utf8Bytes::from_static(why),
             }))
         };
+        let code = |frame: &Option<CloseFrame>| frame.as_ref().map(|f| u16::from(f.code));
         let (reason, client_code) = match ending {
             Ending::UpstreamClosed(frame) => {
-                finish_close(&mut cl_tx, &mut cl_rx).await;
-                let _ = up_tx.close().await;
-                (CloseReason::Upstream, frame.map(|f| u16::from(f.code)))
+                let client_code = code(&frame);
+                tokio::join!(
+                    finish_close(&mut cl_tx, &mut cl_rx, Some(Message::Close(frame))),
+                    finish_close(&mut up_tx, &mut up_rx, None)
+                );
+                (CloseReason::Upstream, client_code)
             }
             Ending::ClientClosed(frame) => {
-                let _ = cl_tx.close().await;
-                finish_close(&mut up_tx, &mut up_rx).await;
-                (CloseReason::Client, frame.map(|f| u16::from(f.code)))
+                let client_code = code(&frame);
+                tokio::join!(
+                    finish_close(&mut cl_tx, &mut cl_rx, None),
+                    finish_close(&mut up_tx, &mut up_rx, Some(Message::Close(frame)))
+                );
+                (CloseReason::Client, client_code)
             }
             Ending::UpstreamFinished => {
-                let _ = up_tx.close().await;
-                let _ = cl_tx.send(restart()).await;
-                finish_close(&mut cl_tx, &mut cl_rx).await;
+                tokio::join!(
+                    finish_close(&mut cl_tx, &mut cl_rx, Some(restart())),
+                    finish_close(&mut up_tx, &mut up_rx, None)
+                );
                 (CloseReason::DrainGraceful, Some(1012))
             }
             Ending::DrainNow | Ending::GraceExpired => {
-                let _ = up_tx.send(going_away("switchyard: draining")).await;
-                let _ = cl_tx.send(restart()).await;
                 tokio::join!(
-                    finish_close(&mut cl_tx, &mut cl_rx),
-                    finish_close(&mut up_tx, &mut up_rx)
+                    finish_close(&mut cl_tx, &mut cl_rx, Some(restart())),
+                    finish_close(
+                        &mut up_tx,
+                        &mut up_rx,
+                        Some(going_away("switchyard: draining"))
+                    )
                 );
                 (CloseReason::DrainForced, Some(1012))
             }
             Ending::UpstreamLost(why) => {
                 tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
-                let _ = cl_tx
-                    .send(Message::Close(Some(CloseFrame {
-                        code: CloseCode::Error,
-                        reason: Utf8Bytes::from_static("switchyard: upstream connection lost"),
-                    })))
-                    .await;
-                finish_close(&mut cl_tx, &mut cl_rx).await;
+                let lost = Message::Close(Some(CloseFrame {
+                    code: CloseCode::Error,
+                    reason: Utf8Bytes::from_static("switchyard: upstream connection lost"),
+                }));
+                finish_close(&mut cl_tx, &mut cl_rx, Some(lost)).await;
                 (CloseReason::Error, Some(1011))
             }
             Ending::ClientLost(why) => {
                 tracing::debug!(error = %why, "client connection lost");
-                let _ = up_tx.send(going_away("client went away")).await;
-                finish_close(&mut up_tx, &mut up_rx).await;
+                let away = going_away("client went away");
+                finish_close(&mut up_tx, &mut up_rx, Some(away)).await;
                 (CloseReason::Error, None)
             }
         };
@@ -620,15 +635,19 @@ impl Stream {
     }
 }
 
-/// Completes a close handshake we started or answered: flush our close frame, then read
-/// until the peer's close arrives or `CLOSE_WAIT` passes.
-async fn finish_close<S, R>(tx: &mut S, rx: &mut R)
+/// Completes a close handshake with one peer: sends `close` if we start one (or flushes
+/// the reply tungstenite queued to the peer's close), then reads until the peer's close
+/// arrives; all within `CLOSE_WAIT`.
+async fn finish_close<S, R>(tx: &mut S, rx: &mut R, close: Option<Message>)
 where
     S: futures_util::Sink<Message> + Unpin,
     R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        let _ = tx.flush().await;
+        let _ = match close {
+            Some(close) => tx.send(close).await,
+            None => tx.flush().await,
+        };
         while let Some(Ok(msg)) = rx.next().await {
             if msg.is_close() {
                 break;

@@ -1,0 +1,962 @@
+//! Scenarios for WebSocket proxying and the protocol-aware drain: a real tokio-tungstenite
+//! client, Switchyard in-process, and the Deepgram-compatible stubs as blue and green, all on
+//! 127.0.0.1 port 0. Waits are on messages and on the stubs' recorded events, each bounded by
+//! `PATIENCE`; drain deadlines are short, and every assertion is ordered so that it holds
+//! however late the deadline fires within its bound.
+
+mod support;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, StatusCode};
+use serde_json::{Value, json};
+use support::{Env, EnvBuilder, PATIENCE};
+use switchyard::stub::{StubHandle, StubOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Barrier;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::handshake::client::Response as Handshake;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The stub answers one final `Results` per this many audio bytes.
+const RESULT_BYTES: usize = 3200;
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(PATIENCE, fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {PATIENCE:?} waiting for {what}"),
+    }
+}
+
+/// Opens a WebSocket through the proxy listener.
+async fn open(url: &str) -> (Ws, Handshake) {
+    open_with(url, &[]).await
+}
+
+/// Opens a WebSocket with extra request headers.
+async fn open_with(url: &str, headers: &[(&'static str, &str)]) -> (Ws, Handshake) {
+    let mut request = url.into_client_request().expect("a valid ws:// URL");
+    for (name, value) in headers {
+        request
+            .headers_mut()
+            .insert(*name, HeaderValue::from_str(value).expect("a header value"));
+    }
+    let (ws, response) = within("a WebSocket handshake", connect_async(request))
+        .await
+        .unwrap_or_else(|e| panic!("handshake with {url} failed: {e}"));
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    (ws, response)
+}
+
+fn color_of(response: &Handshake) -> &str {
+    response
+        .headers()
+        .get("x-switchyard-color")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// The next data or close message; pings and pongs are the transport's business.
+async fn next(ws: &mut Ws) -> Message {
+    loop {
+        match within("a WebSocket message", ws.next()).await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(message)) => return message,
+            Some(Err(e)) => panic!("the stream failed before a close frame: {e}"),
+            None => panic!("the stream ended without a close frame"),
+        }
+    }
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    json_of(&next(ws).await)
+}
+
+/// Reads every message up to the close frame, then lets the client answer the close.
+async fn read_to_close(ws: &mut Ws) -> (Vec<Message>, Option<CloseFrame>) {
+    let mut messages = Vec::new();
+    loop {
+        match next(ws).await {
+            Message::Close(frame) => {
+                // Drives the client's close reply out and sees the TCP end.
+                within("the end of the close handshake", async {
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+                return (messages, frame);
+            }
+            message => messages.push(message),
+        }
+    }
+}
+
+fn close_code(frame: &Option<CloseFrame>) -> Option<u16> {
+    frame.as_ref().map(|f| u16::from(f.code))
+}
+
+fn json_of(message: &Message) -> Value {
+    match message {
+        Message::Text(text) => serde_json::from_str(text.as_str()).expect("JSON text"),
+        other => panic!("expected a JSON text message, got {other:?}"),
+    }
+}
+
+fn transcript(result: &Value) -> &str {
+    result["channel"]["alternatives"][0]["transcript"]
+        .as_str()
+        .expect("a transcript")
+}
+
+fn audio(bytes: usize) -> Message {
+    Message::Binary(Bytes::from(vec![0x11; bytes]))
+}
+
+async fn flip_with(env: &Env, to: &str, drain_timeout: &str) {
+    let (status, body) = env
+        .admin_post(
+            "/flip",
+            Some(json!({ "to": to, "drain_timeout": drain_timeout })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "flip to {to}: {body}");
+    assert_eq!(body["changed"], true, "flip to {to}: {body}");
+}
+
+/// A `/v1/listen` stream and what the client sent and got on it.
+struct Listen {
+    ws: Ws,
+    /// Audio bytes sent (every one reached the stub: each batch is confirmed by a Results).
+    sent: usize,
+    /// Every `Results` received, in order.
+    results: Vec<Value>,
+}
+
+impl Listen {
+    async fn open(url: &str) -> (Listen, Handshake) {
+        let (ws, response) = open(url).await;
+        let listen = Listen {
+            ws,
+            sent: 0,
+            results: Vec::new(),
+        };
+        (listen, response)
+    }
+
+    /// Sends audio frames of these sizes, then waits for the `Results` they complete. The
+    /// last frame must complete a result, so its arrival proves the stub read every frame.
+    async fn send_confirmed(&mut self, sizes: &[usize]) -> Vec<Value> {
+        assert!(sizes.last().is_some_and(|&n| n >= RESULT_BYTES));
+        let before = self.sent / RESULT_BYTES;
+        for &n in sizes {
+            within("an audio send", self.ws.send(audio(n)))
+                .await
+                .expect("audio sent");
+            self.sent += n;
+        }
+        let mut fresh = Vec::new();
+        for _ in before..self.sent / RESULT_BYTES {
+            let message = next_json(&mut self.ws).await;
+            assert_eq!(message["type"], "Results", "{message}");
+            fresh.push(message.clone());
+            self.results.push(message);
+        }
+        fresh
+    }
+
+    /// Waits for the drain: the finals and `Metadata` from the upstream, then close 1012.
+    async fn expect_drained(&mut self, stub: &str) {
+        let (messages, close) = read_to_close(&mut self.ws).await;
+        assert_eq!(close_code(&close), Some(1012), "drain closes with 1012");
+        let (metadata, finals) = messages.split_last().expect("Metadata before the close");
+        let metadata = json_of(metadata);
+        assert_eq!(metadata["type"], "Metadata", "{metadata}");
+        assert_eq!(metadata["stub"], stub, "{metadata}");
+        let finals: Vec<Value> = finals.iter().map(json_of).collect();
+        let last = finals.last().expect("a final Results after CloseStream");
+        assert_eq!(last["from_finalize"], true, "{last}");
+        for f in &finals {
+            assert_eq!(f["type"], "Results", "{f}");
+            assert!(transcript(f).starts_with(&format!("{stub} ")), "{f}");
+        }
+        self.results.extend(finals);
+        // Nothing lost: one Results per full 3200 bytes, plus the finalize one.
+        assert_eq!(
+            self.results.len(),
+            self.sent / RESULT_BYTES + 1,
+            "results for {} bytes",
+            self.sent
+        );
+    }
+
+    /// Ends the stream from the client with 1000 and waits for the close reply.
+    async fn close_normally(mut self) {
+        within(
+            "the client's close",
+            self.ws.send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "done".into(),
+            }))),
+        )
+        .await
+        .expect("close sent");
+        let (rest, close) = read_to_close(&mut self.ws).await;
+        assert!(rest.is_empty(), "nothing after our close: {rest:?}");
+        assert_eq!(close_code(&close), Some(1000));
+    }
+}
+
+/// 50 STT streams on blue; a flip to green with a 4 s drain. The old streams keep working
+/// on blue until the deadline, new ones land on green, and at the deadline each old stream
+/// is finalized (nothing lost) and told to reconnect with 1012.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_streams_drain_to_green_with_finals_and_1012() {
+    const STREAMS: usize = 50;
+    let env = EnvBuilder::default().start().await;
+    let url = env.ws_url("/v1/listen?encoding=linear16&sample_rate=16000");
+    let ready = Arc::new(Barrier::new(STREAMS + 1));
+    let flipped = Arc::new(Barrier::new(STREAMS + 1));
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let (url, ready, flipped) = (url.clone(), ready.clone(), flipped.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut stream, response) = Listen::open(&url).await;
+            assert_eq!(color_of(&response), "blue");
+            stream.send_confirmed(&[100 * i + 50, RESULT_BYTES]).await;
+            ready.wait().await;
+            flipped.wait().await;
+            // After the flip, before the deadline: still blue, still transcribing.
+            let fresh = stream.send_confirmed(&[1000, RESULT_BYTES]).await;
+            assert!(!fresh.is_empty());
+            for r in &fresh {
+                assert!(transcript(r).starts_with("blue "), "{r}");
+            }
+            stream.expect_drained("blue").await;
+        }));
+    }
+    within("50 streams open on blue", ready.wait()).await;
+    flip_with(&env, "green", "4s").await;
+    within("the streams to see the flip", flipped.wait()).await;
+
+    // New streams land on green while blue drains.
+    let mut green = Vec::new();
+    for _ in 0..3 {
+        let (mut stream, response) = Listen::open(&url).await;
+        assert_eq!(color_of(&response), "green");
+        let fresh = stream.send_confirmed(&[RESULT_BYTES]).await;
+        assert_eq!(transcript(&fresh[0]), "green 1");
+        green.push(stream);
+    }
+
+    for task in tasks {
+        within("a blue stream to drain", task)
+            .await
+            .expect("the stream's scenario holds");
+    }
+    let blue = &env.blue[0].state;
+    assert_eq!(blue.close_streams(), STREAMS as u64);
+    within(
+        "blue to hold no session",
+        blue.wait_until(|s| s.ws_open_now() == 0),
+    )
+    .await;
+
+    // The green streams were not part of the drain.
+    for mut stream in green {
+        let fresh = stream.send_confirmed(&[RESULT_BYTES]).await;
+        assert_eq!(transcript(&fresh[0]), "green 2");
+        stream.close_normally().await;
+    }
+    assert_eq!(env.green[0].state.close_streams(), 0);
+}
+
+/// A rollback during the drain cancels it: blue's stream outlives the original deadline
+/// and keeps transcribing until the client ends it normally.
+#[tokio::test]
+async fn rollback_cancels_the_drain() {
+    let env = EnvBuilder::default().start().await;
+    let url = env.ws_url("/v1/listen");
+    let (mut on_blue, response) = Listen::open(&url).await;
+    assert_eq!(color_of(&response), "blue");
+    on_blue.send_confirmed(&[RESULT_BYTES]).await;
+
+    flip_with(&env, "green", "1s").await;
+    let (mut on_green, response) = Listen::open(&url).await;
+    assert_eq!(color_of(&response), "green");
+    on_green.send_confirmed(&[RESULT_BYTES]).await;
+    let (status, body) = env
+        .admin_post("/rollback", Some(json!({ "drain_timeout": "1s" })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["active"], "blue", "{body}");
+
+    // The green stream's drain was ordered after blue's, with the same timeout, so its
+    // close is the signal that blue's original deadline has passed.
+    on_green.expect_drained("green").await;
+
+    let fresh = on_blue.send_confirmed(&[RESULT_BYTES]).await;
+    assert_eq!(transcript(&fresh[0]), "blue 2");
+    assert_eq!(env.blue[0].state.close_streams(), 0);
+    on_blue.close_normally().await;
+}
+
+/// TTS at the deadline: `Flush`, the audio and `Flushed` relayed, then `Close`, then 1012.
+#[tokio::test]
+async fn speak_stream_drains_with_flush_then_close() {
+    let env = EnvBuilder::default().start().await;
+    let (mut ws, response) = open(&env.ws_url("/v1/speak?model=aura-2-thalia-en")).await;
+    assert_eq!(color_of(&response), "blue");
+    assert_eq!(next_json(&mut ws).await["type"], "Metadata");
+    // 25 characters → 3 frames, 10 → 1 frame, of 1920 bytes each.
+    for text in ["Hello from the blue side.", "Goodbye!!!"] {
+        ws.send(Message::text(
+            json!({"type": "Speak", "text": text}).to_string(),
+        ))
+        .await
+        .expect("Speak sent");
+    }
+    let blue = env.blue[0].state.clone();
+    within("both Speak messages", blue.wait_until(|s| s.speaks() == 2)).await;
+    flip_with(&env, "green", "1s").await;
+
+    let (messages, close) = read_to_close(&mut ws).await;
+    let audio: usize = messages
+        .iter()
+        .map(|m| match m {
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(audio, 4 * 1920, "every audio frame reached the client");
+    let texts: Vec<Value> = messages
+        .iter()
+        .filter(|m| m.is_text())
+        .map(json_of)
+        .collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!(texts[0]["type"], "Flushed");
+    assert!(
+        matches!(messages.last(), Some(Message::Text(_))),
+        "Flushed comes after the audio"
+    );
+    assert_eq!(close_code(&close), Some(1012));
+    within(
+        "the stub to see Flush then Close",
+        blue.wait_until(|s| s.speak_closes() == 1),
+    )
+    .await;
+    assert_eq!(blue.flushes(), 1);
+    assert_eq!(blue.speak_closes(), 1);
+}
+
+/// Forwards TCP connections to a stub and records each one's first request head, so a test
+/// can see the exact request line Switchyard sent (the stub records headers only).
+/// Optionally it holds `GET /v1/listen` handshakes until released, to put an upstream
+/// handshake in flight across a route change.
+struct Tap {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    gate: Arc<Gate>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Holds `/v1/listen` handshakes at the tap while `closed`.
+#[derive(Default)]
+struct Gate {
+    closed: AtomicBool,
+    /// A permit per handshake that arrived and is being held.
+    held: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn tap(target: SocketAddr) -> Tap {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the tap");
+    let addr = listener.local_addr().expect("tap address");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(Gate::default());
+    let (recorded, gates) = (heads.clone(), gate.clone());
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (heads, gate) = (recorded.clone(), gates.clone());
+            conns.spawn(async move {
+                let Ok(mut upstream) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    match client.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                    if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break end;
+                    }
+                };
+                let text = String::from_utf8_lossy(&head[..end]).into_owned();
+                let hold =
+                    text.starts_with("GET /v1/listen") && gate.closed.load(Ordering::Acquire);
+                heads.lock().expect("tap lock").push(text);
+                if hold {
+                    gate.held.notify_one();
+                    gate.release.notified().await;
+                }
+                if upstream.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    Tap {
+        addr,
+        heads,
+        gate,
+        task,
+    }
+}
+
+/// Switchyard with blue behind a `Tap`, built as `EnvBuilder::start` does.
+async fn env_with_tapped_blue() -> (Env, Tap) {
+    let builder = EnvBuilder::default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("admin.token"), support::TOKEN).expect("token file");
+    let spawn = |name: &str| {
+        switchyard::stub::spawn(StubOptions {
+            name: name.to_owned(),
+            ..Default::default()
+        })
+    };
+    let blue: StubHandle = spawn("blue").await.expect("blue stub");
+    let green: StubHandle = spawn("green").await.expect("green stub");
+    let tap = tap(blue.addr).await;
+    let text = builder.config_text(
+        dir.path(),
+        &format!("\"http://{}\"", tap.addr),
+        &format!("\"{}\"", green.url()),
+    );
+    let config_path = dir.path().join("switchyard.toml");
+    std::fs::write(&config_path, text).expect("config file");
+    let config = switchyard::config::Config::load(&config_path).expect("valid config");
+    let app = switchyard::app::start(config)
+        .await
+        .expect("switchyard starts");
+    let env = Env {
+        dir,
+        blue: vec![blue],
+        green: vec![green],
+        app: Some(app),
+        config_path,
+        client: support::http_client(),
+    };
+    (env, tap)
+}
+
+/// The browser-style handshake: `token, KEY` reaches the upstream unchanged, and although the
+/// stub picks no subprotocol the client gets `token` chosen (tungstenite's client, like a
+/// browser, fails a handshake that picks none of those offered). Path, query, `Authorization`
+/// and the session id arrive intact.
+#[tokio::test]
+async fn handshake_passes_subprotocol_auth_session_path_and_query() {
+    let (env, tap) = env_with_tapped_blue().await;
+    let path = "/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000&keywords=caf%C3%A9:2&tag=a%2Cb&tag=c";
+    let (mut ws, response) = open_with(
+        &env.ws_url(path),
+        &[
+            ("sec-websocket-protocol", "token, KEY123"),
+            ("authorization", "Token KEY123"),
+            (
+                "x-deepgram-session-id",
+                "5f0c1d2e-aaaa-bbbb-cccc-0123456789ab",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(color_of(&response), "blue");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "token");
+
+    let seen = env.blue[0].state.last_headers();
+    assert_eq!(seen["sec-websocket-protocol"], "token, KEY123");
+    assert_eq!(seen["authorization"], "Token KEY123");
+    assert_eq!(
+        seen["x-deepgram-session-id"],
+        "5f0c1d2e-aaaa-bbbb-cccc-0123456789ab"
+    );
+    assert!(
+        seen.get("sec-websocket-extensions").is_none(),
+        "no extension is offered upstream"
+    );
+    let heads = tap.heads.lock().expect("tap lock").clone();
+    let request_line = heads
+        .iter()
+        .filter_map(|h| h.lines().next())
+        .find(|l| l.contains("/v1/listen"))
+        .unwrap_or_else(|| panic!("no /v1/listen request in {heads:?}"));
+    assert_eq!(request_line, format!("GET {path} HTTP/1.1"));
+
+    // And the stream works end to end.
+    ws.send(audio(RESULT_BYTES)).await.expect("audio sent");
+    let result = next_json(&mut ws).await;
+    assert_eq!(transcript(&result), "blue 1");
+}
+
+/// A stream whose upstream handshake is still in flight when the flip happens was routed to
+/// the old colour before the change, so it drains with the streams opened before it.
+#[tokio::test]
+async fn stream_whose_handshake_straddles_the_flip_is_drained() {
+    let (env, tap) = env_with_tapped_blue().await;
+    tap.gate.closed.store(true, Ordering::Release);
+    let url = env.ws_url("/v1/listen");
+    let opening = tokio::spawn(async move { Listen::open(&url).await });
+    within(
+        "the upstream handshake to reach blue",
+        tap.gate.held.notified(),
+    )
+    .await;
+    flip_with(&env, "green", "1s").await;
+    tap.gate.release.notify_one();
+    let (mut stream, response) = within("the handshake", opening)
+        .await
+        .expect("the handshake succeeds");
+    assert_eq!(color_of(&response), "blue");
+    stream.expect_drained("blue").await;
+    assert_eq!(env.blue[0].state.close_streams(), 1);
+}
+
+/// Frames of the flood in the back-pressure scenarios.
+const FLOOD_FRAME: usize = 256 * 1024;
+
+/// How much a client may get sent while it reads nothing: a bound on what the proxy holds,
+/// with room for the loopback socket buffers on both of its connections.
+const FLOOD_BOUND: u64 = 64 << 20;
+
+/// Frame `i` of a flood: its number, then its low byte repeated.
+fn flood_frame(i: u64) -> Message {
+    let mut data = vec![i as u8; FLOOD_FRAME];
+    data[..8].copy_from_slice(&i.to_le_bytes());
+    Message::Binary(Bytes::from(data))
+}
+
+/// A client sending flood frames to `/v1/agent/converse` (which echoes them) as fast as its
+/// sends complete, and reading nothing, until stopped or the connection fails.
+struct Flood {
+    /// Frames whose send completed.
+    sent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    sender: tokio::task::JoinHandle<(SplitSink<Ws, Message>, Result<(), WsError>)>,
+}
+
+impl Flood {
+    fn start(mut tx: SplitSink<Ws, Message>) -> Flood {
+        let sent = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (sent, stop) = (sent.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Acquire) {
+                    if let Err(e) = tx.send(flood_frame(i)).await {
+                        return (tx, Err(e));
+                    }
+                    i += 1;
+                    sent.store(i, Ordering::Release);
+                }
+                (tx, Ok(()))
+            })
+        };
+        Flood { sent, stop, sender }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    /// Waits until the sends stop completing, asserting all along that fewer than
+    /// `FLOOD_BOUND` bytes got sent; returns the frames sent.
+    ///
+    /// A stall is the absence of an event, so it can only be observed by looking: the
+    /// sender has stalled when ten consecutive 100 ms ticks see no send complete. A slow
+    /// machine can only make this fire early, which makes the bound easier, never flaky.
+    async fn until_stalled(&self) -> u64 {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let (mut last, mut still) = (u64::MAX, 0);
+        within("the sender to stall", async {
+            while still < 10 {
+                tick.tick().await;
+                let now = self.sent();
+                assert!(
+                    now * (FLOOD_FRAME as u64) < FLOOD_BOUND,
+                    "{now} frames of {FLOOD_FRAME} bytes sent without the client reading"
+                );
+                if now == last {
+                    still += 1;
+                } else {
+                    (last, still) = (now, 0);
+                }
+            }
+        })
+        .await;
+        let stalled = self.sent();
+        assert!(stalled > 0, "the flood started");
+        stalled
+    }
+}
+
+/// A client that stops reading while the upstream echoes a flood: its sends stop completing
+/// after a bounded amount (the proxy does not buffer without limit), and once it reads again
+/// every frame comes back, in order and intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_pressure_bounds_buffering_and_loses_nothing() {
+    let env = EnvBuilder::default().start().await;
+    let (mut ws, _) = open(&env.ws_url("/v1/agent/converse")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Welcome");
+    let (tx, mut rx) = ws.split();
+    let flood = Flood::start(tx);
+    let at_stall = flood.until_stalled().await;
+    flood.stop.store(true, Ordering::Release);
+
+    // Read everything back; the sender finishes its blocked send as we read.
+    let mut sender = Some(flood.sender);
+    let mut tx = None;
+    let mut got = 0u64;
+    within("every echoed frame", async {
+        loop {
+            if tx.is_some() && got == flood.sent.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::select! {
+                joined = async { sender.as_mut().expect("running").await }, if sender.is_some() => {
+                    let (sink, result) = joined.expect("the sender task ends");
+                    result.expect("every send completes");
+                    tx = Some(sink);
+                    sender = None;
+                }
+                message = rx.next() => match message {
+                    Some(Ok(Message::Binary(data))) => {
+                        assert_eq!(data.len(), FLOOD_FRAME);
+                        let i = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+                        assert_eq!(i, got, "frames arrive in order");
+                        assert!(data[8..].iter().all(|&b| b == i as u8), "frame {i} intact");
+                        got += 1;
+                    }
+                    other => panic!("expected an echoed binary frame, got {other:?}"),
+                },
+            }
+        }
+    })
+    .await;
+    assert!(got >= at_stall);
+    let mut ws = tx.expect("sender joined").reunite(rx).expect("same stream");
+    ws.send(Message::Close(None)).await.expect("close sent");
+    let (rest, _) = read_to_close(&mut ws).await;
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+/// A client that stopped reading cannot hold a draining stream open: at the deadline its
+/// stream ends on the upstream too, and the old colour drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_ends_a_stream_whose_client_stopped_reading() {
+    let env = EnvBuilder::default().start().await;
+    let (mut ws, _) = open(&env.ws_url("/v1/agent/converse")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Welcome");
+    let (tx, _rx) = ws.split();
+    let flood = Flood::start(tx);
+    flood.until_stalled().await;
+
+    flip_with(&env, "green", "1s").await;
+    let blue = &env.blue[0].state;
+    within(
+        "the upstream session to end",
+        blue.wait_until(|s| s.ws_open_now() == 0),
+    )
+    .await;
+    let (status, body) = env.admin_get("/drain/wait?color=blue&timeout=20s").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["drained"], true, "{body}");
+}
+
+/// Upstream close codes and reasons reach the client; a dead upstream becomes 1011.
+#[tokio::test]
+async fn upstream_close_code_and_reason_pass_through() {
+    let env = EnvBuilder::default().start().await;
+    let url = env.ws_url("/v1/listen");
+
+    let (mut ws, _) = open(&url).await;
+    ws.send(Message::text(
+        json!({"type": "StubClose", "code": 1011, "reason": "NET-0001"}).to_string(),
+    ))
+    .await
+    .expect("sent");
+    let (rest, close) = read_to_close(&mut ws).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let close = close.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1011);
+    assert_eq!(close.reason.as_str(), "NET-0001");
+
+    let (mut ws, _) = open(&url).await;
+    ws.send(audio(RESULT_BYTES)).await.expect("sent");
+    assert_eq!(next_json(&mut ws).await["type"], "Results");
+    ws.send(Message::text(json!({"type": "StubDie"}).to_string()))
+        .await
+        .expect("sent");
+    let (rest, close) = read_to_close(&mut ws).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(close_code(&close), Some(1011));
+}
+
+/// An upgrade the upstream refuses comes back as it was: status and Deepgram's headers,
+/// tagged with the colour.
+#[tokio::test]
+async fn refused_upgrade_passes_through_with_its_headers() {
+    let env = EnvBuilder::default().start().await;
+    let url = env.ws_url("/v1/listen?model=nova-3&stub_status=429");
+    let error = within("the refusal", connect_async(url))
+        .await
+        .expect_err("the upgrade is refused");
+    let WsError::Http(response) = error else {
+        panic!("expected an HTTP refusal, got {error}");
+    };
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["dg-error"], "stub refused");
+    assert_eq!(response.headers()["x-switchyard-color"], "blue");
+    assert!(response.headers().contains_key("dg-request-id"));
+    assert_eq!(env.blue[0].state.ws_refused(), 1);
+}
+
+/// The Voice Agent cannot survive a reconnect, so it is closed only at the deadline: it
+/// echoes after the flip, then gets 1012 no earlier than the drain timeout.
+#[tokio::test]
+async fn agent_stream_closes_at_the_deadline_not_before() {
+    let env = EnvBuilder::default().start().await;
+    let (mut ws, response) = open(&env.ws_url("/v1/agent/converse")).await;
+    assert_eq!(color_of(&response), "blue");
+    assert_eq!(next_json(&mut ws).await["type"], "Welcome");
+
+    let before_flip = Instant::now();
+    flip_with(&env, "green", "2s").await;
+    let hello = json!({"type": "InjectUserMessage", "content": "still there?"}).to_string();
+    ws.send(Message::text(hello.clone())).await.expect("sent");
+    assert_eq!(next(&mut ws).await, Message::text(hello));
+    ws.send(Message::Binary(Bytes::from_static(b"pcm")))
+        .await
+        .expect("sent");
+    assert_eq!(
+        next(&mut ws).await,
+        Message::Binary(Bytes::from_static(b"pcm"))
+    );
+
+    let (rest, close) = read_to_close(&mut ws).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(close_code(&close), Some(1012));
+    assert!(
+        before_flip.elapsed() >= Duration::from_secs(2),
+        "closed {:?} after the flip, before its 2 s deadline",
+        before_flip.elapsed()
+    );
+    let blue = &env.blue[0].state;
+    within(
+        "the upstream session to end",
+        blue.wait_until(|s| s.ws_open_now() == 0),
+    )
+    .await;
+}
+
+/// A zero drain timeout ends old streams at once, still gracefully.
+#[tokio::test]
+async fn zero_drain_timeout_drains_at_once() {
+    let env = EnvBuilder::default().start().await;
+    let (mut stream, _) = Listen::open(&env.ws_url("/v1/listen")).await;
+    stream.send_confirmed(&[1600, RESULT_BYTES]).await;
+    flip_with(&env, "green", "0s").await;
+    stream.expect_drained("blue").await;
+    assert_eq!(stream.results.len(), 2);
+    assert_eq!(env.blue[0].state.close_streams(), 1);
+}
+
+/// Graceful shutdown drains open streams like a flip does, and then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_streams_then_completes() {
+    let mut env = EnvBuilder {
+        drain_timeout: "1s",
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let url = env.ws_url("/v1/listen");
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let (mut stream, _) = Listen::open(&url).await;
+        stream.send_confirmed(&[500, RESULT_BYTES]).await;
+        streams.push(stream);
+    }
+    let blue = env.blue[0].state.clone();
+    let drained = futures_util::future::join_all(
+        streams
+            .iter_mut()
+            .map(|stream| async move { stream.expect_drained("blue").await }),
+    );
+    within("shutdown and the drained streams", async {
+        tokio::join!(env.shutdown(), drained)
+    })
+    .await;
+    assert_eq!(blue.close_streams(), 3);
+}
+
+/// An empty binary frame means end-of-stream to Deepgram; Switchyard never forwards one.
+#[tokio::test]
+async fn empty_binary_frames_are_not_forwarded() {
+    let env = EnvBuilder::default().start().await;
+    let (mut stream, _) = Listen::open(&env.ws_url("/v1/listen")).await;
+    stream
+        .ws
+        .send(Message::Binary(Bytes::new()))
+        .await
+        .expect("sent");
+    let fresh = stream.send_confirmed(&[RESULT_BYTES]).await;
+    assert_eq!(transcript(&fresh[0]), "blue 1");
+    let blue = &env.blue[0].state;
+    assert_eq!(blue.audio_bytes(), RESULT_BYTES as u64);
+    assert_eq!(blue.ws_open_now(), 1, "the stub did not end the stream");
+    stream.close_normally().await;
+}
+
+/// `/status` shows the draining colour with its streams and deadline, and `/drain/wait`
+/// answers once they are gone.
+#[tokio::test]
+async fn status_shows_draining_and_drain_wait_sees_the_end() {
+    const STREAMS: usize = 3;
+    let env = EnvBuilder::default().start().await;
+    let url = env.ws_url("/v1/listen");
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let (mut stream, _) = Listen::open(&url).await;
+        stream.send_confirmed(&[RESULT_BYTES]).await;
+        streams.push(stream);
+    }
+    // The default drain timeout (30 minutes) keeps them draining for the whole test.
+    env.flip("green").await;
+    let (status, body) = env.admin_get("/status").await;
+    assert_eq!(status, StatusCode::OK);
+    let blue = &body["colors"]["blue"];
+    assert_eq!(blue["state"], "draining", "{body}");
+    assert_eq!(blue["open_streams"], STREAMS, "{body}");
+    assert!(blue["drain_deadline"].is_string(), "{body}");
+    assert_eq!(body["colors"]["green"]["state"], "active", "{body}");
+
+    let (status, body) = env.admin_get("/drain/wait?color=blue&timeout=0s").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["drained"], false, "{body}");
+    assert_eq!(body["open_streams"], STREAMS, "{body}");
+
+    let wait = env.admin_get("/drain/wait?color=blue&timeout=20s");
+    let close_all = async {
+        for stream in streams {
+            stream.close_normally().await;
+        }
+    };
+    let ((status, body), ()) = within("drain/wait", async { tokio::join!(wait, close_all) }).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["drained"], true, "{body}");
+    let (_, body) = env.admin_get("/status").await;
+    assert_eq!(body["colors"]["blue"]["state"], "standby", "{body}");
+    assert_eq!(body["colors"]["blue"]["open_streams"], 0, "{body}");
+}
+
+/// The usual drain: the client keeps streaming audio through the deadline. Every Results
+/// the stub sent reaches the client, they cover every byte the stub got (audio after the
+/// injected `CloseStream` is dropped by the proxy, not sent), then Metadata and 1012.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_drain_while_the_client_keeps_streaming() {
+    let env = EnvBuilder::default().start().await;
+    let (ws, _) = open(&env.ws_url("/v1/listen")).await;
+    let (mut tx, mut rx) = ws.split();
+    // Real-time-ish audio: 1000 bytes every 20 ms, until the stream is closed.
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if tx.send(audio(1000)).await.is_err() {
+                return tx;
+            }
+        }
+    });
+    let mut messages = Vec::new();
+    let close = within("the drain to end the stream", async {
+        loop {
+            match rx.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(message)) => {
+                    let first = messages.is_empty();
+                    messages.push(json_of(&message));
+                    if first {
+                        // Streaming is under way: flip.
+                        flip_with(&env, "green", "1s").await;
+                    }
+                }
+                other => panic!("expected a message or a close, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(close_code(&close), Some(1012));
+    let tx = within("the sender to stop", sender)
+        .await
+        .expect("the sender ends");
+    let mut ws = tx.reunite(rx).expect("same stream");
+    within("the end of the close handshake", async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+
+    let (metadata, results) = messages.split_last().expect("Metadata");
+    assert_eq!(metadata["type"], "Metadata", "{metadata}");
+    assert!(results.iter().all(|r| r["type"] == "Results"));
+    assert!(results.iter().all(|r| transcript(r).starts_with("blue ")));
+    assert_eq!(results.last().expect("a final")["from_finalize"], true);
+    let blue = &env.blue[0].state;
+    assert_eq!(blue.final_results_sent(), results.len() as u64);
+    assert_eq!(
+        results.len() as u64,
+        blue.audio_bytes() / RESULT_BYTES as u64 + 1
+    );
+    assert_eq!(blue.close_streams(), 1);
+}
+
+/// Flux (`/v2/listen`) closes without a status code after `CloseStream`: a normal end of
+/// its drain, which the client sees as 1012 after the last update.
+#[tokio::test]
+async fn flux_drain_ends_with_1012() {
+    let env = EnvBuilder::default().start().await;
+    let (mut ws, _) = open(&env.ws_url("/v2/listen?model=flux-general-en")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Connected");
+    ws.send(audio(RESULT_BYTES)).await.expect("sent");
+    let update = next_json(&mut ws).await;
+    assert_eq!(update["type"], "TurnInfo", "{update}");
+    assert_eq!(update["transcript"], "blue 1", "{update}");
+    flip_with(&env, "green", "0s").await;
+    let (messages, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1012));
+    let last = json_of(messages.last().expect("the final update"));
+    assert_eq!(last["type"], "TurnInfo", "{last}");
+    assert_eq!(env.blue[0].state.close_streams(), 1);
+}
