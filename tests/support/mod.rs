@@ -65,7 +65,11 @@ pub struct Env {
 async fn stubs(color: &str, n: usize) -> Vec<StubHandle> {
     let mut v = Vec::new();
     for i in 0..n {
-        let name = if n == 1 { color.to_owned() } else { format!("{color}-{i}") };
+        let name = if n == 1 {
+            color.to_owned()
+        } else {
+            format!("{color}-{i}")
+        };
         v.push(
             switchyard::stub::spawn(StubOptions {
                 name,
@@ -135,7 +139,9 @@ connect_timeout = "1s"
         let config_path = dir.path().join("switchyard.toml");
         std::fs::write(&config_path, text).expect("config file");
         let config = Config::load(&config_path).expect("valid config");
-        let app = switchyard::app::start(config).await.expect("switchyard starts");
+        let app = switchyard::app::start(config)
+            .await
+            .expect("switchyard starts");
         Env {
             dir,
             blue,
@@ -158,7 +164,11 @@ impl Env {
     }
 
     pub fn preview_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.app().preview_addr.expect("preview"), path)
+        format!(
+            "http://{}{}",
+            self.app().preview_addr.expect("preview"),
+            path
+        )
     }
 
     pub fn ws_url(&self, path: &str) -> String {
@@ -182,7 +192,9 @@ impl Env {
         let req = Request::post(self.admin_url(path))
             .header("authorization", format!("Bearer {TOKEN}"))
             .header("content-type", "application/json")
-            .body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
+            .body(Full::new(
+                body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
+            ))
             .expect("request");
         send_json(&self.client, req).await
     }
@@ -198,8 +210,11 @@ impl Env {
 
     /// Rewrites the config file (for reload tests).
     pub fn write_config(&self, builder: &EnvBuilder, blue: &str, green: &str) {
-        std::fs::write(&self.config_path, builder.config_text(self.dir.path(), blue, green))
-            .expect("config file");
+        std::fs::write(
+            &self.config_path,
+            builder.config_text(self.dir.path(), blue, green),
+        )
+        .expect("config file");
     }
 
     /// Stops Switchyard gracefully and waits.
@@ -231,7 +246,9 @@ pub async fn send_json(client: &HttpClient, req: Request<Full<Bytes>>) -> (Statu
 
 /// A GET through any URL → the response with its body collected.
 pub async fn get(client: &HttpClient, url: &str) -> http::Response<Bytes> {
-    let req = Request::get(url).body(Full::new(Bytes::new())).expect("request");
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
     let response = tokio::time::timeout(PATIENCE, client.request(req))
         .await
         .expect("answer in time")
@@ -270,7 +287,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met in {PATIENCE:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in {PATIENCE:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
