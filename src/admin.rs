@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -168,19 +168,48 @@ struct WaitQuery {
     timeout: Option<String>,
 }
 
-/// Builds the admin router; tests call this directly.
+/// Every (method, path) the admin API serves; the router is built from this list, and
+/// `deploy/openapi.yaml` is tested against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/status"),
+    ("POST", "/flip"),
+    ("POST", "/rollback"),
+    ("POST", "/commit"),
+    ("GET", "/history"),
+    ("GET", "/drain/wait"),
+    ("POST", "/reload"),
+    ("GET", "/metrics"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+];
+
+/// The handler of one `ROUTES` entry; `None` for a pair that has none.
+fn endpoint(method: &str, path: &str) -> Option<MethodRouter<Admin>> {
+    Some(match (method, path) {
+        ("GET", "/status") => get(status),
+        ("POST", "/flip") => post(flip),
+        ("POST", "/rollback") => post(rollback),
+        ("POST", "/commit") => post(commit),
+        ("GET", "/history") => get(history),
+        ("GET", "/drain/wait") => get(drain_wait),
+        ("POST", "/reload") => post(reload),
+        ("GET", "/metrics") => get(metrics),
+        ("GET", "/healthz") => get(healthz),
+        ("GET", "/readyz") => get(readyz),
+        _ => return None,
+    })
+}
+
+/// Builds the admin router from `ROUTES`; tests call this directly.
 pub fn router(admin: Admin) -> Router {
-    Router::new()
-        .route("/status", get(status))
-        .route("/flip", post(flip))
-        .route("/rollback", post(rollback))
-        .route("/commit", post(commit))
-        .route("/history", get(history))
-        .route("/drain/wait", get(drain_wait))
-        .route("/reload", post(reload))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |router, &(method, path)| {
+            router.route(
+                path,
+                endpoint(method, path).expect("every ROUTES entry has a handler (tested)"),
+            )
+        })
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
         })
@@ -518,4 +547,20 @@ impl AsyncWrite for CountedStream {
 /// The time of the last change, for callers that want it without a table.
 pub fn changed_at(table: &RouteTable) -> SystemTime {
     table.changed_at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_has_one_handler() {
+        for (i, &(method, path)) in ROUTES.iter().enumerate() {
+            assert!(endpoint(method, path).is_some(), "{method} {path}");
+            assert!(
+                !ROUTES[..i].contains(&(method, path)),
+                "{method} {path} is listed twice"
+            );
+        }
+    }
 }
