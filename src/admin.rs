@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -236,11 +237,28 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn parse_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// The body, or a JSON error: axum's own rejection (e.g. 413 over `MAX_BODY`) is plain text.
+/// Taken after `authorize`, so a caller without the token learns only that.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, rejection.body_text())
+    })
+}
+
+fn parse_body<T: Default + serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = read_body(body)?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
+    serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
@@ -315,10 +333,10 @@ fn change_answer(admin: &Admin, outcome: crate::control::Outcome) -> Json<Value>
 async fn flip(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: ChangeBody = parse_body(&body)?;
+    let b: ChangeBody = parse_body(body)?;
     let outcome = admin
         .control
         .apply(Change::Flip(FlipRequest {
@@ -335,10 +353,10 @@ async fn flip(
 async fn rollback(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: ChangeBody = parse_body(&body)?;
+    let b: ChangeBody = parse_body(body)?;
     if b.to.is_some() {
         return Err(ApiError::bad_request(
             "rollback takes no `to`: it returns to rollback_to",
@@ -360,10 +378,10 @@ async fn rollback(
 async fn commit(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: CommitBody = parse_body(&body)?;
+    let b: CommitBody = parse_body(body)?;
     let outcome = admin
         .control
         .apply(Change::Commit {
@@ -377,10 +395,10 @@ async fn commit(
 async fn reload(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    if !body.iter().all(u8::is_ascii_whitespace) {
+    if !read_body(body)?.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("reload takes no body"));
     }
     let outcome = admin.control.apply(Change::Reload).await?;
