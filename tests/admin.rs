@@ -657,3 +657,18 @@ async fn a_reload_adds_an_upstream_that_gets_traffic() {
     );
     wait_health(&env, "blue", &added.url(), true, "Healthy").await;
 }
+
+#[tokio::test]
+async fn an_oversized_body_is_a_json_413() {
+    let env = EnvBuilder::default().start().await;
+    let big = format!("{{\"reason\": \"{}\"}}", "x".repeat(100_000));
+    let bearer = format!("Bearer {TOKEN}");
+    for path in ["/flip", "/rollback", "/commit", "/reload"] {
+        let answer = post_raw(&env, path, Some(&bearer), &big).await;
+        assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+        // Without the token, the token is what is wrong.
+        let answer = post_raw(&env, path, None, &big).await;
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    assert_eq!(generation(&env).await, 1);
+}

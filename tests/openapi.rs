@@ -277,6 +277,10 @@ async fn answers_match_the_documented_schemas() {
 
     let (status, body) = call(&env, "POST", "/flip", false, None).await;
     assert_matches(&spec, "POST", "/flip", status, &body);
+    let big = format!("{{\"reason\": \"{}\"}}", "x".repeat(100_000));
+    let (status, body) = call(&env, "POST", "/commit", true, Some(&big)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_matches(&spec, "POST", "/commit", status, &body);
     let (status, body) = env.admin_post("/rollback", None).await;
     assert_matches(&spec, "POST", "/rollback", status, &body);
     let (status, body) = env
