@@ -672,3 +672,51 @@ async fn an_oversized_body_is_a_json_413() {
     }
     assert_eq!(generation(&env).await, 1);
 }
+
+#[tokio::test]
+async fn a_change_that_cannot_be_saved_is_not_applied() {
+    let env = EnvBuilder::default().start().await;
+    let state_file = env.dir.path().join("route.json");
+    let saved = std::fs::read_to_string(&state_file).expect("state saved at startup");
+    // A directory where the file should be: the rename onto it fails.
+    std::fs::remove_file(&state_file).expect("remove state");
+    std::fs::create_dir(&state_file).expect("dir in the way");
+    std::fs::write(state_file.join("keep"), "").expect("non-empty dir");
+
+    let answer = env.admin_post("/flip", Some(json!({"to": "green"}))).await;
+    assert_error(
+        &answer,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+    );
+    assert!(
+        answer.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&state_file.display().to_string())),
+        "names the file: {}",
+        answer.1
+    );
+    let (_, status) = env.admin_get("/status").await;
+    assert_eq!(status["active"], "blue", "not acknowledged, not applied");
+    assert_eq!(status["generation"], 1);
+    assert_eq!(history(&env).await.len(), 1);
+    let response = transcribe(&env, &env.proxy_url("/v1/listen")).await;
+    assert_eq!(color_of(&response), "blue");
+    let leftovers: Vec<String> = std::fs::read_dir(env.dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+
+    // Once the file can be written, the same flip goes through and is saved.
+    std::fs::remove_dir_all(&state_file).expect("clear the way");
+    let (code, s) = env.admin_post("/flip", Some(json!({"to": "green"}))).await;
+    assert_eq!(code, StatusCode::OK, "{s}");
+    assert_eq!(s["generation"], 2);
+    let now = std::fs::read_to_string(&state_file).expect("state saved");
+    assert_ne!(now, saved);
+    let persisted: Value = serde_json::from_str(&now).expect("state is JSON");
+    assert_eq!(persisted["active"], "green");
+    assert_eq!(persisted["generation"], 2);
+}
