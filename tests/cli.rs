@@ -504,8 +504,9 @@ async fn ctl_walks_the_operators_story() {
     assert_eq!(out.stdout.lines().count(), 5, "{out:?}");
     assert!(out.stdout.contains("(deploy)"), "{out:?}");
 
+    // A humantime value with a space, as an operator would type it.
     let out = site
-        .ctl(&["--json", "wait-drained", "blue", "--timeout", "5s"])
+        .ctl(&["--json", "wait-drained", "blue", "--timeout", "1m 30s"])
         .await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json()["drained"], true);
