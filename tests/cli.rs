@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
-use support::{PATIENCE, TOKEN, color_of, http_client, send_json};
+use support::{PATIENCE, TOKEN, color_of, eventually, http_client, send_json};
 use switchyard::stub::{StubHandle, StubOptions};
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
@@ -416,6 +416,49 @@ async fn sighup_reloads_and_a_bad_file_is_refused_naming_the_field() {
     assert_eq!(status["colors"]["blue"]["upstreams"][1]["url"], added.url());
     let (_, history) = site.admin_get("/history").await;
     assert_eq!(history["history"][1]["action"], "reload", "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_the_admin_api_up_while_streams_drain() {
+    let site = Site::new().await;
+    let mut proxy = site.run().await;
+    let (mut ws, _) = tokio::time::timeout(
+        PATIENCE,
+        connect_async(format!("ws://{}/v1/listen", site.proxy)),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+
+    proxy.signal("-TERM");
+    proxy.log_line("shutting down").await;
+    // The proxy listener no longer accepts; the admin API still answers.
+    eventually(|| async { tokio::net::TcpStream::connect(&site.proxy).await.is_err() }).await;
+    let (code, status) = site.admin_get("/status").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(status["colors"]["blue"]["open_streams"], 1, "{status}");
+    let (code, _) = site.admin_get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+
+    // The stream still works, and when it ends the process exits 0.
+    ws.send(Message::Binary(vec![0u8; 3200].into()))
+        .await
+        .expect("audio");
+    let reply = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("a result in time");
+    assert!(matches!(reply, Some(Ok(Message::Text(_)))), "{reply:?}");
+    ws.send(Message::Text(r#"{"type":"CloseStream"}"#.into()))
+        .await
+        .expect("CloseStream");
+    while let Some(Ok(_)) = ws.next().await {}
+    let mut child = proxy.child.take().expect("running");
+    let exit = tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .unwrap_or_else(|_| panic!("no exit after the last stream:\n{}", proxy.log()))
+        .expect("join")
+        .expect("reaped");
+    assert_eq!(exit.code(), Some(0), "{}", proxy.log());
 }
 
 // ---- ctl ------------------------------------------------------------------------------
