@@ -720,3 +720,31 @@ async fn a_change_that_cannot_be_saved_is_not_applied() {
     assert_eq!(persisted["active"], "green");
     assert_eq!(persisted["generation"], 2);
 }
+
+#[tokio::test]
+async fn probe_verdicts_show_in_status() {
+    let mut env = EnvBuilder::default().start().await;
+    let url = env.green[0].url();
+    wait_health(&env, "green", &url, true, "Healthy").await;
+    // A fresh Deepgram node says Ready until it has served traffic: that passes.
+    env.green[0].state.set_health("Ready");
+    wait_health(&env, "green", &url, true, "Ready").await;
+    env.green[0].state.set_health("Initializing");
+    wait_health(&env, "green", &url, false, "Initializing").await;
+    env.green[0].state.set_health("Healthy");
+    wait_health(&env, "green", &url, true, "Healthy").await;
+    // A state this build does not know fails.
+    env.green[0].state.set_health("Sleepy");
+    eventually(|| async {
+        let (_, status) = env.admin_get("/status").await;
+        upstream_entry(&status, "green", &url)["healthy"] == false
+    })
+    .await;
+    env.green[0].state.set_health("Healthy");
+    wait_health(&env, "green", &url, true, "Healthy").await;
+    // A stopped upstream refuses connections.
+    drop(env.green.pop());
+    wait_health(&env, "green", &url, false, "unreachable").await;
+    let answer = env.admin_post("/flip", None).await;
+    assert_error(&answer, StatusCode::CONFLICT, "target_unhealthy");
+}
