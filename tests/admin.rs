@@ -532,12 +532,23 @@ async fn drain_wait_reports_an_open_stream_until_it_closes() {
         .await
         .expect("handshake in time")
         .expect("handshake");
-    env.flip("green").await;
+    let (code, flipped) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "1h"})))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
 
     let (_, status) = env.admin_get("/status").await;
     let blue = &status["colors"]["blue"];
     assert_eq!(blue["state"], "draining", "{status}");
-    assert!(is_rfc3339(&blue["drain_deadline"]), "{status}");
+    // The deadline is the flip's time plus the request's drain_timeout.
+    let at = |v: &Value| humantime::parse_rfc3339(v.as_str().expect("a time")).expect("RFC 3339");
+    let drain = at(&blue["drain_deadline"])
+        .duration_since(at(&flipped["changed_at"]))
+        .expect("deadline after the flip");
+    assert!(
+        drain.abs_diff(Duration::from_secs(3600)) <= Duration::from_secs(2),
+        "drain_deadline - changed_at = {drain:?}"
+    );
     assert_eq!(blue["open_streams"], 1);
     assert_eq!(blue["upstreams"][0]["open_streams"], 1);
     assert_eq!(status["colors"]["green"]["state"], "active");
@@ -656,6 +667,31 @@ async fn a_reload_adds_an_upstream_that_gets_traffic() {
         "the added upstream got no traffic"
     );
     wait_health(&env, "blue", &added.url(), true, "Healthy").await;
+
+    // Removing the original: it gets no new traffic.
+    env.write_config(
+        &EnvBuilder::default(),
+        &format!("\"{}\"", added.url()),
+        &green,
+    );
+    let (code, s) = env.admin_post("/reload", None).await;
+    assert_eq!(code, StatusCode::OK, "{s}");
+    assert_eq!(s["generation"], 3);
+    let upstreams = s["colors"]["blue"]["upstreams"]
+        .as_array()
+        .expect("upstreams");
+    assert_eq!(upstreams.len(), 1, "{s}");
+    assert_eq!(upstreams[0]["url"], added.url());
+    let before = env.blue[0].state.http_requests();
+    for _ in 0..20 {
+        let response = transcribe(&env, &env.proxy_url("/v1/listen")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(stub_of(&response), "blue-added");
+    }
+    assert_eq!(env.blue[0].state.http_requests(), before);
+    let h = history(&env).await;
+    assert_eq!(h.len(), 3);
+    assert_eq!(h[2]["action"], "reload");
 }
 
 #[tokio::test]
