@@ -107,10 +107,19 @@ token_file = "{token}"
 
     /// Starts `switchyard run` and waits for its "listening" log line.
     async fn run(&self) -> Running {
-        let mut child = Command::new(BIN)
+        self.run_with_token_env(None).await
+    }
+
+    /// `run` with `SWITCHYARD_ADMIN_TOKEN` set to `token` (unset for `None`).
+    async fn run_with_token_env(&self, token: Option<&str>) -> Running {
+        let mut command = Command::new(BIN);
+        match token {
+            Some(t) => command.env("SWITCHYARD_ADMIN_TOKEN", t),
+            None => command.env_remove("SWITCHYARD_ADMIN_TOKEN"),
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(self.config())
-            .env_remove("SWITCHYARD_ADMIN_TOKEN")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -278,10 +287,18 @@ impl std::fmt::Debug for Output {
 
 /// Runs the binary to completion (bounded by PATIENCE).
 async fn switchyard_in(dir: Option<&Path>, args: &[&str]) -> Output {
+    switchyard_with(dir, None, args).await
+}
+
+/// Runs the binary in `dir` with `SWITCHYARD_ADMIN_TOKEN` set to `token` (unset for `None`).
+async fn switchyard_with(dir: Option<&Path>, token: Option<&str>, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(BIN);
+    match token {
+        Some(t) => command.env("SWITCHYARD_ADMIN_TOKEN", t),
+        None => command.env_remove("SWITCHYARD_ADMIN_TOKEN"),
+    };
     command
         .args(args)
-        .env_remove("SWITCHYARD_ADMIN_TOKEN")
         .env_remove("SWITCHYARD_ADMIN")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -382,6 +399,31 @@ async fn no_admin_token_stops_startup_and_names_the_file() {
         assert!(out.stderr.contains(&path), "names {path}: {out:?}");
         assert!(out.stderr.contains("token"), "{out:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_from_the_environment_overrides_the_file() {
+    let site = Site::new().await;
+    let proxy = site.run_with_token_env(Some("from-the-environment")).await;
+    let admin = site.admin_url();
+    // The file's token no longer works; the environment's does, for ctl too.
+    let out = site.ctl_auth(&["flip"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = switchyard_with(
+        None,
+        Some("from-the-environment"),
+        &["ctl", "--admin", &admin, "--json", "flip"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["active"], "green");
+
+    // With the environment's token, no file is needed at all.
+    proxy.kill().await;
+    std::fs::remove_file(site.token_file()).expect("remove token file");
+    let _proxy = site.run_with_token_env(Some("from-the-environment")).await;
+    let out = site.ctl(&["status"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
