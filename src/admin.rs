@@ -11,10 +11,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -168,19 +169,48 @@ struct WaitQuery {
     timeout: Option<String>,
 }
 
-/// Builds the admin router; tests call this directly.
+/// Every (method, path) the admin API serves; the router is built from this list, and
+/// `deploy/openapi.yaml` is tested against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/status"),
+    ("POST", "/flip"),
+    ("POST", "/rollback"),
+    ("POST", "/commit"),
+    ("GET", "/history"),
+    ("GET", "/drain/wait"),
+    ("POST", "/reload"),
+    ("GET", "/metrics"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+];
+
+/// The handler of one `ROUTES` entry; `None` for a pair that has none.
+fn endpoint(method: &str, path: &str) -> Option<MethodRouter<Admin>> {
+    Some(match (method, path) {
+        ("GET", "/status") => get(status),
+        ("POST", "/flip") => post(flip),
+        ("POST", "/rollback") => post(rollback),
+        ("POST", "/commit") => post(commit),
+        ("GET", "/history") => get(history),
+        ("GET", "/drain/wait") => get(drain_wait),
+        ("POST", "/reload") => post(reload),
+        ("GET", "/metrics") => get(metrics),
+        ("GET", "/healthz") => get(healthz),
+        ("GET", "/readyz") => get(readyz),
+        _ => return None,
+    })
+}
+
+/// Builds the admin router from `ROUTES`; tests call this directly.
 pub fn router(admin: Admin) -> Router {
-    Router::new()
-        .route("/status", get(status))
-        .route("/flip", post(flip))
-        .route("/rollback", post(rollback))
-        .route("/commit", post(commit))
-        .route("/history", get(history))
-        .route("/drain/wait", get(drain_wait))
-        .route("/reload", post(reload))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |router, &(method, path)| {
+            router.route(
+                path,
+                endpoint(method, path).expect("every ROUTES entry has a handler (tested)"),
+            )
+        })
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
         })
@@ -207,11 +237,28 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn parse_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// The body, or a JSON error: axum's own rejection (e.g. 413 over `MAX_BODY`) is plain text.
+/// Taken after `authorize`, so a caller without the token learns only that.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, rejection.body_text())
+    })
+}
+
+fn parse_body<T: Default + serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = read_body(body)?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
+    serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
@@ -286,10 +333,10 @@ fn change_answer(admin: &Admin, outcome: crate::control::Outcome) -> Json<Value>
 async fn flip(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: ChangeBody = parse_body(&body)?;
+    let b: ChangeBody = parse_body(body)?;
     let outcome = admin
         .control
         .apply(Change::Flip(FlipRequest {
@@ -306,10 +353,10 @@ async fn flip(
 async fn rollback(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: ChangeBody = parse_body(&body)?;
+    let b: ChangeBody = parse_body(body)?;
     if b.to.is_some() {
         return Err(ApiError::bad_request(
             "rollback takes no `to`: it returns to rollback_to",
@@ -331,10 +378,10 @@ async fn rollback(
 async fn commit(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: CommitBody = parse_body(&body)?;
+    let b: CommitBody = parse_body(body)?;
     let outcome = admin
         .control
         .apply(Change::Commit {
@@ -348,10 +395,10 @@ async fn commit(
 async fn reload(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    if !body.iter().all(u8::is_ascii_whitespace) {
+    if !read_body(body)?.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("reload takes no body"));
     }
     let outcome = admin.control.apply(Change::Reload).await?;
@@ -518,4 +565,20 @@ impl AsyncWrite for CountedStream {
 /// The time of the last change, for callers that want it without a table.
 pub fn changed_at(table: &RouteTable) -> SystemTime {
     table.changed_at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_has_one_handler() {
+        for (i, &(method, path)) in ROUTES.iter().enumerate() {
+            assert!(endpoint(method, path).is_some(), "{method} {path}");
+            assert!(
+                !ROUTES[..i].contains(&(method, path)),
+                "{method} {path} is listed twice"
+            );
+        }
+    }
 }

@@ -99,7 +99,11 @@ pub async fn run(options: &Options, command: Command) -> i32 {
             let wait = humantime::parse_duration(timeout).unwrap_or(Duration::from_secs(60));
             (
                 Method::GET,
-                format!("/drain/wait?color={color}&timeout={timeout}"),
+                format!(
+                    "/drain/wait?color={}&timeout={}",
+                    query_value(color),
+                    query_value(timeout)
+                ),
                 None,
                 Some(wait),
             )
@@ -172,6 +176,19 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         Command::WaitDrained { .. } if value.get("drained") != Some(&Value::Bool(true)) => 3,
         _ => 0,
     }
+}
+
+/// Percent-encodes a query value: humantime durations contain spaces (`1h 30m`).
+fn query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn compact(v: Value) -> Value {
@@ -277,5 +294,17 @@ pub fn human(command: &Command, v: &Value) -> String {
             }
             out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(query_value("1h 30m"), "1h%2030m");
+        assert_eq!(query_value("blue&timeout=1s"), "blue%26timeout%3D1s");
+        assert_eq!(query_value("60s"), "60s");
     }
 }

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::Config;
 use switchyard::control::Change;
 use switchyard::ctl;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
@@ -202,6 +202,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             name,
             health,
         } => {
+            let mut stop = Stop::new()?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("--listen: cannot listen on {listen}"))?;
@@ -211,7 +212,8 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 health,
                 ..Default::default()
             });
-            stub.serve(listener, terminated()).await?;
+            stub.serve(listener, async move { stop.recv().await })
+                .await?;
             Ok(0)
         }
         Command::Ctl {
@@ -272,24 +274,39 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, taken over from their default action (exit at once).
+///
+/// Made before anything listens and kept for the life of the process: a signal that
+/// arrives while no handler is installed kills the process, and one that arrives before a
+/// stream exists is not seen by a stream made later.
+struct Stop {
+    term: Signal,
+    int: Signal,
+}
+
+impl Stop {
+    fn new() -> std::io::Result<Stop> {
+        Ok(Stop {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
 /// Runs until SIGTERM/SIGINT, reloading on SIGHUP; a second stop signal exits at once.
 async fn run(config: Config) -> anyhow::Result<u8> {
-    let handle = switchyard::app::start(config).await?;
+    // Before start: SIGHUP's default action would kill a proxy reloaded during start-up.
     let mut hup = signal(SignalKind::hangup())?;
+    let mut stop = Stop::new()?;
+    let handle = switchyard::app::start(config).await?;
     let control = handle.control.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
@@ -302,11 +319,11 @@ async fn run(config: Config) -> anyhow::Result<u8> {
             }
         }
     });
-    terminated().await;
+    stop.recv().await;
     handle.shutdown();
     tokio::select! {
         _ = handle.wait() => Ok(0),
-        _ = terminated() => {
+        _ = stop.recv() => {
             tracing::warn!("second stop signal: exiting now");
             Ok(1)
         }
@@ -315,6 +332,7 @@ async fn run(config: Config) -> anyhow::Result<u8> {
 
 async fn demo(proxy_port: u16, preview_port: u16, admin_port: u16) -> anyhow::Result<u8> {
     use switchyard::stub::{StubOptions, spawn};
+    let mut stop = Stop::new()?;
     let blue = spawn(StubOptions {
         name: "blue".into(),
         ..Default::default()
@@ -387,7 +405,7 @@ Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
             .unwrap_or_default(),
         token_file = token_file.display(),
     );
-    terminated().await;
+    stop.recv().await;
     handle.shutdown();
     handle.wait().await;
     let _ = std::fs::remove_dir_all(&dir);

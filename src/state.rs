@@ -209,12 +209,19 @@ impl FileStore {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "route.json".into());
         let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
-        file.write_all(&json).map_err(write_err)?;
-        file.write_all(b"\n").map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
-        drop(file);
-        std::fs::rename(&tmp, &self.path).map_err(write_err)?;
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&json)?;
+            file.write_all(b"\n")?;
+            file.sync_all()?;
+            drop(file);
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if let Err(source) = written {
+            // A failed save must not leave a temp file behind for every refused change.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(write_err(source));
+        }
         // The rename is durable only once the directory entry is.
         if let Ok(d) = std::fs::File::open(&dir) {
             let _ = d.sync_all();

@@ -1,0 +1,814 @@
+//! The real `switchyard` binary as a child process: `run` (restart persistence, start-up
+//! refusals), `ctl` (every exit code, `--json`) and `check` (each broken config, the shipped
+//! configs). Stub upstreams run in-process.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use support::{PATIENCE, TOKEN, color_of, eventually, http_client, send_json};
+use switchyard::stub::{StubHandle, StubOptions};
+use tokio_tungstenite::connect_async;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A port nothing listens on right now: bound on 127.0.0.1:0, read, released. The binary
+/// must be told its ports up front, so this is the one place a test picks them.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port")
+        .port()
+}
+
+/// Stubs and a config directory for one `switchyard run`.
+struct Site {
+    dir: tempfile::TempDir,
+    blue: StubHandle,
+    green: StubHandle,
+    proxy: String,
+    admin: String,
+}
+
+impl Site {
+    async fn new() -> Site {
+        let stub = |name: &str| {
+            switchyard::stub::spawn(StubOptions {
+                name: name.into(),
+                ..Default::default()
+            })
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = Site {
+            blue: stub("blue").await.expect("blue stub"),
+            green: stub("green").await.expect("green stub"),
+            proxy: format!("127.0.0.1:{}", free_port()),
+            admin: format!("127.0.0.1:{}", free_port()),
+            dir,
+        };
+        std::fs::write(site.token_file(), TOKEN).expect("token file");
+        std::fs::write(site.config(), site.config_text()).expect("config file");
+        site
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("switchyard.toml")
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.path().join("state").join("route.json")
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.dir.path().join("admin.token")
+    }
+
+    fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    fn config_text(&self) -> String {
+        format!(
+            r#"[listen]
+proxy = "{proxy}"
+admin = "{admin}"
+
+[pools]
+blue = ["{blue}"]
+green = ["{green}"]
+
+[routing]
+state_file = "{state}"
+
+[health]
+interval = "200ms"
+rise = 1
+fall = 1
+
+[admin]
+token_file = "{token}"
+"#,
+            proxy = self.proxy,
+            admin = self.admin,
+            blue = self.blue.url(),
+            green = self.green.url(),
+            state = self.state_file().display(),
+            token = self.token_file().display(),
+        )
+    }
+
+    /// Starts `switchyard run` and waits for its "listening" log line.
+    async fn run(&self) -> Running {
+        self.run_with_token_env(None).await
+    }
+
+    /// `run` with `SWITCHYARD_ADMIN_TOKEN` set to `token` (unset for `None`).
+    async fn run_with_token_env(&self, token: Option<&str>) -> Running {
+        let mut command = Command::new(BIN);
+        match token {
+            Some(t) => command.env("SWITCHYARD_ADMIN_TOKEN", t),
+            None => command.env_remove("SWITCHYARD_ADMIN_TOKEN"),
+        };
+        let mut child = command
+            .args(["run", "--config"])
+            .arg(self.config())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("switchyard starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = log.clone();
+        // Reads the log until the process closes stderr, handing each line to the test.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock()
+                    .expect("log lock")
+                    .push_str(&(line.clone() + "\n"));
+                let _ = tx.send(line);
+            }
+        });
+        let mut running = Running {
+            child: Some(child),
+            log,
+            lines: rx,
+        };
+        running.log_line("switchyard is listening").await;
+        running
+    }
+
+    /// Runs `switchyard ctl --admin <this site> ARGS` → exit code, stdout, stderr.
+    async fn ctl(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ctl", "--admin"];
+        let admin = self.admin_url();
+        full.push(&admin);
+        full.extend_from_slice(args);
+        switchyard(&full).await
+    }
+
+    /// `ctl` with the right token file.
+    async fn ctl_auth(&self, args: &[&str]) -> Output {
+        let token = self.token_file();
+        let token = token.to_str().expect("utf-8 path");
+        let mut full = vec!["--token-file", token];
+        full.extend_from_slice(args);
+        self.ctl(&full).await
+    }
+
+    async fn admin_get(&self, path: &str) -> (StatusCode, Value) {
+        let req = Request::get(format!("{}{path}", self.admin_url()))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        send_json(&http_client(), req).await
+    }
+
+    async fn admin_post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let req = Request::post(format!("{}{path}", self.admin_url()))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        send_json(&http_client(), req).await
+    }
+}
+
+/// A running `switchyard run`; killed if the test ends without stopping it.
+struct Running {
+    /// `None` once stopped by the test.
+    child: Option<Child>,
+    /// Everything it logged so far, for failure messages.
+    log: Arc<Mutex<String>>,
+    /// Its log lines as they come: the signals a test waits on.
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Running {
+    fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits for the next log line containing `needle` and returns it.
+    async fn log_line(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => {
+                let status = self.child.as_mut().map(Child::try_wait);
+                panic!("no log line with {needle:?} ({status:?}):\n{}", self.log())
+            }
+        }
+    }
+
+    /// Sends a signal by PID with kill(1).
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sent = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill {signal} {pid}");
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    async fn kill(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("reaped");
+    }
+
+    /// SIGTERM and wait for the exit.
+    async fn terminate(mut self) -> ExitStatus {
+        self.signal("-TERM");
+        let mut child = self.child.take().expect("running");
+        let waited =
+            tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || child.wait())).await;
+        match waited {
+            Ok(status) => status.expect("join").expect("reaped"),
+            Err(_) => panic!("no exit after SIGTERM:\n{}", self.log()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("--json output is JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the binary to completion (bounded by PATIENCE).
+async fn switchyard_in(dir: Option<&Path>, args: &[&str]) -> Output {
+    switchyard_with(dir, None, args).await
+}
+
+/// Runs the binary in `dir` with `SWITCHYARD_ADMIN_TOKEN` set to `token` (unset for `None`).
+async fn switchyard_with(dir: Option<&Path>, token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(BIN);
+    match token {
+        Some(t) => command.env("SWITCHYARD_ADMIN_TOKEN", t),
+        None => command.env_remove("SWITCHYARD_ADMIN_TOKEN"),
+    };
+    command
+        .args(args)
+        .env_remove("SWITCHYARD_ADMIN")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let out = tokio::time::timeout(PATIENCE, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("switchyard {args:?} did not finish"))
+        .expect("switchyard runs");
+    Output {
+        code: out.status.code().expect("exited, not signalled"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn switchyard(args: &[&str]) -> Output {
+    switchyard_in(None, args).await
+}
+
+// ---- run: persistence and start-up refusals -------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_survives_sigkill_and_restart() {
+    let site = Site::new().await;
+    let first = site.run().await;
+    let (code, flipped) = site
+        .admin_post("/flip", json!({"to": "green", "reason": "release 42"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    assert_eq!(flipped["generation"], 2);
+    let (_, before) = site.admin_get("/history").await;
+    first.kill().await;
+
+    let second = site.run().await;
+    let (code, status) = site.admin_get("/status").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(status["active"], "green", "{status}");
+    assert_eq!(status["rollback_to"], "blue");
+    assert_eq!(status["generation"], 2, "a restart adds no generation");
+    assert_eq!(status["changed_at"], flipped["changed_at"]);
+    let (_, after) = site.admin_get("/history").await;
+    assert_eq!(after, before, "history kept, nothing added");
+    assert_eq!(after["history"][1]["reason"], "release 42");
+
+    // Traffic goes where the state says.
+    let req = Request::post(format!("http://{}/v1/listen", site.proxy))
+        .body(Full::new(Bytes::from_static(b"audio")))
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, http_client().request(req))
+        .await
+        .expect("in time")
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(color_of(&response), "green");
+
+    // SIGTERM is a clean exit, and the state is still there for the next start.
+    let status = second.terminate().await;
+    assert_eq!(status.code(), Some(0), "exit after SIGTERM");
+    let third = site.run().await;
+    let (_, status) = site.admin_get("/status").await;
+    assert_eq!(status["active"], "green");
+    assert_eq!(status["generation"], 2);
+    drop(third);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_file_stops_startup_and_is_named() {
+    let site = Site::new().await;
+    std::fs::create_dir_all(site.state_file().parent().expect("dir")).expect("state dir");
+    std::fs::write(site.state_file(), "{\"active\": \"gre").expect("corrupt state");
+    let config = site.config();
+    let out = switchyard(&["run", "--config", config.to_str().expect("utf-8")]).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    let path = site.state_file().display().to_string();
+    assert!(out.stderr.contains(&path), "names {path}: {out:?}");
+    // Never a silent reset: the file is left as it was.
+    assert_eq!(
+        std::fs::read_to_string(site.state_file()).expect("still there"),
+        "{\"active\": \"gre"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_admin_token_stops_startup_and_names_the_file() {
+    let site = Site::new().await;
+    for token in [None, Some("  \n")] {
+        match token {
+            None => std::fs::remove_file(site.token_file()).expect("remove token"),
+            Some(t) => std::fs::write(site.token_file(), t).expect("blank token"),
+        }
+        let config = site.config();
+        let out = switchyard(&["run", "--config", config.to_str().expect("utf-8")]).await;
+        assert_ne!(out.code, 0, "{out:?}");
+        let path = site.token_file().display().to_string();
+        assert!(out.stderr.contains(&path), "names {path}: {out:?}");
+        assert!(out.stderr.contains("token"), "{out:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_from_the_environment_overrides_the_file() {
+    let site = Site::new().await;
+    let proxy = site.run_with_token_env(Some("from-the-environment")).await;
+    let admin = site.admin_url();
+    // The file's token no longer works; the environment's does, for ctl too.
+    let out = site.ctl_auth(&["flip"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = switchyard_with(
+        None,
+        Some("from-the-environment"),
+        &["ctl", "--admin", &admin, "--json", "flip"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["active"], "green");
+
+    // With the environment's token, no file is needed at all.
+    proxy.kill().await;
+    std::fs::remove_file(site.token_file()).expect("remove token file");
+    let _proxy = site.run_with_token_env(Some("from-the-environment")).await;
+    let out = site.ctl(&["status"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_bad_file_is_refused_naming_the_field() {
+    let site = Site::new().await;
+    let mut proxy = site.run().await;
+
+    std::fs::write(
+        site.config(),
+        site.config_text().replace("rise = 1", "rise = 0"),
+    )
+    .expect("bad config");
+    proxy.signal("-HUP");
+    let refused = proxy.log_line("reload refused").await;
+    assert!(refused.contains("health.rise"), "{refused}");
+    let (_, status) = site.admin_get("/status").await;
+    assert_eq!(status["generation"], 1, "the old config stays");
+
+    let added = switchyard::stub::spawn(StubOptions {
+        name: "blue-added".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("stub");
+    let blue = format!("blue = [\"{}\"]", site.blue.url());
+    let both = format!("blue = [\"{}\", \"{}\"]", site.blue.url(), added.url());
+    std::fs::write(site.config(), site.config_text().replace(&blue, &both)).expect("good config");
+    proxy.signal("-HUP");
+    proxy.log_line("reloaded the config").await;
+    let (_, status) = site.admin_get("/status").await;
+    assert_eq!(status["generation"], 2, "{status}");
+    assert_eq!(status["colors"]["blue"]["upstreams"][1]["url"], added.url());
+    let (_, history) = site.admin_get("/history").await;
+    assert_eq!(history["history"][1]["action"], "reload", "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_the_admin_api_up_while_streams_drain() {
+    let site = Site::new().await;
+    let mut proxy = site.run().await;
+    let (mut ws, _) = tokio::time::timeout(
+        PATIENCE,
+        connect_async(format!("ws://{}/v1/listen", site.proxy)),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+
+    proxy.signal("-TERM");
+    proxy.log_line("shutting down").await;
+    // The proxy listener no longer accepts; the admin API still answers.
+    eventually(|| async { tokio::net::TcpStream::connect(&site.proxy).await.is_err() }).await;
+    let (code, status) = site.admin_get("/status").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(status["colors"]["blue"]["open_streams"], 1, "{status}");
+    let (code, _) = site.admin_get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+
+    // The stream still works, and when it ends the process exits 0.
+    ws.send(Message::Binary(vec![0u8; 3200].into()))
+        .await
+        .expect("audio");
+    let reply = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("a result in time");
+    assert!(matches!(reply, Some(Ok(Message::Text(_)))), "{reply:?}");
+    ws.send(Message::Text(r#"{"type":"CloseStream"}"#.into()))
+        .await
+        .expect("CloseStream");
+    while let Some(Ok(_)) = ws.next().await {}
+    let mut child = proxy.child.take().expect("running");
+    let exit = tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .unwrap_or_else(|_| panic!("no exit after the last stream:\n{}", proxy.log()))
+        .expect("join")
+        .expect("reaped");
+    assert_eq!(exit.code(), Some(0), "{}", proxy.log());
+}
+
+// ---- ctl ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_walks_the_operators_story() {
+    let site = Site::new().await;
+    let _proxy = site.run().await;
+
+    let out = site.ctl(&["status"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("active: blue"), "{out:?}");
+    assert!(out.stdout.contains(&site.blue.url()), "{out:?}");
+
+    let out = site.ctl(&["--json", "status"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let status = out.json();
+    for key in [
+        "active",
+        "standby",
+        "rollback_to",
+        "generation",
+        "changed_at",
+        "colors",
+        "store",
+    ] {
+        assert!(status.get(key).is_some(), "status has {key}: {status}");
+    }
+    assert_eq!(status["active"], "blue");
+    for color in ["blue", "green"] {
+        for key in [
+            "state",
+            "drain_deadline",
+            "open_streams",
+            "in_flight",
+            "upstreams",
+        ] {
+            assert!(status["colors"][color].get(key).is_some(), "{color}.{key}");
+        }
+    }
+
+    let out = site
+        .ctl_auth(&["--json", "flip", "--to", "green", "--reason", "deploy"])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let flipped = out.json();
+    assert_eq!(flipped["changed"], true);
+    assert_eq!(flipped["active"], "green");
+    assert_eq!(flipped["generation"], 2);
+
+    let out = site.ctl_auth(&["flip", "--to", "green"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("no change"), "{out:?}");
+
+    let out = site.ctl_auth(&["--json", "rollback"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["active"], "blue");
+    assert_eq!(out.json()["generation"], 3);
+
+    let out = site.ctl_auth(&["flip"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("active: green"), "{out:?}");
+
+    let out = site.ctl_auth(&["--json", "commit"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.json()["rollback_to"].is_null());
+    assert_eq!(out.json()["generation"], 5);
+
+    let out = site.ctl(&["--json", "history"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let history = out.json();
+    let actions: Vec<&str> = history["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| e["action"].as_str().expect("action"))
+        .collect();
+    assert_eq!(actions, ["startup", "flip", "rollback", "flip", "commit"]);
+    for e in history["history"].as_array().expect("history") {
+        for key in ["generation", "action", "from", "to", "at", "reason"] {
+            assert!(e.get(key).is_some(), "{key} in {e}");
+        }
+    }
+    let out = site.ctl(&["history"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout.lines().count(), 5, "{out:?}");
+    assert!(out.stdout.contains("(deploy)"), "{out:?}");
+
+    // A humantime value with a space, as an operator would type it.
+    let out = site
+        .ctl(&["--json", "wait-drained", "blue", "--timeout", "1m 30s"])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["drained"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_refusals_exit_2() {
+    let site = Site::new().await;
+    let _proxy = site.run().await;
+
+    // 409: nothing to roll back to.
+    let out = site.ctl_auth(&["rollback"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("no_rollback_target"), "{out:?}");
+    let out = site.ctl_auth(&["--json", "rollback"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(out.json()["error"], "no_rollback_target");
+
+    // 409: a stale generation.
+    let out = site
+        .ctl_auth(&["flip", "--to", "green", "--expect-generation", "7"])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("generation_mismatch"), "{out:?}");
+
+    // 401: no token, and a wrong one.
+    let out = site.ctl(&["flip", "--to", "green"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("unauthorized"), "{out:?}");
+    let wrong = site.dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-token\n").expect("wrong token");
+    let out = site
+        .ctl(&["--token-file", wrong.to_str().expect("utf-8"), "commit"])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+
+    // 400: an unknown colour.
+    let out = site.ctl_auth(&["flip", "--to", "purple"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+
+    // Nothing of it changed anything.
+    let out = site.ctl(&["--json", "status"]).await;
+    assert_eq!(out.json()["generation"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exits_1_when_the_admin_api_is_unreachable() {
+    let admin = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        vec!["status"],
+        vec!["history"],
+        vec!["--json", "flip"],
+        vec!["wait-drained", "blue"],
+    ] {
+        let mut full = vec!["ctl", "--admin", &admin];
+        full.extend(args);
+        let out = switchyard(&full).await;
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains(&admin), "names the URL: {out:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exits_1_on_a_server_error() {
+    let site = Site::new().await;
+    let _proxy = site.run().await;
+    // A file where the state directory should be: the change cannot be saved (503).
+    let state_dir = site.state_file().parent().expect("dir").to_owned();
+    std::fs::remove_dir_all(&state_dir).expect("remove state dir");
+    std::fs::write(&state_dir, "in the way").expect("file in the way");
+
+    let out = site.ctl_auth(&["flip", "--to", "green"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("store_unavailable"), "{out:?}");
+    let out = site.ctl_auth(&["--json", "flip", "--to", "green"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.json()["error"], "store_unavailable");
+    let out = site.ctl(&["--json", "status"]).await;
+    assert_eq!(out.json()["active"], "blue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_wait_drained_exits_3_while_a_stream_is_open() {
+    let site = Site::new().await;
+    let _proxy = site.run().await;
+    let (mut ws, _) = tokio::time::timeout(
+        PATIENCE,
+        connect_async(format!("ws://{}/v1/listen", site.proxy)),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    let out = site.ctl_auth(&["flip", "--to", "green"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+
+    let out = site
+        .ctl(&["wait-drained", "blue", "--timeout", "300ms"])
+        .await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stdout.contains("1 open streams"), "{out:?}");
+    let out = site
+        .ctl(&["--json", "wait-drained", "blue", "--timeout", "300ms"])
+        .await;
+    assert_eq!(out.code, 3, "{out:?}");
+    let answer = out.json();
+    assert_eq!(answer["drained"], false);
+    assert_eq!(answer["open_streams"], 1);
+    assert_eq!(answer["in_flight"], 0);
+
+    // The stream ends: a waiting ctl returns 0.
+    let waiter = site.ctl(&["wait-drained", "blue", "--timeout", "20s"]);
+    let closer = async {
+        ws.send(Message::Text(r#"{"type":"CloseStream"}"#.into()))
+            .await
+            .expect("send CloseStream");
+        while let Some(Ok(_)) = ws.next().await {}
+    };
+    let (out, ()) = tokio::join!(waiter, closer);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("blue is drained"), "{out:?}");
+}
+
+// ---- check ----------------------------------------------------------------------------
+
+const GOOD: &str = r#"[listen]
+proxy = "127.0.0.1:8080"
+admin = "127.0.0.1:9901"
+
+[pools]
+blue = ["http://127.0.0.1:9001"]
+green = ["http://127.0.0.1:9002"]
+
+[health]
+interval = "2s"
+rise = 2
+"#;
+
+/// `switchyard check` on `text` → exit code and stderr; the config file's path is returned
+/// so a test can see it named.
+async fn check(text: &str) -> (Output, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, text).expect("config");
+    let path = path.to_str().expect("utf-8").to_owned();
+    (switchyard(&["check", "--config", &path]).await, path)
+}
+
+/// Asserts `check` refuses `text`, naming the file and `field`.
+async fn assert_refused(text: &str, field: &str) {
+    let (out, path) = check(text).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains(&path), "names the file: {out:?}");
+    assert!(out.stderr.contains(field), "names {field}: {out:?}");
+}
+
+#[tokio::test]
+async fn check_accepts_the_base_config() {
+    let (out, path) = check(GOOD).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains(&path), "{out:?}");
+}
+
+#[tokio::test]
+async fn check_refuses_a_missing_colour() {
+    assert_refused(
+        &GOOD.replace("green = [\"http://127.0.0.1:9002\"]\n", ""),
+        "pools.green",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn check_refuses_an_empty_pool() {
+    assert_refused(
+        &GOOD.replace("blue = [\"http://127.0.0.1:9001\"]", "blue = []"),
+        "pools.blue",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn check_refuses_a_bad_url() {
+    assert_refused(
+        &GOOD.replace("\"http://127.0.0.1:9002\"", "\"127.0.0.1:9002/v1\""),
+        "pools.green[0]",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn check_refuses_an_unknown_key() {
+    let text = GOOD.replace("rise = 2", "rise = 2\nraise = 3");
+    assert_refused(&text, "health").await;
+    let (out, _) = check(&text).await;
+    assert!(out.stderr.contains("raise"), "names the key: {out:?}");
+}
+
+#[tokio::test]
+async fn check_refuses_a_zero_interval() {
+    assert_refused(
+        &GOOD.replace("interval = \"2s\"", "interval = \"0s\""),
+        "health.interval",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn check_refuses_rise_zero() {
+    assert_refused(&GOOD.replace("rise = 2", "rise = 0"), "health.rise").await;
+}
+
+#[tokio::test]
+async fn check_accepts_the_shipped_configs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for config in ["config/switchyard.toml", "config/switchyard.example.toml"] {
+        let out = switchyard_in(Some(root), &["check", "--config", config]).await;
+        assert_eq!(out.code, 0, "{config}: {out:?}");
+        assert!(out.stdout.contains("ok"), "{config}: {out:?}");
+    }
+}
