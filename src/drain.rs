@@ -85,6 +85,9 @@ impl Endpoint {
 struct ColorCounts {
     in_flight: AtomicU64,
     open_streams: AtomicU64,
+    /// Streams under a drain order: what makes a colour "draining" in `/status`, unlike
+    /// streams a preview client opened on the standby colour after the flip.
+    draining: AtomicU64,
 }
 
 /// Per-colour traffic counts and the shutdown order.
@@ -111,6 +114,8 @@ impl Default for Tracker {
 pub struct Counts {
     pub in_flight: u64,
     pub open_streams: u64,
+    /// Of `open_streams`, those under a drain order.
+    pub draining_streams: u64,
 }
 
 impl Counts {
@@ -127,6 +132,7 @@ impl Tracker {
         Counts {
             in_flight: c.in_flight.load(Ordering::Acquire),
             open_streams: c.open_streams.load(Ordering::Acquire),
+            draining_streams: c.draining.load(Ordering::Acquire),
         }
     }
 
@@ -231,47 +237,54 @@ pub struct DrainWatch {
     router: Arc<Router>,
     changes: watch::Receiver<u64>,
     shutdown: watch::Receiver<Option<DrainOrder>>,
+    tracker: Arc<Tracker>,
     /// `draining_streams` for the stream's colour, raised while an order covers it.
-    gauge: Option<(IntGauge, bool)>,
+    gauge: Option<IntGauge>,
+    /// Whether this stream is counted as draining (in the tracker and the gauge).
+    counted: bool,
 }
 
 impl Drop for DrainWatch {
     fn drop(&mut self) {
-        if let Some((gauge, true)) = &self.gauge {
-            gauge.dec();
-        }
+        self.mark(false);
     }
 }
 
 impl DrainWatch {
     /// Keeps `gauge` raised by one while this stream is under a drain order.
     pub fn counting(mut self, gauge: IntGauge) -> DrainWatch {
-        self.gauge = Some((gauge, false));
+        self.mark(false);
+        self.gauge = Some(gauge);
         self.mark(self.current().is_some());
         self
     }
 
     fn mark(&mut self, draining: bool) {
-        if let Some((gauge, counted)) = &mut self.gauge
-            && *counted != draining
-        {
-            if draining {
-                gauge.inc();
-            } else {
-                gauge.dec();
-            }
-            *counted = draining;
+        if self.counted == draining {
+            return;
         }
+        let count = &self.tracker.colors[self.upstream.color.index()].draining;
+        if draining {
+            count.fetch_add(1, Ordering::AcqRel);
+        } else {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(gauge) = &self.gauge {
+            gauge.add(if draining { 1 } else { -1 });
+        }
+        self.counted = draining;
     }
 
     /// Watches for a stream on `upstream` routed by the table of `generation`.
     pub fn new(
         router: Arc<Router>,
-        tracker: &Tracker,
+        tracker: &Arc<Tracker>,
         upstream: Arc<Upstream>,
         generation: u64,
     ) -> DrainWatch {
         DrainWatch {
+            tracker: tracker.clone(),
+            counted: false,
             generation,
             changes: router.subscribe(),
             shutdown: tracker.shutdown.subscribe(),

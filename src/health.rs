@@ -154,7 +154,12 @@ async fn probe(
         else {
             return Observed::BadResponse;
         };
-        judge(&body.to_bytes())
+        let body = body.to_bytes();
+        let observed = judge(&body);
+        if observed == Observed::Other {
+            upstream.set_unknown_state(&system_health(&body).unwrap_or_default());
+        }
+        observed
     };
     tokio::time::timeout(timeout, attempt)
         .await
@@ -163,14 +168,18 @@ async fn probe(
 
 /// Reads Deepgram's `/v1/status` body; unknown fields are fine, an unknown state fails.
 pub fn judge(body: &[u8]) -> Observed {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.get("system_health")
-                .and_then(|s| s.as_str())
-                .map(Observed::from_system_health)
-        })
+    system_health(body)
+        .map(|s| Observed::from_system_health(&s))
         .unwrap_or(Observed::BadResponse)
+}
+
+/// The `system_health` string of a status body, if it has one.
+fn system_health(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("system_health")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 #[cfg(test)]

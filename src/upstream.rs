@@ -181,6 +181,9 @@ pub struct Upstream {
     streak: Mutex<Streak>,
     /// Set when a reload removes it from its pool: its streams drain as in a flip.
     retired: Mutex<Option<DrainOrder>>,
+    /// The raw `system_health` when it is a state this build does not know, so `/status`
+    /// shows what the node said (at most 64 characters).
+    unknown_state: Mutex<Option<Box<str>>>,
 }
 
 impl Upstream {
@@ -196,6 +199,7 @@ impl Upstream {
             observed: AtomicU8::new(Observed::Unknown as u8),
             streak: Mutex::new(Streak::default()),
             retired: Mutex::new(None),
+            unknown_state: Mutex::new(None),
         }
     }
 
@@ -207,6 +211,27 @@ impl Upstream {
     /// The last probe's observation.
     pub fn observed(&self) -> Observed {
         Observed::from_u8(self.observed.load(Ordering::Relaxed))
+    }
+
+    /// What `/status` shows as `health`: the last observation, with the node's own words
+    /// for a state this build does not know.
+    pub fn health_text(&self) -> String {
+        match self.observed() {
+            Observed::Other => self
+                .unknown_state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+                .unwrap_or(Observed::Other.as_str())
+                .to_owned(),
+            known => known.as_str().to_owned(),
+        }
+    }
+
+    /// Records the raw text of an unknown `system_health`.
+    pub fn set_unknown_state(&self, raw: &str) {
+        let text: String = raw.chars().take(64).collect();
+        *self.unknown_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(text.into());
     }
 
     /// Outstanding work: in-flight requests plus open streams.

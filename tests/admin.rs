@@ -769,13 +769,9 @@ async fn probe_verdicts_show_in_status() {
     wait_health(&env, "green", &url, false, "Initializing").await;
     env.green[0].state.set_health("Healthy");
     wait_health(&env, "green", &url, true, "Healthy").await;
-    // A state this build does not know fails.
+    // A state this build does not know fails, and /status shows what the node said.
     env.green[0].state.set_health("Sleepy");
-    eventually(|| async {
-        let (_, status) = env.admin_get("/status").await;
-        upstream_entry(&status, "green", &url)["healthy"] == false
-    })
-    .await;
+    wait_health(&env, "green", &url, false, "Sleepy").await;
     env.green[0].state.set_health("Healthy");
     wait_health(&env, "green", &url, true, "Healthy").await;
     // A stopped upstream refuses connections.
@@ -783,4 +779,25 @@ async fn probe_verdicts_show_in_status() {
     wait_health(&env, "green", &url, false, "unreachable").await;
     let answer = env.admin_post("/flip", None).await;
     assert_error(&answer, StatusCode::CONFLICT, "target_unhealthy");
+}
+
+#[tokio::test]
+async fn preview_streams_on_the_standby_colour_are_not_draining() {
+    let env = EnvBuilder::default().start().await;
+    env.flip("green").await;
+    // After the flip, preview routes to blue: a stream opened there is new work on the
+    // standby colour, not an old stream under the flip's drain order.
+    let url = format!(
+        "ws://{}/v1/listen",
+        env.app().preview_addr.expect("preview")
+    );
+    let (mut ws, response) = connect_async(url).await.expect("preview handshake");
+    assert_eq!(response.headers()["x-switchyard-color"], "blue");
+    env.blue[0].state.wait_until(|s| s.ws_open_now() == 1).await;
+    let (_, status) = env.admin_get("/status").await;
+    assert_eq!(status["colors"]["blue"]["open_streams"], 1);
+    assert_eq!(status["colors"]["blue"]["state"], "standby", "{status}");
+    assert_eq!(status["colors"]["blue"]["drain_deadline"], Value::Null);
+    ws.send(Message::Close(None)).await.expect("close");
+    while let Some(Ok(_)) = ws.next().await {}
 }
