@@ -1,12 +1,14 @@
 //! Accept loops: one hyper connection per socket (HTTP/1.1 with upgrades, or HTTP/2 by
 //! prior knowledge or ALPN), TLS when the table has a certificate, raced against shutdown.
 //!
-//! `limits.max_connections` is a semaphore taken before `accept`, so beyond it accepting
-//! waits and the kernel's backlog holds new clients; nothing is refused or crashes.
+//! `limits.max_connections` is checked before `accept` against the current table (so a
+//! reload applies it), and beyond it accepting waits and the kernel's backlog holds new
+//! clients; nothing is refused or crashes.
 //! `limits.header_read_timeout` closes clients that never finish their headers. Neither
 //! touches a stream once it is upgraded: those are tracked by `drain`, not by hyper.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -14,11 +16,35 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ListenerKind;
 use crate::proxy::{ConnInfo, Proxy};
+
+/// Open connections of one listener, and a wake-up when one closes.
+#[derive(Default)]
+struct Open {
+    count: AtomicUsize,
+    released: Notify,
+}
+
+/// One counted connection; released when dropped.
+struct Slot(Arc<Open>);
+
+impl Slot {
+    fn take(open: &Arc<Open>) -> Slot {
+        open.count.fetch_add(1, Ordering::AcqRel);
+        Slot(open.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.released.notify_waiters();
+    }
+}
 
 /// Largest request head accepted; beyond it hyper answers 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -31,17 +57,22 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     stop: CancellationToken,
 ) {
-    let limits = proxy.router().load().settings.config.limits;
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Arc::new(Open::default());
     let graceful = GracefulShutdown::new();
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
+        let max = proxy.router().load().settings.config.limits.max_connections;
+        {
+            let released = open.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if open.count.load(Ordering::Acquire) >= max {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = released => {}
+                }
+                continue;
+            }
+        }
         let (socket, client) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -61,6 +92,7 @@ pub async fn serve(
         drop(table);
         let proxy = proxy.clone();
         let watcher = graceful.watcher();
+        let slot = Slot::take(&open);
         tokio::spawn(async move {
             let gauge = proxy.metrics().connections(kind).clone();
             gauge.inc();
@@ -103,7 +135,7 @@ pub async fn serve(
                 }
             }
             gauge.dec();
-            drop(permit);
+            drop(slot);
         });
     }
     drop(listener);

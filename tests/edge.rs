@@ -356,3 +356,59 @@ async fn start_with_header_timeout(builder: EnvBuilder, timeout: &str) -> Env {
     assert_eq!(status, StatusCode::OK, "{body}");
     env
 }
+
+#[tokio::test]
+async fn beyond_max_connections_accepting_waits_and_nothing_is_refused() {
+    let env = EnvBuilder::default().start().await;
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    std::fs::write(
+        &env.config_path,
+        text.replace("[limits]\n", "[limits]\nmax_connections = 2\n"),
+    )
+    .expect("config");
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Two keep-alive connections, each answered once and then held open.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let stream = tokio::net::TcpStream::connect(env.app().proxy_addr)
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("handshake");
+        tokio::spawn(conn);
+        let req = Request::get("/v1/status")
+            .header("host", "x")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = sender
+            .send_request(req)
+            .await
+            .expect("answered below the limit");
+        response.into_body().collect().await.expect("body");
+        held.push(sender);
+    }
+    // A third client connects (the kernel's backlog takes it) but is not served yet.
+    let third = tokio::spawn({
+        let client = http_client();
+        let url = env.proxy_url("/v1/status");
+        async move { get(&client, &url).await.status() }
+    });
+    // The absence of an answer can only be observed over some time; 300 ms is ample for a
+    // request that would otherwise be answered in about a millisecond.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "the third connection waits while two are open"
+    );
+    drop(held.pop());
+    let status = tokio::time::timeout(PATIENCE, third)
+        .await
+        .expect("served once a slot frees")
+        .expect("task");
+    assert_eq!(status, StatusCode::OK);
+}
