@@ -70,6 +70,12 @@ pub enum UpstreamErrorKind {
 }
 
 impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 3] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Protocol,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",
@@ -338,10 +344,30 @@ impl Metrics {
             .set(i64::from(upstream.is_healthy()));
     }
 
+    /// Publishes an upstream a route table lists: its health, and its error counters at
+    /// zero. Without them `upstream_errors_total` would be missing from the exposition until
+    /// an error, and that first error would be invisible to `increase()` and `rate()`,
+    /// which need a sample before the change.
+    pub fn publish_upstream(&self, upstream: &Upstream) {
+        self.upstream_health(upstream);
+        for kind in UpstreamErrorKind::ALL {
+            self.upstream_errors.with_label_values(&[
+                upstream.color.as_str(),
+                &upstream.name,
+                kind.as_str(),
+            ]);
+        }
+    }
+
     /// Forgets an upstream a reload removed.
     pub fn forget_upstream(&self, upstream: &Upstream) {
         let labels = [upstream.color.as_str(), &*upstream.name];
         let _ = self.upstream_healthy.remove_label_values(&labels);
+        for kind in UpstreamErrorKind::ALL {
+            let _ =
+                self.upstream_errors
+                    .remove_label_values(&[labels[0], labels[1], kind.as_str()]);
+        }
     }
 
     /// Counts an upstream failure on live traffic.
