@@ -120,6 +120,9 @@ pub struct ColorMetrics {
     pub bytes_to_client: IntCounter,
 }
 
+/// Holds a gauge one higher until dropped.
+pub struct GaugeGuard(IntGauge);
+
 /// Every Switchyard metric, registered in a registry this value owns.
 #[derive(Clone)]
 pub struct Metrics {
@@ -167,6 +170,20 @@ impl ColorMetrics {
     /// The open-streams gauge for an endpoint.
     pub fn open_streams(&self, endpoint: Endpoint) -> &IntGauge {
         &self.open_streams[endpoint as usize]
+    }
+}
+
+impl GaugeGuard {
+    /// Raises `gauge` by one until the guard drops.
+    pub fn new(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
