@@ -156,7 +156,7 @@ impl Control {
         metrics.route(table.active, table.generation);
         for pool in &table.pools {
             for u in pool.iter() {
-                metrics.upstream_health(u);
+                metrics.publish_upstream(u);
             }
         }
         let router = Arc::new(Router::new(table));
@@ -279,7 +279,7 @@ impl Writer {
         self.metrics.route_change(action.as_str());
         for pool in &table.pools {
             for u in pool.iter() {
-                self.metrics.upstream_health(u);
+                self.metrics.publish_upstream(u);
             }
         }
         self.state.store(Arc::new(new_state));

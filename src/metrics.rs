@@ -70,6 +70,12 @@ pub enum UpstreamErrorKind {
 }
 
 impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 3] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Protocol,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",
@@ -113,6 +119,9 @@ pub struct ColorMetrics {
     /// Bytes relayed from upstream to client.
     pub bytes_to_client: IntCounter,
 }
+
+/// Holds a gauge one higher until dropped.
+pub struct GaugeGuard(IntGauge);
 
 /// Every Switchyard metric, registered in a registry this value owns.
 #[derive(Clone)]
@@ -161,6 +170,20 @@ impl ColorMetrics {
     /// The open-streams gauge for an endpoint.
     pub fn open_streams(&self, endpoint: Endpoint) -> &IntGauge {
         &self.open_streams[endpoint as usize]
+    }
+}
+
+impl GaugeGuard {
+    /// Raises `gauge` by one until the guard drops.
+    pub fn new(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -338,10 +361,30 @@ impl Metrics {
             .set(i64::from(upstream.is_healthy()));
     }
 
+    /// Publishes an upstream a route table lists: its health, and its error counters at
+    /// zero. Without them `upstream_errors_total` would be missing from the exposition until
+    /// an error, and that first error would be invisible to `increase()` and `rate()`,
+    /// which need a sample before the change.
+    pub fn publish_upstream(&self, upstream: &Upstream) {
+        self.upstream_health(upstream);
+        for kind in UpstreamErrorKind::ALL {
+            self.upstream_errors.with_label_values(&[
+                upstream.color.as_str(),
+                &upstream.name,
+                kind.as_str(),
+            ]);
+        }
+    }
+
     /// Forgets an upstream a reload removed.
     pub fn forget_upstream(&self, upstream: &Upstream) {
         let labels = [upstream.color.as_str(), &*upstream.name];
         let _ = self.upstream_healthy.remove_label_values(&labels);
+        for kind in UpstreamErrorKind::ALL {
+            let _ =
+                self.upstream_errors
+                    .remove_label_values(&[labels[0], labels[1], kind.as_str()]);
+        }
     }
 
     /// Counts an upstream failure on live traffic.

@@ -40,7 +40,7 @@ use super::http::{client_host, source_chain};
 use super::{ConnInfo, Proxy, error_response, headers, tag};
 use crate::drain::{DrainWatch, Endpoint};
 use crate::error::ProxyError;
-use crate::metrics::{CloseReason, Protocol, UpstreamErrorKind};
+use crate::metrics::{CloseReason, GaugeGuard, Protocol, UpstreamErrorKind};
 use crate::route_table::RouteTable;
 use crate::upstream::{Color, Upstream, pick};
 
@@ -322,6 +322,7 @@ pub async fn forward(
         )
         .counting(metrics.draining_streams.clone()),
         _guard: proxy.tracker.stream(&upstream),
+        _connection: GaugeGuard::new(proxy.metrics.connections(conn.listener)),
         upstream,
         opened: started,
     };
@@ -382,6 +383,9 @@ struct Stream {
     watch: DrainWatch,
     opened: Instant,
     _guard: crate::drain::StreamGuard,
+    /// The client connection in `connections`: hyper lets go of a connection once it is
+    /// upgraded, which ends the listener's count of it, so the stream holds it from here.
+    _connection: GaugeGuard,
 }
 
 /// How a relay ended, before the closing handshakes.
