@@ -17,6 +17,9 @@ use tokio::sync::{Notify, watch};
 use crate::route_table::Router;
 use crate::upstream::{Color, Upstream};
 
+/// The longest drain deadline honoured: ten years.
+pub const MAX_DRAIN: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// An order to drain: streams routed by a table older than `generation` end at `deadline`.
 ///
 /// Coverage goes by the route-table generation that routed the stream, not by when the
@@ -36,7 +39,10 @@ pub struct DrainOrder {
 impl DrainOrder {
     /// An order given now by the change that makes `generation`; it ends the streams
     /// routed before that change after `timeout`.
+    /// A timeout past `MAX_DRAIN` is taken as `MAX_DRAIN` ("never", for any real stream),
+    /// so an absurd `drain_timeout` from an API caller cannot overflow the clock.
     pub fn starting_now(generation: u64, timeout: Duration) -> DrainOrder {
+        let timeout = timeout.min(MAX_DRAIN);
         DrainOrder {
             generation,
             deadline: Instant::now() + timeout,

@@ -801,3 +801,22 @@ async fn preview_streams_on_the_standby_colour_are_not_draining() {
     ws.send(Message::Close(None)).await.expect("close");
     while let Some(Ok(_)) = ws.next().await {}
 }
+
+#[tokio::test]
+async fn an_absurd_drain_timeout_and_a_non_object_body_are_handled() {
+    let env = EnvBuilder::default().start().await;
+    // Instant + 999,999,999 years would overflow; the deadline is capped instead.
+    let (status, body) = env
+        .admin_post(
+            "/flip",
+            Some(json!({"to": "green", "drain_timeout": "999999999y"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = env.admin_post("/rollback", None).await;
+    assert_eq!(status, StatusCode::OK, "the writer survived: {body}");
+    // serde would read [null, null] as a CommitBody; the API takes objects only.
+    let (status, body) = env.admin_post("/commit", Some(json!([null, null]))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "bad_request");
+}
