@@ -1,0 +1,594 @@
+#!/usr/bin/env bash
+# Load benchmarks: Switchyard against nginx and HAProxy on one machine, loopback only.
+#
+#   benches/load/run.sh [sections...]     sections: http1 h2c latency ws idle flip (default: all)
+#
+# Environment:
+#   ROUNDS=3        interleaved rounds per target (http1)
+#   DURATION=10     seconds per wrk/h2load/oha run
+#   CONNS=64        client connections
+#   WS_STREAMS="200 1000"   WebSocket stream counts
+#   IDLE_STREAMS=10000
+#   QUIET_LOAD=0.7  wait before each measured round until the 1-minute load is below this ...
+#   QUIET_MAX=600   ... for at most this many seconds (then go on and say so)
+#   SKIP_INSTALL=1  do not apt-get install
+#   OUT=dir         where logs and results go (default: a new temp dir)
+#
+# Pinning: the load generator runs on core 1, the proxy and the origin share core 0.
+# Every process this script starts is killed by PID when it exits. Every load run is
+# bounded in time.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+WS_STREAMS=${WS_STREAMS:-"200 1000"}
+IDLE_STREAMS=${IDLE_STREAMS:-10000}
+IDLE_NOTE=
+QUIET_LOAD=${QUIET_LOAD:-0.7}
+QUIET_MAX=${QUIET_MAX:-600}
+OUT=${OUT:-$(mktemp -d /tmp/switchyard-bench.XXXXXX)}
+SECTIONS=${*:-"http1 h2c latency ws idle flip"}
+LOADGEN_CPU=1
+SERVER_CPU=0
+mkdir -p "$OUT"
+RESULTS="$OUT/results.md"
+: >"$RESULTS"
+
+# Ports: one random block so several copies (or other agents' runs) do not collide.
+# Below the ephemeral range (32768+), so no outgoing connection holds one of them.
+BASE=${BASE:-$((20000 + (RANDOM % 120) * 100))}
+P_ORIGIN=$BASE
+P_ORIGIN2=$((BASE + 1))
+P_SY=$((BASE + 10))
+P_SY_ADMIN=$((BASE + 11))
+P_NGINX=$((BASE + 20))
+P_NGINX_H2=$((BASE + 21))
+P_HAPROXY=$((BASE + 30))
+PATH_HTTP=/v1/status
+PATH_WS=/v1/agent/converse
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+say() { printf '%s\n' "$*" | tee -a "$RESULTS"; }
+
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    sleep 0.5
+    for pid in "${PIDS[@]}"; do
+        kill -9 "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------------------------------
+# Tools
+
+install_tools() {
+    [[ ${SKIP_INSTALL:-0} == 1 ]] && return
+    log "installing nginx, haproxy, wrk, h2load from Debian"
+    # Keep the packages' services from starting: this script runs its own instances.
+    local guard=/usr/sbin/policy-rc.d had_guard=0
+    [[ -e $guard ]] && had_guard=1
+    if [[ $had_guard == 0 ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$guard"
+        chmod +x "$guard"
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        nginx haproxy wrk nghttp2-client >/dev/null
+    [[ $had_guard == 0 ]] && rm -f "$guard"
+}
+
+build_switchyard() {
+    log "building switchyard (release) and the ws_load example"
+    (cd "$ROOT" && cargo build --release --quiet --bin switchyard --example ws_load)
+    local target=${CARGO_TARGET_DIR:-$ROOT/target}
+    SY=$target/release/switchyard
+    WS_LOAD=$target/release/examples/ws_load
+}
+
+find_oha() {
+    OHA=$(command -v oha || true)
+    [[ -z $OHA && -x $HOME/.cargo/bin/oha ]] && OHA=$HOME/.cargo/bin/oha
+    if [[ -z $OHA && ${SKIP_INSTALL:-0} != 1 ]]; then
+        log "cargo install oha --locked (the open-loop generator for the latency run)"
+        if timeout 900 cargo install oha --locked --quiet >"$OUT/oha-install.log" 2>&1; then
+            OHA=$HOME/.cargo/bin/oha
+        fi
+    fi
+    true
+}
+
+# ---------------------------------------------------------------------------------------
+# Process helpers
+
+wait_port() {
+    local port=$1 i
+    for i in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    log "port $port never opened"
+    return 1
+}
+
+# The 1-minute load average must fall below QUIET_LOAD before a measured round.
+wait_quiet() {
+    local waited=0 load
+    while :; do
+        load=$(cut -d' ' -f1 /proc/loadavg)
+        if awk -v l="$load" -v q="$QUIET_LOAD" 'BEGIN { exit !(l < q) }'; then
+            log "quiet (load $load after ${waited}s)"
+            QUIET_NOTE="load $load after waiting ${waited}s"
+            return
+        fi
+        if ((waited >= QUIET_MAX)); then
+            log "never quiet: load $load after ${waited}s; measuring anyway"
+            QUIET_NOTE="NOT QUIET: load $load after waiting ${waited}s"
+            NOT_QUIET=$((NOT_QUIET + 1))
+            return
+        fi
+        sleep 10
+        waited=$((waited + 10))
+    done
+}
+NOT_QUIET=0
+
+# Total CPU ticks (utime + stime) of a process and its direct children (nginx workers).
+cpu_ticks() {
+    local pids=("$1") p total=0
+    mapfile -t -O 1 pids < <(pgrep -P "$1" || true)
+    for p in "${pids[@]}"; do
+        [[ -r /proc/$p/stat ]] || continue
+        # Fields 14 and 15 of /proc/PID/stat, read after the ")" ending the command name.
+        total=$((total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')))
+    done
+    echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+
+start_origin() {
+    local port=$1 name=$2
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c $SERVER_CPU \
+        "$SY" stub-upstream --listen "127.0.0.1:$port" --name "$name" \
+        >"$OUT/stub-$name.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=($STARTED_PID)
+    wait_port "$port"
+}
+
+start_switchyard() {
+    local dir=$OUT/switchyard
+    mkdir -p "$dir"
+    printf 'bench-token' >"$dir/admin.token"
+    rm -f "$dir/route.json"
+    cat >"$dir/switchyard.toml" <<EOF
+[listen]
+proxy = "127.0.0.1:$P_SY"
+admin = "127.0.0.1:$P_SY_ADMIN"
+
+[pools]
+blue = ["http://127.0.0.1:$P_ORIGIN"]
+green = ["http://127.0.0.1:$P_ORIGIN2"]
+
+[routing]
+state_file = "$dir/route.json"
+
+[admin]
+token_file = "$dir/admin.token"
+EOF
+    # One worker thread: the same one core nginx (worker_processes 1) and HAProxy
+    # (nbthread 1) get.
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c $SERVER_CPU \
+        "$SY" run --config "$dir/switchyard.toml" >"$OUT/switchyard.log" 2>&1 &
+    SY_PID=$!
+    PIDS+=($SY_PID)
+    wait_port $P_SY
+}
+
+start_nginx() {
+    local dir=$OUT/nginx
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile $FD_LIMIT;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections $((FD_LIMIT - 100)); multi_accept on; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp;
+    proxy_temp_path $dir/tmp;
+    fastcgi_temp_path $dir/tmp;
+    uwsgi_temp_path $dir/tmp;
+    scgi_temp_path $dir/tmp;
+    keepalive_requests 100000;
+    upstream origin {
+        server 127.0.0.1:$P_ORIGIN;
+        keepalive 64;
+    }
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_read_timeout 1h;
+        }
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX_H2 http2;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }
+}
+EOF
+    taskset -c $SERVER_CPU nginx -c "$dir/nginx.conf" -p "$dir" >"$OUT/nginx.log" 2>&1 &
+    NGINX_PID=$!
+    PIDS+=($NGINX_PID)
+    wait_port $P_NGINX
+}
+
+start_haproxy() {
+    local dir=$OUT/haproxy
+    mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    # Each connection costs two descriptors (client and server side).
+    maxconn $((FD_LIMIT / 2 - 100))
+    tune.bufsize 16384
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    timeout tunnel 1h
+
+frontend fe
+    # A clear-text HTTP frontend also takes HTTP/2 with prior knowledge (h2c).
+    bind 127.0.0.1:$P_HAPROXY
+    option forwardfor
+    default_backend origin
+
+backend origin
+    server o1 127.0.0.1:$P_ORIGIN maxconn 1024
+EOF
+    taskset -c $SERVER_CPU haproxy -db -f "$dir/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
+    HAPROXY_PID=$!
+    PIDS+=($HAPROXY_PID)
+    wait_port $P_HAPROXY
+}
+
+# ---------------------------------------------------------------------------------------
+# Measurements
+
+target_url() {
+    case $1 in
+    direct) echo "http://127.0.0.1:$P_ORIGIN" ;;
+    switchyard) echo "http://127.0.0.1:$P_SY" ;;
+    nginx) echo "http://127.0.0.1:$P_NGINX" ;;
+    haproxy) echo "http://127.0.0.1:$P_HAPROXY" ;;
+    esac
+}
+target_pid() {
+    case $1 in
+    direct) echo "$ORIGIN_PID" ;;
+    switchyard) echo "$SY_PID" ;;
+    nginx) echo "$NGINX_PID" ;;
+    haproxy) echo "$HAPROXY_PID" ;;
+    esac
+}
+
+# wrk → "rps p99_us requests errors cpu_us_per_request"
+wrk_run() {
+    local name=$1 round=$2 url pid before after file
+    url=$(target_url "$name")$PATH_HTTP
+    pid=$(target_pid "$name")
+    file=$OUT/wrk-$name-$round.txt
+    before=$(cpu_ticks "$pid")
+    taskset -c $LOADGEN_CPU wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 5s --latency "$url" >"$file" 2>&1
+    after=$(cpu_ticks "$pid")
+    awk -v ticks=$((after - before)) -v hz="$CLK_TCK" -v self="$name" '
+        function us(v) {
+            if (v ~ /us$/) return v + 0
+            if (v ~ /ms$/) return (v + 0) * 1000
+            if (v ~ /s$/) return (v + 0) * 1000000
+            return v
+        }
+        /requests in/ { reqs = $1 }
+        /Requests\/sec/ { rps = $2 }
+        /^ +99%/ { p99 = us($2) }
+        /Non-2xx/ { errs += $NF }
+        /Socket errors/ { gsub(/,/, ""); errs += $4 + $6 + $8 + $10 }
+        END {
+            cpu = (self == "direct" || reqs == 0) ? 0 : ticks / hz * 1e6 / reqs
+            printf "%s %s %d %d %.2f\n", rps, p99, reqs, errs, cpu
+        }' "$file"
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+minmax() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "–" hi }'; }
+
+section_http1() {
+    say ""
+    say "## Load: HTTP/1.1"
+    say ""
+    say "wrk -t1 -c$CONNS -d${DURATION}s --latency, GET $PATH_HTTP on the stub origin; $ROUNDS interleaved rounds."
+    local round name
+    for round in $(seq 1 "$ROUNDS"); do
+        wait_quiet
+        say "- round $round: $QUIET_NOTE"
+        for name in direct switchyard nginx haproxy; do
+            log "http1 round $round: $name"
+            echo "$name $(wrk_run "$name" "$round")" >>"$OUT/http1.raw"
+        done
+    done
+    say ""
+    say "| target | req/s median | req/s min–max | p99 median (µs) | CPU µs/request median | errors | vs direct | vs nginx |"
+    say "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    local nginx_rps direct_rps
+    nginx_rps=$(awk '$1 == "nginx" { print $2 }' "$OUT/http1.raw" | median)
+    direct_rps=$(awk '$1 == "direct" { print $2 }' "$OUT/http1.raw" | median)
+    for name in direct switchyard nginx haproxy; do
+        local rps range p99 cpu errs
+        rps=$(awk -v n=$name '$1 == n { print $2 }' "$OUT/http1.raw" | median)
+        range=$(awk -v n=$name '$1 == n { print $2 }' "$OUT/http1.raw" | minmax)
+        p99=$(awk -v n=$name '$1 == n { print $3 }' "$OUT/http1.raw" | median)
+        cpu=$(awk -v n=$name '$1 == n { print $6 }' "$OUT/http1.raw" | median)
+        errs=$(awk -v n=$name '$1 == n { s += $5 } END { print s + 0 }' "$OUT/http1.raw")
+        say "| $name | $rps | $range | $p99 | $([[ $name == direct ]] && echo - || echo "$cpu") | $errs | $(awk -v a="$rps" -v b="$direct_rps" 'BEGIN { printf "%.2f×", a / b }') | $(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.2f×", a / b }') |"
+    done
+    local ncpu
+    ncpu=$(awk '$1 == "nginx" { print $6 }' "$OUT/http1.raw" | median)
+    for name in switchyard haproxy; do
+        local cpu
+        cpu=$(awk -v n=$name '$1 == n { print $6 }' "$OUT/http1.raw" | median)
+        say ""
+        say "- $name CPU per request vs nginx: $(awk -v a="$cpu" -v b="$ncpu" 'BEGIN { printf "%.2f×", a / b }')"
+    done
+}
+
+section_h2c() {
+    say ""
+    say "## Load: h2c"
+    say ""
+    say "h2load -t1 -c16 -m10 -D$DURATION (prior knowledge), GET $PATH_HTTP; the proxies speak HTTP/1.1 to the origin."
+    say ""
+    wait_quiet
+    say "- $QUIET_NOTE"
+    say ""
+    say "| target | req/s | mean request time (h2load reports no p99) | CPU µs/request | failed/errored |"
+    say "| --- | --- | --- | --- | --- |"
+    local name url pid before after file
+    for name in switchyard haproxy nginx; do
+        case $name in
+        switchyard) url=http://127.0.0.1:$P_SY$PATH_HTTP pid=$SY_PID ;;
+        haproxy) url=http://127.0.0.1:$P_HAPROXY$PATH_HTTP pid=$HAPROXY_PID ;;
+        nginx) url=http://127.0.0.1:$P_NGINX_H2$PATH_HTTP pid=$NGINX_PID ;;
+        esac
+        file=$OUT/h2load-$name.txt
+        log "h2c: $name"
+        before=$(cpu_ticks "$pid")
+        taskset -c $LOADGEN_CPU timeout $((DURATION + 30)) h2load -t1 -c16 -m10 -D"$DURATION" "$url" >"$file" 2>&1 || true
+        after=$(cpu_ticks "$pid")
+        awk -v ticks=$((after - before)) -v hz="$CLK_TCK" -v n=$name '
+            /^finished in/ { rps = $4 }
+            /^requests:/ { done = $8; failed = $10; errored = $12 }
+            /^time for request:/ { mean = $6 }
+            END { printf "| %s | %s | %s | %.2f | %s/%s |\n", n, rps, mean, (done ? ticks / hz * 1e6 / done : 0), failed, errored }' "$file" | tee -a "$RESULTS"
+    done
+}
+
+section_latency() {
+    say ""
+    say "## Latency at 5,000 req/s"
+    say ""
+    find_oha
+    if [[ -z ${OHA:-} ]]; then
+        latency_h2load
+        return
+    fi
+    say "$($OHA --version 2>&1 | head -1), open loop: oha -z ${DURATION}s -q 5000 -c $CONNS --latency-correction --disable-keepalive off (keep-alive on)"
+    say ""
+    wait_quiet
+    say "- $QUIET_NOTE"
+    say ""
+    say "| target | p50 (ms) | p99 (ms) | p99.9 (ms) | req/s | CPU µs/request |"
+    say "| --- | --- | --- | --- | --- | --- |"
+    local name url pid before after file
+    for name in direct switchyard nginx haproxy; do
+        url=$(target_url "$name")$PATH_HTTP
+        pid=$(target_pid "$name")
+        file=$OUT/oha-$name.json
+        log "latency: $name"
+        before=$(cpu_ticks "$pid")
+        taskset -c $LOADGEN_CPU timeout $((DURATION + 30)) "$OHA" -z "${DURATION}s" -q 5000 -c "$CONNS" \
+            --latency-correction --no-tui --output-format json "$url" >"$file" 2>"$file.err" || true
+        after=$(cpu_ticks "$pid")
+        python3 - "$file" "$name" $((after - before)) "$CLK_TCK" <<'PY' | tee -a "$RESULTS"
+import json, sys
+path, name, ticks, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+d = json.load(open(path))
+s, p = d["summary"], d["latencyPercentiles"]
+total = sum(v for k, v in d.get("statusCodeDistribution", {}).items())
+cpu = "-" if name == "direct" or not total else f"{ticks / hz * 1e6 / total:.2f}"
+print(f"| {name} | {p['p50'] * 1e3:.3f} | {p['p99'] * 1e3:.3f} | {p['p99.9'] * 1e3:.3f} | {s['requestsPerSec']:.0f} | {cpu} |")
+PY
+    done
+}
+
+# Without oha: h2load over HTTP/1.1 at a fixed rate per connection (50 × 100 req/s). Each
+# connection still waits for its answer (closed loop per connection), and h2load gives no
+# percentiles: mean, sd and max only.
+latency_h2load() {
+    wait_quiet
+    say "- $QUIET_NOTE"
+    say "oha is not available (see $OUT/oha-install.log) and wrk2 is not in Debian. Approximation: h2load --h1 -t1 -c50 --rps=100 -D$DURATION (5,000 req/s offered, closed loop per connection, no percentiles)."
+    say ""
+    say "| target | req/s | latency min | mean | sd | max | CPU µs/request |"
+    say "| --- | --- | --- | --- | --- | --- | --- |"
+    local name url pid before after file
+    for name in direct switchyard nginx haproxy; do
+        url=$(target_url "$name")$PATH_HTTP
+        pid=$(target_pid "$name")
+        file=$OUT/h2load-rate-$name.txt
+        log "latency (h2load --rps): $name"
+        before=$(cpu_ticks "$pid")
+        taskset -c $LOADGEN_CPU timeout $((DURATION + 30)) h2load --h1 -t1 -c50 --rps=100 -D"$DURATION" "$url" >"$file" 2>&1 || true
+        after=$(cpu_ticks "$pid")
+        awk -v ticks=$((after - before)) -v hz="$CLK_TCK" -v n=$name '
+            /^finished in/ { rps = $4 }
+            /^requests:/ { done = $8 }
+            /^time for request:/ { min = $4; max = $5; mean = $6; sd = $7 }
+            END { printf "| %s | %s | %s | %s | %s | %s | %s |\n", n, rps, min, mean, sd, max, (n == "direct" || !done) ? "-" : sprintf("%.2f", ticks / hz * 1e6 / done) }' "$file" | tee -a "$RESULTS"
+    done
+}
+
+section_ws() {
+    say ""
+    say "## Load: WebSocket"
+    say ""
+    say "examples/ws_load.rs: N streams to $PATH_WS on the stub (echo), 640-byte binary frames every 20 ms per stream, ${DURATION}s after all are open."
+    say ""
+    local n name url pid before after file
+    for n in $WS_STREAMS; do
+        wait_quiet
+        say "- $n streams: $QUIET_NOTE"
+        say ""
+        say "| target | streams | frames sent | echoed | errors | RTT p50 (µs) | RTT p99 (µs) | CPU µs/relayed frame |"
+        say "| --- | --- | --- | --- | --- | --- | --- | --- |"
+        for name in direct switchyard nginx haproxy; do
+            url=$(target_url "$name" | sed 's/^http/ws/')$PATH_WS
+            pid=$(target_pid "$name")
+            file=$OUT/ws-$name-$n.txt
+            log "ws $n: $name"
+            before=$(cpu_ticks "$pid")
+            taskset -c $LOADGEN_CPU timeout $((DURATION + 60)) "$WS_LOAD" --url "$url" --streams "$n" --duration "$DURATION" >"$file" 2>&1 || true
+            after=$(cpu_ticks "$pid")
+            # A relayed frame: one frame through the proxy in one direction (each echo is two).
+            awk -v ticks=$((after - before)) -v hz="$CLK_TCK" -v n=$name '
+                /^streams=/ {
+                    for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+                    frames = f["sent"] + f["received"]
+                    cpu = (n == "direct" || !frames) ? "-" : sprintf("%.2f", ticks / hz * 1e6 / frames)
+                    printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", n, f["streams"], f["sent"], f["received"], f["errors"], f["rtt_p50_us"], f["rtt_p99_us"], cpu
+                }' "$file" | tee -a "$RESULTS"
+            sleep 2
+        done
+        say ""
+    done
+}
+
+section_idle() {
+    say ""
+    say "## Idle WebSocket streams: memory"
+    say ""
+    wait_quiet
+    say "- $QUIET_NOTE"
+    local before after file opened
+    file=$OUT/ws-idle.txt
+    before=$(rss_kib "$SY_PID")
+    log "idle: $IDLE_STREAMS streams through switchyard"
+    taskset -c $LOADGEN_CPU timeout 300 "$WS_LOAD" --url "ws://127.0.0.1:$P_SY$PATH_WS" --streams "$IDLE_STREAMS" --duration 30 --idle >"$file" 2>&1 &
+    local client=$!
+    PIDS+=($client)
+    local i
+    for i in $(seq 1 240); do
+        grep -q '^opened=' "$file" && break
+        sleep 1
+    done
+    sleep 3
+    after=$(rss_kib "$SY_PID")
+    opened=$(sed -n 's/^opened=\([0-9]*\).*/\1/p' "$file")
+    local stub_rss
+    stub_rss=$(rss_kib "$ORIGIN_PID")
+    wait "$client" || true
+    say "switchyard VmRSS: ${before} KiB before, ${after} KiB with ${opened:-0} of $IDLE_STREAMS streams open → $(awk -v a="$after" -v b="$before" -v n="${opened:-0}" 'BEGIN { printf "%.1f", n ? (a - b) / n : 0 }') KiB per stream (client and upstream side together) ${IDLE_NOTE:-}. Stub origin RSS at the time: $stub_rss KiB. Client: $(tail -1 "$file")"
+}
+
+section_flip() {
+    say ""
+    say "## Flips under load"
+    say ""
+    wait_quiet
+    say "- $QUIET_NOTE"
+    local file=$OUT/wrk-flip.txt flips=0 failed=0
+    log "flip: wrk 30s through switchyard, a flip every second"
+    taskset -c $LOADGEN_CPU wrk -t1 -c"$CONNS" -d30s --timeout 5s --latency "http://127.0.0.1:$P_SY$PATH_HTTP" >"$file" 2>&1 &
+    local wrk_pid=$!
+    PIDS+=($wrk_pid)
+    local end=$((SECONDS + 29))
+    while ((SECONDS < end)); do
+        sleep 1
+        if taskset -c $LOADGEN_CPU "$SY" ctl --admin "http://127.0.0.1:$P_SY_ADMIN" \
+            --token-file "$OUT/switchyard/admin.token" flip --force >>"$OUT/flips.log" 2>&1; then
+            flips=$((flips + 1))
+        else
+            failed=$((failed + 1))
+        fi
+    done
+    wait "$wrk_pid" || true
+    local errs
+    errs=$(awk '/Non-2xx/ { e += $NF } /Socket errors/ { gsub(/,/, ""); e += $4 + $6 + $8 + $10 } END { print e + 0 }' "$file")
+    say "wrk -t1 -c$CONNS -d30s through switchyard with \`switchyard ctl flip --force\` every second: $flips flips ($failed refused), $(awk '/requests in/ { print $1 }' "$file") requests, $(awk '/Requests\/sec/ { print $2 }' "$file") req/s, **$errs non-2xx/socket errors**."
+}
+
+# ---------------------------------------------------------------------------------------
+
+# Each proxied stream holds two descriptors; without CAP_SYS_RESOURCE the hard limit caps it.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+FD_LIMIT=$(ulimit -n)
+if ((IDLE_STREAMS * 2 + 200 > FD_LIMIT)); then
+    log "open-file limit $FD_LIMIT: idle streams lowered from $IDLE_STREAMS"
+    IDLE_NOTE="(lowered from $IDLE_STREAMS: the open-file hard limit is $FD_LIMIT and each proxied stream holds two descriptors)"
+    IDLE_STREAMS=$(((FD_LIMIT - 200) / 2))
+fi
+install_tools
+build_switchyard
+
+say "# Switchyard load benchmarks ($(date -u +%FT%TZ))"
+say ""
+say "- machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p'), $(uname -r)"
+say "- $(rustc --version); $(nginx -v 2>&1); $(haproxy -v | head -1); $(wrk -v 2>&1 | head -1); $(h2load --version 2>&1 | head -1)"
+say "- pinning: load generator on core $LOADGEN_CPU; proxy and origin on core $SERVER_CPU; switchyard and the stub with TOKIO_WORKER_THREADS=1"
+say "- raw output: $OUT"
+
+start_origin $P_ORIGIN blue
+ORIGIN_PID=$STARTED_PID
+start_origin $P_ORIGIN2 green
+start_switchyard
+start_nginx
+start_haproxy
+log "all up: origin $ORIGIN_PID switchyard $SY_PID nginx $NGINX_PID haproxy $HAPROXY_PID (ports from $BASE)"
+# Warm every path once so the first measured run does not pay for connection set-up.
+for name in direct switchyard nginx haproxy; do
+    curl -fsS -o /dev/null "$(target_url $name)$PATH_HTTP"
+done
+
+for s in $SECTIONS; do
+    "section_$s"
+done
+((NOT_QUIET > 0)) && say "" && say "**Note:** $NOT_QUIET measured round(s) started on a machine that never got quiet (1-minute load ≥ $QUIET_LOAD after ${QUIET_MAX}s)."
+log "done: $RESULTS"
