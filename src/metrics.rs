@@ -4,6 +4,8 @@
 //! plus upstream URLs, which the config bounds. The request path uses children resolved at
 //! start-up, so counting is an atomic add, not a label lookup.
 
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -123,9 +125,13 @@ pub struct ColorMetrics {
 /// Holds a gauge one higher until dropped.
 pub struct GaugeGuard(IntGauge);
 
-/// Every Switchyard metric, registered in a registry this value owns.
+/// Every Switchyard metric, registered in a registry this value owns. Cheap to clone
+/// (one reference count): the request path keeps a copy per request.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<Families>);
+
+/// The families and resolved handles behind `Metrics`.
+pub struct Families {
     registry: Registry,
     process: Registry,
     colors: [ColorMetrics; 2],
@@ -136,6 +142,14 @@ pub struct Metrics {
     upstream_healthy: IntGaugeVec,
     upstream_errors: IntCounterVec,
     connections: [IntGauge; 3],
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Families;
+
+    fn deref(&self) -> &Families {
+        &self.0
+    }
 }
 
 fn status_class(status: u16) -> usize {
@@ -320,7 +334,7 @@ impl Metrics {
             tracing::warn!(error = %e, "process metrics unavailable");
         }
 
-        Metrics {
+        Metrics(Arc::new(Families {
             registry,
             process,
             colors,
@@ -330,7 +344,7 @@ impl Metrics {
             upstream_healthy,
             upstream_errors,
             connections: connections_by,
-        }
+        }))
     }
 
     /// Handles for one colour.
