@@ -344,6 +344,11 @@ impl Writer {
             // Another replica changed the state since this one read it: follow what won,
             // and refuse as if `expect_generation` had been stale.
             let expected = expect.unwrap_or(current.generation);
+            tracing::info!(
+                action = action.as_str(),
+                generation = current.generation,
+                "lost a race to another replica's change; following the change that won"
+            );
             if let Err(e) = self.observe(now).await {
                 tracing::warn!(error = %e, "could not follow the state that won the race");
             }

@@ -283,7 +283,17 @@ impl EtcdStore {
             .and_then([TxnOp::put(self.key.as_str(), value, None)])
             .or_else([TxnOp::get(self.key.as_str(), None)]);
         let mut client = self.client.clone();
-        let answer = within(self.timeout, client.txn(txn)).await?;
+        let answer = within(self.timeout, client.txn(txn))
+            .await
+            .map_err(|e| match e {
+                // A write that timed out may still reach etcd; it is conditioned on this
+                // revision, so it either lands whole, for every replica, or not at all.
+                StoreError::Unavailable(reason) => StoreError::Unavailable(format!(
+                    "{reason}; the change is not applied (should etcd still commit it, \
+                     every replica follows it once etcd answers)"
+                )),
+                other => other,
+            })?;
         let revision = answer.header().map(|h| h.revision()).unwrap_or_default();
         if answer.succeeded() {
             self.follow(revision);
