@@ -20,7 +20,7 @@ use crate::config::{Config, ConfigError};
 use crate::drain::DrainOrder;
 use crate::metrics::Metrics;
 use crate::route_table::{ClientKeys, RouteTable, Router, Settings};
-use crate::state::{Action, RouteState, StateError};
+use crate::state::{Action, RouteState};
 use crate::store::{Observed, Saved, Store, StoreError, View};
 use crate::upstream::Color;
 
@@ -102,12 +102,6 @@ impl From<StoreError> for ChangeError {
             StoreError::Stopped => ChangeError::Stopped,
             other => ChangeError::Store(other),
         }
-    }
-}
-
-impl From<StateError> for ChangeError {
-    fn from(e: StateError) -> ChangeError {
-        ChangeError::Store(e.into())
     }
 }
 
