@@ -71,7 +71,8 @@ pub struct Admin {
     pub tracker: Arc<Tracker>,
     pub metrics: Metrics,
     pub token: Token,
-    /// Extra `/status` fields from the store (`{"kind": "file"}` here).
+    /// The `store` object of `/status` (`{"kind": "file"}`, or the etcd store's revision,
+    /// sync and replicas).
     pub store_status: Arc<dyn Fn() -> Value + Send + Sync>,
 }
 
@@ -134,6 +135,14 @@ impl From<ChangeError> for ApiError {
             ChangeError::Stopped => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            ChangeError::ReplicasLagging {
+                generation,
+                lagging,
+                ..
+            } => ApiError {
+                extra: Some(json!({ "generation": generation, "lagging": lagging })),
+                ..ApiError::new(StatusCode::GATEWAY_TIMEOUT, "replicas_lagging", message)
+            },
         }
     }
 }
@@ -149,10 +158,9 @@ struct ChangeBody {
     drain_timeout: Option<Duration>,
     expect_generation: Option<u64>,
     reason: Option<String>,
-    /// Accepted for the etcd store's fleet-wide acknowledgement; with one file-store
-    /// replica the change is applied before the answer, so there is nothing to wait for.
+    /// With the etcd store: answer once every live replica applied the change. With one
+    /// file-store replica the change is applied before the answer: nothing to wait for.
     #[serde(default, with = "humantime_serde")]
-    #[allow(dead_code)]
     wait_replicas: Option<Duration>,
 }
 
@@ -348,6 +356,7 @@ async fn flip(
             drain_timeout: b.drain_timeout,
             expect_generation: b.expect_generation,
             reason: b.reason,
+            wait_replicas: b.wait_replicas.map(|w| w.min(MAX_WAIT)),
         }))
         .await?;
     Ok(change_answer(&admin, outcome))
@@ -373,6 +382,7 @@ async fn rollback(
             drain_timeout: b.drain_timeout,
             expect_generation: b.expect_generation,
             reason: b.reason,
+            wait_replicas: b.wait_replicas.map(|w| w.min(MAX_WAIT)),
         }))
         .await?;
     Ok(change_answer(&admin, outcome))

@@ -121,7 +121,16 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         .map(|(l, c)| addr(l, c));
     let admin_addr = addr(&admin_listener, config.listen.admin);
 
-    let (control, router) = Control::start(config, metrics.clone())?;
+    let shutdown = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+    let (control, router, store_tasks) = Control::start(
+        config,
+        metrics.clone(),
+        admin_addr.port(),
+        stop_background.clone(),
+    )
+    .await?;
     let tracker = Arc::new(Tracker::default());
     let proxy = Arc::new(
         Proxy::new(router.clone(), tracker.clone(), metrics.clone()).map_err(|e| ConfigError {
@@ -131,9 +140,6 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         })?,
     );
 
-    let shutdown = CancellationToken::new();
-    let stop_accepting = CancellationToken::new();
-    let stop_background = CancellationToken::new();
     crate::health::spawn(
         router.clone(),
         metrics.clone(),
@@ -159,7 +165,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tracker: tracker.clone(),
         metrics: metrics.clone(),
         token,
-        store_status: Arc::new(|| serde_json::json!({ "kind": "file" })),
+        store_status: {
+            let control = control.clone();
+            Arc::new(move || control.store_status())
+        },
     };
     let admin_stop = stop_background.clone();
     let admin_task = tokio::spawn(async move {
@@ -194,6 +203,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             let _ = tokio::time::timeout(bound, async { tokio::join!(streams, requests) }).await;
             stop_background.cancel();
             let _ = admin_task.await;
+            // The etcd store leaves the replica list on the way out (bounded by etcd.timeout).
+            let _ = futures_util::future::join_all(store_tasks).await;
             tracing::info!("shutdown complete");
         })
     };

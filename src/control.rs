@@ -1,21 +1,27 @@
-//! The single writer of route changes: flip, rollback, commit and reload.
+//! The single writer of route changes: flip, rollback, commit and reload, and (with the
+//! etcd store) the changes other replicas made.
 //!
 //! Changes arrive over a channel and are applied one at a time by one task, so no lock is
-//! needed and none is held across the state file's fsync. Each change is checked
-//! (`expect_generation` first), persisted, and only then published to the `Router` and
-//! acknowledged.
+//! needed and none is held across the store's write. Each change is checked
+//! (`expect_generation` first), stored (`store`), and only then published to the `Router`
+//! and acknowledged. A state another replica stored arrives as `Change::Observed` and is
+//! published the same way, with this replica's own drain orders.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::drain::DrainOrder;
 use crate::metrics::Metrics;
 use crate::route_table::{ClientKeys, RouteTable, Router, Settings};
-use crate::state::{Action, FileStore, RouteState, StateError};
+use crate::state::{Action, RouteState};
+use crate::store::{Observed, Saved, Store, StoreError, View};
 use crate::upstream::Color;
 
 /// A flip or rollback as the admin API takes it.
@@ -31,6 +37,9 @@ pub struct FlipRequest {
     pub expect_generation: Option<u64>,
     /// Free text for the history.
     pub reason: Option<String>,
+    /// With the etcd store: answer only once every live replica applied the change, or
+    /// `ReplicasLagging` after this long. Nothing to wait for with the file store.
+    pub wait_replicas: Option<Duration>,
 }
 
 /// A change to apply.
@@ -44,6 +53,10 @@ pub enum Change {
     },
     /// Re-read the config file.
     Reload,
+    /// The route state as the store's watch (or a lost race) found it: another replica's
+    /// change, applied here with this replica's drain settings. Sent by the etcd store,
+    /// never by the admin API.
+    Observed(Observed),
 }
 
 /// What a change did.
@@ -67,16 +80,36 @@ pub enum ChangeError {
     #[error("{0}")]
     Config(#[from] ConfigError),
     #[error("{0}")]
-    Store(#[from] StateError),
+    Store(StoreError),
     #[error("switchyard is shutting down")]
     Stopped,
+    /// The change is stored and applied here, but not yet by every live replica.
+    #[error(
+        "generation {generation} is stored, but after {} these replicas had not applied it: {}",
+        humantime::format_duration(*waited),
+        lagging.join(", ")
+    )]
+    ReplicasLagging {
+        generation: u64,
+        waited: Duration,
+        lagging: Vec<String>,
+    },
+}
+
+impl From<StoreError> for ChangeError {
+    fn from(e: StoreError) -> ChangeError {
+        match e {
+            StoreError::Stopped => ChangeError::Stopped,
+            other => ChangeError::Store(other),
+        }
+    }
 }
 
 /// Fails start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
-    State(#[from] StateError),
+    Store(#[from] StoreError),
     #[error("{0}")]
     Config(#[from] ConfigError),
 }
@@ -89,12 +122,14 @@ pub struct Control {
     tx: mpsc::Sender<(Change, Reply)>,
     state: Arc<ArcSwap<RouteState>>,
     router: Arc<Router>,
+    /// The store as `/status` shows it, and what `wait_replicas` waits on.
+    view: View,
 }
 
 struct Writer {
     router: Arc<Router>,
     state: Arc<ArcSwap<RouteState>>,
-    store: FileStore,
+    store: Store,
     metrics: Metrics,
     config_path: std::path::PathBuf,
 }
@@ -130,18 +165,23 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
 }
 
 impl Control {
-    /// Loads (or creates) the route state, builds the first table and starts the writer.
-    pub fn start(config: Config, metrics: Metrics) -> Result<(Control, Arc<Router>), StartError> {
-        let store = FileStore::new(config.routing.state_file.clone());
-        let state = match store.load()? {
-            Some(state) => state,
-            None => {
-                let state = RouteState::first_start(config.routing.initial, SystemTime::now());
-                store.save(&state)?;
-                metrics.route_change(Action::Startup.as_str());
-                state
-            }
-        };
+    /// Loads (or creates) the route state, builds the first table, and starts the writer
+    /// and the store's background tasks (returned, to be awaited after `stop`).
+    /// `admin_port` names this replica in the etcd store when `etcd.replica_id` does not.
+    pub async fn start(
+        config: Config,
+        metrics: Metrics,
+        admin_port: u16,
+        stop: CancellationToken,
+    ) -> Result<(Control, Arc<Router>, Vec<JoinHandle<()>>), StartError> {
+        let (mut store, view) = Store::open(&config, &metrics, admin_port).await?;
+        let initial = config.routing.initial;
+        let (state, first_start) = store
+            .load(|| RouteState::first_start(initial, SystemTime::now()))
+            .await?;
+        if first_start {
+            metrics.route_change(Action::Startup.as_str());
+        }
         let config_path = config.source.clone();
         let settings = Arc::new(load_settings(config)?);
         let table = RouteTable {
@@ -162,32 +202,54 @@ impl Control {
         let router = Arc::new(Router::new(table));
         let state = Arc::new(ArcSwap::from_pointee(state));
         let (tx, rx) = mpsc::channel(64);
+        let control = Control {
+            tx,
+            state: state.clone(),
+            router: router.clone(),
+            view,
+        };
+        let tasks = store.spawn(control.clone(), router.clone(), stop);
         let writer = Writer {
             router: router.clone(),
-            state: state.clone(),
+            state,
             store,
             metrics,
             config_path,
         };
         tokio::spawn(writer.run(rx));
-        Ok((
-            Control {
-                tx,
-                state,
-                router: router.clone(),
-            },
-            router,
-        ))
+        Ok((control, router, tasks))
     }
 
-    /// Applies a change and waits for it to be persisted and published.
+    /// Applies a change and waits for it to be stored and published (and, for a flip or
+    /// rollback with `wait_replicas`, applied by every live replica).
     pub async fn apply(&self, change: Change) -> Result<Outcome, ChangeError> {
+        let wait = match &change {
+            Change::Flip(r) | Change::Rollback(r) => r.wait_replicas,
+            _ => None,
+        };
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((change, reply))
             .await
             .map_err(|_| ChangeError::Stopped)?;
-        answer.await.map_err(|_| ChangeError::Stopped)?
+        let outcome = answer.await.map_err(|_| ChangeError::Stopped)??;
+        if let Some(waited) = wait {
+            let generation = outcome.table.generation;
+            self.view
+                .wait_replicas(generation, waited)
+                .await
+                .map_err(|lagging| ChangeError::ReplicasLagging {
+                    generation,
+                    waited,
+                    lagging,
+                })?;
+        }
+        Ok(outcome)
+    }
+
+    /// The `store` object of `/status`.
+    pub fn store_status(&self) -> Value {
+        self.view.status()
     }
 
     /// The persisted state (history included) as of the last change.
@@ -217,7 +279,7 @@ impl Writer {
             Change::Commit {
                 expect_generation, ..
             } => *expect_generation,
-            Change::Reload => None,
+            Change::Reload | Change::Observed(_) => None,
         };
         if let Some(expected) = expect
             && expected != current.generation
@@ -270,8 +332,25 @@ impl Writer {
                 (Action::Commit, table, new_state)
             }
             Change::Reload => self.reload(&current, &state, now).await?,
+            Change::Observed(seen) => return self.observe(seen).await,
         };
-        self.persist(&new_state).await?;
+        if let Saved::Conflict(now) = self.store.save(&new_state).await? {
+            // Another replica changed the state since this one read it: follow what won,
+            // and refuse as if `expect_generation` had been stale.
+            let expected = expect.unwrap_or(current.generation);
+            tracing::info!(
+                action = action.as_str(),
+                generation = current.generation,
+                "lost a race to another replica's change; following the change that won"
+            );
+            if let Err(e) = self.observe(now).await {
+                tracing::warn!(error = %e, "could not follow the state that won the race");
+            }
+            return Err(ChangeError::GenerationMismatch {
+                expected,
+                actual: self.router.load().generation,
+            });
+        }
         if action == Action::Reload {
             self.retire_removed(&current, &table);
         }
@@ -380,12 +459,73 @@ impl Writer {
         }
     }
 
-    async fn persist(&self, state: &RouteState) -> Result<(), ChangeError> {
-        let store = self.store.clone();
-        let state = state.clone();
-        tokio::task::spawn_blocking(move || store.save(&state))
-            .await
-            .map_err(|_| ChangeError::Stopped)??;
-        Ok(())
+    /// Follows a state the store holds: another replica's change, or a resync. A missing
+    /// key is filled with this replica's state (only while it is still missing).
+    async fn observe(&mut self, seen: Observed) -> Result<Outcome, ChangeError> {
+        let unchanged = |table| Outcome {
+            changed: false,
+            table,
+        };
+        let seen = match seen.state {
+            Some(_) => seen,
+            None => {
+                let ours = self.state.load_full();
+                match self.store.create_missing(&ours).await? {
+                    Saved::Done => {
+                        tracing::info!(
+                            generation = ours.generation,
+                            "wrote this replica's route state to the missing store key"
+                        );
+                        return Ok(unchanged(self.router.load_full()));
+                    }
+                    Saved::Conflict(now) => now,
+                }
+            }
+        };
+        let (Some(state), true) = (seen.state, self.store.is_news(seen.revision)) else {
+            return Ok(unchanged(self.router.load_full()));
+        };
+        self.store.adopt(&state, seen.revision).await;
+        let current = self.router.load_full();
+        if *self.state.load_full() == state {
+            return Ok(unchanged(current));
+        }
+        let mut drains = current.drains;
+        if state.active != current.active {
+            // As in `switch`, with this replica's drain.timeout from the moment it applies
+            // the change: the flip's own drain_timeout was the other replica's request.
+            let timeout = current.settings.config.drain.timeout;
+            drains[current.active.index()] =
+                Some(DrainOrder::starting_now(state.generation, timeout));
+            drains[state.active.index()] = None;
+        }
+        let table = RouteTable {
+            active: state.active,
+            rollback_to: state.rollback_to,
+            generation: state.generation,
+            changed_at: state.changed_at_time(),
+            pools: current.pools.clone(),
+            drains,
+            settings: current.settings.clone(),
+        };
+        let action = state.history.last().map(|h| h.action);
+        self.metrics.route(table.active, table.generation);
+        if let Some(action) = action {
+            self.metrics.route_change(action.as_str());
+        }
+        self.state.store(Arc::new(state));
+        self.router.store(table);
+        let table = self.router.load_full();
+        tracing::info!(
+            action = action.map(|a| a.as_str()),
+            active = %table.active,
+            generation = table.generation,
+            revision = seen.revision,
+            "route changed through the store (another replica)"
+        );
+        Ok(Outcome {
+            changed: true,
+            table,
+        })
     }
 }

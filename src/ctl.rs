@@ -22,11 +22,14 @@ pub enum Command {
         drain_timeout: Option<String>,
         expect_generation: Option<u64>,
         reason: Option<String>,
+        /// `wait_replicas`: with the etcd store, wait this long for every live replica.
+        wait_replicas: Option<String>,
     },
     Rollback {
         force: bool,
         expect_generation: Option<u64>,
         reason: Option<String>,
+        wait_replicas: Option<String>,
     },
     Commit {
         expect_generation: Option<u64>,
@@ -63,26 +66,30 @@ pub async fn run(options: &Options, command: Command) -> i32 {
             drain_timeout,
             expect_generation,
             reason,
+            wait_replicas,
         } => (
             Method::POST,
             "/flip".to_owned(),
             Some(compact(
                 json!({"to": to, "force": force, "drain_timeout": drain_timeout,
-                "expect_generation": expect_generation, "reason": reason}),
+                "expect_generation": expect_generation, "reason": reason,
+                "wait_replicas": wait_replicas}),
             )),
-            None,
+            wait_replicas.as_deref().map(wait_of),
         ),
         Command::Rollback {
             force,
             expect_generation,
             reason,
+            wait_replicas,
         } => (
             Method::POST,
             "/rollback".to_owned(),
             Some(compact(
-                json!({"force": force, "expect_generation": expect_generation, "reason": reason}),
+                json!({"force": force, "expect_generation": expect_generation, "reason": reason,
+                "wait_replicas": wait_replicas}),
             )),
-            None,
+            wait_replicas.as_deref().map(wait_of),
         ),
         Command::Commit {
             expect_generation,
@@ -96,7 +103,7 @@ pub async fn run(options: &Options, command: Command) -> i32 {
             None,
         ),
         Command::WaitDrained { color, timeout } => {
-            let wait = humantime::parse_duration(timeout).unwrap_or(Duration::from_secs(60));
+            let wait = wait_of(timeout);
             (
                 Method::GET,
                 format!(
@@ -176,6 +183,12 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         Command::WaitDrained { .. } if value.get("drained") != Some(&Value::Bool(true)) => 3,
         _ => 0,
     }
+}
+
+/// How long the API may take to answer a call that waits `timeout` (a humantime string the
+/// API validates; an unreadable one gets the default wait).
+fn wait_of(timeout: &str) -> Duration {
+    humantime::parse_duration(timeout).unwrap_or(Duration::from_secs(60))
 }
 
 /// Percent-encodes a query value: humantime durations contain spaces (`1h 30m`).

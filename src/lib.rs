@@ -13,7 +13,8 @@
 //!
 //! # A flip's path
 //! `admin` takes `POST /flip`; `control`, the only writer, checks it, writes the state
-//! (`state`) and publishes a new table. New requests see the new colour at once. Streams on
+//! (`store`: the state file, or with the `etcd` feature a key several replicas share and
+//! watch) and publishes a new table. New requests see the new colour at once. Streams on
 //! the old colour are told through `drain::DrainWatch`; at their deadline the relay ends
 //! them the way Deepgram's protocol expects and closes the client with 1012.
 //!
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod route_table;
 pub mod state;
+pub mod store;
 pub mod stub;
 pub mod tls;
 pub mod upstream;

@@ -99,6 +99,10 @@ enum CtlCommand {
         expect_generation: Option<u64>,
         #[arg(long)]
         reason: Option<String>,
+        /// With the etcd store: answer once every live replica applied the flip, waiting
+        /// up to 10s (or `--wait-all=30s`); exit 1 naming the replicas that lag.
+        #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, require_equals = true, default_missing_value = "10s")]
+        wait_all: Option<String>,
     },
     /// Send new traffic back to the rollback target.
     Rollback {
@@ -108,6 +112,9 @@ enum CtlCommand {
         expect_generation: Option<u64>,
         #[arg(long)]
         reason: Option<String>,
+        /// As for flip.
+        #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, require_equals = true, default_missing_value = "10s")]
+        wait_all: Option<String>,
     },
     /// Forget the rollback target.
     Commit {
@@ -241,21 +248,25 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     drain_timeout,
                     expect_generation,
                     reason,
+                    wait_all,
                 } => ctl::Command::Flip {
                     to,
                     force,
                     drain_timeout,
                     expect_generation,
                     reason,
+                    wait_replicas: wait_all,
                 },
                 CtlCommand::Rollback {
                     force,
                     expect_generation,
                     reason,
+                    wait_all,
                 } => ctl::Command::Rollback {
                     force,
                     expect_generation,
                     reason,
+                    wait_replicas: wait_all,
                 },
                 CtlCommand::Commit {
                     expect_generation,

@@ -142,6 +142,8 @@ pub struct Families {
     upstream_healthy: IntGaugeVec,
     upstream_errors: IntCounterVec,
     connections: [IntGauge; 3],
+    /// 1 while this replica's route state matches its store (always, for the file store).
+    pub store_in_sync: IntGauge,
 }
 
 impl std::ops::Deref for Metrics {
@@ -288,6 +290,11 @@ impl Metrics {
             &["listener"],
         )
         .expect("valid metric");
+        let store_in_sync = IntGauge::new(
+            "store_in_sync",
+            "1 while this replica follows the route store's latest state (always for the file store).",
+        )
+        .expect("valid metric");
 
         let colors = Color::ALL.map(|color| {
             let c = color.as_str();
@@ -326,6 +333,7 @@ impl Metrics {
         reg(Box::new(upstream_healthy.clone()));
         reg(Box::new(upstream_errors.clone()));
         reg(Box::new(connections));
+        reg(Box::new(store_in_sync.clone()));
         // The process collector carries no prefix: `process_*` is the name scrapers know.
         let process = Registry::new();
         if let Err(e) = process.register(Box::new(
@@ -344,6 +352,7 @@ impl Metrics {
             upstream_healthy,
             upstream_errors,
             connections: connections_by,
+            store_in_sync,
         }))
     }
 

@@ -30,7 +30,10 @@ const AUDIO_CHUNK: usize = 3200;
 const HTTP_BODY: usize = 1000;
 
 /// Every `switchyard_` family SPEC lists: name, type, label names.
-const FAMILIES: [(&str, Kind, &[&str]); 12] = [
+/// SPEC's table, plus `switchyard_store_in_sync` (0/1), which the many-replicas issue adds
+/// so alerting can see a replica that lost its store.
+const FAMILIES: [(&str, Kind, &[&str]); 13] = [
+    ("switchyard_store_in_sync", Kind::Gauge, &[]),
     (
         "switchyard_requests_total",
         Kind::Counter,

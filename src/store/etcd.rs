@@ -1,0 +1,737 @@
+//! The etcd route store (cargo feature `etcd`): several replicas share one route state.
+//!
+//! - `etcd.key` holds the `RouteState` JSON. The writer changes it with one transaction
+//!   conditioned on the mod revision this replica follows (`create_revision == 0` while the
+//!   key is missing), so of two concurrent changes one loses and is answered 409.
+//! - `watch` reads the key, hands it to the writer as `Change::Observed`, and follows it
+//!   from the next revision; after a lost watch it re-reads and resumes.
+//! - `register` records the generation this replica applied under
+//!   `{key}/replicas/{replica_id}`, bound to a lease it keeps alive, so a replica that dies
+//!   or freezes drops out of the others' lists within `lease_ttl`.
+//! - Fail static: while etcd does not answer, the replica serves the last state it saw
+//!   (also kept in `routing.state_file`, which it starts from when etcd is down) and
+//!   refuses changes within `etcd.timeout`.
+//!
+//! Every call is bounded here by `etcd.timeout`, not by the client's per-request timeout,
+//! which would also end the long-lived watch and keep-alive streams.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
+};
+use prometheus::IntGauge;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Observed, Saved, StoreError};
+use crate::config::EtcdStore as EtcdSettings;
+use crate::control::{Change, Control};
+use crate::metrics::Metrics;
+use crate::route_table::Router;
+use crate::state::{FileStore, RouteState};
+
+/// How often a quiet watch is asked for a progress answer, to notice a silent etcd.
+const PROBE: Duration = Duration::from_secs(1);
+/// The pause before reconnecting after a lost watch or lease.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// The route state in etcd, owned by the writer.
+pub struct EtcdStore {
+    client: Client,
+    key: String,
+    timeout: Duration,
+    lease_ttl: Duration,
+    /// The fail-static copy, and what a replica starts from while etcd is down.
+    file: FileStore,
+    /// Which revision of the key the table follows; every change is conditioned on it.
+    known: Known,
+    shared: Arc<Shared>,
+}
+
+/// What this replica knows of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// Not read since start (etcd was down): changes wait until the watch has read it.
+    Unread,
+    /// Read, and missing at this revision.
+    Missing(i64),
+    /// Followed at this mod revision.
+    At(i64),
+}
+
+/// What the writer, the watch, the registration and `/status` share.
+pub struct Shared {
+    replica_id: String,
+    /// The key's mod revision the table follows (0 before the first read).
+    applied: AtomicI64,
+    /// The newest revision of the key the watch reported.
+    seen: AtomicI64,
+    /// Whether the watch is established and etcd answers it.
+    watching: AtomicBool,
+    /// Live replicas (their lease holds) and the generation each applied.
+    replicas: watch::Sender<BTreeMap<String, u64>>,
+    in_sync: IntGauge,
+}
+
+/// The key and the replica list read at one revision.
+struct Snapshot {
+    route: Observed,
+    replicas: BTreeMap<String, u64>,
+    revision: i64,
+}
+
+impl EtcdStore {
+    /// A client for `settings.endpoints`; it connects on first use, so an etcd that is down
+    /// is not an error here.
+    pub async fn connect(
+        settings: &EtcdSettings,
+        file: FileStore,
+        metrics: &Metrics,
+        admin_port: u16,
+    ) -> Result<EtcdStore, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(settings.timeout)
+            // HTTP/2 pings end a connection to an etcd that stopped answering, so a watch
+            // on it fails instead of hanging.
+            .with_keep_alive(PROBE, settings.timeout)
+            .with_keep_alive_while_idle(true);
+        let client = within(
+            settings.timeout,
+            Client::connect(&settings.endpoints, Some(options)),
+        )
+        .await?;
+        let replica_id = settings
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{admin_port}", hostname()));
+        metrics.store_in_sync.set(0);
+        Ok(EtcdStore {
+            client,
+            key: settings.key.clone(),
+            timeout: settings.timeout,
+            lease_ttl: settings.lease_ttl,
+            file,
+            known: Known::Unread,
+            shared: Arc::new(Shared {
+                replica_id,
+                applied: AtomicI64::new(0),
+                seen: AtomicI64::new(0),
+                watching: AtomicBool::new(false),
+                replicas: watch::Sender::new(BTreeMap::new()),
+                in_sync: metrics.store_in_sync.clone(),
+            }),
+        })
+    }
+
+    /// The handle `/status` and `wait_replicas` read.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// The state to start from: etcd's when it answers (written to the state file), else
+    /// the state file's, else `first()`. A missing key is created from what this replica
+    /// starts with; a corrupt key or state file stops start-up.
+    pub async fn load(
+        &mut self,
+        first: impl FnOnce() -> RouteState,
+    ) -> Result<(RouteState, bool), StoreError> {
+        let local = self.file.load()?;
+        let snapshot = match snapshot(&self.client, &self.key, self.timeout).await {
+            Ok(s) => s,
+            Err(e @ StoreError::Corrupt { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, key = %self.key, "etcd is unreachable at start; starting from the state file and following etcd once it answers");
+                let (state, first_start) = match local {
+                    Some(state) => (state, false),
+                    None => (first(), true),
+                };
+                if first_start {
+                    self.file.save(&state)?;
+                }
+                return Ok((state, first_start));
+            }
+        };
+        self.shared.replicas.send_replace(snapshot.replicas);
+        if let Some(state) = snapshot.route.state {
+            self.follow(snapshot.route.revision);
+            if local.as_ref() != Some(&state) {
+                self.file.save(&state)?;
+            }
+            return Ok((state, false));
+        }
+        self.known = Known::Missing(snapshot.route.revision);
+        let (state, first_start) = match local {
+            Some(state) => (state, false),
+            None => (first(), true),
+        };
+        self.file.save(&state)?;
+        match self.create_missing(&state).await {
+            Ok(Saved::Done) => Ok((state, first_start)),
+            Ok(Saved::Conflict(Observed {
+                state: Some(theirs),
+                revision,
+            })) => {
+                // Another replica created it first: theirs is the fleet's state.
+                self.follow(revision);
+                self.file.save(&theirs)?;
+                Ok((theirs, false))
+            }
+            Ok(Saved::Conflict(_)) | Err(_) => {
+                // The watch writes it once etcd answers.
+                Ok((state, first_start))
+            }
+        }
+    }
+
+    /// Writes `state` if the key is still at the revision this replica follows.
+    pub async fn save(&mut self, state: &RouteState) -> Result<Saved, StoreError> {
+        let when = match self.known {
+            Known::Unread => {
+                return Err(StoreError::Unavailable(format!(
+                    "{} has not been read since this replica started (etcd was unreachable); \
+                     changes resume once it answers",
+                    self.key
+                )));
+            }
+            Known::Missing(_) => Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0),
+            Known::At(revision) => {
+                Compare::mod_revision(self.key.as_str(), CompareOp::Equal, revision)
+            }
+        };
+        self.put_if(when, state).await
+    }
+
+    /// Writes `state` only if the key does not exist.
+    pub async fn create_missing(&mut self, state: &RouteState) -> Result<Saved, StoreError> {
+        let when = Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0);
+        self.put_if(when, state).await
+    }
+
+    /// Whether a state at `revision` is newer than what this replica follows.
+    pub fn is_news(&self, revision: i64) -> bool {
+        match self.known {
+            Known::Unread => true,
+            Known::Missing(r) | Known::At(r) => revision > r,
+        }
+    }
+
+    /// The table follows `state` at `revision` now; keeps the fail-static copy.
+    pub async fn adopt(&mut self, state: &RouteState, revision: i64) {
+        self.follow(revision);
+        self.keep_copy(state).await;
+    }
+
+    /// Starts the watch and this replica's registration.
+    pub fn spawn(
+        &self,
+        control: Control,
+        router: Arc<Router>,
+        stop: CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let watcher = Watcher {
+            client: self.client.clone(),
+            key: self.key.clone(),
+            timeout: self.timeout,
+            control,
+            shared: self.shared.clone(),
+        };
+        let registration = Registration {
+            client: self.client.clone(),
+            key: replicas_prefix(&self.key) + &self.shared.replica_id,
+            lease_ttl: self.lease_ttl,
+            timeout: self.timeout,
+            generations: router.subscribe(),
+        };
+        vec![
+            tokio::spawn(watcher.run(stop.clone())),
+            tokio::spawn(registration.run(stop)),
+        ]
+    }
+
+    fn follow(&mut self, revision: i64) {
+        self.known = Known::At(revision);
+        self.shared.applied.store(revision, Ordering::Release);
+        self.shared.refresh();
+    }
+
+    async fn keep_copy(&self, state: &RouteState) {
+        let file = self.file.clone();
+        let state = state.clone();
+        match tokio::task::spawn_blocking(move || file.save(&state)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the fail-static copy of the route state was not written")
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// One transaction: `when` holds → put `state`; else → read what is there.
+    async fn put_if(&mut self, when: Compare, state: &RouteState) -> Result<Saved, StoreError> {
+        let value = serde_json::to_vec(state).expect("the route state always serializes");
+        let txn = Txn::new()
+            .when([when])
+            .and_then([TxnOp::put(self.key.as_str(), value, None)])
+            .or_else([TxnOp::get(self.key.as_str(), None)]);
+        let mut client = self.client.clone();
+        let answer = within(self.timeout, client.txn(txn))
+            .await
+            .map_err(|e| match e {
+                // A write that timed out may still reach etcd; it is conditioned on this
+                // revision, so it either lands whole, for every replica, or not at all.
+                StoreError::Unavailable(reason) => StoreError::Unavailable(format!(
+                    "{reason}; the change is not applied (should etcd still commit it, \
+                     every replica follows it once etcd answers)"
+                )),
+                other => other,
+            })?;
+        let revision = answer.header().map(|h| h.revision()).unwrap_or_default();
+        if answer.succeeded() {
+            self.follow(revision);
+            self.keep_copy(state).await;
+            return Ok(Saved::Done);
+        }
+        let current = answer.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        });
+        let observed = match current {
+            Some(kv) => route_of(&self.key, &kv)?,
+            None => Observed {
+                state: None,
+                revision,
+            },
+        };
+        Ok(Saved::Conflict(observed))
+    }
+}
+
+impl Shared {
+    /// The `store` object of `/status`.
+    pub fn status(&self) -> Value {
+        let replicas: Vec<Value> = self
+            .replicas
+            .borrow()
+            .iter()
+            .map(|(id, generation)| json!({ "id": id, "generation": generation }))
+            .collect();
+        json!({
+            "kind": "etcd",
+            "replica_id": self.replica_id,
+            "revision": self.applied.load(Ordering::Acquire),
+            "in_sync": self.in_sync(),
+            "replicas": replicas,
+        })
+    }
+
+    /// Waits until every replica in the list has applied `generation`, or `timeout`.
+    pub async fn wait_replicas(
+        &self,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<(), Vec<String>> {
+        let lagging = |replicas: &BTreeMap<String, u64>| -> Vec<String> {
+            replicas
+                .iter()
+                .filter(|&(_, &applied)| applied < generation)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        let mut list = self.replicas.subscribe();
+        let caught_up = tokio::time::timeout(
+            timeout,
+            list.wait_for(|replicas| lagging(replicas).is_empty()),
+        )
+        .await;
+        match caught_up {
+            Ok(_) => Ok(()),
+            Err(_) => Err(lagging(&self.replicas.borrow())),
+        }
+    }
+
+    /// The watch answers and the table follows the newest revision it reported.
+    fn in_sync(&self) -> bool {
+        self.watching.load(Ordering::Acquire)
+            && self.applied.load(Ordering::Acquire) >= self.seen.load(Ordering::Acquire)
+    }
+
+    fn refresh(&self) {
+        self.in_sync.set(i64::from(self.in_sync()));
+    }
+
+    fn set_watching(&self, watching: bool) {
+        self.watching.store(watching, Ordering::Release);
+        self.refresh();
+    }
+
+    fn saw(&self, revision: i64) {
+        self.seen.fetch_max(revision, Ordering::AcqRel);
+        self.refresh();
+    }
+}
+
+/// Follows the route key and the replica list.
+struct Watcher {
+    client: Client,
+    key: String,
+    timeout: Duration,
+    /// Where observed states go: the single writer.
+    control: Control,
+    shared: Arc<Shared>,
+}
+
+impl Watcher {
+    async fn run(self, stop: CancellationToken) {
+        let mut lost = false;
+        loop {
+            let error = tokio::select! {
+                Err(e) = self.follow(&mut lost) => e,
+                _ = stop.cancelled() => break,
+            };
+            self.shared.set_watching(false);
+            if !lost {
+                tracing::warn!(error = %error, key = %self.key, "lost the etcd watch; serving the last state, changes are refused until it is back");
+                lost = true;
+            } else {
+                tracing::debug!(error = %error, "etcd is still unreachable");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        self.shared.set_watching(false);
+    }
+
+    /// Reads, hands the state to the writer, and watches until something fails.
+    async fn follow(&self, lost: &mut bool) -> Result<Infallible, StoreError> {
+        let mut client = self.client.clone();
+        let snapshot = snapshot(&client, &self.key, self.timeout).await?;
+        self.shared.replicas.send_replace(snapshot.replicas);
+        self.observed(snapshot.route).await?;
+
+        let from = snapshot.revision + 1;
+        let prefix = replicas_prefix(&self.key);
+        let mut stream = within(
+            self.timeout,
+            client.watch(
+                self.key.as_str(),
+                Some(WatchOptions::new().with_start_revision(from)),
+            ),
+        )
+        .await?;
+        within(
+            self.timeout,
+            stream.watch(
+                prefix.as_str(),
+                Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+            ),
+        )
+        .await?;
+        let mut created = 0;
+        while created < 2 {
+            let answer = within(self.timeout, stream.message())
+                .await?
+                .ok_or_else(|| unavailable("the watch ended"))?;
+            if answer.canceled() {
+                return Err(unavailable(format!(
+                    "etcd refused the watch: {}",
+                    answer.cancel_reason()
+                )));
+            }
+            created += usize::from(answer.created());
+            self.events(answer.events(), &prefix).await?;
+        }
+        self.shared.set_watching(true);
+        if std::mem::take(lost) {
+            tracing::info!(key = %self.key, revision = snapshot.revision, "etcd is back; following the route state again");
+        }
+
+        let mut probe = tokio::time::interval(PROBE);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
+        loop {
+            tokio::select! {
+                answer = stream.message() => {
+                    let answer = answer
+                        .map_err(|e| unavailable(e.to_string()))?
+                        .ok_or_else(|| unavailable("the watch ended"))?;
+                    heard = Instant::now();
+                    if answer.canceled() {
+                        return Err(unavailable(format!(
+                            "etcd cancelled the watch: {}",
+                            answer.cancel_reason()
+                        )));
+                    }
+                    self.events(answer.events(), &prefix).await?;
+                }
+                _ = probe.tick() => {
+                    if heard.elapsed() > self.timeout + PROBE {
+                        return Err(unavailable("etcd stopped answering the watch"));
+                    }
+                    within(self.timeout, stream.request_progress()).await?;
+                }
+            }
+        }
+    }
+
+    async fn events(&self, events: &[etcd_client::Event], prefix: &str) -> Result<(), StoreError> {
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            if kv.key() == self.key.as_bytes() {
+                let observed = match event.event_type() {
+                    EventType::Put => match route_of(&self.key, kv) {
+                        Ok(observed) => observed,
+                        Err(e) => {
+                            // Not followed: this replica keeps its state and says it is
+                            // out of sync until a valid state arrives.
+                            self.shared.saw(kv.mod_revision());
+                            tracing::error!(error = %e, "ignoring an invalid route state in etcd");
+                            continue;
+                        }
+                    },
+                    EventType::Delete => Observed {
+                        state: None,
+                        revision: kv.mod_revision(),
+                    },
+                };
+                self.observed(observed).await?;
+            } else if let Some(id) = kv.key().strip_prefix(prefix.as_bytes()) {
+                let id = String::from_utf8_lossy(id).into_owned();
+                match event.event_type() {
+                    EventType::Put => match generation_of(kv.value()) {
+                        Some(generation) => {
+                            self.shared.replicas.send_modify(|list| {
+                                list.insert(id, generation);
+                            });
+                        }
+                        None => {
+                            tracing::debug!(replica = %id, "ignoring an unreadable replica record")
+                        }
+                    },
+                    EventType::Delete => {
+                        self.shared
+                            .replicas
+                            .send_if_modified(|list| list.remove(&id).is_some());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a state to the writer and waits until it is applied.
+    async fn observed(&self, observed: Observed) -> Result<(), StoreError> {
+        self.shared.saw(observed.revision);
+        self.control
+            .apply(Change::Observed(observed))
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(format!("following the route state: {e}")))
+    }
+}
+
+/// This replica's record under `{key}/replicas/`, bound to a lease.
+struct Registration {
+    client: Client,
+    key: String,
+    lease_ttl: Duration,
+    timeout: Duration,
+    /// The generation of every table this replica publishes.
+    generations: watch::Receiver<u64>,
+}
+
+impl Registration {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut lease = None;
+        let mut lost = false;
+        loop {
+            let error = tokio::select! {
+                Err(e) = self.keep(&mut lease, &mut lost) => e,
+                _ = stop.cancelled() => break,
+            };
+            if !lost {
+                tracing::warn!(error = %error, key = %self.key, "lost this replica's etcd lease; registering again");
+                lost = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        // Leaving now rather than after lease_ttl: nobody waits for a replica that stopped.
+        if let Some(id) = lease {
+            let mut client = self.client.clone();
+            let _ = within(self.timeout, client.lease_revoke(id)).await;
+        }
+    }
+
+    /// Takes a lease, records the applied generation under it, and keeps both current
+    /// until something fails.
+    async fn keep(
+        &mut self,
+        lease: &mut Option<i64>,
+        lost: &mut bool,
+    ) -> Result<Infallible, StoreError> {
+        let mut client = self.client.clone();
+        let seconds =
+            i64::try_from(self.lease_ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i64::MAX);
+        let id = within(self.timeout, client.lease_grant(seconds, None))
+            .await?
+            .id();
+        *lease = Some(id);
+        let (mut keeper, mut answers) = within(self.timeout, client.lease_keep_alive(id)).await?;
+        if std::mem::take(lost) {
+            tracing::info!(key = %self.key, "registered again in etcd");
+        }
+        let mut recorded = None;
+        let mut tick = tokio::time::interval((self.lease_ttl / 5).max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut acked = Instant::now();
+        loop {
+            let generation = *self.generations.borrow_and_update();
+            if recorded != Some(generation) {
+                let record = json!({ "generation": generation }).to_string();
+                within(
+                    self.timeout,
+                    client.put(
+                        self.key.as_str(),
+                        record,
+                        Some(PutOptions::new().with_lease(id)),
+                    ),
+                )
+                .await?;
+                recorded = Some(generation);
+            }
+            tokio::select! {
+                changed = self.generations.changed() => {
+                    if changed.is_err() {
+                        return Err(StoreError::Stopped);
+                    }
+                }
+                _ = tick.tick() => {
+                    if acked.elapsed() > self.lease_ttl {
+                        return Err(unavailable("lease keep-alives went unanswered for lease_ttl"));
+                    }
+                    keeper
+                        .keep_alive()
+                        .await
+                        .map_err(|e| unavailable(e.to_string()))?;
+                }
+                answer = answers.message() => match answer {
+                    Ok(Some(a)) if a.ttl() > 0 => acked = Instant::now(),
+                    Ok(Some(_)) => return Err(unavailable("the lease expired")),
+                    Ok(None) => return Err(unavailable("the lease keep-alive stream ended")),
+                    Err(e) => return Err(unavailable(e.to_string())),
+                },
+            }
+        }
+    }
+}
+
+/// Reads the route key and the replica list at one revision.
+async fn snapshot(client: &Client, key: &str, timeout: Duration) -> Result<Snapshot, StoreError> {
+    let mut client = client.clone();
+    let txn = Txn::new().and_then([
+        TxnOp::get(key, None),
+        TxnOp::get(replicas_prefix(key), Some(GetOptions::new().with_prefix())),
+    ]);
+    let answer = within(timeout, client.txn(txn)).await?;
+    let revision = answer.header().map(|h| h.revision()).unwrap_or_default();
+    let mut gets = answer.op_responses().into_iter().filter_map(|r| match r {
+        TxnOpResponse::Get(get) => Some(get),
+        _ => None,
+    });
+    let (Some(route), Some(list)) = (gets.next(), gets.next()) else {
+        return Err(unavailable("etcd answered a read without its results"));
+    };
+    let route = match route.kvs().first() {
+        Some(kv) => route_of(key, kv)?,
+        None => Observed {
+            state: None,
+            revision,
+        },
+    };
+    let prefix = replicas_prefix(key);
+    let replicas = list
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let id = kv.key().strip_prefix(prefix.as_bytes())?;
+            Some((
+                String::from_utf8_lossy(id).into_owned(),
+                generation_of(kv.value())?,
+            ))
+        })
+        .collect();
+    Ok(Snapshot {
+        route,
+        replicas,
+        revision,
+    })
+}
+
+fn route_of(key: &str, kv: &KeyValue) -> Result<Observed, StoreError> {
+    let state = serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(Observed {
+        state: Some(state),
+        revision: kv.mod_revision(),
+    })
+}
+
+fn generation_of(record: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<Value>(record)
+        .ok()?
+        .get("generation")?
+        .as_u64()
+}
+
+fn replicas_prefix(key: &str) -> String {
+    format!("{key}/replicas/")
+}
+
+/// This host's name: `/etc/hostname`, else `HOSTNAME`, else `localhost`.
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn unavailable(reason: impl Into<String>) -> StoreError {
+    StoreError::Unavailable(reason.into())
+}
+
+/// Runs one etcd call bounded by `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Err(_) => Err(unavailable(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}

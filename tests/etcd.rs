@@ -1,0 +1,1181 @@
+//! Many replicas sharing one route state in etcd: three real `switchyard run` processes (the
+//! binary built with `--features etcd`) per scenario, stub upstreams in-process, each
+//! scenario under its own `etcd.key`. They need etcd: `SWITCHYARD_TEST_ETCD` names a shared
+//! one (`.ci/run` starts it); without it each scenario starts its own `etcd` child. Scenarios
+//! that stop etcd always run their own, on free ports with their own data directory.
+//!
+//! `cargo test --features etcd --test etcd -- --ignored`
+#![cfg(feature = "etcd")]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use serde_json::{Value, json};
+use support::{PATIENCE, TOKEN, color_of, get, http_client, send_json};
+use switchyard::stub::{StubHandle, StubOptions};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// How soon every replica must follow a change made through another (SPEC: within a second).
+const FOLLOW: Duration = Duration::from_secs(1);
+
+/// `etcd.timeout` in these configs: how long a change may take to be refused.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The stub answers one final `Results` per this many audio bytes.
+const RESULT_BYTES: usize = 3200;
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A port nothing listens on right now; the binary and etcd must be told their ports.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port")
+        .port()
+}
+
+/// Sends a signal by PID with kill(1).
+fn signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill {signal} {pid}");
+}
+
+/// Waits for a killed child without blocking the runtime.
+async fn reap(mut child: Child) {
+    let _ = child.kill();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+}
+
+/// Polls `cond` until true, bounded by `limit`; for state that has no event to wait on
+/// (another process's table, a lease running out).
+async fn until<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- etcd ------------------------------------------------------------------------------
+
+/// An etcd child of this test, on free ports with its own data directory, so the test can
+/// stop, freeze and restart it.
+struct OwnEtcd {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl OwnEtcd {
+    async fn start() -> OwnEtcd {
+        let mut etcd = OwnEtcd {
+            child: None,
+            data: tempfile::tempdir().expect("tempdir"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.run().await;
+        etcd
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("etcd running").id()
+    }
+
+    /// Starts etcd on the data directory (again) and waits until it answers.
+    async fn run(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("etcd.log"))
+            .expect("etcd log file");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(self.data.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd starts (is etcd-server installed?)");
+        self.child = Some(child);
+        wait_etcd(&client).await;
+    }
+
+    /// SIGKILL, as in a crash; the data directory stays for `run`.
+    async fn kill(&mut self) {
+        reap(self.child.take().expect("etcd running")).await;
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The shared etcd (`SWITCHYARD_TEST_ETCD`), or this test's own.
+enum Etcd {
+    Shared(String),
+    Own(OwnEtcd),
+}
+
+impl Etcd {
+    async fn any() -> Etcd {
+        match std::env::var("SWITCHYARD_TEST_ETCD") {
+            Ok(endpoint) if !endpoint.trim().is_empty() => {
+                let endpoint = endpoint.trim().to_owned();
+                wait_etcd(&endpoint).await;
+                Etcd::Shared(endpoint)
+            }
+            _ => Etcd::Own(OwnEtcd::start().await),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        match self {
+            Etcd::Shared(e) => e.clone(),
+            Etcd::Own(own) => own.endpoint(),
+        }
+    }
+}
+
+/// Waits until etcd's `/health` says so.
+async fn wait_etcd(endpoint: &str) {
+    let client = http_client();
+    let url = format!("{endpoint}/health");
+    until(&format!("etcd at {endpoint}"), PATIENCE, || {
+        let req = http::Request::get(&url)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        let client = client.clone();
+        async move {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(1), client.request(req)).await,
+                Ok(Ok(r)) if r.status() == StatusCode::OK
+            )
+        }
+    })
+    .await;
+}
+
+/// A key no other scenario (or earlier run) uses.
+fn unique_key(scenario: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos();
+    format!(
+        "/switchyard-test/{scenario}-{}-{nanos}/route",
+        std::process::id()
+    )
+}
+
+// ---- the fleet -------------------------------------------------------------------------
+
+/// What a fleet's configs share.
+struct FleetOptions {
+    scenario: &'static str,
+    drain_timeout: &'static str,
+    lease_ttl: &'static str,
+    /// Leave `replica_id` out of the third replica's config (it defaults to host:port).
+    default_id_for_c: bool,
+    /// `routing.initial` of the third replica (the others: blue).
+    initial_for_c: &'static str,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions {
+            scenario: "fleet",
+            drain_timeout: "30m",
+            lease_ttl: "10s",
+            default_id_for_c: false,
+            initial_for_c: "blue",
+        }
+    }
+}
+
+/// Stubs and three replicas' configs, all on one etcd key.
+struct Fleet {
+    dir: tempfile::TempDir,
+    blue: StubHandle,
+    green: StubHandle,
+    replicas: Vec<Replica>,
+}
+
+/// One replica's config, and its process while it runs.
+struct Replica {
+    id: String,
+    dir: PathBuf,
+    proxy: String,
+    admin: String,
+    running: Option<Running>,
+}
+
+impl Fleet {
+    /// Stubs and configs, then all three replicas running.
+    async fn start(etcd: &str, options: FleetOptions) -> Fleet {
+        let mut fleet = Fleet::new(etcd, options).await;
+        for i in 0..3 {
+            fleet.replicas[i].run().await;
+        }
+        fleet
+    }
+
+    /// Stubs and configs; no replica runs yet.
+    async fn new(etcd: &str, options: FleetOptions) -> Fleet {
+        let stub = |name: &str| {
+            switchyard::stub::spawn(StubOptions {
+                name: name.into(),
+                ..Default::default()
+            })
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("admin.token");
+        std::fs::write(&token, TOKEN).expect("token file");
+        let blue = stub("blue").await.expect("blue stub");
+        let green = stub("green").await.expect("green stub");
+        let key = unique_key(options.scenario);
+        let mut replicas = Vec::new();
+        for name in ["a", "b", "c"] {
+            let replica_dir = dir.path().join(name);
+            std::fs::create_dir_all(&replica_dir).expect("replica dir");
+            let proxy = format!("127.0.0.1:{}", free_port());
+            let admin = format!("127.0.0.1:{}", free_port());
+            let named = !(name == "c" && options.default_id_for_c);
+            let id = format!("proxy-{name}");
+            let config = format!(
+                r#"[listen]
+proxy = "{proxy}"
+admin = "{admin}"
+
+[pools]
+blue = ["{blue}"]
+green = ["{green}"]
+
+[routing]
+initial = "{initial}"
+state_file = "{state}"
+store = "etcd"
+etcd = {{ endpoints = ["{etcd}"], key = "{key}", {replica_id}lease_ttl = "{lease_ttl}", timeout = "{timeout}" }}
+
+[drain]
+timeout = "{drain}"
+grace = "5s"
+
+[health]
+interval = "200ms"
+rise = 1
+fall = 1
+
+[admin]
+token_file = "{token}"
+"#,
+                blue = blue.url(),
+                green = green.url(),
+                initial = if name == "c" {
+                    options.initial_for_c
+                } else {
+                    "blue"
+                },
+                state = replica_dir.join("state").join("route.json").display(),
+                replica_id = if named {
+                    format!("replica_id = \"{id}\", ")
+                } else {
+                    String::new()
+                },
+                lease_ttl = options.lease_ttl,
+                timeout = humantime::format_duration(ETCD_TIMEOUT),
+                drain = options.drain_timeout,
+                token = token.display(),
+            );
+            std::fs::write(replica_dir.join("switchyard.toml"), config).expect("config");
+            replicas.push(Replica {
+                id: if named {
+                    id
+                } else {
+                    format!("*:{}", admin.rsplit(':').next().expect("a port"))
+                },
+                dir: replica_dir,
+                proxy,
+                admin,
+                running: None,
+            });
+        }
+        Fleet {
+            dir,
+            blue,
+            green,
+            replicas,
+        }
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.dir.path().join("admin.token")
+    }
+
+    /// Waits until every replica follows etcd and lists all three replicas.
+    async fn settled(&self) {
+        for replica in &self.replicas {
+            until(
+                &format!("{} in sync with three replicas", replica.id),
+                PATIENCE,
+                || async {
+                    let store = replica.status().await["store"].clone();
+                    store["in_sync"] == true
+                        && store["replicas"].as_array().map(Vec::len) == Some(3)
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Waits until every running replica has `active` at `generation`, and returns how long
+    /// the last one took.
+    async fn converged(&self, active: &str, generation: u64, limit: Duration) -> Duration {
+        let start = Instant::now();
+        for replica in self.replicas.iter().filter(|r| r.running.is_some()) {
+            until(
+                &format!("{} on {active} at generation {generation}", replica.id),
+                limit,
+                || async {
+                    let status = replica.status().await;
+                    status["active"] == active && status["generation"] == generation
+                },
+            )
+            .await;
+        }
+        start.elapsed()
+    }
+
+    /// Every running replica's route state, which must be the same.
+    async fn agreed(&self) -> Value {
+        let mut first: Option<(String, Value)> = None;
+        for replica in self.replicas.iter().filter(|r| r.running.is_some()) {
+            let status = replica.status().await;
+            let view = json!({
+                "active": status["active"],
+                "rollback_to": status["rollback_to"],
+                "generation": status["generation"],
+                "changed_at": status["changed_at"],
+                "revision": status["store"]["revision"],
+            });
+            match &first {
+                None => first = Some((replica.id.clone(), view)),
+                Some((id, seen)) => assert_eq!(&view, seen, "{} and {id} disagree", replica.id),
+            }
+        }
+        first.expect("a running replica").1
+    }
+}
+
+impl Replica {
+    fn config(&self) -> PathBuf {
+        self.dir.join("switchyard.toml")
+    }
+
+    fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// Starts `switchyard run` and waits for its "listening" line.
+    async fn run(&mut self) {
+        assert!(self.running.is_none(), "{} already runs", self.id);
+        self.running = Some(Running::start(&self.config()).await);
+    }
+
+    fn pid(&self) -> u32 {
+        self.running.as_ref().expect("running").pid()
+    }
+
+    async fn kill(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.kill().await;
+        }
+    }
+
+    async fn status(&self) -> Value {
+        let (code, status) = admin_get(&self.admin_url(), "/status").await;
+        assert_eq!(code, StatusCode::OK, "{}: {status}", self.id);
+        status
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let req = http::Request::post(format!("{}{path}", self.admin_url()))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .expect("request");
+        send_json(&http_client(), req).await
+    }
+
+    /// The colour a plain HTTP request through this replica's proxy lands on.
+    async fn routes_to(&self) -> String {
+        let response = get(&http_client(), &format!("http://{}/v1/status", self.proxy)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{}", self.id);
+        color_of(&response)
+    }
+
+    fn log(&self) -> String {
+        self.running.as_ref().map(Running::log).unwrap_or_default()
+    }
+}
+
+async fn admin_get(base: &str, path: &str) -> (StatusCode, Value) {
+    let req = http::Request::get(format!("{base}{path}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    send_json(&http_client(), req).await
+}
+
+/// A running `switchyard run`; killed if the test ends without stopping it.
+struct Running {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Running {
+    async fn start(config: &Path) -> Running {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env_remove("SWITCHYARD_ADMIN_TOKEN")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("switchyard starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock()
+                    .expect("log lock")
+                    .push_str(&(line.clone() + "\n"));
+                let _ = tx.send(line);
+            }
+        });
+        let listening = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = rx.recv().await {
+                if line.contains("switchyard is listening") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        let running = Running {
+            child: Some(child),
+            log,
+        };
+        assert!(
+            matches!(listening, Ok(true)),
+            "no \"listening\" line:\n{}",
+            running.log()
+        );
+        running
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    async fn kill(mut self) {
+        reap(self.child.take().expect("running")).await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A frozen replica must be woken to die promptly.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `switchyard ctl --admin URL --token-file F ARGS` → exit code and stderr.
+async fn ctl(admin: &str, token_file: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "--admin", admin, "--token-file"])
+            .arg(token_file)
+            .args(args)
+            .env_remove("SWITCHYARD_ADMIN")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("ctl finishes")
+    .expect("ctl runs");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---- WebSocket streams -----------------------------------------------------------------
+
+async fn next(ws: &mut Ws) -> Message {
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(message))) => return message,
+            Ok(Some(Err(e))) => panic!("the stream failed before a close frame: {e}"),
+            Ok(None) => panic!("the stream ended without a close frame"),
+            Err(_) => panic!("no WebSocket message in {PATIENCE:?}"),
+        }
+    }
+}
+
+fn json_of(message: &Message) -> Value {
+    match message {
+        Message::Text(text) => serde_json::from_str(text.as_str()).expect("JSON text"),
+        other => panic!("expected a JSON text message, got {other:?}"),
+    }
+}
+
+/// A `/v1/listen` stream through one replica.
+struct Listen {
+    ws: Ws,
+    sent: usize,
+    results: usize,
+}
+
+impl Listen {
+    /// Opens the stream and returns it with the colour it was routed to.
+    async fn open(proxy: &str) -> (Listen, String) {
+        let url = format!("ws://{proxy}/v1/listen?encoding=linear16&sample_rate=16000");
+        let (ws, response) = tokio::time::timeout(PATIENCE, connect_async(url.as_str()))
+            .await
+            .expect("handshake in time")
+            .expect("handshake");
+        let color = response
+            .headers()
+            .get("x-switchyard-color")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        (
+            Listen {
+                ws,
+                sent: 0,
+                results: 0,
+            },
+            color,
+        )
+    }
+
+    /// Sends one result's worth of audio and waits for its `Results`.
+    async fn send_confirmed(&mut self) -> Value {
+        self.ws
+            .send(Message::Binary(Bytes::from(vec![0x11; RESULT_BYTES])))
+            .await
+            .expect("audio sent");
+        self.sent += RESULT_BYTES;
+        let message = json_of(&next(&mut self.ws).await);
+        assert_eq!(message["type"], "Results", "{message}");
+        self.results += 1;
+        message
+    }
+
+    /// The drain as the client sees it: final `Results`, `Metadata` from `stub`, then 1012.
+    async fn expect_drained(&mut self, stub: &str) {
+        let mut messages = Vec::new();
+        let close: Option<CloseFrame> = loop {
+            match next(&mut self.ws).await {
+                Message::Close(frame) => break frame,
+                message => messages.push(json_of(&message)),
+            }
+        };
+        assert_eq!(
+            close.as_ref().map(|f| u16::from(f.code)),
+            Some(1012),
+            "a drain closes with 1012: {messages:?}"
+        );
+        let (metadata, finals) = messages.split_last().expect("Metadata before the close");
+        assert_eq!(metadata["type"], "Metadata", "{metadata}");
+        assert_eq!(metadata["stub"], stub, "{metadata}");
+        let last = finals.last().expect("a final Results after CloseStream");
+        assert_eq!(last["type"], "Results", "{last}");
+        assert_eq!(last["from_finalize"], true, "{last}");
+        assert_eq!(
+            self.results + finals.len(),
+            self.sent / RESULT_BYTES + 1,
+            "nothing lost: one Results per {RESULT_BYTES} bytes plus the finalize one"
+        );
+    }
+}
+
+// ---- scenarios -------------------------------------------------------------------------
+
+/// A flip through A: B and C follow within a second, in `/status` and in the colour of the
+/// traffic they proxy. The replica without a `replica_id` is named host:admin-port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_flip_through_one_replica_reaches_every_replica_within_a_second() {
+    let etcd = Etcd::any().await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "follow",
+            default_id_for_c: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let [a, b, c] = &fleet.replicas[..] else {
+        unreachable!("three replicas")
+    };
+    let start = fleet.agreed().await;
+    assert_eq!(start["active"], "blue");
+    for r in &fleet.replicas {
+        assert_eq!(r.routes_to().await, "blue", "{}", r.id);
+    }
+    let c_store = c.status().await["store"].clone();
+    let c_id = c_store["replica_id"].as_str().expect("an id").to_owned();
+    assert!(
+        c_id.ends_with(&c.id[1..]) && c_id.len() > c.id.len() - 1,
+        "host:admin-port, got {c_id}"
+    );
+    let ids: Vec<&str> = c_store["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), 3, "{c_store}");
+    assert!(ids.contains(&"proxy-a") && ids.contains(&"proxy-b") && ids.contains(&c_id.as_str()));
+
+    let (code, flipped) = a
+        .post("/flip", json!({"to": "green", "reason": "release 7"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let generation = flipped["generation"].as_u64().expect("generation");
+    let took = fleet.converged("green", generation, FOLLOW).await;
+    assert!(took <= FOLLOW, "followed in {took:?}");
+    for r in [b, c] {
+        assert_eq!(r.routes_to().await, "green", "{}", r.id);
+        let (_, history) = admin_get(&r.admin_url(), "/history").await;
+        let last = history["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .cloned()
+            .expect("history");
+        assert_eq!(last["reason"], "release 7", "{}: {last}", r.id);
+        assert_eq!(last["action"], "flip");
+    }
+    let agreed = fleet.agreed().await;
+    assert_eq!(agreed["rollback_to"], "blue");
+
+    // Back through C, followed by A and B just the same.
+    let (code, rolled) = c.post("/rollback", json!({})).await;
+    assert_eq!(code, StatusCode::OK, "{rolled}");
+    fleet.converged("blue", generation + 1, FOLLOW).await;
+    assert_eq!(a.routes_to().await, "blue");
+    fleet.settled().await;
+    fleet.agreed().await;
+    let metrics = get(&http_client(), &format!("{}/metrics", b.admin_url())).await;
+    let text = String::from_utf8_lossy(metrics.body()).into_owned();
+    assert!(text.contains("switchyard_store_in_sync 1"), "{text}");
+}
+
+/// Flips through A and B at once with the same `expect_generation`: exactly one wins, the
+/// other is 409 `generation_mismatch`, and all three replicas agree on the winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn concurrent_flips_through_two_replicas_one_wins() {
+    let etcd = Etcd::any().await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "race",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let [a, b, _] = &fleet.replicas[..] else {
+        unreachable!("three replicas")
+    };
+    // How the loser lost: etcd's conditioned transaction, or its own expect_generation
+    // check (it had already followed the winner). Both are 409; the count is informative.
+    let (mut races, mut lost_before) = (0, 0);
+    for round in 0..5 {
+        let before = fleet.agreed().await;
+        let generation = before["generation"].as_u64().expect("generation");
+        let target = if before["active"] == "blue" {
+            "green"
+        } else {
+            "blue"
+        };
+        let body = |who: &str| json!({"to": target, "expect_generation": generation, "reason": format!("{who} round {round}")});
+        let ((code_a, answer_a), (code_b, answer_b)) =
+            tokio::join!(a.post("/flip", body("a")), b.post("/flip", body("b")));
+        let (winner, loser) = match (code_a, code_b) {
+            (StatusCode::OK, StatusCode::CONFLICT) => ("a", &answer_b),
+            (StatusCode::CONFLICT, StatusCode::OK) => ("b", &answer_a),
+            other => panic!("exactly one wins, got {other:?}: {answer_a} / {answer_b}"),
+        };
+        assert_eq!(loser["error"], "generation_mismatch", "{loser}");
+        fleet.converged(target, generation + 1, PATIENCE).await;
+        fleet.agreed().await;
+        let lost: usize = fleet.replicas[..2]
+            .iter()
+            .map(|r| r.log().matches("lost a race").count())
+            .sum();
+        races += usize::from(lost > lost_before);
+        lost_before = lost;
+        for r in &fleet.replicas {
+            let (_, history) = admin_get(&r.admin_url(), "/history").await;
+            let history = history["history"].as_array().cloned().expect("history");
+            let last = history.last().expect("an entry");
+            assert_eq!(
+                last["reason"],
+                format!("{winner} round {round}"),
+                "{}",
+                r.id
+            );
+            assert_eq!(
+                history
+                    .iter()
+                    .filter(|h| h["generation"] == generation + 1)
+                    .count(),
+                1,
+                "one change per generation"
+            );
+        }
+    }
+    eprintln!("rounds decided by etcd's transaction rather than expect_generation: {races}");
+}
+
+/// etcd freezes: every replica keeps proxying on the last colour, changes are refused with
+/// 503 `store_unavailable` within `etcd.timeout`, `/status` says out of sync. etcd thaws:
+/// the replicas resync, a flip works again and all three converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
+    let etcd = OwnEtcd::start().await;
+    let mut fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "outage",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let (code, flipped) = fleet.replicas[0]
+        .post("/flip", json!({"to": "green"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let generation = flipped["generation"].as_u64().expect("generation");
+    fleet.converged("green", generation, FOLLOW).await;
+
+    signal(etcd.pid(), "-STOP");
+    for r in &fleet.replicas {
+        assert_eq!(r.routes_to().await, "green", "{} keeps serving", r.id);
+    }
+    for r in &fleet.replicas[..2] {
+        let asked = Instant::now();
+        let (code, refused) = r.post("/flip", json!({"to": "blue"})).await;
+        let took = asked.elapsed();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{}: {refused}", r.id);
+        assert_eq!(refused["error"], "store_unavailable", "{refused}");
+        assert!(
+            took < ETCD_TIMEOUT + Duration::from_millis(1500),
+            "refused in {took:?}"
+        );
+    }
+    for r in &fleet.replicas {
+        until(&format!("{} out of sync", r.id), PATIENCE, || async {
+            r.status().await["store"]["in_sync"] == false
+        })
+        .await;
+        let status = r.status().await;
+        assert_eq!(status["active"], "green", "{}: {status}", r.id);
+        assert_eq!(r.routes_to().await, "green", "{} keeps serving", r.id);
+    }
+
+    signal(etcd.pid(), "-CONT");
+    for r in &fleet.replicas {
+        until(&format!("{} back in sync", r.id), PATIENCE, || async {
+            r.status().await["store"]["in_sync"] == true
+        })
+        .await;
+    }
+    // A refused write may still have reached etcd before it froze; it is conditioned, so
+    // either it landed for everyone or not at all. Either way they agree.
+    let now = fleet.agreed().await;
+    let generation = now["generation"].as_u64().expect("generation");
+    let target = if now["active"] == "green" {
+        "blue"
+    } else {
+        "green"
+    };
+    let (code, flipped) = fleet.replicas[1].post("/flip", json!({"to": target})).await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.converged(target, generation + 1, FOLLOW).await;
+    fleet.agreed().await;
+    for r in &fleet.replicas {
+        assert_eq!(r.routes_to().await, target, "{}", r.id);
+    }
+    for r in &mut fleet.replicas {
+        r.kill().await;
+    }
+}
+
+/// With etcd down, a replica restarted starts on the colour in its state file, serves it,
+/// refuses changes until etcd is back, then follows etcd again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_replica_restarted_while_etcd_is_down_starts_from_its_state_file() {
+    let mut etcd = OwnEtcd::start().await;
+    let mut fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "restart",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let (code, flipped) = fleet.replicas[0]
+        .post(
+            "/flip",
+            json!({"to": "green", "reason": "before the outage"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let generation = flipped["generation"].as_u64().expect("generation");
+    fleet.converged("green", generation, FOLLOW).await;
+    let before = fleet.agreed().await;
+
+    etcd.kill().await;
+    let c = &mut fleet.replicas[2];
+    c.kill().await;
+    c.run().await;
+    let status = c.status().await;
+    assert_eq!(status["active"], "green", "from the state file: {status}");
+    assert_eq!(status["generation"], generation, "{status}");
+    assert_eq!(status["changed_at"], before["changed_at"], "{status}");
+    assert_eq!(status["store"]["in_sync"], false, "{status}");
+    assert_eq!(c.routes_to().await, "green");
+    assert!(
+        c.log().contains("etcd is unreachable at start"),
+        "{}",
+        c.log()
+    );
+    let (code, refused) = c.post("/flip", json!({"to": "blue"})).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert_eq!(refused["error"], "store_unavailable", "{refused}");
+
+    etcd.run().await;
+    fleet.settled().await;
+    let now = fleet.agreed().await;
+    assert_eq!(now["active"], "green");
+    assert_eq!(
+        now["generation"], generation,
+        "nothing changed while etcd was away"
+    );
+    let c = &fleet.replicas[2];
+    let (code, flipped) = c.post("/flip", json!({"to": "blue"})).await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.converged("blue", generation + 1, FOLLOW).await;
+    fleet.agreed().await;
+    for r in &mut fleet.replicas {
+        r.kill().await;
+    }
+}
+
+/// A first start while etcd is down: the replica starts on `routing.initial` and writes
+/// the key when etcd is back. A later first start (with another `initial`) while etcd is
+/// down finds the key written by then, and follows it instead of writing its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_first_start_while_etcd_is_down_writes_the_key_only_if_still_missing() {
+    let mut etcd = OwnEtcd::start().await;
+    etcd.kill().await;
+    let mut fleet = Fleet::new(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "first",
+            initial_for_c: "green",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.replicas[0].run().await;
+    let a = fleet.replicas[0].status().await;
+    assert_eq!(a["active"], "blue", "{a}");
+    assert_eq!(a["generation"], 1, "{a}");
+    assert_eq!(a["store"]["in_sync"], false, "{a}");
+    assert_eq!(fleet.replicas[0].routes_to().await, "blue");
+
+    etcd.run().await;
+    until("A to write the missing key", PATIENCE, || async {
+        let store = fleet.replicas[0].status().await["store"].clone();
+        store["in_sync"] == true && store["revision"].as_i64() > Some(0)
+    })
+    .await;
+    let written = fleet.replicas[0].status().await;
+    assert_eq!(written["generation"], 1, "no new generation for writing it");
+
+    etcd.kill().await;
+    fleet.replicas[2].run().await;
+    let c = fleet.replicas[2].status().await;
+    assert_eq!(c["active"], "green", "its own first start: {c}");
+    assert_eq!(fleet.replicas[2].routes_to().await, "green");
+
+    etcd.run().await;
+    until("C to follow the key it found", PATIENCE, || async {
+        let c = fleet.replicas[2].status().await;
+        c["store"]["in_sync"] == true && c["active"] == "blue"
+    })
+    .await;
+    assert_eq!(fleet.replicas[2].routes_to().await, "blue");
+    fleet.replicas[1].run().await;
+    fleet.settled().await;
+    let agreed = fleet.agreed().await;
+    assert_eq!(agreed["active"], "blue");
+    assert_eq!(agreed["generation"], 1);
+    assert_eq!(
+        agreed["changed_at"], written["changed_at"],
+        "A's start, not C's"
+    );
+    for r in &mut fleet.replicas {
+        r.kill().await;
+    }
+}
+
+/// Streams open on blue through every replica; a flip through A alone. Each replica drains
+/// its own streams at its own `drain.timeout` from when it applied the flip: the finals,
+/// `Metadata`, then 1012. New streams land on green everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn every_replica_drains_its_own_streams_after_a_flip_through_one() {
+    let etcd = Etcd::any().await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "drain",
+            drain_timeout: "3s",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let mut streams = Vec::new();
+    for r in &fleet.replicas {
+        for _ in 0..2 {
+            let (mut stream, color) = Listen::open(&r.proxy).await;
+            assert_eq!(color, "blue", "{}", r.id);
+            stream.send_confirmed().await;
+            streams.push(stream);
+        }
+    }
+    let (code, flipped) = fleet.replicas[0]
+        .post("/flip", json!({"to": "green"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let generation = flipped["generation"].as_u64().expect("generation");
+    fleet.converged("green", generation, FOLLOW).await;
+    for r in &fleet.replicas {
+        let status = r.status().await;
+        assert_eq!(
+            status["colors"]["blue"]["state"], "draining",
+            "{}: {status}",
+            r.id
+        );
+        assert_eq!(status["colors"]["blue"]["open_streams"], 2, "{status}");
+        assert!(
+            status["colors"]["blue"]["drain_deadline"].is_string(),
+            "{status}"
+        );
+        let (mut fresh, color) = Listen::open(&r.proxy).await;
+        assert_eq!(color, "green", "{}", r.id);
+        fresh.send_confirmed().await;
+    }
+    // Before the deadline the old streams still transcribe on blue.
+    for stream in &mut streams {
+        let result = stream.send_confirmed().await;
+        let transcript = result["channel"]["alternatives"][0]["transcript"]
+            .as_str()
+            .expect("a transcript");
+        assert!(transcript.starts_with("blue "), "{result}");
+    }
+    let drained =
+        futures_util::future::join_all(streams.iter_mut().map(|s| s.expect_drained("blue")));
+    tokio::time::timeout(PATIENCE, drained)
+        .await
+        .expect("every stream drained in time");
+    assert_eq!(fleet.blue.state.close_streams(), 6);
+    for r in &fleet.replicas {
+        until(&format!("{} blue empty", r.id), PATIENCE, || async {
+            r.status().await["colors"]["blue"]["open_streams"] == 0
+        })
+        .await;
+    }
+    assert_eq!(fleet.green.state.close_streams(), 0);
+}
+
+/// `wait_replicas`: a flip answers once all three applied it. One replica frozen: 504
+/// `replicas_lagging` naming it; once its lease runs out it leaves the list and flips wait
+/// only for the live ones; woken, it catches up and is listed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn wait_replicas_answers_when_every_live_replica_applied_the_flip() {
+    let etcd = Etcd::any().await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "ack",
+            lease_ttl: "2s",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let [a, b, c] = &fleet.replicas[..] else {
+        unreachable!("three replicas")
+    };
+    let generations = |status: &Value| -> Vec<(String, u64)> {
+        status["store"]["replicas"]
+            .as_array()
+            .expect("replicas")
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().expect("id").to_owned(),
+                    r["generation"].as_u64().expect("generation"),
+                )
+            })
+            .collect()
+    };
+
+    let (code, flipped) = a
+        .post("/flip", json!({"to": "green", "wait_replicas": "10s"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let generation = flipped["generation"].as_u64().expect("generation");
+    let listed = generations(&a.status().await);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.iter().all(|(_, g)| *g == generation), "{listed:?}");
+    for r in [b, c] {
+        assert_eq!(
+            r.status().await["generation"],
+            generation,
+            "{} applied it",
+            r.id
+        );
+    }
+
+    // The same through ctl: exit 0 once every replica applied it.
+    let (code, out, err) = ctl(
+        &b.admin_url(),
+        &fleet.token_file(),
+        &["rollback", "--wait-all"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let generation = generation + 1;
+    assert!(
+        generations(&b.status().await)
+            .iter()
+            .all(|(_, g)| *g == generation)
+    );
+
+    signal(c.pid(), "-STOP");
+    // Well inside the 2 s lease: C is still listed when the wait runs out.
+    let (code, lagging) = a
+        .post("/flip", json!({"to": "green", "wait_replicas": "700ms"}))
+        .await;
+    assert_eq!(code, StatusCode::GATEWAY_TIMEOUT, "{lagging}");
+    assert_eq!(lagging["error"], "replicas_lagging", "{lagging}");
+    assert_eq!(lagging["lagging"], json!(["proxy-c"]), "{lagging}");
+    let generation = generation + 1;
+    assert_eq!(lagging["generation"], generation, "{lagging}");
+    assert_eq!(
+        b.status().await["generation"],
+        generation,
+        "the flip stands"
+    );
+
+    until("C's lease to run out", PATIENCE, || async {
+        generations(&a.status().await)
+            .iter()
+            .all(|(id, _)| id != "proxy-c")
+    })
+    .await;
+    assert_eq!(generations(&b.status().await).len(), 2);
+    let (code, out, err) = ctl(
+        &a.admin_url(),
+        &fleet.token_file(),
+        &["flip", "--to", "blue", "--wait-all=5s"],
+    )
+    .await;
+    assert_eq!(code, 0, "only live replicas are waited for: {out}{err}");
+    let generation = generation + 1;
+
+    signal(c.pid(), "-CONT");
+    until("C to catch up and register again", PATIENCE, || async {
+        generations(&a.status().await).contains(&("proxy-c".to_owned(), generation))
+    })
+    .await;
+    let status = c.status().await;
+    assert_eq!(status["active"], "blue", "{status}");
+    assert_eq!(status["generation"], generation, "{status}");
+    fleet.settled().await;
+    fleet.agreed().await;
+}
