@@ -164,6 +164,19 @@ struct ChangeBody {
     wait_replicas: Option<Duration>,
 }
 
+impl ChangeBody {
+    fn into_request(self) -> FlipRequest {
+        FlipRequest {
+            to: self.to,
+            force: self.force,
+            drain_timeout: self.drain_timeout,
+            expect_generation: self.expect_generation,
+            reason: self.reason,
+            wait_replicas: self.wait_replicas.map(|w| w.min(MAX_WAIT)),
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CommitBody {
@@ -348,17 +361,7 @@ async fn flip(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let b: ChangeBody = parse_body(body)?;
-    let outcome = admin
-        .control
-        .apply(Change::Flip(FlipRequest {
-            to: b.to,
-            force: b.force,
-            drain_timeout: b.drain_timeout,
-            expect_generation: b.expect_generation,
-            reason: b.reason,
-            wait_replicas: b.wait_replicas.map(|w| w.min(MAX_WAIT)),
-        }))
-        .await?;
+    let outcome = admin.control.apply(Change::Flip(b.into_request())).await?;
     Ok(change_answer(&admin, outcome))
 }
 
@@ -376,14 +379,7 @@ async fn rollback(
     }
     let outcome = admin
         .control
-        .apply(Change::Rollback(FlipRequest {
-            to: None,
-            force: b.force,
-            drain_timeout: b.drain_timeout,
-            expect_generation: b.expect_generation,
-            reason: b.reason,
-            wait_replicas: b.wait_replicas.map(|w| w.min(MAX_WAIT)),
-        }))
+        .apply(Change::Rollback(b.into_request()))
         .await?;
     Ok(change_answer(&admin, outcome))
 }

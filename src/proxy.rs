@@ -22,9 +22,9 @@ use hyper::body::Incoming;
 
 use crate::drain::Tracker;
 use crate::error::ProxyError;
-use crate::metrics::{ListenerKind, Metrics};
+use crate::metrics::{ListenerKind, Metrics, UpstreamErrorKind};
 use crate::route_table::{RouteTable, Router};
-use crate::upstream::Color;
+use crate::upstream::{Color, Upstream};
 
 pub use body::ProxyBody;
 
@@ -101,6 +101,34 @@ impl Proxy {
                 .forward(&self, req, &table, color, conn)
                 .await
         }
+    }
+}
+
+impl Proxy {
+    /// Books a connect failure on live traffic: the error metric, one failure toward
+    /// `fall` (passive health), and a log line.
+    pub(crate) fn connect_failed(&self, upstream: &Upstream, fall: u32, error: &str) {
+        self.metrics
+            .upstream_error(upstream, UpstreamErrorKind::Connect);
+        if upstream.record_passive_failure(fall).is_some() {
+            self.metrics.upstream_health(upstream);
+        }
+        tracing::warn!(upstream = %upstream.name, color = %upstream.color, error, "upstream connect failed");
+    }
+
+    /// Passes an upstream's answer to the client as it came (hop-by-hop headers aside),
+    /// tagged with the colour; `finish` is recorded when its body ends.
+    pub(crate) fn relay_answer(
+        response: Response<Incoming>,
+        finish: body::Finish,
+    ) -> Response<ProxyBody> {
+        let color = finish.color;
+        let (mut parts, rbody) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        tag(
+            Response::from_parts(parts, ProxyBody::upstream(rbody, finish)),
+            color,
+        )
     }
 }
 

@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::body::{Access, Finish, ProxyBody, RequestBody};
-use super::{ConnInfo, Proxy, error_response, headers, tag};
+use super::{ConnInfo, Proxy, error_response, headers};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{Protocol, UpstreamErrorKind};
@@ -163,9 +163,7 @@ impl Upstreams {
                 tokio::time::timeout(limits.response_timeout, self.client.request(up_req)).await;
             match answer {
                 Ok(Ok(response)) => {
-                    let (mut rparts, rbody) = response.into_parts();
-                    headers::strip_hop_by_hop(&mut rparts.headers);
-                    let status = rparts.status.as_u16();
+                    let status = response.status().as_u16();
                     let finish = Finish::new(
                         &proxy.metrics,
                         color,
@@ -175,19 +173,15 @@ impl Upstreams {
                         guard,
                     )
                     .with_access(access);
-                    let body = ProxyBody::upstream(rbody, finish);
-                    return tag(Response::from_parts(rparts, body), color);
+                    return Proxy::relay_answer(response, finish);
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     drop(guard);
-                    proxy
-                        .metrics
-                        .upstream_error(upstream, UpstreamErrorKind::Connect);
-                    let fall = table.settings.config.health.fall;
-                    if upstream.record_passive_failure(fall).is_some() {
-                        proxy.metrics.upstream_health(upstream);
-                    }
-                    tracing::warn!(upstream = %upstream.name, color = %color, error = %source_chain(&e), "upstream connect failed");
+                    proxy.connect_failed(
+                        upstream,
+                        table.settings.config.health.fall,
+                        &source_chain(&e),
+                    );
                     tried.push(upstream);
                     if tried.len() >= MAX_ATTEMPTS || !retry {
                         break ProxyError::ConnectFailed(color.as_str());

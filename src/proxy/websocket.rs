@@ -170,13 +170,7 @@ pub async fn forward(
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("connect timed out after {:?}", limits.connect_timeout),
                 };
-                proxy
-                    .metrics
-                    .upstream_error(upstream, UpstreamErrorKind::Connect);
-                if upstream.record_passive_failure(fall).is_some() {
-                    proxy.metrics.upstream_health(upstream);
-                }
-                tracing::warn!(upstream = %upstream.name, color = %color, error = %reason, "upstream connect failed");
+                proxy.connect_failed(upstream, fall, &reason);
                 tried.push(upstream);
                 if tried.len() >= super::http::MAX_ATTEMPTS {
                     let e = ProxyError::ConnectFailed(color.as_str());
@@ -248,8 +242,6 @@ pub async fn forward(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // A refusal (400 bad model, 429 over capacity, 503 no engine) goes back as it came.
         let status = response.status().as_u16();
-        let (mut rparts, rbody) = response.into_parts();
-        headers::strip_hop_by_hop(&mut rparts.headers);
         let access = Access::capture(&Method::GET, &parts.uri, &upstream.name);
         let finish = Finish::new(
             &proxy.metrics,
@@ -260,8 +252,7 @@ pub async fn forward(
             guard,
         )
         .with_access(access);
-        let body = ProxyBody::upstream(rbody, finish);
-        return tag(Response::from_parts(rparts, body), color);
+        return Proxy::relay_answer(response, finish);
     }
     drop(guard);
     let expected = derive_accept_key(key.as_bytes());
