@@ -412,3 +412,100 @@ async fn beyond_max_connections_accepting_waits_and_nothing_is_refused() {
         .expect("task");
     assert_eq!(status, StatusCode::OK);
 }
+
+/// A TLS front for a plain upstream: terminates TLS with `cert` and copies bytes both ways.
+async fn tls_front(cert: &Cert, backend: std::net::SocketAddr) -> std::net::SocketAddr {
+    let certs = vec![cert.der.clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(
+        rustls_pemfile::private_key(&mut cert.key_pem.as_bytes())
+            .expect("pem")
+            .expect("a key")
+            .secret_der()
+            .to_vec(),
+    )
+    .expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
+    let cert = self_signed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("upstream-ca.pem"), &cert.cert_pem).expect("ca file");
+    let builder = EnvBuilder {
+        health: "mode = \"deepgram\"\ninterval = \"200ms\"\nrise = 1\nfall = 1",
+        extra: format!(
+            "\n[upstream_tls]\nca_file = \"{}\"\n",
+            dir.path().join("upstream-ca.pem").display()
+        ),
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let front = tls_front(&cert, env.blue[0].addr).await;
+    // The certificate names localhost, so the pool URL does too.
+    env.write_config(
+        &builder,
+        &format!("\"https://localhost:{}\"", front.port()),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let req = Request::post(env.proxy_url("/v1/listen"))
+        .body(Full::new(Bytes::from_static(b"over tls")))
+        .expect("request");
+    let (status, json) = send_json(&env.client, req).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["metadata"]["stub"], "blue");
+    assert_eq!(json["metadata"]["bytes"], 8);
+
+    // A stream to a wss:// upstream.
+    let (mut ws, response) = tokio_tungstenite::connect_async(env.ws_url("/v1/listen"))
+        .await
+        .expect("handshake");
+    assert_eq!(response.headers()["x-switchyard-color"], "blue");
+    ws.send(Message::binary(vec![3u8; 3200]))
+        .await
+        .expect("audio");
+    let result = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("in time")
+        .expect("message")
+        .expect("ok");
+    assert!(result.to_text().expect("text").contains("\"Results\""));
+    ws.close(None).await.expect("close");
+
+    // The health probe goes over TLS too: the upstream reads as healthy, not unreachable.
+    eventually(|| async {
+        let (_, status) = env.admin_get("/status").await;
+        status["colors"]["blue"]["upstreams"][0]["health"] == "Healthy"
+    })
+    .await;
+}
