@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -20,7 +20,7 @@ fn free_port() -> u16 {
 }
 
 struct Proc {
-    child: Child,
+    child: tokio::process::Child,
     proxy: u16,
     admin: u16,
     dir: tempfile::TempDir,
@@ -70,7 +70,7 @@ keys_file = "{keys}"
             keys = dir.path().join("keys").display(),
         );
         std::fs::write(dir.path().join("switchyard.toml"), config).expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["run", "--config"])
             .arg(dir.path().join("switchyard.toml"))
             .env("RUST_LOG", "debug")
@@ -109,7 +109,7 @@ keys_file = "{keys}"
     fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
+            .arg(self.child.id().expect("running").to_string())
             .status()
             .expect("kill runs");
         assert!(status.success());
@@ -121,25 +121,17 @@ keys_file = "{keys}"
 
     /// Waits for the child to exit, bounded.
     async fn exit_code(&mut self, within: Duration) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "switchyard did not exit within {within:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.expect("wait").code(),
+            Err(_) => panic!("switchyard did not exit within {within:?}:\n{}", self.log()),
         }
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Stops the child if a test failed before it exited; reaped by tokio.
+        let _ = self.child.start_kill();
     }
 }
 
