@@ -443,11 +443,11 @@ async fn h2c_with_prior_knowledge_works() {
     assert_eq!(json["metadata"]["bytes"], 3);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_see_no_errors_while_the_table_swaps() {
     let env = Arc::new(EnvBuilder::default().start().await);
     const CLIENTS: usize = 64;
-    const REQUESTS: usize = 40;
+    const REQUESTS: usize = 150;
     let done = Arc::new(AtomicUsize::new(0));
     let swapper = {
         let env = env.clone();
@@ -465,7 +465,11 @@ async fn concurrent_clients_see_no_errors_while_the_table_swaps() {
                     .await
                     .expect("flip");
                 swaps += 1;
-                tokio::task::yield_now().await;
+                // Bursts of swaps a millisecond apart, then a quiet 30 ms: requests land both
+                // across swaps and within one generation, where the strict colour check
+                // below applies.
+                let pause = if swaps.is_multiple_of(10) { 30 } else { 1 };
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
             }
             swaps
         })
@@ -506,7 +510,10 @@ async fn concurrent_clients_see_no_errors_while_the_table_swaps() {
         swaps >= 10,
         "the table was swapped while clients ran ({swaps} swaps)"
     );
-    let _ = checked;
+    assert!(
+        checked > 0,
+        "some requests ran between two swaps, so the strict colour check was exercised"
+    );
 }
 
 #[tokio::test]
