@@ -23,17 +23,20 @@ use crate::metrics::ListenerKind;
 use crate::proxy::{ConnInfo, Proxy};
 
 /// Open connections of one listener, and a wake-up when one closes.
-#[derive(Default)]
-struct Open {
+#[derive(Debug, Default)]
+pub struct Open {
     count: AtomicUsize,
     released: Notify,
 }
 
-/// One counted connection; released when dropped.
-struct Slot(Arc<Open>);
+/// One counted connection; released when dropped. An upgraded stream takes its own, since
+/// hyper's connection (and its slot) ends at the upgrade while the socket lives on.
+#[derive(Debug)]
+pub struct Slot(Arc<Open>);
 
 impl Slot {
-    fn take(open: &Arc<Open>) -> Slot {
+    /// Counts one more open connection of the listener.
+    pub fn take(open: &Arc<Open>) -> Slot {
         open.count.fetch_add(1, Ordering::AcqRel);
         Slot(open.clone())
     }
@@ -93,6 +96,7 @@ pub async fn serve(
         let proxy = proxy.clone();
         let watcher = graceful.watcher();
         let slot = Slot::take(&open);
+        let open_for_streams = open.clone();
         tokio::spawn(async move {
             let gauge = proxy.metrics().connections(kind).clone();
             gauge.inc();
@@ -100,9 +104,11 @@ pub async fn serve(
                 client,
                 listener: kind,
                 tls: tls.is_some(),
+                open: open_for_streams,
             };
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
+                let conn_info = conn_info.clone();
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, conn_info).await) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());

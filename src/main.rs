@@ -181,6 +181,12 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     eprintln!("error: {e}");
                     return Ok(1);
                 }
+                if let Err(switchyard::tls::TlsError(field, reason)) =
+                    switchyard::tls::upstream_client_config(&c.upstream_tls)
+                {
+                    eprintln!("error: {}: {field}: {reason}", config.display());
+                    return Ok(1);
+                }
                 if switchyard::app::load_token(&c).is_err() {
                     eprintln!(
                         "warning: no admin token in {} (SWITCHYARD_ADMIN_TOKEN may supply it at run time)",

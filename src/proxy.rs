@@ -32,7 +32,7 @@ pub use body::ProxyBody;
 pub const COLOR_HEADER: &str = "x-switchyard-color";
 
 /// What the listener knows about a client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address, appended to `X-Forwarded-For`.
     pub client: SocketAddr,
@@ -40,6 +40,9 @@ pub struct ConnInfo {
     pub listener: ListenerKind,
     /// Whether the client connection is TLS (`X-Forwarded-Proto`).
     pub tls: bool,
+    /// The listener's open-connection count, which an upgraded stream joins for its life
+    /// (`limits.max_connections` counts streams too).
+    pub open: Arc<crate::listener::Open>,
 }
 
 /// Shared state of the proxy listeners.

@@ -804,6 +804,12 @@ async fn check_refuses_rise_zero() {
 }
 
 #[tokio::test]
+async fn check_refuses_a_missing_upstream_ca_file() {
+    let text = format!("{GOOD}\n[upstream_tls]\nca_file = \"/nonexistent/upstream-ca.pem\"\n");
+    assert_refused(&text, "upstream_tls.ca_file").await;
+}
+
+#[tokio::test]
 async fn check_accepts_the_shipped_configs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for config in ["config/switchyard.toml", "config/switchyard.example.toml"] {

@@ -509,3 +509,45 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn open_streams_count_toward_max_connections() {
+    let env = EnvBuilder::default().start().await;
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    std::fs::write(
+        &env.config_path,
+        text.replace("[limits]\n", "[limits]\nmax_connections = 2\n"),
+    )
+    .expect("config");
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Two upgraded streams: hyper is done with their connections, the sockets are not.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let (ws, _) = tokio_tungstenite::connect_async(env.ws_url("/v1/listen"))
+            .await
+            .expect("handshake");
+        streams.push(ws);
+    }
+    env.blue[0].state.wait_until(|s| s.ws_open_now() == 2).await;
+    let third = tokio::spawn({
+        let client = http_client();
+        let url = env.proxy_url("/v1/status");
+        async move { get(&client, &url).await.status() }
+    });
+    // As above: the absence of an answer is observed over a short, ample window.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "two open streams fill max_connections = 2"
+    );
+    let mut ws = streams.pop().expect("a stream");
+    ws.close(None).await.expect("close");
+    while let Some(Ok(_)) = ws.next().await {}
+    let status = tokio::time::timeout(PATIENCE, third)
+        .await
+        .expect("served once a stream ends")
+        .expect("task");
+    assert_eq!(status, StatusCode::OK);
+}

@@ -189,9 +189,12 @@ impl Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         let seconds = self.started.elapsed().as_secs_f64();
-        self.metrics
-            .color(self.color)
-            .request(self.protocol, self.status, seconds);
+        let metrics = self.metrics.color(self.color);
+        match self.protocol {
+            Protocol::Http => metrics.request(self.protocol, self.status, seconds),
+            // A refused upgrade: counted, but the WebSocket histogram is stream lifetimes.
+            Protocol::WebSocket => metrics.count_request(self.protocol, self.status),
+        }
         if let Some(access) = &self.access {
             access.log(self.color, self.status, seconds, Some(self.bytes));
         }

@@ -156,11 +156,7 @@ pub async fn forward(
             } else {
                 ProxyError::ConnectFailed(color.as_str())
             };
-            metrics.request(
-                Protocol::WebSocket,
-                e.status_and_code().0.as_u16(),
-                started.elapsed().as_secs_f64(),
-            );
+            metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
             return error_response(&e, color);
         };
         match tokio::time::timeout(limits.connect_timeout, connect(proxy, upstream)).await {
@@ -174,7 +170,7 @@ pub async fn forward(
                 tried.push(upstream);
                 if tried.len() >= super::http::MAX_ATTEMPTS {
                     let e = ProxyError::ConnectFailed(color.as_str());
-                    metrics.request(Protocol::WebSocket, 503, started.elapsed().as_secs_f64());
+                    metrics.count_request(Protocol::WebSocket, 503);
                     return error_response(&e, color);
                 }
             }
@@ -184,11 +180,7 @@ pub async fn forward(
     let fail = |e: ProxyError, kind: UpstreamErrorKind| {
         proxy.metrics.upstream_error(&upstream, kind);
         tracing::warn!(upstream = %upstream.name, color = %color, error = %e, "upstream handshake failed");
-        metrics.request(
-            Protocol::WebSocket,
-            e.status_and_code().0.as_u16(),
-            started.elapsed().as_secs_f64(),
-        );
+        metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
         error_response(&e, color)
     };
     let (mut sender, connection) =
@@ -314,6 +306,7 @@ pub async fn forward(
         .counting(metrics.draining_streams.clone()),
         _guard: proxy.tracker.stream(&upstream),
         _connection: GaugeGuard::new(proxy.metrics.connections(conn.listener)),
+        _slot: crate::listener::Slot::take(&conn.open),
         upstream,
         opened: started,
     };
@@ -377,6 +370,8 @@ struct Stream {
     /// The client connection in `connections`: hyper lets go of a connection once it is
     /// upgraded, which ends the listener's count of it, so the stream holds it from here.
     _connection: GaugeGuard,
+    /// Keeps the stream counted toward `limits.max_connections` after hyper lets go of it.
+    _slot: crate::listener::Slot,
 }
 
 /// How a relay ended, before the closing handshakes.
@@ -404,6 +399,7 @@ impl Stream {
         let (mut cl_tx, mut cl_rx) = client.split();
         let (mut up_tx, mut up_rx) = upstream.split();
         let injected = AtomicBool::new(false);
+        let close_sent = AtomicBool::new(false);
         let flushed = Notify::new();
         let dropped = AtomicU64::new(0);
         let bytes_in = AtomicU64::new(0);
@@ -502,7 +498,11 @@ impl Stream {
                     if !closing.is_empty() {
                         let message = Message::Text(Utf8Bytes::from_static(closing));
                         match tokio::time::timeout_at(grace_end, up_tx.send(message)).await {
-                            Ok(Ok(())) => {}
+                            Ok(Ok(())) => {
+                                if closing == CLOSE {
+                                    close_sent.store(true, Ordering::Release);
+                                }
+                            }
                             Ok(Err(_)) => return Ending::UpstreamFinished,
                             Err(_) => return Ending::GraceExpired,
                         }
@@ -568,6 +568,14 @@ impl Stream {
                 (CloseReason::DrainGraceful, Some(1012))
             }
             Ending::DrainNow | Ending::GraceExpired => {
+                // TTS: `Close` follows `Flush` even when `Flushed` never came within grace.
+                if self.endpoint == Endpoint::Speak
+                    && injected.load(Ordering::Acquire)
+                    && !close_sent.load(Ordering::Acquire)
+                {
+                    let close = Message::Text(Utf8Bytes::from_static(CLOSE));
+                    let _ = tokio::time::timeout(CLOSE_WAIT, up_tx.send(close)).await;
+                }
                 tokio::join!(
                     finish_close(&mut cl_tx, &mut cl_rx, Some(restart())),
                     finish_close(
