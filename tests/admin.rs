@@ -793,7 +793,12 @@ async fn preview_streams_on_the_standby_colour_are_not_draining() {
     );
     let (mut ws, response) = connect_async(url).await.expect("preview handshake");
     assert_eq!(response.headers()["x-switchyard-color"], "blue");
-    env.blue[0].state.wait_until(|s| s.ws_open_now() == 1).await;
+    tokio::time::timeout(
+        PATIENCE,
+        env.blue[0].state.wait_until(|s| s.ws_open_now() == 1),
+    )
+    .await
+    .expect("the stub saw it in time");
     let (_, status) = env.admin_get("/status").await;
     assert_eq!(status["colors"]["blue"]["open_streams"], 1);
     assert_eq!(status["colors"]["blue"]["state"], "standby", "{status}");

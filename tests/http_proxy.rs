@@ -137,9 +137,11 @@ async fn get_and_post_keep_path_query_and_end_to_end_headers() {
         h.get("x-hop").is_none(),
         "a header named by Connection is hop-by-hop: {h}"
     );
-    assert_ne!(
-        h["host"], "api.example:8080",
-        "the upstream gets its own authority"
+    assert!(
+        h["host"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("127.0.0.1:")),
+        "the upstream gets its own authority: {h}"
     );
     // Upstream headers pass through untouched.
     assert_eq!(response.headers()["dg-request-id"], "req-123");

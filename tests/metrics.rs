@@ -191,6 +191,7 @@ fn assert_shape(m: &Exposition, upstreams: &BTreeSet<String>) {
             "{name}: HELP"
         );
         let want: BTreeSet<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        assert!(!family.samples.is_empty(), "{name}: has samples to check");
         for got in family.label_sets() {
             assert_eq!(got, want, "{name}: label names");
         }

@@ -155,7 +155,9 @@ async fn sigterm_drains_open_streams_then_exits_zero() {
             .expect("audio");
         streams.push(ws);
     }
-    p.blue.wait_until(|s| s.audio_bytes() >= 5 * 6400).await;
+    tokio::time::timeout(PATIENCE, p.blue.wait_until(|s| s.audio_bytes() >= 5 * 6400))
+        .await
+        .expect("the stub saw it in time");
     p.signal("TERM");
     for mut ws in streams {
         let mut finals = 0;
@@ -206,12 +208,18 @@ async fn a_second_signal_exits_at_once() {
     let (_ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .expect("handshake");
-    p.blue.wait_until(|s| s.ws_open_now() == 1).await;
+    tokio::time::timeout(PATIENCE, p.blue.wait_until(|s| s.ws_open_now() == 1))
+        .await
+        .expect("the stub saw it in time");
     p.signal("TERM");
     // The stream would hold shutdown for 30 minutes; a second signal must not wait for it.
     let client = http_client();
     let status_url = format!("http://127.0.0.1:{}/status", p.admin);
-    let _ = get(&client, &status_url).await; // the admin API stays up during the drain
+    // The admin API stays up during the drain, and shows the stream holding it.
+    let status = get(&client, &status_url).await;
+    assert_eq!(status.status(), http::StatusCode::OK);
+    let status: serde_json::Value = serde_json::from_slice(status.body()).expect("json");
+    assert_eq!(status["colors"]["blue"]["open_streams"], 1, "{status}");
     p.signal("INT");
     let code = p.exit_code(PATIENCE).await;
     assert!(

@@ -489,11 +489,19 @@ async fn handshake_passes_subprotocol_auth_session_path_and_query() {
                 "x-deepgram-session-id",
                 "5f0c1d2e-aaaa-bbbb-cccc-0123456789ab",
             ),
+            (
+                "sec-websocket-extensions",
+                "permessage-deflate; client_max_window_bits",
+            ),
         ],
     )
     .await;
     assert_eq!(color_of(&response), "blue");
     assert_eq!(response.headers()["sec-websocket-protocol"], "token");
+    assert!(
+        response.headers().get("sec-websocket-extensions").is_none(),
+        "permessage-deflate is not accepted from the client"
+    );
 
     let seen = env.blue[0].state.last_headers();
     assert_eq!(seen["sec-websocket-protocol"], "token, KEY123");
@@ -713,6 +721,18 @@ async fn upstream_close_code_and_reason_pass_through() {
     assert_eq!(u16::from(close.code), 1011);
     assert_eq!(close.reason.as_str(), "NET-0001");
 
+    // A code Switchyard never sends itself, so only passthrough can produce it.
+    let (mut ws, _) = open(&url).await;
+    ws.send(Message::text(
+        json!({"type": "StubClose", "code": 1008, "reason": "DATA-0000"}).to_string(),
+    ))
+    .await
+    .expect("sent");
+    let (_, close) = read_to_close(&mut ws).await;
+    let close = close.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(close.reason.as_str(), "DATA-0000");
+
     let (mut ws, _) = open(&url).await;
     ws.send(audio(RESULT_BYTES)).await.expect("sent");
     assert_eq!(next_json(&mut ws).await["type"], "Results");
@@ -787,8 +807,16 @@ async fn zero_drain_timeout_drains_at_once() {
     let env = EnvBuilder::default().start().await;
     let (mut stream, _) = Listen::open(&env.ws_url("/v1/listen")).await;
     stream.send_confirmed(&[1600, RESULT_BYTES]).await;
+    let flipped = std::time::Instant::now();
     flip_with(&env, "green", "0s").await;
     stream.expect_drained("blue").await;
+    // The stub answers CloseStream at once, so the close comes without waiting out anything
+    // (grace is 10 s): well under the bound even on a busy machine.
+    assert!(
+        flipped.elapsed() < std::time::Duration::from_secs(5),
+        "drained at once, not after a delay: {:?}",
+        flipped.elapsed()
+    );
     assert_eq!(stream.results.len(), 2);
     assert_eq!(env.blue[0].state.close_streams(), 1);
 }
