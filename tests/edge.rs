@@ -308,7 +308,7 @@ async fn client_keys_are_required_in_every_accepted_form() {
 
 #[tokio::test]
 async fn stalled_clients_do_not_block_others_and_are_closed_after_the_header_timeout() {
-    let env = start_with_header_timeout(EnvBuilder::default(), "2s").await;
+    let env = start_with_limit("header_read_timeout = \"2s\"").await;
     let mut stalled = Vec::new();
     for _ in 0..500 {
         let mut s = tokio::net::TcpStream::connect(env.app().proxy_addr)
@@ -343,14 +343,12 @@ async fn stalled_clients_do_not_block_others_and_are_closed_after_the_header_tim
     }
 }
 
-async fn start_with_header_timeout(builder: EnvBuilder, timeout: &str) -> Env {
-    let env = builder.clone().start().await;
-    // The header timeout is read per connection from the current table: a reload applies it.
+/// Starts an env, then sets one `[limits]` key by rewriting the config and reloading: limits
+/// are read from the current table per connection, so a reload applies them.
+async fn start_with_limit(setting: &str) -> Env {
+    let env = EnvBuilder::default().start().await;
     let text = std::fs::read_to_string(&env.config_path).expect("config");
-    let text = text.replace(
-        "[limits]\n",
-        &format!("[limits]\nheader_read_timeout = \"{timeout}\"\n"),
-    );
+    let text = text.replace("[limits]\n", &format!("[limits]\n{setting}\n"));
     std::fs::write(&env.config_path, text).expect("config");
     let (status, body) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -359,15 +357,7 @@ async fn start_with_header_timeout(builder: EnvBuilder, timeout: &str) -> Env {
 
 #[tokio::test]
 async fn beyond_max_connections_accepting_waits_and_nothing_is_refused() {
-    let env = EnvBuilder::default().start().await;
-    let text = std::fs::read_to_string(&env.config_path).expect("config");
-    std::fs::write(
-        &env.config_path,
-        text.replace("[limits]\n", "[limits]\nmax_connections = 2\n"),
-    )
-    .expect("config");
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let env = start_with_limit("max_connections = 2").await;
 
     // Two keep-alive connections, each answered once and then held open.
     let mut held = Vec::new();
@@ -512,15 +502,7 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
 
 #[tokio::test]
 async fn open_streams_count_toward_max_connections() {
-    let env = EnvBuilder::default().start().await;
-    let text = std::fs::read_to_string(&env.config_path).expect("config");
-    std::fs::write(
-        &env.config_path,
-        text.replace("[limits]\n", "[limits]\nmax_connections = 2\n"),
-    )
-    .expect("config");
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let env = start_with_limit("max_connections = 2").await;
 
     // Two upgraded streams: hyper is done with their connections, the sockets are not.
     let mut streams = Vec::new();
