@@ -146,6 +146,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         proxy.upstreams.tls.clone(),
         stop_background.clone(),
     );
+    tokio::spawn(crate::drain::cut_requests_at_deadlines(
+        router.clone(),
+        tracker.clone(),
+        stop_background.clone(),
+    ));
     let mut listeners = vec![tokio::spawn(crate::listener::serve(
         proxy_listener,
         ListenerKind::Proxy,

@@ -5,7 +5,10 @@
 //! one stream its deadline: the earliest of its colour's drain order (a flip away from it),
 //! its upstream's retirement (a reload removed it) and shutdown, counting only orders
 //! given by changes after the table that routed the stream. The protocol-aware close
-//! itself is in `proxy::websocket`; this module takes no hyper types.
+//! itself is in `proxy::websocket`; this module takes no hyper types. Plain HTTP requests
+//! on a draining colour are bounded by the same deadline: `cut_requests_at_deadlines`
+//! raises a per-colour mark that their guards see (the response body then ends with an
+//! error; a request still waiting for its answer gets a 503 the client can retry).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,6 +97,12 @@ struct ColorCounts {
     /// Streams under a drain order: what makes a colour "draining" in `/status`, unlike
     /// streams a preview client opened on the standby colour after the flip.
     draining: AtomicU64,
+    /// Plain HTTP requests routed by a table older than this generation are past their
+    /// colour's drain deadline and end now (SPEC: in-flight requests on the old colour are
+    /// "bounded by the same deadline").
+    http_cut: AtomicU64,
+    /// Wakes requests waiting on an upstream when `http_cut` rises.
+    cut: Arc<Notify>,
 }
 
 /// Per-colour traffic counts and the shutdown order.
@@ -143,7 +152,8 @@ impl Tracker {
     }
 
     /// Counts a request until the guard drops.
-    pub fn request(self: &Arc<Self>, upstream: &Arc<Upstream>) -> RequestGuard {
+    /// Counts a request, routed by the table of `generation`, until the guard drops.
+    pub fn request(self: &Arc<Self>, upstream: &Arc<Upstream>, generation: u64) -> RequestGuard {
         self.colors[upstream.color.index()]
             .in_flight
             .fetch_add(1, Ordering::AcqRel);
@@ -151,6 +161,15 @@ impl Tracker {
         RequestGuard {
             tracker: self.clone(),
             upstream: upstream.clone(),
+            generation,
+        }
+    }
+
+    /// Ends the plain HTTP requests on `color` that `order` covers: its deadline has come.
+    pub fn cut_requests(&self, color: Color, order: &DrainOrder) {
+        let c = &self.colors[color.index()];
+        if c.http_cut.fetch_max(order.generation, Ordering::AcqRel) < order.generation {
+            c.cut.notify_waiters();
         }
     }
 
@@ -211,6 +230,38 @@ impl Tracker {
 pub struct RequestGuard {
     tracker: Arc<Tracker>,
     upstream: Arc<Upstream>,
+    /// The generation of the table that routed it.
+    generation: u64,
+}
+
+impl RequestGuard {
+    fn counts(&self) -> &ColorCounts {
+        &self.tracker.colors[self.upstream.color.index()]
+    }
+
+    /// Whether this request's colour reached a drain deadline that covers it.
+    pub fn is_cut(&self) -> bool {
+        self.counts().http_cut.load(Ordering::Acquire) > self.generation
+    }
+
+    /// A wake-up for the next cut on this request's colour; check `is_cut` after
+    /// registering it (`Notified::enable`) so no cut is missed in between.
+    pub fn next_cut(&self) -> tokio::sync::futures::OwnedNotified {
+        self.counts().cut.clone().notified_owned()
+    }
+
+    /// Resolves once this request is cut; never, if it is not.
+    pub async fn cut(&self) {
+        loop {
+            let next = self.next_cut();
+            tokio::pin!(next);
+            next.as_mut().enable();
+            if self.is_cut() {
+                return;
+            }
+            next.await;
+        }
+    }
 }
 
 impl Drop for RequestGuard {
@@ -232,6 +283,46 @@ impl Drop for StreamGuard {
         self.upstream.open_streams.fetch_sub(1, Ordering::Relaxed);
         self.tracker
             .release(self.upstream.color, |c| &c.open_streams);
+    }
+}
+
+/// Ends plain HTTP requests on a draining colour at its deadline, following the route
+/// table (a rollback before the deadline cancels the order, so nothing is cut). Runs until
+/// `stop` is cancelled.
+pub async fn cut_requests_at_deadlines(
+    router: Arc<Router>,
+    tracker: Arc<Tracker>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut changes = router.subscribe();
+    loop {
+        let table = router.load_full();
+        let next = Color::ALL
+            .into_iter()
+            .filter_map(|c| table.drain_order(c).map(|o| (c, o)))
+            .filter(|(c, o)| {
+                tracker.colors[c.index()].http_cut.load(Ordering::Acquire) < o.generation
+            })
+            .min_by_key(|(_, o)| o.deadline);
+        drop(table);
+        let due = async {
+            match next {
+                Some((_, order)) => tokio::time::sleep_until(order.deadline.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+            _ = due => {
+                if let Some((color, order)) = next
+                    && router.load().drain_order(color) == Some(order)
+                {
+                    tracing::info!(color = %color, "drain deadline: ending in-flight requests on the old colour");
+                    tracker.cut_requests(color, &order);
+                }
+            }
+        }
     }
 }
 

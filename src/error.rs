@@ -25,6 +25,10 @@ pub enum ProxyError {
     UpstreamFailed(String),
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
+    #[error(
+        "{0} reached its drain deadline before the upstream answered; retry goes to the active colour"
+    )]
+    DrainDeadline(&'static str),
     #[error("missing or unknown client key")]
     Unauthorized,
     #[error("{0}")]
@@ -39,6 +43,7 @@ impl ProxyError {
             | ProxyError::ConnectFailed(_)
             | ProxyError::UpstreamFailed(_)
             | ProxyError::UpstreamTimeout(_) => Blame::Upstream,
+            ProxyError::DrainDeadline(_) => Blame::Internal,
             ProxyError::Unauthorized | ProxyError::BadRequest(_) => Blame::Client,
         }
     }
@@ -54,6 +59,7 @@ impl ProxyError {
             }
             ProxyError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::DrainDeadline(_) => (StatusCode::SERVICE_UNAVAILABLE, "drain_deadline"),
             ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
         }

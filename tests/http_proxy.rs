@@ -542,3 +542,146 @@ async fn a_request_with_a_huge_header_gets_431_and_the_proxy_stays_up() {
     let got = get(&env.client, &env.proxy_url("/v1/status")).await;
     assert_eq!(got.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn in_flight_requests_on_the_old_colour_end_at_the_drain_deadline() {
+    let addr = stalling_upstream().await;
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    env.write_config(
+        &builder,
+        &format!("\"http://{addr}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
+
+    // One request mid-body, one still waiting for its answer.
+    let req = Request::get(env.proxy_url("/stall-body"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, env.client.request(req))
+        .await
+        .expect("in time")
+        .expect("answer");
+    assert_eq!(color_of(&response), "blue");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("in time")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(
+        first.into_data().expect("data"),
+        Bytes::from_static(b"first")
+    );
+    let waiting = tokio::spawn({
+        let client = http_client();
+        let url = env.proxy_url("/stall-head");
+        async move { get(&client, &url).await }
+    });
+    eventually(|| async {
+        let (_, status) = env.admin_get("/status").await;
+        status["colors"]["blue"]["in_flight"] == 2
+    })
+    .await;
+
+    let (status, body_json) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "1s"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body_json}");
+    // At the deadline: the stalled body ends with an error (not a clean, short end)...
+    let rest = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("the body ends at the deadline");
+    assert!(
+        rest.is_err(),
+        "a cut response is incomplete, not silently short"
+    );
+    // ...and the request still waiting for headers gets a 503 a client retries.
+    let answer = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("answered at the deadline")
+        .expect("task");
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(color_of(&answer), "blue");
+    let json: Value = serde_json::from_slice(answer.body()).expect("json");
+    assert_eq!(json["error"], "drain_deadline");
+    // So blue holds nothing any more.
+    let (_, drained) = env.admin_get("/drain/wait?color=blue&timeout=10s").await;
+    assert_eq!(drained["drained"], true, "{drained}");
+}
+
+/// An upstream that never finishes: `/stall-body` sends one chunk and stalls, anything else
+/// never answers at all.
+async fn stalling_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    if req.uri().path() != "/stall-body" {
+                        std::future::pending::<()>().await;
+                    }
+                    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+                    tokio::spawn(async move {
+                        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first")))).await;
+                        tx.closed().await;
+                    });
+                    Ok::<_, Infallible>(Response::new(StreamBody::new(tokio_stream_from(rx))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_rollback_before_the_deadline_cuts_nothing() {
+    let addr = stalling_upstream().await;
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    env.write_config(
+        &builder,
+        &format!("\"http://{addr}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
+    let req = Request::get(env.proxy_url("/stall-body"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, env.client.request(req))
+        .await
+        .expect("in time")
+        .expect("answer");
+    let mut body = response.into_body();
+    tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("in time")
+        .expect("frame")
+        .expect("ok");
+    let (status, _) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "1s"})))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = env.admin_post("/rollback", None).await;
+    assert_eq!(status, StatusCode::OK);
+    // Past the cancelled deadline the response is still open: absence of the cut can only
+    // be observed over time, so wait well past the 1 s deadline.
+    let next = tokio::time::timeout(std::time::Duration::from_millis(2500), body.frame()).await;
+    assert!(
+        next.is_err(),
+        "the body is still open and waiting, not cut: {next:?}"
+    );
+    let (_, status) = env.admin_get("/status").await;
+    assert_eq!(status["colors"]["blue"]["in_flight"], 1);
+}

@@ -5,6 +5,7 @@
 //! without buffering. `ProxyBody` is what clients receive: an upstream body that counts its
 //! bytes and records the request's metrics when it ends, or a small body of our own.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -13,6 +14,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::IntCounter;
+use tokio::sync::futures::OwnedNotified;
 
 use crate::drain::RequestGuard;
 use crate::metrics::{Metrics, Protocol};
@@ -210,8 +212,18 @@ pub enum ProxyBody {
         inner: Incoming,
         to_client: IntCounter,
         finish: Option<Box<FinishHandle>>,
+        /// Registered while waiting on the upstream, so a drain deadline wakes the body.
+        cut: Option<Pin<Box<OwnedNotified>>>,
     },
 }
+
+/// Why Switchyard ended a response body early.
+#[derive(Debug, thiserror::Error)]
+#[error("the drain deadline of this request's colour passed; the response is cut")]
+pub struct Cut;
+
+/// A body error: the upstream's, or a cut at the drain deadline.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Opaque end-of-request bookkeeping carried by an upstream body.
 pub struct FinishHandle(Finish);
@@ -233,26 +245,59 @@ impl ProxyBody {
             to_client: finish.metrics.color(finish.color).bytes_to_client.clone(),
             finish: Some(Box::new(FinishHandle(finish))),
             inner,
+            cut: None,
+        }
+    }
+}
+
+impl ProxyBody {
+    /// Whether the request is past its colour's drain deadline; registers the waker for a
+    /// later cut otherwise. An error ends the body, so the client sees an incomplete
+    /// response rather than a silently short one.
+    fn check_cut(
+        finish: &Option<Box<FinishHandle>>,
+        cut: &mut Option<Pin<Box<OwnedNotified>>>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        let Some(f) = finish else { return false };
+        let guard = &f.0.guard;
+        loop {
+            let next = cut.get_or_insert_with(|| Box::pin(guard.next_cut()));
+            next.as_mut().enable();
+            if guard.is_cut() {
+                return true;
+            }
+            match next.as_mut().poll(cx) {
+                // A cut of an older generation, or a spurious wake-up: register again.
+                Poll::Ready(()) => *cut = None,
+                Poll::Pending => return false,
+            }
         }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream {
                 inner,
                 to_client,
                 finish,
+                cut,
             } => {
                 let polled = Pin::new(inner).poll_frame(cx);
+                if polled.is_pending() && Self::check_cut(finish, cut, cx) {
+                    finish.take();
+                    return Poll::Ready(Some(Err(Box::new(Cut))));
+                }
+                let polled = polled.map(|frame| frame.map(|r| r.map_err(BodyError::from)));
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {

@@ -157,10 +157,12 @@ impl Upstreams {
             *up_req.uri_mut() = upstream_uri(upstream, &path);
             *up_req.headers_mut() = headers;
 
-            let guard = proxy.tracker.request(upstream);
+            let guard = proxy.tracker.request(upstream, table.generation);
             let access = Access::capture(&parts.method, &parts.uri, &upstream.name);
-            let answer =
-                tokio::time::timeout(limits.response_timeout, self.client.request(up_req)).await;
+            let answer = tokio::select! {
+                answer = tokio::time::timeout(limits.response_timeout, self.client.request(up_req)) => answer,
+                _ = guard.cut() => break ProxyError::DrainDeadline(color.as_str()),
+            };
             match answer {
                 Ok(Ok(response)) => {
                     let status = response.status().as_u16();

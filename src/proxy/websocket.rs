@@ -213,7 +213,7 @@ pub async fn forward(
         HeaderValue::from_str(upstream.url.authority.as_str())
             .expect("an authority is a valid header value"),
     );
-    let guard = proxy.tracker.request(&upstream);
+    let guard = proxy.tracker.request(&upstream, table.generation);
     let response =
         match tokio::time::timeout(limits.response_timeout, sender.send_request(up_req)).await {
             Ok(Ok(r)) => r,
