@@ -69,27 +69,28 @@ async fn echo_upstream(name: &'static str) -> (SocketAddr, tokio::task::JoinHand
     (addr, task)
 }
 
-/// An env whose blue pool is one echo upstream.
-async fn echo_env() -> (Env, tokio::task::JoinHandle<()>) {
-    let env = EnvBuilder {
+/// An env whose blue pool is the one upstream at `addr` (health checks off: these upstreams
+/// are test fakes without a status endpoint).
+async fn env_with_blue_at(addr: SocketAddr) -> Env {
+    let builder = EnvBuilder {
         health: "mode = \"off\"",
         ..Default::default()
-    }
-    .start()
-    .await;
-    let (addr, task) = echo_upstream("echo").await;
-    let green = env.green[0].url();
+    };
+    let env = builder.clone().start().await;
     env.write_config(
-        &EnvBuilder {
-            health: "mode = \"off\"",
-            ..Default::default()
-        },
+        &builder,
         &format!("\"http://{addr}\""),
-        &format!("\"{green}\""),
+        &format!("\"{}\"", env.green[0].url()),
     );
     let (status, body) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    (env, task)
+    env
+}
+
+/// An env whose blue pool is one echo upstream.
+async fn echo_env() -> (Env, tokio::task::JoinHandle<()>) {
+    let (addr, task) = echo_upstream("echo").await;
+    (env_with_blue_at(addr).await, task)
 }
 
 async fn post(env: &Env, url: &str, body: &'static [u8]) -> (Response<Bytes>, Value) {
@@ -245,20 +246,7 @@ async fn a_chunked_response_streams_before_the_upstream_finishes() {
             .serve_connection(TokioIo::new(socket), service)
             .await;
     });
-    let builder = EnvBuilder {
-        health: "mode = \"off\"",
-        ..Default::default()
-    };
-    let env = builder.clone().start().await;
-    env.write_config(
-        &EnvBuilder {
-            health: "mode = \"off\"",
-            ..Default::default()
-        },
-        &format!("\"http://{addr}\""),
-        &format!("\"{}\"", env.green[0].url()),
-    );
-    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
+    let env = env_with_blue_at(addr).await;
 
     let req = Request::post(env.proxy_url("/v1/speak"))
         .body(Full::new(Bytes::new()))
@@ -323,21 +311,7 @@ async fn an_upstream_that_breaks_before_answering_is_a_502_json() {
             drop(socket);
         }
     });
-    let env = EnvBuilder {
-        health: "mode = \"off\"",
-        ..Default::default()
-    }
-    .start()
-    .await;
-    env.write_config(
-        &EnvBuilder {
-            health: "mode = \"off\"",
-            ..Default::default()
-        },
-        &format!("\"http://{addr}\""),
-        &format!("\"{}\"", env.green[0].url()),
-    );
-    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
+    let env = env_with_blue_at(addr).await;
     let got = get(&env.client, &env.proxy_url("/v1/listen")).await;
     assert_eq!(got.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(color_of(&got), "blue");
@@ -545,38 +519,8 @@ async fn a_request_with_a_huge_header_gets_431_and_the_proxy_stays_up() {
 
 #[tokio::test]
 async fn in_flight_requests_on_the_old_colour_end_at_the_drain_deadline() {
-    let addr = stalling_upstream().await;
-    let builder = EnvBuilder {
-        health: "mode = \"off\"",
-        ..Default::default()
-    };
-    let env = builder.clone().start().await;
-    env.write_config(
-        &builder,
-        &format!("\"http://{addr}\""),
-        &format!("\"{}\"", env.green[0].url()),
-    );
-    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
-
     // One request mid-body, one still waiting for its answer.
-    let req = Request::get(env.proxy_url("/stall-body"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let response = tokio::time::timeout(PATIENCE, env.client.request(req))
-        .await
-        .expect("in time")
-        .expect("answer");
-    assert_eq!(color_of(&response), "blue");
-    let mut body = response.into_body();
-    let first = tokio::time::timeout(PATIENCE, body.frame())
-        .await
-        .expect("in time")
-        .expect("frame")
-        .expect("ok");
-    assert_eq!(
-        first.into_data().expect("data"),
-        Bytes::from_static(b"first")
-    );
+    let (env, body) = blue_response_stalled_mid_body().await;
     let waiting = tokio::spawn({
         let client = http_client();
         let url = env.proxy_url("/stall-head");
@@ -614,6 +558,31 @@ async fn in_flight_requests_on_the_old_colour_end_at_the_drain_deadline() {
     assert_eq!(drained["drained"], true, "{drained}");
 }
 
+/// An env whose blue upstream has answered `/stall-body` with its first chunk and stalls;
+/// returns the rest of that response's body.
+async fn blue_response_stalled_mid_body() -> (Env, Incoming) {
+    let env = env_with_blue_at(stalling_upstream().await).await;
+    let req = Request::get(env.proxy_url("/stall-body"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, env.client.request(req))
+        .await
+        .expect("in time")
+        .expect("answer");
+    assert_eq!(color_of(&response), "blue");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("in time")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(
+        first.into_data().expect("data"),
+        Bytes::from_static(b"first")
+    );
+    (env, body)
+}
+
 /// An upstream that never finishes: `/stall-body` sends one chunk and stalls, anything else
 /// never answers at all.
 async fn stalling_upstream() -> SocketAddr {
@@ -644,31 +613,7 @@ async fn stalling_upstream() -> SocketAddr {
 
 #[tokio::test]
 async fn a_rollback_before_the_deadline_cuts_nothing() {
-    let addr = stalling_upstream().await;
-    let builder = EnvBuilder {
-        health: "mode = \"off\"",
-        ..Default::default()
-    };
-    let env = builder.clone().start().await;
-    env.write_config(
-        &builder,
-        &format!("\"http://{addr}\""),
-        &format!("\"{}\"", env.green[0].url()),
-    );
-    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
-    let req = Request::get(env.proxy_url("/stall-body"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let response = tokio::time::timeout(PATIENCE, env.client.request(req))
-        .await
-        .expect("in time")
-        .expect("answer");
-    let mut body = response.into_body();
-    tokio::time::timeout(PATIENCE, body.frame())
-        .await
-        .expect("in time")
-        .expect("frame")
-        .expect("ok");
+    let (env, mut body) = blue_response_stalled_mid_body().await;
     let (status, _) = env
         .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "1s"})))
         .await;
