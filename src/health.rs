@@ -97,6 +97,8 @@ async fn probe_loop(
     stop: CancellationToken,
 ) {
     loop {
+        // Kept connections unused for a while are closed here, traffic or not.
+        upstream.idle.sweep();
         let health = router.load().settings.config.health.clone();
         let changed = match health.mode {
             HealthMode::Off => {

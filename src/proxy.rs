@@ -10,6 +10,7 @@
 //! 5. forward, tagging the answer with `x-switchyard-color`.
 
 pub mod body;
+pub mod h1;
 pub mod headers;
 pub mod http;
 pub mod websocket;
@@ -122,7 +123,7 @@ impl Proxy {
     /// Passes an upstream's answer to the client as it came (hop-by-hop headers aside),
     /// tagged with the colour; `finish` is recorded when its body ends.
     pub(crate) fn relay_answer(
-        response: Response<Incoming>,
+        response: Response<impl Into<body::UpstreamBody>>,
         finish: body::Finish,
     ) -> Response<ProxyBody> {
         let color = finish.color;

@@ -176,6 +176,8 @@ pub struct Upstream {
     pub in_flight: AtomicU64,
     /// Open WebSocket streams; the other half of "outstanding work".
     pub open_streams: AtomicU64,
+    /// Kept-alive connections for plain requests.
+    pub(crate) idle: crate::proxy::h1::Idle,
     healthy: AtomicBool,
     observed: AtomicU8,
     streak: Mutex<Streak>,
@@ -195,6 +197,7 @@ impl Upstream {
             color,
             in_flight: AtomicU64::new(0),
             open_streams: AtomicU64::new(0),
+            idle: Default::default(),
             healthy: AtomicBool::new(true),
             observed: AtomicU8::new(Observed::Unknown as u8),
             streak: Mutex::new(Streak::default()),

@@ -1,115 +1,25 @@
 //! Bodies on the request path: streamed both ways, never buffered whole.
 //!
-//! `RequestBody` carries the client's body upstream and can be taken back if the upstream
-//! never polled it (a connect failure), which is what makes the same-colour retry possible
-//! without buffering. `ProxyBody` is what clients receive: an upstream body that counts its
-//! bytes and records the request's metrics when it ends, or a small body of our own.
+//! The client's body goes upstream as `h1` reads it. `ProxyBody` is what clients receive:
+//! an upstream body that counts its bytes and records the request's metrics when it ends,
+//! or a small body of our own.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::IntCounter;
+
+use super::h1;
 use tokio::sync::futures::OwnedNotified;
 
 use crate::drain::RequestGuard;
 use crate::metrics::{Metrics, Protocol};
 use crate::upstream::Color;
-
-/// The client's body on its way upstream.
-pub struct RequestBody {
-    /// Moved here from `slot` on the first poll, so later polls take no lock.
-    inner: Option<Incoming>,
-    /// Holds the body until the upstream polls it; whoever retries takes it back from here.
-    slot: Option<Arc<Mutex<Option<Incoming>>>>,
-    to_upstream: IntCounter,
-}
-
-/// A handle to take back a body the upstream never read.
-pub struct Reclaim(Arc<Mutex<Option<Incoming>>>);
-
-impl Reclaim {
-    /// The body, if it was never polled.
-    pub fn take(&self) -> Option<Incoming> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-impl RequestBody {
-    /// A body that cannot be retried (one upstream to try).
-    pub fn direct(body: Incoming, to_upstream: IntCounter) -> RequestBody {
-        RequestBody {
-            inner: Some(body),
-            slot: None,
-            to_upstream,
-        }
-    }
-
-    /// A body that can be reclaimed if the upstream never polls it.
-    pub fn reclaimable(body: Incoming, to_upstream: IntCounter) -> (RequestBody, Reclaim) {
-        let slot = Arc::new(Mutex::new(Some(body)));
-        (
-            RequestBody {
-                inner: None,
-                slot: Some(slot.clone()),
-                to_upstream,
-            },
-            Reclaim(slot),
-        )
-    }
-
-    fn peek<T>(&self, f: impl FnOnce(&Incoming) -> T, empty: T) -> T {
-        if let Some(b) = &self.inner {
-            return f(b);
-        }
-        match &self.slot {
-            Some(slot) => match &*slot.lock().unwrap_or_else(|p| p.into_inner()) {
-                Some(b) => f(b),
-                None => empty,
-            },
-            None => empty,
-        }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        if this.inner.is_none()
-            && let Some(slot) = this.slot.take()
-        {
-            this.inner = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-        }
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = Pin::new(inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.to_upstream.inc_by(data.len() as u64);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.peek(|b| b.is_end_stream(), true)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.peek(|b| b.size_hint(), SizeHint::with_exact(0))
-    }
-}
 
 /// What the access log line names; captured only when that log is enabled.
 #[derive(Debug)]
@@ -209,12 +119,60 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// The upstream's body, streamed.
     Upstream {
-        inner: Incoming,
+        inner: UpstreamBody,
         to_client: IntCounter,
         finish: Option<Box<FinishHandle>>,
         /// Registered while waiting on the upstream, so a drain deadline wakes the body.
         cut: Option<Pin<Box<OwnedNotified>>>,
     },
+}
+
+/// An upstream's body: from Switchyard's own HTTP/1.1 client (plain requests), or from
+/// hyper's (a refused WebSocket handshake).
+pub enum UpstreamBody {
+    Inline(h1::ResponseBody),
+    Hyper(Incoming),
+}
+
+impl From<h1::ResponseBody> for UpstreamBody {
+    fn from(body: h1::ResponseBody) -> UpstreamBody {
+        UpstreamBody::Inline(body)
+    }
+}
+
+impl From<Incoming> for UpstreamBody {
+    fn from(body: Incoming) -> UpstreamBody {
+        UpstreamBody::Hyper(body)
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Inline(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Inline(b) => b.is_end_stream(),
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Inline(b) => b.size_hint(),
+            UpstreamBody::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Why Switchyard ended a response body early.
@@ -240,11 +198,11 @@ impl ProxyBody {
     }
 
     /// The upstream's body; `finish` is recorded when it ends.
-    pub fn upstream(inner: Incoming, finish: Finish) -> ProxyBody {
+    pub fn upstream(inner: impl Into<UpstreamBody>, finish: Finish) -> ProxyBody {
         ProxyBody::Upstream {
             to_client: finish.metrics.color(finish.color).bytes_to_client.clone(),
             finish: Some(Box::new(FinishHandle(finish))),
-            inner,
+            inner: inner.into(),
             cut: None,
         }
     }
@@ -297,7 +255,6 @@ impl Body for ProxyBody {
                     finish.take();
                     return Poll::Ready(Some(Err(Box::new(Cut))));
                 }
-                let polled = polled.map(|frame| frame.map(|r| r.map_err(BodyError::from)));
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {

@@ -24,8 +24,6 @@ use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
@@ -54,9 +52,6 @@ const FLUSH: &str = r#"{"type":"Flush"}"#;
 const CLOSE: &str = r#"{"type":"Close"}"#;
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// Small read buffers (idle streams are most streams) and eager writes (each message is
 /// flushed before the next is read, which is the back-pressure). Messages up to 16 MiB.
@@ -159,7 +154,12 @@ pub async fn forward(
             metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
             return error_response(&e, color);
         };
-        match tokio::time::timeout(limits.connect_timeout, connect(proxy, upstream)).await {
+        match tokio::time::timeout(
+            limits.connect_timeout,
+            super::h1::connect(&proxy.upstreams.tls, &upstream.url),
+        )
+        .await
+        {
             Ok(Ok(io)) => break (upstream.clone(), io),
             outcome => {
                 let reason = match outcome {
@@ -340,22 +340,6 @@ pub async fn forward(
         .instrument(span),
     );
     tag(reply, color)
-}
-
-async fn connect(proxy: &Proxy, upstream: &Upstream) -> std::io::Result<Box<dyn Io>> {
-    let host = upstream.url.authority.host();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = TcpStream::connect((host, upstream.url.port())).await?;
-    tcp.set_nodelay(true)?;
-    if !upstream.url.is_tls() {
-        return Ok(Box::new(tcp));
-    }
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let tls = tokio_rustls::TlsConnector::from(proxy.upstreams.tls.clone())
-        .connect(name, tcp)
-        .await?;
-    Ok(Box::new(tls))
 }
 
 /// One relayed stream and what it counts.

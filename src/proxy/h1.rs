@@ -1,0 +1,1007 @@
+//! The HTTP/1.1 client for plain requests, run inside the client connection's own task.
+//!
+//! The request head is written, the response head read and parsed, and the response body
+//! read from the upstream socket only when the client connection polls for it. Nothing is
+//! handed to another task: a general-purpose client (hyper-util's) sends each request
+//! through a channel to a task that owns the connection and the answer back through
+//! another, and on a proxy's hot path those hand-offs cost more than the proxying.
+//!
+//! Connections are kept per upstream (`Idle`), most recently used first, for
+//! `IDLE_TIMEOUT`. One goes back only after a complete exchange: the request body sent in
+//! full, the response's framing saying where it ended (not "until close"), nothing left
+//! over, and neither side asking to close. A kept connection that the upstream closed
+//! while idle is seen before use when its close already arrived; otherwise, when it fails
+//! before any byte of an answer and no byte of the client's body was read, the request goes
+//! again on a new connection.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
+use http::{Method, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_util::io::poll_read_buf;
+
+use crate::config::UpstreamUrl;
+use crate::upstream::Upstream;
+
+/// How long a kept connection may sit unused before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most connections kept per upstream; more are closed when their exchange ends.
+const MAX_IDLE: usize = 1024;
+/// Largest response head accepted (as for requests).
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line or trailer section of a chunked body.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// How much is read from the upstream at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A connection to an upstream, plain or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Opens a connection to `url` (TLS for `https://`, verified with `tls`), Nagle off.
+pub async fn connect(tls: &Arc<rustls::ClientConfig>, url: &UpstreamUrl) -> io::Result<Stream> {
+    let host = url.authority.host();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = TcpStream::connect((host, url.port())).await?;
+    tcp.set_nodelay(true)?;
+    if !url.is_tls() {
+        return Ok(Stream::Plain(tcp));
+    }
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tls = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await?;
+    Ok(Stream::Tls(Box::new(tls)))
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An upstream connection and what has been read from it and not yet used.
+pub struct Conn {
+    io: Stream,
+    buf: BytesMut,
+    reused: bool,
+}
+
+impl Conn {
+    fn new(io: Stream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            reused: false,
+        }
+    }
+
+    /// Whether an idle connection is still open: nothing may arrive on it between
+    /// exchanges, so readable means closed (or broken). Costs no system call unless the
+    /// socket became readable.
+    fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
+    }
+
+    /// Reads more into the buffer; 0 means the upstream closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
+/// Connections to one upstream that finished an exchange and may carry another.
+pub struct Idle {
+    /// Oldest first: parked at the end, taken from the end.
+    conns: Mutex<Vec<(Conn, Instant)>>,
+}
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        f.debug_struct("Idle").field("conns", &n).finish()
+    }
+}
+
+impl Default for Idle {
+    fn default() -> Idle {
+        Idle {
+            conns: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Idle {
+    /// The most recently parked connection that is still open, if any.
+    fn take(&self) -> Option<Conn> {
+        loop {
+            let (mut conn, since) = self.lock().pop()?;
+            if since.elapsed() >= IDLE_TIMEOUT {
+                // Everything below it is older still.
+                let expired = std::mem::take(&mut *self.lock());
+                drop(expired);
+                return None;
+            }
+            if conn.is_open() {
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+    }
+
+    fn park(&self, conn: Conn) {
+        let mut conns = self.lock();
+        if conns.len() < MAX_IDLE {
+            conns.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes connections unused for `IDLE_TIMEOUT` (the health loop calls this, so an
+    /// upstream without traffic does not hold sockets forever).
+    pub fn sweep(&self) {
+        let expired: Vec<_> = {
+            let mut conns = self.lock();
+            let keep_from = conns
+                .iter()
+                .position(|(_, since)| since.elapsed() < IDLE_TIMEOUT)
+                .unwrap_or(conns.len());
+            conns.drain(..keep_from).collect()
+        };
+        drop(expired);
+    }
+
+    /// How many connections are parked.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none are parked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The parts of a request that go upstream, headers already rewritten for it.
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    pub path: &'a PathAndQuery,
+    pub headers: &'a HeaderMap,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// No connection could be made; the client's body is handed back untouched so the
+    /// request can go to another upstream.
+    Connect(io::Error, Incoming),
+    /// The upstream broke the exchange or answered something that is not HTTP/1.1.
+    Upstream(String),
+    /// The client's body could not be read (the client went away or sent a bad body).
+    Client(String),
+}
+
+/// How a message body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes (responses only).
+    Close,
+}
+
+/// Sends one request to `upstream` on a kept connection or a new one (bounded by
+/// `connect_timeout`), and reads the response head. The body is read later, as the
+/// client's connection polls the returned response.
+pub async fn exchange(
+    upstream: &Arc<Upstream>,
+    tls: &Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+    head: RequestHead<'_>,
+    body: Incoming,
+    to_upstream: &IntCounter,
+) -> Result<Response<ResponseBody>, Failure> {
+    let framing = request_framing(head.method, head.headers, &body);
+    let encoded = encode_head(&head, &upstream.url.authority, framing);
+    let mut body = body;
+    loop {
+        let conn = match upstream.idle.take() {
+            Some(conn) => conn,
+            None => {
+                match tokio::time::timeout(connect_timeout, connect(tls, &upstream.url)).await {
+                    Ok(Ok(io)) => Conn::new(io),
+                    Ok(Err(e)) => return Err(Failure::Connect(e, body)),
+                    Err(_) => {
+                        let e = io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("connect timed out after {connect_timeout:?}"),
+                        );
+                        return Err(Failure::Connect(e, body));
+                    }
+                }
+            }
+        };
+        let reused = conn.reused;
+        let sending = Sending {
+            conn,
+            queue: VecDeque::from([encoded.clone()]),
+            body: Some(body),
+            framing,
+            body_read: false,
+            sent: 0,
+            to_upstream,
+        };
+        match sending.run(head.method, upstream).await {
+            Ok(response) => return Ok(response),
+            // The upstream closed a kept connection as it was reused; nothing was lost.
+            Err((Sent::Stale(e), Some(unread))) if reused => {
+                tracing::debug!(upstream = %upstream.name, error = %e, "kept connection was closed; sending on a new one");
+                body = unread;
+            }
+            Err((Sent::Stale(e) | Sent::Upstream(e), _)) => {
+                return Err(Failure::Upstream(e.to_string()));
+            }
+            Err((Sent::Client(e), _)) => return Err(Failure::Client(e)),
+        }
+    }
+}
+
+/// How the request body is framed: with the client's length when it is known, chunked
+/// otherwise.
+fn request_framing(method: &Method, headers: &HeaderMap, body: &Incoming) -> Framing {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let length = declared.or_else(|| {
+        if body.is_end_stream() {
+            Some(0)
+        } else {
+            body.size_hint().exact()
+        }
+    });
+    match length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        // A GET with a body of unknown length is odd but legal.
+        None if *method == Method::CONNECT => Framing::Empty,
+        None => Framing::Chunked,
+    }
+}
+
+/// The request line and header section, with `Host` set to the upstream's authority and
+/// the body's framing headers.
+fn encode_head(head: &RequestHead<'_>, authority: &Authority, framing: Framing) -> Bytes {
+    let mut out = BytesMut::with_capacity(256 + head.headers.len() * 48);
+    out.put_slice(head.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(head.path.as_str().as_bytes());
+    out.put_slice(b" HTTP/1.1\r\nhost: ");
+    out.put_slice(authority.as_str().as_bytes());
+    out.put_slice(b"\r\n");
+    for (name, value) in head.headers {
+        // The client's `Expect: 100-continue` was answered by the server side already.
+        if name == header::HOST || name == header::CONTENT_LENGTH || name == header::EXPECT {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.put_slice(b"content-length: ");
+            out.put_slice(n.to_string().as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+        // Methods that normally carry a body say when theirs is empty.
+        Framing::Empty
+            if *head.method == Method::POST
+                || *head.method == Method::PUT
+                || *head.method == Method::PATCH =>
+        {
+            out.put_slice(b"content-length: 0\r\n");
+        }
+        Framing::Empty | Framing::Close => {}
+    }
+    out.put_slice(b"\r\n");
+    out.freeze()
+}
+
+/// Why sending failed.
+#[derive(Debug)]
+enum Sent {
+    /// The connection failed before any of the answer arrived.
+    Stale(io::Error),
+    Upstream(io::Error),
+    Client(String),
+}
+
+/// One request being written while the answer is watched for.
+struct Sending<'a> {
+    conn: Conn,
+    /// Encoded bytes not yet written: the head, then body frames with their framing.
+    queue: VecDeque<Bytes>,
+    /// The client's body, until it has been read in full.
+    body: Option<Incoming>,
+    framing: Framing,
+    /// Whether any of `body` was read (then it cannot be sent again).
+    body_read: bool,
+    /// Body bytes queued, checked against a declared length.
+    sent: u64,
+    to_upstream: &'a IntCounter,
+}
+
+impl Sending<'_> {
+    /// Sends the request and reads the answer's head. On failure the body comes back if
+    /// none of it was read.
+    async fn run(
+        mut self,
+        method: &Method,
+        upstream: &Arc<Upstream>,
+    ) -> Result<Response<ResponseBody>, (Sent, Option<Incoming>)> {
+        let complete = match std::future::poll_fn(|cx| self.poll_send(cx)).await {
+            Ok(complete) => complete,
+            Err(e) => return Err(self.give_back(e)),
+        };
+        if complete
+            && matches!(self.conn.io, Stream::Tls(_))
+            && let Err(e) = self.conn.io.flush().await
+        {
+            let e = self.failed(e);
+            return Err(self.give_back(e));
+        }
+        loop {
+            match parse_head(&mut self.conn.buf, method) {
+                Ok(Some((response, framing))) => {
+                    let keep = complete && keeps_alive(&response);
+                    let home = keep.then(|| upstream.clone());
+                    let body = ResponseBody::new(self.conn, framing, home);
+                    return Ok(response.map(|()| body));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let e = io::Error::new(io::ErrorKind::InvalidData, e);
+                    return Err((Sent::Upstream(e), None));
+                }
+            }
+            if self.conn.buf.len() >= MAX_HEAD {
+                let e = io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the response head is larger than 64 KiB",
+                );
+                return Err((Sent::Upstream(e), None));
+            }
+            let e = match std::future::poll_fn(|cx| self.conn.poll_fill(cx)).await {
+                Ok(0) => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection before answering",
+                ),
+                Ok(_) => continue,
+                Err(e) => e,
+            };
+            let e = self.failed(e);
+            return Err(self.give_back(e));
+        }
+    }
+
+    /// A connection failure: `Stale` while nothing of the answer arrived.
+    fn failed(&self, e: io::Error) -> Sent {
+        if self.conn.buf.is_empty() {
+            Sent::Stale(e)
+        } else {
+            Sent::Upstream(e)
+        }
+    }
+
+    /// The error, and the body if none of it was read.
+    fn give_back(mut self, e: Sent) -> (Sent, Option<Incoming>) {
+        let unread = if self.body_read {
+            None
+        } else {
+            self.body.take()
+        };
+        (e, unread)
+    }
+
+    /// Writes the head and the body; `true` once all is sent, `false` if the answer began
+    /// first (the rest of the body is then not sent and the connection not kept).
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Sent>> {
+        loop {
+            if self.framing != Framing::Empty {
+                match self.conn.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) => {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the upstream closed the connection while the request was sent",
+                        );
+                        return Poll::Ready(Err(self.failed(e)));
+                    }
+                    // Interim answers (100 Continue, 103) do not stop the upload.
+                    Poll::Ready(Ok(_)) if final_answer_began(&mut self.conn.buf) => {
+                        return Poll::Ready(Ok(false));
+                    }
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(self.failed(e))),
+                    Poll::Pending => {}
+                }
+            }
+            if !self.queue.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 16];
+                let n = self
+                    .queue
+                    .iter()
+                    .zip(slices.iter_mut())
+                    .map(|(bytes, slice)| *slice = IoSlice::new(bytes))
+                    .count();
+                let written =
+                    ready!(Pin::new(&mut self.conn.io).poll_write_vectored(cx, &slices[..n]));
+                match written {
+                    Ok(0) => {
+                        let e =
+                            io::Error::new(io::ErrorKind::WriteZero, "the upstream took no bytes");
+                        return Poll::Ready(Err(self.failed(e)));
+                    }
+                    Ok(n) => self.advance(n),
+                    Err(e) => return Poll::Ready(Err(self.failed(e))),
+                }
+                continue;
+            }
+            if self.framing == Framing::Empty {
+                return Poll::Ready(Ok(true));
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Ok(true));
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    self.body_read = true;
+                    match frame.into_data() {
+                        Ok(data) => self.queue_data(data)?,
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                self.queue_end(Some(&trailers))?;
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    return Poll::Ready(Err(Sent::Client(format!(
+                        "the client's request body failed: {e}"
+                    ))));
+                }
+                None => {
+                    self.body_read = true;
+                    self.queue_end(None)?;
+                }
+            }
+        }
+    }
+
+    /// Drops `n` written bytes from the front of the queue.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                return;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.queue.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+
+    fn queue_data(&mut self, data: Bytes) -> Result<(), Sent> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let len = data.len() as u64;
+        self.sent += len;
+        self.to_upstream.inc_by(len);
+        match self.framing {
+            Framing::Length(declared) if self.sent > declared => Err(Sent::Client(format!(
+                "the client sent more than its content-length of {declared}"
+            ))),
+            Framing::Chunked => {
+                self.queue.push_back(Bytes::from(format!("{len:x}\r\n")));
+                self.queue.push_back(data);
+                self.queue.push_back(Bytes::from_static(b"\r\n"));
+                Ok(())
+            }
+            _ => {
+                self.queue.push_back(data);
+                Ok(())
+            }
+        }
+    }
+
+    /// The body ended (with trailers, perhaps): the last chunk, or a length check.
+    fn queue_end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), Sent> {
+        self.body = None;
+        match self.framing {
+            Framing::Chunked => {
+                let mut end = BytesMut::from(&b"0\r\n"[..]);
+                for (name, value) in trailers.into_iter().flatten() {
+                    end.put_slice(name.as_str().as_bytes());
+                    end.put_slice(b": ");
+                    end.put_slice(value.as_bytes());
+                    end.put_slice(b"\r\n");
+                }
+                end.put_slice(b"\r\n");
+                self.queue.push_back(end.freeze());
+                Ok(())
+            }
+            Framing::Length(declared) if self.sent != declared => Err(Sent::Client(format!(
+                "the client's body ended after {} of its {declared} bytes",
+                self.sent
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Parses a complete response head off the front of `buf`, skipping interim (1xx)
+/// answers; `None` until the head is complete.
+fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<(Response<()>, Framing)>, String> {
+    loop {
+        // Uninitialized: zeroing 128 fields per response showed in profiles.
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("the upstream's answer is not HTTP/1.1: {e}")),
+        };
+        let status = parsed
+            .code
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .ok_or("the upstream's status code is not valid")?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err("the upstream switched protocols on a plain request".into());
+        }
+        if status.is_informational() {
+            buf.advance(len);
+            continue;
+        }
+        let version = match parsed.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        // Values are slices of the head, not copies; names are mostly static.
+        let base = buf.as_ptr() as usize;
+        let mut fields_at = Vec::with_capacity(parsed.headers.len());
+        for field in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| format!("bad header name `{}` from the upstream", field.name))?;
+            let start = field.value.as_ptr() as usize - base;
+            fields_at.push((name, start, start + field.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(fields_at.len());
+        for (name, start, end) in fields_at {
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                .map_err(|_| format!("bad value for header `{name}` from the upstream"))?;
+            headers.append(name, value);
+        }
+        let framing = response_framing(method, status, &mut headers)?;
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        return Ok(Some((response, framing)));
+    }
+}
+
+/// Whether the start of a final answer is in `buf`, once the complete interim (1xx)
+/// answers before it are dropped. A head not yet complete does not count.
+fn final_answer_began(buf: &mut BytesMut) -> bool {
+    loop {
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut fields,
+        ) {
+            Ok(httparse::Status::Complete(len))
+                if parsed
+                    .code
+                    .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
+            {
+                buf.advance(len);
+                if buf.is_empty() {
+                    return false;
+                }
+            }
+            Ok(httparse::Status::Partial) => return false,
+            // A final answer, or garbage that the head parser will report.
+            _ => return true,
+        }
+    }
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+fn response_framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+) -> Result<Framing, String> {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    if let Some(codings) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let chunked = codings
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        // Transfer-Encoding overrides any Content-Length.
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        });
+    }
+    let mut lengths = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()));
+    let Some(first) = lengths.next() else {
+        return Ok(Framing::Close);
+    };
+    let bad = || "the upstream's content-length is not valid".to_string();
+    let length = first.ok_or_else(bad)?;
+    if lengths.any(|other| other != Some(length)) {
+        return Err(bad());
+    }
+    Ok(if length == 0 {
+        Framing::Empty
+    } else {
+        Framing::Length(length)
+    })
+}
+
+/// Whether the connection may carry another exchange after this answer.
+fn keeps_alive(response: &Response<()>) -> bool {
+    response.version() == Version::HTTP_11
+        && !response
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
+/// Where a response body is in its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decode {
+    Length(u64),
+    /// Expecting a chunk-size line.
+    ChunkSize,
+    ChunkData(u64),
+    /// Expecting the CRLF after a chunk's data.
+    ChunkEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+    Close,
+    Done,
+}
+
+/// An upstream's response body, read from its connection as the client polls. When it
+/// ends cleanly on a connection that may be kept, the connection goes back to its
+/// upstream's idle set; dropped early, the connection is closed.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    decode: Decode,
+    /// The upstream to park the connection with at the end; `None` if it is not kept.
+    home: Option<Arc<Upstream>>,
+}
+
+impl ResponseBody {
+    fn new(conn: Conn, framing: Framing, home: Option<Arc<Upstream>>) -> ResponseBody {
+        let decode = match framing {
+            Framing::Empty => Decode::Done,
+            Framing::Length(n) => Decode::Length(n),
+            Framing::Chunked => Decode::ChunkSize,
+            Framing::Close => Decode::Close,
+        };
+        let mut body = ResponseBody {
+            conn: Some(conn),
+            decode,
+            home: home.filter(|_| framing != Framing::Close),
+        };
+        if decode == Decode::Done {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body is complete: keep the connection if it may be kept and nothing more came.
+    fn finish(&mut self) {
+        self.decode = Decode::Done;
+        let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) else {
+            return;
+        };
+        if conn.buf.is_empty() {
+            home.idle.park(conn);
+        }
+    }
+
+    /// The next frame from what has been read already; `None` when more must be read
+    /// (or the body is done).
+    fn decode(&mut self) -> Result<Option<Frame<Bytes>>, String> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        let (frame, ended) = step(&mut self.decode, &mut conn.buf)?;
+        if ended {
+            self.finish();
+        }
+        Ok(frame)
+    }
+}
+
+/// Decodes from `buf` what can be decoded: a frame, and whether the body ended.
+fn step(decode: &mut Decode, buf: &mut BytesMut) -> Result<(Option<Frame<Bytes>>, bool), String> {
+    loop {
+        match *decode {
+            Decode::Done => return Ok((None, false)),
+            Decode::Length(left) | Decode::ChunkData(left) => {
+                if buf.is_empty() {
+                    return Ok((None, false));
+                }
+                let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let data = Frame::data(buf.split_to(n).freeze());
+                let left = left - n as u64;
+                let chunked = matches!(*decode, Decode::ChunkData(_));
+                *decode = match (chunked, left) {
+                    (false, 0) => return Ok((Some(data), true)),
+                    (false, left) => Decode::Length(left),
+                    (true, 0) => Decode::ChunkEnd,
+                    (true, left) => Decode::ChunkData(left),
+                };
+                return Ok((Some(data), false));
+            }
+            Decode::Close => {
+                if buf.is_empty() {
+                    return Ok((None, false));
+                }
+                return Ok((Some(Frame::data(buf.split().freeze())), false));
+            }
+            Decode::ChunkSize => {
+                let Some(end) = find_crlf(buf) else {
+                    return too_long(buf.len(), "chunk-size line");
+                };
+                let line = &buf[..end];
+                let digits = line.split(|b| *b == b';').next().unwrap_or_default();
+                let digits = std::str::from_utf8(digits)
+                    .map(|s| s.trim_matches([' ', '\t']))
+                    .unwrap_or_default();
+                let size = if digits.is_empty() || digits.len() > 15 {
+                    None
+                } else {
+                    u64::from_str_radix(digits, 16).ok()
+                }
+                .ok_or("the upstream sent a bad chunk size")?;
+                buf.advance(end + 2);
+                *decode = if size == 0 {
+                    Decode::Trailers
+                } else {
+                    Decode::ChunkData(size)
+                };
+            }
+            Decode::ChunkEnd => {
+                if buf.len() < 2 {
+                    return Ok((None, false));
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err("the upstream's chunk is longer than its size".into());
+                }
+                buf.advance(2);
+                *decode = Decode::ChunkSize;
+            }
+            Decode::Trailers => {
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                    Ok(httparse::Status::Complete((len, fields))) => {
+                        let mut trailers = HeaderMap::new();
+                        for field in fields {
+                            if let (Ok(name), Ok(value)) = (
+                                HeaderName::from_bytes(field.name.as_bytes()),
+                                HeaderValue::from_bytes(field.value),
+                            ) {
+                                trailers.append(name, value);
+                            }
+                        }
+                        (len, trailers)
+                    }
+                    Ok(httparse::Status::Partial) => {
+                        return too_long(buf.len(), "trailer section");
+                    }
+                    Err(e) => return Err(format!("the upstream sent bad trailers: {e}")),
+                };
+                buf.advance(len);
+                let frame = (!trailers.is_empty()).then(|| Frame::trailers(trailers));
+                return Ok((frame, true));
+            }
+        }
+    }
+}
+
+/// Waiting for more of a line is fine up to `MAX_CHUNK_LINE`.
+fn too_long<T>(buffered: usize, what: &str) -> Result<(Option<T>, bool), String> {
+    if buffered > MAX_CHUNK_LINE {
+        Err(format!("the upstream's {what} is too long"))
+    } else {
+        Ok((None, false))
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            match this.decode() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.decode = Decode::Done;
+                    return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))));
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if this.decode == Decode::Done {
+                return Poll::Ready(None);
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if this.decode == Decode::Close => {
+                    this.conn = None;
+                    this.decode = Decode::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    this.decode = Decode::Done;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before the body ended",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.decode = Decode::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decode == Decode::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decode {
+            Decode::Length(left) => SizeHint::with_exact(left),
+            Decode::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
