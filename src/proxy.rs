@@ -10,9 +10,11 @@
 //! 5. forward, tagging the answer with `x-switchyard-color`.
 
 pub mod body;
+pub mod frames;
 pub mod h1;
 pub mod headers;
 pub mod http;
+pub mod pump;
 pub mod websocket;
 
 use std::net::SocketAddr;

@@ -7,34 +7,33 @@
 //! through. It is done with hyper's client connection rather than tungstenite's, because a
 //! Deepgram API that picks no subprotocol is normal here and tungstenite's client refuses it.
 //!
-//! The relay runs two directions in one task. Each direction forwards a message before
-//! reading the next, so a client that stops reading stops the upstream read too (TCP
-//! back-pressure); memory per stream is bounded by one message per direction plus small
-//! read buffers. The client-to-upstream direction also watches the drain deadline: at the
-//! deadline it injects `CloseStream` (listen) or `Flush`/`Close` (speak) and stops
-//! forwarding client audio, while the other direction keeps relaying the finals.
+//! The relay runs two directions (`pump::Pump`) in one task and passes frames on as they
+//! came, without decoding or re-encoding them: the client's frames stay masked on their way
+//! upstream (a client's frames must be masked, and these are), pings and pongs go through
+//! to the other peer. Each direction writes what it read before reading more, so a client
+//! that stops reading stops the upstream read too (TCP back-pressure); memory per stream is
+//! a read buffer per direction. At the drain deadline the client-to-upstream direction gets
+//! `CloseStream` (listen) or `Flush` and then `Close` (speak) at the next frame boundary and
+//! drops client audio from then on, while the other direction keeps relaying the finals.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use ::http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use futures_util::{SinkExt, StreamExt};
 use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::Notify;
-use tokio_tungstenite::WebSocketStream;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tracing::Instrument;
 
 use super::body::{Access, Finish, ProxyBody};
+use super::frames;
 use super::http::{client_host, source_chain};
+use super::pump::{self, Event, Pump};
 use super::{ConnInfo, Proxy, error_response, headers, tag};
 use crate::drain::{DrainWatch, Endpoint};
 use crate::error::ProxyError;
@@ -51,18 +50,7 @@ const CLOSE_STREAM: &str = r#"{"type":"CloseStream"}"#;
 const FLUSH: &str = r#"{"type":"Flush"}"#;
 const CLOSE: &str = r#"{"type":"Close"}"#;
 
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
-
-/// Small read buffers (idle streams are most streams) and eager writes (each message is
-/// flushed before the next is read, which is the back-pressure). Messages up to 16 MiB.
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(16 << 20 | 4096)
-        .max_message_size(Some(16 << 20))
-        .max_frame_size(Some(16 << 20))
-}
+type Io = TokioIo<Upgraded>;
 
 /// Whether a request asks for a WebSocket upgrade.
 pub fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -309,36 +297,26 @@ pub async fn forward(
         _slot: crate::listener::Slot::take(&conn.open),
         upstream,
         opened: started,
+        // Entered only around its log lines: instrumenting the task would enter it on
+        // every poll, which is every frame.
+        span: tracing::info_span!("stream", color = %color, path = %parts.uri.path(), session = session.as_deref().unwrap_or("-")),
     };
-    let span = tracing::info_span!("stream", color = %color, path = %parts.uri.path(), session = session.as_deref().unwrap_or("-"));
     let upstream_upgrade = hyper::upgrade::on(response);
-    tokio::spawn(
-        async move {
-            let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade)
-            {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "upgrade failed");
-                    stream.ended(CloseReason::Error, None, 0, 0, 0);
-                    return;
-                }
-            };
-            let client = WebSocketStream::from_raw_socket(
-                TokioIo::new(client_io),
-                Role::Server,
-                Some(ws_config()),
-            )
+    tokio::spawn(async move {
+        let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok(pair) => pair,
+            Err(e) => {
+                stream
+                    .span
+                    .in_scope(|| tracing::warn!(error = %e, "upgrade failed"));
+                stream.ended(CloseReason::Error, None, 0, 0, 0);
+                return;
+            }
+        };
+        stream
+            .relay(TokioIo::new(client_io), TokioIo::new(upstream_io))
             .await;
-            let upstream = WebSocketStream::from_raw_socket(
-                TokioIo::new(upstream_io),
-                Role::Client,
-                Some(ws_config()),
-            )
-            .await;
-            stream.relay(client, upstream).await;
-        }
-        .instrument(span),
-    );
+    });
     tag(reply, color)
 }
 
@@ -356,20 +334,24 @@ struct Stream {
     _connection: GaugeGuard,
     /// Keeps the stream counted toward `limits.max_connections` after hyper lets go of it.
     _slot: crate::listener::Slot,
+    span: tracing::Span,
 }
 
 /// How a relay ended, before the closing handshakes.
 enum Ending {
-    /// The upstream sent a close frame, to forward to the client.
-    UpstreamClosed(Option<CloseFrame>),
+    /// The upstream sent a close frame (its code, the frame), to forward to the client.
+    UpstreamClosed(Option<u16>, Bytes),
     /// The upstream finished after the drain message: the graceful end of a drain.
-    UpstreamFinished,
+    /// `closed`: it sent a close frame (with `code`), which gets an answer.
+    UpstreamFinished { closed: bool, code: Option<u16> },
     /// The upstream connection broke without a close frame.
     UpstreamLost(String),
-    /// The client sent a close frame, to forward upstream.
-    ClientClosed(Option<CloseFrame>),
+    /// The client sent a close frame (its code, the frame), to forward upstream.
+    ClientClosed(Option<u16>, Bytes),
     /// The client connection broke.
     ClientLost(String),
+    /// The client sent frames that break the protocol (answered with 1002).
+    ClientBroke(String),
     /// The deadline came for an endpoint with no graceful protocol close.
     DrainNow,
     /// `drain.grace` ran out after the drain message.
@@ -377,223 +359,169 @@ enum Ending {
 }
 
 impl Stream {
-    async fn relay(mut self, client: Ws, upstream: Ws) {
+    async fn relay(mut self, mut client: Io, mut upstream: Io) {
         let metrics = self.proxy.metrics.color(self.color).clone();
         metrics.open_streams(self.endpoint).inc();
-        let (mut cl_tx, mut cl_rx) = client.split();
-        let (mut up_tx, mut up_rx) = upstream.split();
-        let injected = AtomicBool::new(false);
-        let close_sent = AtomicBool::new(false);
-        let flushed = Notify::new();
-        let dropped = AtomicU64::new(0);
-        let bytes_in = AtomicU64::new(0);
-        let bytes_out = AtomicU64::new(0);
+        // `up` carries the client's frames upstream, `down` the upstream's to the client.
+        let mut up = Pump::new(true, metrics.bytes_to_upstream.clone());
+        let mut down = Pump::new(false, metrics.bytes_to_client.clone());
         let endpoint = self.endpoint;
         let router = self.proxy.router.clone();
-        let watch = &mut self.watch;
-
+        let span = self.span.clone();
+        let mut injected = false;
+        let mut close_sent = false;
+        let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let ending = {
-            let upstream_to_client = async {
-                loop {
-                    let msg = match up_rx.next().await {
-                        Some(Ok(msg)) => msg,
-                        Some(Err(e)) if injected.load(Ordering::Acquire) => {
-                            tracing::debug!(error = %e, "upstream ended after the drain message");
-                            return Ending::UpstreamFinished;
-                        }
-                        Some(Err(e)) => return Ending::UpstreamLost(e.to_string()),
-                        None if injected.load(Ordering::Acquire) => {
-                            return Ending::UpstreamFinished;
-                        }
-                        None => {
-                            return Ending::UpstreamLost(
-                                "connection closed without a close frame".into(),
-                            );
-                        }
+            let deadline = self.watch.deadline();
+            tokio::pin!(deadline);
+            std::future::poll_fn(|cx| {
+                // At the drain deadline: the protocol's own end, then only the finals flow.
+                if !injected && deadline.as_mut().poll(cx).is_ready() {
+                    let message = match endpoint {
+                        Endpoint::Other => return Poll::Ready(Ending::DrainNow),
+                        Endpoint::Listen => CLOSE_STREAM,
+                        Endpoint::Speak => FLUSH,
                     };
-                    match msg {
-                        Message::Close(frame) => {
-                            if injected.load(Ordering::Acquire) {
-                                return Ending::UpstreamFinished;
-                            }
-                            return Ending::UpstreamClosed(frame);
-                        }
-                        Message::Binary(ref b) if b.is_empty() => continue,
-                        Message::Text(ref t)
-                            if endpoint == Endpoint::Speak
-                                && injected.load(Ordering::Acquire)
-                                && is_type(t, "Flushed") =>
-                        {
-                            flushed.notify_one();
-                        }
-                        _ => {}
-                    }
-                    let len = payload_len(&msg);
-                    if let Err(e) = cl_tx.send(msg).await {
-                        return Ending::ClientLost(e.to_string());
-                    }
-                    bytes_out.fetch_add(len, Ordering::Relaxed);
-                    metrics.bytes_to_client.inc_by(len);
+                    span.in_scope(|| tracing::info!(message, "drain deadline: ending the stream"));
+                    up.inject(frames::encode(frames::TEXT, message.as_bytes(), true));
+                    up.drop_data = true;
+                    down.watch_flushed = endpoint == Endpoint::Speak;
+                    injected = true;
+                    let period = router.load().settings.config.drain.grace;
+                    grace = Some(Box::pin(tokio::time::sleep(period)));
                 }
-            };
-            let client_to_upstream = async {
-                // Normal relay until the client ends or the drain deadline comes.
+                if let Some(grace) = grace.as_mut()
+                    && grace.as_mut().poll(cx).is_ready()
                 {
-                    let deadline = watch.deadline();
-                    tokio::pin!(deadline);
-                    loop {
-                        tokio::select! {
-                            msg = cl_rx.next() => match msg {
-                                Some(Ok(Message::Close(frame))) => return Ending::ClientClosed(frame),
-                                // Deepgram reads an empty binary frame as the end of the stream.
-                                Some(Ok(Message::Binary(b))) if b.is_empty() => {
-                                    dropped.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Some(Ok(msg)) => {
-                                    let len = payload_len(&msg);
-                                    // An upstream that does not take the message (it waits on
-                                    // a client that stopped reading) must not hide the deadline.
-                                    tokio::select! {
-                                        sent = up_tx.send(msg) => if let Err(e) = sent {
-                                            return Ending::UpstreamLost(e.to_string());
-                                        },
-                                        _ = &mut deadline => break,
-                                    }
-                                    bytes_in.fetch_add(len, Ordering::Relaxed);
-                                    metrics.bytes_to_upstream.inc_by(len);
-                                }
-                                Some(Err(e)) => return Ending::ClientLost(e.to_string()),
-                                None => return Ending::ClientLost("connection closed without a close frame".into()),
-                            },
-                            _ = &mut deadline => break,
-                        }
-                    }
+                    return Poll::Ready(Ending::GraceExpired);
                 }
-                let grace = router.load().settings.config.drain.grace;
-                let grace_end = tokio::time::Instant::now() + grace;
-                let mut closing = match endpoint {
-                    Endpoint::Other => return Ending::DrainNow,
-                    Endpoint::Listen => CLOSE_STREAM,
-                    Endpoint::Speak => FLUSH,
-                };
-                injected.store(true, Ordering::Release);
-                tracing::info!(message = closing, "drain deadline: ending the stream");
                 loop {
-                    if !closing.is_empty() {
-                        let message = Message::Text(Utf8Bytes::from_static(closing));
-                        match tokio::time::timeout_at(grace_end, up_tx.send(message)).await {
-                            Ok(Ok(())) => {
-                                if closing == CLOSE {
-                                    close_sent.store(true, Ordering::Release);
-                                }
+                    let ending = match down.poll(cx, &mut upstream, &mut client) {
+                        Poll::Pending => break,
+                        Poll::Ready(Event::Flushed) => {
+                            if !close_sent {
+                                up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
+                                close_sent = true;
                             }
-                            Ok(Err(_)) => return Ending::UpstreamFinished,
-                            Err(_) => return Ending::GraceExpired,
+                            continue;
                         }
-                        closing = "";
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(grace_end) => return Ending::GraceExpired,
-                        _ = flushed.notified(), if endpoint == Endpoint::Speak => closing = CLOSE,
-                        msg = cl_rx.next() => match msg {
-                            Some(Ok(Message::Close(frame))) => return Ending::ClientClosed(frame),
-                            // Audio after CloseStream cannot be transcribed any more.
-                            Some(Ok(Message::Binary(_) | Message::Text(_))) => {
-                                dropped.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => return Ending::ClientLost(e.to_string()),
-                            None => return Ending::ClientLost("connection closed".into()),
+                        Poll::Ready(Event::Close { code, frame }) if !injected => {
+                            Ending::UpstreamClosed(code, frame)
+                        }
+                        Poll::Ready(Event::Close { code, .. }) => {
+                            Ending::UpstreamFinished { closed: true, code }
+                        }
+                        Poll::Ready(Event::DestinationLost(why)) => Ending::ClientLost(why),
+                        Poll::Ready(_) if injected => Ending::UpstreamFinished {
+                            closed: false,
+                            code: None,
                         },
-                    }
+                        Poll::Ready(Event::Ended) => {
+                            Ending::UpstreamLost("connection closed without a close frame".into())
+                        }
+                        Poll::Ready(Event::SourceLost(why)) => Ending::UpstreamLost(why),
+                        Poll::Ready(Event::Protocol(e)) => Ending::UpstreamLost(e.to_string()),
+                    };
+                    return Poll::Ready(ending);
                 }
-            };
-            tokio::select! {
-                e = upstream_to_client => e,
-                e = client_to_upstream => e,
-            }
+                let ending = match up.poll(cx, &mut client, &mut upstream) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Event::Close { code, frame }) => Ending::ClientClosed(code, frame),
+                    Poll::Ready(Event::Ended) => {
+                        Ending::ClientLost("connection closed without a close frame".into())
+                    }
+                    Poll::Ready(Event::SourceLost(why)) => Ending::ClientLost(why),
+                    Poll::Ready(Event::Protocol(e)) => Ending::ClientBroke(e.to_string()),
+                    Poll::Ready(Event::DestinationLost(_)) if injected => {
+                        Ending::UpstreamFinished {
+                            closed: false,
+                            code: None,
+                        }
+                    }
+                    Poll::Ready(Event::DestinationLost(why)) => Ending::UpstreamLost(why),
+                    Poll::Ready(Event::Flushed) => Ending::ClientBroke("unexpected".into()),
+                };
+                Poll::Ready(ending)
+            })
+            .await
         };
 
-        let restart = || {
-            Message::Close(Some(CloseFrame {
-                code: CloseCode::Restart,
-                reason: Utf8Bytes::from_static("switchyard: draining, reconnect"),
-            }))
+        // The closing handshakes, both sides at once, each bounded by CLOSE_WAIT.
+        let to_client = |code: u16, reason: &str| Some(frames::close(code, reason, false));
+        let to_upstream = |code: u16, reason: &str| Some(frames::close(code, reason, true));
+        let echo = |code: Option<u16>, to_upstream: bool| {
+            Some(match code {
+                Some(code) => frames::close(code, "", to_upstream),
+                None => frames::encode(frames::CLOSE, &[], to_upstream),
+            })
         };
-        let going_away = |why: &'static str| {
-            Message::Close(Some(CloseFrame {
-                code: CloseCode::Away,
-                reason: Utf8Bytes::from_static(why),
-            }))
-        };
-        let code = |frame: &Option<CloseFrame>| frame.as_ref().map(|f| u16::from(f.code));
-        let (reason, client_code) = match ending {
-            Ending::UpstreamClosed(frame) => {
-                let client_code = code(&frame);
-                tokio::join!(
-                    finish_close(&mut cl_tx, &mut cl_rx, Some(Message::Close(frame))),
-                    finish_close(&mut up_tx, &mut up_rx, None)
-                );
-                (CloseReason::Upstream, client_code)
-            }
-            Ending::ClientClosed(frame) => {
-                let client_code = code(&frame);
-                tokio::join!(
-                    finish_close(&mut cl_tx, &mut cl_rx, None),
-                    finish_close(&mut up_tx, &mut up_rx, Some(Message::Close(frame)))
-                );
-                (CloseReason::Client, client_code)
-            }
-            Ending::UpstreamFinished => {
-                tokio::join!(
-                    finish_close(&mut cl_tx, &mut cl_rx, Some(restart())),
-                    finish_close(&mut up_tx, &mut up_rx, None)
-                );
-                (CloseReason::DrainGraceful, Some(1012))
-            }
-            Ending::DrainNow | Ending::GraceExpired => {
-                // TTS: `Close` follows `Flush` even when `Flushed` never came within grace.
-                if self.endpoint == Endpoint::Speak
-                    && injected.load(Ordering::Acquire)
-                    && !close_sent.load(Ordering::Acquire)
-                {
-                    let close = Message::Text(Utf8Bytes::from_static(CLOSE));
-                    let _ = tokio::time::timeout(CLOSE_WAIT, up_tx.send(close)).await;
-                }
-                tokio::join!(
-                    finish_close(&mut cl_tx, &mut cl_rx, Some(restart())),
-                    finish_close(
-                        &mut up_tx,
-                        &mut up_rx,
-                        Some(going_away("switchyard: draining"))
+        let entered = self.span.enter();
+        let (reason, client_code, client_close, client_waits, upstream_close, upstream_waits) =
+            match ending {
+                Ending::UpstreamClosed(code, frame) => (
+                    CloseReason::Upstream,
+                    code,
+                    Some(frame),
+                    true,
+                    echo(code, true),
+                    false,
+                ),
+                Ending::ClientClosed(code, frame) => (
+                    CloseReason::Client,
+                    code,
+                    echo(code, false),
+                    false,
+                    Some(frame),
+                    true,
+                ),
+                Ending::UpstreamFinished { closed, code } => (
+                    CloseReason::DrainGraceful,
+                    Some(1012),
+                    to_client(1012, "switchyard: draining, reconnect"),
+                    true,
+                    if closed { echo(code, true) } else { None },
+                    false,
+                ),
+                Ending::DrainNow | Ending::GraceExpired => {
+                    // TTS: `Close` follows `Flush` even when `Flushed` never came within grace.
+                    if endpoint == Endpoint::Speak && injected && !close_sent {
+                        up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
+                    }
+                    (
+                        CloseReason::DrainForced,
+                        Some(1012),
+                        to_client(1012, "switchyard: draining, reconnect"),
+                        true,
+                        to_upstream(1001, "switchyard: draining"),
+                        true,
                     )
-                );
-                (CloseReason::DrainForced, Some(1012))
-            }
-            Ending::UpstreamLost(why) => {
-                tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
-                let lost = Message::Close(Some(CloseFrame {
-                    code: CloseCode::Error,
-                    reason: Utf8Bytes::from_static("switchyard: upstream connection lost"),
-                }));
-                finish_close(&mut cl_tx, &mut cl_rx, Some(lost)).await;
-                (CloseReason::Error, Some(1011))
-            }
-            Ending::ClientLost(why) => {
-                tracing::debug!(error = %why, "client connection lost");
-                let away = going_away("client went away");
-                finish_close(&mut up_tx, &mut up_rx, Some(away)).await;
-                (CloseReason::Error, None)
-            }
-        };
-        metrics.open_streams(self.endpoint).dec();
-        self.ended(
-            reason,
-            client_code,
-            dropped.load(Ordering::Relaxed),
-            bytes_in.load(Ordering::Relaxed),
-            bytes_out.load(Ordering::Relaxed),
+                }
+                Ending::UpstreamLost(why) => {
+                    tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
+                    let close = to_client(1011, "switchyard: upstream connection lost");
+                    (CloseReason::Error, Some(1011), close, true, None, false)
+                }
+                Ending::ClientLost(why) => {
+                    tracing::debug!(error = %why, "client connection lost");
+                    let close = to_upstream(1001, "client went away");
+                    (CloseReason::Error, None, None, false, close, true)
+                }
+                Ending::ClientBroke(why) => {
+                    tracing::debug!(error = %why, "client broke the WebSocket protocol");
+                    let client = to_client(1002, "protocol error");
+                    let upstream = to_upstream(1001, "client went away");
+                    (CloseReason::Error, Some(1002), client, true, upstream, true)
+                }
+            };
+        drop(entered);
+        let client_frames = closing_frames(&mut down, client_close);
+        let upstream_frames = closing_frames(&mut up, upstream_close);
+        tokio::join!(
+            finish(&mut client, &mut up, client_frames, client_waits),
+            finish(&mut upstream, &mut down, upstream_frames, upstream_waits),
         );
+        metrics.open_streams(self.endpoint).dec();
+        self.ended(reason, client_code, up.dropped, up.bytes, down.bytes);
     }
 
     fn ended(
@@ -604,6 +532,7 @@ impl Stream {
         bytes_in: u64,
         bytes_out: u64,
     ) {
+        let _entered = self.span.enter();
         let seconds = self.opened.elapsed().as_secs_f64();
         self.proxy
             .metrics
@@ -622,41 +551,38 @@ impl Stream {
     }
 }
 
-/// Completes a close handshake with one peer: sends `close` if we start one (or flushes
-/// the reply tungstenite queued to the peer's close), then reads until the peer's close
-/// arrives; all within `CLOSE_WAIT`.
-async fn finish_close<S, R>(tx: &mut S, rx: &mut R, close: Option<Message>)
-where
-    S: futures_util::Sink<Message> + Unpin,
-    R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        let _ = match close {
-            Some(close) => tx.send(close).await,
-            None => tx.flush().await,
-        };
-        while let Some(Ok(msg)) = rx.next().await {
-            if msg.is_close() {
-                break;
-            }
-        }
-        let _ = tx.close().await;
-    })
-    .await;
+/// What Switchyard still writes to one side: frames of its own still queued (`Close`
+/// after `Flush`), then `close`; nothing if a frame being passed to it is incomplete.
+fn closing_frames(writer: &mut Pump, close: Option<Bytes>) -> Vec<Bytes> {
+    if !writer.at_boundary() {
+        return Vec::new();
+    }
+    std::iter::from_fn(|| writer.take_own())
+        .chain(close)
+        .collect()
 }
 
-fn payload_len(msg: &Message) -> u64 {
-    match msg {
-        Message::Text(t) => t.len() as u64,
-        Message::Binary(b) => b.len() as u64,
-        _ => 0,
-    }
+/// Ends one side within `CLOSE_WAIT`: writes `frames`, then, if `wait`, reads (`reader`)
+/// until the peer's close arrives, then shuts the connection down.
+async fn finish(io: &mut Io, reader: &mut Pump, frames: Vec<Bytes>, wait: bool) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        for frame in &frames {
+            if !pump::send(io, frame, CLOSE_WAIT).await {
+                return;
+            }
+        }
+        if wait {
+            reader.until_close(io).await;
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, io.shutdown()).await;
 }
 
 /// Whether a JSON text message has `"type": name`, without a full parse on the hot path.
-fn is_type(text: &str, name: &str) -> bool {
-    text.contains(name)
-        && serde_json::from_str::<serde_json::Value>(text)
+pub(crate) fn is_type(text: &[u8], name: &str) -> bool {
+    text.windows(name.len()).any(|w| w == name.as_bytes())
+        && serde_json::from_slice::<serde_json::Value>(text)
             .ok()
             .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(|t| t == name))
             .unwrap_or(false)
