@@ -11,8 +11,9 @@
 //! full, the response's framing saying where it ended (not "until close"), nothing left
 //! over, and neither side asking to close. A kept connection that the upstream closed
 //! while idle is seen before use when its close already arrived; otherwise, when it fails
-//! before any byte of an answer and no byte of the client's body was read, the request goes
-//! again on a new connection.
+//! before any byte of an answer, the request goes again on a new connection if no byte of
+//! the client's body was read and the request was either incomplete (so the upstream cannot
+//! have acted on it) or idempotent.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -313,6 +314,7 @@ pub async fn exchange(
             body: Some(body),
             framing,
             body_read: false,
+            written: false,
             sent: 0,
             to_upstream,
         };
@@ -414,6 +416,9 @@ struct Sending<'a> {
     framing: Framing,
     /// Whether any of `body` was read (then it cannot be sent again).
     body_read: bool,
+    /// Whether the whole request was written: then the upstream may have acted on it,
+    /// and only an idempotent request may be sent again.
+    written: bool,
     /// Body bytes queued, checked against a declared length.
     sent: u64,
     to_upstream: &'a IntCounter,
@@ -429,14 +434,14 @@ impl Sending<'_> {
     ) -> Result<Response<ResponseBody>, (Sent, Option<Incoming>)> {
         let complete = match std::future::poll_fn(|cx| self.poll_send(cx)).await {
             Ok(complete) => complete,
-            Err(e) => return Err(self.give_back(e)),
+            Err(e) => return Err(self.give_back(e, method)),
         };
         if complete
             && matches!(self.conn.io, Stream::Tls(_))
             && let Err(e) = self.conn.io.flush().await
         {
             let e = self.failed(e);
-            return Err(self.give_back(e));
+            return Err(self.give_back(e, method));
         }
         loop {
             match parse_head(&mut self.conn.buf, method) {
@@ -468,7 +473,7 @@ impl Sending<'_> {
                 Err(e) => e,
             };
             let e = self.failed(e);
-            return Err(self.give_back(e));
+            return Err(self.give_back(e, method));
         }
     }
 
@@ -481,13 +486,11 @@ impl Sending<'_> {
         }
     }
 
-    /// The error, and the body if none of it was read.
-    fn give_back(mut self, e: Sent) -> (Sent, Option<Incoming>) {
-        let unread = if self.body_read {
-            None
-        } else {
-            self.body.take()
-        };
+    /// The error, and the body if the request may be sent again: none of the body was
+    /// read, and the request was not complete or is idempotent (RFC 9110 §9.2.2).
+    fn give_back(mut self, e: Sent, method: &Method) -> (Sent, Option<Incoming>) {
+        let again = !self.body_read && (!self.written || method.is_idempotent());
+        let unread = if again { self.body.take() } else { None };
         (e, unread)
     }
 
@@ -534,7 +537,8 @@ impl Sending<'_> {
                 }
                 continue;
             }
-            if self.framing == Framing::Empty {
+            if self.framing == Framing::Empty || self.body.is_none() {
+                self.written = true;
                 return Poll::Ready(Ok(true));
             }
             let Some(body) = self.body.as_mut() else {
@@ -642,6 +646,9 @@ fn parse_head(
         let mut parsed = httparse::Response::new(&mut []);
         let config = httparse::ParserConfig::default();
         let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+                return Err("the response head is larger than 64 KiB".into());
+            }
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(format!("the upstream's answer is not HTTP/1.1: {e}")),

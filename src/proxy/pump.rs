@@ -310,3 +310,178 @@ pub async fn send<D: AsyncWrite + Unpin>(dst: &mut D, frame: &[u8], wait: Durati
     });
     matches!(sent.await, Ok(Ok(())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, DuplexStream, duplex};
+
+    fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut frame = frames::encode(opcode, payload, true).to_vec();
+        if !fin {
+            frame[0] &= 0x7F;
+        }
+        frame
+    }
+
+    /// A client-side pump with its two peers' far ends: bytes go in at `client`, come out
+    /// at `upstream`.
+    fn client_pump() -> (Pump, DuplexStream, DuplexStream, DuplexStream, DuplexStream) {
+        let (client, src) = duplex(1 << 16);
+        let (dst, upstream) = duplex(1 << 16);
+        let counter = IntCounter::new("t", "t").expect("counter");
+        (Pump::new(true, counter), client, src, dst, upstream)
+    }
+
+    /// Polls the pump until it stops or would wait.
+    async fn run(pump: &mut Pump, src: &mut DuplexStream, dst: &mut DuplexStream) -> Option<Event> {
+        std::future::poll_fn(|cx| match pump.poll(cx, src, dst) {
+            Poll::Ready(event) => Poll::Ready(Some(event)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    }
+
+    /// `n` bytes from `peer`; a test that expected more than came fails instead of hanging.
+    async fn read_exactly(peer: &mut DuplexStream, n: usize) -> Vec<u8> {
+        let mut out = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut out))
+            .await
+            .expect("the bytes came in time")
+            .expect("bytes");
+        out
+    }
+
+    #[tokio::test]
+    async fn frames_pass_byte_for_byte_and_empty_binary_frames_are_dropped() {
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        let audio = masked(frames::BINARY, true, &[1, 2, 3]);
+        let empty = masked(frames::BINARY, true, &[]);
+        let ping = masked(frames::PING, true, b"hi");
+        let mut wire = audio.clone();
+        wire.extend_from_slice(&empty);
+        wire.extend_from_slice(&ping);
+        client.write_all(&wire).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        let mut expected = audio.clone();
+        expected.extend_from_slice(&ping);
+        assert_eq!(read_exactly(&mut upstream, expected.len()).await, expected);
+        assert_eq!((pump.bytes, pump.dropped), (3, 1));
+    }
+
+    #[tokio::test]
+    async fn an_injected_frame_waits_for_the_frame_boundary_and_closes_an_open_message() {
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        // The first fragment of a message, and the second's header (6 bytes, masked) with
+        // part of its payload.
+        let first = masked(frames::TEXT, false, b"hel");
+        let second = masked(frames::CONTINUATION, true, b"lo!");
+        client.write_all(&first).await.expect("write");
+        client.write_all(&second[..8]).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        pump.inject(frames::encode(
+            frames::TEXT,
+            b"{\"type\":\"CloseStream\"}",
+            true,
+        ));
+        pump.drop_data = true;
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        // The rest of the frame in flight is passed on before the injected frame.
+        client.write_all(&second[8..]).await.expect("write");
+        client
+            .write_all(&masked(frames::BINARY, true, &[9; 5]))
+            .await
+            .expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        let got = read_exactly(&mut upstream, first.len() + second.len()).await;
+        assert_eq!(got[..first.len()], first[..]);
+        assert_eq!(got[first.len()..], second[..]);
+        // `second` ended the message, so no empty fragment was needed; then our frame.
+        let header = read_exactly(&mut upstream, 2).await;
+        assert_eq!(header[0], 0x80 | frames::TEXT);
+        assert_eq!(pump.dropped, 1, "audio after the drain message is dropped");
+    }
+
+    #[tokio::test]
+    async fn an_injected_frame_inside_a_fragmented_message_ends_it_first() {
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        let first = masked(frames::BINARY, false, &[1; 4]);
+        client.write_all(&first).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        pump.inject(frames::encode(frames::TEXT, b"x", true));
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        let got = read_exactly(&mut upstream, first.len() + 6 + 7).await;
+        let end = frames::parse(&got[first.len()..], true)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(
+            (end.fin, end.opcode, end.len),
+            (true, frames::CONTINUATION, 0)
+        );
+        let own = frames::parse(&got[first.len() + 6..], true)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!((own.fin, own.opcode, own.len), (true, frames::TEXT, 1));
+    }
+
+    #[tokio::test]
+    async fn a_close_frame_stops_the_pump_and_is_not_passed_on() {
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        let close = frames::close(1000, "bye", true);
+        client.write_all(&close).await.expect("write");
+        match run(&mut pump, &mut src, &mut dst).await {
+            Some(Event::Close { code, frame }) => {
+                assert_eq!(code, Some(1000));
+                assert_eq!(frame, close);
+            }
+            other => panic!("expected a close, got {other:?}"),
+        }
+        drop(dst);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), upstream.read_to_end(&mut rest))
+            .await
+            .expect("the end came in time")
+            .expect("read");
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn unmasked_client_frames_break_the_protocol() {
+        let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+        client
+            .write_all(&frames::encode(frames::BINARY, &[1], false))
+            .await
+            .expect("write");
+        assert!(matches!(
+            run(&mut pump, &mut src, &mut dst).await,
+            Some(Event::Protocol(FrameError::Unmasked))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_watched_upstream_reports_flushed_and_still_passes_it_on() {
+        let (mut upstream, mut src) = duplex(1 << 16);
+        let (mut dst, mut client) = duplex(1 << 16);
+        let counter = IntCounter::new("t", "t").expect("counter");
+        let mut pump = Pump::new(false, counter);
+        pump.watch_flushed = true;
+        let flushed = frames::encode(
+            frames::TEXT,
+            br#"{"type":"Flushed","sequence_id":1}"#,
+            false,
+        );
+        // Split so the pump must wait for the whole frame before it can look inside.
+        upstream.write_all(&flushed[..5]).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        upstream.write_all(&flushed[5..]).await.expect("write");
+        assert!(matches!(
+            run(&mut pump, &mut src, &mut dst).await,
+            Some(Event::Flushed)
+        ));
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(
+            read_exactly(&mut client, flushed.len()).await,
+            flushed.to_vec()
+        );
+    }
+}
