@@ -683,7 +683,6 @@ async fn a_post_on_a_connection_closed_before_any_body_was_read_is_sent_again() 
 }
 
 #[tokio::test]
-#[ignore = "bug: an empty POST the upstream received is sent a second time (h1.rs `body_read` stays false for Framing::Empty)"]
 async fn an_empty_post_the_upstream_received_is_not_sent_twice() {
     let (mut up, env, mut conn) = with_a_kept_connection().await;
     // An empty POST is complete once its head is written. The upstream reads it and
