@@ -6,10 +6,12 @@
 //! (`route_table`), checks the client key if `[client_auth]` is set, and takes the
 //! active colour (the standby one on the preview listener). Within that colour
 //! `upstream::pick` chooses by least outstanding work of two random healthy upstreams.
-//! Plain HTTP goes through a pooled client (`proxy::http`), bodies streamed both ways, a
-//! connect failure retried on another upstream of the same colour. A WebSocket upgrade
-//! (`proxy::websocket`) gets its own upstream handshake and a relay task pinned to that
-//! colour for its whole life.
+//! Plain HTTP (`proxy::http`) goes upstream through Switchyard's own HTTP/1.1 client
+//! (`proxy::h1`), which runs in the client connection's task on kept connections, bodies
+//! streamed both ways, a connect failure retried on another upstream of the same colour.
+//! A WebSocket upgrade (`proxy::websocket`) gets its own upstream handshake and a relay
+//! task pinned to that colour for its whole life, which passes frames on as they came
+//! (`proxy::pump`, `proxy::frames`).
 //!
 //! # A flip's path
 //! `admin` takes `POST /flip`; `control`, the only writer, checks it, writes the state
@@ -24,7 +26,8 @@
 //! - Traffic never crosses colours on its own: retries stay within the colour.
 //! - Every stream is counted (`drain::Tracker`) until its task ends, so shutdown and
 //!   `/drain/wait` see upgraded connections that hyper no longer tracks.
-//! - Buffers are bounded: one message per direction per stream, 64 KiB request heads.
+//! - Buffers are bounded: a read buffer per direction per stream (a frame is never held
+//!   whole, except control frames and small text frames a drain must read), 64 KiB heads.
 
 pub mod admin;
 pub mod app;

@@ -988,3 +988,105 @@ async fn flux_drain_ends_with_1012() {
     assert_eq!(last["type"], "TurnInfo", "{last}");
     assert_eq!(env.blue[0].state.close_streams(), 1);
 }
+
+/// Frames are passed on as they came: a client's ping reaches the upstream, whose pong is
+/// the only one the client gets (Switchyard does not answer it too), and a fragmented
+/// message arrives whole.
+#[tokio::test]
+async fn pings_and_fragments_pass_through() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let env = EnvBuilder::default().start().await;
+    let (mut ws, _) = open(&env.ws_url("/v1/agent/converse")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Welcome");
+
+    ws.send(Message::Ping(Bytes::from_static(b"are you there")))
+        .await
+        .expect("ping sent");
+    // The Voice Agent stub echoes; its echo comes after its pong.
+    ws.send(Message::text("after the ping"))
+        .await
+        .expect("text sent");
+    let mut pongs = 0;
+    within("the echo after the ping", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Pong(payload))) => {
+                    assert_eq!(&payload[..], b"are you there");
+                    pongs += 1;
+                }
+                Some(Ok(Message::Text(text))) => {
+                    assert_eq!(text.as_str(), "after the ping");
+                    return;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(pongs, 1, "one pong, the upstream's");
+
+    let first = Frame::message(&b"frag"[..], OpCode::Data(Data::Text), false);
+    let last = Frame::message(&b"mented"[..], OpCode::Data(Data::Continue), true);
+    ws.send(Message::Frame(first))
+        .await
+        .expect("first fragment");
+    ws.send(Message::Frame(last)).await.expect("last fragment");
+    match next(&mut ws).await {
+        Message::Text(text) => assert_eq!(text.as_str(), "fragmented"),
+        other => panic!("expected the echoed message, got {other:?}"),
+    }
+    ws.close(None).await.expect("close sent");
+}
+
+/// A client that breaks WebSocket framing (here an unmasked frame) gets close code 1002.
+#[tokio::test]
+async fn a_client_breaking_the_framing_gets_1002() {
+    let env = EnvBuilder::default().start().await;
+    let addr = env.app().proxy_addr;
+    let mut socket = within("a connection", TcpStream::connect(addr))
+        .await
+        .expect("connected");
+    let handshake = format!(
+        "GET /v1/agent/converse HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    socket
+        .write_all(handshake.as_bytes())
+        .await
+        .expect("handshake sent");
+    let mut head = Vec::new();
+    within("the 101", async {
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).await.expect("the answer");
+            head.push(byte[0]);
+        }
+    })
+    .await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+
+    // An unmasked binary frame of one byte: clients must mask theirs.
+    socket.write_all(&[0x82, 0x01, 0x00]).await.expect("sent");
+    // Before the close, the stub's Welcome (a text frame) may arrive.
+    let is_1002 = |w: &[u8]| w[0] == 0x88 && w[2..4] == 1002u16.to_be_bytes();
+    let mut received = Vec::new();
+    within("a 1002 close frame", async {
+        let mut chunk = [0u8; 1024];
+        while !received.windows(4).any(is_1002) {
+            match socket.read(&mut chunk).await.expect("read") {
+                0 => panic!("closed without a 1002 close frame: {received:?}"),
+                n => received.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let close = received.windows(4).position(is_1002).expect("found above");
+    assert_eq!(received[close + 1] & 0x80, 0, "server frames are unmasked");
+}
