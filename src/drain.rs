@@ -220,8 +220,11 @@ impl Tracker {
     }
 
     fn release(&self, color: Color, which: impl Fn(&ColorCounts) -> &AtomicU64) {
-        which(&self.colors[color.index()]).fetch_sub(1, Ordering::AcqRel);
-        self.emptied.notify_waiters();
+        // A colour can only become empty when one of its counts reaches zero, so only
+        // then are waiters told (`notify_waiters` takes a lock: not on every request).
+        if which(&self.colors[color.index()]).fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_waiters();
+        }
     }
 }
 
