@@ -69,24 +69,6 @@ async fn echo_upstream(name: &'static str) -> (SocketAddr, tokio::task::JoinHand
     (addr, task)
 }
 
-/// An env whose blue pool is the one upstream at `addr` (health checks off: these upstreams
-/// are test fakes without a status endpoint).
-async fn env_with_blue_at(addr: SocketAddr) -> Env {
-    let builder = EnvBuilder {
-        health: "mode = \"off\"",
-        ..Default::default()
-    };
-    let env = builder.clone().start().await;
-    env.write_config(
-        &builder,
-        &format!("\"http://{addr}\""),
-        &format!("\"{}\"", env.green[0].url()),
-    );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    env
-}
-
 /// An env whose blue pool is one echo upstream.
 async fn echo_env() -> (Env, tokio::task::JoinHandle<()>) {
     let (addr, task) = echo_upstream("echo").await;

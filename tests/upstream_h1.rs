@@ -311,24 +311,6 @@ impl Upstream {
     }
 }
 
-/// An env whose blue pool is the one upstream at `addr` (health checks off: the scripted
-/// upstream answers only what the test writes, so nothing but client traffic reaches it).
-async fn env_with_blue_at(addr: SocketAddr) -> Env {
-    let builder = EnvBuilder {
-        health: "mode = \"off\"",
-        ..Default::default()
-    };
-    let env = builder.clone().start().await;
-    env.write_config(
-        &builder,
-        &format!("\"http://{addr}\""),
-        &format!("\"{}\"", env.green[0].url()),
-    );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    env
-}
-
 /// A request body the test feeds chunk by chunk through a channel; ends when the sender is
 /// dropped. Its length is unknown unless the request declares one.
 struct ChannelBody(mpsc::Receiver<Bytes>);

@@ -121,15 +121,11 @@ impl Pump {
     {
         loop {
             if self.left > 0 && !self.buf.is_empty() {
-                let n = self
-                    .buf
-                    .len()
-                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
                 if self.skipping {
-                    self.buf.advance(n);
-                    self.left -= n as u64;
+                    self.skip_buffered();
                     continue;
                 }
+                let n = self.buffered_of_frame();
                 match ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[..n])) {
                     Ok(0) => return Poll::Ready(Event::DestinationLost("wrote zero bytes".into())),
                     Ok(written) => {
@@ -238,6 +234,20 @@ impl Pump {
         Start::Next
     }
 
+    /// How much of the buffer belongs to the current frame.
+    fn buffered_of_frame(&self) -> usize {
+        self.buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX))
+    }
+
+    /// Drops what is buffered of the current frame.
+    fn skip_buffered(&mut self) {
+        let n = self.buffered_of_frame();
+        self.buf.advance(n);
+        self.left -= n as u64;
+    }
+
     /// Reads more of the source into the buffer; 0 means it ended.
     fn poll_fill<S: AsyncRead + Unpin>(
         &mut self,
@@ -262,12 +272,7 @@ impl Pump {
         std::future::poll_fn(|cx| {
             loop {
                 if self.left > 0 && !self.buf.is_empty() {
-                    let n = self
-                        .buf
-                        .len()
-                        .min(usize::try_from(self.left).unwrap_or(usize::MAX));
-                    self.buf.advance(n);
-                    self.left -= n as u64;
+                    self.skip_buffered();
                     continue;
                 }
                 if self.left == 0 {

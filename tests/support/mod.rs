@@ -295,3 +295,21 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An env whose blue pool is the one upstream at `addr`, with health checks off: test
+/// upstreams answer only what the test scripts, so only client traffic reaches them.
+pub async fn env_with_blue_at(addr: std::net::SocketAddr) -> Env {
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    env.write_config(
+        &builder,
+        &format!("\"http://{addr}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    env
+}
