@@ -974,6 +974,56 @@ async fn a_final_answer_during_the_upload_reaches_the_client_and_ends_the_upload
     up.assert_no_other_connection();
 }
 
+#[tokio::test]
+async fn a_success_answer_during_the_upload_lets_the_upload_go_on() {
+    // Full duplex: the upstream answers 200 after the first chunk and sends its body only
+    // once it has the whole upload. The client waits for the answer's head before it sends
+    // the rest, so Switchyard must relay the head and keep uploading at the same time.
+    const CHUNK: usize = 16 * 1024;
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let sent = patterned(CHUNK * 4);
+    let (tx, body) = channel_body();
+    let request = Request::post(env.proxy_url("/v1/listen"))
+        .header(header::CONTENT_LENGTH, sent.len())
+        .body(body)
+        .expect("a request");
+    let pending = tokio::spawn(channel_client().request(request));
+    within(
+        "the first chunk",
+        tx.send(Bytes::copy_from_slice(&sent[..CHUNK])),
+    )
+    .await
+    .expect("the body is read");
+    let mut conn = up.accept("the upload connects").await;
+    conn.read_head("the upload's head").await;
+    let first = conn.read_exact(CHUNK, "the first chunk").await;
+    assert_eq!(&first[..], &sent[..CHUNK]);
+    conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await;
+
+    let response = joined("the answer's head, before the upload ends", pending)
+        .await
+        .expect("the client gets an answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    for chunk in sent[CHUNK..].chunks(CHUNK) {
+        within("a later chunk", tx.send(Bytes::copy_from_slice(chunk)))
+            .await
+            .expect("the body is read");
+    }
+    drop(tx);
+    let rest = conn
+        .read_exact(sent.len() - CHUNK, "the rest of the upload")
+        .await;
+    assert_eq!(&rest[..], &sent[CHUNK..]);
+    conn.write(b"5\r\ndone!\r\n0\r\n\r\n").await;
+    let body = within("the answer's body", response.into_body().collect())
+        .await
+        .expect("the answer's body arrives in full")
+        .to_bytes();
+    assert_eq!(&body[..], b"done!");
+}
+
 // ---------------------------------------------------------------------------------------
 // 9-10. Answers that are not HTTP, and bodies cut short.
 // ---------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ pub fn encode(opcode: u8, payload: &[u8], to_upstream: bool) -> Bytes {
         }
     }
     if to_upstream {
-        let key = fastrand::u32(..).to_be_bytes();
+        let key = mask_key();
         out.put_slice(&key);
         let mut masked = payload.to_vec();
         apply_mask(&mut masked, key);
@@ -159,6 +159,17 @@ pub fn encode(opcode: u8, payload: &[u8], to_upstream: bool) -> Bytes {
         out.put_slice(payload);
     }
     out.freeze()
+}
+
+/// A masking key from the operating system's random source (RFC 6455 §5.3 asks for a
+/// strong one); rustls's provider, already in use for TLS, gives access to it.
+fn mask_key() -> [u8; 4] {
+    let mut key = [0u8; 4];
+    let random = rustls::crypto::ring::default_provider().secure_random;
+    if random.fill(&mut key).is_err() {
+        key = fastrand::u32(..).to_be_bytes();
+    }
+    key
 }
 
 /// A close frame with `code` and `reason` (at most 123 bytes of it are sent).

@@ -29,7 +29,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::io::poll_read_buf;
@@ -199,9 +199,9 @@ impl Idle {
         loop {
             let (mut conn, since) = self.lock().pop()?;
             if since.elapsed() >= IDLE_TIMEOUT {
-                // Everything below it is older still.
-                let expired = std::mem::take(&mut *self.lock());
-                drop(expired);
+                // Everything below it is older still (newer ones may have come on top).
+                drop(conn);
+                self.sweep();
                 return None;
             }
             if conn.is_open() {
@@ -218,18 +218,16 @@ impl Idle {
         }
     }
 
-    /// Closes connections unused for `IDLE_TIMEOUT` (the health loop calls this, so an
-    /// upstream without traffic does not hold sockets forever).
+    /// Closes connections unused for `IDLE_TIMEOUT` and those the upstream closed (the
+    /// health loop calls this, so an upstream without traffic does not hold sockets).
     pub fn sweep(&self) {
-        let expired: Vec<_> = {
-            let mut conns = self.lock();
-            let keep_from = conns
-                .iter()
-                .position(|(_, since)| since.elapsed() < IDLE_TIMEOUT)
-                .unwrap_or(conns.len());
-            conns.drain(..keep_from).collect()
-        };
-        drop(expired);
+        let gone: Vec<_> = self
+            .lock()
+            .extract_if(.., |(conn, since)| {
+                since.elapsed() >= IDLE_TIMEOUT || !conn.is_open()
+            })
+            .collect();
+        drop(gone);
     }
 
     /// How many connections are parked.
@@ -310,13 +308,16 @@ pub async fn exchange(
         let reused = conn.reused;
         let sending = Sending {
             conn,
-            queue: VecDeque::from([encoded.clone()]),
-            body: Some(body),
-            framing,
-            body_read: false,
-            written: false,
-            sent: 0,
-            to_upstream,
+            upload: Upload {
+                queue: VecDeque::from([encoded.clone()]),
+                body: Some(body),
+                framing,
+                body_read: false,
+                written: false,
+                unflushed: false,
+                sent: 0,
+                to_upstream: to_upstream.clone(),
+            },
         };
         match sending.run(head.method, upstream).await {
             Ok(response) => return Ok(response),
@@ -339,7 +340,7 @@ fn request_framing(method: &Method, headers: &HeaderMap, body: &Incoming) -> Fra
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+        .and_then(|v| decimal(v.trim()));
     let length = declared.or_else(|| {
         if body.is_end_stream() {
             Some(0)
@@ -350,7 +351,7 @@ fn request_framing(method: &Method, headers: &HeaderMap, body: &Incoming) -> Fra
     match length {
         Some(0) => Framing::Empty,
         Some(n) => Framing::Length(n),
-        // A GET with a body of unknown length is odd but legal.
+        // CONNECT carries no body (and is not proxied as a tunnel here).
         None if *method == Method::CONNECT => Framing::Empty,
         None => Framing::Chunked,
     }
@@ -406,9 +407,9 @@ enum Sent {
     Client(String),
 }
 
-/// One request being written while the answer is watched for.
-struct Sending<'a> {
-    conn: Conn,
+/// What is still to be written of a request: the encoded head and framing, then the
+/// client's body.
+struct Upload {
     /// Encoded bytes not yet written: the head, then body frames with their framing.
     queue: VecDeque<Bytes>,
     /// The client's body, until it has been read in full.
@@ -419,103 +420,24 @@ struct Sending<'a> {
     /// Whether the whole request was written: then the upstream may have acted on it,
     /// and only an idempotent request may be sent again.
     written: bool,
+    /// Bytes written since the last flush (a TLS stream holds them until flushed).
+    unflushed: bool,
     /// Body bytes queued, checked against a declared length.
     sent: u64,
-    to_upstream: &'a IntCounter,
+    to_upstream: IntCounter,
 }
 
-impl Sending<'_> {
-    /// Sends the request and reads the answer's head. On failure the body comes back if
-    /// none of it was read.
-    async fn run(
-        mut self,
-        method: &Method,
-        upstream: &Arc<Upstream>,
-    ) -> Result<Response<ResponseBody>, (Sent, Option<Incoming>)> {
-        let complete = match std::future::poll_fn(|cx| self.poll_send(cx)).await {
-            Ok(complete) => complete,
-            Err(e) => return Err(self.give_back(e, method)),
-        };
-        if complete
-            && matches!(self.conn.io, Stream::Tls(_))
-            && let Err(e) = self.conn.io.flush().await
-        {
-            let e = self.failed(e);
-            return Err(self.give_back(e, method));
-        }
+impl Upload {
+    /// Whether the request carries a body.
+    fn has_body(&self) -> bool {
+        self.framing != Framing::Empty
+    }
+
+    /// Writes the request to `io` as far as it can; ready once all of it is written and
+    /// flushed. Flushes before waiting on the client, so no byte waits in a TLS buffer
+    /// for the client's next chunk.
+    fn poll_write(&mut self, cx: &mut Context<'_>, io: &mut Stream) -> Poll<Result<(), Sent>> {
         loop {
-            match parse_head(&mut self.conn.buf, method) {
-                Ok(Some((response, framing))) => {
-                    let keep = complete && keeps_alive(&response);
-                    let home = keep.then(|| upstream.clone());
-                    let body = ResponseBody::new(self.conn, framing, home);
-                    return Ok(response.map(|()| body));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    let e = io::Error::new(io::ErrorKind::InvalidData, e);
-                    return Err((Sent::Upstream(e), None));
-                }
-            }
-            if self.conn.buf.len() >= MAX_HEAD {
-                let e = io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the response head is larger than 64 KiB",
-                );
-                return Err((Sent::Upstream(e), None));
-            }
-            let e = match std::future::poll_fn(|cx| self.conn.poll_fill(cx)).await {
-                Ok(0) => io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the upstream closed the connection before answering",
-                ),
-                Ok(_) => continue,
-                Err(e) => e,
-            };
-            let e = self.failed(e);
-            return Err(self.give_back(e, method));
-        }
-    }
-
-    /// A connection failure: `Stale` while nothing of the answer arrived.
-    fn failed(&self, e: io::Error) -> Sent {
-        if self.conn.buf.is_empty() {
-            Sent::Stale(e)
-        } else {
-            Sent::Upstream(e)
-        }
-    }
-
-    /// The error, and the body if the request may be sent again: none of the body was
-    /// read, and the request was not complete or is idempotent (RFC 9110 §9.2.2).
-    fn give_back(mut self, e: Sent, method: &Method) -> (Sent, Option<Incoming>) {
-        let again = !self.body_read && (!self.written || method.is_idempotent());
-        let unread = if again { self.body.take() } else { None };
-        (e, unread)
-    }
-
-    /// Writes the head and the body; `true` once all is sent, `false` if the answer began
-    /// first (the rest of the body is then not sent and the connection not kept).
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Sent>> {
-        loop {
-            if self.framing != Framing::Empty {
-                match self.conn.poll_fill(cx) {
-                    Poll::Ready(Ok(0)) => {
-                        let e = io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the upstream closed the connection while the request was sent",
-                        );
-                        return Poll::Ready(Err(self.failed(e)));
-                    }
-                    // Interim answers (100 Continue, 103) do not stop the upload.
-                    Poll::Ready(Ok(_)) if final_answer_began(&mut self.conn.buf) => {
-                        return Poll::Ready(Ok(false));
-                    }
-                    Poll::Ready(Ok(_)) => continue,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(self.failed(e))),
-                    Poll::Pending => {}
-                }
-            }
             if !self.queue.is_empty() {
                 let mut slices = [IoSlice::new(&[]); 16];
                 let n = self
@@ -524,25 +446,33 @@ impl Sending<'_> {
                     .zip(slices.iter_mut())
                     .map(|(bytes, slice)| *slice = IoSlice::new(bytes))
                     .count();
-                let written =
-                    ready!(Pin::new(&mut self.conn.io).poll_write_vectored(cx, &slices[..n]));
-                match written {
+                match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])) {
                     Ok(0) => {
                         let e =
                             io::Error::new(io::ErrorKind::WriteZero, "the upstream took no bytes");
-                        return Poll::Ready(Err(self.failed(e)));
+                        return Poll::Ready(Err(Sent::Upstream(e)));
                     }
-                    Ok(n) => self.advance(n),
-                    Err(e) => return Poll::Ready(Err(self.failed(e))),
+                    Ok(n) => {
+                        self.advance(n);
+                        self.unflushed = true;
+                    }
+                    Err(e) => return Poll::Ready(Err(Sent::Upstream(e))),
                 }
                 continue;
             }
-            if self.framing == Framing::Empty || self.body.is_none() {
-                self.written = true;
-                return Poll::Ready(Ok(true));
+            if self.unflushed {
+                if let Err(e) = ready!(Pin::new(&mut *io).poll_flush(cx)) {
+                    return Poll::Ready(Err(Sent::Upstream(e)));
+                }
+                self.unflushed = false;
             }
-            let Some(body) = self.body.as_mut() else {
-                return Poll::Ready(Ok(true));
+            let has_body = self.has_body();
+            let body = match self.body.as_mut() {
+                Some(body) if has_body => body,
+                _ => {
+                    self.written = true;
+                    return Poll::Ready(Ok(()));
+                }
             };
             match ready!(Pin::new(body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
@@ -634,12 +564,129 @@ impl Sending<'_> {
     }
 }
 
+/// How writing the request ended.
+enum Written {
+    /// All of it.
+    Complete,
+    /// An error answer came first: the rest of the body is not sent.
+    Refused,
+    /// A success answer came first: the rest of the body goes on as the answer is read
+    /// (full duplex).
+    Duplex,
+}
+
+/// One request on one connection, until its answer's head.
+struct Sending {
+    conn: Conn,
+    upload: Upload,
+}
+
+impl Sending {
+    /// Sends the request and reads the answer's head. On failure the body comes back if
+    /// the request may be sent again.
+    async fn run(
+        mut self,
+        method: &Method,
+        upstream: &Arc<Upstream>,
+    ) -> Result<Response<ResponseBody>, (Sent, Option<Incoming>)> {
+        let written = match std::future::poll_fn(|cx| self.poll_send(cx)).await {
+            Ok(written) => written,
+            Err(e) => {
+                let e = self.failed(e);
+                return Err(self.give_back(e, method));
+            }
+        };
+        loop {
+            match parse_head(&mut self.conn.buf, method) {
+                Ok(Some((response, framing, keep))) => {
+                    let keep =
+                        keep && !matches!(written, Written::Refused) && keeps_alive(&response);
+                    let upload = matches!(written, Written::Duplex).then(|| Box::new(self.upload));
+                    let home = keep.then(|| upstream.clone());
+                    let body = ResponseBody::new(self.conn, framing, home, upload);
+                    return Ok(response.map(|()| body));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let e = io::Error::new(io::ErrorKind::InvalidData, e);
+                    return Err((Sent::Upstream(e), None));
+                }
+            }
+            if self.conn.buf.len() >= MAX_HEAD {
+                let e = io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the response head is larger than 64 KiB",
+                );
+                return Err((Sent::Upstream(e), None));
+            }
+            let e = match std::future::poll_fn(|cx| self.conn.poll_fill(cx)).await {
+                Ok(0) => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection before answering",
+                ),
+                Ok(_) => continue,
+                Err(e) => e,
+            };
+            let e = self.failed(Sent::Upstream(e));
+            return Err(self.give_back(e, method));
+        }
+    }
+
+    /// A connection failure is `Stale` while nothing of the answer arrived.
+    fn failed(&self, e: Sent) -> Sent {
+        match e {
+            Sent::Upstream(e) if self.conn.buf.is_empty() => Sent::Stale(e),
+            other => other,
+        }
+    }
+
+    /// The error, and the body if the request may be sent again: none of the body was
+    /// read, and the request was not complete or is idempotent (RFC 9110 §9.2.2).
+    fn give_back(mut self, e: Sent, method: &Method) -> (Sent, Option<Incoming>) {
+        let upload = &mut self.upload;
+        let again = !upload.body_read && (!upload.written || method.is_idempotent());
+        let unread = if again { upload.body.take() } else { None };
+        (e, unread)
+    }
+
+    /// Writes the request while watching for an answer that comes before it is all sent.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<Written, Sent>> {
+        loop {
+            // Reading stops at `MAX_HEAD` until the request is written: what is read
+            // here is held until then.
+            if self.upload.has_body() && self.conn.buf.len() < MAX_HEAD {
+                match self.conn.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) => {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the upstream closed the connection while the request was sent",
+                        );
+                        return Poll::Ready(Err(Sent::Upstream(e)));
+                    }
+                    Poll::Ready(Ok(_)) => match early_answer(&mut self.conn.buf) {
+                        Some(status) if status >= 400 => {
+                            return Poll::Ready(Ok(Written::Refused));
+                        }
+                        Some(_) => return Poll::Ready(Ok(Written::Duplex)),
+                        // Interim answers (100 Continue, 103) or an incomplete head.
+                        None => continue,
+                    },
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Sent::Upstream(e))),
+                    Poll::Pending => {}
+                }
+            }
+            ready!(self.upload.poll_write(cx, &mut self.conn.io))?;
+            return Poll::Ready(Ok(Written::Complete));
+        }
+    }
+}
+
 /// Parses a complete response head off the front of `buf`, skipping interim (1xx)
 /// answers; `None` until the head is complete.
 fn parse_head(
     buf: &mut BytesMut,
     method: &Method,
-) -> Result<Option<(Response<()>, Framing)>, String> {
+) -> Result<Option<(Response<()>, Framing, bool)>, String> {
     loop {
         // Uninitialized: zeroing 128 fields per response showed in profiles.
         let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -684,39 +731,37 @@ fn parse_head(
                 .map_err(|_| format!("bad value for header `{name}` from the upstream"))?;
             headers.append(name, value);
         }
+        // Both framings at once is how request smuggling starts: answer, but do not keep.
+        let ambiguous = headers.contains_key(header::TRANSFER_ENCODING)
+            && headers.contains_key(header::CONTENT_LENGTH);
         let framing = response_framing(method, status, &mut headers)?;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
         *response.headers_mut() = headers;
-        return Ok(Some((response, framing)));
+        return Ok(Some((response, framing, !ambiguous)));
     }
 }
 
-/// Whether the start of a final answer is in `buf`, once the complete interim (1xx)
-/// answers before it are dropped. A head not yet complete does not count.
-fn final_answer_began(buf: &mut BytesMut) -> bool {
+/// The status of a complete final answer at the front of `buf`, once the complete
+/// interim (1xx) answers before it are dropped; `None` while there is none yet.
+fn early_answer(buf: &mut BytesMut) -> Option<u16> {
     loop {
         let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
-        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut parsed,
-            buf,
-            &mut fields,
-        ) {
+        let config = httparse::ParserConfig::default();
+        match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
             Ok(httparse::Status::Complete(len))
                 if parsed
                     .code
                     .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
             {
                 buf.advance(len);
-                if buf.is_empty() {
-                    return false;
-                }
             }
-            Ok(httparse::Status::Partial) => return false,
-            // A final answer, or garbage that the head parser will report.
-            _ => return true,
+            Ok(httparse::Status::Complete(_)) => return Some(parsed.code.unwrap_or(0)),
+            Ok(httparse::Status::Partial) => return None,
+            // Not HTTP: stop sending, as for an error answer; the head parser reports it.
+            Err(_) => return Some(u16::MAX),
         }
     }
 }
@@ -754,7 +799,7 @@ fn response_framing(
     let mut lengths = headers
         .get_all(header::CONTENT_LENGTH)
         .iter()
-        .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()));
+        .map(|v| v.to_str().ok().and_then(|v| decimal(v.trim())));
     let Some(first) = lengths.next() else {
         return Ok(Framing::Close);
     };
@@ -768,6 +813,14 @@ fn response_framing(
     } else {
         Framing::Length(length)
     })
+}
+
+/// A length of decimal digits only (`parse` would also take a sign).
+fn decimal(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// Whether the connection may carry another exchange after this answer.
@@ -805,10 +858,18 @@ pub struct ResponseBody {
     decode: Decode,
     /// The upstream to park the connection with at the end; `None` if it is not kept.
     home: Option<Arc<Upstream>>,
+    /// The rest of the request, when the upstream answered before all of it was sent
+    /// (rare: boxed so that the common body stays small).
+    upload: Option<Box<Upload>>,
 }
 
 impl ResponseBody {
-    fn new(conn: Conn, framing: Framing, home: Option<Arc<Upstream>>) -> ResponseBody {
+    fn new(
+        conn: Conn,
+        framing: Framing,
+        home: Option<Arc<Upstream>>,
+        upload: Option<Box<Upload>>,
+    ) -> ResponseBody {
         let decode = match framing {
             Framing::Empty => Decode::Done,
             Framing::Length(n) => Decode::Length(n),
@@ -819,6 +880,7 @@ impl ResponseBody {
             conn: Some(conn),
             decode,
             home: home.filter(|_| framing != Framing::Close),
+            upload,
         };
         if decode == Decode::Done {
             body.finish();
@@ -826,14 +888,37 @@ impl ResponseBody {
         body
     }
 
-    /// The body is complete: keep the connection if it may be kept and nothing more came.
+    /// The body is complete: keep the connection if it may be kept, the request was sent
+    /// in full, and nothing more came.
     fn finish(&mut self) {
         self.decode = Decode::Done;
         let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) else {
             return;
         };
-        if conn.buf.is_empty() {
+        if conn.buf.is_empty() && self.upload.take().is_none() {
             home.idle.park(conn);
+        }
+    }
+
+    /// Sends more of a request the upstream already answered; an upload that cannot go on
+    /// is given up (the connection is then not kept) unless the connection broke.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        let (Some(upload), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) else {
+            return Ok(());
+        };
+        match upload.poll_write(cx, &mut conn.io) {
+            Poll::Pending => Ok(()),
+            Poll::Ready(Ok(())) => {
+                self.upload = None;
+                Ok(())
+            }
+            Poll::Ready(Err(Sent::Client(e))) => {
+                tracing::debug!(error = %e, "request body failed after the answer began");
+                self.home = None;
+                self.upload = None;
+                Ok(())
+            }
+            Poll::Ready(Err(Sent::Upstream(e) | Sent::Stale(e))) => Err(e),
         }
     }
 
@@ -887,12 +972,13 @@ fn step(decode: &mut Decode, buf: &mut BytesMut) -> Result<(Option<Frame<Bytes>>
                 let digits = std::str::from_utf8(digits)
                     .map(|s| s.trim_matches([' ', '\t']))
                     .unwrap_or_default();
-                let size = if digits.is_empty() || digits.len() > 15 {
-                    None
-                } else {
-                    u64::from_str_radix(digits, 16).ok()
-                }
-                .ok_or("the upstream sent a bad chunk size")?;
+                let significant = digits.trim_start_matches('0');
+                let valid = !digits.is_empty()
+                    && digits.bytes().all(|b| b.is_ascii_hexdigit())
+                    && significant.len() <= 15;
+                let size = valid
+                    .then(|| u64::from_str_radix(significant, 16).unwrap_or(0))
+                    .ok_or("the upstream sent a bad chunk size")?;
                 buf.advance(end + 2);
                 *decode = if size == 0 {
                     Decode::Trailers
@@ -960,6 +1046,11 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        if let Err(e) = this.poll_upload(cx) {
+            this.conn = None;
+            this.decode = Decode::Done;
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
             match this.decode() {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
@@ -1010,5 +1101,71 @@ impl Body for ResponseBody {
             Decode::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sweep_closes_kept_connections_the_upstream_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let idle = Idle::default();
+        let (kept, closed) = (
+            TcpStream::connect(addr).await.expect("connect"),
+            TcpStream::connect(addr).await.expect("connect"),
+        );
+        let (_peer_of_kept, _) = listener.accept().await.expect("accept");
+        let (peer_of_closed, _) = listener.accept().await.expect("accept");
+        idle.park(Conn::new(Stream::Plain(kept)));
+        idle.park(Conn::new(Stream::Plain(closed)));
+        drop(peer_of_closed);
+        // The close reaches the reactor when it next turns; sweep until it has.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                idle.sweep();
+                if idle.len() == 1 {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the closed connection is swept");
+        assert!(idle.take().is_some(), "the open one is kept and reusable");
+    }
+
+    #[test]
+    fn lengths_and_chunk_sizes_are_digits_only() {
+        assert_eq!(decimal("42"), Some(42));
+        assert_eq!(decimal("+42"), None);
+        assert_eq!(decimal(""), None);
+        let mut buf = BytesMut::from(&b"0000000000000000a\r\n"[..]);
+        let mut decode = Decode::ChunkSize;
+        assert!(step(&mut decode, &mut buf).is_ok());
+        assert_eq!(
+            decode,
+            Decode::ChunkData(10),
+            "leading zeros are not digits that count"
+        );
+        let mut buf = BytesMut::from(&b"+a\r\n"[..]);
+        assert!(step(&mut Decode::ChunkSize, &mut buf).is_err());
+    }
+
+    #[test]
+    fn a_response_with_both_framings_is_answered_but_its_connection_not_kept() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"[..],
+        );
+        let (response, framing, keep) = parse_head(&mut buf, &Method::GET)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(framing, Framing::Chunked);
+        assert!(!keep);
+        assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
     }
 }

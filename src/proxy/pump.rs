@@ -55,7 +55,8 @@ pub struct Pump {
     skipping: bool,
     /// Frames of Switchyard's own, written at the next frame boundary.
     own: VecDeque<Bytes>,
-    /// A fragmented data message is open (its last frame not yet seen).
+    /// A fragmented data message is open at the destination (its first frames were
+    /// passed on, its last not yet).
     in_message: bool,
     /// The destination has bytes written and not flushed.
     unflushed: bool,
@@ -196,15 +197,16 @@ impl Pump {
             return Start::Event(Event::Close { code, frame });
         }
         let starts_message = header.opcode != frames::CONTINUATION && data;
-        // Deepgram reads an empty binary frame as the end of the audio: only Switchyard
-        // ends a stream on a client's behalf, so those are dropped.
-        let empty_binary =
-            self.from_client && header.opcode == frames::BINARY && header.fin && header.len == 0;
+        // Deepgram reads an empty binary frame as the end of the audio, so Switchyard never
+        // passes one on, either way.
+        let empty_binary = header.opcode == frames::BINARY && header.fin && header.len == 0;
         if data && (self.drop_data || empty_binary) {
-            if starts_message {
+            // Counted are the client's messages that the upstream never gets.
+            if starts_message && self.from_client {
                 self.dropped += 1;
             }
-            self.in_message = !header.fin;
+            // `in_message` stays as the destination saw it: a skipped fragment opens
+            // nothing there.
             self.left = wire;
             self.skipping = true;
             return Start::Next;
@@ -487,6 +489,50 @@ mod tests {
         assert_eq!(
             read_exactly(&mut client, flushed.len()).await,
             flushed.to_vec()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upstreams_empty_binary_frame_is_not_passed_on_either() {
+        let (mut upstream, mut src) = duplex(1 << 16);
+        let (mut dst, mut client) = duplex(1 << 16);
+        let mut pump = Pump::new(false, IntCounter::new("t", "t").expect("counter"));
+        let empty = frames::encode(frames::BINARY, &[], false);
+        let text = frames::encode(frames::TEXT, b"after", false);
+        upstream.write_all(&empty).await.expect("write");
+        upstream.write_all(&text).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(read_exactly(&mut client, text.len()).await, text.to_vec());
+        assert_eq!(
+            pump.dropped, 0,
+            "only the client's dropped messages are counted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_skipped_fragment_does_not_make_an_injection_close_a_message() {
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        let flush = frames::encode(frames::TEXT, b"F", true);
+        pump.inject(flush.clone());
+        pump.drop_data = true;
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(
+            read_exactly(&mut upstream, flush.len()).await,
+            flush.to_vec()
+        );
+        // A fragmented message begun after the drain message is dropped whole...
+        client
+            .write_all(&masked(frames::TEXT, false, b"abc"))
+            .await
+            .expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        // ...so the next frame of Switchyard's own needs no empty last fragment first.
+        let close = frames::encode(frames::TEXT, b"C", true);
+        pump.inject(close.clone());
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(
+            read_exactly(&mut upstream, close.len()).await,
+            close.to_vec()
         );
     }
 }

@@ -562,8 +562,9 @@ fn closing_frames(writer: &mut Pump, close: Option<Bytes>) -> Vec<Bytes> {
         .collect()
 }
 
-/// Ends one side within `CLOSE_WAIT`: writes `frames`, then, if `wait`, reads (`reader`)
-/// until the peer's close arrives, then shuts the connection down.
+/// Ends one side within `CLOSE_WAIT`: writes `frames`, then, if `wait` and a close went,
+/// reads (`reader`) until the peer's close arrives, then shuts the connection down. When
+/// the time runs out the connection is simply dropped.
 async fn finish(io: &mut Io, reader: &mut Pump, frames: Vec<Bytes>, wait: bool) {
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
         for frame in &frames {
@@ -571,12 +572,13 @@ async fn finish(io: &mut Io, reader: &mut Pump, frames: Vec<Bytes>, wait: bool) 
                 return;
             }
         }
-        if wait {
+        // No close went (a frame to this side was cut short): no answer will come.
+        if wait && !frames.is_empty() {
             reader.until_close(io).await;
         }
+        let _ = io.shutdown().await;
     })
     .await;
-    let _ = tokio::time::timeout(CLOSE_WAIT, io.shutdown()).await;
 }
 
 /// Whether a JSON text message has `"type": name`, without a full parse on the hot path.
