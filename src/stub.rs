@@ -18,6 +18,8 @@
 //! - Text message `{"type":"StubClose","code":1011,"reason":"NET-0001"}` closes the session with
 //!   that code; `{"type":"StubDie"}` drops the TCP connection without a close frame.
 //! - Query `chunks=N` on `POST /v1/speak` sets how many audio chunks are streamed.
+//! - Query `stub_ignore_flush=1` on a TTS stream counts `Flush` but never answers `Flushed`
+//!   (a node too slow to finish within a drain's grace).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -195,6 +197,8 @@ struct SessionCtx {
     stub: Stub,
     request_id: String,
     created: String,
+    /// `stub_ignore_flush=1`: `Flush` gets no `Flushed`.
+    ignore_flush: bool,
 }
 
 #[derive(Deserialize)]
@@ -791,6 +795,7 @@ fn upgrade(
         stub: stub.clone(),
         request_id: request_id.clone(),
         created: now_rfc3339(),
+        ignore_flush: query_param(req.uri(), "stub_ignore_flush") == Some("1"),
     };
     tokio::spawn(async move {
         let _open = open;
@@ -1066,10 +1071,12 @@ impl Proto {
                 }
                 Some("Flush") => {
                     state.bump(&state.flushes, 1);
-                    out.push(json_message(
-                        &json!({"type": "Flushed", "sequence_id": speak.flushed}),
-                    ));
-                    speak.flushed += 1;
+                    if !ctx.ignore_flush {
+                        out.push(json_message(
+                            &json!({"type": "Flushed", "sequence_id": speak.flushed}),
+                        ));
+                        speak.flushed += 1;
+                    }
                     Flow::Continue
                 }
                 Some("Clear") => {

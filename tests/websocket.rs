@@ -361,6 +361,33 @@ async fn speak_stream_drains_with_flush_then_close() {
     assert_eq!(blue.speak_closes(), 1);
 }
 
+/// A TTS node that never answers `Flush` within `drain.grace` still gets `Close` after it,
+/// then 1001; the client gets 1012.
+#[tokio::test]
+async fn speak_drain_sends_close_when_flushed_never_comes() {
+    let env = EnvBuilder {
+        grace: "300ms",
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
+    let (mut ws, _) = open(&url).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Metadata");
+    flip_with(&env, "green", "0s").await;
+
+    let (messages, close) = read_to_close(&mut ws).await;
+    assert!(messages.iter().all(|m| !m.is_text()), "{messages:?}");
+    assert_eq!(close_code(&close), Some(1012));
+    let blue = env.blue[0].state.clone();
+    within(
+        "the stub to see Flush, then Close",
+        blue.wait_until(|s| s.speak_closes() == 1),
+    )
+    .await;
+    assert_eq!(blue.flushes(), 1);
+}
+
 /// Forwards TCP connections to a stub and records each one's first request head, so a test
 /// can see the exact request line Switchyard sent (the stub records headers only).
 /// Optionally it holds `GET /v1/listen` handshakes until released, to put an upstream
