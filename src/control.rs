@@ -391,7 +391,10 @@ impl Writer {
         let timeout = req
             .drain_timeout
             .unwrap_or(current.settings.config.drain.timeout);
-        let new_state = state.next(action, to, Some(from), now, req.reason);
+        let mut new_state = state.next(action, to, Some(from), now, req.reason);
+        if let Some(entry) = new_state.history.last_mut() {
+            entry.drain_timeout = req.drain_timeout;
+        }
         let mut drains = current.drains;
         drains[from.index()] = Some(DrainOrder::starting_now(new_state.generation, timeout));
         // Traffic returning to a colour cancels the drain of its streams.
@@ -492,9 +495,14 @@ impl Writer {
         }
         let mut drains = current.drains;
         if state.active != current.active {
-            // As in `switch`, with this replica's drain.timeout from the moment it applies
-            // the change: the flip's own drain_timeout was the other replica's request.
-            let timeout = current.settings.config.drain.timeout;
+            // As in `switch`, from the moment this replica applies the change, with the
+            // drain timeout the flip asked for, or this replica's `drain.timeout`.
+            let timeout = state
+                .history
+                .last()
+                .filter(|entry| entry.generation == state.generation)
+                .and_then(|entry| entry.drain_timeout)
+                .unwrap_or(current.settings.config.drain.timeout);
             drains[current.active.index()] =
                 Some(DrainOrder::starting_now(state.generation, timeout));
             drains[state.active.index()] = None;

@@ -53,6 +53,14 @@ pub struct HistoryEntry {
     pub at: String,
     /// The caller's reason, if given.
     pub reason: Option<String>,
+    /// The drain timeout the flip or rollback asked for, if it named one; replicas that
+    /// follow the change through the store drain with it too.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub drain_timeout: Option<std::time::Duration>,
 }
 
 /// The durable part of the route table.
@@ -83,6 +91,7 @@ impl RouteState {
                 to: initial,
                 at,
                 reason: None,
+                drain_timeout: None,
             }],
         }
     }
@@ -106,6 +115,7 @@ impl RouteState {
             to: active,
             at: at.clone(),
             reason,
+            drain_timeout: None,
         });
         if history.len() > HISTORY_LIMIT {
             history.drain(..history.len() - HISTORY_LIMIT);

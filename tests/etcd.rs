@@ -1070,6 +1070,56 @@ async fn every_replica_drains_its_own_streams_after_a_flip_through_one() {
     assert_eq!(fleet.green.state.close_streams(), 0);
 }
 
+/// A flip through A that names its own `drain_timeout` drains every replica's streams with
+/// it, not with each replica's configured `drain.timeout` (30 minutes here), and the
+/// history shows what the flip asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_flips_own_drain_timeout_applies_on_every_replica() {
+    let etcd = Etcd::any().await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "drain-timeout",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let mut streams = Vec::new();
+    for r in &fleet.replicas {
+        let (mut stream, color) = Listen::open(&r.proxy).await;
+        assert_eq!(color, "blue", "{}", r.id);
+        stream.send_confirmed().await;
+        streams.push(stream);
+    }
+    let (code, flipped) = fleet.replicas[0]
+        .post("/flip", json!({"to": "green", "drain_timeout": "0s"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let generation = flipped["generation"].as_u64().expect("generation");
+    fleet.converged("green", generation, FOLLOW).await;
+    // With the configured 30 minutes these would not end within PATIENCE.
+    let drained =
+        futures_util::future::join_all(streams.iter_mut().map(|s| s.expect_drained("blue")));
+    tokio::time::timeout(PATIENCE, drained)
+        .await
+        .expect("every replica drained at once");
+    assert_eq!(fleet.blue.state.close_streams(), 3);
+    for r in &fleet.replicas {
+        let (status, history) = admin_get(&r.admin_url(), "/history").await;
+        assert_eq!(status, StatusCode::OK, "{history}");
+        let last = history
+            .as_array()
+            .and_then(|h| h.last())
+            .or_else(|| history["history"].as_array().and_then(|h| h.last()))
+            .cloned()
+            .unwrap_or(Value::Null);
+        assert_eq!(last["generation"], generation, "{}: {history}", r.id);
+        assert_eq!(last["drain_timeout"], "0s", "{}: {last}", r.id);
+    }
+}
+
 /// `wait_replicas`: a flip answers once all three applied it. One replica frozen: 504
 /// `replicas_lagging` naming it; once its lease runs out it leaves the list and flips wait
 /// only for the live ones; woken, it catches up and is listed again.
