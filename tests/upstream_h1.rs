@@ -417,6 +417,17 @@ fn spawn_get(env: &Env, client: &HttpClient, path: &str) -> JoinHandle<Answer> {
     answer(client.request(get_request(env, path)))
 }
 
+/// A POST of `body` to `path` through Switchyard, answered in the background.
+fn spawn_post(env: &Env, path: &str, body: &'static [u8]) -> JoinHandle<Answer> {
+    answer(
+        env.client.request(
+            Request::post(env.proxy_url(path))
+                .body(Full::new(Bytes::from_static(body)))
+                .expect("a request"),
+        ),
+    )
+}
+
 /// A 200 from blue with exactly `body`.
 fn assert_ok(answer: &Answer, body: &[u8]) {
     assert_eq!(answer.status(), StatusCode::OK, "{}", answer.summary());
@@ -610,13 +621,7 @@ async fn a_post_whose_body_was_sent_on_a_connection_then_closed_is_not_sent_agai
     // and the upstream may have acted on it. The guaranteed outcome is a 502, on no
     // other connection. (Had the close come before Switchyard read any of the body, a
     // new connection would be legitimate: see the next test.)
-    let post = answer(
-        env.client.request(
-            Request::post(env.proxy_url("/upload"))
-                .body(Full::new(Bytes::from_static(b"small body")))
-                .expect("a request"),
-        ),
-    );
+    let post = spawn_post(&env, "/upload", b"small body");
     let head = up.next_on(&mut conn, "the POST").await;
     assert_eq!(head.start, "POST /upload HTTP/1.1");
     assert_eq!(head.one("content-length"), "10");
@@ -671,13 +676,7 @@ async fn an_empty_post_the_upstream_received_is_not_sent_twice() {
     // closes without answering: it may have acted on it (e.g. started a job), and a proxy
     // must not repeat a non-idempotent request on its own (RFC 7230 §6.3.1; RFC 9110
     // §9.2.2). Expected: a 502, and no second POST.
-    let post = answer(
-        env.client.request(
-            Request::post(env.proxy_url("/jobs"))
-                .body(Full::new(Bytes::new()))
-                .expect("a request"),
-        ),
-    );
+    let post = spawn_post(&env, "/jobs", b"");
     let head = up.next_on(&mut conn, "the empty POST").await;
     assert_eq!(head.start, "POST /jobs HTTP/1.1");
     drop(conn);
