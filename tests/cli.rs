@@ -13,21 +13,12 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
-use support::{PATIENCE, TOKEN, color_of, eventually, http_client, send_json};
+use support::{PATIENCE, TOKEN, color_of, eventually, free_port, http_client, send_json};
 use switchyard::stub::{StubHandle, StubOptions};
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
-/// A port nothing listens on right now: bound on 127.0.0.1:0, read, released. The binary
-/// must be told its ports up front, so this is the one place a test picks them.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral port")
-        .port()
-}
 
 /// Stubs and a config directory for one `switchyard run`.
 struct Site {

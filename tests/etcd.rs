@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde_json::{Value, json};
-use support::{PATIENCE, TOKEN, color_of, get, http_client, send_json};
+use support::{PATIENCE, TOKEN, color_of, free_port, get, http_client, send_json};
 use switchyard::stub::{StubHandle, StubOptions};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -35,14 +35,6 @@ const ETCD_TIMEOUT: Duration = Duration::from_secs(1);
 const RESULT_BYTES: usize = 3200;
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A port nothing listens on right now; the binary and etcd must be told their ports.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral port")
-        .port()
-}
 
 /// Sends a signal by PID with kill(1).
 fn signal(pid: u32, signal: &str) {

@@ -42,10 +42,7 @@ impl PrometheusServer {
     /// Starts `binary` on a free loopback port, scraping `target` every second, with its
     /// config, storage and log under `dir`.
     fn start(binary: &Path, dir: &Path, target: SocketAddr) -> PrometheusServer {
-        let addr = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            probe.local_addr().expect("local addr")
-        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,

@@ -23,6 +23,29 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// A loopback port nothing listens on, for a child process that must be told its ports.
+///
+/// A port read off a bind to `127.0.0.1:0` and released is in the kernel's ephemeral range,
+/// where any outgoing connection on the machine may take it before the child binds it (CI
+/// lost a run to that). These ports come from below that range, `20000..32000`, so only
+/// another listener can take one; a counter keeps them distinct within the test process, its
+/// start varies with the process id, and a bind shows that nothing listens there now.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = LOW + (start + n) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
+}
+
 /// A fresh pooled HTTP/1.1 client.
 pub fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
