@@ -292,7 +292,10 @@ pub async fn exchange(
         let conn = match upstream.idle.take() {
             Some(conn) => conn,
             None => {
-                match tokio::time::timeout(connect_timeout, connect(tls, &upstream.url)).await {
+                // Boxed: a TLS handshake's state is large, and every request's future
+                // would carry its size (and be copied with it) for this rare path.
+                let connecting = Box::pin(connect(tls, &upstream.url));
+                match tokio::time::timeout(connect_timeout, connecting).await {
                     Ok(Ok(io)) => Conn::new(io),
                     Ok(Err(e)) => return Err(Failure::Connect(e, body)),
                     Err(_) => {
