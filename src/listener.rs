@@ -100,12 +100,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let gauge = proxy.metrics().connections(kind).clone();
             gauge.inc();
-            let conn_info = ConnInfo {
-                client,
-                listener: kind,
-                tls: tls.is_some(),
-                open: open_for_streams,
-            };
+            let conn_info = ConnInfo::new(client, kind, tls.is_some(), open_for_streams);
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
                 let conn_info = conn_info.clone();

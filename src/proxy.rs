@@ -37,8 +37,11 @@ pub const COLOR_HEADER: &str = "x-switchyard-color";
 /// What the listener knows about a client connection.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The client's address, appended to `X-Forwarded-For`.
+    /// The client's address.
     pub client: SocketAddr,
+    /// Its IP as header text, appended to `X-Forwarded-For`: formatted once per
+    /// connection, not per request.
+    pub client_ip: HeaderValue,
     /// Proxy (active colour) or preview (standby colour).
     pub listener: ListenerKind,
     /// Whether the client connection is TLS (`X-Forwarded-Proto`).
@@ -46,6 +49,27 @@ pub struct ConnInfo {
     /// The listener's open-connection count, which an upgraded stream joins for its life
     /// (`limits.max_connections` counts streams too).
     pub open: Arc<crate::listener::Open>,
+}
+
+impl ConnInfo {
+    /// What the listener knows about a client connection from `client`.
+    pub fn new(
+        client: SocketAddr,
+        listener: ListenerKind,
+        tls: bool,
+        open: Arc<crate::listener::Open>,
+    ) -> ConnInfo {
+        // An IP address's text is always a valid header value.
+        let client_ip = HeaderValue::from_str(&client.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnInfo {
+            client,
+            client_ip,
+            listener,
+            tls,
+            open,
+        }
+    }
 }
 
 /// Shared state of the proxy listeners.

@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::io::poll_read_buf;
 
+use super::headers::{self, Forwarding};
 use crate::config::UpstreamUrl;
 use crate::upstream::Upstream;
 
@@ -245,11 +246,13 @@ impl Idle {
     }
 }
 
-/// The parts of a request that go upstream, headers already rewritten for it.
+/// The parts of a request that go upstream: the client's headers with hop-by-hop ones
+/// already removed, and the `X-Forwarded-*` headers to write in place of the client's.
 pub struct RequestHead<'a> {
     pub method: &'a Method,
     pub path: &'a PathAndQuery,
     pub headers: &'a HeaderMap,
+    pub forwarding: Forwarding<'a>,
 }
 
 /// Why an exchange failed.
@@ -360,8 +363,8 @@ fn request_framing(method: &Method, headers: &HeaderMap, body: &Incoming) -> Fra
     }
 }
 
-/// The request line and header section, with `Host` set to the upstream's authority and
-/// the body's framing headers.
+/// The request line and header section, with `Host` set to the upstream's authority, the
+/// `X-Forwarded-*` headers, and the body's framing headers.
 fn encode_head(head: &RequestHead<'_>, authority: &Authority, framing: Framing) -> Bytes {
     let mut out = BytesMut::with_capacity(256 + head.headers.len() * 48);
     out.put_slice(head.method.as_str().as_bytes());
@@ -370,9 +373,14 @@ fn encode_head(head: &RequestHead<'_>, authority: &Authority, framing: Framing) 
     out.put_slice(b" HTTP/1.1\r\nhost: ");
     out.put_slice(authority.as_str().as_bytes());
     out.put_slice(b"\r\n");
+    let mut had_for = false;
     for (name, value) in head.headers {
         // The client's `Expect: 100-continue` was answered by the server side already.
         if name == header::HOST || name == header::CONTENT_LENGTH || name == header::EXPECT {
+            continue;
+        }
+        if Forwarding::replaces(name) {
+            had_for |= name == headers::X_FORWARDED_FOR;
             continue;
         }
         out.put_slice(name.as_str().as_bytes());
@@ -380,6 +388,7 @@ fn encode_head(head: &RequestHead<'_>, authority: &Authority, framing: Framing) 
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
     }
+    head.forwarding.encode(head.headers, had_for, &mut out);
     match framing {
         Framing::Length(n) => {
             out.put_slice(b"content-length: ");
@@ -1110,6 +1119,64 @@ impl Body for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_head_carries_one_of_each_forwarding_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("api.example"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
+        headers.append("x-forwarded-for", HeaderValue::from_static(" "));
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.2.2.2 "));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        headers.insert("x-forwarded-host", HeaderValue::from_static("spoofed"));
+        headers.insert("dg-thing", HeaderValue::from_static("x"));
+        let client = HeaderValue::from_static("127.0.0.9");
+        let host = HeaderValue::from_static("api.example");
+        let (method, path) = (Method::GET, PathAndQuery::from_static("/v1/status"));
+        let head = |headers, forwarding| RequestHead {
+            method: &method,
+            path: &path,
+            headers,
+            forwarding,
+        };
+        let authority = Authority::from_static("10.0.0.1:8080");
+        let encoded = encode_head(
+            &head(
+                &headers,
+                Forwarding {
+                    client: &client,
+                    tls: true,
+                    host: Some(&host),
+                },
+            ),
+            &authority,
+            Framing::Empty,
+        );
+        assert_eq!(
+            std::str::from_utf8(&encoded).expect("ASCII"),
+            "GET /v1/status HTTP/1.1\r\nhost: 10.0.0.1:8080\r\ndg-thing: x\r\n\
+             x-forwarded-for: 10.1.1.1, 10.2.2.2, 127.0.0.9\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: api.example\r\n\r\n"
+        );
+        let none = HeaderMap::new();
+        let encoded = encode_head(
+            &head(
+                &none,
+                Forwarding {
+                    client: &client,
+                    tls: false,
+                    host: None,
+                },
+            ),
+            &authority,
+            Framing::Empty,
+        );
+        assert_eq!(
+            std::str::from_utf8(&encoded).expect("ASCII"),
+            "GET /v1/status HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\
+             x-forwarded-for: 127.0.0.9\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+    }
 
     #[tokio::test]
     async fn sweep_closes_kept_connections_the_upstream_closed() {

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `upgrade`
@@ -18,7 +19,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
@@ -94,6 +95,57 @@ pub fn to_upstream(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Opt
         }
     }
     headers.remove(header::HOST);
+}
+
+/// The `X-Forwarded-*` headers of one plain request, written straight into the head that
+/// goes upstream (`proxy::h1`) instead of into the client's header map: the same headers
+/// `to_upstream` sets, without hashing or allocating per request.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// The client's address as header text, formatted once per connection.
+    pub client: &'a HeaderValue,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+    /// The client's `Host` (or HTTP/2 `:authority`), verbatim.
+    pub host: Option<&'a HeaderValue>,
+}
+
+impl Forwarding<'_> {
+    /// Whether the client's own `name` header is left out of the head: these are replaced,
+    /// or (`X-Forwarded-For`) appended to by `encode`.
+    pub fn replaces(name: &HeaderName) -> bool {
+        name == X_FORWARDED_FOR || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST
+    }
+
+    /// Writes the header lines: `X-Forwarded-For` with the client's earlier hops (from
+    /// `headers`, looked up only when `had_for` says there are some) and then the client,
+    /// `X-Forwarded-Proto`, and `X-Forwarded-Host` when the client named a host.
+    pub fn encode(&self, headers: &HeaderMap, had_for: bool, out: &mut BytesMut) {
+        out.put_slice(b"x-forwarded-for: ");
+        if had_for {
+            let prior = headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty());
+            for hop in prior {
+                out.put_slice(hop.as_bytes());
+                out.put_slice(b", ");
+            }
+        }
+        out.put_slice(self.client.as_bytes());
+        out.put_slice(if self.tls {
+            b"\r\nx-forwarded-proto: https\r\n"
+        } else {
+            b"\r\nx-forwarded-proto: http\r\n"
+        });
+        if let Some(host) = self.host {
+            out.put_slice(b"x-forwarded-host: ");
+            out.put_slice(host.as_bytes());
+            out.put_slice(b"\r\n");
+        }
+    }
 }
 
 /// The client key a Deepgram client presented: `Authorization: Token <key>` or

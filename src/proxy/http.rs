@@ -47,7 +47,7 @@ impl Upstreams {
         let metrics = proxy.metrics.color(color);
         let (mut parts, body) = req.into_parts();
         let host = client_host(&parts.headers, &parts.uri);
-        headers::to_upstream(&mut parts.headers, conn.client.ip(), conn.tls, host);
+        headers::strip_hop_by_hop(&mut parts.headers);
         let path = parts
             .uri
             .path_and_query()
@@ -74,6 +74,11 @@ impl Upstreams {
                 method: &parts.method,
                 path: &path,
                 headers: &parts.headers,
+                forwarding: headers::Forwarding {
+                    client: &conn.client_ip,
+                    tls: conn.tls,
+                    host: host.as_ref(),
+                },
             };
             let exchange = h1::exchange(
                 upstream,
