@@ -85,6 +85,8 @@ fn client_headers() -> HeaderMap {
 }
 
 /// One request's routing work: load the table, pick within the active colour, rewrite headers.
+/// `to_upstream` is the WebSocket upgrade's rewrite; plain requests write `X-Forwarded-*`
+/// into the upstream head instead (`proxy::h1`), which `benches/load/callgrind.sh` counts.
 fn request(router: &Router, headers: &HeaderMap, client: IpAddr) -> bool {
     let table = router.load();
     let chosen = pick(table.pool(table.active), &[]).is_some();

@@ -99,7 +99,8 @@ pub fn to_upstream(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Opt
 
 /// The `X-Forwarded-*` headers of one plain request, written straight into the head that
 /// goes upstream (`proxy::h1`) instead of into the client's header map: the same headers
-/// `to_upstream` sets, without hashing or allocating per request.
+/// `to_upstream` sets, with no allocation, and a hashed lookup only when the client sent
+/// an `X-Forwarded-For` of its own.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarding<'a> {
     /// The client's address as header text, formatted once per connection.
