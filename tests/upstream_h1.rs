@@ -554,6 +554,18 @@ async fn an_http_1_0_answer_means_the_next_request_uses_a_new_connection() {
     .await;
 }
 
+#[tokio::test]
+async fn an_answer_with_both_transfer_encoding_and_content_length_is_relayed_but_not_reused() {
+    // Both framings at once is how response smuggling starts: the chunked framing wins
+    // (RFC 9112 §6.3), and the connection is not trusted with another request.
+    an_answer_that_ends_the_connection_is_not_reused(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n\
+          2\r\nok\r\n0\r\n\r\n",
+        b"ok",
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. A kept connection that turns out closed.
 // ---------------------------------------------------------------------------------------

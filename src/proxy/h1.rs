@@ -730,9 +730,12 @@ fn parse_head(
         // Values are slices of the head, not copies; names are mostly static.
         let base = buf.as_ptr() as usize;
         let mut fields_at = Vec::with_capacity(parsed.headers.len());
+        let (mut has_te, mut has_length) = (false, false);
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| format!("bad header name `{}` from the upstream", field.name))?;
+            has_te |= name == header::TRANSFER_ENCODING;
+            has_length |= name == header::CONTENT_LENGTH;
             let start = field.value.as_ptr() as usize - base;
             fields_at.push((name, start, start + field.value.len()));
         }
@@ -744,9 +747,8 @@ fn parse_head(
             headers.append(name, value);
         }
         // Both framings at once is how request smuggling starts: answer, but do not keep.
-        let ambiguous = headers.contains_key(header::TRANSFER_ENCODING)
-            && headers.contains_key(header::CONTENT_LENGTH);
-        let framing = response_framing(method, status, &mut headers)?;
+        let ambiguous = has_te && has_length;
+        let framing = response_framing(method, status, has_te, &mut headers)?;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -782,6 +784,7 @@ fn early_answer(buf: &mut BytesMut) -> Option<u16> {
 fn response_framing(
     method: &Method,
     status: StatusCode,
+    has_te: bool,
     headers: &mut HeaderMap,
 ) -> Result<Framing, String> {
     if *method == Method::HEAD
@@ -790,10 +793,15 @@ fn response_framing(
     {
         return Ok(Framing::Empty);
     }
-    if let Some(codings) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
+    // `has_te` spares the common answer (Content-Length only) a hashed lookup.
+    if let Some(codings) = has_te
+        .then(|| {
+            headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+        })
+        .flatten()
     {
         let chunked = codings
             .to_str()
