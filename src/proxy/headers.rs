@@ -58,13 +58,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn to_upstream(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<HeaderValue>) {
     strip_hop_by_hop(headers);
     let forwarded_for = {
-        let mut prior = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .peekable();
+        let mut prior = prior_hops(headers).peekable();
         if prior.peek().is_some() {
             let mut joined = prior.collect::<Vec<_>>().join(", ");
             joined.push_str(", ");
@@ -97,6 +91,16 @@ pub fn to_upstream(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Opt
     headers.remove(header::HOST);
 }
 
+/// The client's own `X-Forwarded-For` hops that are kept: readable text, trimmed, not empty.
+fn prior_hops(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(X_FORWARDED_FOR)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
 /// The `X-Forwarded-*` headers of one plain request, written straight into the head that
 /// goes upstream (`proxy::h1`) instead of into the client's header map: the same headers
 /// `to_upstream` sets, with no allocation, and a hashed lookup only when the client sent
@@ -124,13 +128,7 @@ impl Forwarding<'_> {
     pub fn encode(&self, headers: &HeaderMap, had_for: bool, out: &mut BytesMut) {
         out.put_slice(b"x-forwarded-for: ");
         if had_for {
-            let prior = headers
-                .get_all(X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty());
-            for hop in prior {
+            for hop in prior_hops(headers) {
                 out.put_slice(hop.as_bytes());
                 out.put_slice(b", ");
             }
