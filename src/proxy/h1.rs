@@ -794,14 +794,11 @@ fn response_framing(
         return Ok(Framing::Empty);
     }
     // `has_te` spares the common answer (Content-Length only) a hashed lookup.
-    if let Some(codings) = has_te
-        .then(|| {
-            headers
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .next_back()
-        })
-        .flatten()
+    if has_te
+        && let Some(codings) = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
     {
         let chunked = codings
             .to_str()
