@@ -113,7 +113,8 @@ def self_costs(profile):
                           capture_output=True, text=True, check=True).stdout
     costs = {}
     for line in text.splitlines():
-        m = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+(?:\S*:)?(.*)$", line)
+        # Drop the file prefix (`???:` or `path.c:`), not the `::` of a Rust path.
+        m = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+(?:[^:\s]*:(?!:))?(.*)$", line)
         if m:
             name = m.group(2)
             costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
