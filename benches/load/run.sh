@@ -48,6 +48,8 @@ P_NGINX_H2=$((BASE + 21))
 P_HAPROXY=$((BASE + 30))
 PATH_HTTP=/v1/status
 PATH_WS=/v1/agent/converse
+# nginx_conf and haproxy_conf: the two proxies' configurations.
+source "$ROOT/benches/load/configs.sh"
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 say() { printf '%s\n' "$*" | tee -a "$RESULTS"; }
@@ -196,50 +198,7 @@ EOF
 start_nginx() {
     local dir=$OUT/nginx
     mkdir -p "$dir/tmp"
-    cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
-worker_rlimit_nofile $FD_LIMIT;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections $((FD_LIMIT - 100)); multi_accept on; }
-http {
-    access_log off;
-    client_body_temp_path $dir/tmp;
-    proxy_temp_path $dir/tmp;
-    fastcgi_temp_path $dir/tmp;
-    uwsgi_temp_path $dir/tmp;
-    scgi_temp_path $dir/tmp;
-    keepalive_requests 100000;
-    upstream origin {
-        server 127.0.0.1:$P_ORIGIN;
-        keepalive 64;
-    }
-    map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
-    server {
-        listen 127.0.0.1:$P_NGINX;
-        location / {
-            proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \$connection_upgrade;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_read_timeout 1h;
-        }
-    }
-    server {
-        listen 127.0.0.1:$P_NGINX_H2 http2;
-        location / {
-            proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-        }
-    }
-}
-EOF
+    nginx_conf "$dir" on >"$dir/nginx.conf"
     taskset -c $SERVER_CPU nginx -c "$dir/nginx.conf" -p "$dir" >"$OUT/nginx.log" 2>&1 &
     NGINX_PID=$!
     PIDS+=($NGINX_PID)
@@ -249,32 +208,7 @@ EOF
 start_haproxy() {
     local dir=$OUT/haproxy
     mkdir -p "$dir"
-    cat >"$dir/haproxy.cfg" <<EOF
-global
-    nbthread 1
-    # Each connection costs two descriptors (client and server side).
-    maxconn $((FD_LIMIT / 2 - 100))
-    tune.bufsize 16384
-
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-    timeout tunnel 1h
-
-frontend fe
-    # A clear-text HTTP frontend also takes HTTP/2 with prior knowledge (h2c).
-    bind 127.0.0.1:$P_HAPROXY
-    option forwardfor
-    default_backend origin
-
-backend origin
-    server o1 127.0.0.1:$P_ORIGIN maxconn 1024
-EOF
+    haproxy_conf >"$dir/haproxy.cfg"
     taskset -c $SERVER_CPU haproxy -db -f "$dir/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
     HAPROXY_PID=$!
     PIDS+=($HAPROXY_PID)
