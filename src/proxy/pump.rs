@@ -8,6 +8,10 @@
 //! far has been written, so a destination that stops reading stops the source (TCP
 //! back-pressure): memory is one read buffer, plus a whole control frame or small text
 //! frame when it must look inside one.
+//!
+//! Frames read together go on in one write: a pump that falls behind reads many frames at
+//! once and then makes one system call for all of them, not one per frame, so it catches
+//! up instead of falling further behind.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -50,7 +54,11 @@ pub struct Pump {
     from_client: bool,
     buf: BytesMut,
     read_size: usize,
-    /// Bytes of the current frame (header included) still to pass on or drop.
+    /// Bytes at the front of `buf` to pass on as they are: frames (the last perhaps in
+    /// part) that `start` let through and are not yet written.
+    pass: usize,
+    /// Bytes of the current frame (header included) still to pass on or drop, beyond
+    /// `pass`.
     left: u64,
     skipping: bool,
     /// Frames of Switchyard's own, written at the next frame boundary.
@@ -79,6 +87,7 @@ impl Pump {
             from_client,
             buf: BytesMut::new(),
             read_size: FIRST_READ,
+            pass: 0,
             left: 0,
             skipping: false,
             own: VecDeque::new(),
@@ -109,9 +118,9 @@ impl Pump {
     }
 
     /// Whether a frame of Switchyard's own could be written now without landing inside
-    /// one being passed on.
+    /// one being passed on, or before frames already let through.
     pub fn at_boundary(&self) -> bool {
-        self.left == 0 || self.skipping
+        self.pass == 0 && (self.left == 0 || self.skipping)
     }
 
     /// Passes frames from `src` to `dst` until something stops it.
@@ -121,21 +130,22 @@ impl Pump {
         D: AsyncWrite + Unpin,
     {
         loop {
-            if self.left > 0 && !self.buf.is_empty() {
-                if self.skipping {
-                    self.skip_buffered();
-                    continue;
-                }
-                let n = self.buffered_of_frame();
-                match ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[..n])) {
+            self.gather();
+            if self.pass > 0 {
+                match ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[..self.pass])) {
                     Ok(0) => return Poll::Ready(Event::DestinationLost("wrote zero bytes".into())),
                     Ok(written) => {
                         self.buf.advance(written);
-                        self.left -= written as u64;
+                        self.pass -= written;
                         self.unflushed = true;
                     }
                     Err(e) => return Poll::Ready(Event::DestinationLost(e.to_string())),
                 }
+                continue;
+            }
+            // Nothing is let through and unwritten: the front of `buf` is the next byte.
+            if self.left > 0 && self.skipping && !self.buf.is_empty() {
+                self.skip_buffered();
                 continue;
             }
             if self.left == 0 {
@@ -180,11 +190,69 @@ impl Pump {
         }
     }
 
+    /// Lets through what is buffered beyond `pass` of the frame being passed on, and of
+    /// the frames after it that go on as they are. Stops at anything that must be at the
+    /// front of the buffer to be handled (a close, a frame to drop or to look inside, a
+    /// header not yet whole or not valid) and where frames of Switchyard's own are due.
+    fn gather(&mut self) {
+        loop {
+            if self.left > 0 {
+                let buffered = self.buf.len() - self.pass;
+                if self.skipping || buffered == 0 {
+                    return;
+                }
+                let n = buffered.min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.pass += n;
+                self.left -= n as u64;
+                continue;
+            }
+            if !self.own.is_empty() {
+                return;
+            }
+            match frames::parse(&self.buf[self.pass..], self.from_client) {
+                Ok(Some(header))
+                    if header.opcode != frames::CLOSE
+                        && !self.drops(&header)
+                        && !self.watches(&header) =>
+                {
+                    self.pass_on(&header);
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Whether a frame is dropped rather than passed on.
+    fn drops(&self, header: &Header) -> bool {
+        // Deepgram reads an empty binary frame as the end of the audio, so Switchyard never
+        // passes one on, either way.
+        let empty_binary = header.opcode == frames::BINARY && header.fin && header.len == 0;
+        !header.is_control() && (self.drop_data || empty_binary)
+    }
+
+    /// Whether a frame is looked inside for `Flushed`.
+    fn watches(&self, header: &Header) -> bool {
+        self.watch_flushed
+            && header.opcode == frames::TEXT
+            && header.fin
+            && header.len <= MAX_WATCHED
+    }
+
+    /// Starts passing a frame on.
+    fn pass_on(&mut self, header: &Header) {
+        self.skipping = false;
+        self.left = header.wire_len();
+        if !header.is_control() {
+            self.in_message = !header.fin;
+            self.bytes += header.len;
+            self.counter.inc_by(header.len);
+        }
+    }
+
     /// Decides what to do with the frame whose header starts the buffer.
     fn start(&mut self, header: Header) -> Start {
         let wire = header.wire_len();
         let whole = self.buf.len() as u64 >= wire;
-        let data = !header.is_control();
         if header.opcode == frames::CLOSE {
             if !whole {
                 return Start::NeedWhole;
@@ -196,13 +264,9 @@ impl Pump {
             let code = frames::close_code(&frames::payload(&header, &frame));
             return Start::Event(Event::Close { code, frame });
         }
-        let starts_message = header.opcode != frames::CONTINUATION && data;
-        // Deepgram reads an empty binary frame as the end of the audio, so Switchyard never
-        // passes one on, either way.
-        let empty_binary = header.opcode == frames::BINARY && header.fin && header.len == 0;
-        if data && (self.drop_data || empty_binary) {
+        if self.drops(&header) {
             // Counted are the client's messages that the upstream never gets.
-            if starts_message && self.from_client {
+            if header.opcode != frames::CONTINUATION && self.from_client {
                 self.dropped += 1;
             }
             // `in_message` stays as the destination saw it: a skipped fragment opens
@@ -211,10 +275,7 @@ impl Pump {
             self.skipping = true;
             return Start::Next;
         }
-        let watched = self.watch_flushed
-            && header.opcode == frames::TEXT
-            && header.fin
-            && header.len <= MAX_WATCHED;
+        let watched = self.watches(&header);
         if watched && !whole {
             return Start::NeedWhole;
         }
@@ -223,13 +284,7 @@ impl Pump {
                 &self.buf[header.size..header.size + header.len as usize],
                 "Flushed",
             );
-        self.skipping = false;
-        self.left = wire;
-        if data {
-            self.in_message = !header.fin;
-            self.bytes += header.len;
-            self.counter.inc_by(header.len);
-        }
+        self.pass_on(&header);
         if flushed {
             return Start::Event(Event::Flushed);
         }
@@ -271,6 +326,9 @@ impl Pump {
     /// Reads frames from `src` and drops them until a close frame or the end (the peer's
     /// answer to a close Switchyard sent).
     pub async fn until_close<S: AsyncRead + Unpin>(&mut self, src: &mut S) {
+        // What was let through and not written goes nowhere now.
+        self.buf.advance(self.pass);
+        self.pass = 0;
         std::future::poll_fn(|cx| {
             loop {
                 if self.left > 0 && !self.buf.is_empty() {
@@ -374,6 +432,89 @@ mod tests {
         expected.extend_from_slice(&ping);
         assert_eq!(read_exactly(&mut upstream, expected.len()).await, expected);
         assert_eq!((pump.bytes, pump.dropped), (3, 1));
+    }
+
+    /// A destination that keeps each write apart, to count the system calls a socket
+    /// would see.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_read_together_go_on_in_one_write() {
+        let (mut client, mut src) = duplex(1 << 16);
+        let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+        let mut wire = masked(frames::BINARY, true, &[1; 640]);
+        wire.extend_from_slice(&masked(frames::PING, true, b"p"));
+        wire.extend_from_slice(&masked(frames::TEXT, false, b"frag"));
+        wire.extend_from_slice(&masked(frames::CONTINUATION, true, b"ment"));
+        // The start of one more frame: its bytes go on with the others as far as they came.
+        let last = masked(frames::BINARY, true, &[2; 100]);
+        wire.extend_from_slice(&last[..50]);
+        client.write_all(&wire).await.expect("write");
+        let mut dst = Writes::default();
+        let ran = std::future::poll_fn(|cx| Poll::Ready(pump.poll(cx, &mut src, &mut dst)));
+        assert!(ran.await.is_pending());
+        assert_eq!(dst.0, vec![wire], "one write for everything read");
+        assert_eq!(pump.bytes, 640 + 4 + 4 + 100);
+        assert!(!pump.at_boundary(), "the last frame is not all written");
+    }
+
+    #[tokio::test]
+    async fn frames_let_through_before_an_injection_are_written_before_it() {
+        let (mut client, mut src) = duplex(1 << 16);
+        // A destination that takes 8 bytes at a time, so the pump waits part-way.
+        let (mut dst, mut upstream) = duplex(8);
+        let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+        let mut wire = masked(frames::BINARY, true, &[1; 20]);
+        wire.extend_from_slice(&masked(frames::BINARY, true, &[2; 20]));
+        client.write_all(&wire).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert!(
+            !pump.at_boundary(),
+            "let-through frames are not all written"
+        );
+        let own = frames::encode(frames::TEXT, b"{\"type\":\"CloseStream\"}", true);
+        pump.inject(own.clone());
+        pump.drop_data = true;
+        client
+            .write_all(&masked(frames::BINARY, true, &[3; 20]))
+            .await
+            .expect("write");
+        let mut expected = wire.clone();
+        expected.extend_from_slice(&own);
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+            let mut chunk = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(10), upstream.read(&mut chunk))
+                .await
+                .expect("bytes came in time")
+                .expect("read");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(
+            got, expected,
+            "the audio read before the drain, then CloseStream"
+        );
+        assert!(pump.at_boundary());
+        assert_eq!(pump.dropped, 1, "audio read after the drain is dropped");
     }
 
     #[tokio::test]
