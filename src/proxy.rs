@@ -33,6 +33,9 @@ pub use body::ProxyBody;
 
 /// The header naming the colour that served (or was tried for) a response.
 pub const COLOR_HEADER: &str = "x-switchyard-color";
+/// The same, as a header name made once: inserting by `&str` checks the text on every
+/// response (callgrind: a fifth of `tag`'s cost).
+const COLOR_HEADER_NAME: ::http::HeaderName = ::http::HeaderName::from_static(COLOR_HEADER);
 
 /// What the listener knows about a client connection.
 #[derive(Debug, Clone)]
@@ -166,7 +169,7 @@ impl Proxy {
 pub(crate) fn tag<B>(mut response: Response<B>, color: Color) -> Response<B> {
     response
         .headers_mut()
-        .insert(COLOR_HEADER, HeaderValue::from_static(color.as_str()));
+        .insert(COLOR_HEADER_NAME, HeaderValue::from_static(color.as_str()));
     response
 }
 
