@@ -74,6 +74,9 @@ pub struct Pump {
     pub watch_flushed: bool,
     /// Payload bytes passed on.
     pub bytes: u64,
+    /// Payload bytes of frames let through and not yet written: counted in `bytes` once
+    /// `pass` is all written, so a stream that ends first does not count them.
+    uncounted: u64,
     /// Data messages dropped.
     pub dropped: u64,
     counter: IntCounter,
@@ -96,6 +99,7 @@ impl Pump {
             drop_data: false,
             watch_flushed: false,
             bytes: 0,
+            uncounted: 0,
             dropped: 0,
             counter,
         }
@@ -138,6 +142,11 @@ impl Pump {
                         self.buf.advance(written);
                         self.pass -= written;
                         self.unflushed = true;
+                        if self.pass == 0 {
+                            self.bytes += self.uncounted;
+                            self.counter.inc_by(self.uncounted);
+                            self.uncounted = 0;
+                        }
                     }
                     Err(e) => return Poll::Ready(Event::DestinationLost(e.to_string())),
                 }
@@ -244,8 +253,7 @@ impl Pump {
         self.left = header.wire_len();
         if !header.is_control() {
             self.in_message = !header.fin;
-            self.bytes += header.len;
-            self.counter.inc_by(header.len);
+            self.uncounted += header.len;
         }
     }
 
@@ -329,6 +337,7 @@ impl Pump {
         // What was let through and not written goes nowhere now.
         self.buf.advance(self.pass);
         self.pass = 0;
+        self.uncounted = 0;
         std::future::poll_fn(|cx| {
             loop {
                 if self.left > 0 && !self.buf.is_empty() {
@@ -474,6 +483,45 @@ mod tests {
         assert_eq!(dst.0, vec![wire], "one write for everything read");
         assert_eq!(pump.bytes, 640 + 4 + 4 + 100);
         assert!(!pump.at_boundary(), "the last frame is not all written");
+    }
+
+    /// A destination that takes `first` bytes, then fails.
+    struct Breaks(usize);
+
+    impl AsyncWrite for Breaks {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.0 == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            let n = buf.len().min(self.0);
+            self.0 -= n;
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_that_never_leave_are_not_counted() {
+        let (mut client, mut src) = duplex(1 << 16);
+        let counter = IntCounter::new("t", "t").expect("counter");
+        let mut pump = Pump::new(true, counter.clone());
+        let frame = masked(frames::BINARY, true, &[1; 100]);
+        client.write_all(&frame.repeat(5)).await.expect("write");
+        // The first frame leaves whole, then the destination breaks.
+        let mut dst = Breaks(frame.len());
+        let event = std::future::poll_fn(|cx| pump.poll(cx, &mut src, &mut dst)).await;
+        assert!(matches!(event, Event::DestinationLost(_)), "{event:?}");
+        assert!(pump.bytes <= 100, "counted {} bytes, 100 left", pump.bytes);
+        assert_eq!(counter.get(), pump.bytes);
     }
 
     #[tokio::test]
