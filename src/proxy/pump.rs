@@ -444,9 +444,11 @@ mod tests {
     }
 
     /// A destination that keeps each write apart, to count the system calls a socket
-    /// would see.
-    #[derive(Default)]
-    struct Writes(Vec<Vec<u8>>);
+    /// would see, and takes at most `room` bytes before it fails.
+    struct Writes {
+        writes: Vec<Vec<u8>>,
+        room: usize,
+    }
 
     impl AsyncWrite for Writes {
         fn poll_write(
@@ -454,8 +456,13 @@ mod tests {
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<std::io::Result<usize>> {
-            self.0.push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
+            if self.room == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.writes.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -477,36 +484,15 @@ mod tests {
         let last = masked(frames::BINARY, true, &[2; 100]);
         wire.extend_from_slice(&last[..50]);
         client.write_all(&wire).await.expect("write");
-        let mut dst = Writes::default();
+        let mut dst = Writes {
+            writes: Vec::new(),
+            room: usize::MAX,
+        };
         let ran = std::future::poll_fn(|cx| Poll::Ready(pump.poll(cx, &mut src, &mut dst)));
         assert!(ran.await.is_pending());
-        assert_eq!(dst.0, vec![wire], "one write for everything read");
+        assert_eq!(dst.writes, vec![wire], "one write for everything read");
         assert_eq!(pump.bytes, 640 + 4 + 4 + 100);
         assert!(!pump.at_boundary(), "the last frame is not all written");
-    }
-
-    /// A destination that takes `first` bytes, then fails.
-    struct Breaks(usize);
-
-    impl AsyncWrite for Breaks {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            if self.0 == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
-            }
-            let n = buf.len().min(self.0);
-            self.0 -= n;
-            Poll::Ready(Ok(n))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
     }
 
     #[tokio::test]
@@ -517,7 +503,10 @@ mod tests {
         let frame = masked(frames::BINARY, true, &[1; 100]);
         client.write_all(&frame.repeat(5)).await.expect("write");
         // The first frame leaves whole, then the destination breaks.
-        let mut dst = Breaks(frame.len());
+        let mut dst = Writes {
+            writes: Vec::new(),
+            room: frame.len(),
+        };
         let event = std::future::poll_fn(|cx| pump.poll(cx, &mut src, &mut dst)).await;
         assert!(matches!(event, Event::DestinationLost(_)), "{event:?}");
         assert!(pump.bytes <= 100, "counted {} bytes, 100 left", pump.bytes);
