@@ -137,7 +137,8 @@ stop_proxy() {
 }
 
 # Runs $1 requests (h1, h2c) through the proxy under callgrind; the profile goes to $2.
-# Prints the requests.
+# Sets COUNTED to the requests. (Not printed: in a $(...) subshell the proxy's PID would
+# not reach PIDS, and a failed run would leave it running.)
 count_requests() {
     local n=$1 profile=$2
     start_proxy "$profile"
@@ -151,31 +152,35 @@ count_requests() {
         exit 1
     }
     stop_proxy
-    echo "$n"
+    COUNTED=$n
 }
 
 # Runs the echo streams for $1 seconds through the proxy under callgrind; the profile goes
-# to $2. Prints the frames relayed (sent and echoed).
+# to $2. Sets COUNTED to the frames relayed (sent and echoed).
 count_frames() {
     local seconds=$1 profile=$2 log=$OUT/ws_load-$1.log
     start_proxy "$profile"
     timeout $((seconds + 120)) "$WS_LOAD" --url "ws://127.0.0.1:$PORT/v1/agent/converse" \
         --streams "$WS_STREAMS" --duration "$seconds" >"$log" 2>&1
     stop_proxy
-    awk '/^streams=/ {
+    COUNTED=$(awk '/^streams=/ {
         for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
         if (f["errors"] != 0) { print "ws_load reported errors" > "/dev/stderr"; exit 1 }
         print f["sent"] + f["received"]
-    }' "$log"
+    }' "$log")
 }
 
 if [[ $MODE == ws ]]; then
-    low=$(count_frames "$WS_LOW" "$OUT/low.out")
-    high=$(count_frames "$WS_HIGH" "$OUT/high.out")
+    count_frames "$WS_LOW" "$OUT/low.out"
+    low=$COUNTED
+    count_frames "$WS_HIGH" "$OUT/high.out"
+    high=$COUNTED
     UNIT="relayed frame"
 else
-    low=$(count_requests "$LOW" "$OUT/low.out")
-    high=$(count_requests "$HIGH" "$OUT/high.out")
+    count_requests "$LOW" "$OUT/low.out"
+    low=$COUNTED
+    count_requests "$HIGH" "$OUT/high.out"
+    high=$COUNTED
     UNIT=request
 fi
 [[ -n $low && -n $high ]] && ((high > low)) || { echo "no more work in the long run ($low, $high)" >&2; exit 1; }
