@@ -55,7 +55,7 @@ pub struct Pump {
     buf: BytesMut,
     read_size: usize,
     /// Bytes at the front of `buf` to pass on as they are: frames (the last perhaps in
-    /// part) that `start` let through and are not yet written.
+    /// part) that `start` or `gather` let through and are not yet written.
     pass: usize,
     /// Bytes of the current frame (header included) still to pass on or drop, beyond
     /// `pass`.
