@@ -117,6 +117,11 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(MAX_HEADER_BYTES)
+                // A response's head and body leave in one buffer through send(2), not as
+                // pieces through writev(2), which costs the kernel more per call
+                // (benches/RESULTS.md). The price is a copy of the body into hyper's
+                // buffer, which holds `MAX_HEADER_BYTES` and one more chunk at most.
+                .writev(false)
                 .keep_alive(true);
             builder.http2().timer(TokioTimer::new());
             match tls {
