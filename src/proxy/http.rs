@@ -89,6 +89,9 @@ impl Upstreams {
                 &metrics.bytes_to_upstream,
             );
             let answer = tokio::select! {
+                // The exchange first: an answer that has arrived is relayed, and no random
+                // start is drawn on every poll.
+                biased;
                 answer = tokio::time::timeout(limits.response_timeout, exchange) => answer,
                 _ = guard.cut() => break ProxyError::DrainDeadline(color.as_str()),
             };
