@@ -16,6 +16,7 @@ pub mod headers;
 pub mod http;
 pub mod pump;
 pub mod websocket;
+mod woken;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

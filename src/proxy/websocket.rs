@@ -34,6 +34,7 @@ use super::body::{Access, Finish, ProxyBody};
 use super::frames;
 use super::http::{client_host, source_chain};
 use super::pump::{self, Event, Pump};
+use super::woken::Woken;
 use super::{ConnInfo, Proxy, error_response, headers, tag};
 use crate::drain::{DrainWatch, Endpoint};
 use crate::error::ProxyError;
@@ -374,9 +375,11 @@ impl Stream {
         let ending = {
             let deadline = self.watch.deadline();
             tokio::pin!(deadline);
+            // Polled when the drain watch or its timer woke the task, not for every frame.
+            let deadline_woken = Woken::default();
             std::future::poll_fn(|cx| {
                 // At the drain deadline: the protocol's own end, then only the finals flow.
-                if !injected && deadline.as_mut().poll(cx).is_ready() {
+                if !injected && deadline_woken.poll(deadline.as_mut(), cx).is_ready() {
                     let message = match endpoint {
                         Endpoint::Other => return Poll::Ready(Ending::DrainNow),
                         Endpoint::Listen => CLOSE_STREAM,
