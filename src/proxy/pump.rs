@@ -20,13 +20,16 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::frames::{self, FrameError, Header};
 
 /// First read size; doubled while reads fill it, up to `MAX_READ`.
 const FIRST_READ: usize = 4 * 1024;
+/// The read that waits for a stream's first bytes, on the stack; what it misses of a
+/// larger first burst comes with the next read.
+const FIRST_WAIT: usize = 1024;
 const MAX_READ: usize = 64 * 1024;
 /// Largest text frame searched for `Flushed` (Deepgram's control messages are tiny).
 const MAX_WATCHED: u64 = 4 * 1024;
@@ -54,6 +57,8 @@ pub struct Pump {
     from_client: bool,
     buf: BytesMut,
     read_size: usize,
+    /// Bytes have come from the source: `buf` is allocated from then on.
+    started: bool,
     /// Bytes at the front of `buf` to pass on as they are: frames (the last perhaps in
     /// part) that `start` or `gather` let through and are not yet written.
     pass: usize,
@@ -90,6 +95,7 @@ impl Pump {
             from_client,
             buf: BytesMut::new(),
             read_size: FIRST_READ,
+            started: false,
             pass: 0,
             left: 0,
             skipping: false,
@@ -319,6 +325,20 @@ impl Pump {
         cx: &mut Context<'_>,
         src: &mut S,
     ) -> Poll<std::io::Result<usize>> {
+        if !self.started {
+            // Nothing has come yet: wait for it on the stack, so that a stream that stays
+            // idle holds no read buffer (run.sh idle: 4 KiB a direction).
+            let mut first = [0u8; FIRST_WAIT];
+            let mut read = ReadBuf::new(&mut first);
+            ready!(Pin::new(src).poll_read(cx, &mut read))?;
+            let n = read.filled().len();
+            if n > 0 {
+                self.started = true;
+                self.buf.reserve(self.read_size);
+                self.buf.extend_from_slice(read.filled());
+            }
+            return Poll::Ready(Ok(n));
+        }
         let spare = self.buf.capacity() - self.buf.len();
         if spare < 1024 {
             self.buf.reserve(self.read_size);
@@ -470,6 +490,20 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_holds_no_read_buffer_until_bytes_come() {
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(pump.buf.capacity(), 0, "nothing came: nothing allocated");
+        // A first burst larger than the stack read arrives whole.
+        let audio = masked(frames::BINARY, true, &[7; 3000]);
+        client.write_all(&audio).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(read_exactly(&mut upstream, audio.len()).await, audio);
+        assert!(pump.buf.capacity() > 0);
+        assert_eq!(pump.bytes, 3000);
     }
 
     #[tokio::test]
