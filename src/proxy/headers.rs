@@ -6,19 +6,6 @@ use std::net::IpAddr;
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `upgrade`
-/// which the WebSocket path sets itself.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -31,26 +18,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .chain(headers.keys().filter(|name| is_hop_by_hop(name)).cloned())
+        .collect();
+    for name in named {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
-/// Whether `name` is one of `HOP_BY_HOP` or `upgrade`. Matched as a string: naming the
-/// `const` array would build and drop eight header names for every header checked.
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `upgrade`
+/// which the WebSocket path sets itself. Matched as a string: comparing with an array of
+/// `HeaderName`s builds and drops the array for every header checked.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -259,7 +242,18 @@ mod tests {
 
     #[test]
     fn each_hop_by_hop_header_alone_is_stripped() {
-        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+        let hop_by_hop = [
+            header::CONNECTION,
+            HeaderName::from_static("keep-alive"),
+            HeaderName::from_static("proxy-connection"),
+            header::PROXY_AUTHENTICATE,
+            header::PROXY_AUTHORIZATION,
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+        ];
+        for name in &hop_by_hop {
             let mut h = HeaderMap::new();
             h.insert(name.clone(), HeaderValue::from_static("x"));
             h.insert("x-kept", HeaderValue::from_static("1"));
