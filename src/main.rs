@@ -10,6 +10,13 @@ use switchyard::control::Change;
 use switchyard::ctl;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+/// mimalloc rather than glibc's malloc. A proxied request makes about a dozen allocations,
+/// and glibc spent some 260 instructions on each allocation and its free; with mimalloc a
+/// request costs 6 % fewer instructions over HTTP/1.1 and 7 % fewer over h2c (callgrind,
+/// benches/RESULTS.md). Memory per idle stream was no higher.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "switchyard",
