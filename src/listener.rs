@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -107,9 +108,11 @@ pub async fn serve(
                 // Boxed: the request's future is kilobytes, and HTTP/2 moves it whole
                 // into a task per stream (callgrind: 11 % fewer instructions per h2c
                 // request, 1 % more per HTTP/1.1 one; benches/RESULTS.md).
-                Box::pin(async move {
-                    Ok::<_, std::convert::Infallible>(proxy.handle(req, conn_info).await)
-                })
+                Box::pin(
+                    proxy
+                        .handle(req, conn_info)
+                        .map(Ok::<_, std::convert::Infallible>),
+                )
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder

@@ -32,124 +32,119 @@ impl Upstreams {
         let tls = crate::tls::upstream_client_config(&config.upstream_tls)?;
         Ok(Upstreams { tls })
     }
+}
 
-    /// Forwards one plain HTTP request to `color`.
-    pub async fn forward(
-        &self,
-        proxy: &Arc<Proxy>,
-        req: Request<Incoming>,
-        table: &RouteTable,
-        color: Color,
-        conn: ConnInfo,
-    ) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let limits = super::limits(table);
-        let metrics = proxy.metrics.color(color);
-        let (mut parts, body) = req.into_parts();
-        let host = client_host(&parts.headers, &parts.uri);
-        headers::strip_hop_by_hop(&mut parts.headers);
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| ::http::uri::PathAndQuery::from_static("/"));
+/// Forwards one plain HTTP request to `color`.
+pub async fn forward(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    table: Arc<RouteTable>,
+    color: Color,
+    conn: ConnInfo,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let limits = super::limits(&table);
+    let metrics = proxy.metrics.color(color);
+    let (mut parts, body) = req.into_parts();
+    let host = client_host(&parts.headers, &parts.uri);
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| ::http::uri::PathAndQuery::from_static("/"));
 
-        let pool = table.pool(color);
-        let mut body = Some(body);
-        let mut tried: Vec<&Upstream> = Vec::new();
-        let error = loop {
-            let Some(upstream) = pick(pool, &tried) else {
-                break if tried.is_empty() {
-                    ProxyError::NoHealthyUpstream(color.as_str())
-                } else {
-                    ProxyError::ConnectFailed(color.as_str())
-                };
+    let pool = table.pool(color);
+    let mut body = Some(body);
+    let mut tried: Vec<&Upstream> = Vec::new();
+    let error = loop {
+        let Some(upstream) = pick(pool, &tried) else {
+            break if tried.is_empty() {
+                ProxyError::NoHealthyUpstream(color.as_str())
+            } else {
+                ProxyError::ConnectFailed(color.as_str())
             };
-            let Some(attempt_body) = body.take() else {
-                break ProxyError::ConnectFailed(color.as_str());
-            };
-            let guard = proxy.tracker.request(upstream, table.generation);
-            let access = Access::capture(&parts.method, &parts.uri, &upstream.name);
-            let head = RequestHead {
-                method: &parts.method,
-                path: &path,
-                headers: &parts.headers,
-                forwarding: headers::Forwarding {
-                    client: &conn.client_ip,
-                    tls: conn.tls,
-                    host: host.as_ref(),
-                },
-            };
-            let exchange = h1::exchange(
-                upstream,
-                &self.tls,
-                limits.connect_timeout,
-                head,
-                attempt_body,
-                &metrics.bytes_to_upstream,
-            );
-            let answer = tokio::select! {
-                // The exchange first: an answer that has arrived is relayed, and no random
-                // start is drawn on every poll.
-                biased;
-                answer = tokio::time::timeout(limits.response_timeout, exchange) => answer,
-                _ = guard.cut() => break ProxyError::DrainDeadline(color.as_str()),
-            };
-            match answer {
-                Ok(Ok(response)) => {
-                    let status = response.status().as_u16();
-                    let finish = Finish::new(
-                        &proxy.metrics,
-                        color,
-                        Protocol::Http,
-                        status,
-                        started,
-                        guard,
-                    )
-                    .with_access(access);
-                    return Proxy::relay_answer(response, finish);
-                }
-                Ok(Err(Failure::Connect(e, unread))) => {
-                    drop(guard);
-                    proxy.connect_failed(
-                        upstream,
-                        table.settings.config.health.fall,
-                        &e.to_string(),
-                    );
-                    tried.push(upstream);
-                    if tried.len() >= MAX_ATTEMPTS {
-                        break ProxyError::ConnectFailed(color.as_str());
-                    }
-                    body = Some(unread);
-                }
-                Ok(Err(Failure::Upstream(e))) => {
-                    proxy
-                        .metrics
-                        .upstream_error(upstream, UpstreamErrorKind::Protocol);
-                    tracing::warn!(upstream = %upstream.name, color = %color, error = %e, "upstream failed");
-                    break ProxyError::UpstreamFailed(e);
-                }
-                Ok(Err(Failure::Client(e))) => {
-                    tracing::debug!(upstream = %upstream.name, error = %e, "request body failed");
-                    break ProxyError::BadRequest(e);
-                }
-                Err(_) => {
-                    proxy
-                        .metrics
-                        .upstream_error(upstream, UpstreamErrorKind::Timeout);
-                    tracing::warn!(upstream = %upstream.name, color = %color, "upstream response timed out");
-                    break ProxyError::UpstreamTimeout(limits.response_timeout);
-                }
-            }
         };
-        let (status, _) = error.status_and_code();
-        metrics.request(
-            Protocol::Http,
-            status.as_u16(),
-            started.elapsed().as_secs_f64(),
+        let Some(attempt_body) = body.take() else {
+            break ProxyError::ConnectFailed(color.as_str());
+        };
+        let guard = proxy.tracker.request(upstream, table.generation);
+        let access = Access::capture(&parts.method, &parts.uri, &upstream.name);
+        let head = RequestHead {
+            method: &parts.method,
+            path: &path,
+            headers: &parts.headers,
+            forwarding: headers::Forwarding {
+                client: &conn.client_ip,
+                tls: conn.tls,
+                host: host.as_ref(),
+            },
+        };
+        let exchange = h1::exchange(
+            upstream,
+            &proxy.upstreams.tls,
+            limits.connect_timeout,
+            head,
+            attempt_body,
+            &metrics.bytes_to_upstream,
         );
-        error_response(&error, color)
-    }
+        let answer = tokio::select! {
+            // The exchange first: an answer that has arrived is relayed, and no random
+            // start is drawn on every poll.
+            biased;
+            answer = tokio::time::timeout(limits.response_timeout, exchange) => answer,
+            _ = guard.cut() => break ProxyError::DrainDeadline(color.as_str()),
+        };
+        match answer {
+            Ok(Ok(response)) => {
+                let status = response.status().as_u16();
+                let finish = Finish::new(
+                    &proxy.metrics,
+                    color,
+                    Protocol::Http,
+                    status,
+                    started,
+                    guard,
+                )
+                .with_access(access);
+                return Proxy::relay_answer(response, finish);
+            }
+            Ok(Err(Failure::Connect(e, unread))) => {
+                drop(guard);
+                proxy.connect_failed(upstream, table.settings.config.health.fall, &e.to_string());
+                tried.push(upstream);
+                if tried.len() >= MAX_ATTEMPTS {
+                    break ProxyError::ConnectFailed(color.as_str());
+                }
+                body = Some(unread);
+            }
+            Ok(Err(Failure::Upstream(e))) => {
+                proxy
+                    .metrics
+                    .upstream_error(upstream, UpstreamErrorKind::Protocol);
+                tracing::warn!(upstream = %upstream.name, color = %color, error = %e, "upstream failed");
+                break ProxyError::UpstreamFailed(e);
+            }
+            Ok(Err(Failure::Client(e))) => {
+                tracing::debug!(upstream = %upstream.name, error = %e, "request body failed");
+                break ProxyError::BadRequest(e);
+            }
+            Err(_) => {
+                proxy
+                    .metrics
+                    .upstream_error(upstream, UpstreamErrorKind::Timeout);
+                tracing::warn!(upstream = %upstream.name, color = %color, "upstream response timed out");
+                break ProxyError::UpstreamTimeout(limits.response_timeout);
+            }
+        }
+    };
+    let (status, _) = error.status_and_code();
+    metrics.request(
+        Protocol::Http,
+        status.as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    error_response(&error, color)
 }
 
 /// The client's `Host`, or the HTTP/2 `:authority`, verbatim.
