@@ -10,12 +10,25 @@ use switchyard::control::Change;
 use switchyard::ctl;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-/// mimalloc rather than glibc's malloc. A proxied request makes about a dozen allocations,
-/// and glibc spent some 260 instructions on each allocation and its free; with mimalloc a
-/// request costs 6 % fewer instructions over HTTP/1.1 and 7 % fewer over h2c (callgrind,
-/// benches/RESULTS.md). Memory per idle stream was no higher.
+/// jemalloc rather than glibc's malloc. A proxied request makes about a dozen allocations,
+/// and glibc spent some 260 instructions on each allocation and its free: with jemalloc a
+/// request costs 9 % fewer instructions over HTTP/1.1 and 6 % fewer over h2c. With its
+/// purging thread on (`return_freed_memory`) it also gives memory back after a burst, and
+/// an idle stream costs less (benches/RESULTS.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Starts jemalloc's purging thread, which gives freed memory back to the system some
+/// seconds after a burst. Without it, purging waits for later allocations, and a proxy
+/// that goes quiet after a burst of streams keeps the burst's peak as its RSS. One thread
+/// serves all arenas; it sleeps until there is something to purge.
+fn return_freed_memory() {
+    let started = tikv_jemalloc_ctl::max_background_threads::write(1)
+        .and_then(|()| tikv_jemalloc_ctl::background_thread::write(true));
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "jemalloc's purging thread did not start; freed memory is returned later");
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -161,6 +174,9 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if matches!(cli.command, Command::Run { .. } | Command::Demo { .. }) {
+        return_freed_memory();
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     // A task woken by the running one waits its turn instead of running next, so an HTTP/2
