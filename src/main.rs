@@ -455,3 +455,15 @@ Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
     let _ = std::fs::remove_dir_all(&dir);
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The purging thread is what gives a burst's memory back; it needs jemalloc built with
+    /// background-thread support (tikv-jemallocator's default features).
+    #[test]
+    fn jemalloc_purges_with_one_background_thread() {
+        super::return_freed_memory();
+        assert_eq!(tikv_jemalloc_ctl::background_thread::read(), Ok(true));
+        assert_eq!(tikv_jemalloc_ctl::max_background_threads::read(), Ok(1));
+    }
+}
