@@ -22,51 +22,9 @@ fi
 DIR=$(mktemp -d /tmp/switchyard-burst.XXXXXX)
 # Below the ephemeral range (32768+), so no outgoing connection holds one of them.
 BASE=$((25000 + (RANDOM % 50) * 20))
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
+source "$ROOT/benches/load/common.sh"
 rss() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
-wait_port() {
-    local i
-    for i in $(seq 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on $1 after 30 s" >&2
-    exit 1
-}
-
-for i in 0 1; do
-    TOKIO_WORKER_THREADS=1 taskset -c 0 "$SY" stub-upstream --listen "127.0.0.1:$((BASE + i))" \
-        --name "stub$i" >"$DIR/stub$i.log" 2>&1 &
-    PIDS+=($!)
-done
-head -c 32 /dev/urandom | base64 >"$DIR/admin.token"
-cat >"$DIR/switchyard.toml" <<TOML
-[listen]
-proxy = "127.0.0.1:$((BASE + 2))"
-admin = "127.0.0.1:$((BASE + 3))"
-
-[pools]
-blue = ["http://127.0.0.1:$BASE"]
-green = ["http://127.0.0.1:$((BASE + 1))"]
-
-[routing]
-state_file = "$DIR/route.json"
-
-[admin]
-token_file = "$DIR/admin.token"
-TOML
-TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$SY" run --config "$DIR/switchyard.toml" \
-    >"$DIR/switchyard.log" 2>&1 &
-SY_PID=$!
-PIDS+=($SY_PID)
-wait_port $((BASE + 2))
+start_switchyard $BASE
 sleep 3
 echo "RSS before: $(rss $SY_PID) KiB"
 taskset -c 1 timeout 120 "$WS_LOAD" --url "ws://127.0.0.1:$((BASE + 2))/v1/agent/converse" \

@@ -1,0 +1,55 @@
+# Helpers for the small load scripts (burst_rss.sh, cpu_split.sh), sourced. They read SY
+# (a switchyard binary) and DIR (a scratch directory, removed at exit), and stop what they
+# start by PID at exit.
+
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+wait_port() {
+    local i
+    for i in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on $1 after 30 s" >&2
+    exit 1
+}
+
+# start_switchyard BASE: two stub origins on BASE and BASE+1 (blue and green), and
+# `switchyard run` with its proxy listener on BASE+2 and admin on BASE+3, all on core 0
+# with one worker each, as in run.sh. Sets SY_PID.
+start_switchyard() {
+    local base=$1 i
+    for i in 0 1; do
+        TOKIO_WORKER_THREADS=1 taskset -c 0 "$SY" stub-upstream \
+            --listen "127.0.0.1:$((base + i))" --name "stub$i" >"$DIR/stub$i.log" 2>&1 &
+        PIDS+=($!)
+    done
+    head -c 32 /dev/urandom | base64 >"$DIR/admin.token"
+    cat >"$DIR/switchyard.toml" <<TOML
+[listen]
+proxy = "127.0.0.1:$((base + 2))"
+admin = "127.0.0.1:$((base + 3))"
+
+[pools]
+blue = ["http://127.0.0.1:$base"]
+green = ["http://127.0.0.1:$((base + 1))"]
+
+[routing]
+state_file = "$DIR/route.json"
+
+[admin]
+token_file = "$DIR/admin.token"
+TOML
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$SY" run \
+        --config "$DIR/switchyard.toml" >"$DIR/switchyard.log" 2>&1 &
+    SY_PID=$!
+    PIDS+=($SY_PID)
+    for i in 0 1 2; do wait_port $((base + i)); done
+}
