@@ -50,6 +50,7 @@ for round in $(seq "$ROUNDS"); do
         taskset -c 1 wrk -t1 -c64 -d8s "http://127.0.0.1:$port/v1/status" >"$DIR/wrk.txt" 2>&1
         read -r u1 s1 < <(cpu "$pid")
         n=$(awk '/requests in/ { print $1 }' "$DIR/wrk.txt")
+        [[ ${n:-0} -gt 0 ]] || { echo "wrk completed no requests through $name" >&2; exit 1; }
         awk -v r="$round" -v name="$name" -v n="$n" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" 'BEGIN {
             printf "%-6d %-10s %9d %14.1f %14.1f %14.1f\n", r, name, n, u / t / n * 1e6, s / t / n * 1e6, (u + s) / t / n * 1e6
         }'
