@@ -47,36 +47,15 @@ WS_LOAD=$(dirname "$SY")/examples/ws_load
 
 # Below the ephemeral range (32768+), so no outgoing connection holds one of them.
 BASE=$((20000 + (RANDOM % 120) * 100))
-P_ORIGIN=$BASE
-P_SY=$((BASE + 2))
-P_NGINX=$((BASE + 4))
-P_NGINX_H2=$((BASE + 5))
-P_HAPROXY=$((BASE + 6))
-FD_LIMIT=$(ulimit -n)
+source "$ROOT/benches/load/common.sh"
+set_ports $BASE
 source "$ROOT/benches/load/configs.sh"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-
-wait_port() {
-    local i
-    for i in $(seq 1200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on $1 after 120 s" >&2
-    exit 1
-}
 
 for i in 0 1; do
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$SY" stub-upstream \
         --listen "127.0.0.1:$((BASE + i))" --name "stub$i" >"$OUT/stub$i.log" 2>&1 &
     PIDS+=($!)
-    wait_port $((BASE + i))
+    wait_port $((BASE + i)) 120
 done
 printf 'callgrind-token' >"$OUT/admin.token"
 cat >"$OUT/switchyard.toml" <<EOF
@@ -124,7 +103,7 @@ start_proxy() {
         --callgrind-out-file="$profile" "${cmd[@]}" >"$OUT/$PROXY.log" 2>&1 &
     PROXY_PID=$!
     PIDS+=($PROXY_PID)
-    wait_port $PORT
+    wait_port $PORT 120
 }
 
 # Stops the proxy; callgrind writes the profile as it exits. HAProxy's soft stop (SIGINT,

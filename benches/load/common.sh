@@ -1,24 +1,36 @@
-# Helpers for the small load scripts (burst_rss.sh, cpu_split.sh), sourced. They read SY
-# (a switchyard binary) and DIR (a scratch directory, removed at exit), and stop what they
-# start by PID at exit.
+# Helpers for callgrind.sh, burst_rss.sh and cpu_split.sh, sourced. They read SY (a
+# switchyard binary) and DIR (a scratch directory, removed at exit if set), and stop what
+# they start by PID at exit.
 
 PIDS=()
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$DIR"
+    if [[ -n ${DIR:-} ]]; then rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 
+# wait_port PORT [SECONDS]: until something listens on PORT (30 s at most, or SECONDS).
 wait_port() {
-    local i
-    for i in $(seq 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    local port=$1 seconds=${2:-30} i
+    for i in $(seq $((seconds * 10))); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
         sleep 0.1
     done
-    echo "nothing listens on $1 after 30 s" >&2
+    echo "nothing listens on $port after $seconds s" >&2
     exit 1
+}
+
+# set_ports BASE: the ports configs.sh reads, from BASE up (the origin on BASE, Switchyard
+# on BASE+2, nginx on BASE+4 and BASE+5, HAProxy on BASE+6), and the open-file limit.
+set_ports() {
+    P_ORIGIN=$1
+    P_SY=$(($1 + 2))
+    P_NGINX=$(($1 + 4))
+    P_NGINX_H2=$(($1 + 5))
+    P_HAPROXY=$(($1 + 6))
+    FD_LIMIT=$(ulimit -n)
 }
 
 # start_switchyard BASE: two stub origins on BASE and BASE+1 (blue and green), and

@@ -1,6 +1,6 @@
 # The nginx and HAProxy configurations the benchmarks compare Switchyard with, sourced by
-# run.sh and callgrind.sh so both measure the same proxies. Production settings: keep-alive
-# to the origin, one worker, access logs off.
+# run.sh, callgrind.sh and cpu_split.sh so all measure the same proxies. Production
+# settings: keep-alive to the origin, one worker, access logs off.
 #
 # The functions print the configuration; they read these variables:
 #   P_ORIGIN            the origin's port

@@ -19,14 +19,9 @@ SY=${CARGO_TARGET_DIR:-$ROOT/target}/release/switchyard
 DIR=$(mktemp -d /tmp/switchyard-cpu-split.XXXXXX)
 # Below the ephemeral range (32768+), so no outgoing connection holds one of them.
 BASE=$((26000 + (RANDOM % 40) * 20))
-P_ORIGIN=$BASE
-P_SY=$((BASE + 2))
-P_NGINX=$((BASE + 4))
-P_NGINX_H2=$((BASE + 5))
-P_HAPROXY=$((BASE + 6))
-FD_LIMIT=$(ulimit -n)
-source "$ROOT/benches/load/configs.sh"
 source "$ROOT/benches/load/common.sh"
+set_ports $BASE
+source "$ROOT/benches/load/configs.sh"
 start_switchyard $BASE
 mkdir -p "$DIR/nginx/tmp"
 nginx_conf "$DIR/nginx" off >"$DIR/nginx.conf"
