@@ -102,17 +102,18 @@ mod tests {
     async fn polls_first_then_only_after_its_own_wake() {
         let probe = Arc::new(Probe::default());
         let woken = Woken::default();
-        let mut other_wakes = 0;
+        let other_wakes = Arc::new(AtomicUsize::new(0));
         let done = {
             let probe = probe.clone();
+            let other_wakes = other_wakes.clone();
             let mut fut = Box::pin(poll_fn(move |cx| probe.poll(cx)));
             poll_fn(move |cx| {
                 if woken.poll(fut.as_mut(), cx).is_ready() {
-                    return Poll::Ready(other_wakes);
+                    return Poll::Ready(other_wakes.load(Ordering::Relaxed));
                 }
                 // Wake the task ourselves (as another source would) a few times.
-                if other_wakes < 5 {
-                    other_wakes += 1;
+                if other_wakes.load(Ordering::Relaxed) < 5 {
+                    other_wakes.fetch_add(1, Ordering::Relaxed);
                     cx.waker().wake_by_ref();
                 }
                 Poll::Pending
@@ -120,12 +121,10 @@ mod tests {
         };
         let firing = {
             let probe = probe.clone();
+            let other_wakes = other_wakes.clone();
             async move {
-                // Until the task has stopped waking itself, then fire.
-                while probe.polls.load(Ordering::Relaxed) == 0 {
-                    tokio::task::yield_now().await;
-                }
-                for _ in 0..20 {
+                // Once the task has been woken five times by others, fire.
+                while other_wakes.load(Ordering::Relaxed) < 5 {
                     tokio::task::yield_now().await;
                 }
                 probe.fire();
