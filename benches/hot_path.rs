@@ -62,6 +62,7 @@ fn table(config: &Arc<Config>, previous: Option<&RouteTable>, generation: u64) -
             config: config.clone(),
             client_keys: None,
             tls: None,
+            admin_token: None,
         }),
     }
 }

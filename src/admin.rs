@@ -51,6 +51,18 @@ impl Token {
         Token(token.as_bytes().into())
     }
 
+    /// The token `SWITCHYARD_ADMIN_TOKEN` holds, else the one in `admin.token_file`;
+    /// `None` when both are missing or blank.
+    pub fn read(config: &crate::config::Config) -> Option<Token> {
+        let from_env = std::env::var("SWITCHYARD_ADMIN_TOKEN").ok();
+        let text = match from_env.as_deref().map(str::trim) {
+            Some(t) if !t.is_empty() => t.to_owned(),
+            _ => std::fs::read_to_string(&config.admin.token_file).ok()?,
+        };
+        let text = text.trim();
+        (!text.is_empty()).then(|| Token::new(text))
+    }
+
     fn accepts(&self, headers: &HeaderMap) -> bool {
         let presented = headers
             .get(header::AUTHORIZATION)
@@ -70,7 +82,6 @@ pub struct Admin {
     pub control: Control,
     pub tracker: Arc<Tracker>,
     pub metrics: Metrics,
-    pub token: Token,
     /// The `store` object of `/status` (`{"kind": "file"}`, or the etcd store's revision,
     /// sync and replicas).
     pub store_status: Arc<dyn Fn() -> Value + Send + Sync>,
@@ -247,7 +258,14 @@ pub fn router(admin: Admin) -> Router {
 }
 
 fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
-    if admin.token.accepts(headers) {
+    // The token of the current config: a reload that rotated it takes effect at once.
+    let table = admin.control.router().load();
+    if table
+        .settings
+        .admin_token
+        .as_ref()
+        .is_some_and(|t| t.accepts(headers))
+    {
         Ok(())
     } else {
         Err(ApiError::new(

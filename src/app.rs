@@ -18,6 +18,7 @@ use crate::admin::{self, Admin, Token};
 use crate::config::{Config, ConfigError};
 use crate::control::{Control, StartError as ControlStartError};
 use crate::drain::Tracker;
+use crate::health::Prober;
 use crate::metrics::{ListenerKind, Metrics};
 use crate::proxy::Proxy;
 use crate::route_table::Router;
@@ -80,17 +81,9 @@ impl Handle {
 
 /// Reads the admin token: `SWITCHYARD_ADMIN_TOKEN`, else `admin.token_file`.
 pub fn load_token(config: &Config) -> Result<Token, StartError> {
-    if let Ok(t) = std::env::var("SWITCHYARD_ADMIN_TOKEN") {
-        let t = t.trim();
-        if !t.is_empty() {
-            return Ok(Token::new(t));
-        }
-    }
-    let file = config.admin.token_file.display().to_string();
-    match std::fs::read_to_string(&config.admin.token_file) {
-        Ok(t) if !t.trim().is_empty() => Ok(Token::new(t.trim())),
-        _ => Err(StartError::NoToken { file }),
-    }
+    Token::read(config).ok_or_else(|| StartError::NoToken {
+        file: config.admin.token_file.display().to_string(),
+    })
 }
 
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -106,7 +99,15 @@ async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, Star
 /// Starts everything `config` describes.
 pub async fn start(config: Config) -> Result<Handle, StartError> {
     let metrics = Metrics::new();
-    let token = load_token(&config)?;
+    // Checked before anything binds; the live token is the route table's (reloadable).
+    load_token(&config)?;
+    let upstream_tls =
+        crate::tls::upstream_client_config(&config.upstream_tls).map_err(|e| ConfigError {
+            file: config.source.display().to_string(),
+            field: e.0,
+            reason: e.1,
+        })?;
+    let prober = Prober::new(&upstream_tls);
     let proxy_listener = bind("listen.proxy", config.listen.proxy).await?;
     let preview_listener = match config.listen.preview {
         Some(addr) => Some(bind("listen.preview", addr).await?),
@@ -128,6 +129,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         config,
         metrics.clone(),
         admin_addr.port(),
+        prober.clone(),
         stop_background.clone(),
     )
     .await?;
@@ -143,7 +145,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     crate::health::spawn(
         router.clone(),
         metrics.clone(),
-        proxy.upstreams.tls.clone(),
+        prober,
         stop_background.clone(),
     );
     tokio::spawn(crate::drain::cut_requests_at_deadlines(
@@ -169,7 +171,6 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         control: control.clone(),
         tracker: tracker.clone(),
         metrics: metrics.clone(),
-        token,
         store_status: {
             let control = control.clone();
             Arc::new(move || control.store_status())

@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::drain::DrainOrder;
+use crate::health::Prober;
 use crate::metrics::Metrics;
-use crate::route_table::{ClientKeys, RouteTable, Router, Settings};
+use crate::route_table::{ClientKeys, Pool, RouteTable, Router, Settings};
 use crate::state::{Action, RouteState};
 use crate::store::{Observed, Saved, Store, StoreError, View};
 use crate::upstream::Color;
@@ -132,6 +133,8 @@ struct Writer {
     store: Store,
     metrics: Metrics,
     config_path: std::path::PathBuf,
+    /// Gives the upstreams a reload adds their first verdict before they take traffic.
+    prober: Prober,
 }
 
 /// Reads the client keys and the TLS certificate a config names.
@@ -158,6 +161,7 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
         None => None,
     };
     Ok(Settings {
+        admin_token: crate::admin::Token::read(&config),
         config: Arc::new(config),
         client_keys,
         tls,
@@ -172,6 +176,7 @@ impl Control {
         config: Config,
         metrics: Metrics,
         admin_port: u16,
+        prober: Prober,
         stop: CancellationToken,
     ) -> Result<(Control, Arc<Router>, Vec<JoinHandle<()>>), StartError> {
         let (mut store, view) = Store::open(&config, &metrics, admin_port).await?;
@@ -215,6 +220,7 @@ impl Control {
             store,
             metrics,
             config_path,
+            prober,
         };
         tokio::spawn(writer.run(rx));
         Ok((control, router, tasks))
@@ -429,6 +435,30 @@ impl Writer {
         if let Some(conflict) = current.settings.config.reload_conflict(&config) {
             return Err(conflict.into());
         }
+        if settings.admin_token.is_none() {
+            return Err(ConfigError {
+                file: config.source.display().to_string(),
+                field: "admin.token_file".into(),
+                reason: format!(
+                    "{} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set; the admin API would have no token",
+                    config.admin.token_file.display()
+                ),
+            }
+            .into());
+        }
+        let pools = RouteTable::pools_for(&config, Some(current));
+        let every = |pools: &[Pool; 2]| {
+            pools
+                .iter()
+                .flat_map(|p| p.iter().cloned())
+                .collect::<Vec<_>>()
+        };
+        let known = every(&current.pools);
+        let mut added = every(&pools);
+        added.retain(|u| !known.iter().any(|k| Arc::ptr_eq(k, u)));
+        self.prober
+            .first_verdicts(&added, &settings.config.health)
+            .await;
         let new_state = state.next(
             Action::Reload,
             current.active,
@@ -441,7 +471,7 @@ impl Writer {
             rollback_to: current.rollback_to,
             generation: new_state.generation,
             changed_at: now,
-            pools: RouteTable::pools_for(&config, Some(current)),
+            pools,
             drains: current.drains,
             settings: Arc::new(settings),
         };

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::HealthMode;
+use crate::config::{Health, HealthMode};
 use crate::metrics::Metrics;
 use crate::route_table::Router;
 use crate::upstream::{Observed, Upstream};
@@ -27,25 +27,56 @@ type ProbeClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Byt
 /// The largest status body read; Deepgram's is a few hundred bytes.
 const MAX_STATUS_BODY: usize = 64 * 1024;
 
+/// Probes upstreams as the checks do. Cloning shares the client.
+#[derive(Clone)]
+pub struct Prober {
+    client: ProbeClient,
+}
+
+impl Prober {
+    /// A prober trusting what the upstream client trusts (`upstream_tls`).
+    pub fn new(tls: &Arc<rustls::ClientConfig>) -> Prober {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(crate::tls::without_alpn(tls))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        // Probes must not reuse a connection: a reused socket would hide a restarted node.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(https);
+        Prober { client }
+    }
+
+    /// Probes each of `upstreams` once, at the same time, and records the result as its
+    /// first verdict. A reload calls this for the upstreams it adds before they take
+    /// traffic, so a URL no probe has judged is never counted healthy by a flip's gate.
+    /// Nothing to do with health mode `off`, where an upstream is presumed healthy.
+    pub async fn first_verdicts(&self, upstreams: &[Arc<Upstream>], health: &Health) {
+        if health.mode == HealthMode::Off {
+            return;
+        }
+        let probes = upstreams.iter().map(|upstream| async move {
+            let observed = probe(
+                &self.client,
+                upstream,
+                health.mode,
+                &health.path,
+                health.timeout,
+            )
+            .await;
+            upstream.record_probe(observed, health.rise, health.fall);
+            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.observed().as_str(), "new upstream probed");
+        });
+        futures_util::future::join_all(probes).await;
+    }
+}
+
 /// Starts the supervisor; it and every probe stop when `stop` is cancelled.
-pub fn spawn(
-    router: Arc<Router>,
-    metrics: Metrics,
-    tls: Arc<rustls::ClientConfig>,
-    stop: CancellationToken,
-) {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(crate::tls::without_alpn(&tls))
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    // Probes must not reuse a connection: a reused socket would hide a restarted node.
-    let client: ProbeClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build(https);
-    tokio::spawn(supervise(router, metrics, client, stop));
+pub fn spawn(router: Arc<Router>, metrics: Metrics, prober: Prober, stop: CancellationToken) {
+    tokio::spawn(supervise(router, metrics, prober.client, stop));
 }
 
 async fn supervise(

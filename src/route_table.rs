@@ -48,6 +48,10 @@ pub struct Settings {
     pub client_keys: Option<ClientKeys>,
     /// The certificate served on the proxy and preview listeners.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The admin API's bearer token, read again on every reload so a rotated token takes
+    /// effect; `None` when neither the file nor `SWITCHYARD_ADMIN_TOKEN` has one (start-up
+    /// and reload refuse that; `check` warns).
+    pub admin_token: Option<crate::admin::Token>,
 }
 
 /// Client keys, compared in constant time; never printed.

@@ -128,3 +128,87 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
     assert_eq!(last["from"], "blue");
     assert_eq!(last["to"], "blue");
 }
+
+/// A listener that accepts connections and never answers: an upstream that is up in TCP
+/// terms but hung.
+async fn hung_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn an_upstream_a_reload_adds_is_probed_before_a_flip_can_count_it_healthy() {
+    let builder = EnvBuilder::default();
+    let env = builder.clone().start().await;
+    let blue = format!("\"{}\"", env.blue[0].url());
+    // Green's URL now names a node that accepts and never answers.
+    let (hung, task) = hung_upstream().await;
+    env.write_config(&builder, &blue, &format!("\"http://{hung}\""));
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let green = &body["colors"]["green"]["upstreams"][0];
+    assert_eq!(green["url"], format!("http://{hung}"));
+    assert_eq!(green["healthy"], false, "{green}");
+    assert_eq!(green["health"], "unreachable", "{green}");
+    let (status, body) = env
+        .admin_post("/flip", Some(serde_json::json!({ "to": "green" })))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "target_unhealthy");
+
+    // A live node added by a reload is judged by the same first probe, and serves.
+    env.write_config(&builder, &blue, &format!("\"{}\"", env.green[0].url()));
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let green = &body["colors"]["green"]["upstreams"][0];
+    assert_eq!(green["healthy"], true, "{green}");
+    assert_ne!(green["health"], "unknown", "{green}");
+    env.flip("green").await;
+    task.abort();
+}
+
+/// POST with the given bearer token → status.
+async fn post_with_token(env: &Env, path: &str, token: &str) -> (StatusCode, serde_json::Value) {
+    let req = http::Request::post(env.admin_url(path))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    send_json(&env.client, req).await
+}
+
+#[tokio::test]
+async fn a_reload_takes_a_rotated_admin_token_and_refuses_a_missing_one() {
+    let env = EnvBuilder::default().start().await;
+    let token_file = env.dir.path().join("admin.token");
+    std::fs::write(&token_file, "rotated-token\n").expect("token file");
+    let (status, body) = post_with_token(&env, "/reload", TOKEN).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        post_with_token(&env, "/commit", TOKEN).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the old token stops working with the reload"
+    );
+    assert_eq!(
+        post_with_token(&env, "/commit", "rotated-token").await.0,
+        StatusCode::OK
+    );
+
+    // An emptied token file is refused, naming the field, and the token in force stays.
+    std::fs::write(&token_file, "  \n").expect("token file");
+    let (status, body) = post_with_token(&env, "/reload", "rotated-token").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "admin.token_file", "{body}");
+    assert_eq!(
+        post_with_token(&env, "/commit", "rotated-token").await.0,
+        StatusCode::OK
+    );
+}
