@@ -308,6 +308,7 @@ fn parse_body<T: Default + serde::de::DeserializeOwned>(
 
 /// The `/status` document for a table.
 pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
+    let shutdown = admin.tracker.shutdown_order();
     let colors: serde_json::Map<String, Value> = Color::ALL
         .iter()
         .map(|&color| {
@@ -320,9 +321,15 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
             } else {
                 "standby"
             };
-            let deadline = order
-                .filter(|_| state == "draining")
-                .map(|o| rfc3339(o.deadline_at));
+            let mut deadline = order.filter(|_| state == "draining").map(|o| o.deadline_at);
+            // At shutdown every colour's traffic drains, the active one's too, by the
+            // earlier of the two deadlines.
+            if let Some(s) = shutdown
+                && !counts.is_empty()
+            {
+                deadline = Some(deadline.map_or(s.deadline_at, |d| d.min(s.deadline_at)));
+            }
+            let deadline = deadline.map(rfc3339);
             let upstreams: Vec<Value> = table
                 .pool(color)
                 .iter()
@@ -356,6 +363,8 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
         "changed_at": rfc3339(table.changed_at),
         "colors": colors,
         "store": (admin.store_status)(),
+        "shutting_down": shutdown.is_some(),
+        "shutdown_deadline": shutdown.map(|s| rfc3339(s.deadline_at)),
     })
 }
 
@@ -478,7 +487,17 @@ async fn healthz() -> Json<Value> {
 
 async fn readyz(State(admin): State<Admin>) -> (StatusCode, Json<Value>) {
     let table = admin.control.router().load();
-    if table.has_healthy(table.active) {
+    if admin.tracker.shutdown_order().is_some() {
+        // A balancer that reads this stops sending new connections, which the proxy
+        // listeners no longer accept anyway.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({ "ready": false, "active": table.active, "error": "shutting_down",
+                          "message": "switchyard is shutting down: the proxy and preview listeners no longer accept" }),
+            ),
+        )
+    } else if table.has_healthy(table.active) {
         (
             StatusCode::OK,
             Json(json!({ "ready": true, "active": table.active })),

@@ -16,7 +16,7 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, StatusCode};
 use serde_json::{Value, json};
-use support::{Env, EnvBuilder, PATIENCE};
+use support::{Env, EnvBuilder, PATIENCE, eventually};
 use switchyard::stub::{StubHandle, StubOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1116,4 +1116,39 @@ async fn a_client_breaking_the_framing_gets_1002() {
     .await;
     let close = received.windows(4).position(is_1002).expect("found above");
     assert_eq!(received[close + 1] & 0x80, 0, "server frames are unmasked");
+}
+
+/// While a shutdown drains, `/readyz` says so (a balancer stops sending connections) and
+/// `/status` shows the deadline the open streams now have, the active colour's included.
+#[tokio::test]
+async fn status_and_readyz_show_a_shutdown_in_progress() {
+    let mut env = EnvBuilder::default().start().await;
+    let (status, body) = env.admin_get("/status").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["shutting_down"], false, "{body}");
+    assert_eq!(body["shutdown_deadline"], Value::Null, "{body}");
+    let (mut stream, _) = Listen::open(&env.ws_url("/v1/listen")).await;
+    stream.send_confirmed(&[RESULT_BYTES]).await;
+
+    env.app().shutdown();
+    eventually(|| async { env.admin_get("/readyz").await.0 == StatusCode::SERVICE_UNAVAILABLE })
+        .await;
+    let (_, ready) = env.admin_get("/readyz").await;
+    assert_eq!(ready["error"], "shutting_down", "{ready}");
+    let (_, body) = env.admin_get("/status").await;
+    assert_eq!(body["shutting_down"], true, "{body}");
+    let deadline = body["shutdown_deadline"].as_str().expect("a deadline");
+    assert_eq!(body["colors"]["blue"]["state"], "active", "{body}");
+    assert_eq!(body["colors"]["blue"]["drain_deadline"], deadline, "{body}");
+    assert_eq!(
+        body["colors"]["green"]["drain_deadline"],
+        Value::Null,
+        "{body}"
+    );
+
+    // The stream is still served until it ends (the drain timeout is 30 minutes).
+    let more = stream.send_confirmed(&[RESULT_BYTES]).await;
+    assert_eq!(transcript(&more[0]), "blue 2");
+    stream.close_normally().await;
+    env.shutdown().await;
 }
