@@ -186,7 +186,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             tracing::error!(error = %e, "admin listener failed");
         }
     });
-    tracing::info!(proxy = %proxy_addr, preview = ?preview_addr, admin = %admin_addr, "switchyard is listening");
+    let preview = preview_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(proxy = %proxy_addr, %preview, admin = %admin_addr, "switchyard is listening");
 
     let done = {
         let shutdown = shutdown.clone();

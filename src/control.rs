@@ -340,7 +340,10 @@ impl Writer {
             Change::Reload => self.reload(&current, &state, now).await?,
             Change::Observed(seen) => return self.observe(seen).await,
         };
-        if let Saved::Conflict(now) = self.store.save(&new_state).await? {
+        let saved = self.store.save(&new_state).await.inspect_err(|e| {
+            tracing::error!(action = action.as_str(), error = %e, "could not store the route change; it is refused and the route stays as it was");
+        })?;
+        if let Saved::Conflict(now) = saved {
             // Another replica changed the state since this one read it: follow what won,
             // and refuse as if `expect_generation` had been stale.
             let expected = expect.unwrap_or(current.generation);

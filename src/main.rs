@@ -1,10 +1,12 @@
 //! The `switchyard` binary: CLI, logging, config, and running until a signal.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::app::StartError;
 use switchyard::config::Config;
 use switchyard::control::Change;
 use switchyard::ctl;
@@ -160,7 +162,9 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, not escape codes in a log file.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder
             .json()
@@ -174,6 +178,7 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let format = cli.log_format;
     if matches!(cli.command, Command::Run { .. } | Command::Demo { .. }) {
         return_freed_memory();
     }
@@ -187,17 +192,44 @@ fn main() -> ExitCode {
     let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            fatal(format, &format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            fatal(format, &describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error that ends the process: a JSON log line with `--log-format json`, so a log
+/// pipeline reads why the process stopped; otherwise `error: ...` on stderr, as `nginx`
+/// prints it.
+fn fatal(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Json => tracing::error!(error = %message, "switchyard stopped"),
+        LogFormat::Text => eprintln!("error: {message}"),
+    }
+}
+
+/// An error and its causes on one line, each cause once: most of Switchyard's errors
+/// already say what their source says.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<u8> {
@@ -387,8 +419,11 @@ async fn demo(proxy_port: u16, preview_port: u16, admin_port: u16) -> anyhow::Re
         ..Default::default()
     })
     .await?;
-    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Removed however the demo ends, a refused start included.
+    let scratch = ScratchDir::create(
+        std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id())),
+    )?;
+    let dir = scratch.0.clone();
     let token = format!("demo-{:016x}", fastrand::u64(..));
     let token_file = dir.join("admin.token");
     std::fs::write(&token_file, &token)?;
@@ -419,8 +454,27 @@ token_file = "{token_file}"
     let config_path = dir.join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::load(&config_path).map_err(anyhow::Error::msg)?;
-    let handle = switchyard::app::start(config).await?;
+    let handle = switchyard::app::start(config).await.map_err(|e| match e {
+        // The demo's ports are flags, not config fields.
+        StartError::Bind {
+            field,
+            addr,
+            source,
+        } => {
+            let flag = match field {
+                "listen.proxy" => "--proxy-port",
+                "listen.preview" => "--preview-port",
+                _ => "--admin-port",
+            };
+            anyhow::anyhow!("{flag}: cannot listen on {addr}: {source}")
+        }
+        other => other.into(),
+    })?;
     let admin = format!("http://{}", handle.admin_addr);
+    // The commands name this very binary, whether cargo built it or it was installed.
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "switchyard".to_owned());
     println!(
         r#"
 Switchyard demo: blue stub at {blue}, green stub at {green}.
@@ -431,11 +485,11 @@ Switchyard demo: blue stub at {blue}, green stub at {green}.
 Try:
   curl -si -X POST --data-binary 'hello' http://{proxy}/v1/listen | grep -i -e x-switchyard-color -e x-stub-name
   curl -s {admin}/status
-  cargo run --release -- ctl --admin {admin} --token-file {token_file} status
-  cargo run --release -- ctl --admin {admin} --token-file {token_file} flip --to green --reason demo
+  {me} ctl --admin {admin} --token-file {token_file} status
+  {me} ctl --admin {admin} --token-file {token_file} flip --to green --reason demo
   curl -si -X POST --data-binary 'hello' http://{proxy}/v1/listen | grep -i x-switchyard-color
-  cargo run --release -- ctl --admin {admin} --token-file {token_file} rollback
-  cargo run --release -- ctl --admin {admin} --token-file {token_file} history
+  {me} ctl --admin {admin} --token-file {token_file} rollback
+  {me} ctl --admin {admin} --token-file {token_file} history
   curl -s {admin}/metrics | grep switchyard_active_color
 Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
 (CloseStream, finals, close 1012) 20 s after it. Ctrl-C to stop.
@@ -452,8 +506,23 @@ Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
     stop.recv().await;
     handle.shutdown();
     handle.wait().await;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(0)
+}
+
+/// A directory of the process's own, removed with everything in it when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(path: PathBuf) -> anyhow::Result<ScratchDir> {
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]
@@ -465,5 +534,22 @@ mod tests {
         super::return_freed_memory();
         assert_eq!(tikv_jemalloc_ctl::background_thread::read(), Ok(true));
         assert_eq!(tikv_jemalloc_ctl::max_background_threads::read(), Ok(1));
+    }
+
+    /// A wrapper that prints its source, over one that does not: each cause once.
+    #[test]
+    fn describe_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("state file x.json: not valid ({0}); fix or remove it")]
+        struct Inner(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Outer(#[from] Inner);
+        let io = std::io::Error::other("EOF at line 2");
+        let error = anyhow::Error::new(Outer(Inner(io))).context("cannot start");
+        assert_eq!(
+            super::describe(&error),
+            "cannot start: state file x.json: not valid (EOF at line 2); fix or remove it"
+        );
     }
 }

@@ -392,6 +392,33 @@ async fn no_admin_token_stops_startup_and_names_the_file() {
     }
 }
 
+/// With `--log-format json` the reason the process stops is a JSON line too, so a log
+/// pipeline can read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_is_a_json_line_with_log_format_json() {
+    let site = Site::new().await;
+    std::fs::remove_file(site.token_file()).expect("remove token");
+    let config = site.config();
+    let out = switchyard(&[
+        "--log-format",
+        "json",
+        "run",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ])
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    let last = out.stderr.lines().last().expect("a line");
+    let line: serde_json::Value = serde_json::from_str(last).expect("a JSON line");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    let error = line["error"].as_str().expect("an error field");
+    let path = site.token_file().display().to_string();
+    assert!(
+        error.contains("no admin token") && error.contains(&path),
+        "{line}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_from_the_environment_overrides_the_file() {
     let site = Site::new().await;

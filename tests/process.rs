@@ -225,3 +225,97 @@ async fn a_second_signal_exits_at_once() {
         "a client key reached the log:\n{log}"
     );
 }
+
+/// `switchyard demo` serves the story on the ports it is given, prints commands that name
+/// this binary, and on SIGINT exits 0 leaving no scratch directory behind.
+#[tokio::test]
+async fn demo_runs_prints_runnable_commands_and_cleans_up() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let (proxy, preview, admin) = (free_port(), free_port(), free_port());
+    let mut child = tokio::process::Command::new(bin)
+        .arg("demo")
+        .args(["--proxy-port", &proxy.to_string()])
+        .args(["--preview-port", &preview.to_string()])
+        .args(["--admin-port", &admin.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("demo starts");
+    let scratch =
+        std::env::temp_dir().join(format!("switchyard-demo-{}", child.id().expect("pid")));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut printed = String::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("stdout") {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.contains("Ctrl-C to stop") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the demo prints its commands");
+    assert!(
+        printed.contains(&format!("{bin} ctl --admin http://127.0.0.1:{admin}")),
+        "{printed}"
+    );
+    assert!(scratch.join("admin.token").exists());
+    let response = get(
+        &http_client(),
+        &format!("http://127.0.0.1:{proxy}/v1/status"),
+    )
+    .await;
+    assert_eq!(color_of(&response), "blue");
+    let response = get(
+        &http_client(),
+        &format!("http://127.0.0.1:{preview}/v1/status"),
+    )
+    .await;
+    assert_eq!(color_of(&response), "green");
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().expect("running").to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("the demo exits")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+    assert!(!scratch.exists(), "{} is left behind", scratch.display());
+}
+
+/// A demo port already taken is named by its flag, and the scratch directory is removed.
+#[tokio::test]
+async fn demo_names_the_flag_of_a_taken_port_and_leaves_nothing_behind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let admin = taken.local_addr().expect("addr").port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("demo")
+        .args(["--proxy-port", &free_port().to_string()])
+        .args(["--preview-port", &free_port().to_string()])
+        .args(["--admin-port", &admin.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("demo starts");
+    let scratch =
+        std::env::temp_dir().join(format!("switchyard-demo-{}", child.id().expect("pid")));
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("the demo exits")
+        .expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--admin-port: cannot listen on 127.0.0.1:{admin}")),
+        "{stderr}"
+    );
+    assert!(!scratch.exists(), "{} is left behind", scratch.display());
+}
