@@ -4,7 +4,7 @@
 //! listeners bound (an address in use is an error naming the field), health checks, admin.
 //! Shutdown (SIGTERM, SIGINT, or `Handle::shutdown`): the proxy and preview listeners stop
 //! accepting; every stream gets a drain order with `drain.timeout`; open HTTP requests
-//! finish; once no stream is left (or the drain and grace bound passes) the admin API,
+//! finish, or are cut at that deadline as after a flip; once no stream is left (or the drain and grace bound passes) the admin API,
 //! which stays up throughout, stops and `Handle::wait` returns.
 
 use std::net::SocketAddr;

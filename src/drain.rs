@@ -6,9 +6,10 @@
 //! its upstream's retirement (a reload removed it) and shutdown, counting only orders
 //! given by changes after the table that routed the stream. The protocol-aware close
 //! itself is in `proxy::websocket`; this module takes no hyper types. Plain HTTP requests
-//! on a draining colour are bounded by the same deadline: `cut_requests_at_deadlines`
-//! raises a per-colour mark that their guards see (the response body then ends with an
-//! error; a request still waiting for its answer gets a 503 the client can retry).
+//! on a draining colour, and on every colour at shutdown, are bounded by the same
+//! deadline: `cut_requests_at_deadlines` raises a per-colour mark that their guards see
+//! (the response body then ends with an error; a request still waiting for its answer
+//! gets a 503 the client can retry).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -290,19 +291,26 @@ impl Drop for StreamGuard {
 }
 
 /// Ends plain HTTP requests on a draining colour at its deadline, following the route
-/// table (a rollback before the deadline cancels the order, so nothing is cut). Runs until
-/// `stop` is cancelled.
+/// table (a rollback before the deadline cancels the order, so nothing is cut), and every
+/// colour's at the shutdown deadline. Runs until `stop` is cancelled.
 pub async fn cut_requests_at_deadlines(
     router: Arc<Router>,
     tracker: Arc<Tracker>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut changes = router.subscribe();
+    let mut shutdown = tracker.shutdown.subscribe();
     loop {
         let table = router.load_full();
+        let at_shutdown = *shutdown.borrow_and_update();
         let next = Color::ALL
             .into_iter()
             .filter_map(|c| table.drain_order(c).map(|o| (c, o)))
+            .chain(
+                at_shutdown
+                    .into_iter()
+                    .flat_map(|o| Color::ALL.map(|c| (c, o))),
+            )
             .filter(|(c, o)| {
                 tracker.colors[c.index()].http_cut.load(Ordering::Acquire) < o.generation
             })
@@ -317,11 +325,17 @@ pub async fn cut_requests_at_deadlines(
         tokio::select! {
             _ = stop.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
+            r = shutdown.changed() => if r.is_err() { return },
             _ = due => {
                 if let Some((color, order)) = next
-                    && router.load().drain_order(color) == Some(order)
+                    && (router.load().drain_order(color) == Some(order)
+                        || tracker.shutdown_order() == Some(order))
                 {
-                    tracing::info!(color = %color, "drain deadline: ending in-flight requests on the old colour");
+                    if at_shutdown == Some(order) {
+                        tracing::info!(color = %color, "shutdown deadline: ending in-flight requests");
+                    } else {
+                        tracing::info!(color = %color, "drain deadline: ending in-flight requests on the old colour");
+                    }
                     tracker.cut_requests(color, &order);
                 }
             }

@@ -540,10 +540,62 @@ async fn in_flight_requests_on_the_old_colour_end_at_the_drain_deadline() {
     assert_eq!(drained["drained"], true, "{drained}");
 }
 
+/// Shutdown bounds plain requests as a flip does: at `drain.timeout` a request still
+/// waiting gets the 503 a client retries, and a response under way is cut, rather than
+/// both running on until the process exits under them.
+#[tokio::test]
+async fn in_flight_requests_end_at_the_shutdown_deadline() {
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        drain_timeout: "1s",
+        ..Default::default()
+    };
+    let mut env = builder.clone().start().await;
+    let stalling = stalling_upstream().await;
+    env.write_config(
+        &builder,
+        &format!("\"http://{stalling}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
+    let body = stalled_body(&env).await;
+    let waiting = tokio::spawn({
+        let client = http_client();
+        let url = env.proxy_url("/stall-head");
+        async move { get(&client, &url).await }
+    });
+    eventually(|| async {
+        let (_, status) = env.admin_get("/status").await;
+        status["colors"]["blue"]["in_flight"] == 2
+    })
+    .await;
+
+    env.app().shutdown();
+    let rest = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("the body ends at the shutdown deadline");
+    assert!(rest.is_err(), "a cut response is incomplete");
+    let answer = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("answered at the shutdown deadline")
+        .expect("task");
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(color_of(&answer), "blue");
+    let json: Value = serde_json::from_slice(answer.body()).expect("json");
+    assert_eq!(json["error"], "drain_deadline");
+    env.shutdown().await;
+}
+
 /// An env whose blue upstream has answered `/stall-body` with its first chunk and stalls;
 /// returns the rest of that response's body.
 async fn blue_response_stalled_mid_body() -> (Env, Incoming) {
     let env = env_with_blue_at(stalling_upstream().await).await;
+    let body = stalled_body(&env).await;
+    (env, body)
+}
+
+/// Asks for `/stall-body` and returns the rest of its body once the first chunk came.
+async fn stalled_body(env: &Env) -> Incoming {
     let req = Request::get(env.proxy_url("/stall-body"))
         .body(Full::new(Bytes::new()))
         .expect("request");
@@ -562,7 +614,7 @@ async fn blue_response_stalled_mid_body() -> (Env, Incoming) {
         first.into_data().expect("data"),
         Bytes::from_static(b"first")
     );
-    (env, body)
+    body
 }
 
 /// An upstream that never finishes: `/stall-body` sends one chunk and stalls, anything else
