@@ -71,6 +71,9 @@ pub struct Pump {
     /// A fragmented data message is open at the destination (its first frames were
     /// passed on, its last not yet).
     in_message: bool,
+    /// A binary message began with empty fragments, dropped: its first fragment with data
+    /// is passed on as its start, and if none comes the message is never passed on.
+    empty_start: bool,
     /// The destination has bytes written and not flushed.
     unflushed: bool,
     /// Drop data frames from here on (client audio after the drain message).
@@ -101,6 +104,7 @@ impl Pump {
             skipping: false,
             own: VecDeque::new(),
             in_message: false,
+            empty_start: false,
             unflushed: false,
             drop_data: false,
             watch_flushed: false,
@@ -239,10 +243,15 @@ impl Pump {
 
     /// Whether a frame is dropped rather than passed on.
     fn drops(&self, header: &Header) -> bool {
+        if header.is_control() {
+            return false;
+        }
         // Deepgram reads an empty binary frame as the end of the audio, so Switchyard never
-        // passes one on, either way.
-        let empty_binary = header.opcode == frames::BINARY && header.fin && header.len == 0;
-        !header.is_control() && (self.drop_data || empty_binary)
+        // passes one on, either way; nor the empty fragments a binary message starts with.
+        let empty_binary = header.len == 0
+            && (header.opcode == frames::BINARY
+                || (header.opcode == frames::CONTINUATION && self.empty_start));
+        self.drop_data || empty_binary
     }
 
     /// Whether a frame is looked inside for `Flushed`.
@@ -255,6 +264,14 @@ impl Pump {
 
     /// Starts passing a frame on.
     fn pass_on(&mut self, header: &Header) {
+        if header.opcode == frames::CONTINUATION && self.empty_start {
+            // The message's empty start was dropped, so this fragment opens it: same FIN
+            // and reserved bits, binary opcode. The frame starts at `pass` (its header was
+            // parsed there).
+            let first = &mut self.buf[self.pass];
+            *first = (*first & 0xF0) | frames::BINARY;
+            self.empty_start = false;
+        }
         self.skipping = false;
         self.left = header.wire_len();
         if !header.is_control() {
@@ -279,9 +296,21 @@ impl Pump {
             return Start::Event(Event::Close { code, frame });
         }
         if self.drops(&header) {
-            // Counted are the client's messages that the upstream never gets.
-            if header.opcode != frames::CONTINUATION && self.from_client {
+            // Counted are the client's messages that the upstream never gets: after the
+            // drain message each one at its first frame; an empty binary message at its
+            // last (one that starts empty may yet carry data).
+            let unsent = if self.drop_data {
+                header.opcode != frames::CONTINUATION
+            } else {
+                header.fin
+            };
+            if unsent && self.from_client {
                 self.dropped += 1;
+            }
+            if !self.drop_data {
+                // Still nothing of this message has gone on; after its last fragment,
+                // nothing ever will.
+                self.empty_start = !header.fin;
             }
             // `in_message` stays as the destination saw it: a skipped fragment opens
             // nothing there.
@@ -461,6 +490,55 @@ mod tests {
         expected.extend_from_slice(&ping);
         assert_eq!(read_exactly(&mut upstream, expected.len()).await, expected);
         assert_eq!((pump.bytes, pump.dropped), (3, 1));
+    }
+
+    /// A binary message made of empty fragments is an empty binary message: never passed
+    /// on. One that starts empty and then carries data is passed on from its first
+    /// fragment with data, which opens it as binary.
+    #[tokio::test]
+    async fn a_binary_message_that_starts_empty_is_passed_on_from_its_first_data() {
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        let (ping, first, last) = (
+            masked(frames::PING, true, b"hi"),
+            masked(frames::CONTINUATION, false, &[1, 2, 3]),
+            masked(frames::CONTINUATION, true, &[4, 5]),
+        );
+        let mut wire = masked(frames::BINARY, false, &[]);
+        wire.extend(masked(frames::CONTINUATION, true, &[]));
+        wire.extend(masked(frames::BINARY, false, &[]));
+        wire.extend(masked(frames::CONTINUATION, false, &[]));
+        for frame in [&ping, &first, &last] {
+            wire.extend_from_slice(frame);
+        }
+        client.write_all(&wire).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        let mut opened = first.clone();
+        opened[0] = frames::BINARY; // FIN clear, binary
+        let expected = [ping, opened, last].concat();
+        assert_eq!(read_exactly(&mut upstream, expected.len()).await, expected);
+        assert_eq!((pump.bytes, pump.dropped), (5, 1));
+        // The upstream's side too, unmasked and read in pieces.
+        let (upstream_side, mut up_src) = duplex(1 << 16);
+        let (mut up_dst, mut to_client) = duplex(1 << 16);
+        let mut from_upstream = Pump::new(false, IntCounter::new("u", "u").expect("counter"));
+        let mut upstream_side = upstream_side;
+        let mut wire = frames::encode(frames::BINARY, &[], false).to_vec();
+        wire[0] &= 0x7F;
+        let mut last = frames::encode(frames::CONTINUATION, &[9], false).to_vec();
+        last[0] |= 0x80;
+        for piece in [&wire[..1], &wire[1..], &last[..]] {
+            upstream_side.write_all(piece).await.expect("write");
+            assert!(
+                run(&mut from_upstream, &mut up_src, &mut up_dst)
+                    .await
+                    .is_none()
+            );
+        }
+        let expected = frames::encode(frames::BINARY, &[9], false);
+        assert_eq!(
+            read_exactly(&mut to_client, expected.len()).await,
+            expected.to_vec()
+        );
     }
 
     /// A destination that keeps each write apart, to count the system calls a socket
