@@ -193,6 +193,66 @@ async fn a_20_mib_streamed_upload_arrives_intact() {
     assert_eq!(json["metadata"]["stub"], "blue");
 }
 
+/// `limits.response_timeout` is the upstream's time to answer once the request is sent:
+/// an upload slower than it is not cut, and an upstream that then says nothing is a 504.
+#[tokio::test]
+async fn response_timeout_runs_from_the_end_of_the_request() {
+    let builder = EnvBuilder {
+        extra: "response_timeout = \"1s\"".into(),
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(env.proxy_url("/v1/listen"))
+        .header("content-type", "application/octet-stream")
+        .body(StreamBody::new(tokio_stream_from(rx)))
+        .expect("request");
+    let answer = tokio::spawn(async move { client.request(req).await });
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .expect("sent");
+    // The client pauses for longer than response_timeout mid-upload: a slow sender, not a
+    // slow upstream (a pause is the point here; nothing to wait on instead).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    tx.send(Ok(Frame::data(Bytes::from_static(b"last"))))
+        .await
+        .expect("sent");
+    drop(tx);
+    let response = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let json: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(json["metadata"]["bytes"], 9, "{json}");
+
+    // An upstream that never answers a whole request is a 504 JSON, with the colour.
+    let stalling = stalling_upstream().await;
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        ..builder
+    };
+    env.write_config(
+        &builder,
+        &format!("\"http://{stalling}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
+    let got = get(&env.client, &env.proxy_url("/stall-head")).await;
+    assert_eq!(got.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(color_of(&got), "blue");
+    let json: Value = serde_json::from_slice(got.body()).expect("json");
+    assert_eq!(json["error"], "upstream_timeout", "{json}");
+}
+
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> {

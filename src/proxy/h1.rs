@@ -265,6 +265,8 @@ pub enum Failure {
     Upstream(String),
     /// The client's body could not be read (the client went away or sent a bad body).
     Client(String),
+    /// The upstream sent no response head within `response_timeout` of the request's end.
+    TimedOut,
 }
 
 /// How a message body is delimited on the wire.
@@ -284,6 +286,7 @@ pub async fn exchange(
     upstream: &Arc<Upstream>,
     tls: &Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
+    response_timeout: Duration,
     head: RequestHead<'_>,
     body: Incoming,
     to_upstream: &IntCounter,
@@ -325,7 +328,7 @@ pub async fn exchange(
                 to_upstream: to_upstream.clone(),
             },
         };
-        match sending.run(head.method, upstream).await {
+        match sending.run(head.method, upstream, response_timeout).await {
             Ok(response) => return Ok(response),
             // The upstream closed a kept connection as it was reused; nothing was lost.
             Err((Sent::Stale(e), Some(unread))) if reused => {
@@ -336,6 +339,7 @@ pub async fn exchange(
                 return Err(Failure::Upstream(e.to_string()));
             }
             Err((Sent::Client(e), _)) => return Err(Failure::Client(e)),
+            Err((Sent::TimedOut, _)) => return Err(Failure::TimedOut),
         }
     }
 }
@@ -417,6 +421,16 @@ enum Sent {
     Stale(io::Error),
     Upstream(io::Error),
     Client(String),
+    /// No answer within `response_timeout` of the request's end.
+    TimedOut,
+}
+
+/// Why a response head was not read.
+enum Head {
+    /// What came is not a valid HTTP/1.1 response head.
+    Invalid(io::Error),
+    /// The connection ended or failed first.
+    Lost(io::Error),
 }
 
 /// What is still to be written of a request: the encoded head and framing, then the
@@ -607,6 +621,7 @@ impl Sending {
         mut self,
         method: &Method,
         upstream: &Arc<Upstream>,
+        response_timeout: Duration,
     ) -> Result<Response<ResponseBody>, (Sent, Option<Incoming>)> {
         let written = match std::future::poll_fn(|cx| self.poll_send(cx)).await {
             Ok(written) => written,
@@ -615,39 +630,50 @@ impl Sending {
                 return Err(self.give_back(e, method));
             }
         };
+        // The upstream's time to answer runs from the end of the request: an upload may
+        // be as slow as the client that sends it.
+        let head = tokio::time::timeout(response_timeout, self.read_head(method)).await;
+        match head {
+            Ok(Ok((response, framing, keep))) => {
+                let keep = keep && !matches!(written, Written::Refused) && keeps_alive(&response);
+                let upload = matches!(written, Written::Duplex).then(|| Box::new(self.upload));
+                let home = keep.then(|| upstream.clone());
+                let body = ResponseBody::new(self.conn, framing, home, upload);
+                Ok(response.map(|()| body))
+            }
+            Ok(Err(Head::Invalid(e))) => Err((Sent::Upstream(e), None)),
+            Ok(Err(Head::Lost(e))) => {
+                let e = self.failed(Sent::Upstream(e));
+                Err(self.give_back(e, method))
+            }
+            Err(_) => Err((Sent::TimedOut, None)),
+        }
+    }
+
+    /// Reads the answer's head.
+    async fn read_head(&mut self, method: &Method) -> Result<(Response<()>, Framing, bool), Head> {
         loop {
             match parse_head(&mut self.conn.buf, method) {
-                Ok(Some((response, framing, keep))) => {
-                    let keep =
-                        keep && !matches!(written, Written::Refused) && keeps_alive(&response);
-                    let upload = matches!(written, Written::Duplex).then(|| Box::new(self.upload));
-                    let home = keep.then(|| upstream.clone());
-                    let body = ResponseBody::new(self.conn, framing, home, upload);
-                    return Ok(response.map(|()| body));
-                }
+                Ok(Some(head)) => return Ok(head),
                 Ok(None) => {}
-                Err(e) => {
-                    let e = io::Error::new(io::ErrorKind::InvalidData, e);
-                    return Err((Sent::Upstream(e), None));
-                }
+                Err(e) => return Err(Head::Invalid(io::Error::new(io::ErrorKind::InvalidData, e))),
             }
             if self.conn.buf.len() >= MAX_HEAD {
-                let e = io::Error::new(
+                return Err(Head::Invalid(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "the response head is larger than 64 KiB",
-                );
-                return Err((Sent::Upstream(e), None));
+                )));
             }
-            let e = match std::future::poll_fn(|cx| self.conn.poll_fill(cx)).await {
-                Ok(0) => io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the upstream closed the connection before answering",
-                ),
-                Ok(_) => continue,
-                Err(e) => e,
-            };
-            let e = self.failed(Sent::Upstream(e));
-            return Err(self.give_back(e, method));
+            match std::future::poll_fn(|cx| self.conn.poll_fill(cx)).await {
+                Ok(0) => {
+                    return Err(Head::Lost(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before answering",
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(Head::Lost(e)),
+            }
         }
     }
 
@@ -943,6 +969,8 @@ impl ResponseBody {
                 Ok(())
             }
             Poll::Ready(Err(Sent::Upstream(e) | Sent::Stale(e))) => Err(e),
+            // Uploads have no timer of their own.
+            Poll::Ready(Err(Sent::TimedOut)) => Err(io::ErrorKind::TimedOut.into()),
         }
     }
 

@@ -84,6 +84,7 @@ pub async fn forward(
             upstream,
             &proxy.upstreams.tls,
             limits.connect_timeout,
+            limits.response_timeout,
             head,
             attempt_body,
             &metrics.bytes_to_upstream,
@@ -92,11 +93,11 @@ pub async fn forward(
             // The exchange first: an answer that has arrived is relayed, and no random
             // start is drawn on every poll.
             biased;
-            answer = tokio::time::timeout(limits.response_timeout, exchange) => answer,
+            answer = exchange => answer,
             _ = guard.cut() => break ProxyError::DrainDeadline(color.as_str()),
         };
         match answer {
-            Ok(Ok(response)) => {
+            Ok(response) => {
                 let status = response.status().as_u16();
                 let finish = Finish::new(
                     &proxy.metrics,
@@ -109,7 +110,7 @@ pub async fn forward(
                 .with_access(access);
                 return Proxy::relay_answer(response, finish);
             }
-            Ok(Err(Failure::Connect(e, unread))) => {
+            Err(Failure::Connect(e, unread)) => {
                 drop(guard);
                 proxy.connect_failed(upstream, table.settings.config.health.fall, &e.to_string());
                 tried.push(upstream);
@@ -118,18 +119,18 @@ pub async fn forward(
                 }
                 body = Some(unread);
             }
-            Ok(Err(Failure::Upstream(e))) => {
+            Err(Failure::Upstream(e)) => {
                 proxy
                     .metrics
                     .upstream_error(upstream, UpstreamErrorKind::Protocol);
                 tracing::warn!(upstream = %upstream.name, color = %color, error = %e, "upstream failed");
                 break ProxyError::UpstreamFailed(e);
             }
-            Ok(Err(Failure::Client(e))) => {
+            Err(Failure::Client(e)) => {
                 tracing::debug!(upstream = %upstream.name, error = %e, "request body failed");
                 break ProxyError::BadRequest(e);
             }
-            Err(_) => {
+            Err(Failure::TimedOut) => {
                 proxy
                     .metrics
                     .upstream_error(upstream, UpstreamErrorKind::Timeout);
