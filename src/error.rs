@@ -65,10 +65,17 @@ impl ProxyError {
         }
     }
 
-    /// The JSON answer.
+    /// The JSON answer; a 401 names the schemes a key is accepted in (RFC 9110 §11.6.1).
     pub fn to_response(&self) -> Response<Bytes> {
         let (status, code) = self.status_and_code();
-        json_error(status, code, &self.to_string())
+        let mut response = json_error(status, code, &self.to_string());
+        if let ProxyError::Unauthorized = self {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Token realm="switchyard", Bearer realm="switchyard""#),
+            );
+        }
+        response
     }
 }
 

@@ -254,6 +254,10 @@ async fn client_keys_are_required_in_every_accepted_form() {
             response.headers().get("x-switchyard-color").is_none(),
             "a 401 was not routed"
         );
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            r#"Token realm="switchyard", Bearer realm="switchyard""#
+        );
         let body: serde_json::Value = serde_json::from_slice(
             &response
                 .into_body()

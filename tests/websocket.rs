@@ -1152,3 +1152,68 @@ async fn status_and_readyz_show_a_shutdown_in_progress() {
     stream.close_normally().await;
     env.shutdown().await;
 }
+
+/// An upstream that answers every handshake choosing the `bearer` subprotocol, offered or
+/// not, and then holds the stream.
+#[allow(clippy::result_large_err)] // the callback's type is tungstenite's
+async fn upstream_choosing_bearer() -> SocketAddr {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let choose = |_: &Request, mut response: Response| {
+                    response
+                        .headers_mut()
+                        .insert("sec-websocket-protocol", HeaderValue::from_static("bearer"));
+                    Ok(response)
+                };
+                if let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(socket, choose).await {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The 101 names only a subprotocol the client offered: an upstream's other choice is
+/// replaced by the `token` or `bearer` the client offered (found wherever it stands in the
+/// list), or left out, since a browser (and tungstenite's client) fails the handshake
+/// otherwise.
+#[tokio::test]
+async fn the_101_names_only_a_subprotocol_the_client_offered() {
+    let env = EnvBuilder::default().start().await;
+    let (_ws, response) = open_with(
+        &env.ws_url("/v1/listen"),
+        &[(
+            "sec-websocket-protocol",
+            "x-deepgram-session-id, 5f0c1d2e, token, KEY123",
+        )],
+    )
+    .await;
+    assert_eq!(response.headers()["sec-websocket-protocol"], "token");
+
+    let env = support::env_with_blue_at(upstream_choosing_bearer().await).await;
+    let (_ws, response) = open_with(
+        &env.ws_url("/v1/listen"),
+        &[("sec-websocket-protocol", "token, KEY123")],
+    )
+    .await;
+    assert_eq!(response.headers()["sec-websocket-protocol"], "token");
+    let (_ws, response) = open_with(&env.ws_url("/v1/listen"), &[]).await;
+    assert!(
+        response.headers().get("sec-websocket-protocol").is_none(),
+        "{:?}",
+        response.headers()
+    );
+    let (_ws, response) = open_with(
+        &env.ws_url("/v1/listen"),
+        &[("sec-websocket-protocol", "bearer, JWT")],
+    )
+    .await;
+    assert_eq!(response.headers()["sec-websocket-protocol"], "bearer");
+}

@@ -101,9 +101,16 @@ pub async fn forward(
         .unwrap_or_else(|| "/".into());
     let endpoint = Endpoint::of_path(parts.uri.path());
     let session = headers::session_id(&parts.headers);
-    let fallback_protocol = headers::offered_protocols(&parts.headers)
-        .first()
-        .filter(|p| p.eq_ignore_ascii_case("token") || p.eq_ignore_ascii_case("bearer"))
+    // What the client offered, for the 101: the upstream's choice if it is one of these
+    // (a browser fails a handshake that picks one it did not offer), else `token` or
+    // `bearer` wherever it stands in the list (the JS SDK may put a session id first).
+    let offered: Vec<String> = headers::offered_protocols(&parts.headers)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let fallback_protocol = offered
+        .iter()
+        .find(|p| p.eq_ignore_ascii_case("token") || p.eq_ignore_ascii_case("bearer"))
         .and_then(|p| HeaderValue::from_str(p).ok());
 
     let mut up_headers = parts.headers;
@@ -253,6 +260,10 @@ pub async fn forward(
     let chosen = response
         .headers()
         .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .filter(|p| {
+            let p = p.to_str().unwrap_or_default().trim();
+            offered.iter().any(|o| o.eq_ignore_ascii_case(p))
+        })
         .cloned()
         .or(fallback_protocol);
     {
