@@ -266,6 +266,30 @@ impl Config {
             },
             admin: addr("listen.admin", listen.admin.as_ref())?,
         };
+        // Two listeners cannot share an address (port 0 asks the system for a fresh one).
+        let clash = |a: SocketAddr, b: SocketAddr| a.port() != 0 && a == b;
+        if let Some(preview) = listen.preview
+            && clash(preview, listen.proxy)
+        {
+            return Err(err(
+                "listen.preview",
+                format!("{preview} is listen.proxy's address too"),
+            ));
+        }
+        if clash(listen.admin, listen.proxy) {
+            return Err(err(
+                "listen.admin",
+                format!("{} is listen.proxy's address too", listen.admin),
+            ));
+        }
+        if let Some(preview) = listen.preview
+            && clash(listen.admin, preview)
+        {
+            return Err(err(
+                "listen.admin",
+                format!("{} is listen.preview's address too", listen.admin),
+            ));
+        }
 
         let pools = raw
             .pools

@@ -246,6 +246,14 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     eprintln!("error: {}: {field}: {reason}", config.display());
                     return Ok(1);
                 }
+                // A state file `run` would refuse is refused here too (the etcd store's
+                // copy is only a fallback, read when etcd is down).
+                if c.routing.store == switchyard::config::Store::File
+                    && let Err(e) = switchyard::state::FileStore::new(&c.routing.state_file).load()
+                {
+                    eprintln!("error: {e}");
+                    return Ok(1);
+                }
                 if switchyard::app::load_token(&c).is_err() {
                     eprintln!(
                         "warning: no admin token in {} (SWITCHYARD_ADMIN_TOKEN may supply it at run time)",

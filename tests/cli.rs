@@ -822,6 +822,35 @@ async fn check_refuses_rise_zero() {
 }
 
 #[tokio::test]
+async fn check_refuses_two_listeners_on_one_address() {
+    let admin = GOOD
+        .lines()
+        .find(|l| l.starts_with("admin"))
+        .expect("admin line");
+    let proxy = GOOD
+        .lines()
+        .find(|l| l.starts_with("proxy"))
+        .expect("proxy line");
+    assert_refused(
+        &GOOD.replace(admin, &proxy.replace("proxy", "admin")),
+        "listen.admin",
+    )
+    .await;
+}
+
+/// A state file `run` would refuse at start is refused by `check` as well, named.
+#[tokio::test]
+async fn check_refuses_a_corrupt_state_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("route.json");
+    std::fs::write(&state, "{\"active\":").expect("state file");
+    let text = format!("{GOOD}\n[routing]\nstate_file = \"{}\"\n", state.display());
+    let (out, _) = check(&text).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains(&state.display().to_string()), "{out:?}");
+}
+
+#[tokio::test]
 async fn check_refuses_a_missing_upstream_ca_file() {
     let text = format!("{GOOD}\n[upstream_tls]\nca_file = \"/nonexistent/upstream-ca.pem\"\n");
     assert_refused(&text, "upstream_tls.ca_file").await;
