@@ -146,7 +146,14 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
                 field: "client_auth.keys_file".into(),
                 reason: format!("cannot read {}: {e}", auth.keys_file.display()),
             })?;
-            Some(ClientKeys::parse(&text))
+            let keys = ClientKeys::parse(&text);
+            if keys.is_empty() {
+                tracing::warn!(
+                    keys_file = %auth.keys_file.display(),
+                    "client_auth.keys_file lists no key: every request on the proxy and preview listeners gets 401"
+                );
+            }
+            Some(keys)
         }
         None => None,
     };

@@ -27,6 +27,7 @@ pub enum Command {
     },
     Rollback {
         force: bool,
+        drain_timeout: Option<String>,
         expect_generation: Option<u64>,
         reason: Option<String>,
         wait_replicas: Option<String>,
@@ -79,6 +80,7 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         ),
         Command::Rollback {
             force,
+            drain_timeout,
             expect_generation,
             reason,
             wait_replicas,
@@ -86,7 +88,8 @@ pub async fn run(options: &Options, command: Command) -> i32 {
             Method::POST,
             "/rollback".to_owned(),
             Some(compact(
-                json!({"force": force, "expect_generation": expect_generation, "reason": reason,
+                json!({"force": force, "drain_timeout": drain_timeout,
+                "expect_generation": expect_generation, "reason": reason,
                 "wait_replicas": wait_replicas}),
             )),
             wait_replicas.as_deref().map(wait_of),

@@ -130,6 +130,9 @@ enum CtlCommand {
     Rollback {
         #[arg(long)]
         force: bool,
+        /// How long the colour left behind may keep its streams (default: drain.timeout).
+        #[arg(long)]
+        drain_timeout: Option<String>,
         #[arg(long)]
         expect_generation: Option<u64>,
         #[arg(long)]
@@ -176,7 +179,19 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // A usage error exits 64 (EX_USAGE), not clap's 2, which `ctl` answers for a
+            // change the API refused: automation can tell a typo from a 409.
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     init_logging(cli.log_format);
     let format = cli.log_format;
     if matches!(cli.command, Command::Run { .. } | Command::Demo { .. }) {
@@ -332,11 +347,13 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 },
                 CtlCommand::Rollback {
                     force,
+                    drain_timeout,
                     expect_generation,
                     reason,
                     wait_all,
                 } => ctl::Command::Rollback {
                     force,
+                    drain_timeout,
                     expect_generation,
                     reason,
                     wait_replicas: wait_all,

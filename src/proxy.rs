@@ -125,7 +125,10 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let table = self.router.load_full();
         if let Some(keys) = &table.settings.client_keys
-            && !headers::client_key(req.headers()).is_some_and(|k| keys.accepts(k))
+            && !headers::client_keys(req.headers())
+                .into_iter()
+                .flatten()
+                .any(|k| keys.accepts(k))
         {
             let answer = ProxyError::Unauthorized.to_response().map(ProxyBody::full);
             return Either::Left(future::ready(answer));

@@ -573,7 +573,9 @@ async fn ctl_walks_the_operators_story() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("no change"), "{out:?}");
 
-    let out = site.ctl_auth(&["--json", "rollback"]).await;
+    let out = site
+        .ctl_auth(&["--json", "rollback", "--drain-timeout", "90s"])
+        .await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json()["active"], "blue");
     assert_eq!(out.json()["generation"], 3);
@@ -597,6 +599,10 @@ async fn ctl_walks_the_operators_story() {
         .map(|e| e["action"].as_str().expect("action"))
         .collect();
     assert_eq!(actions, ["startup", "flip", "rollback", "flip", "commit"]);
+    assert_eq!(
+        history["history"][2]["drain_timeout"], "1m 30s",
+        "rollback --drain-timeout reaches the API"
+    );
     for e in history["history"].as_array().expect("history") {
         for key in ["generation", "action", "from", "to", "at", "reason"] {
             assert!(e.get(key).is_some(), "{key} in {e}");
@@ -649,6 +655,12 @@ async fn ctl_refusals_exit_2() {
     // 400: an unknown colour.
     let out = site.ctl_auth(&["flip", "--to", "purple"]).await;
     assert_eq!(out.code, 2, "{out:?}");
+
+    // A command line that is wrong is not a refusal: 64, and nothing is sent.
+    let out = site.ctl_auth(&["flip", "--tooo", "green"]).await;
+    assert_eq!(out.code, 64, "{out:?}");
+    let out = site.ctl_auth(&["--help"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
 
     // Nothing of it changed anything.
     let out = site.ctl(&["--json", "status"]).await;

@@ -276,14 +276,7 @@ async fn client_keys_are_required_in_every_accepted_form() {
     );
 
     // Browsers: the key as the second subprotocol element; forwarded unchanged.
-    let mut req = env
-        .ws_url("/v1/listen")
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "token, key-two".parse().expect("value"),
-    );
+    let req = listen_request(&env, "token, key-two", None);
     let (mut ws, response) = tokio_tungstenite::connect_async(req)
         .await
         .expect("accepted handshake");
@@ -294,20 +287,40 @@ async fn client_keys_are_required_in_every_accepted_form() {
     );
     ws.close(None).await.expect("close");
 
-    let mut req = env
-        .ws_url("/v1/listen")
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "token, wrong".parse().expect("value"),
-    );
+    // A listed key in the subprotocol lets the client in even when an Authorization
+    // header (say, a stale one a library adds) names another.
+    let req = listen_request(&env, "token, key-one", Some("Token stale"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("accepted handshake");
+    ws.close(None).await.expect("close");
+
+    let req = listen_request(&env, "token, wrong", None);
     match tokio_tungstenite::connect_async(req).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
         }
         other => panic!("a wrong key must refuse the handshake: {other:?}"),
     }
+}
+
+/// A `/v1/listen` handshake request offering `protocols`, with `authorization` if given.
+fn listen_request(
+    env: &Env,
+    protocols: &str,
+    authorization: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut req = env
+        .ws_url("/v1/listen")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("sec-websocket-protocol", protocols.parse().expect("value"));
+    if let Some(auth) = authorization {
+        req.headers_mut()
+            .insert("authorization", auth.parse().expect("value"));
+    }
+    req
 }
 
 #[tokio::test]

@@ -145,26 +145,33 @@ impl Forwarding<'_> {
     }
 }
 
-/// The client key a Deepgram client presented: `Authorization: Token <key>` or
-/// `Bearer <key>`, or the second element of `Sec-WebSocket-Protocol: token, <key>`
-/// (browsers cannot set headers on a WebSocket).
-pub fn client_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+/// The client keys a Deepgram client presented: in `Authorization: Token <key>` or
+/// `Bearer <key>`, and after `token` or `bearer` in `Sec-WebSocket-Protocol` (browsers
+/// cannot set headers on a WebSocket). A client is let in when either is a listed key.
+pub fn client_keys(headers: &HeaderMap) -> [Option<&[u8]>; 2] {
+    let from_header = headers.get(header::AUTHORIZATION).and_then(|auth| {
         let bytes = auth.as_bytes();
-        for scheme in [&b"token "[..], &b"bearer "[..]] {
-            if bytes.len() > scheme.len() && bytes[..scheme.len()].eq_ignore_ascii_case(scheme) {
-                return Some(trim_ascii(&bytes[scheme.len()..]));
+        [&b"token "[..], &b"bearer "[..]]
+            .into_iter()
+            .find_map(|scheme| {
+                (bytes.len() > scheme.len() && bytes[..scheme.len()].eq_ignore_ascii_case(scheme))
+                    .then(|| trim_ascii(&bytes[scheme.len()..]))
+            })
+    });
+    let from_protocol = headers
+        .contains_key(header::SEC_WEBSOCKET_PROTOCOL)
+        .then(|| {
+            let protocols = offered_protocols(headers);
+            let mut it = protocols.into_iter();
+            while let Some(p) = it.next() {
+                if p.eq_ignore_ascii_case("token") || p.eq_ignore_ascii_case("bearer") {
+                    return it.next().map(str::as_bytes);
+                }
             }
-        }
-    }
-    let protocols = offered_protocols(headers);
-    let mut it = protocols.iter();
-    while let Some(p) = it.next() {
-        if p.eq_ignore_ascii_case("token") || p.eq_ignore_ascii_case("bearer") {
-            return it.next().map(|k| k.as_bytes());
-        }
-    }
-    None
+            None
+        })
+        .flatten();
+    [from_header, from_protocol]
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
@@ -271,22 +278,22 @@ mod tests {
     fn finds_client_keys() {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Token k1"));
-        assert_eq!(client_key(&h), Some(&b"k1"[..]));
+        assert_eq!(client_keys(&h), [Some(&b"k1"[..]), None]);
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer k2"));
-        assert_eq!(client_key(&h), Some(&b"k2"[..]));
-        h.remove(header::AUTHORIZATION);
+        assert_eq!(client_keys(&h), [Some(&b"k2"[..]), None]);
         h.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static("token, k3, x-deepgram-session-id, abc"),
+            HeaderValue::from_static("x-deepgram-session-id, abc, token, k3"),
         );
-        assert_eq!(client_key(&h), Some(&b"k3"[..]));
+        assert_eq!(client_keys(&h), [Some(&b"k2"[..]), Some(&b"k3"[..])]);
         assert_eq!(session_id(&h).as_deref(), Some("abc"));
+        h.remove(header::AUTHORIZATION);
         h.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static("token"),
         );
-        assert_eq!(client_key(&h), None);
+        assert_eq!(client_keys(&h), [None, None]);
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
-        assert_eq!(client_key(&h), None);
+        assert_eq!(client_keys(&h), [None, None]);
     }
 }
