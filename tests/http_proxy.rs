@@ -251,6 +251,28 @@ async fn response_timeout_runs_from_the_end_of_the_request() {
     assert_eq!(color_of(&got), "blue");
     let json: Value = serde_json::from_slice(got.body()).expect("json");
     assert_eq!(json["error"], "upstream_timeout", "{json}");
+
+    // An upstream that stops taking the request mid-upload is a 504 too, once it has taken
+    // nothing for response_timeout: the request cannot hang for ever. (The body offers
+    // 1 GiB; the sockets' buffers fill long before.)
+    let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+    let endless = futures_util::stream::iter(
+        std::iter::repeat_n(chunk, 16 * 1024).map(|c| Ok::<_, Infallible>(Frame::data(c))),
+    );
+    let req = Request::post(env.proxy_url("/stall-upload"))
+        .header("content-type", "application/octet-stream")
+        .body(StreamBody::new(endless))
+        .expect("request");
+    let uploader = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let got = tokio::time::timeout(PATIENCE, uploader.request(req))
+        .await
+        .expect("an answer, not a hung upload")
+        .expect("answer");
+    assert_eq!(got.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(color_of(&got), "blue");
+    let body = got.into_body().collect().await.expect("body").to_bytes();
+    let json: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(json["error"], "upstream_timeout", "{json}");
 }
 
 fn tokio_stream_from<T: Send + 'static>(

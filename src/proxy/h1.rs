@@ -265,7 +265,8 @@ pub enum Failure {
     Upstream(String),
     /// The client's body could not be read (the client went away or sent a bad body).
     Client(String),
-    /// The upstream sent no response head within `response_timeout` of the request's end.
+    /// The upstream sent no response head within `response_timeout` of the request's end,
+    /// or took none of the request for that long.
     TimedOut,
 }
 
@@ -325,6 +326,8 @@ pub async fn exchange(
                 written: false,
                 unflushed: false,
                 sent: 0,
+                wrote: 0,
+                upstream_full: false,
                 to_upstream: to_upstream.clone(),
             },
         };
@@ -421,7 +424,8 @@ enum Sent {
     Stale(io::Error),
     Upstream(io::Error),
     Client(String),
-    /// No answer within `response_timeout` of the request's end.
+    /// No answer within `response_timeout` of the request's end, or no byte of the
+    /// request taken for that long.
     TimedOut,
 }
 
@@ -450,6 +454,11 @@ struct Upload {
     unflushed: bool,
     /// Body bytes queued, checked against a declared length.
     sent: u64,
+    /// Bytes written to the upstream so far (progress, for the stall timer).
+    wrote: u64,
+    /// Whether the last `poll_write` waited on the upstream (a full socket), not on the
+    /// client's body.
+    upstream_full: bool,
     to_upstream: IntCounter,
 }
 
@@ -479,7 +488,11 @@ impl Upload {
                         .count();
                     Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
                 };
-                match ready!(written) {
+                let Poll::Ready(written) = written else {
+                    self.upstream_full = true;
+                    return Poll::Pending;
+                };
+                match written {
                     Ok(0) => {
                         let e =
                             io::Error::new(io::ErrorKind::WriteZero, "the upstream took no bytes");
@@ -487,6 +500,7 @@ impl Upload {
                     }
                     Ok(n) => {
                         self.advance(n);
+                        self.wrote += n as u64;
                         self.unflushed = true;
                     }
                     Err(e) => return Poll::Ready(Err(Sent::Upstream(e))),
@@ -494,11 +508,16 @@ impl Upload {
                 continue;
             }
             if self.unflushed {
-                if let Err(e) = ready!(Pin::new(&mut *io).poll_flush(cx)) {
+                let Poll::Ready(flushed) = Pin::new(&mut *io).poll_flush(cx) else {
+                    self.upstream_full = true;
+                    return Poll::Pending;
+                };
+                if let Err(e) = flushed {
                     return Poll::Ready(Err(Sent::Upstream(e)));
                 }
                 self.unflushed = false;
             }
+            self.upstream_full = false;
             let has_body = self.has_body();
             let body = match self.body.as_mut() {
                 Some(body) if has_body => body,
@@ -623,7 +642,7 @@ impl Sending {
         upstream: &Arc<Upstream>,
         response_timeout: Duration,
     ) -> Result<Response<ResponseBody>, (Sent, Option<Incoming>)> {
-        let written = match std::future::poll_fn(|cx| self.poll_send(cx)).await {
+        let written = match self.send(response_timeout).await {
             Ok(written) => written,
             Err(e) => {
                 let e = self.failed(e);
@@ -648,6 +667,38 @@ impl Sending {
             }
             Err(_) => Err((Sent::TimedOut, None)),
         }
+    }
+
+    /// Writes the request (see `poll_send`). An upstream that takes none of it for
+    /// `response_timeout` while bytes wait is given up: a client may upload slowly, but an
+    /// upstream that stopped reading would otherwise hold the request for ever.
+    async fn send(&mut self, response_timeout: Duration) -> Result<Written, Sent> {
+        if !self.upload.has_body() {
+            // The head alone goes into an empty socket buffer.
+            return std::future::poll_fn(|cx| self.poll_send(cx)).await;
+        }
+        let mut stall = std::pin::pin!(tokio::time::sleep(response_timeout));
+        // The bytes written when the stall timer was last set, while it runs.
+        let mut armed_at = None;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(sent) = self.poll_send(cx) {
+                return Poll::Ready(sent);
+            }
+            if !self.upload.upstream_full {
+                armed_at = None;
+                return Poll::Pending;
+            }
+            if armed_at != Some(self.upload.wrote) {
+                armed_at = Some(self.upload.wrote);
+                let deadline = tokio::time::Instant::now() + response_timeout;
+                stall.as_mut().reset(deadline);
+            }
+            match stall.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(Sent::TimedOut)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Reads the answer's head.
