@@ -267,19 +267,18 @@ impl Config {
             admin: addr("listen.admin", listen.admin.as_ref())?,
         };
         // Two listeners cannot share an address (port 0 asks the system for a fresh one).
-        let clash = |a: SocketAddr, b: SocketAddr| a.port() != 0 && a == b;
         if let Some(preview) = listen.preview
             && clash(preview, listen.proxy)
         {
             return Err(err(
                 "listen.preview",
-                format!("{preview} is listen.proxy's address too"),
+                format!("{preview} overlaps listen.proxy ({})", listen.proxy),
             ));
         }
         if clash(listen.admin, listen.proxy) {
             return Err(err(
                 "listen.admin",
-                format!("{} is listen.proxy's address too", listen.admin),
+                format!("{} overlaps listen.proxy ({})", listen.admin, listen.proxy),
             ));
         }
         if let Some(preview) = listen.preview
@@ -287,7 +286,7 @@ impl Config {
         {
             return Err(err(
                 "listen.admin",
-                format!("{} is listen.preview's address too", listen.admin),
+                format!("{} overlaps listen.preview ({preview})", listen.admin),
             ));
         }
 
@@ -545,6 +544,18 @@ fn one_line(message: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Whether two listeners would take one address: the same port (not 0) and the same IP,
+/// or a wildcard that covers the other (`0.0.0.0` covers IPv4; `[::]` covers both, as
+/// Linux binds it dual-stack).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: std::net::IpAddr, x: std::net::IpAddr| {
+        w.is_unspecified() && (w.is_ipv6() || x.is_ipv4())
+    };
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
 #[cfg(test)]

@@ -225,7 +225,19 @@ fn main() -> ExitCode {
 /// prints it.
 fn fatal(format: LogFormat, message: &str) {
     match format {
-        LogFormat::Json => tracing::error!(error = %message, "switchyard stopped"),
+        LogFormat::Json if tracing::enabled!(tracing::Level::ERROR) => {
+            tracing::error!(error = %message, "switchyard stopped");
+        }
+        // RUST_LOG filtered errors out: the reason is still said, in the same shape.
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "level": "ERROR",
+                "message": "switchyard stopped",
+                "error": message,
+                "target": module_path!(),
+            })
+        ),
         LogFormat::Text => eprintln!("error: {message}"),
     }
 }
@@ -538,8 +550,19 @@ Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
 struct ScratchDir(PathBuf);
 
 impl ScratchDir {
+    /// Creates `path` readable by this user only (it holds the demo's admin token); one
+    /// left by an earlier process of the same PID is replaced.
     fn create(path: PathBuf) -> anyhow::Result<ScratchDir> {
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        use std::os::unix::fs::DirBuilderExt;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.mode(0o700);
+        let created = match builder.create(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_dir_all(&path).and_then(|()| builder.create(&path))
+            }
+            other => other,
+        };
+        created.with_context(|| format!("creating {}", path.display()))?;
         Ok(ScratchDir(path))
     }
 }

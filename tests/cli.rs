@@ -417,6 +417,28 @@ async fn a_refused_start_is_a_json_line_with_log_format_json() {
         error.contains("no admin token") && error.contains(&path),
         "{line}"
     );
+
+    // A RUST_LOG that filters errors out does not silence why the process stopped.
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BIN)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "off")
+            .env_remove("SWITCHYARD_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("in time")
+    .expect("runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line: serde_json::Value =
+        serde_json::from_str(stderr.lines().last().expect("a line")).expect("a JSON line");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    let error = line["error"].as_str().expect("an error field");
+    assert!(error.contains(&path), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

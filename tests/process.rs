@@ -264,6 +264,16 @@ async fn demo_runs_prints_runnable_commands_and_cleans_up() {
         "{printed}"
     );
     assert!(scratch.join("admin.token").exists());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&scratch)
+            .expect("scratch dir")
+            .permissions(),
+    );
+    assert_eq!(
+        mode & 0o777,
+        0o700,
+        "the demo's token is private to its user"
+    );
     let response = get(
         &http_client(),
         &format!("http://127.0.0.1:{proxy}/v1/status"),

@@ -35,3 +35,21 @@ fn zero_drain_timeout_is_valid() {
     let c = parse(&format!("{MINIMAL}\n[drain]\ntimeout = \"0s\"\n")).expect("valid");
     assert!(c.drain.timeout.is_zero());
 }
+
+#[test]
+fn listeners_clash_on_one_port_when_an_address_covers_the_other() {
+    let a = |s: &str| s.parse::<SocketAddr>().expect("address");
+    assert!(clash(a("127.0.0.1:80"), a("127.0.0.1:80")));
+    assert!(clash(a("0.0.0.0:80"), a("127.0.0.1:80")));
+    assert!(clash(a("127.0.0.2:80"), a("0.0.0.0:80")));
+    assert!(clash(a("[::]:80"), a("0.0.0.0:80")));
+    assert!(clash(a("[::1]:80"), a("[::]:80")));
+    assert!(!clash(a("127.0.0.1:80"), a("127.0.0.2:80")));
+    assert!(!clash(a("127.0.0.1:80"), a("127.0.0.1:81")));
+    assert!(!clash(a("0.0.0.0:80"), a("[::1]:80")));
+    assert!(!clash(a("0.0.0.0:0"), a("0.0.0.0:0")));
+
+    let text = MINIMAL.replace("admin = \"127.0.0.1:9901\"", "admin = \"0.0.0.0:8080\"");
+    let e = parse(&text).expect_err("clash");
+    assert_eq!(e.field, "listen.admin", "{e}");
+}
