@@ -134,13 +134,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     )
     .await?;
     let tracker = Arc::new(Tracker::default());
-    let proxy = Arc::new(
-        Proxy::new(router.clone(), tracker.clone(), metrics.clone()).map_err(|e| ConfigError {
-            file: router.load().settings.config.source.display().to_string(),
-            field: e.0,
-            reason: e.1,
-        })?,
-    );
+    let proxy = Arc::new(Proxy::new(
+        router.clone(),
+        tracker.clone(),
+        metrics.clone(),
+        upstream_tls,
+    ));
 
     crate::health::spawn(
         router.clone(),

@@ -86,21 +86,19 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the proxy; fails only on a bad upstream TLS set-up.
+    /// Builds the proxy; `upstream_tls` is the client config for `https://` upstreams.
     pub fn new(
         router: Arc<Router>,
         tracker: Arc<Tracker>,
         metrics: Metrics,
-    ) -> Result<Proxy, crate::tls::TlsError> {
-        let table = router.load();
-        let upstreams = http::Upstreams::new(&table.settings.config)?;
-        drop(table);
-        Ok(Proxy {
+        upstream_tls: Arc<rustls::ClientConfig>,
+    ) -> Proxy {
+        Proxy {
             router,
             tracker,
             metrics,
-            upstreams,
-        })
+            upstreams: http::Upstreams { tls: upstream_tls },
+        }
     }
 
     /// The router (for listeners that need the TLS config of the current table).

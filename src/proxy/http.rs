@@ -10,11 +10,9 @@ use hyper::body::Incoming;
 use super::body::{Access, Finish, ProxyBody};
 use super::h1::{self, Failure, RequestHead};
 use super::{ConnInfo, Proxy, error_response, headers};
-use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{Protocol, UpstreamErrorKind};
 use crate::route_table::RouteTable;
-use crate::tls::TlsError;
 use crate::upstream::{Color, Upstream, pick};
 
 /// Most attempts per request: the first pick and at most two more on connect failure.
@@ -24,14 +22,6 @@ pub const MAX_ATTEMPTS: usize = 3;
 /// requests and WebSocket upgrades alike). Kept connections live with each upstream.
 pub struct Upstreams {
     pub(crate) tls: Arc<rustls::ClientConfig>,
-}
-
-impl Upstreams {
-    /// Builds the TLS client config from the config's upstream TLS settings.
-    pub fn new(config: &Config) -> Result<Upstreams, TlsError> {
-        let tls = crate::tls::upstream_client_config(&config.upstream_tls)?;
-        Ok(Upstreams { tls })
-    }
 }
 
 /// Forwards one plain HTTP request to `color`.
