@@ -225,13 +225,7 @@ async fn response_timeout_runs_from_the_end_of_the_request() {
         .expect("task")
         .expect("answer");
     assert_eq!(response.status(), StatusCode::OK);
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let json: Value = serde_json::from_slice(&body).expect("json");
+    let json = json_body(response).await;
     assert_eq!(json["metadata"]["bytes"], 9, "{json}");
 
     // An upstream that never answers a whole request is a 504 JSON, with the colour.
@@ -270,8 +264,7 @@ async fn response_timeout_runs_from_the_end_of_the_request() {
         .expect("answer");
     assert_eq!(got.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(color_of(&got), "blue");
-    let body = got.into_body().collect().await.expect("body").to_bytes();
-    let json: Value = serde_json::from_slice(&body).expect("json");
+    let json = json_body(got).await;
     assert_eq!(json["error"], "upstream_timeout", "{json}");
 }
 
@@ -585,38 +578,13 @@ async fn a_request_with_a_huge_header_gets_431_and_the_proxy_stays_up() {
 async fn in_flight_requests_on_the_old_colour_end_at_the_drain_deadline() {
     // One request mid-body, one still waiting for its answer.
     let (env, body) = blue_response_stalled_mid_body().await;
-    let waiting = tokio::spawn({
-        let client = http_client();
-        let url = env.proxy_url("/stall-head");
-        async move { get(&client, &url).await }
-    });
-    eventually(|| async {
-        let (_, status) = env.admin_get("/status").await;
-        status["colors"]["blue"]["in_flight"] == 2
-    })
-    .await;
+    let waiting = waiting_for_its_head(&env).await;
 
     let (status, body_json) = env
         .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "1s"})))
         .await;
     assert_eq!(status, StatusCode::OK, "{body_json}");
-    // At the deadline: the stalled body ends with an error (not a clean, short end)...
-    let rest = tokio::time::timeout(PATIENCE, body.collect())
-        .await
-        .expect("the body ends at the deadline");
-    assert!(
-        rest.is_err(),
-        "a cut response is incomplete, not silently short"
-    );
-    // ...and the request still waiting for headers gets a 503 a client retries.
-    let answer = tokio::time::timeout(PATIENCE, waiting)
-        .await
-        .expect("answered at the deadline")
-        .expect("task");
-    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(color_of(&answer), "blue");
-    let json: Value = serde_json::from_slice(answer.body()).expect("json");
-    assert_eq!(json["error"], "drain_deadline");
+    assert_cut_at_the_deadline(body, waiting).await;
     // So blue holds nothing any more.
     let (_, drained) = env.admin_get("/drain/wait?color=blue&timeout=10s").await;
     assert_eq!(drained["drained"], true, "{drained}");
@@ -641,6 +609,16 @@ async fn in_flight_requests_end_at_the_shutdown_deadline() {
     );
     assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
     let body = stalled_body(&env).await;
+    let waiting = waiting_for_its_head(&env).await;
+
+    env.app().shutdown();
+    assert_cut_at_the_deadline(body, waiting).await;
+    env.shutdown().await;
+}
+
+/// A second request on blue, to `/stall-head`, which never gets its answer's head; returned
+/// once blue counts both it and the stalled body as in flight.
+async fn waiting_for_its_head(env: &Env) -> tokio::task::JoinHandle<http::Response<Bytes>> {
     let waiting = tokio::spawn({
         let client = http_client();
         let url = env.proxy_url("/stall-head");
@@ -651,21 +629,30 @@ async fn in_flight_requests_end_at_the_shutdown_deadline() {
         status["colors"]["blue"]["in_flight"] == 2
     })
     .await;
+    waiting
+}
 
-    env.app().shutdown();
+/// At the deadline the stalled body ends with an error (not a clean, short end), and the
+/// request still waiting for its head gets a 503 a client retries.
+async fn assert_cut_at_the_deadline(
+    body: Incoming,
+    waiting: tokio::task::JoinHandle<http::Response<Bytes>>,
+) {
     let rest = tokio::time::timeout(PATIENCE, body.collect())
         .await
-        .expect("the body ends at the shutdown deadline");
-    assert!(rest.is_err(), "a cut response is incomplete");
+        .expect("the body ends at the deadline");
+    assert!(
+        rest.is_err(),
+        "a cut response is incomplete, not silently short"
+    );
     let answer = tokio::time::timeout(PATIENCE, waiting)
         .await
-        .expect("answered at the shutdown deadline")
+        .expect("answered at the deadline")
         .expect("task");
     assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(color_of(&answer), "blue");
     let json: Value = serde_json::from_slice(answer.body()).expect("json");
     assert_eq!(json["error"], "drain_deadline");
-    env.shutdown().await;
 }
 
 /// An env whose blue upstream has answered `/stall-body` with its first chunk and stalls;

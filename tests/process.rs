@@ -226,6 +226,23 @@ async fn a_second_signal_exits_at_once() {
     );
 }
 
+/// `switchyard demo` on these ports (proxy, preview, admin), killed if the test drops it.
+fn demo(proxy: u16, preview: u16, admin: u16) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command
+        .arg("demo")
+        .args(["--proxy-port", &proxy.to_string()])
+        .args(["--preview-port", &preview.to_string()])
+        .args(["--admin-port", &admin.to_string()])
+        .kill_on_drop(true);
+    command
+}
+
+/// The scratch directory a running demo keeps its config and token in.
+fn scratch_of(child: &tokio::process::Child) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("switchyard-demo-{}", child.id().expect("pid")))
+}
+
 /// `switchyard demo` serves the story on the ports it is given, prints commands that name
 /// this binary, and on SIGINT exits 0 leaving no scratch directory behind.
 #[tokio::test]
@@ -233,19 +250,13 @@ async fn demo_runs_prints_runnable_commands_and_cleans_up() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let bin = env!("CARGO_BIN_EXE_switchyard");
     let (proxy, preview, admin) = (free_port(), free_port(), free_port());
-    let mut child = tokio::process::Command::new(bin)
-        .arg("demo")
-        .args(["--proxy-port", &proxy.to_string()])
-        .args(["--preview-port", &preview.to_string()])
-        .args(["--admin-port", &admin.to_string()])
+    let mut child = demo(proxy, preview, admin)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("demo starts");
-    let scratch =
-        std::env::temp_dir().join(format!("switchyard-demo-{}", child.id().expect("pid")));
+    let scratch = scratch_of(&child);
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut printed = String::new();
     tokio::time::timeout(PATIENCE, async {
@@ -305,18 +316,12 @@ async fn demo_runs_prints_runnable_commands_and_cleans_up() {
 async fn demo_names_the_flag_of_a_taken_port_and_leaves_nothing_behind() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let admin = taken.local_addr().expect("addr").port();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("demo")
-        .args(["--proxy-port", &free_port().to_string()])
-        .args(["--preview-port", &free_port().to_string()])
-        .args(["--admin-port", &admin.to_string()])
+    let child = demo(free_port(), free_port(), admin)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("demo starts");
-    let scratch =
-        std::env::temp_dir().join(format!("switchyard-demo-{}", child.id().expect("pid")));
+    let scratch = scratch_of(&child);
     let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
         .await
         .expect("the demo exits")

@@ -259,13 +259,22 @@ pub async fn send_json(client: &HttpClient, req: Request<Full<Bytes>>) -> (Statu
         .expect("answer in time")
         .expect("request succeeds");
     let status = response.status();
-    let body = response
+    let body = body_bytes(response).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// A response's whole body, parsed as JSON.
+pub async fn json_body(response: http::Response<hyper::body::Incoming>) -> Value {
+    serde_json::from_slice(&body_bytes(response).await).expect("a JSON body")
+}
+
+async fn body_bytes(response: http::Response<hyper::body::Incoming>) -> Bytes {
+    response
         .into_body()
         .collect()
         .await
         .expect("body")
-        .to_bytes();
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+        .to_bytes()
 }
 
 /// A GET through any URL → the response with its body collected.
