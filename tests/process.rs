@@ -64,7 +64,7 @@ keys_file = "{keys}"
         );
         std::fs::write(dir.path().join("switchyard.toml"), config).expect("config");
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["run", "--config"])
+            .args(["--log-format", "json", "run", "--config"])
             .arg(dir.path().join("switchyard.toml"))
             .env("RUST_LOG", "debug")
             .env_remove("SWITCHYARD_ADMIN_TOKEN")
@@ -131,14 +131,28 @@ impl Drop for Proc {
 #[tokio::test]
 async fn sigterm_drains_open_streams_then_exits_zero() {
     let mut p = Proc::start("1s").await;
+    // A plain request with the SDKs' session header: its access line names the session.
+    let req = http::Request::post(format!("http://127.0.0.1:{}/v1/listen", p.proxy))
+        .header("authorization", "Token very-secret-client-key")
+        .header("x-deepgram-session-id", "session-http")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"audio",
+        )))
+        .expect("request");
+    let (status, _) = send_json(&http_client(), req).await;
+    assert_eq!(status, http::StatusCode::OK);
     let mut streams = Vec::new();
-    for _ in 0..5 {
+    for i in 0..5 {
         let mut req = format!("ws://127.0.0.1:{}/v1/listen", p.proxy)
             .into_client_request()
             .expect("request");
         req.headers_mut().insert(
             "authorization",
             "Token very-secret-client-key".parse().expect("value"),
+        );
+        req.headers_mut().insert(
+            "x-deepgram-session-id",
+            format!("session-{i}").parse().expect("value"),
         );
         let (mut ws, _) = tokio_tungstenite::connect_async(req)
             .await
@@ -181,6 +195,45 @@ async fn sigterm_drains_open_streams_then_exits_zero() {
     assert_eq!(p.blue.close_streams(), 5);
     assert_eq!(p.exit_code(PATIENCE).await, Some(0));
     let log = p.log();
+    // Every line is JSON whose `message` is the line's own text: the drain's line names
+    // what it sent in another field (a second `message` key would hide the first).
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let injected: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "drain deadline: ending the stream")
+        .collect();
+    assert_eq!(injected.len(), 5, "{log}");
+    assert!(
+        injected
+            .iter()
+            .all(|l| l.to_string().contains("CloseStream")),
+        "{log}"
+    );
+    // A drained stream's lines carry its session, so its reconnect can be found.
+    let mut sessions: Vec<_> = injected
+        .iter()
+        .map(|l| l["span"]["session"].as_str().unwrap_or("none").to_owned())
+        .collect();
+    sessions.sort();
+    assert_eq!(
+        sessions,
+        [
+            "session-0",
+            "session-1",
+            "session-2",
+            "session-3",
+            "session-4"
+        ]
+    );
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "switchyard::access" && l["method"] == "POST")
+        .collect();
+    assert_eq!(access.len(), 1, "{log}");
+    assert_eq!(access[0]["session"], "session-http", "{log}");
     assert!(
         !log.contains("very-secret-client-key"),
         "a client key reached the log:\n{log}"

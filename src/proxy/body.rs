@@ -28,15 +28,24 @@ pub struct Access {
     /// The path without the query (queries can carry keys and personal data).
     pub path: String,
     pub upstream: Arc<str>,
+    /// The client's `x-deepgram-session-id`: the SDKs send it on every call, so a
+    /// session's requests can be followed across colours as its streams are.
+    pub session: Option<String>,
 }
 
 impl Access {
     /// Captures the fields if `switchyard::access` logs at info; `None` costs nothing.
-    pub fn capture(method: &http::Method, uri: &http::Uri, upstream: &Arc<str>) -> Option<Access> {
+    pub fn capture(
+        method: &http::Method,
+        uri: &http::Uri,
+        session: impl FnOnce() -> Option<String>,
+        upstream: &Arc<str>,
+    ) -> Option<Access> {
         tracing::enabled!(target: "switchyard::access", tracing::Level::INFO).then(|| Access {
             method: method.clone(),
             path: uri.path().to_owned(),
             upstream: upstream.clone(),
+            session: session(),
         })
     }
 
@@ -48,6 +57,7 @@ impl Access {
             upstream = &*self.upstream,
             method = %self.method,
             path = %self.path,
+            session = self.session.as_deref().unwrap_or("-"),
             status,
             duration_ms = seconds * 1000.0,
             bytes_to_client = bytes,

@@ -59,7 +59,12 @@ pub async fn forward(
             break ProxyError::ConnectFailed(color.as_str());
         };
         let guard = proxy.tracker.request(upstream, table.generation);
-        let access = Access::capture(&parts.method, &parts.uri, &upstream.name);
+        let access = Access::capture(
+            &parts.method,
+            &parts.uri,
+            || headers::session_id(&parts.headers),
+            &upstream.name,
+        );
         let head = RequestHead {
             method: &parts.method,
             path: &path,

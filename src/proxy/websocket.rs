@@ -230,7 +230,7 @@ pub async fn forward(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // A refusal (400 bad model, 429 over capacity, 503 no engine) goes back as it came.
         let status = response.status().as_u16();
-        let access = Access::capture(&Method::GET, &parts.uri, &upstream.name);
+        let access = Access::capture(&Method::GET, &parts.uri, || session.clone(), &upstream.name);
         let finish = Finish::new(
             &proxy.metrics,
             color,
@@ -396,7 +396,11 @@ impl Stream {
                         Endpoint::Listen => CLOSE_STREAM,
                         Endpoint::Speak => FLUSH,
                     };
-                    span.in_scope(|| tracing::info!(message, "drain deadline: ending the stream"));
+                    // Not a field named `message`: that is the line's own text, and a JSON line
+                    // would carry the key twice.
+                    span.in_scope(|| {
+                        tracing::info!(sent = message, "drain deadline: ending the stream")
+                    });
                     up.inject(frames::encode(frames::TEXT, message.as_bytes(), true));
                     up.drop_data = true;
                     down.watch_flushed = endpoint == Endpoint::Speak;
