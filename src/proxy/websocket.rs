@@ -143,6 +143,7 @@ pub async fn forward(
     let (upstream, io) = loop {
         let Some(upstream) = pick(pool, &tried) else {
             let e = if tried.is_empty() {
+                tracing::warn!(color = %color, "no healthy upstream");
                 ProxyError::NoHealthyUpstream(color.as_str())
             } else {
                 ProxyError::ConnectFailed(color.as_str())
