@@ -85,8 +85,14 @@ pub struct Pump {
     /// Payload bytes of frames let through and not yet written: counted in `bytes` once
     /// `pass` is all written, so a stream that ends first does not count them.
     uncounted: u64,
-    /// Data messages dropped.
-    pub dropped: u64,
+    /// The client's data messages dropped after the drain message or while Switchyard
+    /// waited for the answer to its close.
+    dropped: u64,
+    /// Messages from the client whose first frame is let through and has no byte
+    /// written yet; dropped if the stream ends first.
+    unwritten: u64,
+    /// A frame header in `buf` at or before the first of them, when there is one.
+    unwritten_at: usize,
     counter: IntCounter,
 }
 
@@ -111,8 +117,17 @@ impl Pump {
             bytes: 0,
             uncounted: 0,
             dropped: 0,
+            unwritten: 0,
+            unwritten_at: 0,
             counter,
         }
+    }
+
+    /// The client's data messages the upstream never got: dropped after the drain
+    /// message, let through but not yet written, or sent while Switchyard waited for the
+    /// answer to its close.
+    pub fn dropped(&self) -> u64 {
+        self.dropped + self.unwritten
     }
 
     /// Queues a final data frame of Switchyard's own, closing an open fragmented message
@@ -149,6 +164,7 @@ impl Pump {
                 match ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[..self.pass])) {
                     Ok(0) => return Poll::Ready(Event::DestinationLost("wrote zero bytes".into())),
                     Ok(written) => {
+                        self.written_in_pass(written);
                         self.buf.advance(written);
                         self.pass -= written;
                         self.unflushed = true;
@@ -156,6 +172,7 @@ impl Pump {
                             self.bytes += self.uncounted;
                             self.counter.inc_by(self.uncounted);
                             self.uncounted = 0;
+                            self.unwritten = 0;
                         }
                     }
                     Err(e) => return Poll::Ready(Event::DestinationLost(e.to_string())),
@@ -264,6 +281,14 @@ impl Pump {
 
     /// Starts passing a frame on.
     fn pass_on(&mut self, header: &Header) {
+        let starts_message =
+            !header.is_control() && (header.opcode != frames::CONTINUATION || self.empty_start);
+        if starts_message && self.from_client {
+            if self.unwritten == 0 {
+                self.unwritten_at = self.pass;
+            }
+            self.unwritten += 1;
+        }
         if header.opcode == frames::CONTINUATION && self.empty_start {
             // The message's empty start was dropped, so this fragment opens it: same FIN
             // and reserved bits, binary opcode. The frame starts at `pass` (its header was
@@ -278,6 +303,27 @@ impl Pump {
             self.in_message = !header.fin;
             self.uncounted += header.len;
         }
+    }
+
+    /// Books `written` bytes from the front of `pass` as gone: the messages that start in
+    /// them are no longer unwritten. `pass` is a run of whole frames (the last perhaps in
+    /// part), so the frames after the first unwritten start are found by their headers.
+    fn written_in_pass(&mut self, written: usize) {
+        if written >= self.pass {
+            self.unwritten = 0;
+            return;
+        }
+        let mut at = self.unwritten_at;
+        while self.unwritten > 0 && at < written {
+            let Ok(Some(header)) = frames::parse(&self.buf[at..self.pass], self.from_client) else {
+                break;
+            };
+            if !header.is_control() && header.opcode != frames::CONTINUATION {
+                self.unwritten -= 1;
+            }
+            at = at.saturating_add(usize::try_from(header.wire_len()).unwrap_or(usize::MAX));
+        }
+        self.unwritten_at = at.saturating_sub(written);
     }
 
     /// Decides what to do with the frame whose header starts the buffer.
@@ -381,7 +427,8 @@ impl Pump {
     }
 
     /// Reads frames from `src` and drops them until a close frame or the end (the peer's
-    /// answer to a close Switchyard sent).
+    /// answer to a close Switchyard sent). The client's data messages among them count
+    /// as dropped.
     pub async fn until_close<S: AsyncRead + Unpin>(&mut self, src: &mut S) {
         // What was let through and not written goes nowhere now.
         self.buf.advance(self.pass);
@@ -400,6 +447,12 @@ impl Pump {
                             return Poll::Ready(());
                         }
                         Ok(Some(header)) => {
+                            if self.from_client
+                                && !header.is_control()
+                                && header.opcode != frames::CONTINUATION
+                            {
+                                self.dropped += 1;
+                            }
                             self.left = header.wire_len();
                             continue;
                         }
@@ -623,6 +676,46 @@ mod tests {
         assert!(matches!(event, Event::DestinationLost(_)), "{event:?}");
         assert!(pump.bytes <= 100, "counted {} bytes, 100 left", pump.bytes);
         assert_eq!(counter.get(), pump.bytes);
+    }
+
+    #[tokio::test]
+    async fn messages_let_through_and_never_written_count_as_dropped() {
+        let (mut client, mut src) = duplex(1 << 16);
+        let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+        let frame = masked(frames::BINARY, true, &[1; 100]);
+        let ping = masked(frames::PING, true, b"p");
+        let mut wire = frame.repeat(2);
+        wire.extend_from_slice(&ping);
+        wire.extend_from_slice(&frame.repeat(2));
+        client.write_all(&wire).await.expect("write");
+        // The first frame and a byte of the second leave, then the destination is full.
+        let mut dst = Writes {
+            writes: Vec::new(),
+            room: frame.len() + 1,
+        };
+        let event = std::future::poll_fn(|cx| pump.poll(cx, &mut src, &mut dst)).await;
+        assert!(matches!(event, Event::DestinationLost(_)), "{event:?}");
+        assert_eq!(
+            pump.dropped(),
+            2,
+            "the two messages after the ping never left"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_messages_sent_while_waiting_for_a_close_count_as_dropped() {
+        let (mut client, mut src) = duplex(1 << 16);
+        let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+        let mut wire = masked(frames::BINARY, false, &[1; 10]);
+        wire.extend_from_slice(&masked(frames::CONTINUATION, true, &[2; 10]));
+        wire.extend_from_slice(&masked(frames::PING, true, b"p"));
+        wire.extend_from_slice(&masked(frames::TEXT, true, b"{\"type\":\"KeepAlive\"}"));
+        wire.extend_from_slice(&masked(frames::CLOSE, true, &1000u16.to_be_bytes()));
+        client.write_all(&wire).await.expect("write");
+        tokio::time::timeout(Duration::from_secs(10), pump.until_close(&mut src))
+            .await
+            .expect("the close came");
+        assert_eq!(pump.dropped(), 2, "a fragmented message and a text one");
     }
 
     #[tokio::test]

@@ -540,7 +540,7 @@ impl Stream {
             finish(&mut upstream, &mut down, upstream_frames, upstream_waits),
         );
         metrics.open_streams(self.endpoint).dec();
-        self.ended(reason, client_code, up.dropped, up.bytes, down.bytes);
+        self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
     }
 
     fn ended(
