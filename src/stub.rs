@@ -287,6 +287,10 @@ impl Stub {
                     continue;
                 }
             };
+            // Small messages leave at once. With Nagle on, the close frame after
+            // CloseStream's last messages waited for the proxy's delayed ACK: 40 ms more
+            // of a drain's window for lost audio.
+            let _ = stream.set_nodelay(true);
             let stub = self.clone();
             let cancel = cancel.clone();
             tokio::spawn(async move {
@@ -965,6 +969,7 @@ impl Proto {
                 "model_name": "stub",
                 "model_version": "0",
                 "model_uuid": "stub",
+                "stub": ctx.stub.name(),
             }))),
             Proto::Agent => out.push(json_message(&json!({
                 "type": "Welcome",

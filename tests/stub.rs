@@ -419,6 +419,8 @@ async fn tts_speak_flush_clear_close() {
     let metadata = next_json(&mut ws).await;
     assert_eq!(metadata["type"], "Metadata");
     assert_eq!(metadata["model_name"], "stub");
+    // Named, so an SDK client (which never sees the 101's headers) can tell the colour.
+    assert_eq!(metadata["stub"], "green");
 
     // 25 characters: three frames of audio.
     send_text(
