@@ -1,0 +1,928 @@
+"""Interop check: the official Python Deepgram SDK through Switchyard to its stub upstreams.
+
+Run by run.sh, which starts the processes (two stubs named blue and green, proxy A without
+client auth and with a preview listener, proxy B with [client_auth]) and passes their
+addresses. Every wait here is on a signal (a message, a close, an HTTP answer) with a timeout,
+or a bounded poll where no signal exists (readiness, log lines being written).
+
+Scenarios (PASS/FAIL lines per check, a summary line at the end, exit 1 on any failure):
+  S1 pre-recorded  listen.v1.media.transcribe_file / transcribe_url, proxy and preview
+  S2 live STT      listen.v1.connect: audio, KeepAlive, Finalize, CloseStream, Metadata, 1000
+  S3 TTS           speak.v1.audio.generate (streamed) and speak.v1.connect: Speak/Flush/Clear/Close
+  S4 drain         flip blue -> green with drain_timeout 1s under live STT and TTS streams:
+                   final Results + Metadata (STT) / Flushed (TTS) from blue, close 1012,
+                   reconnect lands on green
+  S5 client auth   listed keys (Token and bearer) pass, an unlisted key gets 401; no secret logged
+  S6 session id    the SDK's x-deepgram-session-id appears on the stream's log lines, both colours
+NOTE lines record SDK or stub behaviour worth knowing that is not a Switchyard failure.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+import uuid
+
+import websockets.exceptions as wsx
+from deepgram import DeepgramClient
+from deepgram.core.api_error import ApiError
+from deepgram.core.events import EventType
+from deepgram.environment import DeepgramClientEnvironment
+from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
+from deepgram.speak.v1.types import SpeakV1Cleared, SpeakV1Flushed, SpeakV1Metadata, SpeakV1Text
+from deepgram.types.listen_v1response import ListenV1Response
+
+RECV_TIMEOUT = 5.0  # seconds for any single WebSocket message
+HTTP_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 1.0  # the flip's drain_timeout
+DRAIN_GRACE = 2.0  # drain.grace in run.sh's config
+BYTES_PER_RESULT = 3200  # the stub answers one Results per 3200 audio bytes
+AUDIO_BYTES_PER_SECOND = 32000.0  # the stub's notion of audio duration
+SPEAK_CHUNK = 4096  # the stub's REST TTS chunk
+TTS_FRAME = 1920  # the stub's WS TTS frame, one per 10 characters
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+RESULTS = []  # (scenario, check, ok, detail)
+NOTES = []
+
+
+def check(scenario, name, ok, detail=""):
+    RESULTS.append((scenario, name, bool(ok), detail))
+    print(f"{'PASS' if ok else 'FAIL'} [{scenario}] {name}{(': ' + detail) if detail else ''}", flush=True)
+    return bool(ok)
+
+
+def note(text):
+    if text in NOTES:
+        return
+    NOTES.append(text)
+    print(f"NOTE {text}", flush=True)
+
+
+def scenario(tag):
+    """Runs a scenario function; an exception fails the scenario with its traceback."""
+
+    def wrap(fn):
+        def run(*a, **kw):
+            try:
+                fn(*a, **kw)
+            except Exception as exc:  # noqa: BLE001 - any error is a failed check
+                tb = traceback.format_exc(limit=6)
+                check(tag, f"{fn.__name__} raised {type(exc).__module__}.{type(exc).__name__}", False, f"{exc}\n{tb}")
+
+        return run
+
+    return wrap
+
+
+class Tap:
+    """Wraps the SDK's websockets connection: records raw frames so each message the SDK parsed
+    can also be validated strictly, and bounds every receive with RECV_TIMEOUT."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.raw = []
+
+    def recv(self, timeout=None, decode=None):
+        kw = {} if decode is None else {"decode": decode}
+        msg = self.ws.recv(timeout=RECV_TIMEOUT if timeout is None else timeout, **kw)
+        self.raw.append(msg)
+        return msg
+
+    def __iter__(self):
+        # Same contract as websockets' sync Connection.__iter__: a normal close ends the
+        # iteration, an abnormal one raises ConnectionClosedError.
+        try:
+            while True:
+                yield self.recv()
+        except wsx.ConnectionClosedOK:
+            return
+
+    def __getattr__(self, name):
+        return getattr(self.ws, name)
+
+
+def tap(sock):
+    sock._websocket = Tap(sock._websocket)
+    return sock._websocket
+
+
+def strict(model_cls, raw):
+    """Validates a raw JSON frame strictly against the SDK type (the SDK itself only
+    constructs, without validation)."""
+    return model_cls.model_validate(json.loads(raw))
+
+
+def env_for(addr):
+    return DeepgramClientEnvironment(
+        base=f"http://{addr}", production=f"ws://{addr}", agent=f"ws://{addr}", agent_rest=f"http://{addr}"
+    )
+
+
+def client(addr, session_id=None, **kw):
+    if "api_key" not in kw and "access_token" not in kw:
+        kw["api_key"] = "sdk-py-interop-anykey"
+    return DeepgramClient(environment=env_for(addr), session_id=session_id, timeout=HTTP_TIMEOUT, **kw)
+
+
+def audio(n, seed=0):
+    """Deterministic non-trivial bytes (never empty frames: Switchyard must not send one and
+    neither should we)."""
+    out = bytearray()
+    block = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{block}".encode()).digest()
+        block += 1
+    return bytes(out[:n])
+
+
+def http_json(method, url, token=None, body=None, timeout=HTTP_TIMEOUT):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+PIDS = []
+
+
+def dead_processes():
+    """The started processes (run.sh's PIDs) that have exited (gone or zombie)."""
+    dead = []
+    for pid in PIDS:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state in ("Z", "X"):
+                dead.append(pid)
+        except OSError:
+            dead.append(pid)
+    return dead
+
+
+def fail_if_dead():
+    dead = dead_processes()
+    if dead:
+        raise RuntimeError(f"process(es) {dead} exited during start-up (see the logs run.sh prints)")
+
+
+def wait_ready(admin, deadline_s=20.0):
+    """Bounded poll: /readyz 200 and both colours' upstreams healthy in /status."""
+    end = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < end:
+        fail_if_dead()
+        try:
+            code, _ = http_json("GET", f"http://{admin}/readyz", timeout=1)
+            if code == 200:
+                code, status = http_json("GET", f"http://{admin}/status", timeout=1)
+                last = status
+                ups = [u for c in ("blue", "green") for u in status["colors"][c]["upstreams"]]
+                if ups and all(u.get("healthy") for u in ups):
+                    return status
+        except (OSError, ValueError, KeyError) as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"{admin} not ready with both colours healthy within {deadline_s}s: {last}")
+
+
+def wait_url(url, deadline_s=10.0):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        fail_if_dead()
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {deadline_s}s")
+
+
+def hdr(ws, name):
+    return ws.response.headers.get(name)
+
+
+# ------------------------------------------------------------------------------------------
+# S1 pre-recorded
+# ------------------------------------------------------------------------------------------
+@scenario("S1")
+def s1_prerecorded(a):
+    tag = "S1"
+    for listener, addr, colour in (("proxy", a.proxy_a, "blue"), ("preview", a.preview_a, "green")):
+        dg = client(addr, session_id=f"sdk-py-s1-{listener}-{uuid.uuid4()}")
+        body = audio(256 * 1024, seed=1)
+        r = dg.listen.v1.media.with_raw_response.transcribe_file(
+            request=body, model="nova-3", smart_format=True, punctuate=True
+        )
+        check(tag, f"transcribe_file via {listener}: 200", r.status_code == 200, str(r.status_code))
+        check(
+            tag,
+            f"transcribe_file via {listener}: x-switchyard-color={colour}",
+            r.headers.get("x-switchyard-color") == colour,
+            str(r.headers.get("x-switchyard-color")),
+        )
+        check(tag, f"transcribe_file via {listener}: x-stub-name={colour}", r.headers.get("x-stub-name") == colour)
+        check(tag, f"transcribe_file via {listener}: parsed as ListenV1Response", isinstance(r.data, ListenV1Response))
+        v = strict(ListenV1Response, r._response.content)
+        md = v.metadata.model_extra or {}
+        check(tag, f"transcribe_file via {listener}: metadata names stub {colour}", md.get("stub") == colour, str(md))
+        check(
+            tag,
+            f"transcribe_file via {listener}: body arrived intact (sha256, {len(body)} bytes)",
+            v.metadata.sha256 == hashlib.sha256(body).hexdigest() and md.get("bytes") == len(body),
+        )
+        check(
+            tag,
+            f"transcribe_file via {listener}: transcript and dg-request-id",
+            v.results.channels[0].alternatives[0].transcript == f"{colour} heard {len(body)} bytes"
+            and r.headers.get("dg-request-id") == v.metadata.request_id,
+        )
+        url = "https://example.com/sdk-interop.wav"
+        r = dg.listen.v1.media.with_raw_response.transcribe_url(url=url, model="nova-3")
+        v = strict(ListenV1Response, r._response.content)
+        md = v.metadata.model_extra or {}
+        check(
+            tag,
+            f"transcribe_url via {listener}: 200 from {colour}, parsed",
+            r.status_code == 200
+            and r.headers.get("x-switchyard-color") == colour
+            and md.get("stub") == colour
+            and isinstance(r.data, ListenV1Response)
+            and md.get("bytes", 0) > len(url),
+            f"{r.status_code} {r.headers.get('x-switchyard-color')} {md}",
+        )
+    # The plain (non-raw) call returns the parsed type directly.
+    data = client(a.proxy_a).listen.v1.media.transcribe_file(request=audio(1000, seed=2))
+    check(
+        tag,
+        "transcribe_file (plain client) returns ListenV1Response from blue",
+        isinstance(data, ListenV1Response) and (data.metadata.model_extra or {}).get("stub") == "blue",
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# S2 live STT
+# ------------------------------------------------------------------------------------------
+def live_stt_session(tag, addr, colour, label):
+    sid = f"sdk-py-s2-{label}-{uuid.uuid4()}"
+    dg = client(addr, session_id=sid)
+    sent = bytearray()
+    with dg.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=16000, interim_results="true") as s:
+        ws = tap(s)
+        check(
+            tag,
+            f"{label}: 101 via {colour} (x-switchyard-color, x-stub-name)",
+            hdr(ws, "x-switchyard-color") == colour and hdr(ws, "x-stub-name") == colour,
+            f"{hdr(ws, 'x-switchyard-color')} / {hdr(ws, 'x-stub-name')}",
+        )
+        check(
+            tag,
+            f"{label}: no extension negotiated with the SDK (it offers permessage-deflate)",
+            hdr(ws, "sec-websocket-extensions") is None,
+            str(hdr(ws, "sec-websocket-extensions")),
+        )
+        request_id = hdr(ws, "dg-request-id")
+        for i in range(10):  # 10 x 640 bytes = 2 Results
+            chunk = audio(640, seed=100 + i)
+            sent += chunk
+            s.send_media(chunk)
+        got = [s.recv(), s.recv()]
+        ok = all(isinstance(m, ListenV1Results) for m in got)
+        for raw in ws.raw[-2:]:
+            strict(ListenV1Results, raw)
+        check(
+            tag,
+            f"{label}: Results parsed as ListenV1Results (and validate strictly)",
+            ok and [m.channel.alternatives[0].transcript for m in got] == [f"{colour} 1", f"{colour} 2"],
+            str([type(m).__name__ for m in got]),
+        )
+        check(
+            tag,
+            f"{label}: Results carry is_final and the 101's request_id",
+            all(m.is_final is True and m.metadata.request_id == request_id for m in got),
+        )
+        # websockets (the SDK's transport) pings every 20 s and fails the connection with 1011
+        # when no pong comes back within 20 s: pongs must make it through.
+        check(tag, f"{label}: WebSocket ping answered by a pong through the proxy", ws.ping().wait(2.0))
+        s.send_keep_alive()
+        tail = audio(1000, seed=200)
+        sent += tail
+        s.send_media(tail)
+        s.send_finalize()
+        m = s.recv()
+        strict(ListenV1Results, ws.raw[-1])
+        check(
+            tag,
+            f"{label}: KeepAlive accepted, Finalize -> Results from_finalize=true",
+            isinstance(m, ListenV1Results) and m.from_finalize is True and abs(m.duration - 1000 / 32000) < 1e-9,
+            f"{type(m).__name__} from_finalize={getattr(m, 'from_finalize', None)}",
+        )
+        last = audio(500, seed=300)
+        sent += last
+        s.send_media(last)
+        s.send_close_stream()
+        after = list(s)  # ends on a normal close (ConnectionClosedOK), raises otherwise
+        types = [type(m).__name__ for m in after]
+        check(tag, f"{label}: CloseStream -> final Results then Metadata", types == ["ListenV1Results", "ListenV1Metadata"], str(types))
+        if types == ["ListenV1Results", "ListenV1Metadata"]:
+            if after[0].from_finalize:
+                note(
+                    "stub: the final Results after CloseStream has from_finalize=true; Deepgram documents "
+                    "from_finalize for Finalize only (harmless for the SDK)."
+                )
+            meta = strict(ListenV1Metadata, ws.raw[-1])
+            extra = meta.model_extra or {}
+            check(
+                tag,
+                f"{label}: Metadata names {colour}, request_id matches, sha256 covers every audio byte in order",
+                extra.get("stub") == colour
+                and meta.request_id == request_id
+                and meta.sha256 == hashlib.sha256(bytes(sent)).hexdigest()
+                and abs(meta.duration - len(sent) / AUDIO_BYTES_PER_SECOND) < 1e-9,
+                f"stub={extra.get('stub')} duration={meta.duration}",
+            )
+        check(
+            tag,
+            f"{label}: clean close 1000",
+            ws.close_code == 1000,
+            f"close_code={ws.close_code} reason={ws.close_reason!r}",
+        )
+    return sid
+
+
+@scenario("S2")
+def s2_live(a, sessions):
+    sessions["s2"] = live_stt_session("S2", a.proxy_a, "blue", "live STT via proxy")
+    sessions["s2-preview"] = live_stt_session("S2", a.preview_a, "green", "live STT via preview")
+    # An app that leaves the connect() block without CloseStream: websockets sends close 1000,
+    # which must travel through and be answered.
+    sid = f"sdk-py-s2-client-close-{uuid.uuid4()}"
+    sessions["s2-client-close"] = sid
+    with client(a.proxy_a, session_id=sid).listen.v1.connect(model="nova-3") as s:
+        ws = tap(s)
+        s.send_media(audio(BYTES_PER_RESULT, seed=400))
+        s.recv()
+    check(
+        "S2",
+        "client-initiated close (leaving connect() without CloseStream): close 1000 answered",
+        ws.close_code == 1000 and ws.ws.protocol.close_rcvd is not None and ws.ws.protocol.close_rcvd.code == 1000,
+        f"close_code={ws.close_code} rcvd={ws.ws.protocol.close_rcvd}",
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# S3 TTS
+# ------------------------------------------------------------------------------------------
+@scenario("S3")
+def s3_tts(a, sessions):
+    tag = "S3"
+    sid = f"sdk-py-s3-{uuid.uuid4()}"
+    sessions["s3"] = sid
+    dg = client(a.proxy_a, session_id=sid)
+    text = "Hello from the Python SDK interop check."
+    chunks = 25
+    with dg.speak.v1.audio.with_raw_response.generate(
+        text=text, model="aura-2-thalia-en", request_options={"additional_query_parameters": {"chunks": chunks}}
+    ) as r:
+        arrivals = []
+        total = 0
+        for chunk in r.data:
+            arrivals.append(time.monotonic())
+            total += len(chunk)
+        check(
+            tag,
+            "speak.v1.audio.generate: 200 audio/mpeg from blue, dg-char-count passed through",
+            r.status_code == 200
+            and r.headers.get("content-type") == "audio/mpeg"
+            and r.headers.get("x-switchyard-color") == "blue"
+            and r.headers.get("dg-char-count") == str(len(text)),
+            f"{r.status_code} {r.headers.get('content-type')} {r.headers.get('x-switchyard-color')} "
+            f"{r.headers.get('dg-char-count')}",
+        )
+        check(tag, "speak.v1.audio.generate: every byte arrived", total == chunks * SPEAK_CHUNK, f"{total}")
+        spread = arrivals[-1] - arrivals[0] if arrivals else 0
+        # The stub trickles one chunk every 20 ms (~0.48 s for 25); a buffering proxy would
+        # deliver them all at once.
+        check(tag, "speak.v1.audio.generate: streamed progressively, not buffered", spread > 0.25, f"spread {spread:.3f}s")
+    plain = sum(len(c) for c in dg.speak.v1.audio.generate(text="hi"))
+    check(tag, "speak.v1.audio.generate (plain iterator) yields the audio", plain == 8 * SPEAK_CHUNK, str(plain))
+
+    with dg.speak.v1.connect(model="aura-2-thalia-en", encoding="linear16", sample_rate=24000) as s:
+        ws = tap(s)
+        check(tag, "speak WS: 101 via blue", hdr(ws, "x-switchyard-color") == "blue", str(hdr(ws, "x-switchyard-color")))
+        m = s.recv()
+        check(
+            tag,
+            "speak WS: Metadata greeting parsed as SpeakV1Metadata",
+            isinstance(m, SpeakV1Metadata) and strict(SpeakV1Metadata, ws.raw[-1]).request_id == hdr(ws, "dg-request-id"),
+            type(m).__name__,
+        )
+        s.send_text(SpeakV1Text(type="Speak", text="x" * 35))
+        s.send_flush()
+        frames = []
+        while True:
+            m = s.recv()
+            if isinstance(m, bytes):
+                frames.append(len(m))
+                continue
+            break
+        check(
+            tag,
+            "speak WS: Speak -> binary audio frames, Flush -> Flushed after them",
+            frames == [TTS_FRAME] * 4 and isinstance(m, SpeakV1Flushed) and m.type == "Flushed" and m.sequence_id == 0,
+            f"frames={frames} then {type(m).__name__}({getattr(m, 'type', None)})",
+        )
+        strict(SpeakV1Flushed, ws.raw[-1])
+        s.send_text(SpeakV1Text(type="Speak", text="y" * 10))
+        s.send_clear()
+        frames = []
+        while True:
+            m = s.recv()
+            if isinstance(m, bytes):
+                frames.append(len(m))
+                continue
+            break
+        check(
+            tag,
+            "speak WS: Clear -> Cleared",
+            getattr(m, "type", None) == "Cleared" and m.sequence_id == 0,
+            f"{type(m).__name__}(type={getattr(m, 'type', None)})",
+        )
+        strict(SpeakV1Cleared, ws.raw[-1])
+        if not isinstance(m, SpeakV1Cleared):
+            note(
+                f"SDK: a Cleared message is parsed into {type(m).__name__} (type='Cleared'), not "
+                "SpeakV1Cleared: SpeakV1FlushedType is Literal['Flushed','Cleared'] | Any and the "
+                "response union is undiscriminated; apps must test .type, not isinstance."
+            )
+        s.send_close()
+        rest = list(s)
+        check(
+            tag,
+            "speak WS: Close -> clean close 1000",
+            ws.close_code == 1000 and all(isinstance(x, bytes) for x in rest),
+            f"close_code={ws.close_code} after {[type(x).__name__ for x in rest]}",
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# S4 drain
+# ------------------------------------------------------------------------------------------
+@scenario("S4")
+def s4_drain(a, sessions):
+    tag = "S4"
+    token = open(a.admin_token_file).read().strip()
+    stt_sid = f"sdk-py-s4-stt-{uuid.uuid4()}"
+    tts_sid = f"sdk-py-s4-tts-{uuid.uuid4()}"
+    sessions["s4-stt"] = stt_sid
+    sessions["s4-tts"] = tts_sid
+    stt_client = client(a.proxy_a, session_id=stt_sid)
+    tts_client = client(a.proxy_a, session_id=tts_sid)
+
+    with stt_client.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=16000) as stt, \
+            tts_client.speak.v1.connect(model="aura-2-thalia-en") as tts:
+        sws = tap(stt)
+        tws = tap(tts)
+        check(
+            tag,
+            "both streams open on blue",
+            hdr(sws, "x-switchyard-color") == "blue" and hdr(tws, "x-switchyard-color") == "blue",
+        )
+        # The TTS stream is consumed the event-emitter way (start_listening), to record what
+        # that API surfaces on a drain close.
+        tts_events = []
+        tts.on(EventType.OPEN, lambda _: tts_events.append(("open", None)))
+        tts.on(EventType.MESSAGE, lambda m: tts_events.append(("message", m)))
+        tts.on(EventType.ERROR, lambda e: tts_events.append(("error", e)))
+        tts.on(EventType.CLOSE, lambda _: tts_events.append(("close", None)))
+        tts_thread = threading.Thread(target=tts.start_listening, daemon=True)
+        tts_thread.start()
+
+        # The STT client streams 20 ms of audio every 20 ms from a thread until the socket
+        # closes (bounded: 400 chunks = 8 s).
+        stop = threading.Event()
+        send_errors = []
+        sent = {"chunks": 0}
+
+        def sender():
+            for i in range(400):
+                if stop.is_set():
+                    return
+                try:
+                    stt.send_media(audio(640, seed=1000 + i))
+                    sent["chunks"] += 1
+                except Exception as exc:  # noqa: BLE001
+                    send_errors.append(exc)
+                    return
+                time.sleep(0.02)
+
+        sender_thread = threading.Thread(target=sender, daemon=True)
+        sender_thread.start()
+        first = stt.recv()
+        check(tag, "STT stream produces Results on blue before the flip", isinstance(first, ListenV1Results) and first.channel.alternatives[0].transcript == "blue 1")
+        tts.send_text(SpeakV1Text(type="Speak", text="z" * 20))
+
+        t_flip = time.monotonic()
+        code, body = http_json("POST", f"http://{a.admin_a}/flip", token, {"to": "green", "drain_timeout": "1s", "reason": "sdk-py interop"})
+        check(tag, "flip to green: 200 changed", code == 200 and body.get("active") == "green" and body.get("changed") is True, f"{code} {body}")
+        code, status = http_json("GET", f"http://{a.admin_a}/status")
+        blue = status["colors"]["blue"]
+        check(
+            tag,
+            "status right after the flip: blue draining with 2 open streams",
+            blue["state"] == "draining" and blue["open_streams"] == 2,
+            f"state={blue['state']} open_streams={blue['open_streams']}",
+        )
+        tts.send_text(SpeakV1Text(type="Speak", text="w" * 20))  # still served by blue while draining
+
+        msgs = []
+        closed = None
+        try:
+            while True:
+                m = stt.recv()
+                msgs.append((time.monotonic() - t_flip, m))
+        except wsx.ConnectionClosed as exc:
+            closed = exc
+        t_close = time.monotonic() - t_flip
+        stop.set()
+        sender_thread.join(5)
+        tts_thread.join(DRAIN_TIMEOUT + DRAIN_GRACE + 5)
+        t_tts = time.monotonic() - t_flip
+
+        kinds = [type(m).__name__ for _, m in msgs]
+        check(
+            tag,
+            "STT: Results keep flowing from blue while draining",
+            kinds.count("ListenV1Results") >= 3
+            and all(m.channel.alternatives[0].transcript.startswith("blue ") for _, m in msgs if isinstance(m, ListenV1Results)),
+            f"{kinds.count('ListenV1Results')} Results",
+        )
+        check(
+            tag,
+            "STT: last messages are the final Results (from_finalize) then Metadata from blue",
+            len(msgs) >= 2
+            and isinstance(msgs[-2][1], ListenV1Results)
+            and msgs[-2][1].from_finalize is True
+            and isinstance(msgs[-1][1], ListenV1Metadata)
+            and (msgs[-1][1].model_extra or {}).get("stub") == "blue",
+            str(kinds[-3:]),
+        )
+        if msgs:
+            strict(ListenV1Metadata, sws.raw[-1])
+        check(
+            tag,
+            "STT: the SDK surfaces the drain close as websockets ConnectionClosedError, code 1012",
+            isinstance(closed, wsx.ConnectionClosedError) and closed.rcvd is not None and closed.rcvd.code == 1012,
+            f"{type(closed).__name__}: rcvd={getattr(closed, 'rcvd', None)} sent={getattr(closed, 'sent', None)}",
+        )
+        if closed is not None and closed.rcvd is not None:
+            note(
+                f"SDK surfaces the drain close via recv() as websockets.exceptions.{type(closed).__name__} "
+                f"(rcvd code {closed.rcvd.code}, reason {closed.rcvd.reason!r}); the SDK has no reconnect "
+                "layer, the app must reconnect itself."
+            )
+        check(
+            tag,
+            f"STT: closed at the drain deadline (~{DRAIN_TIMEOUT:.0f}s after the flip), well inside the grace",
+            DRAIN_TIMEOUT - 0.2 <= t_close <= DRAIN_TIMEOUT + DRAIN_GRACE,
+            f"{t_close:.3f}s",
+        )
+        if send_errors:
+            note(
+                f"SDK: send_media after the drain close raises websockets.exceptions.{type(send_errors[0]).__name__} "
+                f"({send_errors[0]})"
+            )
+
+        # TTS side.
+        tts_audio = [m for k, m in tts_events if k == "message" and isinstance(m, bytes)]
+        tts_json = [m for k, m in tts_events if k == "message" and not isinstance(m, bytes)]
+        errors = [e for k, e in tts_events if k == "error"]
+        check(tag, "TTS: listener thread ended by the drain", not tts_thread.is_alive(), f"{t_tts:.3f}s")
+        check(
+            tag,
+            "TTS: audio from both Speaks, then Flushed (answer to the injected Flush)",
+            len(tts_audio) == 4
+            and tts_json
+            and isinstance(tts_json[0], SpeakV1Metadata)
+            and getattr(tts_json[-1], "type", None) == "Flushed",
+            f"{len(tts_audio)} audio frames, messages {[getattr(m, 'type', type(m).__name__) for m in tts_json]}",
+        )
+        check(
+            tag,
+            "TTS: event API emits ERROR(ConnectionClosedError 1012) then CLOSE; socket close code 1012",
+            len(errors) == 1
+            and isinstance(errors[0], wsx.ConnectionClosedError)
+            and errors[0].rcvd is not None
+            and errors[0].rcvd.code == 1012
+            and tts_events[-1][0] == "close"
+            and tws.close_code == 1012,
+            f"errors={[repr(e) for e in errors]} last={tts_events[-1][0] if tts_events else None} close_code={tws.close_code}",
+        )
+        if errors:
+            note(
+                "SDK event API (start_listening) on a drain close: EventType.ERROR with "
+                f"websockets.exceptions.{type(errors[0]).__name__} ({errors[0]}), then EventType.CLOSE with "
+                "payload None; the close code is only on the exception / socket._websocket.close_code. "
+                "A 1000 close emits no ERROR, only CLOSE."
+            )
+
+    code, body = http_json("GET", f"http://{a.admin_a}/drain/wait?color=blue&timeout=5s", timeout=10)
+    check(tag, "drain/wait: blue drained", code == 200 and body.get("drained") is True, f"{code} {body}")
+
+    # The app reconnects (same client, same session id) and lands on green.
+    with stt_client.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=16000) as s:
+        ws = tap(s)
+        s.send_media(audio(BYTES_PER_RESULT, seed=5000))
+        first = s.recv()
+        s.send_close_stream()
+        after = list(s)
+        meta = after[-1] if after else None
+        check(
+            tag,
+            "STT reconnect lands on green (header, Results, Metadata) and ends 1000",
+            hdr(ws, "x-switchyard-color") == "green"
+            and isinstance(first, ListenV1Results)
+            and first.channel.alternatives[0].transcript == "green 1"
+            and isinstance(meta, ListenV1Metadata)
+            and (meta.model_extra or {}).get("stub") == "green"
+            and ws.close_code == 1000,
+            f"{hdr(ws, 'x-switchyard-color')} {[type(m).__name__ for m in after]} close={ws.close_code}",
+        )
+    with tts_client.speak.v1.connect(model="aura-2-thalia-en") as s:
+        ws = tap(s)
+        greeting = s.recv()
+        s.send_text(SpeakV1Text(type="Speak", text="again"))
+        s.send_flush()
+        got = [s.recv(), s.recv()]
+        s.send_close()
+        list(s)
+        check(
+            tag,
+            "TTS reconnect lands on green and works (audio, Flushed, close 1000)",
+            hdr(ws, "x-switchyard-color") == "green"
+            and hdr(ws, "x-stub-name") == "green"
+            and isinstance(greeting, SpeakV1Metadata)
+            and isinstance(got[0], bytes)
+            and getattr(got[1], "type", None) == "Flushed"
+            and ws.close_code == 1000,
+            f"{hdr(ws, 'x-switchyard-color')} close={ws.close_code}",
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# S5 client auth
+# ------------------------------------------------------------------------------------------
+@scenario("S5")
+def s5_auth(a, sessions):
+    tag = "S5"
+    sid = f"sdk-py-s5-{uuid.uuid4()}"
+    sessions["s5"] = sid
+    for label, kw in (
+        ("api_key (Authorization: Token <key>)", {"api_key": a.key_good_1}),
+        ("access_token (Authorization: bearer <key>)", {"access_token": a.key_good_2}),
+    ):
+        dg = client(a.proxy_b, session_id=sid, **kw)
+        r = dg.listen.v1.media.with_raw_response.transcribe_file(request=audio(100, seed=7))
+        check(tag, f"listed key via {label}: REST 200 via blue", r.status_code == 200 and r.headers.get("x-switchyard-color") == "blue")
+        with dg.listen.v1.connect(model="nova-3") as s:
+            ws = tap(s)
+            s.send_media(audio(BYTES_PER_RESULT, seed=8))
+            m = s.recv()
+            s.send_close_stream()
+            list(s)
+            check(
+                tag,
+                f"listed key via {label}: WS 101, Results, close 1000",
+                hdr(ws, "x-switchyard-color") == "blue" and isinstance(m, ListenV1Results) and ws.close_code == 1000,
+            )
+
+    for label, kw in (
+        ("api_key", {"api_key": a.key_bad}),
+        ("access_token", {"access_token": a.key_bad}),
+    ):
+        dg = client(a.proxy_b, session_id=sid, **kw)
+        t0 = time.monotonic()
+        try:
+            dg.listen.v1.media.transcribe_file(request=audio(100, seed=9))
+            check(tag, f"unlisted key via {label}: REST refused", False, "request succeeded")
+        except ApiError as exc:
+            took = time.monotonic() - t0
+            body = exc.body if isinstance(exc.body, dict) else {}
+            check(
+                tag,
+                f"unlisted key via {label}: REST -> SDK ApiError 401 with Switchyard's JSON, not retried, no colour header",
+                exc.status_code == 401
+                and body.get("error") == "unauthorized"
+                and "x-switchyard-color" not in (exc.headers or {})
+                and took < 1.0,
+                f"status={exc.status_code} body={exc.body} took={took:.3f}s",
+            )
+        try:
+            with dg.listen.v1.connect(model="nova-3"):
+                check(tag, f"unlisted key via {label}: WS refused", False, "handshake succeeded")
+        except ApiError as exc:
+            check(tag, f"unlisted key via {label}: WS handshake -> ApiError 401", exc.status_code == 401, str(exc))
+        except wsx.InvalidStatus as exc:
+            resp = exc.response
+            check(
+                tag,
+                f"unlisted key via {label}: WS handshake refused with 401 (Switchyard JSON body, no colour header)",
+                resp.status_code == 401
+                and json.loads(bytes(resp.body)).get("error") == "unauthorized"
+                and resp.headers.get("x-switchyard-color") is None,
+                f"{resp.status_code} {bytes(resp.body)!r}",
+            )
+            if not any("InvalidStatus" in n for n in NOTES):
+                note(
+                    "SDK bug: a refused WS handshake escapes as raw websockets.exceptions.InvalidStatus "
+                    f"({exc}), not ApiError: deepgram/core/websocket_compat.py imports the deprecated "
+                    "legacy alias websockets.exceptions.InvalidStatusCode, which websockets>=14's sync "
+                    "client never raises, so the SDK's `except InvalidWebSocketStatus` never matches."
+                )
+
+
+# ------------------------------------------------------------------------------------------
+# Log checks: S5 secrets, S6 session ids
+# ------------------------------------------------------------------------------------------
+def read_log_lines(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read().splitlines()
+
+
+def stream_lines(lines, session):
+    """The parsed JSON log lines whose span names `session`."""
+    out = []
+    for line in lines:
+        if session not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            out.append({"raw": line})
+            continue
+        spans = [rec.get("span") or {}] + list(rec.get("spans") or [])
+        span = next((sp for sp in spans if sp.get("session") == session), None)
+        if span is not None:
+            out.append({**rec, "_span": span})
+    return out
+
+
+def wait_for_lines(path, pred, deadline_s=5.0):
+    """Bounded poll: log lines are written as streams end, after the client saw the close."""
+    end = time.monotonic() + deadline_s
+    while True:
+        lines = read_log_lines(path)
+        if pred(lines) or time.monotonic() >= end:
+            return lines
+        time.sleep(0.1)
+
+
+@scenario("S6")
+def s6_sessions(a, sessions):
+    tag = "S6"
+
+    def ended(lines, sid, colour, path):
+        return [
+            r for r in stream_lines(lines, sid)
+            if r.get("_span", {}).get("color") == colour
+            and r.get("_span", {}).get("path") == path
+            and r.get("message") == "stream ended"
+        ]
+
+    wanted = [
+        ("s2", "blue", "/v1/listen", None),
+        ("s2-preview", "green", "/v1/listen", None),
+        ("s2-client-close", "blue", "/v1/listen", None),
+        ("s3", "blue", "/v1/speak", None),
+        ("s4-stt", "blue", "/v1/listen", "drain_graceful"),
+        ("s4-stt", "green", "/v1/listen", None),
+        ("s4-tts", "blue", "/v1/speak", "drain_graceful"),
+        ("s4-tts", "green", "/v1/speak", None),
+    ]
+    lines = wait_for_lines(
+        a.log_a,
+        lambda ls: all(key not in sessions or ended(ls, sessions[key], c, p) for key, c, p, _ in wanted),
+    )
+    for key, colour, path, reason in wanted:
+        if key not in sessions:
+            check(tag, f"session {key}: scenario did not run", False)
+            continue
+        recs = ended(lines, sessions[key], colour, path)
+        detail = ""
+        ok = bool(recs)
+        if recs and reason:
+            ok = any(r.get("reason") == reason and r.get("close_code") == 1012 for r in recs)
+            detail = str([(r.get("reason"), r.get("close_code")) for r in recs])
+        check(tag, f"stream log line carries session id: {key} {colour} {path}" + (f" ({reason}, 1012)" if reason else ""), ok, detail)
+    dup = []
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+
+        def hook(pairs):
+            keys = [k for k, _ in pairs]
+            if len(keys) != len(set(keys)):
+                dup.append(line)
+            return dict(pairs)
+
+        try:
+            json.loads(line, object_pairs_hook=hook)
+        except ValueError:
+            pass
+    if dup:
+        note(
+            f"switchyard bug: {len(dup)} JSON log line(s) repeat a key, so JSON parsers keep only the last "
+            f"value (e.g. the drain-injection line's two \"message\" keys): {dup[0][:300]}"
+        )
+    # REST requests from the SDK carry x-deepgram-session-id too; say whether the access log has it.
+    s1 = [l for l in lines if "sdk-py-s1-" in l]
+    if not s1:
+        note(
+            "Switchyard's HTTP access log lines do not carry the SDK's x-deepgram-session-id (the SPEC only "
+            "requires it on streams; the Python SDK sends it on every REST request too)."
+        )
+
+
+@scenario("S5")
+def s5_secrets_in_logs(a):
+    tag = "S5"
+    token = open(a.admin_token_file).read().strip()
+    for path in (a.log_a, a.log_b):
+        text = "\n".join(read_log_lines(path))
+        for label, secret in (
+            ("listed key 1", a.key_good_1),
+            ("listed key 2", a.key_good_2),
+            ("unlisted key", a.key_bad),
+            ("admin token", token),
+            ("proxy A's api_key", "sdk-py-interop-anykey"),
+        ):
+            check(tag, f"{label} never appears in {path.rsplit('/', 1)[-1]}", secret not in text)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    for name in (
+        "blue", "green", "proxy-a", "preview-a", "admin-a", "proxy-b", "admin-b", "admin-token-file",
+        "key-good-1", "key-good-2", "key-bad", "log-a", "log-b",
+    ):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--pids", default="")
+    a = p.parse_args()
+    PIDS.extend(int(x) for x in a.pids.split())
+
+    from importlib import metadata
+
+    versions = {pkg: metadata.version(pkg) for pkg in ("deepgram-sdk", "websockets", "httpx", "pydantic")}
+    print(f"sdk-python: {versions}, python {sys.version.split()[0]}", flush=True)
+    started = time.monotonic()
+
+    try:
+        wait_url(f"http://{a.blue}/v1/status")
+        wait_url(f"http://{a.green}/v1/status")
+        wait_ready(a.admin_a)
+        wait_ready(a.admin_b)
+    except RuntimeError as exc:
+        print(f"FAILED [setup] {exc}")
+        print("0 passed, 1 failed")
+        return 1
+    print(f"sdk-python: stubs and proxies ready in {time.monotonic() - started:.2f}s", flush=True)
+
+    sessions = {}
+    s1_prerecorded(a)
+    s2_live(a, sessions)
+    s3_tts(a, sessions)
+    s4_drain(a, sessions)
+    s5_auth(a, sessions)
+    s6_sessions(a, sessions)
+    s5_secrets_in_logs(a)
+
+    failed = [r for r in RESULTS if not r[2]]
+    passed = len(RESULTS) - len(failed)
+    by_scenario = {}
+    for sc, _, ok, _ in RESULTS:
+        by_scenario[sc] = by_scenario.get(sc, True) and ok
+    print()
+    print("sdk-python scenarios: " + ", ".join(f"{sc} {'PASS' if ok else 'FAIL'}" for sc, ok in sorted(by_scenario.items())))
+    for sc, name, _, detail in failed:
+        print(f"FAILED [{sc}] {name}: {detail}")
+    print(f"sdk-python: {len(NOTES)} notes, {time.monotonic() - started:.1f}s")
+    print(f"{passed} passed, {len(failed)} failed")
+    return 1 if failed or not RESULTS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
