@@ -388,6 +388,36 @@ async fn speak_drain_sends_close_when_flushed_never_comes() {
     assert_eq!(blue.flushes(), 1);
 }
 
+/// A client that ends its stream itself while the drain is under way gets 1000, not 1012:
+/// Deepgram's JS SDK reconnects on 1012, and would revive a session its app had ended.
+#[tokio::test]
+async fn a_client_ending_its_stream_during_the_drain_is_not_told_to_reconnect() {
+    let env = EnvBuilder {
+        grace: "2s",
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
+    let (mut ws, _) = open(&url).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Metadata");
+    flip_with(&env, "green", "0s").await;
+    let blue = env.blue[0].state.clone();
+    within("the drain's Flush", blue.wait_until(|s| s.flushes() == 1)).await;
+    // The client's Close crosses the drain: Switchyard drops it (its own Close follows
+    // the Flush), but notes that the client is done.
+    ws.send(Message::text(r#"{"type":"Close"}"#))
+        .await
+        .expect("Close");
+    let (_, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1000));
+    within(
+        "the stub to get Switchyard's Close",
+        blue.wait_until(|s| s.speak_closes() == 1),
+    )
+    .await;
+}
+
 /// Forwards TCP connections to a stub and records each one's first request head, so a test
 /// can see the exact request line Switchyard sent (the stub records headers only).
 /// Optionally it holds `GET /v1/listen` handshakes until released, to put an upstream

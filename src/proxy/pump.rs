@@ -80,15 +80,20 @@ pub struct Pump {
     pub drop_data: bool,
     /// Report `Flushed` messages (a Speak drain waits for one).
     pub watch_flushed: bool,
+    /// The client's message that ends the stream (`CloseStream`, speak's `Close`), looked
+    /// for in its text frames, passed on or dropped.
+    pub watch_end: Option<&'static str>,
+    /// The client sent `watch_end`: it ended the stream itself.
+    pub client_ended: bool,
     /// Payload bytes passed on.
     pub bytes: u64,
     /// Payload bytes of frames let through and not yet written: counted in `bytes` once
     /// `pass` is all written, so a stream that ends first does not count them.
     uncounted: u64,
-    /// The client's data messages dropped after the drain message or while Switchyard
-    /// waited for the answer to its close.
+    /// The client's audio (binary) messages dropped after the drain message or while
+    /// Switchyard waited for the answer to its close.
     dropped: u64,
-    /// Messages from the client whose first frame is let through and has no byte
+    /// Audio messages from the client whose first frame is let through and has no byte
     /// written yet; dropped if the stream ends first.
     unwritten: u64,
     /// A frame header in `buf` at or before the first of them, when there is one.
@@ -114,6 +119,8 @@ impl Pump {
             unflushed: false,
             drop_data: false,
             watch_flushed: false,
+            watch_end: None,
+            client_ended: false,
             bytes: 0,
             uncounted: 0,
             dropped: 0,
@@ -123,7 +130,7 @@ impl Pump {
         }
     }
 
-    /// The client's data messages the upstream never got: dropped after the drain
+    /// The client's audio messages the upstream never got: dropped after the drain
     /// message, let through but not yet written, or sent while Switchyard waited for the
     /// answer to its close.
     pub fn dropped(&self) -> u64 {
@@ -273,7 +280,7 @@ impl Pump {
 
     /// Whether a frame is looked inside for `Flushed`.
     fn watches(&self, header: &Header) -> bool {
-        self.watch_flushed
+        (self.watch_flushed || self.watch_end.is_some())
             && header.opcode == frames::TEXT
             && header.fin
             && header.len <= MAX_WATCHED
@@ -281,9 +288,9 @@ impl Pump {
 
     /// Starts passing a frame on.
     fn pass_on(&mut self, header: &Header) {
-        let starts_message =
-            !header.is_control() && (header.opcode != frames::CONTINUATION || self.empty_start);
-        if starts_message && self.from_client {
+        let starts_audio = header.opcode == frames::BINARY
+            || (header.opcode == frames::CONTINUATION && self.empty_start);
+        if starts_audio && self.from_client {
             if self.unwritten == 0 {
                 self.unwritten_at = self.pass;
             }
@@ -318,7 +325,8 @@ impl Pump {
             let Ok(Some(header)) = frames::parse(&self.buf[at..self.pass], self.from_client) else {
                 break;
             };
-            if !header.is_control() && header.opcode != frames::CONTINUATION {
+            // An empty start passed on was rewritten to a binary frame in the buffer.
+            if header.opcode == frames::BINARY {
                 self.unwritten -= 1;
             }
             at = at.saturating_add(usize::try_from(header.wire_len()).unwrap_or(usize::MAX));
@@ -341,12 +349,28 @@ impl Pump {
             let code = frames::close_code(&frames::payload(&header, &frame));
             return Start::Event(Event::Close { code, frame });
         }
+        let watched = self.watches(&header);
+        if watched && !whole {
+            return Start::NeedWhole;
+        }
+        let mut flushed = false;
+        if watched {
+            let frame = &self.buf[..header.size + header.len as usize];
+            let text = frames::payload(&header, frame);
+            flushed = self.watch_flushed && super::websocket::is_type(&text, "Flushed");
+            if let Some(end) = self.watch_end
+                && super::websocket::is_type(&text, end)
+            {
+                self.client_ended = true;
+            }
+        }
         if self.drops(&header) {
-            // Counted are the client's messages that the upstream never gets: after the
-            // drain message each one at its first frame; an empty binary message at its
-            // last (one that starts empty may yet carry data).
+            // Counted are the client's audio messages that the upstream never gets: after
+            // the drain message each one at its first frame; an empty binary message at
+            // its last (one that starts empty may yet carry data). Text (`KeepAlive`, the
+            // client's own `CloseStream`) is dropped but is not audio.
             let unsent = if self.drop_data {
-                header.opcode != frames::CONTINUATION
+                header.opcode == frames::BINARY
             } else {
                 header.fin
             };
@@ -364,15 +388,6 @@ impl Pump {
             self.skipping = true;
             return Start::Next;
         }
-        let watched = self.watches(&header);
-        if watched && !whole {
-            return Start::NeedWhole;
-        }
-        let flushed = watched
-            && super::websocket::is_type(
-                &self.buf[header.size..header.size + header.len as usize],
-                "Flushed",
-            );
         self.pass_on(&header);
         if flushed {
             return Start::Event(Event::Flushed);
@@ -427,7 +442,7 @@ impl Pump {
     }
 
     /// Reads frames from `src` and drops them until a close frame or the end (the peer's
-    /// answer to a close Switchyard sent). The client's data messages among them count
+    /// answer to a close Switchyard sent). The client's audio messages among them count
     /// as dropped.
     pub async fn until_close<S: AsyncRead + Unpin>(&mut self, src: &mut S) {
         // What was let through and not written goes nowhere now.
@@ -447,10 +462,7 @@ impl Pump {
                             return Poll::Ready(());
                         }
                         Ok(Some(header)) => {
-                            if self.from_client
-                                && !header.is_control()
-                                && header.opcode != frames::CONTINUATION
-                            {
+                            if self.from_client && header.opcode == frames::BINARY {
                                 self.dropped += 1;
                             }
                             self.left = header.wire_len();
@@ -715,7 +727,45 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), pump.until_close(&mut src))
             .await
             .expect("the close came");
-        assert_eq!(pump.dropped(), 2, "a fragmented message and a text one");
+        assert_eq!(pump.dropped(), 1, "the fragmented audio; text is not audio");
+    }
+
+    #[tokio::test]
+    async fn the_clients_own_end_of_stream_is_seen_passed_on_or_dropped() {
+        let keep_alive = masked(frames::TEXT, true, b"{\"type\":\"KeepAlive\"}");
+        let close_stream = masked(frames::TEXT, true, b"{\"type\": \"CloseStream\"}");
+
+        // Before any drain: passed on, and seen.
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        pump.watch_end = Some("CloseStream");
+        client.write_all(&keep_alive).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(
+            read_exactly(&mut upstream, keep_alive.len()).await,
+            keep_alive
+        );
+        assert!(!pump.client_ended, "KeepAlive does not end the stream");
+        client.write_all(&close_stream).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(
+            read_exactly(&mut upstream, close_stream.len()).await,
+            close_stream
+        );
+        assert!(pump.client_ended);
+
+        // After the drain message: dropped, still seen, and not counted as lost audio.
+        let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+        pump.watch_end = Some("CloseStream");
+        pump.drop_data = true;
+        client.write_all(&keep_alive).await.expect("write");
+        client.write_all(&close_stream).await.expect("write");
+        client
+            .write_all(&masked(frames::BINARY, true, &[1; 10]))
+            .await
+            .expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert!(pump.client_ended);
+        assert_eq!(pump.dropped(), 1, "only the audio counts");
     }
 
     #[tokio::test]

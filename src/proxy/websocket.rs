@@ -379,6 +379,13 @@ impl Stream {
         let mut up = Pump::new(true, metrics.bytes_to_upstream.clone());
         let mut down = Pump::new(false, metrics.bytes_to_client.clone());
         let endpoint = self.endpoint;
+        // A client that ends the stream itself is not sent 1012 (the JS SDK would reconnect
+        // a session its app ended), even when its end crosses the drain deadline.
+        up.watch_end = match endpoint {
+            Endpoint::Listen => Some("CloseStream"),
+            Endpoint::Speak => Some("Close"),
+            Endpoint::Other => None,
+        };
         let router = self.proxy.router.clone();
         let span = self.span.clone();
         let mut injected = false;
@@ -397,14 +404,23 @@ impl Stream {
                         Endpoint::Listen => CLOSE_STREAM,
                         Endpoint::Speak => FLUSH,
                     };
-                    // Not a field named `message`: that is the line's own text, and a JSON line
-                    // would carry the key twice.
-                    span.in_scope(|| {
-                        tracing::info!(sent = message, "drain deadline: ending the stream")
-                    });
-                    up.inject(frames::encode(frames::TEXT, message.as_bytes(), true));
+                    if up.client_ended {
+                        // Its own end is under way upstream: wait for that, within grace.
+                        span.in_scope(|| {
+                            tracing::info!(
+                                "drain deadline: the client is already ending the stream"
+                            )
+                        });
+                    } else {
+                        // Not a field named `message`: that is the line's own text, and a
+                        // JSON line would carry the key twice.
+                        span.in_scope(|| {
+                            tracing::info!(sent = message, "drain deadline: ending the stream")
+                        });
+                        up.inject(frames::encode(frames::TEXT, message.as_bytes(), true));
+                        down.watch_flushed = endpoint == Endpoint::Speak;
+                    }
                     up.drop_data = true;
-                    down.watch_flushed = endpoint == Endpoint::Speak;
                     injected = true;
                     let period = router.load().settings.config.drain.grace;
                     grace = Some(Box::pin(tokio::time::sleep(period)));
@@ -424,7 +440,10 @@ impl Stream {
                             }
                             continue;
                         }
-                        Poll::Ready(Event::Close { code, frame }) if !injected => {
+                        // Before the drain message, or the answer to the client's own end.
+                        Poll::Ready(Event::Close { code, frame })
+                            if !injected || up.client_ended =>
+                        {
                             Ending::UpstreamClosed(code, frame)
                         }
                         Poll::Ready(Event::Close { code, .. }) => {
@@ -533,6 +552,12 @@ impl Stream {
                 }
             };
         drop(entered);
+        // The client asked to end: the drain ended it too, but it must not reconnect.
+        let (client_code, client_close) = if up.client_ended && client_code == Some(1012) {
+            (Some(1000), to_client(1000, ""))
+        } else {
+            (client_code, client_close)
+        };
         let client_frames = closing_frames(&mut down, client_close);
         let upstream_frames = closing_frames(&mut up, upstream_close);
         tokio::join!(
