@@ -418,6 +418,78 @@ async fn a_client_ending_its_stream_during_the_drain_is_not_told_to_reconnect() 
     .await;
 }
 
+/// An upstream that never answers `CloseStream` (a finalize slower than `drain.grace`)
+/// and counts the `CloseStream`s it gets.
+struct SlowFinalizer {
+    addr: SocketAddr,
+    close_streams: Arc<AtomicU64>,
+}
+
+async fn slow_finalizer() -> SlowFinalizer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let close_streams = Arc::new(AtomicU64::new(0));
+    let counted = close_streams.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.to_text().is_ok_and(|t| t.contains("CloseStream")) {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    SlowFinalizer {
+        addr,
+        close_streams,
+    }
+}
+
+/// A client that sent `CloseStream` before the drain deadline is ending its stream
+/// already: no second `CloseStream` goes upstream, and when grace runs out the client
+/// gets 1000, not the 1012 that would make the JS SDK reconnect.
+#[tokio::test]
+async fn a_client_that_ended_before_the_deadline_gets_no_drain_message_and_no_1012() {
+    let upstream = slow_finalizer().await;
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        grace: "300ms",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    env.write_config(
+        &builder,
+        &format!("\"http://{}\"", upstream.addr),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (mut ws, _) = open(&env.ws_url("/v1/listen")).await;
+    ws.send(Message::binary(vec![1u8; 640]))
+        .await
+        .expect("audio");
+    ws.send(Message::text(r#"{"type":"CloseStream"}"#))
+        .await
+        .expect("CloseStream");
+    eventually(|| async { upstream.close_streams.load(Ordering::SeqCst) == 1 }).await;
+    flip_with(&env, "green", "0s").await;
+
+    let (_, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1000));
+    assert_eq!(
+        upstream.close_streams.load(Ordering::SeqCst),
+        1,
+        "the client's CloseStream only"
+    );
+}
+
 /// Forwards TCP connections to a stub and records each one's first request head, so a test
 /// can see the exact request line Switchyard sent (the stub records headers only).
 /// Optionally it holds `GET /v1/listen` handshakes until released, to put an upstream

@@ -143,7 +143,7 @@ pub async fn forward(
     let (upstream, io) = loop {
         let Some(upstream) = pick(pool, &tried) else {
             let e = if tried.is_empty() {
-                tracing::warn!(color = %color, "no healthy upstream");
+                proxy.no_healthy_upstream(color);
                 ProxyError::NoHealthyUpstream(color.as_str())
             } else {
                 ProxyError::ConnectFailed(color.as_str())
@@ -388,7 +388,10 @@ impl Stream {
         };
         let router = self.proxy.router.clone();
         let span = self.span.clone();
-        let mut injected = false;
+        // The drain deadline has come (and was acted on).
+        let mut deadline_passed = false;
+        // The drain message went upstream: the upstream's end is the drain's graceful end.
+        let mut drain_sent = false;
         let mut close_sent = false;
         let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let ending = {
@@ -398,7 +401,7 @@ impl Stream {
             let deadline_woken = Woken::default();
             std::future::poll_fn(|cx| {
                 // At the drain deadline: the protocol's own end, then only the finals flow.
-                if !injected && deadline_woken.poll(deadline.as_mut(), cx).is_ready() {
+                if !deadline_passed && deadline_woken.poll(deadline.as_mut(), cx).is_ready() {
                     let message = match endpoint {
                         Endpoint::Other => return Poll::Ready(Ending::DrainNow),
                         Endpoint::Listen => CLOSE_STREAM,
@@ -419,9 +422,10 @@ impl Stream {
                         });
                         up.inject(frames::encode(frames::TEXT, message.as_bytes(), true));
                         down.watch_flushed = endpoint == Endpoint::Speak;
+                        drain_sent = true;
                     }
                     up.drop_data = true;
-                    injected = true;
+                    deadline_passed = true;
                     let period = router.load().settings.config.drain.grace;
                     grace = Some(Box::pin(tokio::time::sleep(period)));
                 }
@@ -440,17 +444,16 @@ impl Stream {
                             }
                             continue;
                         }
-                        // Before the drain message, or the answer to the client's own end.
-                        Poll::Ready(Event::Close { code, frame })
-                            if !injected || up.client_ended =>
-                        {
+                        // No drain message went (none yet, or the client was already
+                        // ending): the upstream's close passes on as it came.
+                        Poll::Ready(Event::Close { code, frame }) if !drain_sent => {
                             Ending::UpstreamClosed(code, frame)
                         }
                         Poll::Ready(Event::Close { code, .. }) => {
                             Ending::UpstreamFinished { closed: true, code }
                         }
                         Poll::Ready(Event::DestinationLost(why)) => Ending::ClientLost(why),
-                        Poll::Ready(_) if injected => Ending::UpstreamFinished {
+                        Poll::Ready(_) if drain_sent => Ending::UpstreamFinished {
                             closed: false,
                             code: None,
                         },
@@ -470,7 +473,7 @@ impl Stream {
                     }
                     Poll::Ready(Event::SourceLost(why)) => Ending::ClientLost(why),
                     Poll::Ready(Event::Protocol(e)) => Ending::ClientBroke(e.to_string()),
-                    Poll::Ready(Event::DestinationLost(_)) if injected => {
+                    Poll::Ready(Event::DestinationLost(_)) if drain_sent => {
                         Ending::UpstreamFinished {
                             closed: false,
                             code: None,
@@ -522,7 +525,7 @@ impl Stream {
                 ),
                 Ending::DrainNow | Ending::GraceExpired => {
                     // TTS: `Close` follows `Flush` even when `Flushed` never came within grace.
-                    if endpoint == Endpoint::Speak && injected && !close_sent {
+                    if endpoint == Endpoint::Speak && drain_sent && !close_sent {
                         up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
                     }
                     (
@@ -552,8 +555,13 @@ impl Stream {
                 }
             };
         drop(entered);
-        // The client asked to end: the drain ended it too, but it must not reconnect.
-        let (client_code, client_close) = if up.client_ended && client_code == Some(1012) {
+        // The client asked to end: the drain ended it too, but it must not reconnect. Only
+        // Switchyard's own 1012 is changed; an upstream's or the client's passes as it came.
+        let drain_end = matches!(
+            reason,
+            CloseReason::DrainGraceful | CloseReason::DrainForced
+        );
+        let (client_code, client_close) = if up.client_ended && drain_end {
             (Some(1000), to_client(1000, ""))
         } else {
             (client_code, client_close)
