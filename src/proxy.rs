@@ -20,6 +20,8 @@ mod woken;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ::http::{HeaderValue, Request, Response};
 use futures_util::future::{self, Either};
@@ -83,6 +85,8 @@ pub struct Proxy {
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) metrics: Metrics,
     pub(crate) upstreams: http::Upstreams,
+    /// Per colour, the second (Unix time) of the last "no healthy upstream" line.
+    no_healthy_logged: [AtomicU64; 2],
 }
 
 impl Proxy {
@@ -98,6 +102,7 @@ impl Proxy {
             tracker,
             metrics,
             upstreams: http::Upstreams { tls: upstream_tls },
+            no_healthy_logged: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 
@@ -147,6 +152,24 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// Says that `color` has no healthy upstream, at most once a second per colour: seen
+    /// in the log, without a line for every request refused while it lasts (the 503s are
+    /// all in `requests_total`).
+    pub(crate) fn no_healthy_upstream(&self, color: Color) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = &self.no_healthy_logged[color.index()];
+        let before = last.load(Ordering::Relaxed);
+        if now != before
+            && last
+                .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(color = %color, "no healthy upstream: requests get 503");
+        }
+    }
+
     /// Books a connect failure on live traffic: the error metric, one failure toward
     /// `fall` (passive health), and a log line.
     pub(crate) fn connect_failed(&self, upstream: &Upstream, fall: u32, error: &str) {

@@ -50,7 +50,7 @@ pub async fn forward(
     let error = loop {
         let Some(upstream) = pick(pool, &tried) else {
             break if tried.is_empty() {
-                tracing::warn!(color = %color, "no healthy upstream");
+                proxy.no_healthy_upstream(color);
                 ProxyError::NoHealthyUpstream(color.as_str())
             } else {
                 ProxyError::ConnectFailed(color.as_str())
