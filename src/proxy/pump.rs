@@ -279,7 +279,7 @@ impl Pump {
         self.drop_data || empty_binary
     }
 
-    /// Whether a frame is looked inside for `Flushed`.
+    /// Whether a frame is looked inside: for `Flushed`, or for the client's end message.
     fn watches(&self, header: &Header) -> bool {
         (self.watch_flushed || self.watch_end.is_some())
             && header.opcode == frames::TEXT
