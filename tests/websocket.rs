@@ -361,12 +361,11 @@ async fn speak_stream_drains_with_flush_then_close() {
     assert_eq!(blue.speak_closes(), 1);
 }
 
-/// A TTS node that never answers `Flush` within `drain.grace` still gets `Close` after it,
-/// then 1001; the client gets 1012.
-#[tokio::test]
-async fn speak_drain_sends_close_when_flushed_never_comes() {
+/// A speak stream on blue, whose stub ignores `Flush`, drained at once by a flip to green
+/// (`drain.grace` is `grace`).
+async fn speak_drained_by_a_stub_that_never_flushes(grace: &'static str) -> (Env, Ws) {
     let env = EnvBuilder {
-        grace: "300ms",
+        grace,
         ..Default::default()
     }
     .start()
@@ -375,7 +374,14 @@ async fn speak_drain_sends_close_when_flushed_never_comes() {
     let (mut ws, _) = open(&url).await;
     assert_eq!(next_json(&mut ws).await["type"], "Metadata");
     flip_with(&env, "green", "0s").await;
+    (env, ws)
+}
 
+/// A TTS node that never answers `Flush` within `drain.grace` still gets `Close` after it,
+/// then 1001; the client gets 1012.
+#[tokio::test]
+async fn speak_drain_sends_close_when_flushed_never_comes() {
+    let (env, mut ws) = speak_drained_by_a_stub_that_never_flushes("300ms").await;
     let (messages, close) = read_to_close(&mut ws).await;
     assert!(messages.iter().all(|m| !m.is_text()), "{messages:?}");
     assert_eq!(close_code(&close), Some(1012));
@@ -392,16 +398,7 @@ async fn speak_drain_sends_close_when_flushed_never_comes() {
 /// Deepgram's JS SDK reconnects on 1012, and would revive a session its app had ended.
 #[tokio::test]
 async fn a_client_ending_its_stream_during_the_drain_is_not_told_to_reconnect() {
-    let env = EnvBuilder {
-        grace: "2s",
-        ..Default::default()
-    }
-    .start()
-    .await;
-    let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
-    let (mut ws, _) = open(&url).await;
-    assert_eq!(next_json(&mut ws).await["type"], "Metadata");
-    flip_with(&env, "green", "0s").await;
+    let (env, mut ws) = speak_drained_by_a_stub_that_never_flushes("2s").await;
     let blue = env.blue[0].state.clone();
     within("the drain's Flush", blue.wait_until(|s| s.flushes() == 1)).await;
     // The client's Close crosses the drain: Switchyard drops it (its own Close follows
