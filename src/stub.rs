@@ -1100,6 +1100,10 @@ impl Proto {
             },
             Proto::Agent => {
                 out.push(Message::Text(text));
+                // Deepgram confirms the settings; an agent app waits for this.
+                if kind == Some("Settings") {
+                    out.push(json_message(&json!({"type": "SettingsApplied"})));
+                }
                 Flow::Continue
             }
         }

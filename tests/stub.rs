@@ -507,6 +507,7 @@ async fn agent_welcomes_and_echoes() {
     assert_eq!(next_json(&mut ws).await["type"], "Welcome");
     send_text(&mut ws, json!({"type": "Settings"})).await;
     assert_eq!(next_json(&mut ws).await, json!({"type": "Settings"}));
+    assert_eq!(next_json(&mut ws).await["type"], "SettingsApplied");
     ws.send(Message::binary(vec![1u8, 2, 3]))
         .await
         .expect("send audio");
