@@ -147,11 +147,13 @@ function describe(e) {
   if (e.kind === "msg") {
     const d = e.data;
     if (d?.type === "Results") return `(Results ${d.channel?.alternatives?.[0]?.transcript}${d.from_finalize ? " ff" : ""})`;
+    if (d?.type === "TurnInfo") return `(TurnInfo#${d.sequence_id} ${d.transcript})`;
+    if (d?.type === "Connected") return `(Connected#${d.sequence_id})`;
     if (d?.type) return `(${d.type}${d.stub ? " " + d.stub : ""})`;
     return `(${typeof d})`;
   }
   if (e.kind === "bin") return `(${e.data} B)`;
-  if (e.kind === "close") return `(${e.data.code} ${e.data.reason ?? ""})`;
+  if (e.kind === "close" || e.kind === "wire-close") return `(${e.data.code} ${e.data.reason ?? ""})`;
   if (e.kind === "open") return `(${e.data.color ?? "?"})`;
   if (e.kind === "error") return `(${e.data})`;
   return "";
@@ -172,6 +174,9 @@ function record(sock, name, opts = {}) {
       extensions: ws?.extensions,
       headers: up?.headers,
     });
+    // An app's own open handler (the SDK's `on` keeps one handler per event, so it goes here):
+    // e.g. the Agent's Settings, which the SDK does not resend after a reconnect.
+    if (opts.onOpen) opts.onOpen();
   });
   sock.on("message", (m) => {
     if (typeof Blob !== "undefined" && m instanceof Blob) rec.push("bin", m.size);
@@ -610,6 +615,296 @@ async function main() {
       assert(!t.includes(E.goodKey), `listed key found in ${f}`);
       assert(!t.includes(E.badKey), `unlisted key found in ${f}`);
       assert(!t.includes(E.token), `admin token found in ${f}`);
+    }
+  });
+
+  // ---- 7/8. Flux and the Voice Agent -------------------------------------------------------------
+  const FLUX = { model: "flux-general-en", encoding: "linear16", sample_rate: 16000 };
+  const AGENT_SETTINGS = {
+    type: "Settings",
+    audio: {
+      input: { encoding: "linear16", sample_rate: 16000 },
+      output: { encoding: "linear16", sample_rate: 24000, container: "none" },
+    },
+    agent: {
+      language: "en",
+      listen: { provider: { type: "deepgram", model: "nova-3" } },
+      think: { provider: { type: "open_ai", model: "gpt-4o-mini" }, prompt: "You are the Switchyard interop check." },
+      speak: { provider: { type: "deepgram", model: "aura-2-thalia-en" } },
+      greeting: "Hello from the interop check.",
+    },
+  };
+  /** Blue active again (scenario 4 leaves green active); a no-op flip answers changed=false. */
+  async function routeToBlue(why) {
+    const r = await admin("POST", "/flip", { to: "blue", drain_timeout: "0s", reason: `sdk-js interop: ${why}` });
+    eq(r.status, 200, `flip back to blue (${JSON.stringify(r.json)})`);
+    eq(r.json.active, "blue", "active colour after the flip back to blue");
+  }
+  /** The proxy holds no stream or request on `color` any more (its own bounded wait). */
+  async function drainedOf(color, what) {
+    const r = await admin("GET", `/drain/wait?color=${color}&timeout=3s`);
+    eq(r.json?.drained, true, `${what}: ${color} drained (${JSON.stringify(r.json)})`);
+  }
+  /** The proxy's "stream ended" line of one stream; a bounded poll (the line follows the close). */
+  async function endLineOf(session, color, path) {
+    const re = new RegExp(`color=${color} path=${path.replaceAll("/", "\\/")} session="${session}".*stream ended`);
+    for (let i = 0; i < 60; i++) {
+      const line = logText(E.logOpen).split("\n").find((l) => re.test(l));
+      if (line) return line;
+      await new Promise((r) => setTimeout(r, 50)); // bounded poll: 60 x 50 ms
+    }
+    throw new Error(`no 'stream ended' line for ${color} ${path} session ${session} within 3 s`);
+  }
+  /** One Flux session's messages (after the `open` event, before `close`): sequence_id 0, 1, 2, ... unbroken. */
+  function fluxSession(rec, open, close) {
+    const msgs = rec.events.filter((e) => e.kind === "msg" && e.i > open.i && (!close || e.i < close.i));
+    msgs.forEach((m, k) => eq(m.data.sequence_id, k, `${rec.name}: sequence_id of message ${k} (${m.data.type}); saw ${rec.summary(open.i)}`));
+    assert(msgs.length > 0 && isMsg("Connected")(msgs[0]), `${rec.name}: first message is not Connected; saw ${rec.summary(open.i)}`);
+    return msgs;
+  }
+  const FLUX_BPS = 16000 * 2; // linear16 mono 16 kHz: audio_window_end * FLUX_BPS = bytes the stub got
+
+  await scenario("7a", "Flux (listen v2 WS) via proxy -> blue: Connected, TurnInfo, CloseStream -> close 1005, no reconnect", async () => {
+    await routeToBlue("reset before Flux/Agent"); // scenario 4 left green active
+    const dg = client(E.proxy);
+    const flux = await dg.listen.v2.connect({ ...FLUX, reconnectAttempts: 3 });
+    const rec = record(flux, "flux@blue");
+    const open = await connected(flux, rec);
+    eq(open.color, "blue", "101 x-switchyard-color");
+    eq(open.stub, "blue", "101 x-stub-name");
+    eq(open.extensions, "", "negotiated extensions (permessage-deflate must not be accepted)");
+    const openEv = rec.events.find(isKind("open"));
+    const hello = await rec.wait(isMsg("Connected"), 5000, "Connected");
+    eq(hello.data.sequence_id, 0, "Connected.sequence_id");
+    assert(typeof hello.data.request_id === "string" && hello.data.request_id, "Connected.request_id missing");
+    flux.sendMedia(Buffer.concat([AUDIO, AUDIO]));
+    const t2 = await rec.wait((e) => isMsg("TurnInfo")(e) && e.data.transcript === "blue 2", 5000, "2nd TurnInfo");
+    eq(t2.data.event, "Update", "TurnInfo.event");
+    flux.sendMedia(AUDIO.subarray(0, 1000));
+    const from = rec.events.length;
+    flux.sendCloseStream({ type: "CloseStream" });
+    const close = await rec.wait(isKind("close"), 5000, "close after CloseStream", from);
+    const msgs = fluxSession(rec, openEv, close);
+    const last = msgs[msgs.length - 1];
+    assert(isMsg("TurnInfo")(last) && last.i >= from, `no TurnInfo after CloseStream before the close; saw ${rec.summary(from)}`);
+    eq(last.data.transcript, "blue 3", "last TurnInfo (CloseStream flushes the 1000 B left over)");
+    eq(Math.round(last.data.audio_window_end * FLUX_BPS), 2 * AUDIO.length + 1000, "last TurnInfo.audio_window_end (all audio arrived)");
+    eq(msgs.length, 4, "messages on the Flux stream (Connected + 3 TurnInfo)");
+    eq(close.data.code, 1005, "close code after CloseStream (Flux closes without a status code)");
+    assert(!rec.events.some(isKind("error")), `error event on a normal Flux end; saw ${rec.summary()}`);
+    eq(flux.socket._shouldReconnect, false, "SDK reconnect armed after the status-less close that followed CloseStream");
+    await drainedOf("blue", "after the Flux close");
+    const endLine = await endLineOf(dg.sessionId, "blue", "/v2/listen");
+    note(`7a flux@blue: Connected#0, TurnInfo x3 (last "${last.data.transcript}" after CloseStream), close ${close.data.code}; no error event, SDK did not reconnect; ${endLine.replace(/^.*stream ended/, "stream ended")}`);
+  });
+
+  await scenario("8a", "Voice Agent (agent v1 WS) via proxy -> blue: Welcome, Settings -> SettingsApplied, audio echo, close 1000", async () => {
+    const dg = client(E.proxy);
+    const agent = await dg.agent.v1.connect({ reconnectAttempts: 3 });
+    const rec = record(agent, "agent@blue", { onOpen: () => agent.sendSettings(AGENT_SETTINGS) });
+    const open = await connected(agent, rec);
+    eq(open.color, "blue", "101 x-switchyard-color");
+    eq(open.stub, "blue", "101 x-stub-name");
+    const welcome = await rec.wait(isMsg("Welcome"), 5000, "Welcome");
+    eq(rec.events.find(isKind("msg")).i, welcome.i, "Welcome is the first message");
+    assert(typeof welcome.data.request_id === "string" && welcome.data.request_id, "Welcome.request_id missing");
+    const echoed = await rec.wait(isMsg("Settings"), 5000, "Settings echo");
+    eq(JSON.stringify(echoed.data), JSON.stringify(AGENT_SETTINGS), "echoed Settings (text relayed verbatim)");
+    const applied = await rec.wait(isMsg("SettingsApplied"), 5000, "SettingsApplied");
+    assert(applied.i > echoed.i, "SettingsApplied came before the Settings echo");
+    let from = rec.events.length;
+    agent.sendMedia(Buffer.alloc(1234, 3));
+    eq((await rec.wait(isKind("bin"), 5000, "binary echo", from)).data, 1234, "echoed audio frame size");
+    from = rec.events.length;
+    agent.sendKeepAlive({ type: "KeepAlive" });
+    await rec.wait(isMsg("KeepAlive"), 5000, "KeepAlive echo", from);
+    // The app ends the conversation. The SDK's close() reports a close 1000 at once, by itself;
+    // the code the server side answered with is read from the underlying ws socket.
+    from = rec.events.length;
+    const raw = agent.socket._ws;
+    raw.once("close", (code, reason) => rec.push("wire-close", { code, reason: String(reason) }));
+    agent.close();
+    const wire = await rec.wait(isKind("wire-close"), 5000, "close handshake answered", from);
+    eq(wire.data.code, 1000, "close code answered through the proxy");
+    eq(rec.events.filter((e) => e.i >= from && e.kind === "close").map((e) => e.data.code).join(), "1000", "SDK close events after close()");
+    assert(!rec.events.some(isKind("error")), `error event on a normal Agent end; saw ${rec.summary()}`);
+    eq(agent.socket._shouldReconnect, false, "SDK reconnect armed after the app's close");
+    await drainedOf("blue", "after the Agent close");
+    const endLine = await endLineOf(dg.sessionId, "blue", "/v1/agent/converse");
+    assert(/close_code=1000/.test(endLine), `Agent end line does not carry close_code=1000: ${endLine}`);
+    note(`8a agent@blue: Welcome, Settings echoed, SettingsApplied, 1234 B echoed, KeepAlive echoed, client close -> ${wire.data.code}; SDK did not reconnect; ${endLine.replace(/^.*stream ended/, "stream ended")}`);
+  });
+
+  // One flip drains a Flux and an Agent stream together, so the SDK's reconnect delay (1-5 s,
+  // drawn once per process) is paid once: 7b opens both on blue, flips and checks the Flux side;
+  // 8b checks the Agent side of the same flip, then puts the route back on blue.
+  let fa = null;
+  await scenario("7b", "drain: flip blue->green (drain_timeout 1s) with a Flux and an Agent stream open: Flux side", async () => {
+    const dg = client(E.proxy);
+    fa = { session: dg.sessionId, flipAt: null };
+    const flux = await dg.listen.v2.connect(FLUX);
+    const frec = record(flux, "drain-flux", { noClose: true });
+    // The Agent app sends Settings on every open (the SDK does not resend them after a
+    // reconnect) and audio frames of varying size (320..416 B), so that the echoed sizes show
+    // order and completeness; while the socket is closed it sends nothing (a conversation does
+    // not survive a reconnect, so there is nothing worth buffering).
+    const agent = await dg.agent.v1.connect();
+    const agentSent = []; // {session, size, t}
+    let agentSession = -1;
+    const arec = record(agent, "drain-agent", {
+      onOpen: () => {
+        agentSession++;
+        agent.sendSettings(AGENT_SETTINGS);
+      },
+    });
+    Object.assign(fa, { flux, frec, agent, arec, agentSent });
+
+    // The Flux app's audio pump, as in 4: 640 B every 20 ms, buffered while the socket is not open.
+    const CHUNK = Buffer.alloc(640, 9);
+    const pending = [];
+    let sent = 0,
+      buffered = 0,
+      ticks = 0,
+      sentAtClose = -1;
+    flux.on("close", (ev) => {
+      frec.push("close", { code: ev?.code, reason: ev?.reason });
+      if (sentAtClose < 0) sentAtClose = sent;
+    });
+    try {
+      eq((await connected(flux, frec)).color, "blue", "Flux: first 101 colour");
+      const fOpenEv = frec.events.find(isKind("open"));
+      fa.fluxPump = setInterval(() => {
+        if (++ticks > 1500) return clearInterval(fa.fluxPump); // bounded: 30 s at most
+        pending.push(CHUNK);
+        if (flux.readyState !== 1) {
+          buffered++;
+          return;
+        }
+        while (pending.length) {
+          flux.sendMedia(pending.shift());
+          sent++;
+        }
+      }, 20);
+      const hello = await frec.wait(isMsg("Connected"), 5000, "Connected from blue");
+      await frec.wait((e) => isMsg("TurnInfo")(e) && e.data.transcript === "blue 3", 5000, "blue TurnInfo 3");
+
+      eq((await connected(agent, arec)).color, "blue", "Agent: first 101 colour");
+      fa.aOpen = arec.events.find(isKind("open"));
+      fa.welcome = await arec.wait(isMsg("Welcome"), 5000, "Agent Welcome from blue");
+      await arec.wait(isMsg("SettingsApplied"), 5000, "Agent SettingsApplied from blue");
+      let aTicks = 0;
+      fa.agentPump = setInterval(() => {
+        if (++aTicks > 1500) return clearInterval(fa.agentPump); // bounded: 30 s at most
+        if (agent.readyState !== 1) return;
+        const size = 320 + (agentSent.length % 97);
+        agent.sendMedia(Buffer.alloc(size, 5));
+        agentSent.push({ session: agentSession, size, t: now() });
+      }, 20);
+      await arec.wait((e) => e.kind === "bin" && e.i > fa.aOpen.i, 5000, "Agent audio echo from blue");
+
+      const st = await admin("GET", "/status");
+      eq(st.json.colors.blue.open_streams, 2, "status: blue open_streams before the flip (Flux + Agent)");
+      const flipAt = now();
+      const fFrom = frec.events.length;
+      fa.aFrom = arec.events.length;
+      const flip = await admin("POST", "/flip", { to: "green", drain_timeout: "1s", reason: "sdk-js interop flux+agent" });
+      eq(flip.status, 200, `flip status (${JSON.stringify(flip.json)})`);
+      eq(flip.json.active, "green", "active after the flip");
+      fa.flipAt = flipAt;
+      note(`7b flip answered after ${now() - flipAt} ms: blue.state=${flip.json.colors?.blue?.state} deadline=${flip.json.colors?.blue?.drain_deadline}`);
+
+      // blue's messages keep coming until the deadline; the injected CloseStream's last
+      // TurnInfo, then 1012 (not Flux's status-less close: the SDK must reconnect)
+      const fClose = await frec.wait(isKind("close"), 8000, "Flux close after the drain deadline", fFrom);
+      const blue = fluxSession(frec, fOpenEv, fClose);
+      eq(blue[0].data.request_id, hello.data.request_id, "Flux: blue session's Connected");
+      const last = blue[blue.length - 1];
+      assert(isMsg("TurnInfo")(last) && last.data.transcript.startsWith("blue "), `last message before the close is not blue's TurnInfo; saw ${frec.summary(fFrom)}`);
+      const during = blue.filter((e) => e.i >= fFrom);
+      assert(during.length >= 2, `Flux: only ${during.length} blue messages after the flip; saw ${frec.summary(fFrom)}`);
+      eq(fClose.data.code, 1012, "Flux close code at the drain");
+      assert(fClose.t - flipAt >= 950, `Flux closed ${fClose.t - flipAt} ms after the flip, before the 1 s drain deadline`);
+      assert(last.t - flipAt >= 900, `blue's last TurnInfo came ${last.t - flipAt} ms after the flip: messages stopped before the deadline`);
+      assert(fClose.t - last.t < 1000, `1012 came ${fClose.t - last.t} ms after blue's last TurnInfo: Switchyard waited out grace instead of closing when the upstream closed`);
+      assert(!frec.events.some((e) => e.i < fClose.i && e.kind === "error"), `Flux: error event before the 1012; saw ${frec.summary()}`);
+      const blueChunks = Math.round((last.data.audio_window_end * FLUX_BPS) / CHUNK.length);
+      note(`7b flux: ${blue.length} blue messages (sequence_id 0..${blue.length - 1}, ${during.length} after the flip), last "${last.data.transcript}" at +${last.t - flipAt} ms, close ${fClose.data.code} "${fClose.data.reason}" at +${fClose.t - flipAt} ms after the flip; app sent ${sentAtClose} chunks on blue, blue got ${blueChunks}`);
+
+      const fOpen2 = await frec.wait(isKind("open"), 12_000, "Flux reconnect (open)", fClose.i);
+      eq(fOpen2.data.color, "green", "Flux: reconnect 101 colour");
+      eq(fOpen2.data.stub, "green", "Flux: reconnect 101 x-stub-name");
+      const hello2 = await frec.wait(isMsg("Connected"), 5000, "Connected from green", fOpen2.i);
+      assert(hello2.data.request_id !== hello.data.request_id, "green's Connected repeats blue's request_id");
+      const g1 = await frec.wait((e) => isMsg("TurnInfo")(e) && e.data.transcript.startsWith("green "), 5000, "TurnInfo from green", fOpen2.i);
+      note(`7b flux: SDK reconnected ${fOpen2.t - fClose.t} ms after the 1012 (retryCount=${flux.socket.retryCount}), landed on ${fOpen2.data.color}; Connected#${hello2.data.sequence_id}, first "${g1.data.transcript}" +${g1.t - fOpen2.t} ms after reopen; ${buffered} chunks buffered by the app while closed`);
+
+      // the green session ends as a Flux session does: CloseStream -> status-less close, no reconnect
+      clearInterval(fa.fluxPump);
+      const gFrom = frec.events.length;
+      flux.sendCloseStream({ type: "CloseStream" });
+      const gClose = await frec.wait(isKind("close"), 5000, "close after CloseStream on green", gFrom);
+      eq(gClose.data.code, 1005, "Flux close code after CloseStream on green");
+      const green = fluxSession(frec, fOpen2, gClose);
+      const gLast = green[green.length - 1];
+      eq(Math.round((gLast.data.audio_window_end * FLUX_BPS) / CHUNK.length), sent - sentAtClose, "green got every chunk sent (and buffered) after the reconnect");
+      eq(flux.socket._shouldReconnect, false, "SDK reconnect armed after CloseStream on green");
+      assert(!frec.events.some(isKind("error")), `Flux: error event; saw ${frec.summary()}`);
+      // the audio sent on blue after the injected CloseStream is lost, and counted
+      const endLine = await endLineOf(fa.session, "blue", "/v2/listen");
+      note(`7b flux: blue end line: ${endLine.replace(/^.*stream ended/, "stream ended")}`);
+      eq(Number(/dropped_frames=(\d+)/.exec(endLine)?.[1]), sentAtClose - blueChunks, "dropped_frames on blue's Flux end line = chunks sent on blue and never transcribed");
+      assert(/close_code=1012/.test(endLine), `blue Flux end line does not carry close_code=1012: ${endLine}`);
+    } finally {
+      clearInterval(fa.fluxPump);
+      try { flux.close(); } catch {}
+    }
+  });
+
+  await scenario("8b", "drain: the same flip, Agent side: echoes until the deadline, 1012 at it, SDK reconnects to green", async () => {
+    try {
+      assert(fa?.flipAt != null, "scenario 7b did not open the Agent stream and flip");
+      const { agent, arec, agentSent, flipAt, aOpen, aFrom, welcome } = fa;
+      const aClose = await arec.wait(isKind("close"), 8000, "Agent close after the drain deadline", aFrom);
+      eq(aClose.data.code, 1012, "Agent close code at the drain");
+      assert(aClose.t - flipAt >= 900, `Agent closed ${aClose.t - flipAt} ms after the flip, before the 1 s drain deadline`);
+      assert(aClose.t - flipAt < 2500, `Agent closed ${aClose.t - flipAt} ms after the flip: later than the deadline (an Agent stream has no grace)`);
+      const echoes = arec.events.filter((e) => e.kind === "bin" && e.i > aOpen.i && e.i < aClose.i);
+      const sentBlue = agentSent.filter((s) => s.session === 0).map((s) => s.size);
+      eq(echoes.map((e) => e.data).join(), sentBlue.slice(0, echoes.length).join(), "blue echoed the audio frames in order, none missing");
+      const after = echoes.filter((e) => e.i >= aFrom);
+      assert(after.length >= 5, `only ${after.length} echoes after the flip: the drain did not keep the conversation going`);
+      const lastEcho = echoes[echoes.length - 1];
+      assert(aClose.t - lastEcho.t < 400, `last blue echo ${aClose.t - lastEcho.t} ms before the 1012: echoes stopped before the deadline`);
+      assert(!arec.events.some((e) => e.i < aClose.i && e.kind === "error"), `Agent: error event before the 1012; saw ${arec.summary()}`);
+      note(`7b/8b agent: ${echoes.length} echoes on blue (${after.length} after the flip, last ${aClose.t - lastEcho.t} ms before the close), ${sentBlue.length - echoes.length} frames in flight at the close; close ${aClose.data.code} "${aClose.data.reason}" at +${aClose.t - flipAt} ms after the flip`);
+
+      const aOpen2 = await arec.wait(isKind("open"), 12_000, "Agent reconnect (open)", aClose.i);
+      eq(aOpen2.data.color, "green", "Agent: reconnect 101 colour");
+      eq(aOpen2.data.stub, "green", "Agent: reconnect 101 x-stub-name");
+      const w2 = await arec.wait(isMsg("Welcome"), 5000, "Welcome from green", aOpen2.i);
+      assert(w2.data.request_id !== welcome.data.request_id, "green's Welcome repeats blue's request_id");
+      const s2 = await arec.wait(isMsg("SettingsApplied"), 5000, "SettingsApplied from green (Settings resent on open)", aOpen2.i);
+      await arec.wait((e) => e.kind === "bin" && e.i > s2.i, 5000, "audio echo from green", aOpen2.i);
+      const gEchoes = arec.events.filter((e) => e.kind === "bin" && e.i > aOpen2.i).map((e) => e.data);
+      const sentGreen = agentSent.filter((s) => s.session === 1).map((s) => s.size);
+      eq(gEchoes.join(), sentGreen.slice(0, gEchoes.length).join(), "green echoed the audio frames in order");
+      note(`8b agent: SDK reconnected ${aOpen2.t - aClose.t} ms after the 1012 (retryCount=${agent.socket.retryCount}), landed on ${aOpen2.data.color}; Welcome +${w2.t - aOpen2.t} ms, SettingsApplied +${s2.t - aOpen2.t} ms after reopen`);
+      const endLine = await endLineOf(fa.session, "blue", "/v1/agent/converse");
+      assert(/close_code=1012/.test(endLine), `blue Agent end line does not carry close_code=1012: ${endLine}`);
+      note(`8b agent: blue end line: ${endLine.replace(/^.*stream ended/, "stream ended")}`);
+
+      clearInterval(fa.agentPump);
+      const from = arec.events.length;
+      agent.socket._ws.once("close", (code, reason) => arec.push("wire-close", { code, reason: String(reason) }));
+      agent.close();
+      eq((await arec.wait(isKind("wire-close"), 5000, "close handshake answered on green", from)).data.code, 1000, "Agent close code on green");
+      eq(agent.socket._shouldReconnect, false, "SDK reconnect armed after the app's close");
+      await drainedOf("green", "after the Flux and Agent sessions on green ended");
+      await routeToBlue("reset after Flux/Agent drain");
+    } finally {
+      clearInterval(fa?.agentPump);
+      clearInterval(fa?.fluxPump);
+      try { fa?.agent?.close(); } catch {}
     }
   });
 }

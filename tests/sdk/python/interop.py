@@ -14,6 +14,14 @@ Scenarios (PASS/FAIL lines per check, a summary line at the end, exit 1 on any f
                    reconnect lands on green
   S5 client auth   listed keys (Token and bearer) pass, an unlisted key gets 401; no secret logged
   S6 session id    the SDK's x-deepgram-session-id appears on the stream's log lines, both colours
+                   (S2, S3, S4, S7 and S8 streams)
+  S7 Flux          listen.v2.connect: Connected, TurnInfo, CloseStream -> last TurnInfo and a close
+                   without status code (1005); drain: blue's remaining TurnInfos (sequence_ids
+                   unbroken), close 1012, reconnect lands on green
+  S8 Agent         agent.v1.connect: Welcome, Settings -> echo + SettingsApplied, audio echoed, client
+                   close 1000; drain: echoes until the deadline, then 1012 (not before), reconnect
+                   lands on green
+S4, S7 and S8 flip proxy A to green; S7 and S8 put it back on blue before and after.
 NOTE lines record SDK or stub behaviour worth knowing that is not a Switchyard failure.
 """
 
@@ -31,10 +39,12 @@ import uuid
 
 import websockets.exceptions as wsx
 from deepgram import DeepgramClient
+from deepgram.agent.v1.types import AgentV1Settings, AgentV1SettingsApplied, AgentV1Welcome
 from deepgram.core.api_error import ApiError
 from deepgram.core.events import EventType
 from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
+from deepgram.listen.v2.types import ListenV2Connected, ListenV2TurnInfo
 from deepgram.speak.v1.types import SpeakV1Cleared, SpeakV1Flushed, SpeakV1Metadata, SpeakV1Text
 from deepgram.types.listen_v1response import ListenV1Response
 
@@ -46,6 +56,7 @@ BYTES_PER_RESULT = 3200  # the stub answers one Results per 3200 audio bytes
 AUDIO_BYTES_PER_SECOND = 32000.0  # the stub's notion of audio duration
 SPEAK_CHUNK = 4096  # the stub's REST TTS chunk
 TTS_FRAME = 1920  # the stub's WS TTS frame, one per 10 characters
+FLUX_WINDOW = BYTES_PER_RESULT / AUDIO_BYTES_PER_SECOND  # one full Flux TurnInfo update, seconds
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -756,6 +767,368 @@ def s5_auth(a, sessions):
 
 
 # ------------------------------------------------------------------------------------------
+# Colour resets (proxy A), shared by S7 and S8
+# ------------------------------------------------------------------------------------------
+def wait_drained(tag, a, colour):
+    """Waits (bounded, server side) until `colour` holds no open streams on proxy A."""
+    code, body = http_json("GET", f"http://{a.admin_a}/drain/wait?color={colour}&timeout=5s", timeout=10)
+    return check(tag, f"{colour} holds no open streams", code == 200 and body.get("drained") is True, f"{code} {body}")
+
+
+def reset_to_blue(tag, a):
+    """Puts proxy A back on blue (S4 and the drains below leave it on green), with green's
+    leftover streams, if any, closed at once, and waits for green to be empty."""
+    token = open(a.admin_token_file).read().strip()
+    _, status = http_json("GET", f"http://{a.admin_a}/status")
+    if status.get("active") != "blue":
+        code, body = http_json(
+            "POST", f"http://{a.admin_a}/flip", token, {"to": "blue", "drain_timeout": "0s", "reason": "sdk-py interop reset"}
+        )
+        check(
+            tag,
+            "reset: proxy A flipped back to blue",
+            code == 200 and body.get("active") == "blue",
+            f"{code} active={body.get('active')} generation={body.get('generation')}",
+        )
+    wait_drained(tag, a, "green")
+
+
+def flip_to_green(tag, a, reason):
+    """Flips proxy A to green with drain_timeout DRAIN_TIMEOUT; returns the monotonic time taken
+    just before the request (the server's deadline is later than t + DRAIN_TIMEOUT)."""
+    token = open(a.admin_token_file).read().strip()
+    t_flip = time.monotonic()
+    code, body = http_json(
+        "POST", f"http://{a.admin_a}/flip", token, {"to": "green", "drain_timeout": f"{DRAIN_TIMEOUT:.0f}s", "reason": reason}
+    )
+    check(
+        tag,
+        "flip to green: 200 changed",
+        code == 200 and body.get("active") == "green" and body.get("changed") is True,
+        f"{code} active={body.get('active')} changed={body.get('changed')} error={body.get('error')}",
+    )
+    _, status = http_json("GET", f"http://{a.admin_a}/status")
+    blue = status["colors"]["blue"]
+    check(
+        tag,
+        "status right after the flip: blue draining with 1 open stream",
+        blue["state"] == "draining" and blue["open_streams"] == 1,
+        f"state={blue['state']} open_streams={blue['open_streams']}",
+    )
+    return t_flip
+
+
+def close_rcvd(ws):
+    rcvd = ws.ws.protocol.close_rcvd
+    return None if rcvd is None else rcvd.code
+
+
+# ------------------------------------------------------------------------------------------
+# S7 Flux (/v2/listen)
+# ------------------------------------------------------------------------------------------
+def flux_connect(dg):
+    return dg.listen.v2.connect(model="flux-general-en", encoding="linear16", sample_rate=16000)
+
+
+def turn_desc(m):
+    if isinstance(m, ListenV2TurnInfo):
+        return f"TurnInfo(seq={m.sequence_id}, {m.transcript!r}, {m.audio_window_start:.5f}-{m.audio_window_end:.5f})"
+    return f"{type(m).__name__}(seq={getattr(m, 'sequence_id', None)})"
+
+
+@scenario("S7")
+def s7_flux(a, sessions):
+    tag = "S7"
+    reset_to_blue(tag, a)
+
+    sid = f"sdk-py-s7-{uuid.uuid4()}"
+    sessions["s7"] = sid
+    with flux_connect(client(a.proxy_a, session_id=sid)) as s:
+        ws = tap(s)
+        check(
+            tag,
+            "Flux: 101 via blue (x-switchyard-color, x-stub-name)",
+            hdr(ws, "x-switchyard-color") == "blue" and hdr(ws, "x-stub-name") == "blue",
+            f"{hdr(ws, 'x-switchyard-color')} / {hdr(ws, 'x-stub-name')}",
+        )
+        first = s.recv()
+        connected = strict(ListenV2Connected, ws.raw[-1])
+        check(
+            tag,
+            "Flux: first message parsed as ListenV2Connected (sequence_id 0, the 101's request_id)",
+            isinstance(first, ListenV2Connected) and connected.sequence_id == 0 and connected.request_id == hdr(ws, "dg-request-id"),
+            f"{type(first).__name__} seq={connected.sequence_id} request_id={connected.request_id}",
+        )
+        s.send_media(audio(2 * BYTES_PER_RESULT, seed=700))
+        got = [s.recv(), s.recv()]
+        for raw in ws.raw[-2:]:
+            strict(ListenV2TurnInfo, raw)
+        check(
+            tag,
+            "Flux: audio -> TurnInfo updates parsed as ListenV2TurnInfo (and validate strictly)",
+            all(isinstance(m, ListenV2TurnInfo) and m.event == "Update" for m in got)
+            and [m.transcript for m in got] == ["blue 1", "blue 2"]
+            and [m.sequence_id for m in got] == [1, 2],
+            str([turn_desc(m) for m in got]),
+        )
+        tail = 1000
+        s.send_media(audio(tail, seed=701))
+        s.send_close_stream()
+        rest, exc = [], None
+        try:
+            rest = list(s)  # ends on a normal close (ConnectionClosedOK: 1000, 1001 or 1005)
+        except Exception as e:  # noqa: BLE001 - recorded and checked
+            exc = e
+        check(
+            tag,
+            "Flux: CloseStream -> the last TurnInfo (the partial window) from blue",
+            len(rest) == 1
+            and isinstance(rest[0], ListenV2TurnInfo)
+            and rest[0].transcript == "blue 3"
+            and rest[0].sequence_id == 3
+            and abs(rest[0].audio_window_end - rest[0].audio_window_start - tail / AUDIO_BYTES_PER_SECOND) < 1e-9,
+            str([turn_desc(m) for m in rest]),
+        )
+        check(
+            tag,
+            "Flux: then a close without status code (1005), a normal end for the SDK (no exception)",
+            exc is None and ws.close_code == 1005 and close_rcvd(ws) == 1005,
+            f"exc={exc!r} close_code={ws.close_code} rcvd={ws.ws.protocol.close_rcvd}",
+        )
+
+    # Drain: a Flux stream streaming on blue when proxy A flips to green.
+    wait_drained(tag, a, "blue")
+    sid = f"sdk-py-s7-drain-{uuid.uuid4()}"
+    sessions["s7-drain"] = sid
+    dg = client(a.proxy_a, session_id=sid)
+    with flux_connect(dg) as s:
+        ws = tap(s)
+        check(tag, "drain: Flux stream open on blue", hdr(ws, "x-switchyard-color") == "blue", str(hdr(ws, "x-switchyard-color")))
+        msgs = [(0.0, s.recv())]
+
+        # 20 ms of audio every 20 ms from a thread until the socket closes (bounded: 400 chunks).
+        stop = threading.Event()
+        send_errors = []
+
+        def sender():
+            for i in range(400):
+                if stop.is_set():
+                    return
+                try:
+                    s.send_media(audio(640, seed=7000 + i))
+                except Exception as exc:  # noqa: BLE001
+                    send_errors.append(exc)
+                    return
+                time.sleep(0.02)
+
+        sender_thread = threading.Thread(target=sender, daemon=True)
+        sender_thread.start()
+        while len(msgs) < 3:  # Connected and two updates before the flip
+            msgs.append((0.0, s.recv()))
+
+        t_flip = flip_to_green(tag, a, "sdk-py interop flux")
+        closed = None
+        try:
+            while True:
+                m = s.recv()
+                msgs.append((time.monotonic() - t_flip, m))
+        except (wsx.ConnectionClosed, TimeoutError) as exc:
+            closed = exc
+        t_close = time.monotonic() - t_flip
+        stop.set()
+        sender_thread.join(5)
+
+        turns = [m for _, m in msgs if isinstance(m, ListenV2TurnInfo)]
+        during = [t for t, m in msgs if isinstance(m, ListenV2TurnInfo) and 0 < t < DRAIN_TIMEOUT]
+        seqs = [getattr(m, "sequence_id", None) for _, m in msgs]
+        check(
+            tag,
+            "drain: first message Connected, then only TurnInfo, all from blue",
+            isinstance(msgs[0][1], ListenV2Connected)
+            and len(turns) == len(msgs) - 1
+            and all(m.transcript.startswith("blue ") for m in turns),
+            str([type(m).__name__ for _, m in msgs[:2]]) + f" ... {len(turns)} TurnInfo",
+        )
+        check(tag, "drain: TurnInfo keep flowing from blue while draining", len(during) >= 3, f"{len(during)} before the deadline")
+        check(
+            tag,
+            "drain: nothing lost: sequence_ids 0..N unbroken, transcripts blue 1..N, audio windows contiguous",
+            seqs == list(range(len(msgs)))
+            and [m.transcript for m in turns] == [f"blue {i}" for i in range(1, len(turns) + 1)]
+            and all(abs(x.audio_window_end - y.audio_window_start) < 1e-9 for x, y in zip(turns, turns[1:]))
+            and bool(turns) and turns[0].audio_window_start == 0,
+            f"seq {seqs[:3]}..{seqs[-3:]}",
+        )
+        last = turns[-1] if turns else None
+        check(
+            tag,
+            "drain: the last message is the answer to the injected CloseStream (a partial-window TurnInfo)",
+            last is not None and msgs[-1][1] is last and last.audio_window_end - last.audio_window_start < FLUX_WINDOW - 1e-9,
+            turn_desc(msgs[-1][1]) if msgs else "none",
+        )
+        check(
+            tag,
+            "drain: the SDK surfaces the close as ConnectionClosedError 1012 (not Flux's 1005), at the deadline",
+            isinstance(closed, wsx.ConnectionClosedError)
+            and closed.rcvd is not None
+            and closed.rcvd.code == 1012
+            and DRAIN_TIMEOUT - 0.1 <= t_close <= DRAIN_TIMEOUT + DRAIN_GRACE,
+            f"{type(closed).__name__}: rcvd={getattr(closed, 'rcvd', None)} after {t_close:.3f}s",
+        )
+
+    wait_drained(tag, a, "blue")
+    # The app reconnects (the Python SDK has no reconnect layer; same client, same session id).
+    with flux_connect(dg) as s:
+        ws = tap(s)
+        first = s.recv()
+        s.send_media(audio(BYTES_PER_RESULT, seed=7500))
+        turn = s.recv()
+        s.send_close_stream()
+        rest = list(s)
+        check(
+            tag,
+            "drain: reconnect lands on green (headers, new Connected, green's TurnInfo) and ends 1005",
+            hdr(ws, "x-switchyard-color") == "green"
+            and hdr(ws, "x-stub-name") == "green"
+            and isinstance(first, ListenV2Connected)
+            and first.sequence_id == 0
+            and isinstance(turn, ListenV2TurnInfo)
+            and turn.transcript == "green 1"
+            and len(rest) == 1
+            and ws.close_code == 1005,
+            f"{hdr(ws, 'x-switchyard-color')} {turn_desc(first)} {turn_desc(turn)} close={ws.close_code}",
+        )
+    reset_to_blue(tag, a)
+
+
+# ------------------------------------------------------------------------------------------
+# S8 Voice Agent (/v1/agent/converse)
+# ------------------------------------------------------------------------------------------
+AGENT_SETTINGS = {
+    "type": "Settings",
+    "audio": {
+        "input": {"encoding": "linear16", "sample_rate": 16000},
+        "output": {"encoding": "linear16", "sample_rate": 24000, "container": "none"},
+    },
+    "agent": {
+        "listen": {"provider": {"type": "deepgram", "model": "nova-3"}},
+        "think": {"provider": {"type": "open_ai", "model": "gpt-4o-mini"}, "prompt": "You are a test."},
+        "speak": {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}},
+        "greeting": "hello",
+    },
+}
+
+
+def agent_hello(tag, label, s, ws, colour):
+    """Welcome, then Settings -> the stub's echo of it, then SettingsApplied."""
+    welcome = s.recv()
+    check(
+        tag,
+        f"{label}: Welcome parsed as AgentV1Welcome from {colour}, with the 101's request_id",
+        isinstance(welcome, AgentV1Welcome)
+        and hdr(ws, "x-switchyard-color") == colour
+        and hdr(ws, "x-stub-name") == colour
+        and strict(AgentV1Welcome, ws.raw[-1]).request_id == hdr(ws, "dg-request-id"),
+        f"{type(welcome).__name__} via {hdr(ws, 'x-switchyard-color')} / {hdr(ws, 'x-stub-name')}",
+    )
+    s.send_settings(AgentV1Settings.model_validate(AGENT_SETTINGS))
+    echo = s.recv()
+    echo_raw = json.loads(ws.raw[-1])
+    applied = s.recv()
+    strict(AgentV1SettingsApplied, ws.raw[-1])
+    check(
+        tag,
+        f"{label}: Settings -> echoed Settings, then SettingsApplied (AgentV1SettingsApplied)",
+        echo_raw.get("type") == "Settings"
+        and echo_raw.get("agent", {}).get("think", {}).get("prompt") == "You are a test."
+        and isinstance(applied, AgentV1SettingsApplied),
+        f"{type(echo).__name__}({echo_raw.get('type')}) then {type(applied).__name__}",
+    )
+    if isinstance(echo, dict):
+        note(
+            "stub: the Agent echoes every client text message (Settings, KeepAlive); the SDK's response "
+            "union has no Settings/KeepAlive type, so it yields those echoes as plain dicts "
+            "(Deepgram itself does not echo them)."
+        )
+
+
+@scenario("S8")
+def s8_agent(a, sessions):
+    tag = "S8"
+    reset_to_blue(tag, a)
+
+    sid = f"sdk-py-s8-{uuid.uuid4()}"
+    sessions["s8"] = sid
+    with client(a.proxy_a, session_id=sid).agent.v1.connect() as s:
+        ws = tap(s)
+        agent_hello(tag, "Agent", s, ws, "blue")
+        chunk = audio(960, seed=800)
+        s.send_media(chunk)
+        echoed = s.recv()
+        check(tag, "Agent: binary audio echoed intact", echoed == chunk, f"{type(echoed).__name__} {len(echoed) if isinstance(echoed, bytes) else ''}")
+        s.send_keep_alive()
+        m = s.recv()
+        keep = {} if isinstance(m, bytes) else json.loads(ws.raw[-1])
+        check(tag, "Agent: KeepAlive passes through (the stub echoes it)", keep.get("type") == "KeepAlive", str(keep))
+    # Leaving connect() closes with 1000, which must travel through and be answered.
+    check(
+        tag,
+        "Agent: client close 1000 answered with 1000",
+        ws.close_code == 1000 and close_rcvd(ws) == 1000,
+        f"close_code={ws.close_code} rcvd={ws.ws.protocol.close_rcvd}",
+    )
+
+    # Drain: the conversation cannot survive a reconnect, so it runs until the deadline.
+    wait_drained(tag, a, "blue")
+    sid = f"sdk-py-s8-drain-{uuid.uuid4()}"
+    sessions["s8-drain"] = sid
+    dg = client(a.proxy_a, session_id=sid)
+    with dg.agent.v1.connect() as s:
+        ws = tap(s)
+        agent_hello(tag, "drain", s, ws, "blue")
+        t_flip = flip_to_green(tag, a, "sdk-py interop agent")
+        echoes, mismatched, closed = [], 0, None
+        try:
+            # Send 10 ms of audio, wait for its echo, every 50 ms (bounded: 200 rounds = 10+ s).
+            for i in range(200):
+                chunk = audio(320, seed=8000 + i)
+                s.send_media(chunk)
+                m = s.recv()
+                echoes.append(time.monotonic() - t_flip)
+                mismatched += m != chunk
+                time.sleep(0.05)
+        except (wsx.ConnectionClosed, TimeoutError) as exc:
+            closed = exc
+        t_close = time.monotonic() - t_flip
+        last_echo = echoes[-1] if echoes else -1.0
+        check(
+            tag,
+            f"drain: echoes keep flowing from blue until the deadline (~{DRAIN_TIMEOUT:.0f}s)",
+            len(echoes) >= 10 and last_echo >= DRAIN_TIMEOUT - 0.15 and mismatched == 0,
+            f"{len(echoes)} echoes, last at {last_echo:.3f}s, {mismatched} mismatched",
+        )
+        check(
+            tag,
+            "drain: closed 1012 at the deadline, not before (>= 0.9 s after the flip) and without waiting out the grace",
+            isinstance(closed, wsx.ConnectionClosedError)
+            and closed.rcvd is not None
+            and closed.rcvd.code == 1012
+            and DRAIN_TIMEOUT - 0.1 <= t_close <= DRAIN_TIMEOUT + 0.5,
+            f"{type(closed).__name__}: rcvd={getattr(closed, 'rcvd', None)} after {t_close:.3f}s",
+        )
+
+    wait_drained(tag, a, "blue")
+    with dg.agent.v1.connect() as s:  # the app reconnects: a new conversation on green
+        ws = tap(s)
+        agent_hello(tag, "drain: reconnect", s, ws, "green")
+        chunk = audio(640, seed=8500)
+        s.send_media(chunk)
+        check(tag, "drain: reconnect on green echoes audio", s.recv() == chunk)
+    check(tag, "drain: reconnect closes 1000", ws.close_code == 1000 and close_rcvd(ws) == 1000, f"close_code={ws.close_code}")
+    reset_to_blue(tag, a)
+
+
+# ------------------------------------------------------------------------------------------
 # Log checks: S5 secrets, S6 session ids
 # ------------------------------------------------------------------------------------------
 def read_log_lines(path):
@@ -812,6 +1185,12 @@ def s6_sessions(a, sessions):
         ("s4-stt", "green", "/v1/listen", None),
         ("s4-tts", "blue", "/v1/speak", "drain_graceful"),
         ("s4-tts", "green", "/v1/speak", None),
+        ("s7", "blue", "/v2/listen", None),
+        ("s7-drain", "blue", "/v2/listen", "drain_graceful"),
+        ("s7-drain", "green", "/v2/listen", None),
+        ("s8", "blue", "/v1/agent/converse", None),
+        ("s8-drain", "blue", "/v1/agent/converse", "drain_forced"),
+        ("s8-drain", "green", "/v1/agent/converse", None),
     ]
     lines = wait_for_lines(
         a.log_a,
@@ -907,6 +1286,8 @@ def main():
     s3_tts(a, sessions)
     s4_drain(a, sessions)
     s5_auth(a, sessions)
+    s7_flux(a, sessions)
+    s8_agent(a, sessions)
     s6_sessions(a, sessions)
     s5_secrets_in_logs(a)
 
