@@ -105,7 +105,11 @@ timeout 88 "$PY" -W ignore "$HERE/storm.py" "127.0.0.1:$PROXY" "$OUT" 10 >"$OUT/
 wait $NODE_PID; echo "node exit $?"
 wait $PYPID; echo "python exit $?"
 echo "== clients took $(( $(date +%s) - START )) s"
-sleep 1.5   # bounded: the stream-ended lines are written after the closing handshakes
+# Each stream's end line and close metric are written before it stops counting as open,
+# so once both colours are drained the log and /metrics are complete.
+for color in blue green; do
+  curl -sS "http://127.0.0.1:$ADMIN/drain/wait?color=$color&timeout=10s" >/dev/null
+done
 curl -sS "http://127.0.0.1:$ADMIN/status" >"$OUT/status.json"
 curl -sS "http://127.0.0.1:$ADMIN/metrics" >"$OUT/metrics.txt"
 curl -sS "http://127.0.0.1:$ADMIN/history" >"$OUT/history.json"
