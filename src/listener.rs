@@ -4,11 +4,16 @@
 //! `limits.max_connections` is checked before `accept` against the current table (so a
 //! reload applies it), and beyond it accepting waits and the kernel's backlog holds new
 //! clients; nothing is refused or crashes.
-//! `limits.header_read_timeout` closes clients that never finish their headers. Neither
-//! touches a stream once it is upgraded: those are tracked by `drain`, not by hyper.
+//! `limits.header_read_timeout` closes clients that never finish their headers, and
+//! clients that send nothing at all: hyper's timer starts only once the first bytes have
+//! told HTTP/1.1 from HTTP/2, so a connection must also bring its first request within
+//! that time (`first_request_within`). Neither touches a stream once it is upgraded:
+//! those are tracked by `drain`, not by hyper.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -52,6 +57,29 @@ impl Drop for Slot {
 
 /// Largest request head accepted; beyond it hyper answers 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Runs a connection, and drops it (closing the socket) if no request has reached the
+/// service `limit` after it started: a client that connects and sends nothing, or stops
+/// inside the 24 bytes that tell HTTP/1.1 from HTTP/2, or opens HTTP/2 and never sends
+/// a request, would otherwise hold its `max_connections` slot for good. Once a request
+/// has come, hyper's own timers take over (HTTP/1.1 closes a keep-alive connection that
+/// starts no new request within `header_read_timeout`).
+async fn first_request_within<F: Future>(served: F, requested: &AtomicBool, limit: Duration) {
+    let mut served = std::pin::pin!(served);
+    let mut deadline = std::pin::pin!(tokio::time::sleep(limit));
+    std::future::poll_fn(|cx| {
+        if served.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        // Once a request has come the timer is left alone, so serving costs nothing more.
+        if !requested.load(Ordering::Relaxed) && deadline.as_mut().poll(cx).is_ready() {
+            tracing::debug!("no request within header_read_timeout; connection closed");
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    })
+    .await
+}
 
 /// Serves `listener` until `stop` is cancelled, then lets open requests finish.
 /// Upgraded streams are not waited for here; `drain` ends them.
@@ -102,7 +130,10 @@ pub async fn serve(
             let gauge = proxy.metrics().connections(kind).clone();
             gauge.inc();
             let conn_info = ConnInfo::new(client, kind, tls.is_some(), open_for_streams);
+            let requested = Arc::new(AtomicBool::new(false));
+            let seen = requested.clone();
             let service = service_fn(move |req| {
+                seen.store(true, Ordering::Relaxed);
                 let proxy = proxy.clone();
                 let conn_info = conn_info.clone();
                 // Boxed: the request's future is kilobytes, and HTTP/2 moves it whole
@@ -136,7 +167,9 @@ pub async fn serve(
                         Ok(Ok(stream)) => {
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            let _ = watcher.watch(conn.into_owned()).await;
+                            let served = watcher.watch(conn.into_owned());
+                            first_request_within(served, &requested, limits.header_read_timeout)
+                                .await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -145,7 +178,8 @@ pub async fn serve(
                 None => {
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    let served = watcher.watch(conn.into_owned());
+                    first_request_within(served, &requested, limits.header_read_timeout).await;
                 }
             }
             gauge.dec();

@@ -360,6 +360,50 @@ async fn stalled_clients_do_not_block_others_and_are_closed_after_the_header_tim
     }
 }
 
+/// Reads from `s` until the proxy closes it; `Err` if it is still open after `PATIENCE`.
+async fn closed_by_proxy(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, &'static str> {
+    let mut buf = Vec::new();
+    match tokio::time::timeout(PATIENCE, tokio::io::AsyncReadExt::read_to_end(s, &mut buf)).await {
+        Ok(_) => Ok(buf),
+        Err(_) => Err("still open"),
+    }
+}
+
+#[tokio::test]
+async fn clients_that_never_send_a_request_are_closed_after_the_header_timeout() {
+    let env = start_with_limit("header_read_timeout = \"1s\"").await;
+    let addr = env.app().proxy_addr;
+    // Nothing at all; three bytes that could still be the HTTP/2 preface; the HTTP/2
+    // preface and SETTINGS with no request after them.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut partial = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut partial, b"PRI")
+        .await
+        .expect("write");
+    let mut h2_idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    tokio::io::AsyncWriteExt::write_all(&mut h2_idle, &preface)
+        .await
+        .expect("write");
+    // A keep-alive connection that made one request and then stays quiet.
+    let mut kept = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut kept, b"GET /v1/status HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    for (name, s) in [
+        ("silent", &mut silent),
+        ("partial preface", &mut partial),
+        ("HTTP/2 without a request", &mut h2_idle),
+        ("idle keep-alive", &mut kept),
+    ] {
+        assert!(closed_by_proxy(s).await.is_ok(), "{name}: still open");
+    }
+    // A client that is served is not cut by the timer.
+    let got = get(&env.client, &env.proxy_url("/v1/status")).await;
+    assert_eq!(got.status(), StatusCode::OK);
+}
+
 /// Starts an env, then sets one `[limits]` key by rewriting the config and reloading: limits
 /// are read from the current table per connection, so a reload applies them.
 async fn start_with_limit(setting: &str) -> Env {
