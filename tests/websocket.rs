@@ -1252,10 +1252,10 @@ async fn status_and_readyz_show_a_shutdown_in_progress() {
     env.shutdown().await;
 }
 
-/// An upstream that answers every handshake choosing the `bearer` subprotocol, offered or
-/// not, and then holds the stream.
+/// An upstream that answers every handshake with `name: value` added to its 101, and then
+/// holds the stream.
 #[allow(clippy::result_large_err)] // the callback's type is tungstenite's
-async fn upstream_choosing_bearer() -> SocketAddr {
+async fn upstream_adding(name: &'static str, value: &'static str) -> SocketAddr {
     use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1264,19 +1264,34 @@ async fn upstream_choosing_bearer() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let choose = |_: &Request, mut response: Response| {
+                let add = |_: &Request, mut response: Response| {
                     response
                         .headers_mut()
-                        .insert("sec-websocket-protocol", HeaderValue::from_static("bearer"));
+                        .insert(name, HeaderValue::from_static(value));
                     Ok(response)
                 };
-                if let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(socket, choose).await {
+                if let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(socket, add).await {
                     while let Some(Ok(_)) = ws.next().await {}
                 }
             });
         }
     });
     addr
+}
+
+/// An upstream that accepts an extension nobody offered is refused with a 502: it would
+/// send frames (compressed ones) that the relay cannot pass on.
+#[tokio::test]
+async fn an_upstream_accepting_an_extension_not_offered_is_a_502() {
+    let upstream = upstream_adding("sec-websocket-extensions", "permessage-deflate").await;
+    let env = support::env_with_blue_at(upstream).await;
+    match tokio_tungstenite::connect_async(env.ws_url("/v1/listen")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+            assert_eq!(response.headers()["x-switchyard-color"], "blue");
+        }
+        other => panic!("the handshake must fail with 502: {other:?}"),
+    }
 }
 
 /// The 101 names only a subprotocol the client offered: an upstream's other choice is
@@ -1296,7 +1311,8 @@ async fn the_101_names_only_a_subprotocol_the_client_offered() {
     .await;
     assert_eq!(response.headers()["sec-websocket-protocol"], "token");
 
-    let env = support::env_with_blue_at(upstream_choosing_bearer().await).await;
+    let env =
+        support::env_with_blue_at(upstream_adding("sec-websocket-protocol", "bearer").await).await;
     let (_ws, response) = open_with(
         &env.ws_url("/v1/listen"),
         &[("sec-websocket-protocol", "token, KEY123")],

@@ -255,6 +255,19 @@ pub async fn forward(
             UpstreamErrorKind::Protocol,
         );
     }
+    // No extension was offered, so an upstream that names one would send frames (say,
+    // compressed ones) the relay cannot pass on; RFC 6455 §4.1 says to fail it here.
+    if response
+        .headers()
+        .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
+    {
+        return fail(
+            ProxyError::UpstreamFailed(
+                "the upstream accepted a WebSocket extension that was not offered".into(),
+            ),
+            UpstreamErrorKind::Protocol,
+        );
+    }
 
     let mut reply = Response::new(ProxyBody::empty());
     *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
