@@ -63,6 +63,8 @@ fn table(config: &Arc<Config>, previous: Option<&RouteTable>, generation: u64) -
             client_keys: None,
             tls: None,
             admin_token: None,
+            upstream_tls: switchyard::tls::upstream_client_config(&config.upstream_tls)
+                .expect("upstream TLS"),
         }),
     }
 }

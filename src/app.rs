@@ -101,13 +101,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let metrics = Metrics::new();
     // Checked before anything binds; the live token is the route table's (reloadable).
     load_token(&config)?;
-    let upstream_tls =
-        crate::tls::upstream_client_config(&config.upstream_tls).map_err(|e| ConfigError {
-            file: config.source.display().to_string(),
-            field: e.0,
-            reason: e.1,
-        })?;
-    let prober = Prober::new(&upstream_tls);
+    let prober = Prober::default();
     let proxy_listener = bind("listen.proxy", config.listen.proxy).await?;
     let preview_listener = match config.listen.preview {
         Some(addr) => Some(bind("listen.preview", addr).await?),
@@ -134,12 +128,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     )
     .await?;
     let tracker = Arc::new(Tracker::default());
-    let proxy = Arc::new(Proxy::new(
-        router.clone(),
-        tracker.clone(),
-        metrics.clone(),
-        upstream_tls,
-    ));
+    let proxy = Arc::new(Proxy::new(router.clone(), tracker.clone(), metrics.clone()));
 
     crate::health::spawn(
         router.clone(),

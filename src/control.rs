@@ -137,7 +137,7 @@ struct Writer {
     prober: Prober,
 }
 
-/// Reads the client keys and the TLS certificate a config names.
+/// Reads the client keys, the TLS certificate and the upstream CA a config names.
 pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
     let client_keys = match &config.client_auth {
         Some(auth) => {
@@ -167,11 +167,18 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
         ),
         None => None,
     };
+    let upstream_tls =
+        crate::tls::upstream_client_config(&config.upstream_tls).map_err(|e| ConfigError {
+            file: config.source.display().to_string(),
+            field: e.0,
+            reason: e.1,
+        })?;
     Ok(Settings {
         admin_token: crate::admin::Token::read(&config),
         config: Arc::new(config),
         client_keys,
         tls,
+        upstream_tls,
     })
 }
 
@@ -369,6 +376,12 @@ impl Writer {
         }
         if action == Action::Reload {
             self.retire_removed(&current, &table);
+            // Kept TLS connections were verified with the trust the reload replaces.
+            for u in table.pools.iter().flat_map(|p| p.iter()) {
+                if u.url.scheme == http::uri::Scheme::HTTPS {
+                    u.idle.clear();
+                }
+            }
         }
         self.metrics.route(table.active, table.generation);
         self.metrics.route_change(action.as_str());
@@ -467,7 +480,7 @@ impl Writer {
         let mut added = every(&pools);
         added.retain(|u| !known.iter().any(|k| Arc::ptr_eq(k, u)));
         self.prober
-            .first_verdicts(&added, &settings.config.health)
+            .first_verdicts(&added, &settings.config.health, &settings.upstream_tls)
             .await;
         let new_state = state.next(
             Action::Reload,

@@ -7,7 +7,7 @@
 //! served traffic, so Healthy is never demanded.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,15 +27,26 @@ type ProbeClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Byt
 /// The largest status body read; Deepgram's is a few hundred bytes.
 const MAX_STATUS_BODY: usize = 64 * 1024;
 
+/// A probe client and the upstream trust it was built with.
+type BuiltFor = (Arc<rustls::ClientConfig>, ProbeClient);
+
 /// Probes upstreams as the checks do. Cloning shares the client.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Prober {
-    client: ProbeClient,
+    /// The client, with the trust it was built for; built again when a reload brings
+    /// another (`Settings::upstream_tls`). Locked only to clone or replace it.
+    client: Arc<Mutex<Option<BuiltFor>>>,
 }
 
 impl Prober {
-    /// A prober trusting what the upstream client trusts (`upstream_tls`).
-    pub fn new(tls: &Arc<rustls::ClientConfig>) -> Prober {
+    /// The client trusting what `tls` (the table's upstream client config) trusts.
+    fn client(&self, tls: &Arc<rustls::ClientConfig>) -> ProbeClient {
+        let mut cached = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((built_for, client)) = &*cached
+            && Arc::ptr_eq(built_for, tls)
+        {
+            return client.clone();
+        }
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -47,20 +58,28 @@ impl Prober {
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(https);
-        Prober { client }
+        *cached = Some((tls.clone(), client.clone()));
+        client
     }
 
     /// Probes each of `upstreams` once, at the same time, and records the result as its
     /// first verdict. A reload calls this for the upstreams it adds before they take
     /// traffic, so a URL no probe has judged is never counted healthy by a flip's gate.
     /// Nothing to do with health mode `off`, where an upstream is presumed healthy.
-    pub async fn first_verdicts(&self, upstreams: &[Arc<Upstream>], health: &Health) {
+    pub async fn first_verdicts(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        health: &Health,
+        tls: &Arc<rustls::ClientConfig>,
+    ) {
         if health.mode == HealthMode::Off {
             return;
         }
+        let client = self.client(tls);
+        let client = &client;
         let probes = upstreams.iter().map(|upstream| async move {
             let observed = probe(
-                &self.client,
+                client,
                 upstream,
                 health.mode,
                 &health.path,
@@ -76,15 +95,10 @@ impl Prober {
 
 /// Starts the supervisor; it and every probe stop when `stop` is cancelled.
 pub fn spawn(router: Arc<Router>, metrics: Metrics, prober: Prober, stop: CancellationToken) {
-    tokio::spawn(supervise(router, metrics, prober.client, stop));
+    tokio::spawn(supervise(router, metrics, prober, stop));
 }
 
-async fn supervise(
-    router: Arc<Router>,
-    metrics: Metrics,
-    client: ProbeClient,
-    stop: CancellationToken,
-) {
+async fn supervise(router: Arc<Router>, metrics: Metrics, prober: Prober, stop: CancellationToken) {
     let mut changes = router.subscribe();
     let mut probes: HashMap<usize, CancellationToken> = HashMap::new();
     loop {
@@ -107,7 +121,7 @@ async fn supervise(
                         upstream,
                         router.clone(),
                         metrics.clone(),
-                        client.clone(),
+                        prober.clone(),
                         token.clone(),
                     ));
                     token
@@ -124,13 +138,20 @@ async fn probe_loop(
     upstream: Arc<Upstream>,
     router: Arc<Router>,
     metrics: Metrics,
-    client: ProbeClient,
+    prober: Prober,
     stop: CancellationToken,
 ) {
     loop {
         // Kept connections unused for a while are closed here, traffic or not.
         upstream.idle.sweep();
-        let health = router.load().settings.config.health.clone();
+        let (health, tls) = {
+            let table = router.load();
+            let settings = &table.settings;
+            (
+                settings.config.health.clone(),
+                settings.upstream_tls.clone(),
+            )
+        };
         let changed = match health.mode {
             HealthMode::Off => {
                 upstream.set_not_checked();
@@ -142,6 +163,7 @@ async fn probe_loop(
                 }
             }
             mode => {
+                let client = prober.client(&tls);
                 let observed = probe(&client, &upstream, mode, &health.path, health.timeout).await;
                 upstream.record_probe(observed, health.rise, health.fall)
             }

@@ -267,12 +267,6 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     eprintln!("error: {e}");
                     return Ok(1);
                 }
-                if let Err(switchyard::tls::TlsError(field, reason)) =
-                    switchyard::tls::upstream_client_config(&c.upstream_tls)
-                {
-                    eprintln!("error: {}: {field}: {reason}", config.display());
-                    return Ok(1);
-                }
                 // A state file `run` would refuse is refused here too (the etcd store's
                 // copy is only a fallback, read when etcd is down).
                 if c.routing.store == switchyard::config::Store::File

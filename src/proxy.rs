@@ -84,24 +84,17 @@ pub struct Proxy {
     pub(crate) router: Arc<Router>,
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) metrics: Metrics,
-    pub(crate) upstreams: http::Upstreams,
     /// Per colour, the second (Unix time) of the last "no healthy upstream" line.
     no_healthy_logged: [AtomicU64; 2],
 }
 
 impl Proxy {
-    /// Builds the proxy; `upstream_tls` is the client config for `https://` upstreams.
-    pub fn new(
-        router: Arc<Router>,
-        tracker: Arc<Tracker>,
-        metrics: Metrics,
-        upstream_tls: Arc<rustls::ClientConfig>,
-    ) -> Proxy {
+    /// Builds the proxy.
+    pub fn new(router: Arc<Router>, tracker: Arc<Tracker>, metrics: Metrics) -> Proxy {
         Proxy {
             router,
             tracker,
             metrics,
-            upstreams: http::Upstreams { tls: upstream_tls },
             no_healthy_logged: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }

@@ -48,6 +48,10 @@ pub struct Settings {
     pub client_keys: Option<ClientKeys>,
     /// The certificate served on the proxy and preview listeners.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whom `https://` upstreams are trusted by (`upstream_tls.ca_file`, or the system
+    /// roots): requests, upgrades and health probes use the table's, so a reload that
+    /// rotates the CA applies to every connection made after it.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
     /// The admin API's bearer token, read again on every reload so a rotated token takes
     /// effect; `None` when neither the file nor `SWITCHYARD_ADMIN_TOKEN` has one (start-up
     /// and reload refuse that; `check` warns).

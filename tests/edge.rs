@@ -509,7 +509,9 @@ async fn tls_front(cert: &Cert, backend: std::net::SocketAddr) -> std::net::Sock
 async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
     let cert = self_signed();
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("upstream-ca.pem"), &cert.cert_pem).expect("ca file");
+    // First a CA that did not sign the upstream's certificate.
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, self_signed().cert_pem).expect("ca file");
     let builder = EnvBuilder {
         health: "mode = \"deepgram\"\ninterval = \"200ms\"\nrise = 1\nfall = 1",
         extra: format!(
@@ -528,11 +530,29 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
     );
     let (status, body) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    let over_tls = || {
+        Request::post(env.proxy_url("/v1/listen"))
+            .body(Full::new(Bytes::from_static(b"over tls")))
+            .expect("request")
+    };
+    let (status, json) = send_json(&env.client, over_tls()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    let (_, status) = env.admin_get("/status").await;
+    assert_eq!(
+        status["colors"]["blue"]["upstreams"][0]["health"], "unreachable",
+        "the probe does not trust the upstream either"
+    );
 
-    let req = Request::post(env.proxy_url("/v1/listen"))
-        .body(Full::new(Bytes::from_static(b"over tls")))
-        .expect("request");
-    let (status, json) = send_json(&env.client, req).await;
+    // The right CA, in the same file: a reload applies it to requests and probes.
+    std::fs::write(&ca_file, &cert.cert_pem).expect("ca file");
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(|| async {
+        let (_, status) = env.admin_get("/status").await;
+        status["colors"]["blue"]["upstreams"][0]["health"] == "Healthy"
+    })
+    .await;
+    let (status, json) = send_json(&env.client, over_tls()).await;
     assert_eq!(status, StatusCode::OK, "{json}");
     assert_eq!(json["metadata"]["stub"], "blue");
     assert_eq!(json["metadata"]["bytes"], 8);

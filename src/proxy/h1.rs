@@ -231,6 +231,12 @@ impl Idle {
         drop(gone);
     }
 
+    /// Closes every parked connection.
+    pub fn clear(&self) {
+        let gone = std::mem::take(&mut *self.lock());
+        drop(gone);
+    }
+
     /// How many connections are parked.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -18,12 +18,6 @@ use crate::upstream::{Color, Upstream, pick};
 /// Most attempts per request: the first pick and at most two more on connect failure.
 pub const MAX_ATTEMPTS: usize = 3;
 
-/// How Switchyard reaches upstreams: the TLS client config for `https://` ones (plain
-/// requests and WebSocket upgrades alike). Kept connections live with each upstream.
-pub struct Upstreams {
-    pub(crate) tls: Arc<rustls::ClientConfig>,
-}
-
 /// Forwards one plain HTTP request to `color`.
 pub async fn forward(
     proxy: Arc<Proxy>,
@@ -78,7 +72,7 @@ pub async fn forward(
         };
         let exchange = h1::exchange(
             upstream,
-            &proxy.upstreams.tls,
+            &table.settings.upstream_tls,
             limits.connect_timeout,
             limits.response_timeout,
             head,

@@ -153,7 +153,7 @@ pub async fn forward(
         };
         match tokio::time::timeout(
             limits.connect_timeout,
-            super::h1::connect(&proxy.upstreams.tls, &upstream.url),
+            super::h1::connect(&table.settings.upstream_tls, &upstream.url),
         )
         .await
         {
