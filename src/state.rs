@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -106,7 +106,9 @@ impl RouteState {
         reason: Option<String>,
     ) -> RouteState {
         let generation = self.generation + 1;
-        let at = rfc3339(at);
+        // `changed_at` moves with every generation, even for two changes in one
+        // millisecond or after the clock stepped back.
+        let at = rfc3339(at.max(self.changed_at_time() + Duration::from_millis(1)));
         let mut history = self.history.clone();
         history.push(HistoryEntry {
             generation,
@@ -135,9 +137,9 @@ impl RouteState {
     }
 }
 
-/// Formats a time as RFC 3339 UTC with seconds.
+/// Formats a time as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Why the state file could not be used.
@@ -263,6 +265,24 @@ mod tests {
         assert_eq!(back.generation, 2);
         assert_eq!(back.history.len(), 2);
         assert_eq!(back.history[1].from, Some(Color::Blue));
+    }
+
+    #[test]
+    fn changed_at_moves_with_every_generation() {
+        let at = SystemTime::now();
+        let mut state = RouteState::first_start(Color::Blue, at);
+        let mut seen = vec![state.changed_at.clone()];
+        // Three changes in the same instant, then one from a clock that stepped back.
+        for at in [at, at, at, at - Duration::from_secs(60)] {
+            state = state.next(Action::Flip, Color::Green, Some(Color::Blue), at, None);
+            assert_eq!(state.history.last().map(|h| &h.at), Some(&state.changed_at));
+            seen.push(state.changed_at.clone());
+        }
+        let times: Vec<SystemTime> = seen
+            .iter()
+            .map(|t| humantime::parse_rfc3339(t).expect("RFC 3339"))
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
     }
 
     #[test]
