@@ -39,7 +39,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(
-        "no admin token: {file} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set; admin writes are never open"
+        "no admin token: {file} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty; admin writes are never open"
     )]
     NoToken { file: String },
 }

@@ -463,7 +463,7 @@ impl Writer {
                 file: config.source.display().to_string(),
                 field: "admin.token_file".into(),
                 reason: format!(
-                    "{} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set; the admin API would have no token",
+                    "{} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty; the admin API would have no token",
                     config.admin.token_file.display()
                 ),
             }

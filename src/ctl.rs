@@ -167,25 +167,40 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
     if !status.is_success() {
         if options.json {
-            println!("{value}");
+            out(&format!("{value}\n"));
         }
         let code = value
             .get("error")
             .and_then(Value::as_str)
             .unwrap_or("error");
         let message = value.get("message").and_then(Value::as_str).unwrap_or("");
-        eprintln!("refused ({}): {code}: {message}", status.as_u16());
+        let verb = if status.is_client_error() {
+            "refused"
+        } else {
+            "failed"
+        };
+        eprintln!("{verb} ({}): {code}: {message}", status.as_u16());
         return if status.is_client_error() { 2 } else { 1 };
     }
     if options.json {
-        println!("{value}");
+        out(&format!("{value}\n"));
     } else {
-        print!("{}", human(&command, &value));
+        out(&human(&command, &value));
     }
     match command {
         Command::WaitDrained { .. } if value.get("drained") != Some(&Value::Bool(true)) => 3,
         _ => 0,
     }
+}
+
+/// Writes the answer to stdout. A reader that went away (`ctl ... | head`) is not an
+/// error of the call: the exit code still says what the API did.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 /// How long the API may take to answer a call that waits `timeout` (a humantime string the

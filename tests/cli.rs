@@ -725,6 +725,38 @@ async fn ctl_exits_1_on_a_server_error() {
     assert_eq!(out.json()["active"], "blue");
 }
 
+/// `ctl ... | head`: a reader gone before the answer is written does not turn a call the
+/// API carried out into a crash (Rust ignores SIGPIPE, so the write fails instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_writing_into_a_closed_pipe_exits_as_the_call_went() {
+    let site = Site::new().await;
+    let _proxy = site.run().await;
+    let admin = site.admin_url();
+    for args in [&["--json", "history"][..], &["status"]] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut full = vec!["ctl", "--admin", &admin];
+        full.extend_from_slice(args);
+        let out = tokio::process::Command::new(BIN)
+            .args(&full)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ctl starts")
+            // Not `output()`, which would capture stdout in a pipe of its own.
+            .wait_with_output();
+        let out = tokio::time::timeout(PATIENCE, out)
+            .await
+            .expect("ctl finishes")
+            .expect("ctl runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{full:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{full:?}: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_wait_drained_exits_3_while_a_stream_is_open() {
     let site = Site::new().await;
