@@ -239,6 +239,11 @@ pub struct RequestGuard {
 }
 
 impl RequestGuard {
+    /// The upstream serving the request.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
     fn counts(&self) -> &ColorCounts {
         &self.tracker.colors[self.upstream.color.index()]
     }

@@ -1141,6 +1141,16 @@ async fn a_body_cut_short_is_an_error_for_the_client(head: &[u8], part: &[u8], d
         String::from_utf8_lossy(&got)
     );
     up.assert_no_other_connection();
+    // Counted against the upstream (the client's error came after the count).
+    let metrics = env.app().metrics.encode();
+    let protocol_errors: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("switchyard_upstream_errors_total") && l.contains("kind=\"protocol\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(protocol_errors, 1.0, "{metrics}");
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use super::h1;
 use tokio::sync::futures::OwnedNotified;
 
 use crate::drain::RequestGuard;
-use crate::metrics::{Metrics, Protocol};
+use crate::metrics::{Metrics, Protocol, UpstreamErrorKind};
 use crate::upstream::Color;
 
 /// What the access log line names; captured only when that log is enabled.
@@ -274,8 +274,16 @@ impl Body for ProxyBody {
                             }
                         }
                     }
-                    // The end, or a failure: the request is over either way.
-                    Poll::Ready(_) => {
+                    // The upstream broke off its body (closed mid-body, bad chunking).
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(f) = finish.take() {
+                            let f = &f.0;
+                            f.metrics
+                                .upstream_error(f.guard.upstream(), UpstreamErrorKind::Protocol);
+                        }
+                    }
+                    // The end: the request is over.
+                    Poll::Ready(None) => {
                         finish.take();
                     }
                     Poll::Pending => {}
