@@ -509,6 +509,36 @@ async fn sequential_requests_share_one_upstream_connection() {
     up.assert_no_other_connection();
 }
 
+/// The upstream's status line reaches an HTTP/1.1 client as it came: its own reason phrase
+/// (Switchyard never rewrites an answer), an empty one, or the standard one.
+#[tokio::test]
+async fn the_upstreams_reason_phrase_goes_on_as_it_came() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let mut client = Peer::client(&env).await;
+    let mut conn = None;
+    for line in [
+        "HTTP/1.1 400 Upstream Reason",
+        "HTTP/1.1 429 ",
+        "HTTP/1.1 200 OK",
+        "HTTP/1.1 503 Service Unavailable",
+    ] {
+        client
+            .write(b"GET /v1/listen HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        let upstream = match conn.as_mut() {
+            Some(c) => c,
+            None => conn.insert(up.accept("the request connects").await),
+        };
+        upstream.read_head("the request").await;
+        upstream
+            .write(format!("{line}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+            .await;
+        let head = client.read_head("the answer").await;
+        assert_eq!(head.start, line);
+    }
+}
+
 /// The first answer ends its connection by its own terms (`answer`, which the upstream
 /// follows by keeping the connection open anyway); Switchyard must close it and send the
 /// next request on a new connection.

@@ -819,6 +819,12 @@ fn parse_head(
         };
         // Values are slices of the head, not copies; names are mostly static.
         let base = buf.as_ptr() as usize;
+        // A reason phrase other than the standard one goes on as it came (hyper writes the
+        // standard one otherwise); where it stands in the head, to slice after the freeze.
+        let reason_at = parsed
+            .reason
+            .filter(|r| Some(*r) != status.canonical_reason())
+            .map(|r| (r.as_ptr() as usize - base, r.len()));
         let mut fields_at = Vec::with_capacity(parsed.headers.len());
         let (mut has_te, mut has_length) = (false, false);
         for field in parsed.headers.iter() {
@@ -843,6 +849,11 @@ fn parse_head(
         *response.status_mut() = status;
         *response.version_mut() = version;
         *response.headers_mut() = headers;
+        if let Some((start, len)) = reason_at
+            && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(head.slice(start..start + len))
+        {
+            response.extensions_mut().insert(reason);
+        }
         return Ok(Some((response, framing, !ambiguous)));
     }
 }
