@@ -1374,3 +1374,33 @@ async fn an_h2c_body_of_unknown_length_goes_upstream_chunked() {
     assert_eq!(answered.parts.version, http::Version::HTTP_2);
     assert_ok(&answered, b"ok");
 }
+
+/// An HTTP/2 client sends each cookie in a field of its own; the upstream gets them on one
+/// line, in order, joined with "; " (RFC 9113 8.2.3).
+#[tokio::test]
+async fn h2_cookies_reach_the_upstream_on_one_line() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let get = answer(
+        h2.request(
+            Request::get(env.proxy_url("/v1/listen"))
+                .header(header::COOKIE, "a=1")
+                .header("x-between", "x")
+                .header(header::COOKIE, "b=2")
+                .header(header::COOKIE, "c=3")
+                .body(Full::new(Bytes::new()))
+                .expect("a request"),
+        ),
+    );
+    let mut conn = up.accept("the GET connects").await;
+    let head = conn.read_head("the GET").await;
+    assert_eq!(head.all("cookie"), ["a=1; b=2; c=3"], "{head:#?}");
+    assert_eq!(head.one("x-between"), "x");
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    assert_ok(&joined("the answer", get).await, b"ok");
+}

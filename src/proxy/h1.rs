@@ -387,6 +387,7 @@ fn encode_head(head: &RequestHead<'_>, authority: &Authority, framing: Framing) 
     out.put_slice(authority.as_str().as_bytes());
     out.put_slice(b"\r\n");
     let mut had_for = false;
+    let mut had_cookie = false;
     for (name, value) in head.headers {
         // The client's `Expect: 100-continue` was answered by the server side already.
         if name == header::HOST || name == header::CONTENT_LENGTH || name == header::EXPECT {
@@ -395,6 +396,19 @@ fn encode_head(head: &RequestHead<'_>, authority: &Authority, framing: Framing) 
         if Forwarding::replaces(name) {
             had_for |= name == headers::X_FORWARDED_FOR;
             continue;
+        }
+        if name == header::COOKIE {
+            // HTTP/2 clients send each cookie in a field of its own; HTTP/1.1 wants one
+            // line, joined with "; " (RFC 9113 8.2.3). A map yields a name's values one
+            // after another, so the line just written is the cookie line.
+            if had_cookie {
+                out.truncate(out.len() - 2);
+                out.put_slice(b"; ");
+                out.put_slice(value.as_bytes());
+                out.put_slice(b"\r\n");
+                continue;
+            }
+            had_cookie = true;
         }
         out.put_slice(name.as_str().as_bytes());
         out.put_slice(b": ");
