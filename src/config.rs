@@ -352,8 +352,22 @@ impl Config {
                         "needs at least one endpoint".into(),
                     ));
                 }
+                for endpoint in &etcd.endpoints {
+                    check_etcd_endpoint(endpoint)
+                        .map_err(|reason| err("routing.etcd.endpoints", reason))?;
+                }
                 if etcd.key.is_empty() {
                     return Err(err("routing.etcd.key", "must not be empty".into()));
+                }
+                if etcd
+                    .replica_id
+                    .as_ref()
+                    .is_some_and(|id| id.trim().is_empty())
+                {
+                    return Err(err(
+                        "routing.etcd.replica_id",
+                        "must not be empty (leave it out for host:admin-port)".into(),
+                    ));
                 }
                 if etcd.lease_ttl.is_zero() {
                     return Err(err(
@@ -528,6 +542,25 @@ impl Config {
         }
         None
     }
+}
+
+/// An etcd endpoint is `http://` or `https://`, a host and a port, nothing more.
+fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("`{endpoint}` {why}; write it as http://host:2379");
+    let uri: Uri = endpoint.parse().map_err(|_| bad("is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("needs the scheme http:// or https://"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("names no host"));
+    }
+    if uri.port_u16().is_none_or(|port| port == 0) {
+        return Err(bad("needs a port from 1 to 65535"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(bad("must not have a path"));
+    }
+    Ok(())
 }
 
 /// toml's messages span several lines with a source excerpt; one line reads better in logs.

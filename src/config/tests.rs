@@ -53,3 +53,36 @@ fn listeners_clash_on_one_port_when_an_address_covers_the_other() {
     let e = parse(&text).expect_err("clash");
     assert_eq!(e.field, "listen.admin", "{e}");
 }
+
+/// A bad etcd endpoint or an empty replica id is named by `check`, in every build: before,
+/// `run` failed later without naming the field, or stayed out of sync for good.
+#[test]
+fn etcd_endpoints_and_replica_id_are_checked() {
+    let with = |endpoint: &str, extra: &str| {
+        parse(&format!(
+            "{MINIMAL}\n[routing]\nstore = \"etcd\"\netcd = {{ endpoints = [\"{endpoint}\"], key = \"/k\"{extra} }}\n"
+        ))
+    };
+    for bad in [
+        "not a url",
+        "ftp://127.0.0.1:2379",
+        "http://",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "127.0.0.1:2379",
+        "http://127.0.0.1",
+        "http://127.0.0.1:2379/v3",
+    ] {
+        let e = with(bad, "").expect_err(bad);
+        assert_eq!(e.field, "routing.etcd.endpoints", "{bad}: {e}");
+        assert!(e.reason.contains(bad), "{bad}: {e}");
+    }
+    let e = with("http://127.0.0.1:2379", ", replica_id = \" \"").expect_err("empty id");
+    assert_eq!(e.field, "routing.etcd.replica_id", "{e}");
+    // Good endpoints get past these checks (to the feature check in a build without it).
+    for good in ["http://127.0.0.1:2379", "https://etcd.internal:2379/"] {
+        if let Err(e) = with(good, ", replica_id = \"proxy-a\"") {
+            assert_eq!(e.field, "routing.store", "{good}: {e}");
+        }
+    }
+}
