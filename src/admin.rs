@@ -497,6 +497,14 @@ async fn readyz(State(admin): State<Admin>) -> (StatusCode, Json<Value>) {
                           "message": "switchyard is shutting down: the proxy and preview listeners no longer accept" }),
             ),
         )
+    } else if let Some(why) = admin.control.not_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({ "ready": false, "active": table.active, "error": "route_state_unknown",
+                          "message": why }),
+            ),
+        )
     } else if table.has_healthy(table.active) {
         (
             StatusCode::OK,

@@ -272,6 +272,11 @@ impl Control {
         self.view.status()
     }
 
+    /// Why this replica should not be ready: its route state is a guess (`store::View`).
+    pub fn not_ready(&self) -> Option<&'static str> {
+        self.view.not_ready()
+    }
+
     /// The persisted state (history included) as of the last change.
     pub fn state(&self) -> Arc<RouteState> {
         self.state.load_full()

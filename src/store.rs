@@ -206,6 +206,16 @@ impl View {
         }
     }
 
+    /// Why this replica should not be ready although it runs, if so: with etcd, a route
+    /// state this replica has not read but guessed (`routing.initial`).
+    pub fn not_ready(&self) -> Option<&'static str> {
+        match self {
+            View::File => None,
+            #[cfg(feature = "etcd")]
+            View::Etcd(shared) => shared.not_ready(),
+        }
+    }
+
     /// Waits until every live replica has applied `generation`, or `timeout` passes; then
     /// `Err` names those that had not. With the file store there is one replica, which
     /// applied the change before it was answered.

@@ -446,6 +446,12 @@ impl Replica {
     fn log(&self) -> String {
         self.running.as_ref().map(Running::log).unwrap_or_default()
     }
+
+    /// `/readyz`: its status and the error code of a 503.
+    async fn readyz(&self) -> (StatusCode, Value) {
+        let (code, body) = admin_get(&self.admin_url(), "/readyz").await;
+        (code, body["error"].clone())
+    }
 }
 
 async fn admin_get(base: &str, path: &str) -> (StatusCode, Value) {
@@ -906,6 +912,11 @@ async fn a_replica_restarted_while_etcd_is_down_starts_from_its_state_file() {
     assert_eq!(status["changed_at"], before["changed_at"], "{status}");
     assert_eq!(status["store"]["in_sync"], false, "{status}");
     assert_eq!(c.routes_to().await, "green");
+    assert_eq!(
+        c.readyz().await.0,
+        StatusCode::OK,
+        "the last state it saw is no guess"
+    );
     assert!(
         c.log().contains("etcd is unreachable at start"),
         "{}",
@@ -956,6 +967,12 @@ async fn a_first_start_while_etcd_is_down_writes_the_key_only_if_still_missing()
     assert_eq!(a["generation"], 1, "{a}");
     assert_eq!(a["store"]["in_sync"], false, "{a}");
     assert_eq!(fleet.replicas[0].routes_to().await, "blue");
+    // Its state is a guess until etcd answers: it serves it, but says it is not ready.
+    let unknown = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!("route_state_unknown"),
+    );
+    assert_eq!(fleet.replicas[0].readyz().await, unknown);
 
     etcd.run().await;
     until("A to write the missing key", PATIENCE, || async {
@@ -965,12 +982,18 @@ async fn a_first_start_while_etcd_is_down_writes_the_key_only_if_still_missing()
     .await;
     let written = fleet.replicas[0].status().await;
     assert_eq!(written["generation"], 1, "no new generation for writing it");
+    assert_eq!(fleet.replicas[0].readyz().await.0, StatusCode::OK);
 
     etcd.kill().await;
     fleet.replicas[2].run().await;
     let c = fleet.replicas[2].status().await;
     assert_eq!(c["active"], "green", "its own first start: {c}");
     assert_eq!(fleet.replicas[2].routes_to().await, "green");
+    assert_eq!(
+        fleet.replicas[2].readyz().await,
+        unknown,
+        "green is a guess"
+    );
 
     etcd.run().await;
     until("C to follow the key it found", PATIENCE, || async {
@@ -979,6 +1002,7 @@ async fn a_first_start_while_etcd_is_down_writes_the_key_only_if_still_missing()
     })
     .await;
     assert_eq!(fleet.replicas[2].routes_to().await, "blue");
+    assert_eq!(fleet.replicas[2].readyz().await.0, StatusCode::OK);
     fleet.replicas[1].run().await;
     fleet.settled().await;
     let agreed = fleet.agreed().await;

@@ -80,6 +80,9 @@ pub struct Shared {
     /// Live replicas (their lease holds) and the generation each applied.
     replicas: watch::Sender<BTreeMap<String, u64>>,
     in_sync: IntGauge,
+    /// Started with etcd unreachable and no state file: the table is `routing.initial`,
+    /// a guess, until this replica is first in sync with etcd.
+    guessing: AtomicBool,
 }
 
 /// The key and the replica list read at one revision.
@@ -128,6 +131,7 @@ impl EtcdStore {
                 watching: AtomicBool::new(false),
                 replicas: watch::Sender::new(BTreeMap::new()),
                 in_sync: metrics.store_in_sync.clone(),
+                guessing: AtomicBool::new(false),
             }),
         })
     }
@@ -149,10 +153,16 @@ impl EtcdStore {
             Ok(s) => s,
             Err(e @ StoreError::Corrupt { .. }) => return Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, key = %self.key, "etcd is unreachable at start; starting from the state file and following etcd once it answers");
                 let (state, first_start) = match local {
-                    Some(state) => (state, false),
-                    None => (first(), true),
+                    Some(state) => {
+                        tracing::warn!(error = %e, key = %self.key, "etcd is unreachable at start; starting from the state file and following etcd once it answers");
+                        (state, false)
+                    }
+                    None => {
+                        tracing::warn!(error = %e, key = %self.key, "etcd is unreachable at start and there is no state file; serving routing.initial, not ready (/readyz 503), until etcd answers");
+                        self.shared.guessing.store(true, Ordering::Release);
+                        (first(), true)
+                    }
                 };
                 if first_start {
                     self.file.save(&state)?;
@@ -364,8 +374,20 @@ impl Shared {
             && self.applied.load(Ordering::Acquire) >= self.seen.load(Ordering::Acquire)
     }
 
+    /// Why this replica should take no traffic yet: its route state is a guess.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        self.guessing.load(Ordering::Acquire).then_some(
+            "etcd was unreachable at start and there is no state file: this replica serves \
+             routing.initial until it has read the route state from etcd",
+        )
+    }
+
     fn refresh(&self) {
-        self.in_sync.set(i64::from(self.in_sync()));
+        let in_sync = self.in_sync();
+        if in_sync {
+            self.guessing.store(false, Ordering::Release);
+        }
+        self.in_sync.set(i64::from(in_sync));
     }
 
     fn set_watching(&self, watching: bool) {
