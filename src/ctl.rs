@@ -323,14 +323,65 @@ pub fn human(command: &Command, v: &Value) -> String {
                     ));
                 }
             }
+            out.push_str(&store_line(v.get("store")));
             out
         }
     }
 }
 
+/// The etcd store's state in one line (nothing for the file store): what the runbook tells
+/// operators to check before a change.
+fn store_line(store: Option<&Value>) -> String {
+    let Some(store) = store.filter(|s| s.get("kind").and_then(Value::as_str) == Some("etcd"))
+    else {
+        return String::new();
+    };
+    let replicas: Vec<String> = store
+        .get("replicas")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            format!(
+                "{}@{}",
+                s(r, "id"),
+                r.get("generation").and_then(Value::as_u64).unwrap_or(0)
+            )
+        })
+        .collect();
+    format!(
+        "store: etcd  revision: {}  {}  replicas: {}\n",
+        store.get("revision").and_then(Value::as_i64).unwrap_or(0),
+        if store.get("in_sync") == Some(&Value::Bool(true)) {
+            "in sync"
+        } else {
+            "NOT IN SYNC"
+        },
+        if replicas.is_empty() {
+            "none".to_owned()
+        } else {
+            replicas.join(" ")
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_names_the_etcd_stores_sync_and_replicas() {
+        let status = json!({"active": "blue", "colors": {}, "store": {
+            "kind": "etcd", "revision": 42, "in_sync": false,
+            "replicas": [{"id": "proxy-a", "generation": 7}, {"id": "proxy-b", "generation": 6}]}});
+        let text = human(&Command::Status, &status);
+        assert!(
+            text.contains("store: etcd  revision: 42  NOT IN SYNC  replicas: proxy-a@7 proxy-b@6"),
+            "{text}"
+        );
+        let file = json!({"active": "blue", "colors": {}, "store": {"kind": "file"}});
+        assert!(!human(&Command::Status, &file).contains("store"));
+    }
 
     #[test]
     fn query_values_are_percent_encoded() {
