@@ -135,6 +135,17 @@ struct Writer {
     config_path: std::path::PathBuf,
     /// Gives the upstreams a reload adds their first verdict before they take traffic.
     prober: Prober,
+    /// A reload whose write etcd did not confirm in time: refused, but etcd may still
+    /// commit it. If the state etcd later holds has its history entry, the reload did
+    /// happen, and this replica applies the config it read then.
+    pending_reload: Option<PendingReload>,
+}
+
+/// A reload's new generation, its history entry's time, and the table it would have made.
+struct PendingReload {
+    generation: u64,
+    at: String,
+    table: RouteTable,
 }
 
 /// Reads the client keys, the TLS certificate and the upstream CA a config names.
@@ -235,6 +246,7 @@ impl Control {
             metrics,
             config_path,
             prober,
+            pending_reload: None,
         };
         tokio::spawn(writer.run(rx));
         Ok((control, router, tasks))
@@ -359,9 +371,22 @@ impl Writer {
             Change::Reload => self.reload(&current, &state, now).await?,
             Change::Observed(seen) => return self.observe(seen).await,
         };
-        let saved = self.store.save(&new_state).await.inspect_err(|e| {
-            tracing::error!(action = action.as_str(), error = %e, "could not store the route change; it is refused and the route stays as it was");
-        })?;
+        let saved = match self.store.save(&new_state).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::error!(action = action.as_str(), error = %e, "could not store the route change; it is refused and the route stays as it was");
+                if action == Action::Reload && matches!(e, StoreError::Unavailable(_)) {
+                    self.pending_reload = Some(PendingReload {
+                        generation: new_state.generation,
+                        at: new_state.changed_at.clone(),
+                        table,
+                    });
+                }
+                return Err(e.into());
+            }
+        };
+        // This replica's own write went in: any earlier unconfirmed reload is settled.
+        self.pending_reload = None;
         if let Saved::Conflict(now) = saved {
             // Another replica changed the state since this one read it: follow what won,
             // and refuse as if `expect_generation` had been stale.
@@ -380,13 +405,7 @@ impl Writer {
             });
         }
         if action == Action::Reload {
-            self.retire_removed(&current, &table);
-            // Kept TLS connections were verified with the trust the reload replaces.
-            for u in table.pools.iter().flat_map(|p| p.iter()) {
-                if u.url.scheme == http::uri::Scheme::HTTPS {
-                    u.idle.clear();
-                }
-            }
+            self.reloaded(&current, &table);
         }
         self.metrics.route(table.active, table.generation);
         self.metrics.route_change(action.as_str());
@@ -506,6 +525,19 @@ impl Writer {
         Ok((Action::Reload, table, new_state))
     }
 
+    /// What a reload does beyond the new table: upstreams it dropped drain, kept TLS
+    /// connections (verified with the trust it replaces) close, and every upstream's
+    /// gauges are published.
+    fn reloaded(&self, old: &RouteTable, new: &RouteTable) {
+        self.retire_removed(old, new);
+        for u in new.pools.iter().flat_map(|p| p.iter()) {
+            if u.url.scheme == http::uri::Scheme::HTTPS {
+                u.idle.clear();
+            }
+            self.metrics.publish_upstream(u);
+        }
+    }
+
     /// Upstreams a reload dropped drain their streams as in a flip.
     fn retire_removed(&self, old: &RouteTable, new: &RouteTable) {
         let timeout = new.settings.config.drain.timeout;
@@ -565,15 +597,35 @@ impl Writer {
                 Some(DrainOrder::starting_now(state.generation, timeout));
             drains[state.active.index()] = None;
         }
+        // This replica's reload that etcd did not confirm, found in the history after all.
+        let reloaded = self
+            .pending_reload
+            .take_if(|p| state.generation >= p.generation)
+            .filter(|p| {
+                state.history.iter().any(|h| {
+                    h.generation == p.generation && h.action == Action::Reload && h.at == p.at
+                })
+            });
+        let (pools, settings) = match &reloaded {
+            Some(p) => (p.table.pools.clone(), p.table.settings.clone()),
+            None => (current.pools.clone(), current.settings.clone()),
+        };
         let table = RouteTable {
             active: state.active,
             rollback_to: state.rollback_to,
             generation: state.generation,
             changed_at: state.changed_at_time(),
-            pools: current.pools.clone(),
+            pools,
             drains,
-            settings: current.settings.clone(),
+            settings,
         };
+        if reloaded.is_some() {
+            tracing::warn!(
+                generation = table.generation,
+                "a reload this replica reported as refused reached etcd after all; its config applies now"
+            );
+            self.reloaded(&current, &table);
+        }
         let action = state.history.last().map(|h| h.action);
         self.metrics.route(table.active, table.generation);
         if let Some(action) = action {

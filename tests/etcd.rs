@@ -426,12 +426,16 @@ impl Replica {
         status
     }
 
+    /// A mutating admin call; `Value::Null` sends no body (`/reload` takes none).
     async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let body = if body.is_null() {
+            bytes::Bytes::new()
+        } else {
+            bytes::Bytes::from(body.to_string())
+        };
         let req = http::Request::post(format!("{}{path}", self.admin_url()))
             .header("authorization", format!("Bearer {TOKEN}"))
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                body.to_string(),
-            )))
+            .body(http_body_util::Full::new(body))
             .expect("request");
         send_json(&http_client(), req).await
     }
@@ -1014,6 +1018,122 @@ async fn a_first_start_while_etcd_is_down_writes_the_key_only_if_still_missing()
     );
     for r in &mut fleet.replicas {
         r.kill().await;
+    }
+}
+
+/// A TCP relay to etcd that passes requests on and can hold etcd's answers back: a write
+/// is committed while the client, seeing no answer, gives up on it.
+struct Relay {
+    endpoint: String,
+    hold: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Relay {
+    async fn start(etcd: &str) -> Relay {
+        let target = etcd.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let hold = Arc::new(tokio::sync::watch::Sender::new(false));
+        let holding = hold.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(etcd) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut etcd_read, mut etcd_write) = etcd.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut etcd_write).await;
+                });
+                let mut held = holding.subscribe();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0; 16 * 1024];
+                    while let Ok(n @ 1..) = etcd_read.read(&mut buf).await {
+                        let released = held.wait_for(|hold| !*hold).await.is_ok();
+                        if !released || client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Relay { endpoint, hold }
+    }
+
+    fn hold(&self, hold: bool) {
+        self.hold.send_replace(hold);
+    }
+}
+
+/// A reload refused with 503 because etcd did not answer in time may still be committed
+/// (the write reached etcd; its answer did not come back). The history then says the
+/// reload happened, so the replica must run the config it read for it, not the one
+/// before. A relay holds etcd's answers back to make that happen every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_reload_etcd_commits_after_it_was_refused_applies_on_its_replica() {
+    let etcd = Etcd::any().await;
+    let relay = Relay::start(&etcd.endpoint()).await;
+    let mut fleet = Fleet::new(
+        &relay.endpoint,
+        FleetOptions {
+            scenario: "late-reload",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.replicas[0].run().await;
+    let a = &fleet.replicas[0];
+    let in_sync = || async { a.status().await["store"]["in_sync"] == true };
+    until("A in sync", PATIENCE, in_sync).await;
+    let config = std::fs::read_to_string(a.config()).expect("config");
+    let one = format!("blue = [\"{}\"]", fleet.blue.url());
+    let two = format!(
+        "blue = [\"{}\", \"{}\"]",
+        fleet.blue.url(),
+        fleet.green.url()
+    );
+    assert!(config.contains(&one));
+    let blue_upstreams = |status: &Value| {
+        status["colors"]["blue"]["upstreams"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0)
+    };
+    // Add an upstream to blue, then take it away again.
+    for (text, wants) in [(config.replace(&one, &two), 2), (config.clone(), 1)] {
+        std::fs::write(a.config(), text).expect("config");
+        let before = a.status().await["generation"].as_u64().expect("generation");
+        relay.hold(true);
+        let (code, refused) = a.post("/reload", Value::Null).await;
+        relay.hold(false);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+        assert_eq!(refused["error"], "store_unavailable", "{refused}");
+        until(
+            "A to follow the reload etcd committed",
+            PATIENCE,
+            || async {
+                let status = a.status().await;
+                status["store"]["in_sync"] == true && status["generation"] == before + 1
+            },
+        )
+        .await;
+        let (_, history) = admin_get(&a.admin_url(), "/history").await;
+        let last = history["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(last["action"], "reload", "{history}");
+        let status = a.status().await;
+        assert_eq!(
+            blue_upstreams(&status),
+            wants,
+            "the history has the reload, so its config applies: {status}"
+        );
     }
 }
 
