@@ -55,6 +55,23 @@ impl Drop for Slot {
     }
 }
 
+/// A connection counted in the `connections` gauge until dropped, also by a panic that
+/// unwinds its task.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(gauge: &prometheus::IntGauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Largest request head accepted; beyond it hyper answers 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
@@ -127,8 +144,7 @@ pub async fn serve(
         let slot = Slot::take(&open);
         let open_for_streams = open.clone();
         tokio::spawn(async move {
-            let gauge = proxy.metrics().connections(kind).clone();
-            gauge.inc();
+            let _counted = Counted::new(proxy.metrics().connections(kind));
             let conn_info = ConnInfo::new(client, kind, tls.is_some(), open_for_streams);
             let requested = Arc::new(AtomicBool::new(false));
             let seen = requested.clone();
@@ -182,7 +198,6 @@ pub async fn serve(
                     first_request_within(served, &requested, limits.header_read_timeout).await;
                 }
             }
-            gauge.dec();
             drop(slot);
         });
     }

@@ -835,10 +835,15 @@ fn parse_head(
         let base = buf.as_ptr() as usize;
         // A reason phrase other than the standard one goes on as it came (hyper writes the
         // standard one otherwise); where it stands in the head, to slice after the freeze.
+        // With no reason at all ("HTTP/1.1 200\r\n") httparse gives a static "", not a
+        // slice of `buf`: only a slice of the head is kept.
         let reason_at = parsed
             .reason
             .filter(|r| Some(*r) != status.canonical_reason())
-            .map(|r| (r.as_ptr() as usize - base, r.len()));
+            .and_then(|r| {
+                let start = (r.as_ptr() as usize).checked_sub(base)?;
+                (start + r.len() <= len).then_some((start, r.len()))
+            });
         let mut fields_at = Vec::with_capacity(parsed.headers.len());
         let (mut has_te, mut has_length) = (false, false);
         for field in parsed.headers.iter() {
