@@ -544,12 +544,25 @@ impl Config {
     }
 }
 
-/// An etcd endpoint is `http://` or `https://`, a host and a port, nothing more.
+/// An etcd endpoint is a host and a port, with `http://` or without a scheme (etcdctl's
+/// way, which the etcd client reads as http), nothing more. This build's etcd client has
+/// no TLS, so `https://` is refused here rather than when it first connects.
 fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
     let bad = |why: &str| format!("`{endpoint}` {why}; write it as http://host:2379");
-    let uri: Uri = endpoint.parse().map_err(|_| bad("is not a URL"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(bad("needs the scheme http:// or https://"));
+    let with_scheme = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let uri: Uri = with_scheme.parse().map_err(|_| bad("is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(bad(
+                "uses TLS, which this build's etcd client does not support",
+            ));
+        }
+        _ => return Err(bad("needs the scheme http://")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(bad("names no host"));

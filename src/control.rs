@@ -135,11 +135,15 @@ struct Writer {
     config_path: std::path::PathBuf,
     /// Gives the upstreams a reload adds their first verdict before they take traffic.
     prober: Prober,
-    /// A reload whose write etcd did not confirm in time: refused, but etcd may still
-    /// commit it. If the state etcd later holds has its history entry, the reload did
-    /// happen, and this replica applies the config it read then.
-    pending_reload: Option<PendingReload>,
+    /// Reloads whose writes etcd did not confirm in time, oldest first: refused, but etcd
+    /// may still commit one of them (a retry is conditioned on the same revision as the
+    /// first try, so at most one lands). If the state etcd later holds has its history
+    /// entry, that reload did happen, and this replica applies the config it read then.
+    pending_reloads: Vec<PendingReload>,
 }
+
+/// Unconfirmed reloads kept at most; a longer run of them keeps the newest.
+const MAX_PENDING_RELOADS: usize = 8;
 
 /// A reload's new generation, its history entry's time, and the table it would have made.
 struct PendingReload {
@@ -246,7 +250,7 @@ impl Control {
             metrics,
             config_path,
             prober,
-            pending_reload: None,
+            pending_reloads: Vec::new(),
         };
         tokio::spawn(writer.run(rx));
         Ok((control, router, tasks))
@@ -376,7 +380,10 @@ impl Writer {
             Err(e) => {
                 tracing::error!(action = action.as_str(), error = %e, "could not store the route change; it is refused and the route stays as it was");
                 if action == Action::Reload && matches!(e, StoreError::Unavailable(_)) {
-                    self.pending_reload = Some(PendingReload {
+                    if self.pending_reloads.len() == MAX_PENDING_RELOADS {
+                        self.pending_reloads.remove(0);
+                    }
+                    self.pending_reloads.push(PendingReload {
                         generation: new_state.generation,
                         at: new_state.changed_at.clone(),
                         table,
@@ -385,8 +392,11 @@ impl Writer {
                 return Err(e.into());
             }
         };
-        // This replica's own write went in: any earlier unconfirmed reload is settled.
-        self.pending_reload = None;
+        if matches!(saved, Saved::Done) {
+            // This write went in, conditioned on the revision this replica follows, so
+            // none of the unconfirmed ones (conditioned on that one or older) ever will.
+            self.pending_reloads.clear();
+        }
         if let Saved::Conflict(now) = saved {
             // Another replica changed the state since this one read it: follow what won,
             // and refuse as if `expect_generation` had been stale.
@@ -404,9 +414,6 @@ impl Writer {
                 actual: self.router.load().generation,
             });
         }
-        if action == Action::Reload {
-            self.reloaded(&current, &table);
-        }
         self.metrics.route(table.active, table.generation);
         self.metrics.route_change(action.as_str());
         for pool in &table.pools {
@@ -416,6 +423,9 @@ impl Writer {
         }
         self.state.store(Arc::new(new_state));
         self.router.store(table);
+        if action == Action::Reload {
+            self.reloaded(&current, &self.router.load());
+        }
         tracing::info!(
             action = action.as_str(),
             active = %self.router.load().active,
@@ -525,16 +535,14 @@ impl Writer {
         Ok((Action::Reload, table, new_state))
     }
 
-    /// What a reload does beyond the new table: upstreams it dropped drain, kept TLS
-    /// connections (verified with the trust it replaces) close, and every upstream's
-    /// gauges are published.
+    /// What a reload does once its table is in place: upstreams it dropped drain, and kept
+    /// TLS connections (verified with the trust it replaces) close.
     fn reloaded(&self, old: &RouteTable, new: &RouteTable) {
         self.retire_removed(old, new);
         for u in new.pools.iter().flat_map(|p| p.iter()) {
             if u.url.scheme == http::uri::Scheme::HTTPS {
                 u.idle.clear();
             }
-            self.metrics.publish_upstream(u);
         }
     }
 
@@ -597,15 +605,18 @@ impl Writer {
                 Some(DrainOrder::starting_now(state.generation, timeout));
             drains[state.active.index()] = None;
         }
-        // This replica's reload that etcd did not confirm, found in the history after all.
-        let reloaded = self
-            .pending_reload
-            .take_if(|p| state.generation >= p.generation)
-            .filter(|p| {
-                state.history.iter().any(|h| {
-                    h.generation == p.generation && h.action == Action::Reload && h.at == p.at
-                })
-            });
+        // A reload of this replica's that etcd did not confirm, found in the history after
+        // all. Those the state has passed are settled, landed or not.
+        let (settled, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_reloads)
+            .into_iter()
+            .partition(|p| p.generation <= state.generation);
+        self.pending_reloads = pending;
+        let reloaded = settled.into_iter().find(|p| {
+            state
+                .history
+                .iter()
+                .any(|h| h.generation == p.generation && h.action == Action::Reload && h.at == p.at)
+        });
         let (pools, settings) = match &reloaded {
             Some(p) => (p.table.pools.clone(), p.table.settings.clone()),
             None => (current.pools.clone(), current.settings.clone()),
@@ -619,13 +630,6 @@ impl Writer {
             drains,
             settings,
         };
-        if reloaded.is_some() {
-            tracing::warn!(
-                generation = table.generation,
-                "a reload this replica reported as refused reached etcd after all; its config applies now"
-            );
-            self.reloaded(&current, &table);
-        }
         let action = state.history.last().map(|h| h.action);
         self.metrics.route(table.active, table.generation);
         if let Some(action) = action {
@@ -633,6 +637,17 @@ impl Writer {
         }
         self.state.store(Arc::new(state));
         self.router.store(table);
+        if reloaded.is_some() {
+            let table = self.router.load();
+            tracing::warn!(
+                generation = table.generation,
+                "a reload this replica reported as refused reached etcd after all; its config applies now"
+            );
+            for u in table.pools.iter().flat_map(|p| p.iter()) {
+                self.metrics.publish_upstream(u);
+            }
+            self.reloaded(&current, &table);
+        }
         let table = self.router.load_full();
         tracing::info!(
             action = action.map(|a| a.as_str()),

@@ -66,10 +66,11 @@ fn etcd_endpoints_and_replica_id_are_checked() {
     for bad in [
         "not a url",
         "ftp://127.0.0.1:2379",
+        "https://127.0.0.1:2379",
         "http://",
         "http://127.0.0.1:99999",
         "http://127.0.0.1:0",
-        "127.0.0.1:2379",
+        "127.0.0.1",
         "http://127.0.0.1",
         "http://127.0.0.1:2379/v3",
     ] {
@@ -80,7 +81,11 @@ fn etcd_endpoints_and_replica_id_are_checked() {
     let e = with("http://127.0.0.1:2379", ", replica_id = \" \"").expect_err("empty id");
     assert_eq!(e.field, "routing.etcd.replica_id", "{e}");
     // Good endpoints get past these checks (to the feature check in a build without it).
-    for good in ["http://127.0.0.1:2379", "https://etcd.internal:2379/"] {
+    for good in [
+        "http://127.0.0.1:2379",
+        "http://etcd.internal:2379/",
+        "127.0.0.1:2379",
+    ] {
         if let Err(e) = with(good, ", replica_id = \"proxy-a\"") {
             assert_eq!(e.field, "routing.store", "{good}: {e}");
         }

@@ -164,9 +164,8 @@ impl EtcdStore {
                         (first(), true)
                     }
                 };
-                if first_start {
-                    self.file.save(&state)?;
-                }
+                // A guess is not written to the state file: a restart before etcd answers
+                // would take it for the last state seen. It is written once etcd holds it.
                 return Ok((state, first_start));
             }
         };
