@@ -167,7 +167,7 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
     if !status.is_success() {
         if options.json {
-            out(&format!("{value}\n"));
+            let _ = out(&format!("{value}\n"));
         }
         let code = value
             .get("error")
@@ -182,10 +182,13 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         eprintln!("{verb} ({}): {code}: {message}", status.as_u16());
         return if status.is_client_error() { 2 } else { 1 };
     }
-    if options.json {
-        out(&format!("{value}\n"));
+    let written = if options.json {
+        out(&format!("{value}\n"))
     } else {
-        out(&human(&command, &value));
+        out(&human(&command, &value))
+    };
+    if !written {
+        return 1;
     }
     match command {
         Command::WaitDrained { .. } if value.get("drained") != Some(&Value::Bool(true)) => 3,
@@ -193,14 +196,22 @@ pub async fn run(options: &Options, command: Command) -> i32 {
     }
 }
 
-/// Writes the answer to stdout. A reader that went away (`ctl ... | head`) is not an
-/// error of the call: the exit code still says what the API did.
-fn out(text: &str) {
+/// Writes the answer to stdout; `false` (and a message) when it could not be written.
+/// A reader that went away (`ctl ... | head`) is not an error of the call: the exit code
+/// still says what the API did. Any other failure (a full disk) is.
+fn out(text: &str) -> bool {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout
+    match stdout
         .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush());
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: writing the answer: {e}");
+            false
+        }
+        _ => true,
+    }
 }
 
 /// How long the API may take to answer a call that waits `timeout` (a humantime string the

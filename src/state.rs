@@ -139,7 +139,14 @@ impl RouteState {
 
 /// Formats a time as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    use std::fmt::Write;
+    let mut out = String::new();
+    if write!(out, "{}", humantime::format_rfc3339_millis(t)).is_err() {
+        // Years past 9999 cannot be written; only a hand-edited state file or etcd value
+        // leads here, and the writer must not panic on it.
+        return "9999-12-31T23:59:59.999Z".to_owned();
+    }
+    out
 }
 
 /// Why the state file could not be used.
@@ -265,6 +272,14 @@ mod tests {
         assert_eq!(back.generation, 2);
         assert_eq!(back.history.len(), 2);
         assert_eq!(back.history[1].from, Some(Color::Blue));
+    }
+
+    #[test]
+    fn a_stored_time_at_the_end_of_year_9999_does_not_panic_the_next_change() {
+        let mut state = RouteState::first_start(Color::Blue, SystemTime::now());
+        state.changed_at = "9999-12-31T23:59:59.999Z".into();
+        let next = state.next(Action::Commit, Color::Blue, None, SystemTime::now(), None);
+        assert_eq!(next.changed_at, "9999-12-31T23:59:59.999Z");
     }
 
     #[test]

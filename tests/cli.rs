@@ -728,7 +728,7 @@ async fn ctl_exits_1_on_a_server_error() {
 /// `ctl ... | head`: a reader gone before the answer is written does not turn a call the
 /// API carried out into a crash (Rust ignores SIGPIPE, so the write fails instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctl_writing_into_a_closed_pipe_exits_as_the_call_went() {
+async fn ctl_when_its_answer_cannot_be_written() {
     let site = Site::new().await;
     let _proxy = site.run().await;
     let admin = site.admin_url();
@@ -755,6 +755,27 @@ async fn ctl_writing_into_a_closed_pipe_exits_as_the_call_went() {
         assert_eq!(out.status.code(), Some(0), "{full:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{full:?}: {stderr}");
     }
+    // Any other failure to write the answer (a full disk) is one: exit 1, said on stderr.
+    let full_disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", &admin, "--json", "status"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(full_disk))
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ctl starts")
+        .wait_with_output();
+    let out = tokio::time::timeout(PATIENCE, out)
+        .await
+        .expect("ctl finishes")
+        .expect("ctl runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("writing the answer"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
