@@ -404,6 +404,41 @@ async fn clients_that_never_send_a_request_are_closed_after_the_header_timeout()
     assert_eq!(got.status(), StatusCode::OK);
 }
 
+/// The first-request timer ends with the first request: an HTTP/2 connection (which has no
+/// header timer of hyper's between requests) carries a second request after the timeout.
+#[tokio::test]
+async fn an_http2_connection_that_brought_a_request_outlives_the_header_timeout() {
+    let env = start_with_limit("header_read_timeout = \"1s\"").await;
+    let addr = env.app().proxy_addr;
+    let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let status = || {
+        Request::get(env.proxy_url("/v1/status"))
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    let first = sender.send_request(status()).await.expect("first answer");
+    assert_eq!(first.status(), StatusCode::OK);
+    // A connection opened after the first request that sends nothing is closed once the
+    // timeout has passed: by then it has passed for the HTTP/2 connection too.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(
+        closed_by_proxy(&mut silent).await.is_ok(),
+        "silent: still open"
+    );
+    let second = sender
+        .send_request(status())
+        .await
+        .expect("the same connection answers after the timeout");
+    assert_eq!(second.status(), StatusCode::OK);
+}
+
 /// Starts an env, then sets one `[limits]` key by rewriting the config and reloading: limits
 /// are read from the current table per connection, so a reload applies them.
 async fn start_with_limit(setting: &str) -> Env {
