@@ -65,6 +65,7 @@ fn table(config: &Arc<Config>, previous: Option<&RouteTable>, generation: u64) -
             admin_token: None,
             upstream_tls: switchyard::tls::upstream_client_config(&config.upstream_tls)
                 .expect("upstream TLS"),
+            upstream_ca: None,
         }),
     }
 }

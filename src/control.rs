@@ -188,12 +188,19 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
             field: e.0,
             reason: e.1,
         })?;
+    // Read again (it was just parsed) only to tell a later reload whether it changed.
+    let upstream_ca = config
+        .upstream_tls
+        .ca_file
+        .as_ref()
+        .and_then(|path| std::fs::read(path).ok());
     Ok(Settings {
         admin_token: crate::admin::Token::read(&config),
         config: Arc::new(config),
         client_keys,
         tls,
         upstream_tls,
+        upstream_ca,
     })
 }
 
@@ -488,7 +495,14 @@ impl Writer {
         })
         .await
         .map_err(|_| ChangeError::Stopped)?;
-        let (config, settings) = loaded?;
+        let (config, mut settings) = loaded?;
+        let before = &current.settings;
+        if settings.config.upstream_tls == before.config.upstream_tls
+            && settings.upstream_ca == before.upstream_ca
+        {
+            // The same trust: kept connections and the probe client stay as they are.
+            settings.upstream_tls = before.upstream_tls.clone();
+        }
         if let Some(conflict) = current.settings.config.reload_conflict(&config) {
             return Err(conflict.into());
         }
@@ -535,10 +549,14 @@ impl Writer {
         Ok((Action::Reload, table, new_state))
     }
 
-    /// What a reload does once its table is in place: upstreams it dropped drain, and kept
-    /// TLS connections (verified with the trust it replaces) close.
+    /// What a reload does once its table is in place: upstreams it dropped drain, and, if
+    /// it changed the upstream trust, kept TLS connections (verified with the old one)
+    /// close. (One in use when the trust changed is not reused either: see `Idle::take`.)
     fn reloaded(&self, old: &RouteTable, new: &RouteTable) {
         self.retire_removed(old, new);
+        if Arc::ptr_eq(&old.settings.upstream_tls, &new.settings.upstream_tls) {
+            return;
+        }
         for u in new.pools.iter().flat_map(|p| p.iter()) {
             if u.url.scheme == http::uri::Scheme::HTTPS {
                 u.idle.clear();

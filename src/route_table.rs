@@ -52,6 +52,9 @@ pub struct Settings {
     /// roots): requests, upgrades and health probes use the table's, so a reload that
     /// rotates the CA applies to every connection made after it.
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// The CA file's bytes `upstream_tls` was built from (`None`: the system roots), so a
+    /// reload that leaves them alone keeps the same trust and its connections.
+    pub upstream_ca: Option<Vec<u8>>,
     /// The admin API's bearer token, read again on every reload so a rotated token takes
     /// effect; `None` when neither the file nor `SWITCHYARD_ADMIN_TOKEN` has one (start-up
     /// and reload refuse that; `check` warns).

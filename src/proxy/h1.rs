@@ -137,14 +137,17 @@ pub struct Conn {
     io: Stream,
     buf: BytesMut,
     reused: bool,
+    /// The trust a TLS connection was verified with; `None` for plain TCP.
+    trust: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Conn {
-    fn new(io: Stream) -> Conn {
+    fn new(io: Stream, trust: Option<Arc<rustls::ClientConfig>>) -> Conn {
         Conn {
             io,
             buf: BytesMut::new(),
             reused: false,
+            trust,
         }
     }
 
@@ -195,10 +198,14 @@ impl Default for Idle {
 }
 
 impl Idle {
-    /// The most recently parked connection that is still open, if any.
-    fn take(&self) -> Option<Conn> {
+    /// The most recently parked connection that is still open, if any, and, for TLS, was
+    /// verified with `trust` (a reload may have replaced the trust since).
+    fn take(&self, trust: &Arc<rustls::ClientConfig>) -> Option<Conn> {
         loop {
             let (mut conn, since) = self.lock().pop()?;
+            if conn.trust.as_ref().is_some_and(|t| !Arc::ptr_eq(t, trust)) {
+                continue;
+            }
             if since.elapsed() >= IDLE_TIMEOUT {
                 // Everything below it is older still (newer ones may have come on top).
                 drop(conn);
@@ -302,14 +309,17 @@ pub async fn exchange(
     let encoded = encode_head(&head, &upstream.url.authority, framing);
     let mut body = body;
     loop {
-        let conn = match upstream.idle.take() {
+        let conn = match upstream.idle.take(tls) {
             Some(conn) => conn,
             None => {
                 // Boxed: a TLS handshake's state is large, and every request's future
                 // would carry its size (and be copied with it) for this rare path.
                 let connecting = Box::pin(connect(tls, &upstream.url));
                 match tokio::time::timeout(connect_timeout, connecting).await {
-                    Ok(Ok(io)) => Conn::new(io),
+                    Ok(Ok(io)) => {
+                        let trust = matches!(io, Stream::Tls(_)).then(|| tls.clone());
+                        Conn::new(io, trust)
+                    }
                     Ok(Err(e)) => return Err(Failure::Connect(e, body)),
                     Err(_) => {
                         let e = io::Error::new(
@@ -1318,8 +1328,8 @@ mod tests {
         );
         let (_peer_of_kept, _) = listener.accept().await.expect("accept");
         let (peer_of_closed, _) = listener.accept().await.expect("accept");
-        idle.park(Conn::new(Stream::Plain(kept)));
-        idle.park(Conn::new(Stream::Plain(closed)));
+        idle.park(Conn::new(Stream::Plain(kept), None));
+        idle.park(Conn::new(Stream::Plain(closed), None));
         drop(peer_of_closed);
         // The close reaches the reactor when it next turns; sweep until it has.
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -1333,7 +1343,11 @@ mod tests {
         })
         .await
         .expect("the closed connection is swept");
-        assert!(idle.take().is_some(), "the open one is kept and reusable");
+        let trust = crate::tls::upstream_client_config(&Default::default()).expect("trust");
+        assert!(
+            idle.take(&trust).is_some(),
+            "the open one is kept and reusable"
+        );
     }
 
     #[test]
