@@ -725,8 +725,31 @@ async fn ctl_exits_1_on_a_server_error() {
     assert_eq!(out.json()["active"], "blue");
 }
 
+/// Runs `switchyard ARGS` with its stdout on `stdout` → exit code and stderr.
+async fn switchyard_writing_to(stdout: Stdio, args: &[&str]) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("switchyard starts")
+        // Not `output()`, which would capture stdout in a pipe of its own.
+        .wait_with_output();
+    let out = tokio::time::timeout(PATIENCE, out)
+        .await
+        .unwrap_or_else(|_| panic!("switchyard {args:?} did not finish"))
+        .expect("switchyard runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `ctl ... | head`: a reader gone before the answer is written does not turn a call the
-/// API carried out into a crash (Rust ignores SIGPIPE, so the write fails instead).
+/// API carried out into a crash (Rust ignores SIGPIPE, so the write fails instead). Any
+/// other failure to write the answer (a full disk) is one: exit 1, said on stderr.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_when_its_answer_cannot_be_written() {
     let site = Site::new().await;
@@ -737,44 +760,17 @@ async fn ctl_when_its_answer_cannot_be_written() {
         drop(reader);
         let mut full = vec!["ctl", "--admin", &admin];
         full.extend_from_slice(args);
-        let out = tokio::process::Command::new(BIN)
-            .args(&full)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(writer))
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("ctl starts")
-            // Not `output()`, which would capture stdout in a pipe of its own.
-            .wait_with_output();
-        let out = tokio::time::timeout(PATIENCE, out)
-            .await
-            .expect("ctl finishes")
-            .expect("ctl runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "{full:?}: {stderr}");
+        let (code, stderr) = switchyard_writing_to(Stdio::from(writer), &full).await;
+        assert_eq!(code, Some(0), "{full:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{full:?}: {stderr}");
     }
-    // Any other failure to write the answer (a full disk) is one: exit 1, said on stderr.
     let full_disk = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
         .expect("/dev/full");
-    let out = tokio::process::Command::new(BIN)
-        .args(["ctl", "--admin", &admin, "--json", "status"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(full_disk))
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ctl starts")
-        .wait_with_output();
-    let out = tokio::time::timeout(PATIENCE, out)
-        .await
-        .expect("ctl finishes")
-        .expect("ctl runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let args = ["ctl", "--admin", &admin, "--json", "status"];
+    let (code, stderr) = switchyard_writing_to(Stdio::from(full_disk), &args).await;
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("writing the answer"), "{stderr}");
 }
 
