@@ -338,6 +338,18 @@ fn channel_client() -> Client<HttpConnector, ChannelBody> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// A client speaking HTTP/2 by prior knowledge (h2c) to Switchyard.
+fn h2c_client<B>() -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 /// An answer through Switchyard, its body read to the end (or to its error).
 #[derive(Debug)]
 struct Answer {
@@ -770,9 +782,7 @@ async fn a_chunked_answer_with_extensions_and_trailers_sent_bytewise_arrives_who
 
     // The connection is reused: the body ended exactly at the trailer section's end. The
     // next request comes over HTTP/2, which carries trailers to the client.
-    let h2 = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let h2 = h2c_client::<Full<Bytes>>();
     let second = answer(h2.request(get_request(&env, "/again")));
     let head = up.next_on(&mut conn, "the second request").await;
     assert_eq!(head.start, "GET /again HTTP/1.1");
@@ -1348,9 +1358,7 @@ async fn an_h2c_body_of_unknown_length_goes_upstream_chunked() {
     let mut up = upstream().await;
     let env = env_with_blue_at(up.addr).await;
 
-    let h2 = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<ChannelBody>();
+    let h2 = h2c_client::<ChannelBody>();
     let (tx, body) = channel_body();
     let post = answer(
         h2.request(
@@ -1391,9 +1399,7 @@ async fn h2_cookies_reach_the_upstream_on_one_line() {
     let mut up = upstream().await;
     let env = env_with_blue_at(up.addr).await;
 
-    let h2 = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let h2 = h2c_client::<Full<Bytes>>();
     let get = answer(
         h2.request(
             Request::get(env.proxy_url("/v1/listen"))

@@ -137,6 +137,44 @@ def env_for(addr):
     )
 
 
+def new_session(sessions, key):
+    """A fresh x-deepgram-session-id for scenario `key`, recorded for the log checks."""
+    sid = f"sdk-py-{key}-{uuid.uuid4()}"
+    sessions[key] = sid
+    return sid
+
+
+def audio_until_message(s):
+    """Receives audio frames until a message comes: their sizes, and the message."""
+    frames = []
+    while isinstance(m := s.recv(), bytes):
+        frames.append(len(m))
+    return frames, m
+
+
+def paced_audio(sock, seed, stop, errors, sent=None):
+    """Starts a thread that sends 640-byte audio chunks every 20 ms (400 at most) until
+    `stop` is set or a send fails (the error goes to `errors`); counts them in
+    sent["chunks"] when given."""
+
+    def run():
+        for i in range(400):
+            if stop.is_set():
+                return
+            try:
+                sock.send_media(audio(640, seed=seed + i))
+                if sent is not None:
+                    sent["chunks"] += 1
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def client(addr, session_id=None, **kw):
     if "api_key" not in kw and "access_token" not in kw:
         kw["api_key"] = "sdk-py-interop-anykey"
@@ -381,8 +419,7 @@ def s2_live(a, sessions):
     sessions["s2-preview"] = live_stt_session("S2", a.preview_a, "green", "live STT via preview")
     # An app that leaves the connect() block without CloseStream: websockets sends close 1000,
     # which must travel through and be answered.
-    sid = f"sdk-py-s2-client-close-{uuid.uuid4()}"
-    sessions["s2-client-close"] = sid
+    sid = new_session(sessions, "s2-client-close")
     with client(a.proxy_a, session_id=sid).listen.v1.connect(model="nova-3") as s:
         ws = tap(s)
         s.send_media(audio(BYTES_PER_RESULT, seed=400))
@@ -401,8 +438,7 @@ def s2_live(a, sessions):
 @scenario("S3")
 def s3_tts(a, sessions):
     tag = "S3"
-    sid = f"sdk-py-s3-{uuid.uuid4()}"
-    sessions["s3"] = sid
+    sid = new_session(sessions, "s3")
     dg = client(a.proxy_a, session_id=sid)
     text = "Hello from the Python SDK interop check."
     chunks = 25
@@ -444,13 +480,7 @@ def s3_tts(a, sessions):
         )
         s.send_text(SpeakV1Text(type="Speak", text="x" * 35))
         s.send_flush()
-        frames = []
-        while True:
-            m = s.recv()
-            if isinstance(m, bytes):
-                frames.append(len(m))
-                continue
-            break
+        frames, m = audio_until_message(s)
         check(
             tag,
             "speak WS: Speak -> binary audio frames, Flush -> Flushed after them",
@@ -460,13 +490,7 @@ def s3_tts(a, sessions):
         strict(SpeakV1Flushed, ws.raw[-1])
         s.send_text(SpeakV1Text(type="Speak", text="y" * 10))
         s.send_clear()
-        frames = []
-        while True:
-            m = s.recv()
-            if isinstance(m, bytes):
-                frames.append(len(m))
-                continue
-            break
+        frames, m = audio_until_message(s)
         check(
             tag,
             "speak WS: Clear -> Cleared",
@@ -497,10 +521,8 @@ def s3_tts(a, sessions):
 def s4_drain(a, sessions):
     tag = "S4"
     token = open(a.admin_token_file).read().strip()
-    stt_sid = f"sdk-py-s4-stt-{uuid.uuid4()}"
-    tts_sid = f"sdk-py-s4-tts-{uuid.uuid4()}"
-    sessions["s4-stt"] = stt_sid
-    sessions["s4-tts"] = tts_sid
+    stt_sid = new_session(sessions, "s4-stt")
+    tts_sid = new_session(sessions, "s4-tts")
     stt_client = client(a.proxy_a, session_id=stt_sid)
     tts_client = client(a.proxy_a, session_id=tts_sid)
 
@@ -529,20 +551,7 @@ def s4_drain(a, sessions):
         send_errors = []
         sent = {"chunks": 0}
 
-        def sender():
-            for i in range(400):
-                if stop.is_set():
-                    return
-                try:
-                    stt.send_media(audio(640, seed=1000 + i))
-                    sent["chunks"] += 1
-                except Exception as exc:  # noqa: BLE001
-                    send_errors.append(exc)
-                    return
-                time.sleep(0.02)
-
-        sender_thread = threading.Thread(target=sender, daemon=True)
-        sender_thread.start()
+        sender_thread = paced_audio(stt, 1000, stop, send_errors, sent)
         first = stt.recv()
         check(tag, "STT stream produces Results on blue before the flip", isinstance(first, ListenV1Results) and first.channel.alternatives[0].transcript == "blue 1")
         tts.send_text(SpeakV1Text(type="Speak", text="z" * 20))
@@ -700,8 +709,7 @@ def s4_drain(a, sessions):
 @scenario("S5")
 def s5_auth(a, sessions):
     tag = "S5"
-    sid = f"sdk-py-s5-{uuid.uuid4()}"
-    sessions["s5"] = sid
+    sid = new_session(sessions, "s5")
     for label, kw in (
         ("api_key (Authorization: Token <key>)", {"api_key": a.key_good_1}),
         ("access_token (Authorization: bearer <key>)", {"access_token": a.key_good_2}),
@@ -841,8 +849,7 @@ def s7_flux(a, sessions):
     tag = "S7"
     reset_to_blue(tag, a)
 
-    sid = f"sdk-py-s7-{uuid.uuid4()}"
-    sessions["s7"] = sid
+    sid = new_session(sessions, "s7")
     with flux_connect(client(a.proxy_a, session_id=sid)) as s:
         ws = tap(s)
         check(
@@ -898,8 +905,7 @@ def s7_flux(a, sessions):
 
     # Drain: a Flux stream streaming on blue when proxy A flips to green.
     wait_drained(tag, a, "blue")
-    sid = f"sdk-py-s7-drain-{uuid.uuid4()}"
-    sessions["s7-drain"] = sid
+    sid = new_session(sessions, "s7-drain")
     dg = client(a.proxy_a, session_id=sid)
     with flux_connect(dg) as s:
         ws = tap(s)
@@ -910,19 +916,7 @@ def s7_flux(a, sessions):
         stop = threading.Event()
         send_errors = []
 
-        def sender():
-            for i in range(400):
-                if stop.is_set():
-                    return
-                try:
-                    s.send_media(audio(640, seed=7000 + i))
-                except Exception as exc:  # noqa: BLE001
-                    send_errors.append(exc)
-                    return
-                time.sleep(0.02)
-
-        sender_thread = threading.Thread(target=sender, daemon=True)
-        sender_thread.start()
+        sender_thread = paced_audio(s, 7000, stop, send_errors)
         while len(msgs) < 3:  # Connected and two updates before the flip
             msgs.append((0.0, s.recv()))
 
@@ -1057,8 +1051,7 @@ def s8_agent(a, sessions):
     tag = "S8"
     reset_to_blue(tag, a)
 
-    sid = f"sdk-py-s8-{uuid.uuid4()}"
-    sessions["s8"] = sid
+    sid = new_session(sessions, "s8")
     with client(a.proxy_a, session_id=sid).agent.v1.connect() as s:
         ws = tap(s)
         agent_hello(tag, "Agent", s, ws, "blue")
@@ -1080,8 +1073,7 @@ def s8_agent(a, sessions):
 
     # Drain: the conversation cannot survive a reconnect, so it runs until the deadline.
     wait_drained(tag, a, "blue")
-    sid = f"sdk-py-s8-drain-{uuid.uuid4()}"
-    sessions["s8-drain"] = sid
+    sid = new_session(sessions, "s8-drain")
     dg = client(a.proxy_a, session_id=sid)
     with dg.agent.v1.connect() as s:
         ws = tap(s)

@@ -64,6 +64,29 @@ async function adminCall(method, path, body, label) {
 const CHUNK = Buffer.alloc(640, 9);
 let stopping = false;
 
+// Hands an SDK socket's events to its owner (onOpen, onMessage, onClose; errors collected),
+// then connects it.
+function wire(owner) {
+  owner.sock.on("open", () => owner.onOpen());
+  owner.sock.on("message", (m) => owner.onMessage(m));
+  owner.sock.on("close", (ev) => owner.onClose(ev));
+  owner.sock.on("error", (e) => owner.errors.push({ t: Date.now(), e: String(e?.message ?? e) }));
+  owner.sock.connect();
+}
+
+// Records the close of the owner's current connection: that connection, or null (and an
+// error) when none was open.
+function recordClose(owner, ev) {
+  const c = owner.cur;
+  if (!c) {
+    owner.errors.push({ t: Date.now(), e: `close ${ev?.code} with no open connection` });
+    return null;
+  }
+  c.close = { code: ev?.code, reason: ev?.reason, t: Date.now() };
+  owner.cur = null;
+  return c;
+}
+
 class ListenStream {
   constructor(i, churn = false) {
     this.i = i;
@@ -81,11 +104,7 @@ class ListenStream {
   }
   async start() {
     this.sock = await this.dg.listen.v1.connect({ model: "nova-3", encoding: "linear16", sample_rate: 16000 });
-    this.sock.on("open", () => this.onOpen());
-    this.sock.on("message", (m) => this.onMessage(m));
-    this.sock.on("close", (ev) => this.onClose(ev));
-    this.sock.on("error", (e) => this.errors.push({ t: Date.now(), e: String(e?.message ?? e) }));
-    this.sock.connect();
+    wire(this);
   }
   // churn: end the session on our own after a short random lifetime, then open a new one
   churnTick() {
@@ -146,10 +165,8 @@ class ListenStream {
     }
   }
   onClose(ev) {
-    const c = this.cur;
-    if (!c) { this.errors.push({ t: Date.now(), e: `close ${ev?.code} with no open connection` }); return; }
-    c.close = { code: ev?.code, reason: ev?.reason, t: Date.now() };
-    this.cur = null;
+    const c = recordClose(this, ev);
+    if (!c) return;
     if (this.churn && c.closing && ev?.code === 1000 && this.cycles++ < 200) {
       // a new connection for the same session, after a short pause
       setTimeout(() => { this.start().catch((e) => this.errors.push({ t: Date.now(), e: "churn start: " + e })); }, Math.random() * 100);
@@ -189,11 +206,7 @@ class SpeakStream {
   }
   async start() {
     this.sock = await this.dg.speak.v1.connect({ model: "aura-2-thalia-en", encoding: "linear16", sample_rate: 24000 });
-    this.sock.on("open", () => this.onOpen());
-    this.sock.on("message", (m) => this.onMessage(m));
-    this.sock.on("close", (ev) => this.onClose(ev));
-    this.sock.on("error", (e) => this.errors.push({ t: Date.now(), e: String(e?.message ?? e) }));
-    this.sock.connect();
+    wire(this);
   }
   onOpen() {
     const ws = this.sock.socket?._ws;
@@ -232,10 +245,7 @@ class SpeakStream {
     if (c.msgs.length > 6) c.msgs.splice(0, c.msgs.length - 6);
   }
   onClose(ev) {
-    const c = this.cur;
-    if (!c) { this.errors.push({ t: Date.now(), e: `close ${ev?.code} with no open connection` }); return; }
-    c.close = { code: ev?.code, reason: ev?.reason, t: Date.now() };
-    this.cur = null;
+    recordClose(this, ev);
   }
   async finish() {
     for (let round = 0; round < 3; round++) {
