@@ -4,29 +4,32 @@
 //! `limits.max_connections` is checked before `accept` against the current table (so a
 //! reload applies it), and beyond it accepting waits and the kernel's backlog holds new
 //! clients; nothing is refused or crashes.
-//! `limits.header_read_timeout` closes clients that never finish their headers, and
-//! clients that send nothing at all: hyper's timer starts only once the first bytes have
-//! told HTTP/1.1 from HTTP/2, so a connection must also bring its first request within
-//! that time (`first_request_within`). Neither touches a stream once it is upgraded:
-//! those are tracked by `drain`, not by hyper.
+//! `limits.header_read_timeout` closes clients that never finish their headers, clients
+//! that send nothing at all, and HTTP/2 connections left idle (`drive`). None of it
+//! touches a stream once it is upgraded: those are tracked by `drain`, not by hyper.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::FutureExt;
+use http::{Request, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ListenerKind;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::body::BodyError;
+use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 
 /// Open connections of one listener, and a wake-up when one closes.
 #[derive(Debug, Default)]
@@ -75,25 +78,116 @@ impl Drop for Counted {
 /// Largest request head accepted; beyond it hyper answers 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Runs a connection, and drops it (closing the socket) if no request has reached the
-/// service `limit` after it started: a client that connects and sends nothing, or stops
-/// inside the 24 bytes that tell HTTP/1.1 from HTTP/2, or opens HTTP/2 and never sends
-/// a request, would otherwise hold its `max_connections` slot for good. Once a request
-/// has come, hyper's own timers take over (HTTP/1.1 closes a keep-alive connection that
-/// starts no new request within `header_read_timeout`).
-async fn first_request_within<F: Future>(served: F, requested: &AtomicBool, limit: Duration) {
-    let mut served = std::pin::pin!(served);
-    let mut deadline = std::pin::pin!(tokio::time::sleep(limit));
+/// What a connection's requests tell the task that drives it.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Requests started on the connection.
+    started: AtomicUsize,
+    /// Whether they came over HTTP/2.
+    http2: AtomicBool,
+    /// HTTP/2 requests whose answer has not ended. HTTP/1.1 is not counted: hyper's own
+    /// keep-alive timer closes a connection between requests.
+    open_h2: AtomicUsize,
+}
+
+/// An HTTP/2 request in progress, counted in `open_h2` until its answer is dropped.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Busy {
+        activity.open_h2.fetch_add(1, Ordering::AcqRel);
+        Busy(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.open_h2.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body for a client, holding its HTTP/2 stream's `Busy` until hyper drops it
+/// (at its end, or at a reset).
+pub struct Answer {
+    body: ProxyBody,
+    _busy: Option<Busy>,
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Drives one connection to its end, closing it when it holds a `max_connections` slot
+/// for nothing:
+/// - a shutdown of the listener closes it gracefully, as hyper-util's `GracefulShutdown`
+///   does (open requests finish);
+/// - a connection with no request `limit` after it started is dropped, closing the
+///   socket: a client that connects and sends nothing, stops inside the 24 bytes that tell
+///   HTTP/1.1 from HTTP/2, or opens HTTP/2 and never sends a request. hyper's header timer
+///   starts only after those bytes;
+/// - an HTTP/2 connection that started no request and had none open over a whole `limit`
+///   is closed gracefully (GOAWAY), so between one and two `limit`s after its last
+///   answer ended. hyper's HTTP/2 server has no idle timer of its own.
+///
+/// HTTP/1.1 connections are left to hyper's timer once a request has come (it closes a
+/// keep-alive connection that starts no new request within `header_read_timeout`), and
+/// the timer here is no longer polled, so serving them costs nothing more.
+async fn drive<C: GracefulConnection>(
+    conn: C,
+    activity: &Activity,
+    limit: Duration,
+    shutdown: &mut watch::Receiver<()>,
+) {
+    let mut conn = std::pin::pin!(conn);
+    let mut stop = std::pin::pin!(shutdown.changed());
+    let mut timer = std::pin::pin!(tokio::time::sleep(limit));
+    let mut closing = false;
+    let mut timed = true;
+    // Requests started when the timer was last set.
+    let mut seen = 0;
     std::future::poll_fn(|cx| {
-        if served.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
+        if !closing && stop.as_mut().poll(cx).is_ready() {
+            closing = true;
+            conn.as_mut().graceful_shutdown();
         }
-        // Once a request has come the timer is left alone, so serving costs nothing more.
-        if !requested.load(Ordering::Relaxed) && deadline.as_mut().poll(cx).is_ready() {
-            tracing::debug!("no request within header_read_timeout; connection closed");
-            return Poll::Ready(());
+        if !closing && timed {
+            let started = activity.started.load(Ordering::Relaxed);
+            if started > 0 && !activity.http2.load(Ordering::Relaxed) {
+                timed = false;
+            } else if timer.as_mut().poll(cx).is_ready() {
+                if started == 0 {
+                    tracing::debug!("no request within header_read_timeout; connection closed");
+                    return Poll::Ready(());
+                }
+                if started == seen && activity.open_h2.load(Ordering::Acquire) == 0 {
+                    tracing::debug!("HTTP/2 connection idle for header_read_timeout; closing it");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    seen = started;
+                    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+                    // Registers the waker for the new deadline (always pending here).
+                    let _ = timer.as_mut().poll(cx);
+                }
+            }
         }
-        Poll::Pending
+        conn.as_mut().poll(cx).map(|_| ())
     })
     .await
 }
@@ -107,7 +201,9 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let open = Arc::new(Open::default());
-    let graceful = GracefulShutdown::new();
+    // Connections are told to close by a send, and each holds a receiver until it ends:
+    // so `closed` is when the last one has.
+    let (shutdown, _) = watch::channel(());
     loop {
         let max = proxy.router().load().settings.config.limits.max_connections;
         {
@@ -140,26 +236,30 @@ pub async fn serve(
         let tls = table.settings.tls.clone();
         drop(table);
         let proxy = proxy.clone();
-        let watcher = graceful.watcher();
+        let mut watch = shutdown.subscribe();
         let slot = Slot::take(&open);
         let open_for_streams = open.clone();
         tokio::spawn(async move {
             let _counted = Counted::new(proxy.metrics().connections(kind));
             let conn_info = ConnInfo::new(client, kind, tls.is_some(), open_for_streams);
-            let requested = Arc::new(AtomicBool::new(false));
-            let seen = requested.clone();
-            let service = service_fn(move |req| {
-                seen.store(true, Ordering::Relaxed);
+            let activity = Arc::new(Activity::default());
+            let seen = activity.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                seen.started.fetch_add(1, Ordering::Relaxed);
+                let busy = (req.version() == Version::HTTP_2).then(|| {
+                    seen.http2.store(true, Ordering::Relaxed);
+                    Busy::new(&seen)
+                });
                 let proxy = proxy.clone();
                 let conn_info = conn_info.clone();
                 // Boxed: the request's future is kilobytes, and HTTP/2 moves it whole
                 // into a task per stream (callgrind: 11 % fewer instructions per h2c
                 // request, 1 % more per HTTP/1.1 one; benches/RESULTS.md).
-                Box::pin(
-                    proxy
-                        .handle(req, conn_info)
-                        .map(Ok::<_, std::convert::Infallible>),
-                )
+                Box::pin(proxy.handle(req, conn_info).map(move |response| {
+                    Ok::<_, std::convert::Infallible>(
+                        response.map(|body| Answer { body, _busy: busy }),
+                    )
+                }))
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
@@ -183,9 +283,7 @@ pub async fn serve(
                         Ok(Ok(stream)) => {
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            let served = watcher.watch(conn.into_owned());
-                            first_request_within(served, &requested, limits.header_read_timeout)
-                                .await;
+                            drive(conn, &activity, limits.header_read_timeout, &mut watch).await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -194,13 +292,13 @@ pub async fn serve(
                 None => {
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
-                    let served = watcher.watch(conn.into_owned());
-                    first_request_within(served, &requested, limits.header_read_timeout).await;
+                    drive(conn, &activity, limits.header_read_timeout, &mut watch).await;
                 }
             }
             drop(slot);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = shutdown.send(());
+    shutdown.closed().await;
 }

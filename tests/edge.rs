@@ -5,11 +5,14 @@ mod support;
 
 use std::sync::Arc;
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::CertificateDer;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
@@ -404,39 +407,76 @@ async fn clients_that_never_send_a_request_are_closed_after_the_header_timeout()
     assert_eq!(got.status(), StatusCode::OK);
 }
 
-/// The first-request timer ends with the first request: an HTTP/2 connection (which has no
-/// header timer of hyper's between requests) carries a second request after the timeout.
+/// An HTTP/2 connection outlives `header_read_timeout` while a request is open on it, and
+/// takes new ones after; left idle for it, it is closed (GOAWAY), as an idle HTTP/1.1
+/// keep-alive connection is.
 #[tokio::test]
-async fn an_http2_connection_that_brought_a_request_outlives_the_header_timeout() {
+async fn an_http2_connection_is_kept_while_a_request_is_open_and_closed_once_idle() {
     let env = start_with_limit("header_read_timeout = \"1s\"").await;
     let addr = env.app().proxy_addr;
     let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(io),
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("HTTP/2 handshake");
+    let ended = tokio::spawn(conn);
+
+    // An upload that stays open: the stub answers once the body has ended.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let upload =
+        StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))).boxed_unsync();
+    let req = Request::post(env.proxy_url("/v1/listen"))
+        .header("content-type", "application/octet-stream")
+        .body(upload)
+        .expect("request");
+    let answer = tokio::spawn(sender.send_request(req));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .expect("sent");
+    // Three silent connections closed one after the other: three timeouts have passed,
+    // more than the two in which an idle connection is closed.
+    for _ in 0..3 {
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert!(
+            closed_by_proxy(&mut silent).await.is_ok(),
+            "silent: still open"
+        );
+    }
+    tx.send(Ok(Frame::data(Bytes::from_static(b"last"))))
+        .await
+        .expect("sent");
+    drop(tx);
+    let response = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("the open request is answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(
+        &response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes(),
     )
-    .await
-    .expect("HTTP/2 handshake");
-    tokio::spawn(conn);
-    let status = || {
-        Request::get(env.proxy_url("/v1/status"))
-            .body(Full::new(Bytes::new()))
-            .expect("request")
-    };
-    let first = sender.send_request(status()).await.expect("first answer");
-    assert_eq!(first.status(), StatusCode::OK);
-    // A connection opened after the first request that sends nothing is closed once the
-    // timeout has passed: by then it has passed for the HTTP/2 connection too.
-    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    assert!(
-        closed_by_proxy(&mut silent).await.is_ok(),
-        "silent: still open"
-    );
-    let second = sender
-        .send_request(status())
+    .expect("json");
+    assert_eq!(json["metadata"]["bytes"], 9, "{json}");
+
+    // No GOAWAY came while the upload was open: the connection takes a new request.
+    let status = Request::get(env.proxy_url("/v1/status"))
+        .body(Full::new(Bytes::new()).boxed_unsync())
+        .expect("request");
+    let again = sender
+        .send_request(status)
         .await
         .expect("the same connection answers after the timeout");
-    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(again.status(), StatusCode::OK);
+    drop(again);
+
+    // Then idle: the proxy closes it.
+    let closed = tokio::time::timeout(PATIENCE, ended).await;
+    assert!(closed.is_ok(), "an idle HTTP/2 connection is closed");
 }
 
 /// Starts an env, then sets one `[limits]` key by rewriting the config and reloading: limits
