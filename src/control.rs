@@ -217,14 +217,17 @@ impl Control {
     ) -> Result<(Control, Arc<Router>, Vec<JoinHandle<()>>), StartError> {
         let (mut store, view) = Store::open(&config, &metrics, admin_port).await?;
         let initial = config.routing.initial;
+        let config_path = config.source.clone();
+        // The files the config names (certificates, CA, client keys) are read before the
+        // route state: a start that fails on one must not leave a first-start state behind,
+        // which would make the next start resume it instead of using `routing.initial`.
+        let settings = Arc::new(load_settings(config)?);
         let (state, first_start) = store
             .load(|| RouteState::first_start(initial, SystemTime::now()))
             .await?;
         if first_start {
             metrics.route_change(Action::Startup.as_str());
         }
-        let config_path = config.source.clone();
-        let settings = Arc::new(load_settings(config)?);
         let table = RouteTable {
             active: state.active,
             rollback_to: state.rollback_to,

@@ -375,6 +375,31 @@ async fn a_corrupt_state_file_stops_startup_and_is_named() {
     );
 }
 
+/// A start refused for a file the config names writes no route state: the next start is
+/// still a first start, on `routing.initial`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_refused_for_a_missing_certificate_writes_no_state() {
+    let site = Site::new().await;
+    let missing = site.dir.path().join("nope.crt");
+    let key = site.dir.path().join("nope.key");
+    let text = format!(
+        "{}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        site.config_text(),
+        missing.display(),
+        key.display()
+    );
+    std::fs::write(site.config(), text).expect("config");
+    let config = site.config();
+    let out = switchyard(&["run", "--config", config.to_str().expect("utf-8")]).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("tls.cert"), "names the field: {out:?}");
+    assert!(
+        !site.state_file().exists(),
+        "a refused start wrote {}",
+        site.state_file().display()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_admin_token_stops_startup_and_names_the_file() {
     let site = Site::new().await;
