@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::InconsistentKeys;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 
 use crate::config::{TlsFiles, UpstreamTls};
 
@@ -49,14 +51,40 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
                 format!("{} holds no PEM private key", files.key.display()),
             )
         })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| TlsError("tls".into(), e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| TlsError("tls.key".into(), format!("does not match tls.cert: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // What `with_single_cert` does, step by step, so that each failure names its file.
+    let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
+        TlsError(
+            "tls.key".into(),
+            format!("{}: not a usable private key: {e}", files.key.display()),
+        )
+    })?;
+    let certified = CertifiedKey::new(certs, signing_key);
+    match certified.keys_match() {
+        // A key type whose public half rustls cannot derive is not checked (as rustls does).
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            return Err(TlsError(
+                "tls.key".into(),
+                format!(
+                    "{} does not match the certificate in {}",
+                    files.key.display(),
+                    files.cert.display()
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err(TlsError(
+                "tls.cert".into(),
+                format!("{}: not a usable certificate: {e}", files.cert.display()),
+            ));
+        }
+    }
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError("tls".into(), e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -99,4 +127,59 @@ pub fn without_alpn(config: &rustls::ClientConfig) -> rustls::ClientConfig {
     let mut config = config.clone();
     config.alpn_protocols.clear();
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem_pair() -> (String, String) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        (ck.cert.pem(), ck.signing_key.serialize_pem())
+    }
+
+    /// `server_config` on the given PEM texts: the field and reason it refuses them with.
+    fn refused(cert: &str, key: &str) -> (String, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = TlsFiles {
+            cert: dir.path().join("server.crt"),
+            key: dir.path().join("server.key"),
+        };
+        std::fs::write(&files.cert, cert).expect("cert");
+        std::fs::write(&files.key, key).expect("key");
+        match server_config(&files) {
+            Ok(_) => (String::new(), String::new()),
+            Err(TlsError(field, reason)) => (field, reason),
+        }
+    }
+
+    #[test]
+    fn each_bad_file_is_named_under_its_own_field() {
+        let (cert, key) = pem_pair();
+        assert_eq!(refused(&cert, &key), (String::new(), String::new()));
+
+        let armoured =
+            |kind: &str| format!("-----BEGIN {kind}-----\nQUFBQUFB\n-----END {kind}-----\n");
+        let (field, reason) = refused(&armoured("CERTIFICATE"), &key);
+        assert_eq!(field, "tls.cert", "{reason}");
+        assert!(
+            reason.contains("server.crt") && reason.contains("not a usable certificate"),
+            "{reason}"
+        );
+
+        let (field, reason) = refused(&cert, &armoured("PRIVATE KEY"));
+        assert_eq!(field, "tls.key", "{reason}");
+        assert!(
+            reason.contains("server.key") && reason.contains("not a usable private key"),
+            "{reason}"
+        );
+
+        let (_, other_key) = pem_pair();
+        let (field, reason) = refused(&cert, &other_key);
+        assert_eq!(field, "tls.key", "{reason}");
+        assert!(
+            reason.contains("does not match the certificate in") && reason.contains("server.crt"),
+            "{reason}"
+        );
+    }
 }
