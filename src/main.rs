@@ -11,6 +11,8 @@ use switchyard::config::Config;
 use switchyard::control::Change;
 use switchyard::ctl;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+use tracing_subscriber::filter::Directive;
 
 /// jemalloc rather than glibc's malloc. A proxied request makes about a dozen allocations,
 /// and glibc spent some 260 instructions on each allocation and its free: with jemalloc a
@@ -160,9 +162,47 @@ enum CtlCommand {
     },
 }
 
+/// `RUST_LOG`'s directives with every level above `max` lowered to it, and whether any
+/// was. Release builds compile `trace` out (`release_max_level_debug`), and
+/// tracing-subscriber answers a directive asking for it with a warning of its own on
+/// stderr, coloured and not JSON, which would break a JSON log; a line through the log
+/// says it instead.
+fn log_directives(spec: &str, max: LevelFilter) -> (String, bool) {
+    if max >= LevelFilter::TRACE {
+        return (spec.to_string(), false);
+    }
+    let mut lowered = false;
+    let directives: Vec<String> = spec
+        .split(',')
+        .map(|text| {
+            // A directive is written back as `target[span{field}]=level` (a bare target
+            // is `target=trace`); one that does not parse is left for EnvFilter to refuse.
+            let Ok(directive) = text.trim().parse::<Directive>() else {
+                return text.to_string();
+            };
+            let text = directive.to_string();
+            let written = text.rsplit('=').next().unwrap_or_default();
+            match written.parse::<LevelFilter>() {
+                Ok(level) if level > max => {
+                    lowered = true;
+                    format!("{}{max}", &text[..text.len() - written.len()])
+                }
+                _ => text,
+            }
+        })
+        .collect();
+    (directives.join(","), lowered)
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, lowered) = match std::env::var("RUST_LOG") {
+        Ok(spec) => {
+            let (spec, lowered) = log_directives(&spec, STATIC_MAX_LEVEL);
+            (tracing_subscriber::EnvFilter::try_new(spec).ok(), lowered)
+        }
+        Err(_) => (None, false),
+    };
+    let filter = filter.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -175,6 +215,12 @@ fn init_logging(format: LogFormat) {
             .with_current_span(true)
             .init(),
         LogFormat::Text => builder.init(),
+    }
+    if lowered {
+        tracing::warn!(
+            max = %STATIC_MAX_LEVEL,
+            "RUST_LOG asks for more than this build logs: release builds leave trace out"
+        );
     }
 }
 
@@ -569,6 +615,32 @@ impl Drop for ScratchDir {
 
 #[cfg(test)]
 mod tests {
+    use tracing::level_filters::LevelFilter;
+
+    #[test]
+    fn log_levels_beyond_the_build_are_lowered_to_it() {
+        let debug = LevelFilter::DEBUG;
+        let lowered = |spec: &str| super::log_directives(spec, debug);
+        assert_eq!(lowered("info"), ("info".into(), false));
+        assert_eq!(lowered("trace"), ("debug".into(), true));
+        assert_eq!(
+            lowered("info,switchyard=trace,hyper=warn"),
+            ("info,switchyard=debug,hyper=warn".into(), true)
+        );
+        // A bare target means every level; a span filter's `=` is not the level's.
+        assert_eq!(lowered("h2"), ("h2=debug".into(), true));
+        assert_eq!(
+            lowered("switchyard[stream{session=trace}]=debug"),
+            ("switchyard[stream{session=trace}]=debug".into(), false)
+        );
+        // What does not parse is left for EnvFilter to refuse; a build that keeps trace
+        // changes nothing.
+        assert_eq!(lowered("=nonsense="), ("=nonsense=".into(), false));
+        assert_eq!(
+            super::log_directives("trace", LevelFilter::TRACE),
+            ("trace".into(), false)
+        );
+    }
     /// The purging thread is what gives a burst's memory back; it needs jemalloc built with
     /// background-thread support (tikv-jemallocator's default features).
     #[test]
