@@ -141,6 +141,7 @@ async fn probe_loop(
     prober: Prober,
     stop: CancellationToken,
 ) {
+    let mut changes = router.subscribe();
     loop {
         // Kept connections unused for a while are closed here, traffic or not.
         upstream.idle.sweep();
@@ -172,9 +173,21 @@ async fn probe_loop(
             metrics.upstream_health(&upstream);
             tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy, health = upstream.observed().as_str(), "upstream health changed");
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(health.interval) => {}
+        // The next probe is `interval` after this one; a reload that changes the interval
+        // moves it at once (a check slowed to minutes must not wait one out to speed up).
+        let probed = tokio::time::Instant::now();
+        let mut interval = health.interval;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(probed + interval) => break,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    interval = router.load().settings.config.health.interval;
+                }
+            }
         }
     }
 }

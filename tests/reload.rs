@@ -176,6 +176,35 @@ async fn an_upstream_a_reload_adds_is_probed_before_a_flip_can_count_it_healthy(
     task.abort();
 }
 
+/// A reload that shortens `health.interval` applies it at once, not after one more of the
+/// old interval.
+#[tokio::test]
+async fn a_reload_that_shortens_the_health_interval_applies_it_at_once() {
+    let slow = EnvBuilder {
+        health: "mode = \"deepgram\"\ninterval = \"1h\"\ntimeout = \"1s\"\nrise = 1\nfall = 1",
+        ..Default::default()
+    };
+    let env = slow.clone().start().await;
+    let blue = format!("\"{}\"", env.blue[0].url());
+    let green = format!("\"{}\"", env.green[0].url());
+    // Probes made so far: the first verdict only, with the next an hour away.
+    let before = env.blue[0].state.status_requests();
+    let fast = EnvBuilder {
+        health: EnvBuilder::default().health,
+        ..slow
+    };
+    env.write_config(&fast, &blue, &green);
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    env.blue[0].state.set_health("Critical");
+    eventually(|| async {
+        let (_, status) = env.admin_get("/status").await;
+        status["colors"]["blue"]["upstreams"][0]["healthy"] == false
+    })
+    .await;
+    assert!(env.blue[0].state.status_requests() > before);
+}
+
 /// POST with the given bearer token → status.
 async fn post_with_token(env: &Env, path: &str, token: &str) -> (StatusCode, serde_json::Value) {
     let req = http::Request::post(env.admin_url(path))
