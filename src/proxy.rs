@@ -168,10 +168,11 @@ impl Proxy {
     pub(crate) fn connect_failed(&self, upstream: &Upstream, fall: u32, error: &str) {
         self.metrics
             .upstream_error(upstream, UpstreamErrorKind::Connect);
-        if upstream.record_passive_failure(fall).is_some() {
-            self.metrics.upstream_health(upstream);
-        }
         tracing::warn!(upstream = %upstream.name, color = %upstream.color, error, "upstream connect failed");
+        if let Some(healthy) = upstream.record_passive_failure(fall) {
+            self.metrics.upstream_health(upstream);
+            tracing::warn!(upstream = %upstream.name, color = %upstream.color, healthy, fall, "upstream health changed: connect errors on live traffic");
+        }
     }
 
     /// Passes an upstream's answer to the client as it came (hop-by-hop headers aside),
