@@ -54,9 +54,7 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream")
             }
-            ProxyError::ConnectFailed(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
-            }
+            ProxyError::ConnectFailed(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             ProxyError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::DrainDeadline(_) => (StatusCode::SERVICE_UNAVAILABLE, "drain_deadline"),

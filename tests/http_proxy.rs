@@ -332,23 +332,32 @@ async fn a_chunked_response_streams_before_the_upstream_finishes() {
     assert_eq!(rest, Bytes::from_static(b"last"));
 }
 
+/// No upstream of the colour accepts a connection: the upstream failed, a 502 (503 is
+/// for a colour with no healthy upstream, which passive health makes of it after `fall`
+/// such failures). The other colour is never tried.
 #[tokio::test]
-async fn every_upstream_down_is_a_503_json_and_never_the_other_colour() {
+async fn every_upstream_refusing_is_a_502_json_and_never_the_other_colour() {
     let mut env = EnvBuilder {
-        health: "mode = \"off\"",
+        health: "mode = \"off\"\ninterval = \"1h\"\nfall = 2",
         ..Default::default()
     }
     .start()
     .await;
     env.blue.clear(); // stops the blue stub: connections are refused
     let got = get(&env.client, &env.proxy_url("/v1/listen")).await;
-    assert_eq!(got.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(got.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(color_of(&got), "blue");
     let json: Value = serde_json::from_slice(got.body()).expect("json");
-    assert!(
-        json["error"].is_string() && json["message"].is_string(),
-        "{json}"
-    );
+    assert_eq!(json["error"], "upstream_unreachable", "{json}");
+    assert!(json["message"].is_string(), "{json}");
+    // The second failure is the `fall`th: the upstream is marked down, and then the colour
+    // has no healthy upstream.
+    let got = get(&env.client, &env.proxy_url("/v1/listen")).await;
+    assert_eq!(got.status(), StatusCode::BAD_GATEWAY);
+    let got = get(&env.client, &env.proxy_url("/v1/listen")).await;
+    assert_eq!(got.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let json: Value = serde_json::from_slice(got.body()).expect("json");
+    assert_eq!(json["error"], "no_healthy_upstream", "{json}");
     assert_eq!(
         env.green[0].state.http_requests(),
         0,

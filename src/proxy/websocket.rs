@@ -167,7 +167,7 @@ pub async fn forward(
                 tried.push(upstream);
                 if tried.len() >= super::http::MAX_ATTEMPTS {
                     let e = ProxyError::ConnectFailed(color.as_str());
-                    metrics.count_request(Protocol::WebSocket, 503);
+                    metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
                     return error_response(&e, color);
                 }
             }
