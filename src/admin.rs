@@ -321,7 +321,19 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
             } else {
                 "standby"
             };
-            let mut deadline = order.filter(|_| state == "draining").map(|o| o.deadline_at);
+            // The earliest deadline of the streams that drain (the flip's, or a reload's
+            // for an upstream it removed), or the colour's order over in-flight requests.
+            let mut deadline = (state == "draining")
+                .then(|| {
+                    let requests = order
+                        .filter(|_| counts.in_flight > 0)
+                        .map(|o| o.deadline_at);
+                    [admin.tracker.drain_deadline(color), requests]
+                        .into_iter()
+                        .flatten()
+                        .min()
+                })
+                .flatten();
             // At shutdown every colour's traffic drains, the active one's too, by the
             // earlier of the two deadlines.
             if let Some(s) = shutdown

@@ -7,7 +7,7 @@
 //! and acknowledged. A state another replica stored arrives as `Change::Observed` and is
 //! published the same way, with this replica's own drain orders.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::route_table::{ClientKeys, Pool, RouteTable, Router, Settings};
 use crate::state::{Action, RouteState};
 use crate::store::{Observed, Saved, Store, StoreError, View};
-use crate::upstream::Color;
+use crate::upstream::{Color, Upstream};
 
 /// A flip or rollback as the admin API takes it.
 #[derive(Debug, Clone, Default)]
@@ -140,6 +140,9 @@ struct Writer {
     /// first try, so at most one lands). If the state etcd later holds has its history
     /// entry, that reload did happen, and this replica applies the config it read then.
     pending_reloads: Vec<PendingReload>,
+    /// Upstreams a reload removed, while their streams or requests keep them alive: a
+    /// reload that lists one again puts it back, cancelling its streams' drain.
+    retired: Vec<Weak<Upstream>>,
 }
 
 /// Unconfirmed reloads kept at most; a longer run of them keeps the newest.
@@ -261,6 +264,7 @@ impl Control {
             config_path,
             prober,
             pending_reloads: Vec::new(),
+            retired: Vec::new(),
         };
         tokio::spawn(writer.run(rx));
         Ok((control, router, tasks))
@@ -434,7 +438,8 @@ impl Writer {
         self.state.store(Arc::new(new_state));
         self.router.store(table);
         if action == Action::Reload {
-            self.reloaded(&current, &self.router.load());
+            let table = self.router.load_full();
+            self.reloaded(&current, &table);
         }
         tracing::info!(
             action = action.as_str(),
@@ -520,7 +525,7 @@ impl Writer {
             }
             .into());
         }
-        let pools = RouteTable::pools_for(&config, Some(current));
+        let pools = self.put_back_retired(RouteTable::pools_for(&config, Some(current)), current);
         let every = |pools: &[Pool; 2]| {
             pools
                 .iter()
@@ -555,8 +560,9 @@ impl Writer {
     /// What a reload does once its table is in place: upstreams it dropped drain, and, if
     /// it changed the upstream trust, kept TLS connections (verified with the old one)
     /// close. (One in use when the trust changed is not reused either: see `Idle::take`.)
-    fn reloaded(&self, old: &RouteTable, new: &RouteTable) {
+    fn reloaded(&mut self, old: &RouteTable, new: &RouteTable) {
         self.retire_removed(old, new);
+        self.reinstate_put_back(old, new);
         if Arc::ptr_eq(&old.settings.upstream_tls, &new.settings.upstream_tls) {
             return;
         }
@@ -568,16 +574,71 @@ impl Writer {
     }
 
     /// Upstreams a reload dropped drain their streams as in a flip.
-    fn retire_removed(&self, old: &RouteTable, new: &RouteTable) {
+    fn retire_removed(&mut self, old: &RouteTable, new: &RouteTable) {
         let timeout = new.settings.config.drain.timeout;
+        self.retired.retain(|u| u.strong_count() > 0);
         for color in Color::ALL {
             for u in old.pool(color).iter() {
                 if !new.pool(color).iter().any(|n| Arc::ptr_eq(n, u)) {
                     u.retire(DrainOrder::starting_now(new.generation, timeout));
+                    self.retired.push(Arc::downgrade(u));
                     self.metrics.forget_upstream(u);
                     tracing::info!(upstream = %u.name, color = %color, "upstream removed; its streams drain");
                 }
             }
+        }
+    }
+
+    /// `pools` (a reload's) with each upstream it adds replaced by the removed one of the
+    /// same colour and URL, if that still has traffic: the same node, whose streams and
+    /// in-flight requests the balancer must go on counting. Its earlier verdict is
+    /// forgotten, so the reload's first probe judges it as it would a new one.
+    fn put_back_retired(&self, pools: [Pool; 2], current: &RouteTable) -> [Pool; 2] {
+        pools.map(|pool| {
+            pool.iter()
+                .map(|u| {
+                    let known = current.pools.iter().flat_map(|p| p.iter());
+                    if known.clone().any(|k| Arc::ptr_eq(k, u)) {
+                        return u.clone();
+                    }
+                    let back = self
+                        .retired
+                        .iter()
+                        .filter_map(Weak::upgrade)
+                        .find(|r| r.color == u.color && r.url == u.url);
+                    match back {
+                        Some(back) => {
+                            back.forget_verdict();
+                            back
+                        }
+                        None => u.clone(),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// Upstreams a reload put back in their pool (`put_back_retired`) stop draining; their
+    /// streams are woken to see it, as after a rollback.
+    fn reinstate_put_back(&mut self, old: &RouteTable, new: &RouteTable) {
+        let mut any = false;
+        for u in new.pools.iter().flat_map(|p| p.iter()) {
+            if u.retired().is_some()
+                && !old
+                    .pools
+                    .iter()
+                    .flat_map(|p| p.iter())
+                    .any(|o| Arc::ptr_eq(o, u))
+            {
+                u.reinstate();
+                self.retired
+                    .retain(|r| !std::ptr::eq(r.as_ptr(), Arc::as_ptr(u)));
+                any = true;
+                tracing::info!(upstream = %u.name, color = %u.color, "upstream put back in its pool; its streams' drain is cancelled");
+            }
+        }
+        if any {
+            self.router.nudge();
         }
     }
 

@@ -11,8 +11,9 @@
 //! (the response body then ends with an error; a request still waiting for its answer
 //! gets a 503 the client can retry).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::IntGauge;
@@ -98,6 +99,10 @@ struct ColorCounts {
     /// Streams under a drain order: what makes a colour "draining" in `/status`, unlike
     /// streams a preview client opened on the standby colour after the flip.
     draining: AtomicU64,
+    /// Their deadlines, each with how many streams it ends: the earliest is the colour's
+    /// `drain_deadline` in `/status`. Written only when a stream starts or stops draining
+    /// (or its order changes), so never on the data path.
+    deadlines: Mutex<BTreeMap<SystemTime, u64>>,
     /// Plain HTTP requests routed by a table older than this generation are past their
     /// colour's drain deadline and end now (SPEC: in-flight requests on the old colour are
     /// "bounded by the same deadline").
@@ -152,7 +157,16 @@ impl Tracker {
         }
     }
 
-    /// Counts a request until the guard drops.
+    /// The earliest deadline of `color`'s draining streams, whatever ordered their drain (a
+    /// flip, a reload that removed their upstream, shutdown).
+    pub fn drain_deadline(&self, color: Color) -> Option<SystemTime> {
+        let deadlines = self.colors[color.index()]
+            .deadlines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        deadlines.keys().next().copied()
+    }
+
     /// Counts a request, routed by the table of `generation`, until the guard drops.
     pub fn request(self: &Arc<Self>, upstream: &Arc<Upstream>, generation: u64) -> RequestGuard {
         self.colors[upstream.color.index()]
@@ -359,39 +373,63 @@ pub struct DrainWatch {
     tracker: Arc<Tracker>,
     /// `draining_streams` for the stream's colour, raised while an order covers it.
     gauge: Option<IntGauge>,
-    /// Whether this stream is counted as draining (in the tracker and the gauge).
-    counted: bool,
+    /// The deadline this stream is counted as draining with (in the tracker and the
+    /// gauge), if it is.
+    counted: Option<SystemTime>,
 }
 
 impl Drop for DrainWatch {
     fn drop(&mut self) {
-        self.mark(false);
+        self.mark(None);
     }
 }
 
 impl DrainWatch {
     /// Keeps `gauge` raised by one while this stream is under a drain order.
     pub fn counting(mut self, gauge: IntGauge) -> DrainWatch {
-        self.mark(false);
+        self.mark(None);
         self.gauge = Some(gauge);
-        self.mark(self.current().is_some());
+        self.mark(self.current());
         self
     }
 
-    fn mark(&mut self, draining: bool) {
-        if self.counted == draining {
+    /// Counts this stream as draining under `order`, or as not draining.
+    fn mark(&mut self, order: Option<DrainOrder>) {
+        let deadline = order.map(|o| o.deadline_at);
+        if self.counted == deadline {
             return;
         }
-        let count = &self.tracker.colors[self.upstream.color.index()].draining;
-        if draining {
-            count.fetch_add(1, Ordering::AcqRel);
-        } else {
-            count.fetch_sub(1, Ordering::AcqRel);
+        let counts = &self.tracker.colors[self.upstream.color.index()];
+        let step = match (self.counted, deadline) {
+            (None, Some(_)) => 1,
+            (Some(_), None) => -1,
+            _ => 0,
+        };
+        if step != 0 {
+            match step {
+                1 => counts.draining.fetch_add(1, Ordering::AcqRel),
+                _ => counts.draining.fetch_sub(1, Ordering::AcqRel),
+            };
+            if let Some(gauge) = &self.gauge {
+                gauge.add(step);
+            }
         }
-        if let Some(gauge) = &self.gauge {
-            gauge.add(if draining { 1 } else { -1 });
+        let mut deadlines = counts
+            .deadlines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = self.counted
+            && let Some(n) = deadlines.get_mut(&old)
+        {
+            *n -= 1;
+            if *n == 0 {
+                deadlines.remove(&old);
+            }
         }
-        self.counted = draining;
+        if let Some(new) = deadline {
+            *deadlines.entry(new).or_default() += 1;
+        }
+        self.counted = deadline;
     }
 
     /// Watches for a stream on `upstream` routed by the table of `generation`.
@@ -403,7 +441,7 @@ impl DrainWatch {
     ) -> DrainWatch {
         DrainWatch {
             tracker: tracker.clone(),
-            counted: false,
+            counted: None,
             generation,
             changes: router.subscribe(),
             shutdown: tracker.shutdown.subscribe(),
@@ -446,7 +484,7 @@ impl DrainWatch {
     pub async fn deadline(&mut self) -> DrainOrder {
         loop {
             let current = self.current();
-            self.mark(current.is_some());
+            self.mark(current);
             match current {
                 Some(order) => {
                     tokio::select! {

@@ -309,6 +309,19 @@ impl Upstream {
         retired.get_or_insert(order);
     }
 
+    /// Puts a removed upstream back in its pool (a reload lists it again while its streams
+    /// still drain): their drain is cancelled, as a rollback cancels a colour's.
+    pub fn reinstate(&self) {
+        *self.retired.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Forgets the verdict of earlier probes, so the next one decides alone, as for an
+    /// upstream never seen: one put back after a while out of its pool is judged afresh.
+    pub fn forget_verdict(&self) {
+        let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
+        *streak = Streak::default();
+    }
+
     /// The drain order a reload gave this upstream, if it was removed.
     pub fn retired(&self) -> Option<DrainOrder> {
         *self.retired.lock().unwrap_or_else(|p| p.into_inner())

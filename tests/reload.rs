@@ -15,31 +15,7 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
         ..Default::default()
     };
     let env = builder.clone().start().await;
-    // Open streams until each blue upstream holds at least one (the pick is random).
-    let mut streams = Vec::new();
-    while env.blue.iter().any(|s| s.state.ws_open_now() == 0) {
-        assert!(
-            streams.len() < 64,
-            "power of two choices spreads streams over both upstreams"
-        );
-        let (ws, _) = tokio_tungstenite::connect_async(env.ws_url("/v1/listen"))
-            .await
-            .expect("handshake");
-        streams.push(ws);
-        let opened = streams.len() as u64;
-        // Wait for the stub side of the new stream, so the loop condition sees it.
-        let (a, b) = (env.blue[0].state.clone(), env.blue[1].state.clone());
-        tokio::time::timeout(PATIENCE, async {
-            while a.ws_opened() + b.ws_opened() < opened {
-                tokio::select! {
-                    _ = a.wait_until(|s| s.ws_opened() + b.ws_opened() >= opened) => {}
-                    _ = b.wait_until(|s| s.ws_opened() + a.ws_opened() >= opened) => {}
-                }
-            }
-        })
-        .await
-        .expect("the stub saw the handshake");
-    }
+    let streams = streams_on_each(&env.blue, &env.ws_url("/v1/listen")).await;
     // Remove blue-1 with a short drain.
     let kept = env.blue[0].url();
     let reload = EnvBuilder {
@@ -127,6 +103,145 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
     assert_eq!(last["action"], "reload");
     assert_eq!(last["from"], "blue");
     assert_eq!(last["to"], "blue");
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `/v1/listen` streams at `url` until each of two `stubs` holds at least one (the
+/// pick is random).
+async fn streams_on_each(stubs: &[switchyard::stub::StubHandle], url: &str) -> Vec<Ws> {
+    let mut streams = Vec::new();
+    while stubs.iter().any(|s| s.state.ws_open_now() == 0) {
+        assert!(
+            streams.len() < 64,
+            "power of two choices spreads streams over both upstreams"
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("handshake");
+        streams.push(ws);
+        let opened = streams.len() as u64;
+        // Wait for the stub side of the new stream, so the loop condition sees it.
+        let (a, b) = (stubs[0].state.clone(), stubs[1].state.clone());
+        tokio::time::timeout(PATIENCE, async {
+            while a.ws_opened() + b.ws_opened() < opened {
+                tokio::select! {
+                    _ = a.wait_until(|s| s.ws_opened() + b.ws_opened() >= opened) => {}
+                    _ = b.wait_until(|s| s.ws_opened() + a.ws_opened() >= opened) => {}
+                }
+            }
+        })
+        .await
+        .expect("the stub saw the handshake");
+    }
+    streams
+}
+
+/// A reload that lists a removed upstream again puts it back: its streams stop draining
+/// and carry on, still counted on it.
+#[tokio::test]
+async fn an_upstream_a_reload_puts_back_keeps_its_streams() {
+    let builder = EnvBuilder {
+        blue: 2,
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let mut streams = streams_on_each(&env.blue, &env.ws_url("/v1/listen")).await;
+    let (both, green) = (
+        format!("\"{}\", \"{}\"", env.blue[0].url(), env.blue[1].url()),
+        format!("\"{}\"", env.green[0].url()),
+    );
+    let on_removed = env.blue[1].state.ws_open_now();
+    env.write_config(&builder, &format!("\"{}\"", env.blue[0].url()), &green);
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let draining = || {
+        env.app()
+            .tracker
+            .counts(switchyard::upstream::Color::Blue)
+            .draining_streams
+    };
+    eventually(|| async { draining() == on_removed }).await;
+
+    env.write_config(&builder, &both, &green);
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(|| async { draining() == 0 }).await;
+    let back = &body["colors"]["blue"]["upstreams"][1];
+    assert_eq!(back["url"], env.blue[1].url(), "{body}");
+    assert_eq!(
+        back["open_streams"], on_removed,
+        "its streams count on it again: {body}"
+    );
+    // Every stream still works, and ends as its client chooses.
+    for ws in &mut streams {
+        ws.send(Message::binary(vec![3u8; 3200]))
+            .await
+            .expect("audio");
+        let next = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("in time")
+            .expect("msg")
+            .expect("ok");
+        assert!(
+            next.to_text().expect("text").contains("\"Results\""),
+            "{next}"
+        );
+    }
+    assert_eq!(
+        env.blue[1].state.close_streams(),
+        0,
+        "no drain reached the upstream"
+    );
+    for mut ws in streams {
+        ws.close(None).await.expect("close");
+    }
+}
+
+/// A standby colour whose streams drain because a reload removed their upstream shows that
+/// drain's deadline, not the one of an earlier flip that has passed.
+#[tokio::test]
+async fn a_standby_colour_draining_a_removed_upstream_shows_its_deadline() {
+    let builder = EnvBuilder {
+        blue: 2,
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let (status, body) = env
+        .admin_post(
+            "/flip",
+            Some(serde_json::json!({ "to": "green", "drain_timeout": "0s" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Preview streams on blue, the standby colour, opened after the flip: not draining.
+    let preview = env.app().preview_addr.expect("a preview listener");
+    let streams = streams_on_each(&env.blue, &format!("ws://{preview}/v1/listen")).await;
+    let reloaded_at = std::time::SystemTime::now();
+    env.write_config(
+        &builder,
+        &format!("\"{}\"", env.blue[0].url()),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(|| async {
+        env.admin_get("/status").await.1["colors"]["blue"]["state"] == "draining"
+    })
+    .await;
+    let blue = env.admin_get("/status").await.1["colors"]["blue"].clone();
+    let deadline = humantime::parse_rfc3339(blue["drain_deadline"].as_str().expect("a deadline"))
+        .expect("RFC 3339");
+    // The reload's drain.timeout is 30m.
+    let from_reload = deadline
+        .duration_since(reloaded_at)
+        .expect("after the reload");
+    assert!(
+        from_reload > std::time::Duration::from_secs(29 * 60),
+        "{blue}"
+    );
+    drop(streams);
 }
 
 /// A listener that accepts connections and never answers: an upstream that is up in TCP
