@@ -88,6 +88,8 @@ struct Activity {
     /// HTTP/2 requests whose answer has not ended. HTTP/1.1 is not counted: hyper's own
     /// keep-alive timer closes a connection between requests.
     open_h2: AtomicUsize,
+    /// HTTP/2 requests whose answer has ended.
+    ended: AtomicUsize,
 }
 
 /// An HTTP/2 request in progress, counted in `open_h2` until its answer is dropped.
@@ -102,6 +104,7 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::AcqRel);
         self.0.open_h2.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -133,17 +136,40 @@ impl Body for Answer {
     }
 }
 
+/// What the connection's timer is for.
+#[derive(Clone, Copy)]
+enum Timer {
+    /// The connection has `limit` to bring its first request.
+    FirstRequest,
+    /// HTTP/2: a tick every `limit`; the connection is idle when no request started or
+    /// ended since the last one (`seen`) and none is open.
+    Idle { seen: usize },
+    /// HTTP/2, closed for idleness: a client that does not take part in the close (h2
+    /// waits for its PING answer before the last GOAWAY) is dropped after one more `limit`.
+    Closing,
+    /// No timer: HTTP/1.1 after its first request, or the listener's shutdown.
+    Off,
+}
+
+/// `now + after`, or a time that never comes if that is past what the clock can hold
+/// (the limits come from a config file, which may say "300000000y").
+fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + crate::drain::MAX_DRAIN)
+}
+
 /// Drives one connection to its end, closing it when it holds a `max_connections` slot
 /// for nothing:
 /// - a shutdown of the listener closes it gracefully, as hyper-util's `GracefulShutdown`
-///   does (open requests finish);
+///   does (open requests finish; the shutdown bounds how long);
 /// - a connection with no request `limit` after it started is dropped, closing the
 ///   socket: a client that connects and sends nothing, stops inside the 24 bytes that tell
 ///   HTTP/1.1 from HTTP/2, or opens HTTP/2 and never sends a request. hyper's header timer
 ///   starts only after those bytes;
-/// - an HTTP/2 connection that started no request and had none open over a whole `limit`
-///   is closed gracefully (GOAWAY), so between one and two `limit`s after its last
-///   answer ended. hyper's HTTP/2 server has no idle timer of its own.
+/// - an HTTP/2 connection with no request open, started or ended over a whole `limit` is
+///   closed gracefully (GOAWAY), so between one and two `limit`s after its last answer
+///   ended. hyper's HTTP/2 server has no idle timer of its own.
 ///
 /// HTTP/1.1 connections are left to hyper's timer once a request has come (it closes a
 /// keep-alive connection that starts no new request within `header_read_timeout`), and
@@ -156,36 +182,48 @@ async fn drive<C: GracefulConnection>(
 ) {
     let mut conn = std::pin::pin!(conn);
     let mut stop = std::pin::pin!(shutdown.changed());
+    let mut stopped = false;
     let mut timer = std::pin::pin!(tokio::time::sleep(limit));
-    let mut closing = false;
-    let mut timed = true;
-    // Requests started when the timer was last set.
-    let mut seen = 0;
+    let mut state = Timer::FirstRequest;
     std::future::poll_fn(|cx| {
-        if !closing && stop.as_mut().poll(cx).is_ready() {
-            closing = true;
-            conn.as_mut().graceful_shutdown();
+        if !stopped && stop.as_mut().poll(cx).is_ready() {
+            stopped = true;
+            if !matches!(state, Timer::Closing) {
+                conn.as_mut().graceful_shutdown();
+            }
+            state = Timer::Off;
         }
-        if !closing && timed {
-            let started = activity.started.load(Ordering::Relaxed);
-            if started > 0 && !activity.http2.load(Ordering::Relaxed) {
-                timed = false;
-            } else if timer.as_mut().poll(cx).is_ready() {
-                if started == 0 {
+        let started = activity.started.load(Ordering::Relaxed);
+        if matches!(state, Timer::FirstRequest)
+            && started > 0
+            && !activity.http2.load(Ordering::Relaxed)
+        {
+            state = Timer::Off;
+        }
+        if !matches!(state, Timer::Off) && timer.as_mut().poll(cx).is_ready() {
+            let open = activity.open_h2.load(Ordering::Acquire);
+            // Both counters only grow: their sum moves whenever either does.
+            let marker = started.wrapping_add(activity.ended.load(Ordering::Acquire));
+            state = match state {
+                Timer::FirstRequest if started == 0 => {
                     tracing::debug!("no request within header_read_timeout; connection closed");
                     return Poll::Ready(());
                 }
-                if started == seen && activity.open_h2.load(Ordering::Acquire) == 0 {
+                Timer::Idle { seen } if seen == marker && open == 0 => {
                     tracing::debug!("HTTP/2 connection idle for header_read_timeout; closing it");
-                    closing = true;
                     conn.as_mut().graceful_shutdown();
-                } else {
-                    seen = started;
-                    timer.as_mut().reset(tokio::time::Instant::now() + limit);
-                    // Registers the waker for the new deadline (always pending here).
-                    let _ = timer.as_mut().poll(cx);
+                    Timer::Closing
                 }
-            }
+                Timer::Closing if open == 0 => {
+                    tracing::debug!("HTTP/2 connection did not finish its close; dropped");
+                    return Poll::Ready(());
+                }
+                Timer::Closing => Timer::Closing,
+                _ => Timer::Idle { seen: marker },
+            };
+            timer.as_mut().reset(deadline_after(limit));
+            // Registers the waker for the new deadline (always pending here).
+            let _ = timer.as_mut().poll(cx);
         }
         conn.as_mut().poll(cx).map(|_| ())
     })

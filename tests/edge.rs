@@ -408,7 +408,7 @@ async fn clients_that_never_send_a_request_are_closed_after_the_header_timeout()
 }
 
 /// An HTTP/2 connection outlives `header_read_timeout` while a request is open on it, and
-/// takes new ones after; left idle for it, it is closed (GOAWAY), as an idle HTTP/1.1
+/// takes new ones then; left idle for it, it is closed (GOAWAY), as an idle HTTP/1.1
 /// keep-alive connection is.
 #[tokio::test]
 async fn an_http2_connection_is_kept_while_a_request_is_open_and_closed_once_idle() {
@@ -442,6 +442,17 @@ async fn an_http2_connection_is_kept_while_a_request_is_open_and_closed_once_idl
             "silent: still open"
         );
     }
+    // No GOAWAY came while the upload was open: the connection takes a new request.
+    let status = Request::get(env.proxy_url("/v1/status"))
+        .body(Full::new(Bytes::new()).boxed_unsync())
+        .expect("request");
+    let again = sender
+        .send_request(status)
+        .await
+        .expect("the same connection answers after the timeout");
+    assert_eq!(again.status(), StatusCode::OK);
+    drop(again);
+
     tx.send(Ok(Frame::data(Bytes::from_static(b"last"))))
         .await
         .expect("sent");
@@ -463,20 +474,48 @@ async fn an_http2_connection_is_kept_while_a_request_is_open_and_closed_once_idl
     .expect("json");
     assert_eq!(json["metadata"]["bytes"], 9, "{json}");
 
-    // No GOAWAY came while the upload was open: the connection takes a new request.
-    let status = Request::get(env.proxy_url("/v1/status"))
-        .body(Full::new(Bytes::new()).boxed_unsync())
-        .expect("request");
-    let again = sender
-        .send_request(status)
-        .await
-        .expect("the same connection answers after the timeout");
-    assert_eq!(again.status(), StatusCode::OK);
-    drop(again);
-
     // Then idle: the proxy closes it.
     let closed = tokio::time::timeout(PATIENCE, ended).await;
     assert!(closed.is_ok(), "an idle HTTP/2 connection is closed");
+}
+
+/// An idle HTTP/2 connection whose client never answers the close (h2 sends its last
+/// GOAWAY only after the client's PING answer) is dropped one timeout later.
+#[tokio::test]
+async fn an_idle_http2_client_that_ignores_the_close_is_dropped() {
+    let env = start_with_limit("header_read_timeout = \"1s\"").await;
+    let mut io = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://x/v1/status in HPACK
+    // (:method GET, :scheme http, :path from the static table with a literal value,
+    // :authority literal).
+    let mut block = vec![0x82, 0x86, 0x44, 10];
+    block.extend_from_slice(b"/v1/status");
+    block.extend_from_slice(&[0x41, 1, b'x']);
+    hello.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+    hello.extend_from_slice(&block);
+    tokio::io::AsyncWriteExt::write_all(&mut io, &hello)
+        .await
+        .expect("write");
+    // It reads what comes (the answer, then GOAWAY and PING) and answers nothing.
+    let bytes = closed_by_proxy(&mut io).await.expect("dropped");
+    // The frames it got: the answer's HEADERS on stream 1 came before the close.
+    let mut frames = Vec::new();
+    let mut rest = &bytes[..];
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let stream = u32::from_be_bytes([rest[5] & 0x7f, rest[6], rest[7], rest[8]]);
+        frames.push((rest[3], stream));
+        rest = rest.get(9 + len..).unwrap_or_default();
+    }
+    assert!(frames.contains(&(1, 1)), "answered first: {frames:?}");
+    assert!(
+        frames.iter().any(|&(kind, _)| kind == 7),
+        "GOAWAY sent: {frames:?}"
+    );
 }
 
 /// Starts an env, then sets one `[limits]` key by rewriting the config and reloading: limits
