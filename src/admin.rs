@@ -314,26 +314,24 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
         .map(|&color| {
             let counts = admin.tracker.counts(color);
             let order = table.drain_order(color);
+            // The earliest deadline of the streams that drain (the flip's, or a reload's
+            // for an upstream it removed), or the colour's order over in-flight requests.
+            let streams = admin.tracker.drain_deadline(color);
+            let requests = order
+                .filter(|_| counts.in_flight > 0)
+                .map(|o| o.deadline_at);
             let state = if color == table.active {
                 "active"
-            } else if counts.draining_streams > 0 || (order.is_some() && counts.in_flight > 0) {
+            } else if streams.is_some() || requests.is_some() {
                 "draining"
             } else {
                 "standby"
             };
-            // The earliest deadline of the streams that drain (the flip's, or a reload's
-            // for an upstream it removed), or the colour's order over in-flight requests.
-            let mut deadline = (state == "draining")
-                .then(|| {
-                    let requests = order
-                        .filter(|_| counts.in_flight > 0)
-                        .map(|o| o.deadline_at);
-                    [admin.tracker.drain_deadline(color), requests]
-                        .into_iter()
-                        .flatten()
-                        .min()
-                })
-                .flatten();
+            let mut deadline = [streams, requests]
+                .into_iter()
+                .flatten()
+                .min()
+                .filter(|_| state == "draining");
             // At shutdown every colour's traffic drains, the active one's too, by the
             // earlier of the two deadlines.
             if let Some(s) = shutdown

@@ -436,10 +436,12 @@ impl Writer {
             }
         }
         self.state.store(Arc::new(new_state));
+        if action == Action::Reload {
+            self.move_upstreams(&current, &table);
+        }
         self.router.store(table);
         if action == Action::Reload {
-            let table = self.router.load_full();
-            self.reloaded(&current, &table);
+            self.close_untrusted(&current, &self.router.load());
         }
         tracing::info!(
             action = action.as_str(),
@@ -557,12 +559,19 @@ impl Writer {
         Ok((Action::Reload, table, new_state))
     }
 
-    /// What a reload does once its table is in place: upstreams it dropped drain, and, if
-    /// it changed the upstream trust, kept TLS connections (verified with the old one)
-    /// close. (One in use when the trust changed is not reused either: see `Idle::take`.)
-    fn reloaded(&mut self, old: &RouteTable, new: &RouteTable) {
+    /// What a reload does to upstreams before its table is in place: those it dropped
+    /// drain, those it put back stop draining. Before, so that the table's change
+    /// notification wakes their streams to see it (after, a stream could look in between
+    /// and then wait for the next change).
+    fn move_upstreams(&mut self, old: &RouteTable, new: &RouteTable) {
         self.retire_removed(old, new);
         self.reinstate_put_back(old, new);
+    }
+
+    /// What a reload does once its table is in place: if it changed the upstream trust,
+    /// kept TLS connections (verified with the old one) close. (One in use when the trust
+    /// changed is not reused either: see `Idle::take`.)
+    fn close_untrusted(&self, old: &RouteTable, new: &RouteTable) {
         if Arc::ptr_eq(&old.settings.upstream_tls, &new.settings.upstream_tls) {
             return;
         }
@@ -618,10 +627,9 @@ impl Writer {
         })
     }
 
-    /// Upstreams a reload put back in their pool (`put_back_retired`) stop draining; their
-    /// streams are woken to see it, as after a rollback.
+    /// Upstreams a reload put back in their pool (`put_back_retired`) stop draining, as
+    /// after a rollback.
     fn reinstate_put_back(&mut self, old: &RouteTable, new: &RouteTable) {
-        let mut any = false;
         for u in new.pools.iter().flat_map(|p| p.iter()) {
             if u.retired().is_some()
                 && !old
@@ -633,12 +641,8 @@ impl Writer {
                 u.reinstate();
                 self.retired
                     .retain(|r| !std::ptr::eq(r.as_ptr(), Arc::as_ptr(u)));
-                any = true;
                 tracing::info!(upstream = %u.name, color = %u.color, "upstream put back in its pool; its streams' drain is cancelled");
             }
-        }
-        if any {
-            self.router.nudge();
         }
     }
 
@@ -718,9 +722,7 @@ impl Writer {
             self.metrics.route_change(action.as_str());
         }
         self.state.store(Arc::new(state));
-        self.router.store(table);
         if reloaded.is_some() {
-            let table = self.router.load();
             tracing::warn!(
                 generation = table.generation,
                 "a reload this replica reported as refused reached etcd after all; its config applies now"
@@ -728,7 +730,11 @@ impl Writer {
             for u in table.pools.iter().flat_map(|p| p.iter()) {
                 self.metrics.publish_upstream(u);
             }
-            self.reloaded(&current, &table);
+            self.move_upstreams(&current, &table);
+        }
+        self.router.store(table);
+        if reloaded.is_some() {
+            self.close_untrusted(&current, &self.router.load());
         }
         let table = self.router.load_full();
         tracing::info!(

@@ -400,20 +400,8 @@ impl DrainWatch {
             return;
         }
         let counts = &self.tracker.colors[self.upstream.color.index()];
-        let step = match (self.counted, deadline) {
-            (None, Some(_)) => 1,
-            (Some(_), None) => -1,
-            _ => 0,
-        };
-        if step != 0 {
-            match step {
-                1 => counts.draining.fetch_add(1, Ordering::AcqRel),
-                _ => counts.draining.fetch_sub(1, Ordering::AcqRel),
-            };
-            if let Some(gauge) = &self.gauge {
-                gauge.add(step);
-            }
-        }
+        // The count and the deadlines change together, under the lock: `/status` reads
+        // them as one.
         let mut deadlines = counts
             .deadlines
             .lock()
@@ -428,6 +416,22 @@ impl DrainWatch {
         }
         if let Some(new) = deadline {
             *deadlines.entry(new).or_default() += 1;
+        }
+        let step = match (self.counted, deadline) {
+            (None, Some(_)) => 1,
+            (Some(_), None) => -1,
+            _ => 0,
+        };
+        match step {
+            1 => counts.draining.fetch_add(1, Ordering::AcqRel),
+            -1 => counts.draining.fetch_sub(1, Ordering::AcqRel),
+            _ => 0,
+        };
+        drop(deadlines);
+        if step != 0
+            && let Some(gauge) = &self.gauge
+        {
+            gauge.add(step);
         }
         self.counted = deadline;
     }

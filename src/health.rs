@@ -180,7 +180,8 @@ async fn probe_loop(
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(probed + interval) => break,
+                // An interval past what the clock holds (a config may say so) never ends.
+                _ = tokio::time::sleep_until(probed.checked_add(interval).unwrap_or(probed + crate::drain::MAX_DRAIN)) => break,
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return;

@@ -180,14 +180,15 @@ fn log_directives(spec: &str, max: LevelFilter) -> (String, bool) {
             let Ok(directive) = text.trim().parse::<Directive>() else {
                 return text.to_string();
             };
-            let text = directive.to_string();
-            let written = text.rsplit('=').next().unwrap_or_default();
+            let normal = directive.to_string();
+            let written = normal.rsplit('=').next().unwrap_or_default();
             match written.parse::<LevelFilter>() {
                 Ok(level) if level > max => {
                     lowered = true;
-                    format!("{}{max}", &text[..text.len() - written.len()])
+                    format!("{}{max}", &normal[..normal.len() - written.len()])
                 }
-                _ => text,
+                // Left as written, so nothing the user wrote is re-spelt.
+                _ => text.to_string(),
             }
         })
         .collect();

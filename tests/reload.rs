@@ -189,11 +189,6 @@ async fn an_upstream_a_reload_puts_back_keeps_its_streams() {
             "{next}"
         );
     }
-    assert_eq!(
-        env.blue[1].state.close_streams(),
-        0,
-        "no drain reached the upstream"
-    );
     for mut ws in streams {
         ws.close(None).await.expect("close");
     }
