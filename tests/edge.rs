@@ -136,15 +136,7 @@ async fn tls_serves_http1_h2_by_alpn_and_wss_and_reloads_its_certificate() {
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(color_of(&response), "blue");
-    let json: serde_json::Value = serde_json::from_slice(
-        &response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes(),
-    )
-    .expect("json");
+    let json = json_body(response).await;
     assert_eq!(json["metadata"]["bytes"], 8);
 
     // A wss:// stream opened with the first certificate.
@@ -463,15 +455,7 @@ async fn an_http2_connection_is_kept_while_a_request_is_open_and_closed_once_idl
         .expect("task")
         .expect("the open request is answered");
     assert_eq!(response.status(), StatusCode::OK);
-    let json: serde_json::Value = serde_json::from_slice(
-        &response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes(),
-    )
-    .expect("json");
+    let json = json_body(response).await;
     assert_eq!(json["metadata"]["bytes"], 9, "{json}");
 
     // Then idle: the proxy closes it.

@@ -44,15 +44,7 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
     let mut drained = 0;
     let mut alive = Vec::new();
     for mut ws in streams {
-        ws.send(Message::binary(vec![1u8; 3200]))
-            .await
-            .expect("audio");
-        let first = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("in time")
-            .expect("msg")
-            .expect("ok");
-        let text = first.to_text().expect("text").to_owned();
+        let text = answer_to_audio(&mut ws).await;
         assert!(text.contains("\"Results\""), "{text}");
         if text.contains("blue-1") {
             // Drained: the CloseStream final, the Metadata, then 1012.
@@ -79,18 +71,8 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
     assert_eq!(env.blue[1].state.close_streams(), removed_streams);
     // The kept upstream's streams survived the reload and still work.
     for mut ws in alive {
-        ws.send(Message::binary(vec![2u8; 3200]))
-            .await
-            .expect("audio");
-        let next = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("in time")
-            .expect("msg")
-            .expect("ok");
-        assert!(
-            next.to_text().expect("text").contains("blue-0"),
-            "kept streams keep working"
-        );
+        let next = answer_to_audio(&mut ws).await;
+        assert!(next.contains("blue-0"), "kept streams keep working");
         ws.close(None).await.expect("close");
     }
     let (_, history) = env.admin_get("/history").await;
@@ -107,6 +89,19 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends a chunk of audio on a listen stream and returns the text message that comes next.
+async fn answer_to_audio(ws: &mut Ws) -> String {
+    ws.send(Message::binary(vec![2u8; 3200]))
+        .await
+        .expect("audio");
+    let next = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("in time")
+        .expect("msg")
+        .expect("ok");
+    next.to_text().expect("text").to_owned()
+}
 
 /// Opens `/v1/listen` streams at `url` until each of two `stubs` holds at least one (the
 /// pick is random).
@@ -176,18 +171,8 @@ async fn an_upstream_a_reload_puts_back_keeps_its_streams() {
     );
     // Every stream still works, and ends as its client chooses.
     for ws in &mut streams {
-        ws.send(Message::binary(vec![3u8; 3200]))
-            .await
-            .expect("audio");
-        let next = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("in time")
-            .expect("msg")
-            .expect("ok");
-        assert!(
-            next.to_text().expect("text").contains("\"Results\""),
-            "{next}"
-        );
+        let next = answer_to_audio(ws).await;
+        assert!(next.contains("\"Results\""), "{next}");
     }
     for mut ws in streams {
         ws.close(None).await.expect("close");
