@@ -87,7 +87,7 @@ impl Prober {
             )
             .await;
             upstream.record_probe(observed, health.rise, health.fall);
-            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.observed().as_str(), "new upstream probed");
+            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), "new upstream probed");
         });
         futures_util::future::join_all(probes).await;
     }
@@ -171,7 +171,7 @@ async fn probe_loop(
         };
         if let Some(healthy) = changed {
             metrics.upstream_health(&upstream);
-            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy, health = upstream.observed().as_str(), "upstream health changed");
+            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy, health = upstream.health_text(), "upstream health changed");
         }
         // The next probe is `interval` after this one; a reload that changes the interval
         // moves it at once (a check slowed to minutes must not wait one out to speed up).
