@@ -328,31 +328,40 @@ impl Upstream {
     }
 }
 
-/// Picks by least outstanding work among two random healthy candidates (power of two
-/// choices), skipping `tried`. Non-degraded upstreams win over degraded ones.
+/// Picks by least outstanding work among two random candidates (power of two choices),
+/// drawn from the healthy, untried upstreams that are not degraded, or from the degraded
+/// ones when no other is left: a degraded node serves only when nothing better can.
 /// Returns `None` when no healthy, untried upstream is left.
 pub fn pick<'a>(pool: &'a [Arc<Upstream>], tried: &[&Upstream]) -> Option<&'a Arc<Upstream>> {
     let usable =
         |u: &&Arc<Upstream>| u.is_healthy() && !tried.iter().any(|t| std::ptr::eq(*t, &***u));
-    let rank = |u: &Upstream| (u.degraded(), u.load());
-    match pool.len() {
+    // One upstream, the common case in small deployments (and the benchmarks): no draw.
+    if let [only] = pool {
+        return Some(only).filter(usable);
+    }
+    let preferred = |u: &&Arc<Upstream>| usable(u) && !u.degraded();
+    two_choices(pool, preferred).or_else(|| two_choices(pool, usable))
+}
+
+/// The less loaded of two distinct random upstreams of `pool` that pass `ok` (the only
+/// one, if one does).
+fn two_choices(
+    pool: &[Arc<Upstream>],
+    ok: impl Fn(&&Arc<Upstream>) -> bool + Copy,
+) -> Option<&Arc<Upstream>> {
+    let n = pool.iter().filter(ok).count();
+    let nth = |i: usize| pool.iter().filter(ok).nth(i);
+    match n {
         0 => None,
-        1 => pool.first().filter(usable),
+        1 => nth(0),
         n => {
             let a = fastrand::usize(..n);
             let mut b = fastrand::usize(..n - 1);
             if b >= a {
                 b += 1;
             }
-            let (ua, ub) = (&pool[a], &pool[b]);
-            match (usable(&ua), usable(&ub)) {
-                (true, true) => Some(if rank(ub) < rank(ua) { ub } else { ua }),
-                (true, false) => Some(ua),
-                (false, true) => Some(ub),
-                // Both samples unusable: fall back to a scan so a pool with one healthy
-                // upstream among many still finds it.
-                (false, false) => pool.iter().filter(usable).min_by_key(|u| rank(u)),
-            }
+            let (ua, ub) = (nth(a)?, nth(b)?);
+            Some(if ub.load() < ua.load() { ub } else { ua })
         }
     }
 }
@@ -401,6 +410,24 @@ mod tests {
         assert_eq!(u.record_passive_failure(3), None);
         assert_eq!(u.record_probe(Observed::Unreachable, 2, 3), Some(false));
         assert_eq!(u.observed(), Observed::Unreachable);
+    }
+
+    /// A degraded node is not picked while a healthy one is left, however many unhealthy
+    /// ones the random draw meets first.
+    #[test]
+    fn degraded_serves_only_when_nothing_better_is_left() {
+        let pool: Vec<_> = (1..=5).map(upstream).collect();
+        pool[0].record_probe(Observed::Degraded, 1, 1);
+        for down in &pool[2..] {
+            down.record_probe(Observed::Critical, 1, 1);
+        }
+        for _ in 0..200 {
+            assert_eq!(pick(&pool, &[]).expect("healthy").url.port(), 2);
+        }
+        let ready = &*pool[1];
+        for _ in 0..20 {
+            assert_eq!(pick(&pool, &[ready]).expect("degraded").url.port(), 1);
+        }
     }
 
     #[test]
