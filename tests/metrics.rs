@@ -729,3 +729,37 @@ fn the_parser_refuses_malformed_expositions() {
         assert!(exposition::parse(bad).is_err(), "accepted ({why}): {bad:?}");
     }
 }
+
+/// A WebSocket handshake Switchyard refuses itself (no key; a version other than 13) is a
+/// routed answer, with the colour header, and counted as one.
+#[tokio::test]
+async fn a_refused_websocket_handshake_is_counted() {
+    let env = EnvBuilder::default().start().await;
+    let handshake = |version: &'static str, key: Option<&'static str>| {
+        let mut req = Request::get(env.proxy_url("/v1/listen"))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", version);
+        if let Some(key) = key {
+            req = req.header("sec-websocket-key", key);
+        }
+        req.body(Full::new(Bytes::new())).expect("request")
+    };
+    let old = env
+        .client
+        .request(handshake("8", Some("dGhlIHNhbXBsZSBub25jZQ==")))
+        .await
+        .expect("answer");
+    assert_eq!(old.status(), StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(old.headers()["sec-websocket-version"], "13");
+    assert_eq!(color_of(&old), "blue");
+    let keyless = env
+        .client
+        .request(handshake("13", None))
+        .await
+        .expect("answer");
+    assert_eq!(keyless.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(color_of(&keyless), "blue");
+    let m = scrape(&env).await;
+    assert_eq!(requests(&m, "blue", "websocket", "4xx"), 2.0);
+}

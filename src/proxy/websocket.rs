@@ -76,6 +76,7 @@ pub async fn forward(
     let metrics = proxy.metrics.color(color);
     let Some(client_key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
         let e = ProxyError::BadRequest("a WebSocket upgrade needs Sec-WebSocket-Key".into());
+        metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
         return error_response(&e, color);
     };
     if req
@@ -90,6 +91,7 @@ pub async fn forward(
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
+        metrics.count_request(Protocol::WebSocket, r.status().as_u16());
         return r;
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
