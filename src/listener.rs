@@ -147,7 +147,7 @@ enum Timer {
     /// HTTP/2, closed for idleness: a client that does not take part in the close (h2
     /// waits for its PING answer before the last GOAWAY) is dropped after one more `limit`.
     Closing,
-    /// No timer: HTTP/1.1 after its first request, or the listener's shutdown.
+    /// No timer: HTTP/1.1 after its first request.
     Off,
 }
 
@@ -162,7 +162,8 @@ fn deadline_after(after: Duration) -> tokio::time::Instant {
 /// Drives one connection to its end, closing it when it holds a `max_connections` slot
 /// for nothing:
 /// - a shutdown of the listener closes it gracefully, as hyper-util's `GracefulShutdown`
-///   does (open requests finish; the shutdown bounds how long);
+///   does (open requests finish; the shutdown bounds how long), and the timers below
+///   still drop clients that hold nothing open and ignore the close;
 /// - a connection with no request `limit` after it started is dropped, closing the
 ///   socket: a client that connects and sends nothing, stops inside the 24 bytes that tell
 ///   HTTP/1.1 from HTTP/2, or opens HTTP/2 and never sends a request. hyper's header timer
@@ -186,19 +187,37 @@ async fn drive<C: GracefulConnection>(
     let mut timer = std::pin::pin!(tokio::time::sleep(limit));
     let mut state = Timer::FirstRequest;
     std::future::poll_fn(|cx| {
-        if !stopped && stop.as_mut().poll(cx).is_ready() {
-            stopped = true;
-            if !matches!(state, Timer::Closing) {
-                conn.as_mut().graceful_shutdown();
-            }
-            state = Timer::Off;
-        }
         let started = activity.started.load(Ordering::Relaxed);
         if matches!(state, Timer::FirstRequest)
             && started > 0
             && !activity.http2.load(Ordering::Relaxed)
         {
             state = Timer::Off;
+        }
+        if !stopped && stop.as_mut().poll(cx).is_ready() {
+            stopped = true;
+            state = match state {
+                Timer::Closing => Timer::Closing,
+                // Still waiting for a first request: the timer drops it as before.
+                Timer::FirstRequest if started == 0 => {
+                    conn.as_mut().graceful_shutdown();
+                    Timer::FirstRequest
+                }
+                // HTTP/1.1: hyper closes an idle connection at once, and open requests
+                // are bounded by the shutdown's deadline.
+                Timer::Off => {
+                    conn.as_mut().graceful_shutdown();
+                    Timer::Off
+                }
+                // HTTP/2: as for an idle close, a client that ignores it is dropped one
+                // `limit` later once nothing is open (open requests run on, bounded by
+                // the shutdown's deadline).
+                _ => {
+                    conn.as_mut().graceful_shutdown();
+                    timer.as_mut().reset(deadline_after(limit));
+                    Timer::Closing
+                }
+            };
         }
         if !matches!(state, Timer::Off) && timer.as_mut().poll(cx).is_ready() {
             let open = activity.open_h2.load(Ordering::Acquire);

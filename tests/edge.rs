@@ -463,43 +463,134 @@ async fn an_http2_connection_is_kept_while_a_request_is_open_and_closed_once_idl
     assert!(closed.is_ok(), "an idle HTTP/2 connection is closed");
 }
 
+/// The HTTP/2 preface, an empty SETTINGS, and (with `request`) HEADERS on stream 1,
+/// END_STREAM | END_HEADERS: GET http://x/v1/status in HPACK (:method GET, :scheme http,
+/// :path from the static table with a literal value, :authority literal).
+fn raw_h2_hello(request: bool) -> Vec<u8> {
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if request {
+        let mut block = vec![0x82, 0x86, 0x44, 10];
+        block.extend_from_slice(b"/v1/status");
+        block.extend_from_slice(&[0x41, 1, b'x']);
+        hello.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+        hello.extend_from_slice(&block);
+    }
+    hello
+}
+
+/// The (type, stream) of each whole HTTP/2 frame in `bytes`.
+fn h2_frames(bytes: &[u8]) -> Vec<(u8, u32)> {
+    let mut frames = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        if rest.len() < 9 + len {
+            break;
+        }
+        frames.push((
+            rest[3],
+            u32::from_be_bytes([rest[5] & 0x7f, rest[6], rest[7], rest[8]]),
+        ));
+        rest = &rest[9 + len..];
+    }
+    frames
+}
+
+/// Connects and sends `raw_h2_hello(request)`.
+async fn raw_h2_client(env: &Env, request: bool) -> tokio::net::TcpStream {
+    let mut io = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut io, &raw_h2_hello(request))
+        .await
+        .expect("write");
+    io
+}
+
 /// An idle HTTP/2 connection whose client never answers the close (h2 sends its last
 /// GOAWAY only after the client's PING answer) is dropped one timeout later.
 #[tokio::test]
 async fn an_idle_http2_client_that_ignores_the_close_is_dropped() {
     let env = start_with_limit("header_read_timeout = \"1s\"").await;
-    let mut io = tokio::net::TcpStream::connect(env.app().proxy_addr)
-        .await
-        .expect("connect");
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
-    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://x/v1/status in HPACK
-    // (:method GET, :scheme http, :path from the static table with a literal value,
-    // :authority literal).
-    let mut block = vec![0x82, 0x86, 0x44, 10];
-    block.extend_from_slice(b"/v1/status");
-    block.extend_from_slice(&[0x41, 1, b'x']);
-    hello.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
-    hello.extend_from_slice(&block);
-    tokio::io::AsyncWriteExt::write_all(&mut io, &hello)
-        .await
-        .expect("write");
+    let mut io = raw_h2_client(&env, true).await;
     // It reads what comes (the answer, then GOAWAY and PING) and answers nothing.
-    let bytes = closed_by_proxy(&mut io).await.expect("dropped");
-    // The frames it got: the answer's HEADERS on stream 1 came before the close.
-    let mut frames = Vec::new();
-    let mut rest = &bytes[..];
-    while rest.len() >= 9 {
-        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
-        let stream = u32::from_be_bytes([rest[5] & 0x7f, rest[6], rest[7], rest[8]]);
-        frames.push((rest[3], stream));
-        rest = rest.get(9 + len..).unwrap_or_default();
-    }
+    let frames = h2_frames(&closed_by_proxy(&mut io).await.expect("dropped"));
     assert!(frames.contains(&(1, 1)), "answered first: {frames:?}");
     assert!(
         frames.iter().any(|&(kind, _)| kind == 7),
         "GOAWAY sent: {frames:?}"
     );
+}
+
+/// Shutdown does not wait out the drain for HTTP/2 clients that hold nothing open: one
+/// that answered its request and ignores the close, and one that never sent a request,
+/// are dropped one timeout later, as without a shutdown. A request still open runs on.
+#[tokio::test]
+async fn shutdown_drops_idle_http2_clients_that_ignore_the_close() {
+    let mut env = start_with_limit("header_read_timeout = \"1s\"").await;
+    let mut answered = raw_h2_client(&env, true).await;
+    let mut silent = raw_h2_client(&env, false).await;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while !h2_frames(&bytes).contains(&(1, 1)) {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::io::AsyncReadExt::read(&mut answered, &mut chunk)
+                .await
+                .expect("read");
+            assert!(n > 0, "closed before the answer");
+            bytes.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("the answer");
+    // An upload open on another HTTP/2 connection.
+    let io = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let upload = StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let req = Request::post(env.proxy_url("/v1/listen"))
+        .body(upload)
+        .expect("request");
+    let answer = tokio::spawn(sender.send_request(req));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .expect("sent");
+    env.blue[0]
+        .state
+        .wait_until(|s| s.last_headers().contains_key("x-forwarded-for"))
+        .await;
+
+    // The drain is 30 minutes; the shutdown must not need it for the idle clients.
+    let app = env.app.take().expect("running");
+    app.shutdown();
+    assert!(
+        closed_by_proxy(&mut answered).await.is_ok(),
+        "answered: still open"
+    );
+    assert!(
+        closed_by_proxy(&mut silent).await.is_ok(),
+        "silent: still open"
+    );
+    tx.send(Ok(Frame::data(Bytes::from_static(b"last"))))
+        .await
+        .expect("sent");
+    drop(tx);
+    let response = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("the open upload is answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    tokio::time::timeout(PATIENCE, app.wait())
+        .await
+        .expect("shutdown finishes");
 }
 
 /// Starts an env, then sets one `[limits]` key by rewriting the config and reloading: limits
