@@ -399,6 +399,67 @@ async fn clients_that_never_send_a_request_are_closed_after_the_header_timeout()
     assert_eq!(got.status(), StatusCode::OK);
 }
 
+type UploadBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// An HTTP/2 connection to the proxy with a `POST /v1/listen` upload open on it ("first"
+/// sent; the stub answers once the body has ended).
+struct OpenUpload {
+    /// For more requests on the same connection.
+    sender: hyper::client::conn::http2::SendRequest<UploadBody>,
+    /// The rest of the upload, until `finish`.
+    tx: Option<tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>>,
+    answer: tokio::task::JoinHandle<hyper::Result<http::Response<hyper::body::Incoming>>>,
+    /// The connection's task: it ends when the proxy closes the connection.
+    ended: tokio::task::JoinHandle<hyper::Result<()>>,
+}
+
+impl OpenUpload {
+    async fn start(env: &Env) -> OpenUpload {
+        let io = tokio::net::TcpStream::connect(env.app().proxy_addr)
+            .await
+            .expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .expect("HTTP/2 handshake");
+        let ended = tokio::spawn(conn);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let upload = StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+            .boxed_unsync();
+        let req = Request::post(env.proxy_url("/v1/listen"))
+            .header("content-type", "application/octet-stream")
+            .body(upload)
+            .expect("request");
+        let answer = tokio::spawn(sender.send_request(req));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .expect("sent");
+        OpenUpload {
+            sender,
+            tx: Some(tx),
+            answer,
+            ended,
+        }
+    }
+
+    /// Sends "last", ends the upload and checks the stub's answer: all 9 bytes came.
+    async fn finish(&mut self) {
+        let tx = self.tx.take().expect("not finished yet");
+        tx.send(Ok(Frame::data(Bytes::from_static(b"last"))))
+            .await
+            .expect("sent");
+        drop(tx);
+        let response = tokio::time::timeout(PATIENCE, &mut self.answer)
+            .await
+            .expect("in time")
+            .expect("task")
+            .expect("the open upload is answered");
+        assert_eq!(response.status(), StatusCode::OK);
+        let json = json_body(response).await;
+        assert_eq!(json["metadata"]["bytes"], 9, "{json}");
+    }
+}
+
 /// An HTTP/2 connection outlives `header_read_timeout` while a request is open on it, and
 /// takes new ones then; left idle for it, it is closed (GOAWAY), as an idle HTTP/1.1
 /// keep-alive connection is.
@@ -406,25 +467,7 @@ async fn clients_that_never_send_a_request_are_closed_after_the_header_timeout()
 async fn an_http2_connection_is_kept_while_a_request_is_open_and_closed_once_idle() {
     let env = start_with_limit("header_read_timeout = \"1s\"").await;
     let addr = env.app().proxy_addr;
-    let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .expect("HTTP/2 handshake");
-    let ended = tokio::spawn(conn);
-
-    // An upload that stays open: the stub answers once the body has ended.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let upload =
-        StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))).boxed_unsync();
-    let req = Request::post(env.proxy_url("/v1/listen"))
-        .header("content-type", "application/octet-stream")
-        .body(upload)
-        .expect("request");
-    let answer = tokio::spawn(sender.send_request(req));
-    tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
-        .await
-        .expect("sent");
+    let mut upload = OpenUpload::start(&env).await;
     // Three silent connections closed one after the other: three timeouts have passed,
     // more than the two in which an idle connection is closed.
     for _ in 0..3 {
@@ -438,28 +481,17 @@ async fn an_http2_connection_is_kept_while_a_request_is_open_and_closed_once_idl
     let status = Request::get(env.proxy_url("/v1/status"))
         .body(Full::new(Bytes::new()).boxed_unsync())
         .expect("request");
-    let again = sender
+    let again = upload
+        .sender
         .send_request(status)
         .await
         .expect("the same connection answers after the timeout");
     assert_eq!(again.status(), StatusCode::OK);
     drop(again);
-
-    tx.send(Ok(Frame::data(Bytes::from_static(b"last"))))
-        .await
-        .expect("sent");
-    drop(tx);
-    let response = tokio::time::timeout(PATIENCE, answer)
-        .await
-        .expect("in time")
-        .expect("task")
-        .expect("the open request is answered");
-    assert_eq!(response.status(), StatusCode::OK);
-    let json = json_body(response).await;
-    assert_eq!(json["metadata"]["bytes"], 9, "{json}");
+    upload.finish().await;
 
     // Then idle: the proxy closes it.
-    let closed = tokio::time::timeout(PATIENCE, ended).await;
+    let closed = tokio::time::timeout(PATIENCE, upload.ended).await;
     assert!(closed.is_ok(), "an idle HTTP/2 connection is closed");
 }
 
@@ -545,23 +577,7 @@ async fn shutdown_drops_idle_http2_clients_that_ignore_the_close() {
     .await
     .expect("the answer");
     // An upload open on another HTTP/2 connection.
-    let io = tokio::net::TcpStream::connect(env.app().proxy_addr)
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .expect("HTTP/2 handshake");
-    tokio::spawn(conn);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let upload = StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
-    let req = Request::post(env.proxy_url("/v1/listen"))
-        .body(upload)
-        .expect("request");
-    let answer = tokio::spawn(sender.send_request(req));
-    tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
-        .await
-        .expect("sent");
+    let mut upload = OpenUpload::start(&env).await;
     env.blue[0]
         .state
         .wait_until(|s| s.last_headers().contains_key("x-forwarded-for"))
@@ -578,16 +594,7 @@ async fn shutdown_drops_idle_http2_clients_that_ignore_the_close() {
         closed_by_proxy(&mut silent).await.is_ok(),
         "silent: still open"
     );
-    tx.send(Ok(Frame::data(Bytes::from_static(b"last"))))
-        .await
-        .expect("sent");
-    drop(tx);
-    let response = tokio::time::timeout(PATIENCE, answer)
-        .await
-        .expect("in time")
-        .expect("task")
-        .expect("the open upload is answered");
-    assert_eq!(response.status(), StatusCode::OK);
+    upload.finish().await;
     tokio::time::timeout(PATIENCE, app.wait())
         .await
         .expect("shutdown finishes");
