@@ -65,6 +65,11 @@ pub struct Pump {
     /// Bytes of the current frame (header included) still to pass on or drop, beyond
     /// `pass`.
     left: u64,
+    /// Of `left`, header bytes not yet let through: the rest is payload, counted in
+    /// `bytes` as it goes (never by the length a header claims).
+    header_left: u64,
+    /// The current frame's payload counts in `bytes` (a data frame passed on).
+    counting: bool,
     skipping: bool,
     /// Frames of Switchyard's own, written at the next frame boundary.
     own: VecDeque<Bytes>,
@@ -113,6 +118,8 @@ impl Pump {
             started: false,
             pass: 0,
             left: 0,
+            header_left: 0,
+            counting: false,
             skipping: false,
             own: VecDeque::new(),
             in_message: false,
@@ -248,6 +255,11 @@ impl Pump {
                 let n = buffered.min(usize::try_from(self.left).unwrap_or(usize::MAX));
                 self.pass += n;
                 self.left -= n as u64;
+                let header = (n as u64).min(self.header_left);
+                self.header_left -= header;
+                if self.counting {
+                    self.uncounted += n as u64 - header;
+                }
                 continue;
             }
             if !self.own.is_empty() {
@@ -307,9 +319,10 @@ impl Pump {
         }
         self.skipping = false;
         self.left = header.wire_len();
-        if !header.is_control() {
+        self.header_left = header.size as u64;
+        self.counting = !header.is_control();
+        if self.counting {
             self.in_message = !header.fin;
-            self.uncounted += header.len;
         }
     }
 
@@ -658,7 +671,8 @@ mod tests {
         wire.extend_from_slice(&masked(frames::PING, true, b"p"));
         wire.extend_from_slice(&masked(frames::TEXT, false, b"frag"));
         wire.extend_from_slice(&masked(frames::CONTINUATION, true, b"ment"));
-        // The start of one more frame: its bytes go on with the others as far as they came.
+        // The start of one more frame: its bytes go on with the others as far as they came,
+        // and count as far as they came (6 header bytes, then 44 of its 100).
         let last = masked(frames::BINARY, true, &[2; 100]);
         wire.extend_from_slice(&last[..50]);
         client.write_all(&wire).await.expect("write");
@@ -669,8 +683,28 @@ mod tests {
         let ran = std::future::poll_fn(|cx| Poll::Ready(pump.poll(cx, &mut src, &mut dst)));
         assert!(ran.await.is_pending());
         assert_eq!(dst.writes, vec![wire], "one write for everything read");
-        assert_eq!(pump.bytes, 640 + 4 + 4 + 100);
+        assert_eq!(pump.bytes, 640 + 4 + 4 + 44);
         assert!(!pump.at_boundary(), "the last frame is not all written");
+    }
+
+    /// A header may claim any length: what counts is the payload that went on.
+    #[tokio::test]
+    async fn bytes_count_what_went_on_not_what_a_header_claims() {
+        let (client, mut src) = duplex(1 << 16);
+        let (mut dst, mut upstream) = duplex(1 << 16);
+        let counter = IntCounter::new("t", "t").expect("counter");
+        let mut pump = Pump::new(true, counter.clone());
+        let mut wire = vec![0x82, 0x80 | 127];
+        wire.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
+        wire.extend_from_slice(&[0, 0, 0, 0]); // the mask
+        wire.extend_from_slice(&[7; 100]);
+        let mut client = client;
+        client.write_all(&wire).await.expect("write");
+        drop(client);
+        let event = std::future::poll_fn(|cx| pump.poll(cx, &mut src, &mut dst)).await;
+        assert!(matches!(event, Event::Ended), "{event:?}");
+        assert_eq!(read_exactly(&mut upstream, wire.len()).await, wire);
+        assert_eq!((pump.bytes, counter.get()), (100, 100));
     }
 
     #[tokio::test]
