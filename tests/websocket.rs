@@ -1166,10 +1166,32 @@ async fn pings_and_fragments_pass_through() {
     ws.close(None).await.expect("close sent");
 }
 
-/// A client that breaks WebSocket framing (here an unmasked frame) gets close code 1002.
+/// A client that breaks the WebSocket protocol gets close code 1002: an unmasked frame, a
+/// continuation with no message open, a close code no peer may send.
 #[tokio::test]
-async fn a_client_breaking_the_framing_gets_1002() {
+async fn a_client_breaking_the_protocol_gets_1002() {
     let env = EnvBuilder::default().start().await;
+    // Masked with a zero key, so the payload reads as written.
+    let masked = |b0: u8, payload: &[u8]| {
+        let mut frame = vec![b0, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        frame
+    };
+    let cases = [
+        ("an unmasked binary frame", vec![0x82, 0x01, 0x00]),
+        ("a continuation with no message", masked(0x80, b"x")),
+        ("close code 999", masked(0x88, &999u16.to_be_bytes())),
+    ];
+    for (what, wire) in cases {
+        client_gets_1002_after(&env, &wire)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+}
+
+/// Opens an agent stream with a raw handshake, writes `wire`, and reads until a 1002 close
+/// frame comes (the stub's Welcome may come first).
+async fn client_gets_1002_after(env: &Env, wire: &[u8]) -> Result<(), String> {
     let addr = env.app().proxy_addr;
     let mut socket = within("a connection", TcpStream::connect(addr))
         .await
@@ -1192,29 +1214,31 @@ async fn a_client_breaking_the_framing_gets_1002() {
         }
     })
     .await;
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-
-    // An unmasked binary frame of one byte: clients must mask theirs.
-    socket.write_all(&[0x82, 0x01, 0x00]).await.expect("sent");
-    // Before the close, the stub's Welcome (a text frame) may arrive.
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(String::from_utf8_lossy(&head).into_owned());
+    }
+    socket.write_all(wire).await.expect("sent");
     let is_1002 = |w: &[u8]| w[0] == 0x88 && w[2..4] == 1002u16.to_be_bytes();
     let mut received = Vec::new();
-    within("a 1002 close frame", async {
-        let mut chunk = [0u8; 1024];
+    let mut chunk = [0u8; 1024];
+    let read = tokio::time::timeout(PATIENCE, async {
         while !received.windows(4).any(is_1002) {
-            match socket.read(&mut chunk).await.expect("read") {
-                0 => panic!("closed without a 1002 close frame: {received:?}"),
-                n => received.extend_from_slice(&chunk[..n]),
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
             }
         }
+        true
     })
     .await;
+    if read != Ok(true) {
+        return Err(format!("no 1002 close frame: {received:?}"));
+    }
     let close = received.windows(4).position(is_1002).expect("found above");
-    assert_eq!(received[close + 1] & 0x80, 0, "server frames are unmasked");
+    if received[close + 1] & 0x80 != 0 {
+        return Err("server frames are unmasked".into());
+    }
+    Ok(())
 }
 
 /// While a shutdown drains, `/readyz` says so (a balancer stops sending connections) and

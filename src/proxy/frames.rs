@@ -52,6 +52,12 @@ pub enum FrameError {
     Masked,
     #[error("a frame length uses the most significant bit")]
     Length,
+    #[error("a continuation frame with no message open, or a new message inside one")]
+    Sequence,
+    #[error(
+        "a close frame with a one-byte payload, a code not to be sent, or a reason not in UTF-8"
+    )]
+    BadClose,
 }
 
 /// Parses the header at the front of `buf`; `None` until all of it has arrived.
@@ -184,6 +190,24 @@ pub fn close(code: u16, reason: &str, to_upstream: bool) -> Bytes {
     encode(CLOSE, &payload, to_upstream)
 }
 
+/// Checks a close frame's payload (RFC 6455 §5.5.1, §7.4): empty, or a code a peer may
+/// send (1000-1003, 1007-1014, 3000-4999) and a UTF-8 reason.
+pub fn check_close(payload: &[u8]) -> Result<(), FrameError> {
+    match payload {
+        [] => Ok(()),
+        [a, b, reason @ ..] => {
+            let code = u16::from_be_bytes([*a, *b]);
+            let sendable = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if sendable && std::str::from_utf8(reason).is_ok() {
+                Ok(())
+            } else {
+                Err(FrameError::BadClose)
+            }
+        }
+        [_] => Err(FrameError::BadClose),
+    }
+}
+
 /// The code of a close frame's payload, if it has one.
 pub fn close_code(payload: &[u8]) -> Option<u16> {
     match payload {
@@ -195,6 +219,24 @@ pub fn close_code(payload: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_payloads_are_checked() {
+        let with = |code: u16, reason: &[u8]| {
+            let mut p = code.to_be_bytes().to_vec();
+            p.extend_from_slice(reason);
+            check_close(&p)
+        };
+        assert_eq!(check_close(&[]), Ok(()));
+        for code in [1000, 1001, 1008, 1011, 1012, 3000, 4999] {
+            assert_eq!(with(code, b"NET-0001"), Ok(()), "{code}");
+        }
+        for code in [0, 999, 1004, 1005, 1006, 1015, 2999, 5000] {
+            assert_eq!(with(code, b""), Err(FrameError::BadClose), "{code}");
+        }
+        assert_eq!(check_close(&[3]), Err(FrameError::BadClose));
+        assert_eq!(with(1000, b"\xc3\x28"), Err(FrameError::BadClose));
+    }
 
     #[test]
     fn headers_of_every_length_form_parse_and_wait_for_missing_bytes() {

@@ -76,6 +76,9 @@ pub struct Pump {
     /// A fragmented data message is open at the destination (its first frames were
     /// passed on, its last not yet).
     in_message: bool,
+    /// A fragmented data message is open at the source (its last frame not yet come),
+    /// whether its frames are passed on or dropped.
+    source_message: bool,
     /// A binary message began with empty fragments, dropped: its first fragment with data
     /// is passed on as its start, and if none comes the message is never passed on.
     empty_start: bool,
@@ -123,6 +126,7 @@ impl Pump {
             skipping: false,
             own: VecDeque::new(),
             in_message: false,
+            source_message: false,
             empty_start: false,
             unflushed: false,
             drop_data: false,
@@ -218,11 +222,16 @@ impl Pump {
                 }
                 match frames::parse(&self.buf, self.from_client) {
                     Err(e) => return Poll::Ready(Event::Protocol(e)),
-                    Ok(Some(header)) => match self.start(header) {
-                        Start::Next => continue,
-                        Start::Event(event) => return Poll::Ready(event),
-                        Start::NeedWhole => {}
-                    },
+                    Ok(Some(header)) => {
+                        if let Err(e) = self.in_sequence(&header) {
+                            return Poll::Ready(Event::Protocol(e));
+                        }
+                        match self.start(header) {
+                            Start::Next => continue,
+                            Start::Event(event) => return Poll::Ready(event),
+                            Start::NeedWhole => {}
+                        }
+                    }
                     Ok(None) => {}
                 }
             }
@@ -268,6 +277,7 @@ impl Pump {
             match frames::parse(&self.buf[self.pass..], self.from_client) {
                 Ok(Some(header))
                     if header.opcode != frames::CLOSE
+                        && self.in_sequence(&header).is_ok()
                         && !self.drops(&header)
                         && !self.watches(&header) =>
                 {
@@ -275,6 +285,17 @@ impl Pump {
                 }
                 _ => return,
             }
+        }
+    }
+
+    /// Whether a data frame fits the source's messages so far: a continuation only inside
+    /// a fragmented message, a new message only outside one (RFC 6455 §5.4).
+    fn in_sequence(&self, header: &Header) -> Result<(), FrameError> {
+        let continues = header.opcode == frames::CONTINUATION;
+        if header.is_control() || continues == self.source_message {
+            Ok(())
+        } else {
+            Err(FrameError::Sequence)
         }
     }
 
@@ -323,6 +344,7 @@ impl Pump {
         self.counting = !header.is_control();
         if self.counting {
             self.in_message = !header.fin;
+            self.source_message = !header.fin;
         }
     }
 
@@ -360,7 +382,11 @@ impl Pump {
                 .buf
                 .split_to(header.size + header.len as usize)
                 .freeze();
-            let code = frames::close_code(&frames::payload(&header, &frame));
+            let payload = frames::payload(&header, &frame);
+            if let Err(e) = frames::check_close(&payload) {
+                return Start::Event(Event::Protocol(e));
+            }
+            let code = frames::close_code(&payload);
             return Start::Event(Event::Close { code, frame });
         }
         let watched = self.watches(&header);
@@ -398,6 +424,9 @@ impl Pump {
             }
             // `in_message` stays as the destination saw it: a skipped fragment opens
             // nothing there.
+            if !header.is_control() {
+                self.source_message = !header.fin;
+            }
             self.left = wire;
             self.skipping = true;
             return Start::Next;
@@ -930,6 +959,46 @@ mod tests {
             run(&mut pump, &mut src, &mut dst).await,
             Some(Event::Protocol(FrameError::Unmasked))
         ));
+    }
+
+    /// Frames out of sequence, and close frames no peer may send, break the protocol;
+    /// what came before them goes on.
+    #[tokio::test]
+    async fn frames_out_of_sequence_and_bad_closes_break_the_protocol() {
+        let text = |fin| masked(frames::TEXT, fin, b"{}");
+        let cases: [(Vec<u8>, FrameError, usize); 4] = [
+            (
+                masked(frames::CONTINUATION, true, b"x"),
+                FrameError::Sequence,
+                0,
+            ),
+            ([text(false), text(true)].concat(), FrameError::Sequence, 1),
+            (
+                masked(frames::CLOSE, true, &999u16.to_be_bytes()),
+                FrameError::BadClose,
+                0,
+            ),
+            (
+                [
+                    text(true),
+                    masked(frames::CLOSE, true, &[0x03, 0xE8, 0xC3, 0x28]),
+                ]
+                .concat(),
+                FrameError::BadClose,
+                1,
+            ),
+        ];
+        for (wire, error, before) in cases {
+            let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+            client.write_all(&wire).await.expect("write");
+            let event = run(&mut pump, &mut src, &mut dst).await;
+            assert!(
+                matches!(event, Some(Event::Protocol(e)) if e == error),
+                "{event:?}, expected {error:?}"
+            );
+            let passed = text(true).len() * before;
+            assert_eq!(read_exactly(&mut upstream, passed).await.len(), passed);
+        }
     }
 
     #[tokio::test]
