@@ -360,8 +360,13 @@ fn two_choices(
             if b >= a {
                 b += 1;
             }
-            let (ua, ub) = (nth(a)?, nth(b)?);
-            Some(if ub.load() < ua.load() { ub } else { ua })
+            // Health may change between the count and the draw (probes run meanwhile):
+            // whichever of the two is still there, or any that is.
+            match (nth(a), nth(b)) {
+                (Some(ua), Some(ub)) => Some(if ub.load() < ua.load() { ub } else { ua }),
+                (Some(one), None) | (None, Some(one)) => Some(one),
+                (None, None) => nth(0),
+            }
         }
     }
 }
