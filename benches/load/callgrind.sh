@@ -17,7 +17,8 @@
 # nginx and HAProxy run with run.sh's configurations (configs.sh), as one process.
 #
 # Environment: LOW=1000 HIGH=6000 WS_STREAMS=20 WS_LOW=5 WS_HIGH=15 TOP=30
-# OUT=dir (default: a new temp dir) SY=path (a switchyard binary; default: build one).
+# OUT=dir (default: a new temp dir) SY=path (a switchyard binary; default: build one);
+# ORIGIN_SY=path runs the stub origins from another binary (default: SY).
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client), and nginx or haproxy to
 # measure those. Loopback only; every process it starts is stopped by PID.
 set -euo pipefail
@@ -52,7 +53,7 @@ set_ports $BASE
 source "$ROOT/benches/load/configs.sh"
 
 for i in 0 1; do
-    TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$SY" stub-upstream \
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn "${ORIGIN_SY:-$SY}" stub-upstream \
         --listen "127.0.0.1:$((BASE + i))" --name "stub$i" >"$OUT/stub$i.log" 2>&1 &
     PIDS+=($!)
     wait_port $((BASE + i)) 120

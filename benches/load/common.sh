@@ -1,6 +1,6 @@
-# Helpers for callgrind.sh, burst_rss.sh and cpu_split.sh, sourced. They read SY (a
-# switchyard binary) and DIR (a scratch directory, removed at exit if set), and stop what
-# they start by PID at exit.
+# Helpers for callgrind.sh, burst_rss.sh, cpu_split.sh and pgo.sh, sourced. They read SY (a
+# switchyard binary; ORIGIN_SY, if set, runs the stub origins) and DIR (a scratch
+# directory, removed at exit if set), and stop what they start by PID at exit.
 
 PIDS=()
 cleanup() {
@@ -39,7 +39,7 @@ set_ports() {
 start_switchyard() {
     local base=$1 i
     for i in 0 1; do
-        TOKIO_WORKER_THREADS=1 taskset -c 0 "$SY" stub-upstream \
+        TOKIO_WORKER_THREADS=1 taskset -c 0 "${ORIGIN_SY:-$SY}" stub-upstream \
             --listen "127.0.0.1:$((base + i))" --name "stub$i" >"$DIR/stub$i.log" 2>&1 &
         PIDS+=($!)
     done

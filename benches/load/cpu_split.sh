@@ -7,6 +7,9 @@
 #
 #   benches/load/cpu_split.sh [rounds]        (default 2; needs nginx, haproxy and wrk)
 #
+# SY=path measures that switchyard binary instead of building one; ORIGIN_SY=path runs the
+# stub origins from another binary.
+#
 # Loopback only; every process it starts is stopped by PID.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -14,8 +17,10 @@ ROUNDS=${1:-2}
 for tool in nginx haproxy wrk; do
     command -v $tool >/dev/null || { echo "needs $tool (apt-get install nginx haproxy wrk)" >&2; exit 2; }
 done
-(cd "$ROOT" && cargo build --release --quiet --bin switchyard)
-SY=${CARGO_TARGET_DIR:-$ROOT/target}/release/switchyard
+if [[ -z ${SY:-} ]]; then
+    (cd "$ROOT" && cargo build --release --quiet --bin switchyard)
+    SY=${CARGO_TARGET_DIR:-$ROOT/target}/release/switchyard
+fi
 DIR=$(mktemp -d /tmp/switchyard-cpu-split.XXXXXX)
 # Below the ephemeral range (32768+), so no outgoing connection holds one of them.
 BASE=$((26000 + (RANDOM % 40) * 20))

@@ -13,6 +13,11 @@
 #   QUIET_MAX=600   ... for at most this many seconds (then go on and say so)
 #   SKIP_INSTALL=1  do not apt-get install
 #   OUT=dir         where logs and results go (default: a new temp dir)
+#   SY=path         the switchyard binary to measure (default: build the release one), with
+#                   examples/ws_load beside it; ORIGIN_SY=path runs the stub origin from
+#                   another binary (default: SY), e.g. to compare builds on the same origin
+#   SY_PGO=path     also measure this binary (benches/load/pgo.sh builds it) as the target
+#                   `switchyard-pgo`, in the same interleaved rounds (not in idle and flip)
 #
 # Pinning: the load generator runs on core 1, the proxy and the origin share core 0.
 # Every process this script starts is killed by PID when it exits. Every load run is
@@ -43,11 +48,15 @@ P_ORIGIN=$BASE
 P_ORIGIN2=$((BASE + 1))
 P_SY=$((BASE + 10))
 P_SY_ADMIN=$((BASE + 11))
+P_SY_PGO=$((BASE + 12))
+P_SY_PGO_ADMIN=$((BASE + 13))
 P_NGINX=$((BASE + 20))
 P_NGINX_H2=$((BASE + 21))
 P_HAPROXY=$((BASE + 30))
 PATH_HTTP=/v1/status
 PATH_WS=/v1/agent/converse
+PROXIES="switchyard${SY_PGO:+ switchyard-pgo} nginx haproxy"
+TARGETS="direct $PROXIES"
 # nginx_conf and haproxy_conf: the two proxies' configurations.
 source "$ROOT/benches/load/configs.sh"
 
@@ -87,11 +96,15 @@ install_tools() {
 }
 
 build_switchyard() {
-    log "building switchyard (release) and the ws_load example"
-    (cd "$ROOT" && cargo build --release --quiet --bin switchyard --example ws_load)
-    local target=${CARGO_TARGET_DIR:-$ROOT/target}
-    SY=$target/release/switchyard
-    WS_LOAD=$target/release/examples/ws_load
+    if [[ -n ${SY:-} ]]; then
+        log "using SY=$SY (and the ws_load example beside it)"
+    else
+        log "building switchyard (release) and the ws_load example"
+        (cd "$ROOT" && cargo build --release --quiet --bin switchyard --example ws_load)
+        SY=${CARGO_TARGET_DIR:-$ROOT/target}/release/switchyard
+    fi
+    WS_LOAD=$(dirname "$SY")/examples/ws_load
+    ORIGIN_SY=${ORIGIN_SY:-$SY}
 }
 
 find_oha() {
@@ -159,22 +172,24 @@ rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 start_origin() {
     local port=$1 name=$2
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c $SERVER_CPU \
-        "$SY" stub-upstream --listen "127.0.0.1:$port" --name "$name" \
+        "$ORIGIN_SY" stub-upstream --listen "127.0.0.1:$port" --name "$name" \
         >"$OUT/stub-$name.log" 2>&1 &
     STARTED_PID=$!
     PIDS+=($STARTED_PID)
     wait_port "$port"
 }
 
+# start_switchyard NAME BINARY PORT ADMIN_PORT: sets STARTED_PID.
 start_switchyard() {
-    local dir=$OUT/switchyard
+    local name=$1 bin=$2 port=$3 admin=$4
+    local dir=$OUT/$name
     mkdir -p "$dir"
     printf 'bench-token' >"$dir/admin.token"
     rm -f "$dir/route.json"
     cat >"$dir/switchyard.toml" <<EOF
 [listen]
-proxy = "127.0.0.1:$P_SY"
-admin = "127.0.0.1:$P_SY_ADMIN"
+proxy = "127.0.0.1:$port"
+admin = "127.0.0.1:$admin"
 
 [pools]
 blue = ["http://127.0.0.1:$P_ORIGIN"]
@@ -189,10 +204,10 @@ EOF
     # One worker thread: the same one core nginx (worker_processes 1) and HAProxy
     # (nbthread 1) get.
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c $SERVER_CPU \
-        "$SY" run --config "$dir/switchyard.toml" >"$OUT/switchyard.log" 2>&1 &
-    SY_PID=$!
-    PIDS+=($SY_PID)
-    wait_port $P_SY
+        "$bin" run --config "$dir/switchyard.toml" >"$OUT/$name.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=($STARTED_PID)
+    wait_port "$port"
 }
 
 start_nginx() {
@@ -222,6 +237,7 @@ target_url() {
     case $1 in
     direct) echo "http://127.0.0.1:$P_ORIGIN" ;;
     switchyard) echo "http://127.0.0.1:$P_SY" ;;
+    switchyard-pgo) echo "http://127.0.0.1:$P_SY_PGO" ;;
     nginx) echo "http://127.0.0.1:$P_NGINX" ;;
     haproxy) echo "http://127.0.0.1:$P_HAPROXY" ;;
     esac
@@ -230,6 +246,7 @@ target_pid() {
     case $1 in
     direct) echo "$ORIGIN_PID" ;;
     switchyard) echo "$SY_PID" ;;
+    switchyard-pgo) echo "$SY_PGO_PID" ;;
     nginx) echo "$NGINX_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     esac
@@ -274,7 +291,7 @@ section_http1() {
     for round in $(seq 1 "$ROUNDS"); do
         wait_quiet
         say "- round $round: $QUIET_NOTE"
-        for name in direct switchyard nginx haproxy; do
+        for name in $TARGETS; do
             log "http1 round $round: $name"
             echo "$name $(wrk_run "$name" "$round")" >>"$OUT/http1.raw"
         done
@@ -285,7 +302,7 @@ section_http1() {
     local nginx_rps direct_rps
     nginx_rps=$(awk '$1 == "nginx" { print $2 }' "$OUT/http1.raw" | median)
     direct_rps=$(awk '$1 == "direct" { print $2 }' "$OUT/http1.raw" | median)
-    for name in direct switchyard nginx haproxy; do
+    for name in $TARGETS; do
         local rps range p99 cpu errs
         rps=$(awk -v n=$name '$1 == n { print $2 }' "$OUT/http1.raw" | median)
         range=$(awk -v n=$name '$1 == n { print $2 }' "$OUT/http1.raw" | minmax)
@@ -296,7 +313,7 @@ section_http1() {
     done
     local ncpu
     ncpu=$(awk '$1 == "nginx" { print $6 }' "$OUT/http1.raw" | median)
-    for name in switchyard haproxy; do
+    for name in ${PROXIES/nginx /}; do
         local cpu
         cpu=$(awk -v n=$name '$1 == n { print $6 }' "$OUT/http1.raw" | median)
         say ""
@@ -316,12 +333,10 @@ section_h2c() {
     say "| target | req/s | mean request time (h2load reports no p99) | CPU µs/request | failed/errored |"
     say "| --- | --- | --- | --- | --- |"
     local name url pid before after file
-    for name in switchyard haproxy nginx; do
-        case $name in
-        switchyard) url=http://127.0.0.1:$P_SY$PATH_HTTP pid=$SY_PID ;;
-        haproxy) url=http://127.0.0.1:$P_HAPROXY$PATH_HTTP pid=$HAPROXY_PID ;;
-        nginx) url=http://127.0.0.1:$P_NGINX_H2$PATH_HTTP pid=$NGINX_PID ;;
-        esac
+    for name in $PROXIES; do
+        url=$(target_url "$name")$PATH_HTTP
+        pid=$(target_pid "$name")
+        [[ $name == nginx ]] && url=http://127.0.0.1:$P_NGINX_H2$PATH_HTTP
         file=$OUT/h2load-$name.txt
         log "h2c: $name"
         before=$(cpu_ticks "$pid")
@@ -352,7 +367,7 @@ section_latency() {
     say "| target | p50 (ms) | p99 (ms) | p99.9 (ms) | req/s | CPU µs/request |"
     say "| --- | --- | --- | --- | --- | --- |"
     local name url pid before after file
-    for name in direct switchyard nginx haproxy; do
+    for name in $TARGETS; do
         url=$(target_url "$name")$PATH_HTTP
         pid=$(target_pid "$name")
         file=$OUT/oha-$name.json
@@ -384,7 +399,7 @@ latency_h2load() {
     say "| target | req/s | latency min | mean | sd | max | CPU µs/request |"
     say "| --- | --- | --- | --- | --- | --- | --- |"
     local name url pid before after file
-    for name in direct switchyard nginx haproxy; do
+    for name in $TARGETS; do
         url=$(target_url "$name")$PATH_HTTP
         pid=$(target_pid "$name")
         file=$OUT/h2load-rate-$name.txt
@@ -413,7 +428,7 @@ section_ws() {
         say ""
         say "| target | streams | frames sent | echoed | errors | RTT p50 (µs) | RTT p99 (µs) | CPU µs/relayed frame |"
         say "| --- | --- | --- | --- | --- | --- | --- | --- |"
-        for name in direct switchyard nginx haproxy; do
+        for name in $TARGETS; do
             url=$(target_url "$name" | sed 's/^http/ws/')$PATH_WS
             pid=$(target_pid "$name")
             file=$OUT/ws-$name-$n.txt
@@ -505,6 +520,7 @@ build_switchyard
 say "# Switchyard load benchmarks ($(date -u +%FT%TZ))"
 say ""
 say "- machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p'), $(uname -r)"
+[[ -n ${SY_PGO:-} ]] && say "- switchyard: $SY; switchyard-pgo: $SY_PGO; the stub origin: $ORIGIN_SY"
 say "- $(rustc --version); $(nginx -v 2>&1); $(haproxy -v | head -1); $(wrk -v 2>&1 | head -1); $(h2load --version 2>&1 | head -1)"
 say "- pinning: load generator on core $LOADGEN_CPU; proxy and origin on core $SERVER_CPU; switchyard and the stub with TOKIO_WORKER_THREADS=1"
 say "- raw output: $OUT"
@@ -512,12 +528,17 @@ say "- raw output: $OUT"
 start_origin $P_ORIGIN blue
 ORIGIN_PID=$STARTED_PID
 start_origin $P_ORIGIN2 green
-start_switchyard
+start_switchyard switchyard "$SY" $P_SY $P_SY_ADMIN
+SY_PID=$STARTED_PID
+if [[ -n ${SY_PGO:-} ]]; then
+    start_switchyard switchyard-pgo "$SY_PGO" $P_SY_PGO $P_SY_PGO_ADMIN
+    SY_PGO_PID=$STARTED_PID
+fi
 start_nginx
 start_haproxy
 log "all up: origin $ORIGIN_PID switchyard $SY_PID nginx $NGINX_PID haproxy $HAPROXY_PID (ports from $BASE)"
 # Warm every path once so the first measured run does not pay for connection set-up.
-for name in direct switchyard nginx haproxy; do
+for name in $TARGETS; do
     curl -fsS -o /dev/null "$(target_url $name)$PATH_HTTP"
 done
 

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A release build of Switchyard optimised with the profile of its own hot paths (PGO):
+# build an instrumented binary, run it as a proxy under the load `run.sh` measures (HTTP/1.1,
+# h2c, an HTTP/1.1 upload, WebSocket frames, flips), merge what it recorded, and build again
+# with that profile.
+#
+#   benches/load/pgo.sh        → target/pgo/release/switchyard (and examples/ws_load beside it)
+#
+# Needs llvm-profdata matching rustc's LLVM (`rustup component add llvm-tools`), wrk and
+# h2load (Debian: wrk, nghttp2-client). Two full release builds: about 8 min on 2 cores.
+# The stub origins run from the instrumented binary too, but their profile is thrown away,
+# so only the proxy's paths count. Loopback only; every process it starts is stopped by PID.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+SECONDS_EACH=${SECONDS_EACH:-8}
+for tool in wrk h2load curl; do
+    command -v $tool >/dev/null || { echo "needs $tool (apt-get install wrk nghttp2-client curl)" >&2; exit 2; }
+done
+PROFDATA=$(find "$(rustc --print sysroot)/lib/rustlib" -name llvm-profdata -type f | head -1)
+[[ -x $PROFDATA ]] || { echo "needs llvm-profdata: rustup component add llvm-tools" >&2; exit 2; }
+
+DIR=$(mktemp -d /tmp/switchyard-pgo.XXXXXX)
+# RUSTFLAGS replaces the rustflags of .cargo/config.toml, so both builds repeat them. The
+# instrumented build's own profile path is fixed (LLVM_PROFILE_FILE overrides it at run
+# time), so running this again does not rebuild it.
+CFG="--cfg tokio_unstable"
+echo "pgo: instrumented build in $TARGET/pgo-gen" >&2
+(cd "$ROOT" && RUSTFLAGS="$CFG -Cprofile-generate=$TARGET/pgo-gen/profile" CARGO_TARGET_DIR="$TARGET/pgo-gen" \
+    cargo build --release --quiet --bin switchyard --example ws_load)
+SY=$TARGET/pgo-gen/release/switchyard
+WS_LOAD=$TARGET/pgo-gen/release/examples/ws_load
+
+BASE=$((24000 + (RANDOM % 40) * 20))
+source "$ROOT/benches/load/common.sh"
+for i in 0 1; do
+    LLVM_PROFILE_FILE="$DIR/discard/stub-%p.profraw" TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
+        "$SY" stub-upstream --listen "127.0.0.1:$((BASE + i))" --name "stub$i" >"$DIR/stub$i.log" 2>&1 &
+    PIDS+=($!)
+done
+printf 'pgo-token' >"$DIR/admin.token"
+cat >"$DIR/switchyard.toml" <<TOML
+[listen]
+proxy = "127.0.0.1:$((BASE + 2))"
+admin = "127.0.0.1:$((BASE + 3))"
+
+[pools]
+blue = ["http://127.0.0.1:$BASE"]
+green = ["http://127.0.0.1:$((BASE + 1))"]
+
+[routing]
+state_file = "$DIR/route.json"
+
+[admin]
+token_file = "$DIR/admin.token"
+TOML
+LLVM_PROFILE_FILE="$DIR/profile/proxy-%p.profraw" TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
+    "$SY" run --config "$DIR/switchyard.toml" >"$DIR/switchyard.log" 2>&1 &
+PROXY_PID=$!
+PIDS+=($PROXY_PID)
+for i in 0 1 2 3; do wait_port $((BASE + i)) 60; done
+URL=http://127.0.0.1:$((BASE + 2))
+
+echo "pgo: training, ${SECONDS_EACH}s per load" >&2
+wrk -t1 -c64 -d"${SECONDS_EACH}s" "$URL/v1/status" >"$DIR/wrk.txt"
+h2load -t1 -c16 -m10 -D"$SECONDS_EACH" "$URL/v1/status" >"$DIR/h2load.txt"
+head -c 65536 /dev/urandom >"$DIR/audio.bin"
+h2load --h1 -t1 -c8 -n 4000 -d "$DIR/audio.bin" -H 'content-type: audio/wav' "$URL/v1/listen" >"$DIR/upload.txt"
+"$WS_LOAD" --url "ws://127.0.0.1:$((BASE + 2))/v1/agent/converse" --streams 200 \
+    --duration "$SECONDS_EACH" >"$DIR/ws.txt"
+for _ in 1 2 3 4; do
+    "$SY" ctl --admin "http://127.0.0.1:$((BASE + 3))" --token-file "$DIR/admin.token" flip --force >/dev/null
+    curl -fsS -o /dev/null "$URL/v1/status"
+done
+curl -fsS -o /dev/null "http://127.0.0.1:$((BASE + 3))/metrics"
+grep -h 'requests in\|requests: \|^streams=' "$DIR"/wrk.txt "$DIR"/h2load.txt "$DIR"/upload.txt "$DIR"/ws.txt >&2
+# The profile is written when the process exits; SIGTERM drains and exits 0.
+kill -TERM "$PROXY_PID"
+wait "$PROXY_PID"
+"$PROFDATA" merge -o "$DIR/merged.profdata" "$DIR"/profile/*.profraw
+
+echo "pgo: optimised build in $TARGET/pgo" >&2
+(cd "$ROOT" && RUSTFLAGS="$CFG -Cprofile-use=$DIR/merged.profdata" CARGO_TARGET_DIR="$TARGET/pgo" \
+    cargo build --release --quiet --bin switchyard --example ws_load)
+echo "$TARGET/pgo/release/switchyard"
