@@ -33,6 +33,7 @@ WS_LOW=${WS_LOW:-5}
 WS_HIGH=${WS_HIGH:-15}
 TOP=${TOP:-30}
 OUT=${OUT:-$(mktemp -d /tmp/switchyard-callgrind.XXXXXX)}
+mkdir -p "$OUT"
 case $MODE in h1 | h2c | ws) ;; *) echo "mode: h1, h2c or ws" >&2; exit 2 ;; esac
 case $PROXY in switchyard | nginx | haproxy) ;; *) echo "proxy: switchyard, nginx or haproxy" >&2; exit 2 ;; esac
 for tool in valgrind callgrind_annotate h2load; do
