@@ -5,6 +5,7 @@
 # with that profile.
 #
 #   benches/load/pgo.sh        → target/pgo/release/switchyard (and examples/ws_load beside it)
+#   FEATURES=etcd benches/load/pgo.sh      the same with cargo features (both builds)
 #
 # Needs llvm-profdata matching rustc's LLVM (`rustup component add llvm-tools`), wrk and
 # h2load (Debian: wrk, nghttp2-client). Two full release builds: about 8 min on 2 cores.
@@ -15,6 +16,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 SECONDS_EACH=${SECONDS_EACH:-8}
+FEATURES=${FEATURES:-}
 for tool in wrk h2load curl; do
     command -v $tool >/dev/null || { echo "needs $tool (apt-get install wrk nghttp2-client curl)" >&2; exit 2; }
 done
@@ -28,7 +30,7 @@ DIR=$(mktemp -d /tmp/switchyard-pgo.XXXXXX)
 CFG="--cfg tokio_unstable"
 echo "pgo: instrumented build in $TARGET/pgo-gen" >&2
 (cd "$ROOT" && RUSTFLAGS="$CFG -Cprofile-generate=$TARGET/pgo-gen/profile" CARGO_TARGET_DIR="$TARGET/pgo-gen" \
-    cargo build --release --quiet --bin switchyard --example ws_load)
+    cargo build --release --quiet --features "$FEATURES" --bin switchyard --example ws_load)
 SY=$TARGET/pgo-gen/release/switchyard
 WS_LOAD=$TARGET/pgo-gen/release/examples/ws_load
 
@@ -82,5 +84,5 @@ wait "$PROXY_PID"
 
 echo "pgo: optimised build in $TARGET/pgo" >&2
 (cd "$ROOT" && RUSTFLAGS="$CFG -Cprofile-use=$DIR/merged.profdata" CARGO_TARGET_DIR="$TARGET/pgo" \
-    cargo build --release --quiet --bin switchyard --example ws_load)
+    cargo build --release --quiet --features "$FEATURES" --bin switchyard --example ws_load)
 echo "$TARGET/pgo/release/switchyard"
