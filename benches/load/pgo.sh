@@ -8,7 +8,8 @@
 #   FEATURES=etcd benches/load/pgo.sh      the same with cargo features (both builds)
 #
 # Needs llvm-profdata matching rustc's LLVM (`rustup component add llvm-tools`), wrk and
-# h2load (Debian: wrk, nghttp2-client). Two full release builds: about 8 min on 2 cores.
+# h2load (Debian: wrk, nghttp2-client). Two full release builds and a minute of load:
+# about 10 min on 2 cores.
 # The stub origins run from the instrumented binary too, but their profile is thrown away,
 # so only the proxy's paths count. Loopback only; every process it starts is stopped by PID.
 set -euo pipefail
