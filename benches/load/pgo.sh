@@ -10,8 +10,8 @@
 # Needs llvm-profdata matching rustc's LLVM (`rustup component add llvm-tools`), wrk and
 # h2load (Debian: wrk, nghttp2-client). Two full release builds and a minute of load:
 # about 10 min on 2 cores.
-# The stub origins run from the instrumented binary too, but their profile is thrown away,
-# so only the proxy's paths count. Loopback only; every process it starts is stopped by PID.
+# The stub origins (and `ctl`) run from the instrumented binary too, but only the proxy's
+# profile is merged. Loopback only; every process it starts is stopped by PID.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -37,32 +37,9 @@ WS_LOAD=$TARGET/pgo-gen/release/examples/ws_load
 
 BASE=$((24000 + (RANDOM % 40) * 20))
 source "$ROOT/benches/load/common.sh"
-for i in 0 1; do
-    LLVM_PROFILE_FILE="$DIR/discard/stub-%p.profraw" TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
-        "$SY" stub-upstream --listen "127.0.0.1:$((BASE + i))" --name "stub$i" >"$DIR/stub$i.log" 2>&1 &
-    PIDS+=($!)
-done
-printf 'pgo-token' >"$DIR/admin.token"
-cat >"$DIR/switchyard.toml" <<TOML
-[listen]
-proxy = "127.0.0.1:$((BASE + 2))"
-admin = "127.0.0.1:$((BASE + 3))"
-
-[pools]
-blue = ["http://127.0.0.1:$BASE"]
-green = ["http://127.0.0.1:$((BASE + 1))"]
-
-[routing]
-state_file = "$DIR/route.json"
-
-[admin]
-token_file = "$DIR/admin.token"
-TOML
-LLVM_PROFILE_FILE="$DIR/profile/proxy-%p.profraw" TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
-    "$SY" run --config "$DIR/switchyard.toml" >"$DIR/switchyard.log" 2>&1 &
-PROXY_PID=$!
-PIDS+=($PROXY_PID)
-for i in 0 1 2 3; do wait_port $((BASE + i)) 60; done
+# Each process writes its profile under its PID; only the proxy's is merged.
+export LLVM_PROFILE_FILE="$DIR/profile/%p.profraw"
+start_switchyard $BASE
 URL=http://127.0.0.1:$((BASE + 2))
 
 echo "pgo: training, ${SECONDS_EACH}s per load" >&2
@@ -79,9 +56,9 @@ done
 curl -fsS -o /dev/null "http://127.0.0.1:$((BASE + 3))/metrics"
 grep -h 'requests in\|requests: \|^streams=' "$DIR"/wrk.txt "$DIR"/h2load.txt "$DIR"/upload.txt "$DIR"/ws.txt >&2
 # The profile is written when the process exits; SIGTERM drains and exits 0.
-kill -TERM "$PROXY_PID"
-wait "$PROXY_PID"
-"$PROFDATA" merge -o "$DIR/merged.profdata" "$DIR"/profile/*.profraw
+kill -TERM "$SY_PID"
+wait "$SY_PID"
+"$PROFDATA" merge -o "$DIR/merged.profdata" "$DIR/profile/$SY_PID.profraw"
 
 echo "pgo: optimised build in $TARGET/pgo" >&2
 (cd "$ROOT" && RUSTFLAGS="$CFG -Cprofile-use=$DIR/merged.profdata" CARGO_TARGET_DIR="$TARGET/pgo" \
