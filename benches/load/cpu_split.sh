@@ -3,7 +3,10 @@
 # in alternating rounds: how much of each proxy's cost is its own code and how much the
 # kernel's. Pinned as in run.sh (proxies and the stub origin on core 0, wrk on core 1; one
 # worker each, nginx as one process); `wrk -t1 -c64 -d8s` per proxy and round; times from
-# utime and stime in /proc/PID/stat.
+# utime and stime in /proc/PID/stat. Beside them, per request: the context switches of all
+# the proxy's threads (/proc/PID/task/*/status; involuntary ones are preemptions by the
+# origin sharing its core), and the system calls it made (`perf stat -e
+# raw_syscalls:sys_enter`, "-" where perf cannot count them).
 #
 #   benches/load/cpu_split.sh [rounds]        (default 2; needs nginx, haproxy and wrk)
 #
@@ -41,18 +44,33 @@ for port in $P_NGINX $P_HAPROXY; do wait_port $port; done
 
 ticks=$(getconf CLK_TCK)
 cpu() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
-printf '%-6s %-10s %9s %14s %14s %14s\n' round proxy requests "user µs/req" "system µs/req" "total µs/req"
+switches() { cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt/ { v += $2 } /^nonvoluntary_ctxt/ { n += $2 } END { print v, n }'; }
+perf_ok=0
+if command -v perf >/dev/null && perf stat -e raw_syscalls:sys_enter -o /dev/null -- true 2>/dev/null; then perf_ok=1; fi
+printf '%-6s %-10s %9s %8s %8s %8s %9s %9s %9s\n' round proxy requests "user µs" "sys µs" "total µs" "vol. cs" "invol. cs" syscalls
 for round in $(seq "$ROUNDS"); do
     for target in "switchyard $SY_PID $P_SY" "nginx $NGINX_PID $P_NGINX" "haproxy $HAPROXY_PID $P_HAPROXY"; do
         read -r name pid port <<<"$target"
         sleep 3
+        rm -f "$DIR/perf.txt"
         read -r u0 s0 < <(cpu "$pid")
+        read -r v0 i0 < <(switches "$pid")
+        if ((perf_ok)); then
+            # Counts the whole 8 s of load and the moment either side of it.
+            perf stat -e raw_syscalls:sys_enter -p "$pid" -o "$DIR/perf.txt" -- sleep 8.5 &
+            PERF_PID=$!
+        fi
         taskset -c 1 wrk -t1 -c64 -d8s "http://127.0.0.1:$port/v1/status" >"$DIR/wrk.txt" 2>&1
+        if ((perf_ok)); then wait "$PERF_PID" || true; fi
         read -r u1 s1 < <(cpu "$pid")
+        read -r v1 i1 < <(switches "$pid")
+        calls=$(awk '/sys_enter/ { gsub(",", "", $1); print $1 }' "$DIR/perf.txt" 2>/dev/null || true)
         n=$(awk '/requests in/ { print $1 }' "$DIR/wrk.txt")
         [[ ${n:-0} -gt 0 ]] || { echo "wrk completed no requests through $name" >&2; exit 1; }
-        awk -v r="$round" -v name="$name" -v n="$n" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" 'BEGIN {
-            printf "%-6d %-10s %9d %14.1f %14.1f %14.1f\n", r, name, n, u / t / n * 1e6, s / t / n * 1e6, (u + s) / t / n * 1e6
+        awk -v r="$round" -v name="$name" -v n="$n" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" \
+            -v v=$((v1 - v0)) -v i=$((i1 - i0)) -v calls="${calls:--}" 'BEGIN {
+            printf "%-6d %-10s %9d %8.2f %8.2f %8.2f %9.3f %9.3f %9s\n", r, name, n, u / t / n * 1e6, s / t / n * 1e6,
+                (u + s) / t / n * 1e6, v / n, i / n, calls == "-" ? "-" : sprintf("%.2f", calls / n)
         }'
     done
 done
