@@ -158,6 +158,12 @@ impl Observed {
 struct Streak {
     passes: u32,
     failures: u32,
+    /// Of `failures`, the connect errors on live traffic since the last new connection
+    /// that worked. A working connection takes them back out, so only connect errors in
+    /// a row count toward `fall`: an upstream that accepts thousands of connections in a
+    /// burst of new streams and times out on a few stays in. Failed probes stay until a
+    /// probe passes.
+    connect_errors: u32,
     /// Until the first verdict, one result decides (as HAProxy does at startup), so a dead
     /// upstream is not trusted for `fall` intervals and a live one is usable at once.
     decided: bool,
@@ -258,6 +264,15 @@ impl Upstream {
         self.record(false, false, 0, fall)
     }
 
+    /// A new connection on live traffic worked: the connect errors before it were not in
+    /// a row, and no longer count toward `fall`. Health itself is left to the probes,
+    /// since a connection that works says nothing of the node's `system_health`.
+    pub fn record_connect(&self) {
+        let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
+        streak.failures = streak.failures.saturating_sub(streak.connect_errors);
+        streak.connect_errors = 0;
+    }
+
     /// Marks the upstream healthy for good (health mode `off` has no probes to do it).
     pub fn set_not_checked(&self) {
         self.observed
@@ -269,6 +284,7 @@ impl Upstream {
     pub fn forgive(&self) -> Option<bool> {
         let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
         streak.failures = 0;
+        streak.connect_errors = 0;
         let was = self.healthy.swap(true, Ordering::Relaxed);
         (!was).then_some(true)
     }
@@ -281,6 +297,7 @@ impl Upstream {
         let undecided = probe && !streak.decided;
         let now = if pass {
             streak.failures = 0;
+            streak.connect_errors = 0;
             streak.passes = streak.passes.saturating_add(1);
             if undecided || streak.passes >= rise {
                 true
@@ -290,6 +307,9 @@ impl Upstream {
         } else {
             streak.passes = 0;
             streak.failures = streak.failures.saturating_add(1);
+            if !probe {
+                streak.connect_errors = streak.connect_errors.saturating_add(1);
+            }
             if undecided || streak.failures >= fall {
                 false
             } else {
@@ -415,6 +435,34 @@ mod tests {
         assert_eq!(u.record_passive_failure(3), None);
         assert_eq!(u.record_probe(Observed::Unreachable, 2, 3), Some(false));
         assert_eq!(u.observed(), Observed::Unreachable);
+    }
+
+    /// Connect errors count toward `fall` only in a row; failed probes stand until a probe
+    /// passes, whatever connections work in between.
+    #[test]
+    fn connect_errors_count_in_a_row_and_failed_probes_stand() {
+        let u = upstream(1);
+        assert_eq!(u.record_probe(Observed::Healthy, 2, 3), None);
+        assert_eq!(u.record_passive_failure(3), None);
+        assert_eq!(u.record_passive_failure(3), None);
+        u.record_connect();
+        assert_eq!(u.record_passive_failure(3), None);
+        assert_eq!(u.record_passive_failure(3), None);
+        assert_eq!(u.record_passive_failure(3), Some(false));
+
+        let u = upstream(2);
+        assert_eq!(u.record_probe(Observed::Healthy, 2, 3), None);
+        assert_eq!(u.record_probe(Observed::Critical, 2, 3), None);
+        assert_eq!(u.record_passive_failure(3), None);
+        u.record_connect();
+        assert_eq!(u.record_probe(Observed::Critical, 2, 3), None);
+        assert_eq!(u.record_passive_failure(3), Some(false));
+        u.record_connect();
+        assert!(
+            !u.is_healthy(),
+            "a working connection does not bring it back"
+        );
+        assert_eq!(u.record_probe(Observed::Ready, 1, 3), Some(true));
     }
 
     /// A degraded node is not picked while a healthy one is left, however many unhealthy

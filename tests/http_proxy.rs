@@ -365,6 +365,84 @@ async fn every_upstream_refusing_is_a_502_json_and_never_the_other_colour() {
     );
 }
 
+/// Answers every request on `listener` with a 200 and closes the connection, so each
+/// request through the proxy needs a new one.
+fn serve_and_close(listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut socket, answer).await;
+            });
+        }
+    })
+}
+
+/// Connect errors count toward `fall` only in a row: a new connection that works between
+/// two of them takes the first back, so an upstream that times out on a few connects in a
+/// burst of thousands stays in. Without that, the second refusal here would be the
+/// `fall`th and the last request a 503.
+#[tokio::test]
+async fn connect_errors_count_toward_fall_only_in_a_row() {
+    // The port stays bound by a socket that never listens while the listeners on it come
+    // and go, so no other test's bind can take it in between: connects are refused then.
+    let holder = tokio::net::TcpSocket::new_v4().expect("socket");
+    holder.set_reuseaddr(true).expect("reuseaddr");
+    holder
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let addr = holder.local_addr().expect("addr");
+    let listen = || {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(addr).expect("bind beside the holder");
+        socket.listen(64).expect("listen")
+    };
+    let mut server = serve_and_close(listen());
+    // No probes, and no cool-down within the test: only live traffic moves health.
+    let env = env_with_blue_at_health(addr, "mode = \"off\"\ninterval = \"1h\"\nfall = 2").await;
+    let url = env.proxy_url("/v1/status");
+    for round in 0..2 {
+        let got = get(&env.client, &url).await;
+        assert_eq!(
+            got.status(),
+            StatusCode::OK,
+            "round {round}: the upstream serves"
+        );
+        server.abort();
+        let _ = server.await;
+        let got = get(&env.client, &url).await;
+        assert_eq!(
+            got.status(),
+            StatusCode::BAD_GATEWAY,
+            "round {round}: refused, one connect error"
+        );
+        server = serve_and_close(listen());
+    }
+    let got = get(&env.client, &url).await;
+    assert_eq!(
+        got.status(),
+        StatusCode::OK,
+        "two connect errors, not in a row: the upstream is still in"
+    );
+    // And errors in a row still take it out.
+    server.abort();
+    let _ = server.await;
+    for _ in 0..2 {
+        assert_eq!(
+            get(&env.client, &url).await.status(),
+            StatusCode::BAD_GATEWAY
+        );
+    }
+    assert_eq!(
+        get(&env.client, &url).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    drop(holder);
+}
+
 #[tokio::test]
 async fn an_upstream_that_breaks_before_answering_is_a_502_json() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

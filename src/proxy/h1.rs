@@ -317,6 +317,7 @@ pub async fn exchange(
                 let connecting = Box::pin(connect(tls, &upstream.url));
                 match tokio::time::timeout(connect_timeout, connecting).await {
                     Ok(Ok(io)) => {
+                        upstream.record_connect();
                         let trust = matches!(io, Stream::Tls(_)).then(|| tls.clone());
                         Conn::new(io, trust)
                     }

@@ -159,7 +159,10 @@ pub async fn forward(
         )
         .await
         {
-            Ok(Ok(io)) => break (upstream.clone(), io),
+            Ok(Ok(io)) => {
+                upstream.record_connect();
+                break (upstream.clone(), io);
+            }
             outcome => {
                 let reason = match outcome {
                     Ok(Err(e)) => e.to_string(),

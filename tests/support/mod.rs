@@ -331,8 +331,13 @@ where
 /// An env whose blue pool is the one upstream at `addr`, with health checks off: test
 /// upstreams answer only what the test scripts, so only client traffic reaches them.
 pub async fn env_with_blue_at(addr: std::net::SocketAddr) -> Env {
+    env_with_blue_at_health(addr, "mode = \"off\"").await
+}
+
+/// `env_with_blue_at` with the given `[health]` table.
+pub async fn env_with_blue_at_health(addr: std::net::SocketAddr, health: &'static str) -> Env {
     let builder = EnvBuilder {
-        health: "mode = \"off\"",
+        health,
         ..Default::default()
     };
     let env = builder.clone().start().await;
