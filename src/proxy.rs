@@ -164,7 +164,8 @@ impl Proxy {
     }
 
     /// Books a connect failure on live traffic: the error metric, one failure toward
-    /// `fall` (passive health), and a log line.
+    /// `fall` (passive health; taken back if a new connection works before `fall` is
+    /// reached, `Upstream::record_connect`), and a log line.
     pub(crate) fn connect_failed(&self, upstream: &Upstream, fall: u32, error: &str) {
         self.metrics
             .upstream_error(upstream, UpstreamErrorKind::Connect);

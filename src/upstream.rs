@@ -259,7 +259,8 @@ impl Upstream {
         self.record(observed.passes(), true, rise, fall)
     }
 
-    /// A connect error on live traffic: one failure toward `fall`.
+    /// A connect error on live traffic: one failure toward `fall`, until a new connection
+    /// works (`record_connect`).
     pub fn record_passive_failure(&self, fall: u32) -> Option<bool> {
         self.record(false, false, 0, fall)
     }
