@@ -5,6 +5,7 @@
 #
 # Environment:
 #   ROUNDS=3        interleaved rounds per target (http1)
+#   WS_ROUNDS=3     interleaved rounds per target and stream count (ws); default ROUNDS
 #   DURATION=10     seconds per wrk/h2load/oha run
 #   CONNS=64        client connections
 #   WS_STREAMS="200 1000"   WebSocket stream counts
@@ -26,6 +27,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 ROUNDS=${ROUNDS:-3}
+WS_ROUNDS=${WS_ROUNDS:-$ROUNDS}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 WS_STREAMS=${WS_STREAMS:-"200 1000"}
@@ -279,8 +281,12 @@ wrk_run() {
         }' "$file"
 }
 
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 minmax() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "–" hi }'; }
+# col FILE NAME FIELD: field FIELD of NAME's lines in FILE (one per round), "-" skipped.
+col() { awk -v n="$2" -v f="$3" '$1 == n && $f != "-" { print $f }' "$1"; }
+# ratio A B: A/B as "1.23×", or "-" when either is missing.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f×", a / b }'; }
 
 section_http1() {
     say ""
@@ -300,22 +306,22 @@ section_http1() {
     say "| target | req/s median | req/s min–max | p99 median (µs) | CPU µs/request median | errors | vs direct | vs nginx |"
     say "| --- | --- | --- | --- | --- | --- | --- | --- |"
     local nginx_rps direct_rps
-    nginx_rps=$(awk '$1 == "nginx" { print $2 }' "$OUT/http1.raw" | median)
-    direct_rps=$(awk '$1 == "direct" { print $2 }' "$OUT/http1.raw" | median)
+    nginx_rps=$(col "$OUT/http1.raw" nginx 2 | median)
+    direct_rps=$(col "$OUT/http1.raw" direct 2 | median)
     for name in $TARGETS; do
         local rps range p99 cpu errs
-        rps=$(awk -v n=$name '$1 == n { print $2 }' "$OUT/http1.raw" | median)
-        range=$(awk -v n=$name '$1 == n { print $2 }' "$OUT/http1.raw" | minmax)
-        p99=$(awk -v n=$name '$1 == n { print $3 }' "$OUT/http1.raw" | median)
-        cpu=$(awk -v n=$name '$1 == n { print $6 }' "$OUT/http1.raw" | median)
+        rps=$(col "$OUT/http1.raw" "$name" 2 | median)
+        range=$(col "$OUT/http1.raw" "$name" 2 | minmax)
+        p99=$(col "$OUT/http1.raw" "$name" 3 | median)
+        cpu=$(col "$OUT/http1.raw" "$name" 6 | median)
         errs=$(awk -v n=$name '$1 == n { s += $5 } END { print s + 0 }' "$OUT/http1.raw")
         say "| $name | $rps | $range | $p99 | $([[ $name == direct ]] && echo - || echo "$cpu") | $errs | $(awk -v a="$rps" -v b="$direct_rps" 'BEGIN { printf "%.2f×", a / b }') | $(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.2f×", a / b }') |"
     done
     local ncpu
-    ncpu=$(awk '$1 == "nginx" { print $6 }' "$OUT/http1.raw" | median)
+    ncpu=$(col "$OUT/http1.raw" nginx 6 | median)
     for name in ${PROXIES/nginx /}; do
         local cpu
-        cpu=$(awk -v n=$name '$1 == n { print $6 }' "$OUT/http1.raw" | median)
+        cpu=$(col "$OUT/http1.raw" "$name" 6 | median)
         say ""
         say "- $name CPU per request vs nginx: $(awk -v a="$cpu" -v b="$ncpu" 'BEGIN { printf "%.2f×", a / b }')"
     done
@@ -419,32 +425,54 @@ section_ws() {
     say ""
     say "## Load: WebSocket"
     say ""
-    say "examples/ws_load.rs: N streams to $PATH_WS on the stub (echo), 640-byte binary frames every 20 ms per stream, ${DURATION}s after all are open."
+    say "examples/ws_load.rs: N streams to $PATH_WS on the stub (echo), 640-byte binary frames every 20 ms per stream, ${DURATION}s after all are open; $WS_ROUNDS interleaved rounds, medians (a round's p99 moves by tens of per cent)."
     say ""
-    local n name url pid before after file
+    local n name url pid before after file round raw
     for n in $WS_STREAMS; do
-        wait_quiet
-        say "- $n streams: $QUIET_NOTE"
+        raw=$OUT/ws-$n.raw
+        : >"$raw"
+        for round in $(seq 1 "$WS_ROUNDS"); do
+            wait_quiet
+            say "- $n streams, round $round: $QUIET_NOTE"
+            for name in $TARGETS; do
+                url=$(target_url "$name" | sed 's/^http/ws/')$PATH_WS
+                pid=$(target_pid "$name")
+                file=$OUT/ws-$name-$n-$round.txt
+                log "ws $n round $round: $name"
+                before=$(cpu_ticks "$pid")
+                taskset -c $LOADGEN_CPU timeout $((DURATION + 60)) "$WS_LOAD" --url "$url" --streams "$n" --duration "$DURATION" >"$file" 2>&1 || true
+                after=$(cpu_ticks "$pid")
+                # One line per run: name, p50, p99, CPU µs per relayed frame (one frame
+                # through the proxy in one direction; each echo is two), sent, echoed,
+                # errors. A run that printed no summary counts as all errors.
+                awk -v ticks=$((after - before)) -v hz="$CLK_TCK" -v n=$name -v streams="$n" '
+                    /^streams=/ {
+                        for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+                        frames = f["sent"] + f["received"]
+                        cpu = (n == "direct" || !frames) ? "-" : sprintf("%.2f", ticks / hz * 1e6 / frames)
+                        print n, f["rtt_p50_us"], f["rtt_p99_us"], cpu, f["sent"], f["received"], f["errors"]
+                        seen = 1
+                    }
+                    END { if (!seen) print n, "-", "-", "-", 0, 0, streams }' "$file" >>"$raw"
+                sleep 2
+            done
+        done
         say ""
-        say "| target | streams | frames sent | echoed | errors | RTT p50 (µs) | RTT p99 (µs) | CPU µs/relayed frame |"
-        say "| --- | --- | --- | --- | --- | --- | --- | --- |"
+        say "$n streams:"
+        say ""
+        say "| target | frames sent | echoed | errors | RTT p50 (µs) median | RTT p99 (µs) median | p99 min–max | CPU µs/relayed frame median | p99 vs nginx | CPU vs nginx |"
+        say "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        local np99 ncpu
+        np99=$(col "$raw" nginx 3 | median)
+        ncpu=$(col "$raw" nginx 4 | median)
         for name in $TARGETS; do
-            url=$(target_url "$name" | sed 's/^http/ws/')$PATH_WS
-            pid=$(target_pid "$name")
-            file=$OUT/ws-$name-$n.txt
-            log "ws $n: $name"
-            before=$(cpu_ticks "$pid")
-            taskset -c $LOADGEN_CPU timeout $((DURATION + 60)) "$WS_LOAD" --url "$url" --streams "$n" --duration "$DURATION" >"$file" 2>&1 || true
-            after=$(cpu_ticks "$pid")
-            # A relayed frame: one frame through the proxy in one direction (each echo is two).
-            awk -v ticks=$((after - before)) -v hz="$CLK_TCK" -v n=$name '
-                /^streams=/ {
-                    for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-                    frames = f["sent"] + f["received"]
-                    cpu = (n == "direct" || !frames) ? "-" : sprintf("%.2f", ticks / hz * 1e6 / frames)
-                    printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", n, f["streams"], f["sent"], f["received"], f["errors"], f["rtt_p50_us"], f["rtt_p99_us"], cpu
-                }' "$file" | tee -a "$RESULTS"
-            sleep 2
+            local p50 p99 range cpu totals
+            p50=$(col "$raw" "$name" 2 | median)
+            p99=$(col "$raw" "$name" 3 | median)
+            range=$(col "$raw" "$name" 3 | minmax)
+            cpu=$(col "$raw" "$name" 4 | median)
+            totals=$(awk -v n=$name '$1 == n { s += $5; r += $6; e += $7 } END { printf "%d | %d | %d", s, r, e }' "$raw")
+            say "| $name | $totals | $p50 | $p99 | $range | ${cpu:--} | $(ratio "$p99" "$np99") | $([[ $name == direct ]] && echo - || ratio "$cpu" "$ncpu") |"
         done
         say ""
     done
