@@ -315,7 +315,7 @@ section_http1() {
         p99=$(col "$OUT/http1.raw" "$name" 3 | median)
         cpu=$(col "$OUT/http1.raw" "$name" 6 | median)
         errs=$(awk -v n=$name '$1 == n { s += $5 } END { print s + 0 }' "$OUT/http1.raw")
-        say "| $name | $rps | $range | $p99 | $([[ $name == direct ]] && echo - || echo "$cpu") | $errs | $(awk -v a="$rps" -v b="$direct_rps" 'BEGIN { printf "%.2f×", a / b }') | $(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.2f×", a / b }') |"
+        say "| $name | $rps | $range | $p99 | $([[ $name == direct ]] && echo - || echo "$cpu") | $errs | $(ratio "$rps" "$direct_rps") | $(ratio "$rps" "$nginx_rps") |"
     done
     local ncpu
     ncpu=$(col "$OUT/http1.raw" nginx 6 | median)
@@ -323,7 +323,7 @@ section_http1() {
         local cpu
         cpu=$(col "$OUT/http1.raw" "$name" 6 | median)
         say ""
-        say "- $name CPU per request vs nginx: $(awk -v a="$cpu" -v b="$ncpu" 'BEGIN { printf "%.2f×", a / b }')"
+        say "- $name CPU per request vs nginx: $(ratio "$cpu" "$ncpu")"
     done
 }
 
