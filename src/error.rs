@@ -29,6 +29,10 @@ pub enum ProxyError {
         "{0} reached its drain deadline before the upstream answered; retry goes to the active colour"
     )]
     DrainDeadline(&'static str),
+    #[error(
+        "Switchyard cannot open a connection to the upstream: {0} (a limit of the proxy's own, not the upstream's fault)"
+    )]
+    OutOfSockets(String),
     #[error("missing or unknown client key")]
     Unauthorized,
     #[error("{0}")]
@@ -43,7 +47,7 @@ impl ProxyError {
             | ProxyError::ConnectFailed(_)
             | ProxyError::UpstreamFailed(_)
             | ProxyError::UpstreamTimeout(_) => Blame::Upstream,
-            ProxyError::DrainDeadline(_) => Blame::Internal,
+            ProxyError::DrainDeadline(_) | ProxyError::OutOfSockets(_) => Blame::Internal,
             ProxyError::Unauthorized | ProxyError::BadRequest(_) => Blame::Client,
         }
     }
@@ -58,6 +62,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::DrainDeadline(_) => (StatusCode::SERVICE_UNAVAILABLE, "drain_deadline"),
+            ProxyError::OutOfSockets(_) => (StatusCode::SERVICE_UNAVAILABLE, "proxy_overloaded"),
             ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
         }

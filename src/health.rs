@@ -78,14 +78,17 @@ impl Prober {
         let client = self.client(tls);
         let client = &client;
         let probes = upstreams.iter().map(|upstream| async move {
-            let observed = probe(
+            let Some(observed) = probe(
                 client,
                 upstream,
                 health.mode,
                 &health.path,
                 health.timeout,
             )
-            .await;
+            .await
+            else {
+                return;
+            };
             upstream.record_probe(observed, health.rise, health.fall);
             tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), "new upstream probed");
         });
@@ -165,8 +168,10 @@ async fn probe_loop(
             }
             mode => {
                 let client = prober.client(&tls);
-                let observed = probe(&client, &upstream, mode, &health.path, health.timeout).await;
-                upstream.record_probe(observed, health.rise, health.fall)
+                match probe(&client, &upstream, mode, &health.path, health.timeout).await {
+                    Some(observed) => upstream.record_probe(observed, health.rise, health.fall),
+                    None => None,
+                }
             }
         };
         if let Some(healthy) = changed {
@@ -193,46 +198,52 @@ async fn probe_loop(
     }
 }
 
+/// Probes once: what the upstream said, or `None` when no connection could be opened for
+/// want of a socket here (`nofile::is_local_exhaustion`), which says nothing of it.
 async fn probe(
     client: &ProbeClient,
     upstream: &Upstream,
     mode: HealthMode,
     path: &http::uri::PathAndQuery,
     timeout: Duration,
-) -> Observed {
+) -> Option<Observed> {
     let uri = crate::proxy::http::upstream_uri(upstream, path);
     let attempt = async {
         let response = match client.get(uri).await {
             Ok(r) => r,
-            Err(_) => return Observed::Unreachable,
+            Err(e) if crate::nofile::caused_by_local_exhaustion(&e) => {
+                tracing::warn!(upstream = %upstream.name, color = %upstream.color, error = %crate::proxy::http::source_chain(&e), "health probe skipped: out of sockets here (open-file limit, local ports or socket memory); the upstream's health stays as it was");
+                return None;
+            }
+            Err(_) => return Some(Observed::Unreachable),
         };
         let status = response.status();
         if mode == HealthMode::Http {
-            return if status.is_success() {
+            return Some(if status.is_success() {
                 Observed::Ok
             } else {
                 Observed::BadResponse
-            };
+            });
         }
         if status != http::StatusCode::OK {
-            return Observed::BadResponse;
+            return Some(Observed::BadResponse);
         }
         let Ok(body) = Limited::new(response.into_body(), MAX_STATUS_BODY)
             .collect()
             .await
         else {
-            return Observed::BadResponse;
+            return Some(Observed::BadResponse);
         };
         let body = body.to_bytes();
         let observed = judge(&body);
         if observed == Observed::Other {
             upstream.set_unknown_state(&system_health(&body).unwrap_or_default());
         }
-        observed
+        Some(observed)
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or(Observed::Unreachable)
+        .unwrap_or(Some(Observed::Unreachable))
 }
 
 /// Reads Deepgram's `/v1/status` body; unknown fields are fine, an unknown state fails.

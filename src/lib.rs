@@ -39,6 +39,7 @@ pub mod error;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod nofile;
 pub mod proxy;
 pub mod route_table;
 pub mod state;

@@ -34,6 +34,35 @@ fn return_freed_memory() {
     }
 }
 
+/// Lifts the soft open-file limit to the hard one: two sockets per proxied connection
+/// (`switchyard::nofile`).
+fn raise_open_file_limit() {
+    match switchyard::nofile::raise() {
+        Ok(limit) if limit.now > limit.was => {
+            tracing::info!(from = limit.was, to = limit.now, "open-file limit raised");
+        }
+        Ok(limit) => tracing::debug!(limit = limit.now, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+/// Warns when the open-file limit is below what `limits.max_connections` may need: past
+/// it, accepts wait and upstream connects answer 503 `proxy_overloaded`.
+fn warn_if_too_few_files(config: &Config) {
+    let listeners = 1 + usize::from(config.listen.preview.is_some());
+    let needed = switchyard::nofile::needed(config.limits.max_connections, listeners);
+    if let Ok((limit, _)) = rlimit::Resource::NOFILE.get()
+        && limit < needed
+    {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections = config.limits.max_connections,
+            "the open-file limit is below what limits.max_connections may need (two sockets per proxied connection); raise LimitNOFILE or ulimit -n, or lower limits.max_connections"
+        );
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "switchyard",
@@ -244,6 +273,12 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Run { .. } | Command::Demo { .. }) {
         return_freed_memory();
     }
+    if matches!(
+        cli.command,
+        Command::Run { .. } | Command::Demo { .. } | Command::StubUpstream { .. }
+    ) {
+        raise_open_file_limit();
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     // A task woken by the running one waits its turn instead of running next, so an HTTP/2
@@ -338,6 +373,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         },
         Command::Run { config } => {
             let config = Config::load(&config).map_err(anyhow::Error::msg)?;
+            warn_if_too_few_files(&config);
             run(config).await
         }
         Command::Demo {

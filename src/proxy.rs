@@ -86,6 +86,8 @@ pub struct Proxy {
     pub(crate) metrics: Metrics,
     /// Per colour, the second (Unix time) of the last "no healthy upstream" line.
     no_healthy_logged: [AtomicU64; 2],
+    /// The same for the last "out of sockets" line.
+    out_of_sockets_logged: AtomicU64,
 }
 
 impl Proxy {
@@ -96,6 +98,7 @@ impl Proxy {
             tracker,
             metrics,
             no_healthy_logged: [AtomicU64::new(0), AtomicU64::new(0)],
+            out_of_sockets_logged: AtomicU64::new(0),
         }
     }
 
@@ -149,18 +152,20 @@ impl Proxy {
     /// in the log, without a line for every request refused while it lasts (the 503s are
     /// all in `requests_total`).
     pub(crate) fn no_healthy_upstream(&self, color: Color) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = &self.no_healthy_logged[color.index()];
-        let before = last.load(Ordering::Relaxed);
-        if now != before
-            && last
-                .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if first_this_second(&self.no_healthy_logged[color.index()]) {
             tracing::warn!(color = %color, "no healthy upstream: requests get 503");
         }
+    }
+
+    /// A connect that failed for want of a socket here (`nofile::is_local_exhaustion`):
+    /// not the upstream's failure, so it is not counted against its health nor in
+    /// `upstream_errors_total`, and not retried on another upstream, which would fail
+    /// alike. Logged at most once a second; the 503s are all in `requests_total`.
+    pub(crate) fn out_of_sockets(&self, upstream: &Upstream, error: &std::io::Error) -> ProxyError {
+        if first_this_second(&self.out_of_sockets_logged) {
+            tracing::error!(upstream = %upstream.name, color = %upstream.color, error = %error, "out of sockets here (open-file limit, local ports or socket memory): requests get 503; raise the open-file limit (LimitNOFILE, ulimit -n) or lower limits.max_connections");
+        }
+        ProxyError::OutOfSockets(error.to_string())
     }
 
     /// Books a connect failure on live traffic: the error metric, one failure toward
@@ -190,6 +195,18 @@ impl Proxy {
             color,
         )
     }
+}
+
+/// Whether this is the first call this second (Unix time) for `last`.
+fn first_this_second(last: &AtomicU64) -> bool {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let before = last.load(Ordering::Relaxed);
+    now != before
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Tags a response with the colour.

@@ -23,6 +23,12 @@ struct Proc {
 
 impl Proc {
     async fn start(drain_timeout: &str) -> Proc {
+        Proc::start_with(drain_timeout, None, "").await
+    }
+
+    /// `ulimit`: a shell `ulimit` command run before the binary; `extra`: whole TOML tables
+    /// added to the config.
+    async fn start_with(drain_timeout: &str, ulimit: Option<&str>, extra: &str) -> Proc {
         let blue = switchyard::stub::spawn(StubOptions {
             name: "blue".into(),
             ..Default::default()
@@ -55,6 +61,7 @@ grace = "5s"
 token_file = "{token}"
 [client_auth]
 keys_file = "{keys}"
+{extra}
 "#,
             blue = blue.url(),
             green = green.url(),
@@ -63,7 +70,18 @@ keys_file = "{keys}"
             keys = dir.path().join("keys").display(),
         );
         std::fs::write(dir.path().join("switchyard.toml"), config).expect("config");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let mut command = match ulimit {
+            // `exec`: the child's PID is the proxy's own.
+            Some(ulimit) => {
+                let mut c = tokio::process::Command::new("sh");
+                c.arg("-c")
+                    .arg(format!(r#"{ulimit} && exec "$0" "$@""#))
+                    .arg(env!("CARGO_BIN_EXE_switchyard"));
+                c
+            }
+            None => tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard")),
+        };
+        let child = command
             .args(["--log-format", "json", "run", "--config"])
             .arg(dir.path().join("switchyard.toml"))
             .env("RUST_LOG", "debug")
@@ -280,6 +298,204 @@ async fn a_second_signal_exits_at_once() {
 }
 
 /// `switchyard demo` on these ports (proxy, preview, admin), killed if the test drops it.
+/// One HTTP/1.1 exchange on a kept connection: the answer's head and its body (read by
+/// `Content-Length`, which every answer here has).
+async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("a content-length");
+                if buf.len() >= end + 4 + length {
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
+                    return (head, body.into_owned());
+                }
+            }
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before a whole answer: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("an answer in time")
+}
+
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let p = Proc::start_with("1s", Some("ulimit -S -n 256 || true"), "").await;
+    let pid = p.child.id().expect("running");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-file line");
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(
+        numbers[0], numbers[1],
+        "soft limit raised to the hard one: {line}"
+    );
+    if numbers[1].parse::<u64>().is_ok_and(|hard| hard > 256) {
+        assert!(p.log().contains("open-file limit raised"), "{}", p.log());
+    }
+}
+
+/// With `admin`, a connection to the admin API kept open: waits until it is the only one
+/// (the start-up check's connection closing later would free a descriptor), then opens
+/// more client connections than the proxy has descriptors, which it takes until it has
+/// none left. The clients are returned to be kept open.
+async fn exhaust(p: &Proc, admin: &mut tokio::net::TcpStream) -> Vec<tokio::net::TcpStream> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, metrics) = exchange(admin, "GET /metrics HTTP/1.1\r\nhost: admin\r\n\r\n").await;
+        if metrics.contains(r#"switchyard_connections{listener="admin"} 1"#) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut clients = Vec::new();
+    for _ in 0..80 {
+        clients.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", p.proxy))
+                .await
+                .expect("connect"),
+        );
+    }
+    eventually(|| async { p.log().contains("Too many open files") }).await;
+    clients
+}
+
+#[tokio::test]
+async fn out_of_sockets_answers_503_and_leaves_the_upstream_healthy() {
+    // 64 descriptors in all, and `fall = 1` with no probes (`interval` far off): one
+    // connect error counted against blue would take it out until the test is over.
+    let p = Proc::start_with(
+        "1s",
+        Some("ulimit -n 64"),
+        "[health]\nmode = \"off\"\nfall = 1\ninterval = \"1h\"\n[limits]\nheader_read_timeout = \"60s\"",
+    )
+    .await;
+    assert!(
+        p.log().contains("the open-file limit is below"),
+        "{}",
+        p.log()
+    );
+    let status = "GET /status HTTP/1.1\r\nhost: admin\r\n\r\n";
+    let mut admin = tokio::net::TcpStream::connect(("127.0.0.1", p.admin))
+        .await
+        .expect("admin");
+    let (head, _) = exchange(&mut admin, status).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut clients = exhaust(&p, &mut admin).await;
+
+    let key = "authorization: Token very-secret-client-key\r\n";
+    for client in clients.iter_mut().take(3) {
+        let request = format!("GET /v1/status HTTP/1.1\r\nhost: proxy\r\n{key}\r\n");
+        let (head, body) = exchange(client, &request).await;
+        assert!(head.starts_with("http/1.1 503"), "{head}\n{body}");
+        assert!(head.contains("x-switchyard-color: blue"), "{head}");
+        assert!(body.contains(r#""error":"proxy_overloaded""#), "{body}");
+    }
+    let upgrade = format!(
+        "GET /v1/listen HTTP/1.1\r\nhost: proxy\r\n{key}connection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let (head, body) = exchange(&mut clients[3], &upgrade).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}\n{body}");
+    assert!(body.contains(r#""error":"proxy_overloaded""#), "{body}");
+
+    let (_, body) = exchange(&mut admin, status).await;
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(
+        status["colors"]["blue"]["upstreams"][0]["healthy"],
+        serde_json::json!(true),
+        "{status}"
+    );
+    assert!(p.log().contains("out of sockets"), "{}", p.log());
+
+    // With the clients gone, blue serves again, and no error was booked against it.
+    drop(clients);
+    let client = http_client();
+    let url = format!("http://127.0.0.1:{}/v1/status", p.proxy);
+    eventually(|| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let req = http::Request::get(url)
+                .header("authorization", "Token very-secret-client-key")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("request");
+            client
+                .request(req)
+                .await
+                .is_ok_and(|r| r.status() == http::StatusCode::OK)
+        }
+    })
+    .await;
+    let (_, metrics) = exchange(&mut admin, "GET /metrics HTTP/1.1\r\nhost: admin\r\n\r\n").await;
+    let value = |prefix: &str| -> Vec<f64> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    };
+    let errors = value("switchyard_upstream_errors_total{");
+    assert!(
+        errors.iter().all(|v| *v == 0.0),
+        "no upstream error for a socket this process could not open:\n{metrics}"
+    );
+    assert_eq!(
+        value(r#"switchyard_requests_total{code="5xx",color="blue",protocol="http"}"#),
+        [3.0]
+    );
+    assert_eq!(
+        value(r#"switchyard_requests_total{code="5xx",color="blue",protocol="websocket"}"#),
+        [1.0]
+    );
+}
+
+#[tokio::test]
+async fn a_health_probe_without_a_socket_judges_nothing() {
+    let p = Proc::start_with(
+        "1s",
+        Some("ulimit -n 64"),
+        "[health]\nmode = \"http\"\ninterval = \"100ms\"\nrise = 1\nfall = 1",
+    )
+    .await;
+    let status = "GET /status HTTP/1.1\r\nhost: admin\r\n\r\n";
+    let mut admin = tokio::net::TcpStream::connect(("127.0.0.1", p.admin))
+        .await
+        .expect("admin");
+    let blue_healthy = async |admin: &mut tokio::net::TcpStream| {
+        let (_, body) = exchange(admin, status).await;
+        let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        status["colors"]["blue"]["upstreams"][0]["healthy"] == serde_json::json!(true)
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !blue_healthy(&mut admin).await {
+        assert!(tokio::time::Instant::now() < deadline, "blue never healthy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let clients = exhaust(&p, &mut admin).await;
+    eventually(|| async { p.log().contains("health probe skipped") }).await;
+    assert!(blue_healthy(&mut admin).await, "{}", p.log());
+    drop(clients);
+}
+
 fn demo(proxy: u16, preview: u16, admin: u16) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command

@@ -100,6 +100,9 @@ pub async fn forward(
                 .with_access(access);
                 return Proxy::relay_answer(response, finish);
             }
+            Err(Failure::Connect(e, _)) if crate::nofile::is_local_exhaustion(&e) => {
+                break proxy.out_of_sockets(upstream, &e);
+            }
             Err(Failure::Connect(e, unread)) => {
                 drop(guard);
                 proxy.connect_failed(upstream, table.settings.config.health.fall, &e.to_string());

@@ -163,6 +163,11 @@ pub async fn forward(
                 upstream.record_connect();
                 break (upstream.clone(), io);
             }
+            Ok(Err(e)) if crate::nofile::is_local_exhaustion(&e) => {
+                let e = proxy.out_of_sockets(upstream, &e);
+                metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
+                return error_response(&e, color);
+            }
             outcome => {
                 let reason = match outcome {
                     Ok(Err(e)) => e.to_string(),

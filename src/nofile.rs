@@ -1,0 +1,100 @@
+//! Sockets are this process's own resource: the open-file limit, raised at start, and
+//! telling a connect that failed for want of a socket here from an upstream that failed.
+//!
+//! Every proxied connection holds two sockets, one each side. The soft limit a shell or a
+//! container runtime hands a process is often 1024 (containerd 2 and Docker 25 set it so,
+//! with a hard limit far above), which would stop Switchyard near 500 streams. `raise`
+//! lifts it to the hard limit at start, as Go's runtime and HAProxy do.
+
+use std::io;
+
+/// Sockets beyond two per connection: listeners, admin connections, health probes, the
+/// state file, the runtime's own descriptors.
+const RESERVE: u64 = 128;
+
+/// The open-file limit before and after `raise`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub was: u64,
+    pub now: u64,
+}
+
+/// Raises the soft open-file limit to the hard one.
+pub fn raise() -> io::Result<Limit> {
+    let (was, _) = rlimit::Resource::NOFILE.get()?;
+    let now = rlimit::increase_nofile_limit(u64::MAX)?;
+    Ok(Limit { was, now })
+}
+
+/// The open files `listeners` client listeners of `max_connections` each may need.
+pub fn needed(max_connections: usize, listeners: usize) -> u64 {
+    let connections = (max_connections as u64).saturating_mul(listeners as u64);
+    connections.saturating_mul(2).saturating_add(RESERVE)
+}
+
+/// Whether `e` says this process or host ran out of what a new connection needs (open
+/// files, socket buffers, local ports), which says nothing of the upstream it was for.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// `is_local_exhaustion` of the first I/O error in `e`'s chain of sources (a hyper
+/// client's error wraps the connector's).
+pub fn caused_by_local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return is_local_exhaustion(io);
+        }
+        next = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_sockets_here_is_told_from_an_upstream_failing() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(is_local_exhaustion(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ECONNRESET,
+        ] {
+            assert!(!is_local_exhaustion(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!is_local_exhaustion(&io::Error::other("tls")));
+    }
+
+    #[test]
+    fn the_cause_is_found_under_wrapping_errors() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed")]
+        struct Wrapper(#[source] io::Error);
+        let wrapped = Wrapper(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(caused_by_local_exhaustion(&wrapped));
+        let refused = Wrapper(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(!caused_by_local_exhaustion(&refused));
+    }
+
+    #[test]
+    fn two_sockets_per_connection_and_a_reserve() {
+        assert_eq!(needed(20_000, 1), 40_128);
+        assert_eq!(needed(20_000, 2), 80_128);
+        assert_eq!(needed(usize::MAX, 2), u64::MAX);
+    }
+}
