@@ -448,6 +448,51 @@ async fn slow_finalizer() -> SlowFinalizer {
     }
 }
 
+/// After a client's own `CloseStream`, an upstream that sends its last message and closes
+/// the connection without a close frame (as Flux may) has ended the stream normally: the
+/// client gets that message and a close with no status code, which the JS SDK takes as the
+/// end (1011 would make it reconnect), and the stream is not counted as an error.
+#[tokio::test]
+async fn an_upstream_closing_without_a_close_frame_after_close_stream_ends_normally() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.to_text().is_ok_and(|t| t.contains("CloseStream")) {
+                        let last = Message::text(r#"{"type":"TurnInfo","event":"EndOfTurn"}"#);
+                        let _ = ws.send(last).await;
+                        // Dropped: the TCP connection ends, no close frame.
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let env = support::env_with_blue_at(addr).await;
+    let (mut ws, _) = open(&env.ws_url("/v2/listen?model=flux-general-en")).await;
+    ws.send(Message::text(r#"{"type":"CloseStream"}"#))
+        .await
+        .expect("sent");
+    let (messages, close) = read_to_close(&mut ws).await;
+    assert_eq!(json_of(&messages[0])["event"], "EndOfTurn");
+    assert!(close.is_none(), "a close with no status code: {close:?}");
+    let counted = |reason: &str| {
+        let line = format!(r#"switchyard_stream_closes_total{{color="blue",reason="{reason}"}} "#);
+        env.app()
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.parse::<f64>().ok())
+    };
+    eventually(|| async { counted("upstream") == Some(1.0) }).await;
+    assert_eq!(counted("error"), Some(0.0));
+}
+
 /// A client that sent `CloseStream` before the drain deadline is ending its stream
 /// already: no second `CloseStream` goes upstream, and when grace runs out the client
 /// gets 1000, not the 1012 that would make the JS SDK reconnect.

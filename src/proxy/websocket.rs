@@ -380,6 +380,9 @@ enum Ending {
     /// The upstream finished after the drain message: the graceful end of a drain.
     /// `closed`: it sent a close frame (with `code`), which gets an answer.
     UpstreamFinished { closed: bool, code: Option<u16> },
+    /// The upstream closed its connection, without a close frame, after the client's own
+    /// end (`CloseStream`, `Close`): a finished stream (Flux may end so), not a failure.
+    UpstreamEnded,
     /// The upstream connection broke without a close frame.
     UpstreamLost(String),
     /// The client sent a close frame (its code, the frame), to forward upstream.
@@ -480,6 +483,7 @@ impl Stream {
                             closed: false,
                             code: None,
                         },
+                        Poll::Ready(Event::Ended) if up.client_ended => Ending::UpstreamEnded,
                         Poll::Ready(Event::Ended) => {
                             Ending::UpstreamLost("connection closed without a close frame".into())
                         }
@@ -560,6 +564,16 @@ impl Stream {
                         true,
                     )
                 }
+                // The client is told the same way: a close frame with no status code,
+                // which the JS SDK takes as the end after `CloseStream` (DEEPGRAM.md 5.8).
+                Ending::UpstreamEnded => (
+                    CloseReason::Upstream,
+                    None,
+                    echo(None, false),
+                    true,
+                    None,
+                    false,
+                ),
                 Ending::UpstreamLost(why) => {
                     tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
                     let close = to_client(1011, "switchyard: upstream connection lost");
