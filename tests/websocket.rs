@@ -394,6 +394,93 @@ async fn speak_drain_sends_close_when_flushed_never_comes() {
     assert_eq!(blue.flushes(), 1);
 }
 
+/// A TTS upstream that synthesizes one `Flush` at a time, 300 ms each, and closes at once
+/// on `Close` (what it has not sent yet is lost). Counts the messages it receives.
+async fn sequential_synthesizer() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let received = Arc::new(AtomicU64::new(0));
+    let counted = received.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(socket).await else {
+                    return;
+                };
+                let (mut sink, mut stream) = ws.split();
+                let (out, mut outbox) = tokio::sync::mpsc::unbounded_channel::<Message>();
+                let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let synthesized = out.clone();
+                tokio::spawn(async move {
+                    let mut sequence_id = 0;
+                    while let Some(text) = queue.recv().await {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let flushed = json!({"type": "Flushed", "sequence_id": sequence_id});
+                        let _ = synthesized.send(Message::binary(text.into_bytes()));
+                        let _ = synthesized.send(Message::text(flushed.to_string()));
+                        sequence_id += 1;
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some(message) = outbox.recv().await {
+                        let close = message.is_close();
+                        if sink.send(message).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+                let mut text = String::new();
+                while let Some(Ok(message)) = stream.next().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let Ok(json) = serde_json::from_str::<Value>(message.to_text().unwrap_or(""))
+                    else {
+                        continue;
+                    };
+                    match json["type"].as_str() {
+                        Some("Speak") => text.push_str(json["text"].as_str().unwrap_or("")),
+                        Some("Flush") => {
+                            let _ = jobs.send(std::mem::take(&mut text));
+                        }
+                        Some("Close") => {
+                            let _ = out.send(Message::Close(None));
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// A speak drain waits for the `Flushed` that answers its own `Flush`, not for one that
+/// answers a `Flush` the client sent before the deadline: the text after the client's
+/// `Flush` is spoken before `Close`.
+#[tokio::test]
+async fn speak_drain_closes_after_its_own_flush_is_answered() {
+    let (upstream, received) = sequential_synthesizer().await;
+    let env = support::env_with_blue_at(upstream).await;
+    let (mut ws, _) = open(&env.ws_url("/v1/speak")).await;
+    for message in [
+        r#"{"type":"Speak","text":"first"}"#,
+        r#"{"type":"Flush"}"#,
+        r#"{"type":"Speak","text":"second"}"#,
+    ] {
+        ws.send(Message::text(message)).await.expect("sent");
+    }
+    eventually(|| async { received.load(Ordering::SeqCst) == 3 }).await;
+    flip_with(&env, "green", "0s").await;
+    let (messages, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1012));
+    let audio: Vec<Bytes> = messages
+        .iter()
+        .filter(|m| m.is_binary())
+        .map(|m| m.clone().into_data())
+        .collect();
+    assert_eq!(audio, ["first", "second"], "{messages:?}");
+}
+
 /// A client that ends its stream itself while the drain is under way gets 1000, not 1012:
 /// Deepgram's JS SDK reconnects on 1012, and would revive a session its app had ended.
 #[tokio::test]

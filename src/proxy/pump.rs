@@ -93,6 +93,11 @@ pub struct Pump {
     pub watch_end: Option<&'static str>,
     /// The client sent `watch_end`: it ended the stream itself.
     pub client_ended: bool,
+    /// A client message counted when passed on (speak's `Flush`, each answered by one
+    /// `Flushed`), looked for in its text frames.
+    pub count_type: Option<&'static str>,
+    /// `count_type` messages passed on.
+    pub counted: u64,
     /// Payload bytes passed on.
     pub bytes: u64,
     /// Payload bytes of frames let through and not yet written: counted in `bytes` once
@@ -133,6 +138,8 @@ impl Pump {
             watch_flushed: false,
             watch_end: None,
             client_ended: false,
+            count_type: None,
+            counted: 0,
             bytes: 0,
             uncounted: 0,
             dropped: 0,
@@ -312,9 +319,10 @@ impl Pump {
         self.drop_data || empty_binary
     }
 
-    /// Whether a frame is looked inside: for `Flushed`, or for the client's end message.
+    /// Whether a frame is looked inside: for `Flushed`, or for the client's end message or
+    /// `count_type`.
     fn watches(&self, header: &Header) -> bool {
-        (self.watch_flushed || self.watch_end.is_some())
+        (self.watch_flushed || self.watch_end.is_some() || self.count_type.is_some())
             && header.opcode == frames::TEXT
             && header.fin
             && header.len <= MAX_WATCHED
@@ -394,6 +402,7 @@ impl Pump {
             return Start::NeedWhole;
         }
         let mut flushed = false;
+        let mut counts = false;
         if watched {
             let frame = &self.buf[..header.size + header.len as usize];
             let text = frames::payload(&header, frame);
@@ -403,6 +412,9 @@ impl Pump {
             {
                 self.client_ended = true;
             }
+            counts = self
+                .count_type
+                .is_some_and(|t| super::websocket::is_type(&text, t));
         }
         if self.drops(&header) {
             // Counted are the client's audio messages that the upstream never gets: after
@@ -432,6 +444,7 @@ impl Pump {
             return Start::Next;
         }
         self.pass_on(&header);
+        self.counted += u64::from(counts);
         if flushed {
             return Start::Event(Event::Flushed);
         }

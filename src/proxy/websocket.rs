@@ -412,6 +412,16 @@ impl Stream {
             Endpoint::Speak => Some("Close"),
             Endpoint::Other => None,
         };
+        // TTS: each `Flush` the client sends is answered by one `Flushed`, so a drain's own
+        // `Flush` is answered by the first `Flushed` after those of the client's before it.
+        if endpoint == Endpoint::Speak {
+            up.count_type = Some("Flush");
+            down.watch_flushed = true;
+        }
+        // `Flushed` messages passed to the client, and the count at which the drain's own
+        // `Flush` has its answer.
+        let mut flushed = 0u64;
+        let mut drain_flushed_at: Option<u64> = None;
         let router = self.proxy.router.clone();
         let span = self.span.clone();
         // The drain deadline has come (and was acted on).
@@ -447,7 +457,7 @@ impl Stream {
                             tracing::info!(sent = message, "drain deadline: ending the stream")
                         });
                         up.inject(frames::encode(frames::TEXT, message.as_bytes(), true));
-                        down.watch_flushed = endpoint == Endpoint::Speak;
+                        drain_flushed_at = Some(up.counted + 1);
                         drain_sent = true;
                     }
                     up.drop_data = true;
@@ -464,7 +474,8 @@ impl Stream {
                     let ending = match down.poll(cx, &mut upstream, &mut client) {
                         Poll::Pending => break,
                         Poll::Ready(Event::Flushed) => {
-                            if !close_sent {
+                            flushed += 1;
+                            if drain_flushed_at.is_some_and(|at| flushed >= at) && !close_sent {
                                 up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
                                 close_sent = true;
                             }
