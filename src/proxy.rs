@@ -189,6 +189,9 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let color = finish.color;
         let (mut parts, rbody) = response.into_parts();
+        // Switchyard's own version toward the client (RFC 9110 §6.2): an HTTP/1.0
+        // upstream's would make hyper answer as HTTP/1.0 and close the client's connection.
+        parts.version = ::http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
         tag(
             Response::from_parts(parts, ProxyBody::upstream(rbody, finish)),

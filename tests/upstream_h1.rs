@@ -605,6 +605,27 @@ async fn an_http_1_0_answer_means_the_next_request_uses_a_new_connection() {
     .await;
 }
 
+/// An HTTP/1.0 upstream's answer goes to the client as HTTP/1.1 (an intermediary sends
+/// its own version, RFC 9110 §6.2), so the client's connection is kept.
+#[tokio::test]
+async fn an_http_1_0_answer_reaches_the_client_as_http_1_1_on_a_kept_connection() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let mut client = Peer::client(&env).await;
+    for path in ["/first", "/second"] {
+        client
+            .write(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await;
+        let mut conn = up.accept("each request connects anew").await;
+        conn.read_head("the request").await;
+        conn.write(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        let head = client.read_head("the answer").await;
+        assert_eq!(head.start, "HTTP/1.1 200 OK");
+        assert_eq!(client.read_exact(2, "the body").await, &b"ok"[..]);
+    }
+}
+
 #[tokio::test]
 async fn an_answer_with_both_transfer_encoding_and_content_length_is_relayed_but_not_reused() {
     // Both framings at once is how response smuggling starts: the chunked framing wins
