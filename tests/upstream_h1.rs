@@ -819,6 +819,46 @@ async fn a_chunked_answer_with_extensions_and_trailers_sent_bytewise_arrives_who
     up.assert_no_other_connection();
 }
 
+/// A length sent twice goes on once, and a 204's length not at all: HTTP/2 clients refuse
+/// both (RFC 9110 §8.6, RFC 9113 §8.1.1).
+#[tokio::test]
+async fn a_repeated_length_goes_on_once_and_a_204_has_none() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let h2 = h2c_client::<Full<Bytes>>();
+    let first = answer(h2.request(get_request(&env, "/twice")));
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the first request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    let first = joined("the first answer", first).await;
+    assert_ok(&first, b"ok");
+    let lengths: Vec<_> = first
+        .parts
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    assert_eq!(lengths, ["2"], "{}", first.summary());
+
+    let second = answer(h2.request(get_request(&env, "/nothing")));
+    up.next_on(&mut conn, "the second request").await;
+    conn.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+        .await;
+    let second = joined("the second answer", second).await;
+    assert_eq!(
+        second.status(),
+        StatusCode::NO_CONTENT,
+        "{}",
+        second.summary()
+    );
+    assert!(
+        second.parts.headers.get(header::CONTENT_LENGTH).is_none(),
+        "{}",
+        second.summary()
+    );
+}
+
 #[tokio::test]
 async fn a_close_delimited_answer_arrives_whole_and_its_connection_is_not_reused() {
     let mut up = upstream().await;

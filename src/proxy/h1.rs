@@ -918,10 +918,12 @@ fn response_framing(
     has_te: bool,
     headers: &mut HeaderMap,
 ) -> Result<Framing, String> {
-    if *method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    if status == StatusCode::NO_CONTENT {
+        // A 204 has no Content-Length (RFC 9110 §8.6); HTTP/2 clients refuse one.
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(Framing::Empty);
+    }
+    if *method == Method::HEAD || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
     // `has_te` spares the common answer (Content-Length only) a hashed lookup.
@@ -953,8 +955,17 @@ fn response_framing(
     };
     let bad = || "the upstream's content-length is not valid".to_string();
     let length = first.ok_or_else(bad)?;
-    if lengths.any(|other| other != Some(length)) {
-        return Err(bad());
+    let mut repeated = false;
+    for other in lengths {
+        if other != Some(length) {
+            return Err(bad());
+        }
+        repeated = true;
+    }
+    if repeated {
+        // The same length repeated is one length (RFC 9110 §8.6), sent once: HTTP/2
+        // clients refuse a repeated field.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     Ok(if length == 0 {
         Framing::Empty
