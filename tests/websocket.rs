@@ -580,6 +580,46 @@ async fn an_upstream_closing_without_a_close_frame_after_close_stream_ends_norma
     assert_eq!(counted("error"), Some(0.0));
 }
 
+/// An upstream whose connection breaks (a reset) after the drain's `CloseStream` is a
+/// transport failure, counted as `error`, not as a graceful drain; the client is still
+/// told to reconnect.
+#[tokio::test]
+async fn an_upstream_reset_after_the_drain_message_is_an_error_and_the_client_reconnects() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Dropped with a zero linger: a reset, not a close.
+                socket.set_zero_linger().expect("linger");
+                let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.to_text().is_ok_and(|t| t.contains("CloseStream")) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let env = support::env_with_blue_at(addr).await;
+    let (mut ws, _) = open(&env.ws_url("/v1/listen")).await;
+    flip_with(&env, "green", "0s").await;
+    let (_, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1012));
+    let counted = |reason: &str| {
+        let line = format!(r#"switchyard_stream_closes_total{{color="blue",reason="{reason}"}} "#);
+        env.app()
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.parse::<f64>().ok())
+    };
+    eventually(|| async { counted("error") == Some(1.0) }).await;
+    assert_eq!(counted("drain_graceful"), Some(0.0));
+}
+
 /// A client that sent `CloseStream` before the drain deadline is ending its stream
 /// already: no second `CloseStream` goes upstream, and when grace runs out the client
 /// gets 1000, not the 1012 that would make the JS SDK reconnect.

@@ -385,6 +385,9 @@ enum Ending {
     UpstreamEnded,
     /// The upstream connection broke without a close frame.
     UpstreamLost(String),
+    /// The upstream connection broke (a reset, a frame that breaks the protocol) after
+    /// the drain message: a transport failure, but the client is still told to reconnect.
+    UpstreamLostInDrain(String),
     /// The client sent a close frame (its code, the frame), to forward upstream.
     ClientClosed(Option<u16>, Bytes),
     /// The client connection broke.
@@ -490,6 +493,12 @@ impl Stream {
                             Ending::UpstreamFinished { closed: true, code }
                         }
                         Poll::Ready(Event::DestinationLost(why)) => Ending::ClientLost(why),
+                        Poll::Ready(Event::SourceLost(why)) if drain_sent => {
+                            Ending::UpstreamLostInDrain(why)
+                        }
+                        Poll::Ready(Event::Protocol(e)) if drain_sent => {
+                            Ending::UpstreamLostInDrain(e.to_string())
+                        }
                         Poll::Ready(_) if drain_sent => Ending::UpstreamFinished {
                             closed: false,
                             code: None,
@@ -534,6 +543,7 @@ impl Stream {
                 None => frames::encode(frames::CLOSE, &[], to_upstream),
             })
         };
+        let lost_in_drain = matches!(ending, Ending::UpstreamLostInDrain(_));
         let entered = self.span.enter();
         let (reason, client_code, client_close, client_waits, upstream_close, upstream_waits) =
             match ending {
@@ -585,6 +595,11 @@ impl Stream {
                     None,
                     false,
                 ),
+                Ending::UpstreamLostInDrain(why) => {
+                    tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost after the drain message");
+                    let close = to_client(1012, "switchyard: draining, reconnect");
+                    (CloseReason::Error, Some(1012), close, true, None, false)
+                }
                 Ending::UpstreamLost(why) => {
                     tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
                     let close = to_client(1011, "switchyard: upstream connection lost");
@@ -605,10 +620,11 @@ impl Stream {
         drop(entered);
         // The client asked to end: the drain ended it too, but it must not reconnect. Only
         // Switchyard's own 1012 is changed; an upstream's or the client's passes as it came.
-        let drain_end = matches!(
-            reason,
-            CloseReason::DrainGraceful | CloseReason::DrainForced
-        );
+        let drain_end = lost_in_drain
+            || matches!(
+                reason,
+                CloseReason::DrainGraceful | CloseReason::DrainForced
+            );
         let (client_code, client_close) = if up.client_ended && drain_end {
             (Some(1000), to_client(1000, ""))
         } else {
