@@ -98,6 +98,9 @@ pub struct Pump {
     pub count_type: Option<&'static str>,
     /// `count_type` messages passed on.
     pub counted: u64,
+    /// A client text message counted in `dropped` like audio when it is dropped (speak's
+    /// `Speak`: text that is never spoken). Looked for in text frames of up to 4 KiB.
+    pub dropped_type: Option<&'static str>,
     /// Payload bytes passed on.
     pub bytes: u64,
     /// Payload bytes of frames let through and not yet written: counted in `bytes` once
@@ -140,6 +143,7 @@ impl Pump {
             client_ended: false,
             count_type: None,
             counted: 0,
+            dropped_type: None,
             bytes: 0,
             uncounted: 0,
             dropped: 0,
@@ -319,10 +323,13 @@ impl Pump {
         self.drop_data || empty_binary
     }
 
-    /// Whether a frame is looked inside: for `Flushed`, or for the client's end message or
-    /// `count_type`.
+    /// Whether a frame is looked inside: for `Flushed`, or for the client's end message,
+    /// `count_type` or `dropped_type`.
     fn watches(&self, header: &Header) -> bool {
-        (self.watch_flushed || self.watch_end.is_some() || self.count_type.is_some())
+        (self.watch_flushed
+            || self.watch_end.is_some()
+            || self.count_type.is_some()
+            || self.dropped_type.is_some())
             && header.opcode == frames::TEXT
             && header.fin
             && header.len <= MAX_WATCHED
@@ -403,6 +410,7 @@ impl Pump {
         }
         let mut flushed = false;
         let mut counts = false;
+        let mut content = false;
         if watched {
             let frame = &self.buf[..header.size + header.len as usize];
             let text = frames::payload(&header, frame);
@@ -415,14 +423,19 @@ impl Pump {
             counts = self
                 .count_type
                 .is_some_and(|t| super::websocket::is_type(&text, t));
+            content = self.drop_data
+                && self
+                    .dropped_type
+                    .is_some_and(|t| super::websocket::is_type(&text, t));
         }
         if self.drops(&header) {
             // Counted are the client's audio messages that the upstream never gets: after
             // the drain message each one at its first frame; an empty binary message at
             // its last (one that starts empty may yet carry data). Text (`KeepAlive`, the
-            // client's own `CloseStream`) is dropped but is not audio.
+            // client's own `CloseStream`) is dropped but is not audio, except
+            // `dropped_type` (speak's `Speak`).
             let unsent = if self.drop_data {
-                header.opcode == frames::BINARY
+                header.opcode == frames::BINARY || content
             } else {
                 header.fin
             };
@@ -804,6 +817,30 @@ mod tests {
             .await
             .expect("the close came");
         assert_eq!(pump.dropped(), 1, "the fragmented audio; text is not audio");
+    }
+
+    #[tokio::test]
+    async fn dropped_speak_messages_count_as_dropped_and_control_text_does_not() {
+        for (dropped_type, expected) in [(Some("Speak"), 3), (None, 1)] {
+            let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+            pump.watch_end = Some("Close");
+            pump.dropped_type = dropped_type;
+            pump.drop_data = true;
+            let mut wire = Vec::new();
+            for text in [
+                &br#"{"type":"Speak","text":"Close the door"}"#[..],
+                br#"{"type":"Flush"}"#,
+                br#"{"type":"KeepAlive"}"#,
+                br#"{"type":"Speak","text":"and the window"}"#,
+            ] {
+                wire.extend_from_slice(&masked(frames::TEXT, true, text));
+            }
+            wire.extend_from_slice(&masked(frames::BINARY, true, &[1; 10]));
+            client.write_all(&wire).await.expect("write");
+            assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+            assert_eq!(pump.dropped(), expected, "{dropped_type:?}");
+            assert!(!pump.client_ended, "a Speak that says Close is not the end");
+        }
     }
 
     #[tokio::test]

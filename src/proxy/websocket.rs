@@ -420,6 +420,8 @@ impl Stream {
         if endpoint == Endpoint::Speak {
             up.count_type = Some("Flush");
             down.watch_flushed = true;
+            // Text the client sends after the drain's `Flush` is never spoken.
+            up.dropped_type = Some("Speak");
         }
         // `Flushed` messages passed to the client, and the count at which the drain's own
         // `Flush` has its answer.
