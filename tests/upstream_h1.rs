@@ -859,6 +859,45 @@ async fn a_repeated_length_goes_on_once_and_a_204_has_none() {
     );
 }
 
+/// Trailer fields that may not be trailers (connection-specific, framing, routing) are
+/// left out, so an HTTP/2 client gets the body and the rest of the trailers instead of a
+/// reset stream; an HTTP/1.1 client that asked for trailers gets those its `Trailer`
+/// header names.
+#[tokio::test]
+async fn trailers_lose_forbidden_fields_and_reach_both_kinds_of_client() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let answer_bytes: &[u8] =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-digest\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-digest: abc123\r\nconnection: close\r\nkeep-alive: 5\r\n\
+          content-length: 99\r\n\r\n";
+
+    let h2 = h2c_client::<Full<Bytes>>();
+    let first = answer(h2.request(get_request(&env, "/over-h2")));
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the first request").await;
+    conn.write(answer_bytes).await;
+    let first = joined("the answer over HTTP/2", first).await;
+    assert_ok(&first, b"hello");
+    let trailers = first.trailers.as_ref().expect("the trailers arrive");
+    let names: Vec<&str> = trailers.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["x-digest"]);
+
+    let mut client = Peer::client(&env).await;
+    client
+        .write(b"GET /over-h1 HTTP/1.1\r\nhost: x\r\nte: trailers\r\n\r\n")
+        .await;
+    up.next_on(&mut conn, "the second request").await;
+    conn.write(answer_bytes).await;
+    let head = client.read_head("the answer over HTTP/1.1").await;
+    assert_eq!(head.all("trailer"), ["x-digest"]);
+    assert_eq!(client.read_line("the chunk size").await, "5");
+    assert_eq!(&client.read_exact(7, "the chunk").await[..], b"hello\r\n");
+    assert_eq!(client.read_line("the last chunk").await, "0");
+    assert_eq!(client.read_line("the trailer").await, "x-digest: abc123");
+    assert_eq!(client.read_line("the end").await, "");
+}
+
 #[tokio::test]
 async fn a_close_delimited_answer_arrives_whole_and_its_connection_is_not_reused() {
     let mut up = upstream().await;

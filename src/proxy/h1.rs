@@ -628,7 +628,11 @@ impl Upload {
         match self.framing {
             Framing::Chunked => {
                 let mut end = BytesMut::from(&b"0\r\n"[..]);
-                for (name, value) in trailers.into_iter().flatten() {
+                let mut trailers = trailers.cloned();
+                if let Some(trailers) = trailers.as_mut() {
+                    super::headers::strip_from_trailers(trailers);
+                }
+                for (name, value) in trailers.iter().flatten() {
                     end.put_slice(name.as_str().as_bytes());
                     end.put_slice(b": ");
                     end.put_slice(value.as_bytes());
@@ -1170,6 +1174,7 @@ fn step(decode: &mut Decode, buf: &mut BytesMut) -> Result<(Option<Frame<Bytes>>
                                 trailers.append(name, value);
                             }
                         }
+                        super::headers::strip_from_trailers(&mut trailers);
                         (len, trailers)
                     }
                     Ok(httparse::Status::Partial) => {

@@ -33,7 +33,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `upgrade`
 /// which the WebSocket path sets itself. Matched as a string: comparing with an array of
-/// `HeaderName`s builds and drops the array for every header checked.
+/// `HeaderName`s builds and drops the array for every header checked. `Trailer` is not
+/// among them (RFC 9110 drops it from RFC 2616's list): it names the trailer fields that
+/// pass on, and without it hyper sends an HTTP/1.1 client none.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -43,10 +45,31 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "proxy-authenticate"
             | "proxy-authorization"
             | "te"
-            | "trailer"
             | "transfer-encoding"
             | "upgrade"
     )
+}
+
+/// Removes from trailer fields what may not be sent as one (RFC 9110 §6.5.1): hop-by-hop
+/// fields, and those that frame, route, authenticate or describe the content (the list
+/// hyper's own HTTP/1.1 encoder keeps out). An HTTP/2 peer resets a stream whose trailers
+/// carry a connection-specific field, and the body with it.
+pub fn strip_from_trailers(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers);
+    for name in [
+        header::AUTHORIZATION,
+        header::CACHE_CONTROL,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LENGTH,
+        header::CONTENT_RANGE,
+        header::CONTENT_TYPE,
+        header::HOST,
+        header::MAX_FORWARDS,
+        header::SET_COOKIE,
+        header::TRAILER,
+    ] {
+        trailers.remove(name);
+    }
 }
 
 /// Rewrites a client request's headers for the upstream: hop-by-hop out, the client
@@ -256,7 +279,6 @@ mod tests {
             header::PROXY_AUTHENTICATE,
             header::PROXY_AUTHORIZATION,
             header::TE,
-            header::TRAILER,
             header::TRANSFER_ENCODING,
             header::UPGRADE,
         ];
@@ -268,10 +290,34 @@ mod tests {
             assert!(h.get(name).is_none(), "{name} was kept");
             assert_eq!(h["x-kept"], "1");
         }
-        for name in ["content-length", "host", "x-connection", "tes"] {
+        for name in ["content-length", "host", "x-connection", "tes", "trailer"] {
             let name = HeaderName::from_static(name);
             assert!(!is_hop_by_hop(&name), "{name}");
         }
+    }
+
+    #[test]
+    fn trailers_keep_only_what_may_be_a_trailer_field() {
+        let mut t = HeaderMap::new();
+        for (name, value) in [
+            ("x-digest", "abc"),
+            ("connection", "close, x-named"),
+            ("x-named", "1"),
+            ("keep-alive", "5"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "99"),
+            ("host", "evil"),
+            ("trailer", "x-digest"),
+            ("server-timing", "db;dur=53"),
+        ] {
+            t.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_from_trailers(&mut t);
+        let kept: Vec<&str> = t.keys().map(|n| n.as_str()).collect();
+        assert_eq!(kept, ["x-digest", "server-timing"]);
     }
 
     #[test]
