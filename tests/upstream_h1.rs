@@ -1359,6 +1359,53 @@ async fn a_chunked_request_body_goes_upstream_chunked() {
     assert_eq!(&body[..], b"ok");
 }
 
+/// The client's host is the request target's authority when it is in absolute form (its
+/// `Host` is then ignored, RFC 9112 §3.2.2); an HTTP/1.1 request with no `Host` or two is
+/// answered 400 and not routed (§3.2); HTTP/1.0 needs none.
+#[tokio::test]
+async fn the_host_is_the_targets_authority_and_http_1_1_needs_exactly_one() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+
+    for request in [
+        &b"GET /a HTTP/1.1\r\n\r\n"[..],
+        b"GET /a HTTP/1.1\r\nhost: a.example\r\nhost: b.example\r\n\r\n",
+    ] {
+        let mut client = Peer::client(&env).await;
+        client.write(request).await;
+        let head = client.read_head("the refusal").await;
+        assert_eq!(head.start, "HTTP/1.1 400 Bad Request");
+        assert!(head.lacks("x-switchyard-color"), "not routed: {head:#?}");
+    }
+
+    let mut client = Peer::client(&env).await;
+    client
+        .write(b"GET http://other.example:9999/echo?x=1 HTTP/1.1\r\nhost: x.example\r\n\r\n")
+        .await;
+    let mut conn = up.accept("the absolute-form request connects").await;
+    let head = conn.read_head("the request").await;
+    assert_eq!(head.start, "GET /echo?x=1 HTTP/1.1");
+    assert_eq!(head.one("x-forwarded-host"), "other.example:9999");
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        .await;
+    assert_eq!(
+        client.read_head("the answer").await.start,
+        "HTTP/1.1 200 OK"
+    );
+
+    client.write(b"GET /old HTTP/1.0\r\n\r\n").await;
+    let head = up.next_on(&mut conn, "the HTTP/1.0 request").await;
+    assert!(head.lacks("x-forwarded-host"), "{head:#?}");
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        .await;
+    // hyper answers an HTTP/1.0 client in its own version.
+    assert_eq!(
+        client.read_head("the answer").await.start,
+        "HTTP/1.0 200 OK"
+    );
+    up.assert_no_other_connection();
+}
+
 #[tokio::test]
 async fn a_request_body_with_a_length_goes_upstream_with_that_length() {
     let mut up = upstream().await;

@@ -141,12 +141,13 @@ pub async fn forward(
     error_response(&error, color)
 }
 
-/// The client's `Host`, or the HTTP/2 `:authority`, verbatim.
+/// The host the client named, verbatim: the request target's authority when it has one
+/// (HTTP/2's `:authority`, an HTTP/1.1 request in absolute form, whose `Host` is then
+/// ignored: RFC 9112 §3.2.2), else its `Host`.
 pub(crate) fn client_host(headers: &::http::HeaderMap, uri: &Uri) -> Option<HeaderValue> {
-    headers.get(header::HOST).cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
+    uri.authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| headers.get(header::HOST).cloned())
 }
 
 /// The upstream's URL for a client's path and query.
