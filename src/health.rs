@@ -78,7 +78,9 @@ impl Prober {
         let client = self.client(tls);
         let client = &client;
         let probes = upstreams.iter().map(|upstream| async move {
-            let Some(observed) = probe(
+            // A first probe that could not be made judges against: an upstream no probe
+            // has seen is not let through the flip's gate (the probe loop judges it next).
+            let observed = probe(
                 client,
                 upstream,
                 health.mode,
@@ -86,9 +88,7 @@ impl Prober {
                 health.timeout,
             )
             .await
-            else {
-                return;
-            };
+            .unwrap_or(Observed::Unreachable);
             upstream.record_probe(observed, health.rise, health.fall);
             tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), "new upstream probed");
         });
@@ -212,7 +212,7 @@ async fn probe(
         let response = match client.get(uri).await {
             Ok(r) => r,
             Err(e) if crate::nofile::caused_by_local_exhaustion(&e) => {
-                tracing::warn!(upstream = %upstream.name, color = %upstream.color, error = %crate::proxy::http::source_chain(&e), "health probe skipped: out of sockets here (open-file limit, local ports or socket memory); the upstream's health stays as it was");
+                tracing::warn!(upstream = %upstream.name, color = %upstream.color, error = %crate::proxy::http::source_chain(&e), "health probe skipped: out of sockets here (open-file limit or socket memory); the upstream's health stays as it was");
                 return None;
             }
             Err(_) => return Some(Observed::Unreachable),

@@ -32,12 +32,14 @@ pub fn needed(max_connections: usize, listeners: usize) -> u64 {
     connections.saturating_mul(2).saturating_add(RESERVE)
 }
 
-/// Whether `e` says this process or host ran out of what a new connection needs (open
-/// files, socket buffers, local ports), which says nothing of the upstream it was for.
+/// Whether `e` says this process or host could not make a socket at all (open files,
+/// socket memory), which says nothing of the upstream it was for. `EADDRNOTAVAIL` is not
+/// among them: connect also gives it for an address this host cannot reach (`[::1]` with
+/// IPv6 off), which is the upstream's address at fault, not a limit here.
 pub fn is_local_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
 }
 
@@ -60,16 +62,11 @@ mod tests {
 
     #[test]
     fn running_out_of_sockets_here_is_told_from_an_upstream_failing() {
-        for errno in [
-            libc::EMFILE,
-            libc::ENFILE,
-            libc::ENOBUFS,
-            libc::ENOMEM,
-            libc::EADDRNOTAVAIL,
-        ] {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
             assert!(is_local_exhaustion(&io::Error::from_raw_os_error(errno)));
         }
         for errno in [
+            libc::EADDRNOTAVAIL,
             libc::ECONNREFUSED,
             libc::ETIMEDOUT,
             libc::EHOSTUNREACH,

@@ -169,7 +169,7 @@ impl Proxy {
     /// alike. Logged at most once a second; the 503s are all in `requests_total`.
     pub(crate) fn out_of_sockets(&self, upstream: &Upstream, error: &std::io::Error) -> ProxyError {
         if first_this_second(&self.out_of_sockets_logged) {
-            tracing::error!(upstream = %upstream.name, color = %upstream.color, error = %error, "out of sockets here (open-file limit, local ports or socket memory): requests get 503; raise the open-file limit (LimitNOFILE, ulimit -n) or lower limits.max_connections");
+            tracing::error!(upstream = %upstream.name, color = %upstream.color, error = %error, "out of sockets here (open-file limit or socket memory): requests get 503; raise the open-file limit (LimitNOFILE, ulimit -n) or lower limits.max_connections");
         }
         ProxyError::OutOfSockets(error.to_string())
     }

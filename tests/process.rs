@@ -297,7 +297,6 @@ async fn a_second_signal_exits_at_once() {
     );
 }
 
-/// `switchyard demo` on these ports (proxy, preview, admin), killed if the test drops it.
 /// One HTTP/1.1 exchange on a kept connection: the answer's head and its body (read by
 /// `Content-Length`, which every answer here has).
 async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> (String, String) {
@@ -458,9 +457,12 @@ async fn out_of_sockets_answers_503_and_leaves_the_upstream_healthy() {
         errors.iter().all(|v| *v == 0.0),
         "no upstream error for a socket this process could not open:\n{metrics}"
     );
-    assert_eq!(
-        value(r#"switchyard_requests_total{code="5xx",color="blue",protocol="http"}"#),
-        [3.0]
+    // Three at least: the first retries above may have come while clients still waiting
+    // to be accepted held every descriptor.
+    let http_5xx = value(r#"switchyard_requests_total{code="5xx",color="blue",protocol="http"}"#);
+    assert!(
+        http_5xx.iter().all(|v| *v >= 3.0) && http_5xx.len() == 1,
+        "{http_5xx:?}"
     );
     assert_eq!(
         value(r#"switchyard_requests_total{code="5xx",color="blue",protocol="websocket"}"#),
@@ -496,6 +498,7 @@ async fn a_health_probe_without_a_socket_judges_nothing() {
     drop(clients);
 }
 
+/// `switchyard demo` on these ports (proxy, preview, admin), killed if the test drops it.
 fn demo(proxy: u16, preview: u16, admin: u16) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command
