@@ -395,7 +395,9 @@ async fn speak_drain_sends_close_when_flushed_never_comes() {
 }
 
 /// A TTS upstream that synthesizes one `Flush` at a time, 300 ms each, and closes at once
-/// on `Close` (what it has not sent yet is lost). Counts the messages it receives.
+/// on `Close` (what it has not sent yet is lost). `Clear` drops the flushes not yet spoken
+/// (they get no `Flushed`) and is answered `Cleared` at once. Counts the messages it
+/// receives.
 async fn sequential_synthesizer() -> (SocketAddr, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -410,14 +412,21 @@ async fn sequential_synthesizer() -> (SocketAddr, Arc<AtomicU64>) {
                 };
                 let (mut sink, mut stream) = ws.split();
                 let (out, mut outbox) = tokio::sync::mpsc::unbounded_channel::<Message>();
-                let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<(u64, String)>();
+                let clears = Arc::new(AtomicU64::new(0));
                 let synthesized = out.clone();
+                let cleared = clears.clone();
                 tokio::spawn(async move {
                     let mut sequence_id = 0;
-                    while let Some(text) = queue.recv().await {
+                    while let Some((clears_before, text)) = queue.recv().await {
                         tokio::time::sleep(Duration::from_millis(300)).await;
+                        if cleared.load(Ordering::SeqCst) != clears_before {
+                            continue;
+                        }
+                        if !text.is_empty() {
+                            let _ = synthesized.send(Message::binary(text.into_bytes()));
+                        }
                         let flushed = json!({"type": "Flushed", "sequence_id": sequence_id});
-                        let _ = synthesized.send(Message::binary(text.into_bytes()));
                         let _ = synthesized.send(Message::text(flushed.to_string()));
                         sequence_id += 1;
                     }
@@ -440,7 +449,14 @@ async fn sequential_synthesizer() -> (SocketAddr, Arc<AtomicU64>) {
                     match json["type"].as_str() {
                         Some("Speak") => text.push_str(json["text"].as_str().unwrap_or("")),
                         Some("Flush") => {
-                            let _ = jobs.send(std::mem::take(&mut text));
+                            let job = (clears.load(Ordering::SeqCst), std::mem::take(&mut text));
+                            let _ = jobs.send(job);
+                        }
+                        Some("Clear") => {
+                            clears.fetch_add(1, Ordering::SeqCst);
+                            text.clear();
+                            let _ =
+                                out.send(Message::text(r#"{"type":"Cleared","sequence_id":0}"#));
                         }
                         Some("Close") => {
                             let _ = out.send(Message::Close(None));
@@ -452,6 +468,30 @@ async fn sequential_synthesizer() -> (SocketAddr, Arc<AtomicU64>) {
         }
     });
     (addr, received)
+}
+
+/// A speak drain's own `Flush` is answered after the `Clear` the client sent before it:
+/// the client's `Flush` before the `Clear` gets no `Flushed`, and the drain does not wait
+/// for one (it would wait out `drain.grace` and end as `drain_forced`).
+#[tokio::test]
+async fn speak_drain_after_a_clear_does_not_wait_for_the_cleared_flush() {
+    let (upstream, received) = sequential_synthesizer().await;
+    let env = support::env_with_blue_at(upstream).await;
+    let (mut ws, _) = open(&env.ws_url("/v1/speak")).await;
+    for message in [
+        r#"{"type":"Speak","text":"first"}"#,
+        r#"{"type":"Flush"}"#,
+        r#"{"type":"Clear"}"#,
+    ] {
+        ws.send(Message::text(message)).await.expect("sent");
+    }
+    eventually(|| async { received.load(Ordering::SeqCst) == 3 }).await;
+    flip_with(&env, "green", "0s").await;
+    let (messages, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1012));
+    assert!(messages.iter().all(|m| !m.is_binary()), "{messages:?}");
+    eventually(|| async { closes_of(&env, "drain_graceful") == Some(1.0) }).await;
+    assert_eq!(closes_of(&env, "drain_forced"), Some(0.0));
 }
 
 /// A speak drain waits for the `Flushed` that answers its own `Flush`, not for one that
@@ -535,17 +575,17 @@ async fn slow_finalizer() -> SlowFinalizer {
     }
 }
 
-/// After a client's own `CloseStream`, an upstream that sends its last message and closes
-/// the connection without a close frame (as Flux may) has ended the stream normally: the
-/// client gets that message and a close with no status code, which the JS SDK takes as the
-/// end (1011 would make it reconnect), and the stream is not counted as an error.
-#[tokio::test]
-async fn an_upstream_closing_without_a_close_frame_after_close_stream_ends_normally() {
+/// An upstream that answers `CloseStream` with a last message, then ends the connection
+/// without a close frame: with a FIN, or (`reset`) with a reset.
+async fn ends_after_close_stream(reset: bool) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             tokio::spawn(async move {
+                if reset {
+                    socket.set_zero_linger().expect("linger");
+                }
                 let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
                     return;
                 };
@@ -560,24 +600,43 @@ async fn an_upstream_closing_without_a_close_frame_after_close_stream_ends_norma
             });
         }
     });
-    let env = support::env_with_blue_at(addr).await;
-    let (mut ws, _) = open(&env.ws_url("/v2/listen?model=flux-general-en")).await;
-    ws.send(Message::text(r#"{"type":"CloseStream"}"#))
-        .await
-        .expect("sent");
-    let (messages, close) = read_to_close(&mut ws).await;
-    assert_eq!(json_of(&messages[0])["event"], "EndOfTurn");
-    assert!(close.is_none(), "a close with no status code: {close:?}");
-    let counted = |reason: &str| {
-        let line = format!(r#"switchyard_stream_closes_total{{color="blue",reason="{reason}"}} "#);
-        env.app()
-            .metrics
-            .encode()
-            .lines()
-            .find_map(|l| l.strip_prefix(&line)?.parse::<f64>().ok())
-    };
-    eventually(|| async { counted("upstream") == Some(1.0) }).await;
-    assert_eq!(counted("error"), Some(0.0));
+    addr
+}
+
+/// The count of `stream_closes_total` for blue and `reason`.
+fn closes_of(env: &Env, reason: &str) -> Option<f64> {
+    let line = format!(r#"switchyard_stream_closes_total{{color="blue",reason="{reason}"}} "#);
+    env.app()
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&line)?.parse::<f64>().ok())
+}
+
+/// After a client's own `CloseStream`, an upstream that sends its last message and closes
+/// the connection without a close frame (as Flux may) has ended the stream normally: the
+/// client gets that message and a close with no status code, which the JS SDK takes as the
+/// end (1011 would make it reconnect), and the stream is not counted as an error. A reset
+/// instead is an error, but the client, which ended the stream, is told the same way.
+#[tokio::test]
+async fn an_upstream_closing_without_a_close_frame_after_close_stream_ends_normally() {
+    for reset in [false, true] {
+        let env = support::env_with_blue_at(ends_after_close_stream(reset).await).await;
+        let (mut ws, _) = open(&env.ws_url("/v2/listen?model=flux-general-en")).await;
+        ws.send(Message::text(r#"{"type":"CloseStream"}"#))
+            .await
+            .expect("sent");
+        let (messages, close) = read_to_close(&mut ws).await;
+        assert!(close.is_none(), "a close with no status code: {close:?}");
+        let (counted, not) = if reset {
+            ("error", "upstream")
+        } else {
+            assert_eq!(json_of(&messages[0])["event"], "EndOfTurn");
+            ("upstream", "error")
+        };
+        eventually(|| async { closes_of(&env, counted) == Some(1.0) }).await;
+        assert_eq!(closes_of(&env, not), Some(0.0));
+    }
 }
 
 /// An upstream whose connection breaks (a reset) after the drain's `CloseStream` is a
@@ -585,39 +644,14 @@ async fn an_upstream_closing_without_a_close_frame_after_close_stream_ends_norma
 /// told to reconnect.
 #[tokio::test]
 async fn an_upstream_reset_after_the_drain_message_is_an_error_and_the_client_reconnects() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                // Dropped with a zero linger: a reset, not a close.
-                socket.set_zero_linger().expect("linger");
-                let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
-                    return;
-                };
-                while let Some(Ok(message)) = ws.next().await {
-                    if message.to_text().is_ok_and(|t| t.contains("CloseStream")) {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let addr = ends_after_close_stream(true).await;
     let env = support::env_with_blue_at(addr).await;
     let (mut ws, _) = open(&env.ws_url("/v1/listen")).await;
     flip_with(&env, "green", "0s").await;
     let (_, close) = read_to_close(&mut ws).await;
     assert_eq!(close_code(&close), Some(1012));
-    let counted = |reason: &str| {
-        let line = format!(r#"switchyard_stream_closes_total{{color="blue",reason="{reason}"}} "#);
-        env.app()
-            .metrics
-            .encode()
-            .lines()
-            .find_map(|l| l.strip_prefix(&line)?.parse::<f64>().ok())
-    };
-    eventually(|| async { counted("error") == Some(1.0) }).await;
-    assert_eq!(counted("drain_graceful"), Some(0.0));
+    eventually(|| async { closes_of(&env, "error") == Some(1.0) }).await;
+    assert_eq!(closes_of(&env, "drain_graceful"), Some(0.0));
 }
 
 /// A client that sent `CloseStream` before the drain deadline is ending its stream

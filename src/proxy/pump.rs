@@ -49,6 +49,8 @@ pub enum Event {
     DestinationLost(String),
     /// A `Flushed` message (text) is being passed on; the pump goes on when polled again.
     Flushed,
+    /// A `Cleared` message (text), likewise.
+    Cleared,
 }
 
 /// One direction of a stream.
@@ -86,7 +88,8 @@ pub struct Pump {
     unflushed: bool,
     /// Drop data frames from here on (client audio after the drain message).
     pub drop_data: bool,
-    /// Report `Flushed` messages (a Speak drain waits for one).
+    /// Report `Flushed` and `Cleared` messages (a Speak drain waits for the answer to its
+    /// `Flush`).
     pub watch_flushed: bool,
     /// The client's message that ends the stream (`CloseStream`, speak's `Close`), looked
     /// for in its text frames, passed on or dropped.
@@ -98,6 +101,11 @@ pub struct Pump {
     pub count_type: Option<&'static str>,
     /// `count_type` messages passed on.
     pub counted: u64,
+    /// A client message after which the `count_type` messages before it get no answer
+    /// (speak's `Clear` drops the text their `Flush` would have spoken).
+    pub reset_type: Option<&'static str>,
+    /// `counted` when the last `reset_type` message was passed on.
+    pub counted_at_reset: u64,
     /// A client text message counted in `dropped` like audio when it is dropped (speak's
     /// `Speak`: text that is never spoken). Looked for in text frames of up to 4 KiB.
     pub dropped_type: Option<&'static str>,
@@ -143,6 +151,8 @@ impl Pump {
             client_ended: false,
             count_type: None,
             counted: 0,
+            reset_type: None,
+            counted_at_reset: 0,
             dropped_type: None,
             bytes: 0,
             uncounted: 0,
@@ -323,12 +333,13 @@ impl Pump {
         self.drop_data || empty_binary
     }
 
-    /// Whether a frame is looked inside: for `Flushed`, or for the client's end message,
-    /// `count_type` or `dropped_type`.
+    /// Whether a frame is looked inside: for `Flushed` and `Cleared`, or for the client's
+    /// end message, `count_type`, `reset_type` or `dropped_type`.
     fn watches(&self, header: &Header) -> bool {
         (self.watch_flushed
             || self.watch_end.is_some()
             || self.count_type.is_some()
+            || self.reset_type.is_some()
             || self.dropped_type.is_some())
             && header.opcode == frames::TEXT
             && header.fin
@@ -409,12 +420,15 @@ impl Pump {
             return Start::NeedWhole;
         }
         let mut flushed = false;
+        let mut cleared = false;
         let mut counts = false;
+        let mut resets = false;
         let mut content = false;
         if watched {
             let frame = &self.buf[..header.size + header.len as usize];
             let text = frames::payload(&header, frame);
             flushed = self.watch_flushed && super::websocket::is_type(&text, "Flushed");
+            cleared = self.watch_flushed && super::websocket::is_type(&text, "Cleared");
             if let Some(end) = self.watch_end
                 && super::websocket::is_type(&text, end)
             {
@@ -422,6 +436,9 @@ impl Pump {
             }
             counts = self
                 .count_type
+                .is_some_and(|t| super::websocket::is_type(&text, t));
+            resets = self
+                .reset_type
                 .is_some_and(|t| super::websocket::is_type(&text, t));
             content = self.drop_data
                 && self
@@ -458,8 +475,14 @@ impl Pump {
         }
         self.pass_on(&header);
         self.counted += u64::from(counts);
+        if resets {
+            self.counted_at_reset = self.counted;
+        }
         if flushed {
             return Start::Event(Event::Flushed);
+        }
+        if cleared {
+            return Start::Event(Event::Cleared);
         }
         Start::Next
     }

@@ -416,15 +416,17 @@ impl Stream {
             Endpoint::Other => None,
         };
         // TTS: each `Flush` the client sends is answered by one `Flushed`, so a drain's own
-        // `Flush` is answered by the first `Flushed` after those of the client's before it.
+        // `Flush` is answered by the first `Flushed` after those of the client's before it;
+        // a `Clear` drops the text of the ones before it, which then get none.
         if endpoint == Endpoint::Speak {
             up.count_type = Some("Flush");
+            up.reset_type = Some("Clear");
             down.watch_flushed = true;
             // Text the client sends after the drain's `Flush` is never spoken.
             up.dropped_type = Some("Speak");
         }
-        // `Flushed` messages passed to the client, and the count at which the drain's own
-        // `Flush` has its answer.
+        // The client's `Flush` messages answered (by `Flushed`, or dropped by a `Clear`:
+        // `Cleared`), and the count at which the drain's own `Flush` has its answer.
         let mut flushed = 0u64;
         let mut drain_flushed_at: Option<u64> = None;
         let router = self.proxy.router.clone();
@@ -478,8 +480,11 @@ impl Stream {
                 loop {
                     let ending = match down.poll(cx, &mut upstream, &mut client) {
                         Poll::Pending => break,
-                        Poll::Ready(Event::Flushed) => {
-                            flushed += 1;
+                        Poll::Ready(event @ (Event::Flushed | Event::Cleared)) => {
+                            flushed = match event {
+                                Event::Flushed => flushed + 1,
+                                _ => flushed.max(up.counted_at_reset),
+                            };
                             if drain_flushed_at.is_some_and(|at| flushed >= at) && !close_sent {
                                 up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
                                 close_sent = true;
@@ -522,14 +527,13 @@ impl Stream {
                     }
                     Poll::Ready(Event::SourceLost(why)) => Ending::ClientLost(why),
                     Poll::Ready(Event::Protocol(e)) => Ending::ClientBroke(e.to_string()),
-                    Poll::Ready(Event::DestinationLost(_)) if drain_sent => {
-                        Ending::UpstreamFinished {
-                            closed: false,
-                            code: None,
-                        }
+                    Poll::Ready(Event::DestinationLost(why)) if drain_sent => {
+                        Ending::UpstreamLostInDrain(why)
                     }
                     Poll::Ready(Event::DestinationLost(why)) => Ending::UpstreamLost(why),
-                    Poll::Ready(Event::Flushed) => Ending::ClientBroke("unexpected".into()),
+                    Poll::Ready(Event::Flushed | Event::Cleared) => {
+                        Ending::ClientBroke("unexpected".into())
+                    }
                 };
                 Poll::Ready(ending)
             })
@@ -604,8 +608,22 @@ impl Stream {
                 }
                 Ending::UpstreamLost(why) => {
                     tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
-                    let close = to_client(1011, "switchyard: upstream connection lost");
-                    (CloseReason::Error, Some(1011), close, true, None, false)
+                    if up.client_ended {
+                        // The client ended the stream itself: told as when the upstream
+                        // ends it without a close frame, not with 1011, on which the JS
+                        // SDK would reconnect a session its app ended.
+                        (
+                            CloseReason::Error,
+                            None,
+                            echo(None, false),
+                            true,
+                            None,
+                            false,
+                        )
+                    } else {
+                        let close = to_client(1011, "switchyard: upstream connection lost");
+                        (CloseReason::Error, Some(1011), close, true, None, false)
+                    }
                 }
                 Ending::ClientLost(why) => {
                     tracing::debug!(error = %why, "client connection lost");
