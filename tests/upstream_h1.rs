@@ -857,6 +857,22 @@ async fn a_repeated_length_goes_on_once_and_a_204_has_none() {
         "{}",
         second.summary()
     );
+
+    let head = Request::head(env.proxy_url("/head"))
+        .body(Full::new(Bytes::new()))
+        .expect("a request");
+    let third = answer(h2.request(head));
+    up.next_on(&mut conn, "the HEAD request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-length: 7\r\n\r\n")
+        .await;
+    let third = joined("the HEAD answer", third).await;
+    let lengths: Vec<_> = third
+        .parts
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    assert_eq!(lengths, ["7"], "{}", third.summary());
 }
 
 /// Trailer fields that may not be trailers (connection-specific, framing, routing) are
@@ -1380,7 +1396,7 @@ async fn the_host_is_the_targets_authority_and_http_1_1_needs_exactly_one() {
 
     let mut client = Peer::client(&env).await;
     client
-        .write(b"GET http://other.example:9999/echo?x=1 HTTP/1.1\r\nhost: x.example\r\n\r\n")
+        .write(b"GET http://user:secret@other.example:9999/echo?x=1 HTTP/1.1\r\nhost: x.example\r\n\r\n")
         .await;
     let mut conn = up.accept("the absolute-form request connects").await;
     let head = conn.read_head("the request").await;

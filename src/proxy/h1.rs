@@ -928,6 +928,9 @@ fn response_framing(
         return Ok(Framing::Empty);
     }
     if *method == Method::HEAD || status == StatusCode::NOT_MODIFIED {
+        // The length is that of the body not sent; repeated, it is still sent once (one
+        // that is not valid is passed on: it frames nothing here).
+        let _ = content_length(headers);
         return Ok(Framing::Empty);
     }
     // `has_te` spares the common answer (Content-Length only) a hashed lookup.
@@ -950,12 +953,22 @@ fn response_framing(
             Framing::Close
         });
     }
+    Ok(match content_length(headers)? {
+        None => Framing::Close,
+        Some(0) => Framing::Empty,
+        Some(length) => Framing::Length(length),
+    })
+}
+
+/// The answer's Content-Length, if it has one. The same length repeated is one length
+/// (RFC 9110 §8.6), left in `headers` once: HTTP/2 clients refuse a repeated field.
+fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, String> {
     let mut lengths = headers
         .get_all(header::CONTENT_LENGTH)
         .iter()
         .map(|v| v.to_str().ok().and_then(|v| decimal(v.trim())));
     let Some(first) = lengths.next() else {
-        return Ok(Framing::Close);
+        return Ok(None);
     };
     let bad = || "the upstream's content-length is not valid".to_string();
     let length = first.ok_or_else(bad)?;
@@ -967,15 +980,9 @@ fn response_framing(
         repeated = true;
     }
     if repeated {
-        // The same length repeated is one length (RFC 9110 §8.6), sent once: HTTP/2
-        // clients refuse a repeated field.
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    Ok(if length == 0 {
-        Framing::Empty
-    } else {
-        Framing::Length(length)
-    })
+    Ok(Some(length))
 }
 
 /// A length of decimal digits only (`parse` would also take a sign).

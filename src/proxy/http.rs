@@ -144,9 +144,14 @@ pub async fn forward(
 /// The host the client named, verbatim: the request target's authority when it has one
 /// (HTTP/2's `:authority`, an HTTP/1.1 request in absolute form, whose `Host` is then
 /// ignored: RFC 9112 §3.2.2), else its `Host`.
+/// Credentials in the target (`http://user:secret@host/`) are not part of the host and
+/// never go on.
 pub(crate) fn client_host(headers: &::http::HeaderMap, uri: &Uri) -> Option<HeaderValue> {
     uri.authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .and_then(|a| match a.as_str().rsplit_once('@') {
+            Some((_, host)) => HeaderValue::from_str(host).ok(),
+            None => HeaderValue::from_str(a.as_str()).ok(),
+        })
         .or_else(|| headers.get(header::HOST).cloned())
 }
 
