@@ -394,80 +394,115 @@ async fn speak_drain_sends_close_when_flushed_never_comes() {
     assert_eq!(blue.flushes(), 1);
 }
 
+/// A scripted WebSocket upstream on a loopback port: `session` runs for each connection
+/// it accepts; with `reset`, a connection dropped ends with a reset, not a FIN.
+async fn scripted_upstream<F, Fut>(reset: bool, session: F) -> SocketAddr
+where
+    F: Fn(WebSocketStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let session = Arc::new(session);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let session = session.clone();
+            tokio::spawn(async move {
+                if reset {
+                    socket.set_zero_linger().expect("linger");
+                }
+                if let Ok(ws) = tokio_tungstenite::accept_async(socket).await {
+                    session(ws).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// A TTS upstream that synthesizes one `Flush` at a time, 300 ms each, and closes at once
 /// on `Close` (what it has not sent yet is lost). `Clear` drops the flushes not yet spoken
 /// (they get no `Flushed`) and is answered `Cleared` at once. Counts the messages it
 /// receives.
 async fn sequential_synthesizer() -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let received = Arc::new(AtomicU64::new(0));
     let counted = received.clone();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let counted = counted.clone();
+    let addr = scripted_upstream(false, move |ws| {
+        let counted = counted.clone();
+        async move {
+            let (mut sink, mut stream) = ws.split();
+            let (out, mut outbox) = tokio::sync::mpsc::unbounded_channel::<Message>();
+            let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<(u64, String)>();
+            let clears = Arc::new(AtomicU64::new(0));
+            let synthesized = out.clone();
+            let cleared = clears.clone();
             tokio::spawn(async move {
-                let Ok(ws) = tokio_tungstenite::accept_async(socket).await else {
-                    return;
-                };
-                let (mut sink, mut stream) = ws.split();
-                let (out, mut outbox) = tokio::sync::mpsc::unbounded_channel::<Message>();
-                let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<(u64, String)>();
-                let clears = Arc::new(AtomicU64::new(0));
-                let synthesized = out.clone();
-                let cleared = clears.clone();
-                tokio::spawn(async move {
-                    let mut sequence_id = 0;
-                    while let Some((clears_before, text)) = queue.recv().await {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        if cleared.load(Ordering::SeqCst) != clears_before {
-                            continue;
-                        }
-                        if !text.is_empty() {
-                            let _ = synthesized.send(Message::binary(text.into_bytes()));
-                        }
-                        let flushed = json!({"type": "Flushed", "sequence_id": sequence_id});
-                        let _ = synthesized.send(Message::text(flushed.to_string()));
-                        sequence_id += 1;
-                    }
-                });
-                tokio::spawn(async move {
-                    while let Some(message) = outbox.recv().await {
-                        let close = message.is_close();
-                        if sink.send(message).await.is_err() || close {
-                            return;
-                        }
-                    }
-                });
-                let mut text = String::new();
-                while let Some(Ok(message)) = stream.next().await {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    let Ok(json) = serde_json::from_str::<Value>(message.to_text().unwrap_or(""))
-                    else {
+                let mut sequence_id = 0;
+                while let Some((clears_before, text)) = queue.recv().await {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if cleared.load(Ordering::SeqCst) != clears_before {
                         continue;
-                    };
-                    match json["type"].as_str() {
-                        Some("Speak") => text.push_str(json["text"].as_str().unwrap_or("")),
-                        Some("Flush") => {
-                            let job = (clears.load(Ordering::SeqCst), std::mem::take(&mut text));
-                            let _ = jobs.send(job);
-                        }
-                        Some("Clear") => {
-                            clears.fetch_add(1, Ordering::SeqCst);
-                            text.clear();
-                            let _ =
-                                out.send(Message::text(r#"{"type":"Cleared","sequence_id":0}"#));
-                        }
-                        Some("Close") => {
-                            let _ = out.send(Message::Close(None));
-                        }
-                        _ => {}
+                    }
+                    if !text.is_empty() {
+                        let _ = synthesized.send(Message::binary(text.into_bytes()));
+                    }
+                    let flushed = json!({"type": "Flushed", "sequence_id": sequence_id});
+                    let _ = synthesized.send(Message::text(flushed.to_string()));
+                    sequence_id += 1;
+                }
+            });
+            tokio::spawn(async move {
+                while let Some(message) = outbox.recv().await {
+                    let close = message.is_close();
+                    if sink.send(message).await.is_err() || close {
+                        return;
                     }
                 }
             });
+            let mut text = String::new();
+            while let Some(Ok(message)) = stream.next().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let Ok(json) = serde_json::from_str::<Value>(message.to_text().unwrap_or(""))
+                else {
+                    continue;
+                };
+                match json["type"].as_str() {
+                    Some("Speak") => text.push_str(json["text"].as_str().unwrap_or("")),
+                    Some("Flush") => {
+                        let job = (clears.load(Ordering::SeqCst), std::mem::take(&mut text));
+                        let _ = jobs.send(job);
+                    }
+                    Some("Clear") => {
+                        clears.fetch_add(1, Ordering::SeqCst);
+                        text.clear();
+                        let _ = out.send(Message::text(r#"{"type":"Cleared","sequence_id":0}"#));
+                    }
+                    Some("Close") => {
+                        let _ = out.send(Message::Close(None));
+                    }
+                    _ => {}
+                }
+            }
         }
-    });
+    })
+    .await;
     (addr, received)
+}
+
+/// A speak stream through Switchyard to the sequential synthesizer, `messages` sent and
+/// received upstream, then drained at once: what the client got, and the environment.
+async fn speak_drained_after(messages: &[&str]) -> (Env, Vec<Message>, Option<CloseFrame>) {
+    let (upstream, received) = sequential_synthesizer().await;
+    let env = support::env_with_blue_at(upstream).await;
+    let (mut ws, _) = open(&env.ws_url("/v1/speak")).await;
+    for message in messages {
+        ws.send(Message::text(*message)).await.expect("sent");
+    }
+    let sent = messages.len() as u64;
+    eventually(|| async { received.load(Ordering::SeqCst) == sent }).await;
+    flip_with(&env, "green", "0s").await;
+    let (got, close) = read_to_close(&mut ws).await;
+    (env, got, close)
 }
 
 /// A speak drain's own `Flush` is answered after the `Clear` the client sent before it:
@@ -475,19 +510,12 @@ async fn sequential_synthesizer() -> (SocketAddr, Arc<AtomicU64>) {
 /// for one (it would wait out `drain.grace` and end as `drain_forced`).
 #[tokio::test]
 async fn speak_drain_after_a_clear_does_not_wait_for_the_cleared_flush() {
-    let (upstream, received) = sequential_synthesizer().await;
-    let env = support::env_with_blue_at(upstream).await;
-    let (mut ws, _) = open(&env.ws_url("/v1/speak")).await;
-    for message in [
+    let (env, messages, close) = speak_drained_after(&[
         r#"{"type":"Speak","text":"first"}"#,
         r#"{"type":"Flush"}"#,
         r#"{"type":"Clear"}"#,
-    ] {
-        ws.send(Message::text(message)).await.expect("sent");
-    }
-    eventually(|| async { received.load(Ordering::SeqCst) == 3 }).await;
-    flip_with(&env, "green", "0s").await;
-    let (messages, close) = read_to_close(&mut ws).await;
+    ])
+    .await;
     assert_eq!(close_code(&close), Some(1012));
     assert!(messages.iter().all(|m| !m.is_binary()), "{messages:?}");
     eventually(|| async { closes_of(&env, "drain_graceful") == Some(1.0) }).await;
@@ -499,19 +527,12 @@ async fn speak_drain_after_a_clear_does_not_wait_for_the_cleared_flush() {
 /// `Flush` is spoken before `Close`.
 #[tokio::test]
 async fn speak_drain_closes_after_its_own_flush_is_answered() {
-    let (upstream, received) = sequential_synthesizer().await;
-    let env = support::env_with_blue_at(upstream).await;
-    let (mut ws, _) = open(&env.ws_url("/v1/speak")).await;
-    for message in [
+    let (_env, messages, close) = speak_drained_after(&[
         r#"{"type":"Speak","text":"first"}"#,
         r#"{"type":"Flush"}"#,
         r#"{"type":"Speak","text":"second"}"#,
-    ] {
-        ws.send(Message::text(message)).await.expect("sent");
-    }
-    eventually(|| async { received.load(Ordering::SeqCst) == 3 }).await;
-    flip_with(&env, "green", "0s").await;
-    let (messages, close) = read_to_close(&mut ws).await;
+    ])
+    .await;
     assert_eq!(close_code(&close), Some(1012));
     let audio: Vec<Bytes> = messages
         .iter()
@@ -550,25 +571,19 @@ struct SlowFinalizer {
 }
 
 async fn slow_finalizer() -> SlowFinalizer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let close_streams = Arc::new(AtomicU64::new(0));
     let counted = close_streams.clone();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
-                    return;
-                };
-                while let Some(Ok(message)) = ws.next().await {
-                    if message.to_text().is_ok_and(|t| t.contains("CloseStream")) {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                    }
+    let addr = scripted_upstream(false, move |mut ws| {
+        let counted = counted.clone();
+        async move {
+            while let Some(Ok(message)) = ws.next().await {
+                if message.to_text().is_ok_and(|t| t.contains("CloseStream")) {
+                    counted.fetch_add(1, Ordering::SeqCst);
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     SlowFinalizer {
         addr,
         close_streams,
@@ -578,29 +593,17 @@ async fn slow_finalizer() -> SlowFinalizer {
 /// An upstream that answers `CloseStream` with a last message, then ends the connection
 /// without a close frame: with a FIN, or (`reset`) with a reset.
 async fn ends_after_close_stream(reset: bool) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if reset {
-                    socket.set_zero_linger().expect("linger");
-                }
-                let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
-                    return;
-                };
-                while let Some(Ok(message)) = ws.next().await {
-                    if message.to_text().is_ok_and(|t| t.contains("CloseStream")) {
-                        let last = Message::text(r#"{"type":"TurnInfo","event":"EndOfTurn"}"#);
-                        let _ = ws.send(last).await;
-                        // Dropped: the TCP connection ends, no close frame.
-                        return;
-                    }
-                }
-            });
+    scripted_upstream(reset, |mut ws| async move {
+        while let Some(Ok(message)) = ws.next().await {
+            if message.to_text().is_ok_and(|t| t.contains("CloseStream")) {
+                let last = Message::text(r#"{"type":"TurnInfo","event":"EndOfTurn"}"#);
+                let _ = ws.send(last).await;
+                // Dropped: the TCP connection ends, no close frame.
+                return;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// The count of `stream_closes_total` for blue and `reason`.
