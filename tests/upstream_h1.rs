@@ -914,6 +914,27 @@ async fn trailers_lose_forbidden_fields_and_reach_both_kinds_of_client() {
     assert_eq!(client.read_line("the end").await, "");
 }
 
+/// Whitespace between a field name and its colon is taken out, and the answer relayed:
+/// RFC 9112 §5.1 has a proxy remove it rather than refuse the answer.
+#[tokio::test]
+async fn whitespace_before_a_colon_in_an_answer_is_taken_out() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let first = spawn_get(&env, &env.client, "/spaced");
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length : 2\r\nx-spaced\t: yes\r\n\r\nok")
+        .await;
+    let first = joined("the answer", first).await;
+    assert_ok(&first, b"ok");
+    assert_eq!(
+        first.parts.headers["x-spaced"],
+        "yes",
+        "{}",
+        first.summary()
+    );
+}
+
 #[tokio::test]
 async fn a_close_delimited_answer_arrives_whole_and_its_connection_is_not_reused() {
     let mut up = upstream().await;

@@ -812,6 +812,14 @@ impl Sending {
     }
 }
 
+/// How an upstream's response head is read: whitespace between a field name and its colon
+/// is taken out, not refused, as a proxy must (RFC 9112 §5.1).
+fn response_parser() -> httparse::ParserConfig {
+    let mut config = httparse::ParserConfig::default();
+    config.allow_spaces_after_header_name_in_responses(true);
+    config
+}
+
 /// Parses a complete response head off the front of `buf`, skipping interim (1xx)
 /// answers; `None` until the head is complete.
 fn parse_head(
@@ -822,8 +830,11 @@ fn parse_head(
         // Uninitialized: zeroing 128 fields per response showed in profiles.
         let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
-        let config = httparse::ParserConfig::default();
-        let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+        let len = match response_parser().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
                 return Err("the response head is larger than 64 KiB".into());
             }
@@ -898,8 +909,7 @@ fn early_answer(buf: &mut BytesMut) -> Option<u16> {
     loop {
         let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
-        let config = httparse::ParserConfig::default();
-        match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+        match response_parser().parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
             Ok(httparse::Status::Complete(len))
                 if parsed
                     .code
