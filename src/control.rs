@@ -527,6 +527,7 @@ impl Writer {
             }
             .into());
         }
+        crate::nofile::warn_if_short(&config);
         let pools = self.put_back_retired(RouteTable::pools_for(&config, Some(current)), current);
         let every = |pools: &[Pool; 2]| {
             pools

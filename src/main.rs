@@ -46,23 +46,6 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Warns when the open-file limit is below what `limits.max_connections` may need: past
-/// it, accepts wait and upstream connects answer 503 `proxy_overloaded`.
-fn warn_if_too_few_files(config: &Config) {
-    let listeners = 1 + usize::from(config.listen.preview.is_some());
-    let needed = switchyard::nofile::needed(config.limits.max_connections, listeners);
-    if let Ok((limit, _)) = rlimit::Resource::NOFILE.get()
-        && limit < needed
-    {
-        tracing::warn!(
-            limit,
-            needed,
-            max_connections = config.limits.max_connections,
-            "the open-file limit is below what limits.max_connections may need (two sockets per proxied connection); raise LimitNOFILE or ulimit -n, or lower limits.max_connections"
-        );
-    }
-}
-
 #[derive(Parser)]
 #[command(
     name = "switchyard",
@@ -373,7 +356,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         },
         Command::Run { config } => {
             let config = Config::load(&config).map_err(anyhow::Error::msg)?;
-            warn_if_too_few_files(&config);
+            switchyard::nofile::warn_if_short(&config);
             run(config).await
         }
         Command::Demo {

@@ -32,6 +32,24 @@ pub fn needed(max_connections: usize, listeners: usize) -> u64 {
     connections.saturating_mul(2).saturating_add(RESERVE)
 }
 
+/// Warns when the open-file limit is below what `config`'s `limits.max_connections` may
+/// need: past it, accepts wait and upstream connects answer 503 `proxy_overloaded`. At
+/// start, and on every reload (which may raise `max_connections`).
+pub fn warn_if_short(config: &crate::config::Config) {
+    let listeners = 1 + usize::from(config.listen.preview.is_some());
+    let needed = needed(config.limits.max_connections, listeners);
+    if let Ok((limit, _)) = rlimit::Resource::NOFILE.get()
+        && limit < needed
+    {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections = config.limits.max_connections,
+            "the open-file limit is below what limits.max_connections may need (two sockets per proxied connection); raise LimitNOFILE or ulimit -n, or lower limits.max_connections"
+        );
+    }
+}
+
 /// Whether `e` says this process or host could not make a socket at all (open files,
 /// socket memory), which says nothing of the upstream it was for. `EADDRNOTAVAIL` is not
 /// among them: connect also gives it for an address this host cannot reach (`[::1]` with

@@ -470,6 +470,35 @@ async fn out_of_sockets_answers_503_and_leaves_the_upstream_healthy() {
     );
 }
 
+/// A reload that raises `limits.max_connections` past what the open-file limit allows is
+/// warned about, as a start is.
+#[tokio::test]
+async fn a_reload_past_the_open_file_limit_is_warned_about() {
+    let warning = "the open-file limit is below";
+    let p = Proc::start_with(
+        "1s",
+        Some("ulimit -n 256"),
+        "[limits]\nmax_connections = 20",
+    )
+    .await;
+    assert!(!p.log().contains(warning), "{}", p.log());
+    let path = p.dir.path().join("switchyard.toml");
+    let config = std::fs::read_to_string(&path).expect("config");
+    let raised = config.replace("max_connections = 20", "max_connections = 1000");
+    assert_ne!(raised, config);
+    std::fs::write(&path, raised).expect("config");
+    let (status, body) = send_json(
+        &http_client(),
+        http::Request::post(format!("http://127.0.0.1:{}/reload", p.admin))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, http::StatusCode::OK, "{body}");
+    eventually(|| async { p.log().contains(warning) }).await;
+}
+
 #[tokio::test]
 async fn a_health_probe_without_a_socket_judges_nothing() {
     let p = Proc::start_with(
