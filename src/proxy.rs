@@ -122,12 +122,11 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
-        if !one_host(&req) {
-            let error = ProxyError::BadRequest(
-                "an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)".into(),
-            );
-            return Either::Left(future::ready(error.to_response().map(ProxyBody::full)));
-        }
+        let host = match http::client_host(&req) {
+            Ok(host) => host,
+            // Not routed: no colour, as for a 401.
+            Err(e) => return Either::Left(future::ready(e.to_response().map(ProxyBody::full))),
+        };
         let table = self.router.load_full();
         if let Some(keys) = &table.settings.client_keys
             && !headers::client_keys(req.headers())
@@ -145,10 +144,13 @@ impl Proxy {
         if websocket::is_upgrade(&req) {
             // Boxed: its future is larger than a plain request's, and unboxed it would set
             // the size every plain request's future is built and moved at.
-            let upgrade = async move { websocket::forward(&self, req, table, color, conn).await };
+            let upgrade =
+                async move { websocket::forward(&self, req, table, color, conn, host).await };
             Either::Right(Either::Left(Box::pin(upgrade)))
         } else {
-            Either::Right(Either::Right(http::forward(self, req, table, color, conn)))
+            Either::Right(Either::Right(http::forward(
+                self, req, table, color, conn, host,
+            )))
         }
     }
 }
@@ -204,17 +206,6 @@ impl Proxy {
             color,
         )
     }
-}
-
-/// Whether an HTTP/1.1 request has the one `Host` header it must have: a server answers
-/// 400 to one with none or several (RFC 9112 §3.2), which are not routed. HTTP/2 names
-/// the host in `:authority`, and HTTP/1.0 needs none.
-fn one_host<B>(req: &Request<B>) -> bool {
-    if req.version() != ::http::Version::HTTP_11 {
-        return true;
-    }
-    let mut hosts = req.headers().get_all(::http::header::HOST).iter();
-    hosts.next().is_some() && hosts.next().is_none()
 }
 
 /// Whether this is the first call this second (Unix time) for `last`.

@@ -25,12 +25,12 @@ pub async fn forward(
     table: Arc<RouteTable>,
     color: Color,
     conn: ConnInfo,
+    host: Option<HeaderValue>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let limits = super::limits(&table);
     let metrics = proxy.metrics.color(color);
     let (mut parts, body) = req.into_parts();
-    let host = client_host(&parts.headers, &parts.uri);
     headers::strip_hop_by_hop(&mut parts.headers);
     let path = parts
         .uri
@@ -143,16 +143,26 @@ pub async fn forward(
 
 /// The host the client named, verbatim: the request target's authority when it has one
 /// (HTTP/2's `:authority`, an HTTP/1.1 request in absolute form, whose `Host` is then
-/// ignored: RFC 9112 §3.2.2), else its `Host`.
-/// Credentials in the target (`http://user:secret@host/`) are not part of the host and
-/// never go on.
-pub(crate) fn client_host(headers: &::http::HeaderMap, uri: &Uri) -> Option<HeaderValue> {
-    uri.authority()
+/// ignored: RFC 9112 §3.2.2), else its `Host`. Credentials in the target
+/// (`http://user:secret@host/`) are not part of the host and never go on.
+/// An HTTP/1.1 request must have exactly one `Host` (RFC 9112 §3.2): one with none or
+/// several is refused, to be answered 400. One lookup of `Host` does both.
+pub(crate) fn client_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if req.version() == ::http::Version::HTTP_11 && (host.is_none() || hosts.next().is_some()) {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)".into(),
+        ));
+    }
+    Ok(req
+        .uri()
+        .authority()
         .and_then(|a| match a.as_str().rsplit_once('@') {
             Some((_, host)) => HeaderValue::from_str(host).ok(),
             None => HeaderValue::from_str(a.as_str()).ok(),
         })
-        .or_else(|| headers.get(header::HOST).cloned())
+        .or_else(|| host.cloned()))
 }
 
 /// The upstream's URL for a client's path and query.

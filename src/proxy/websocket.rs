@@ -32,7 +32,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::body::{Access, Finish, ProxyBody};
 use super::frames;
-use super::http::{client_host, source_chain};
+use super::http::source_chain;
 use super::pump::{self, Event, Pump};
 use super::woken::Woken;
 use super::{ConnInfo, Proxy, error_response, headers, tag};
@@ -71,6 +71,7 @@ pub async fn forward(
     table: Arc<RouteTable>,
     color: Color,
     conn: ConnInfo,
+    host: Option<HeaderValue>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let metrics = proxy.metrics.color(color);
@@ -116,7 +117,6 @@ pub async fn forward(
         .and_then(|p| HeaderValue::from_str(p).ok());
 
     let mut up_headers = parts.headers;
-    let host = client_host(&up_headers, &parts.uri);
     headers::to_upstream(&mut up_headers, conn.client.ip(), conn.tls, host);
     for h in [
         header::SEC_WEBSOCKET_KEY,
