@@ -168,10 +168,9 @@ async fn probe_loop(
             }
             mode => {
                 let client = prober.client(&tls);
-                match probe(&client, &upstream, mode, &health.path, health.timeout).await {
-                    Some(observed) => upstream.record_probe(observed, health.rise, health.fall),
-                    None => None,
-                }
+                probe(&client, &upstream, mode, &health.path, health.timeout)
+                    .await
+                    .and_then(|observed| upstream.record_probe(observed, health.rise, health.fall))
             }
         };
         if let Some(healthy) = changed {

@@ -564,7 +564,7 @@ impl Upload {
                         Ok(data) => self.queue_data(data)?,
                         Err(frame) => {
                             if let Ok(trailers) = frame.into_trailers() {
-                                self.queue_end(Some(&trailers))?;
+                                self.queue_end(Some(trailers))?;
                             }
                         }
                     }
@@ -623,12 +623,11 @@ impl Upload {
     }
 
     /// The body ended (with trailers, perhaps): the last chunk, or a length check.
-    fn queue_end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), Sent> {
+    fn queue_end(&mut self, mut trailers: Option<HeaderMap>) -> Result<(), Sent> {
         self.body = None;
         match self.framing {
             Framing::Chunked => {
                 let mut end = BytesMut::from(&b"0\r\n"[..]);
-                let mut trailers = trailers.cloned();
                 if let Some(trailers) = trailers.as_mut() {
                     super::headers::strip_from_trailers(trailers);
                 }
