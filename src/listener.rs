@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -261,6 +261,7 @@ pub async fn serve(
     // Connections are told to close by a send, and each holds a receiver until it ends:
     // so `closed` is when the last one has.
     let (shutdown, _) = watch::channel(());
+    let mut last_accept_error = None;
     loop {
         let max = proxy.router().load().settings.config.limits.max_connections;
         {
@@ -280,8 +281,12 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = kind.as_str(), error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning, and say so once
+                    // a second, not on every retry.
+                    if last_accept_error.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(listener = kind.as_str(), error = %e, "accept failed; retrying every 50 ms");
+                        last_accept_error = Some(Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

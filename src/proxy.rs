@@ -124,8 +124,17 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let host = match http::client_host(&req) {
             Ok(host) => host,
-            // Not routed: no colour, as for a 401.
-            Err(e) => return Either::Left(future::ready(e.to_response().map(ProxyBody::full))),
+            // Not routed: no colour, as for a 401. The connection goes after the answer:
+            // a client that framed one request wrongly may have framed its body wrongly
+            // too, and what follows on the connection cannot be trusted (RFC 9112 §3.2).
+            Err(e) => {
+                let mut answer = e.to_response().map(ProxyBody::full);
+                answer.headers_mut().insert(
+                    ::http::header::CONNECTION,
+                    HeaderValue::from_static("close"),
+                );
+                return Either::Left(future::ready(answer));
+            }
         };
         let table = self.router.load_full();
         if let Some(keys) = &table.settings.client_keys

@@ -398,6 +398,7 @@ async fn out_of_sockets_answers_503_and_leaves_the_upstream_healthy() {
         .expect("admin");
     let (head, _) = exchange(&mut admin, status).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
+    let exhausted = std::time::Instant::now();
     let mut clients = exhaust(&p, &mut admin).await;
 
     let key = "authorization: Token very-secret-client-key\r\n";
@@ -424,6 +425,14 @@ async fn out_of_sockets_answers_503_and_leaves_the_upstream_healthy() {
         "{status}"
     );
     assert!(p.log().contains("out of sockets"), "{}", p.log());
+    // Clients still wait to be accepted: the accept loop retries every 50 ms, and says so
+    // once a second, not on every retry.
+    eventually(|| async { p.log().matches("accept failed").count() >= 2 }).await;
+    assert!(
+        exhausted.elapsed() >= Duration::from_secs(1),
+        "two accept failures logged within {:?}",
+        exhausted.elapsed()
+    );
 
     // With the clients gone, blue serves again, and no error was booked against it.
     drop(clients);

@@ -1398,7 +1398,7 @@ async fn a_chunked_request_body_goes_upstream_chunked() {
 
 /// The client's host is the request target's authority when it is in absolute form (its
 /// `Host` is then ignored, RFC 9112 §3.2.2); an HTTP/1.1 request with no `Host` or two is
-/// answered 400 and not routed (§3.2); HTTP/1.0 needs none.
+/// answered 400, not routed, and its connection closed (§3.2); HTTP/1.0 needs none.
 #[tokio::test]
 async fn the_host_is_the_targets_authority_and_http_1_1_needs_exactly_one() {
     let mut up = upstream().await;
@@ -1413,6 +1413,12 @@ async fn the_host_is_the_targets_authority_and_http_1_1_needs_exactly_one() {
         let head = client.read_head("the refusal").await;
         assert_eq!(head.start, "HTTP/1.1 400 Bad Request");
         assert!(head.lacks("x-switchyard-color"), "not routed: {head:#?}");
+        assert_eq!(head.one("connection"), "close");
+        let body: usize = head.one("content-length").parse().expect("a length");
+        client.read_exact(body, "the refusal's body").await;
+        client
+            .expect_closed("the connection after the refusal")
+            .await;
     }
 
     let mut client = Peer::client(&env).await;
