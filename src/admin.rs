@@ -309,16 +309,20 @@ fn parse_body<T: Default + serde::de::DeserializeOwned>(
 /// The `/status` document for a table.
 pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
     let shutdown = admin.tracker.shutdown_order();
+    let retired = admin.tracker.retired();
+    let now = std::time::Instant::now();
     let colors: serde_json::Map<String, Value> = Color::ALL
         .iter()
         .map(|&color| {
             let counts = admin.tracker.counts(color);
             let order = table.drain_order(color);
             // The earliest deadline of the streams that drain (the flip's, or a reload's
-            // for an upstream it removed), or the colour's order over in-flight requests.
+            // for an upstream it removed), or the colour's order over in-flight requests
+            // until its deadline: those it covers are cut then, so requests after it are
+            // new ones (through the preview listener), which do not drain.
             let streams = admin.tracker.drain_deadline(color);
             let requests = order
-                .filter(|_| counts.in_flight > 0)
+                .filter(|o| counts.in_flight > 0 && o.deadline > now)
                 .map(|o| o.deadline_at);
             let state = if color == table.active {
                 "active"
@@ -340,16 +344,24 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
                 deadline = Some(deadline.map_or(s.deadline_at, |d| d.min(s.deadline_at)));
             }
             let deadline = deadline.map(rfc3339);
-            let upstreams: Vec<Value> = table
-                .pool(color)
+            // The pool's upstreams, then those a reload removed that still hold traffic,
+            // with the deadline their drain ends at: the colour's counts are their sums.
+            let pool = table.pool(color).iter().map(|u| (u, None));
+            let removed = retired
                 .iter()
-                .map(|u| {
+                .filter(|(u, _)| u.color == color && upstream_busy(u))
+                .map(|(u, o)| (u, Some(rfc3339(o.deadline_at))));
+            let upstreams: Vec<Value> = pool
+                .chain(removed)
+                .map(|(u, removed)| {
                     json!({
                         "url": &*u.name,
                         "healthy": u.is_healthy(),
                         "health": u.health_text(),
                         "in_flight": u.in_flight.load(std::sync::atomic::Ordering::Relaxed),
                         "open_streams": u.open_streams.load(std::sync::atomic::Ordering::Relaxed),
+                        "removed": removed.is_some(),
+                        "drain_deadline": removed,
                     })
                 })
                 .collect();
@@ -376,6 +388,12 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
         "shutting_down": shutdown.is_some(),
         "shutdown_deadline": shutdown.map(|s| rfc3339(s.deadline_at)),
     })
+}
+
+/// Whether an upstream holds a request or a stream.
+fn upstream_busy(u: &crate::upstream::Upstream) -> bool {
+    u.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
+        || u.open_streams.load(std::sync::atomic::Ordering::Relaxed) > 0
 }
 
 async fn status(State(admin): State<Admin>) -> Json<Value> {

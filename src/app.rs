@@ -119,15 +119,16 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let shutdown = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
     let stop_background = CancellationToken::new();
+    let tracker = Arc::new(Tracker::default());
     let (control, router, store_tasks) = Control::start(
         config,
         metrics.clone(),
         admin_addr.port(),
         prober.clone(),
+        tracker.clone(),
         stop_background.clone(),
     )
     .await?;
-    let tracker = Arc::new(Tracker::default());
     let proxy = Arc::new(Proxy::new(router.clone(), tracker.clone(), metrics.clone()));
 
     crate::health::spawn(

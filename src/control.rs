@@ -7,7 +7,7 @@
 //! and acknowledged. A state another replica stored arrives as `Change::Observed` and is
 //! published the same way, with this replica's own drain orders.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -17,13 +17,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::drain::DrainOrder;
+use crate::drain::{DrainOrder, Tracker};
 use crate::health::Prober;
 use crate::metrics::Metrics;
 use crate::route_table::{ClientKeys, Pool, RouteTable, Router, Settings};
 use crate::state::{Action, RouteState};
 use crate::store::{Observed, Saved, Store, StoreError, View};
-use crate::upstream::{Color, Upstream};
+use crate::upstream::Color;
 
 /// A flip or rollback as the admin API takes it.
 #[derive(Debug, Clone, Default)]
@@ -140,9 +140,9 @@ struct Writer {
     /// first try, so at most one lands). If the state etcd later holds has its history
     /// entry, that reload did happen, and this replica applies the config it read then.
     pending_reloads: Vec<PendingReload>,
-    /// Upstreams a reload removed, while their streams or requests keep them alive: a
-    /// reload that lists one again puts it back, cancelling its streams' drain.
-    retired: Vec<Weak<Upstream>>,
+    /// Keeps the upstreams a reload removed, while their streams or requests keep them
+    /// alive: a reload that lists one again puts it back, cancelling its streams' drain.
+    tracker: Arc<Tracker>,
 }
 
 /// Unconfirmed reloads kept at most; a longer run of them keeps the newest.
@@ -216,6 +216,7 @@ impl Control {
         metrics: Metrics,
         admin_port: u16,
         prober: Prober,
+        tracker: Arc<Tracker>,
         stop: CancellationToken,
     ) -> Result<(Control, Arc<Router>, Vec<JoinHandle<()>>), StartError> {
         let (mut store, view) = Store::open(&config, &metrics, admin_port).await?;
@@ -264,7 +265,7 @@ impl Control {
             config_path,
             prober,
             pending_reloads: Vec::new(),
-            retired: Vec::new(),
+            tracker,
         };
         tokio::spawn(writer.run(rx));
         Ok((control, router, tasks))
@@ -583,15 +584,14 @@ impl Writer {
         }
     }
 
-    /// Upstreams a reload dropped drain their streams as in a flip.
+    /// Upstreams a reload dropped drain their streams and requests as in a flip.
     fn retire_removed(&mut self, old: &RouteTable, new: &RouteTable) {
         let timeout = new.settings.config.drain.timeout;
-        self.retired.retain(|u| u.strong_count() > 0);
         for color in Color::ALL {
             for u in old.pool(color).iter() {
                 if !new.pool(color).iter().any(|n| Arc::ptr_eq(n, u)) {
-                    u.retire(DrainOrder::starting_now(new.generation, timeout));
-                    self.retired.push(Arc::downgrade(u));
+                    self.tracker
+                        .retire(u, DrainOrder::starting_now(new.generation, timeout));
                     self.metrics.forget_upstream(u);
                     tracing::info!(upstream = %u.name, color = %color, "upstream removed; its streams drain");
                 }
@@ -612,9 +612,10 @@ impl Writer {
                         return u.clone();
                     }
                     let back = self
-                        .retired
-                        .iter()
-                        .filter_map(Weak::upgrade)
+                        .tracker
+                        .retired()
+                        .into_iter()
+                        .map(|(r, _)| r)
                         .find(|r| r.color == u.color && r.url == u.url);
                     match back {
                         Some(back) => {
@@ -639,9 +640,7 @@ impl Writer {
                     .flat_map(|p| p.iter())
                     .any(|o| Arc::ptr_eq(o, u))
             {
-                u.reinstate();
-                self.retired
-                    .retain(|r| !std::ptr::eq(r.as_ptr(), Arc::as_ptr(u)));
+                self.tracker.reinstate(u);
                 tracing::info!(upstream = %u.name, color = %u.color, "upstream put back in its pool; its streams' drain is cancelled");
             }
         }

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::IntGauge;
@@ -111,13 +111,17 @@ struct ColorCounts {
     cut: Arc<Notify>,
 }
 
-/// Per-colour traffic counts and the shutdown order.
+/// Per-colour traffic counts, the upstreams a reload removed, and the shutdown order.
 #[derive(Debug)]
 pub struct Tracker {
     colors: [ColorCounts; 2],
     /// Woken whenever a colour's traffic drops, for `/drain/wait` and shutdown.
     emptied: Notify,
     shutdown: watch::Sender<Option<DrainOrder>>,
+    /// Upstreams a reload removed, while their streams or requests keep them alive: their
+    /// requests are cut at the retirement's deadline, `/status` lists them, and a reload
+    /// that lists one again puts it back. Changed only by reloads.
+    retired: Mutex<Vec<Weak<Upstream>>>,
 }
 
 impl Default for Tracker {
@@ -126,6 +130,7 @@ impl Default for Tracker {
             colors: Default::default(),
             emptied: Notify::new(),
             shutdown: watch::Sender::new(None),
+            retired: Mutex::new(Vec::new()),
         }
     }
 }
@@ -186,6 +191,45 @@ impl Tracker {
         if c.http_cut.fetch_max(order.generation, Ordering::AcqRel) < order.generation {
             c.cut.notify_waiters();
         }
+    }
+
+    /// Ends the plain HTTP requests on a removed upstream that its retirement covers.
+    fn cut_upstream_requests(&self, upstream: &Upstream, order: &DrainOrder) {
+        if upstream
+            .http_cut
+            .fetch_max(order.generation, Ordering::AcqRel)
+            < order.generation
+        {
+            // Its colour's waiters look again; those on other upstreams wait on.
+            self.colors[upstream.color.index()].cut.notify_waiters();
+        }
+    }
+
+    /// A reload removed `upstream` from its pool: its streams and requests drain by `order`.
+    pub fn retire(&self, upstream: &Arc<Upstream>, order: DrainOrder) {
+        upstream.retire(order);
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired.retain(|u| u.strong_count() > 0);
+        retired.push(Arc::downgrade(upstream));
+    }
+
+    /// A reload listed a removed upstream again: its drain is cancelled.
+    pub fn reinstate(&self, upstream: &Arc<Upstream>) {
+        upstream.reinstate();
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired
+            .retain(|u| u.strong_count() > 0 && !std::ptr::eq(u.as_ptr(), Arc::as_ptr(upstream)));
+    }
+
+    /// The removed upstreams still alive (something still holds them: a stream, a request,
+    /// an old table), each with the retirement that drains it.
+    pub fn retired(&self) -> Vec<(Arc<Upstream>, DrainOrder)> {
+        let retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|u| u.retired().map(|o| (u, o)))
+            .collect()
     }
 
     /// Counts a stream until the guard drops.
@@ -262,9 +306,11 @@ impl RequestGuard {
         &self.tracker.colors[self.upstream.color.index()]
     }
 
-    /// Whether this request's colour reached a drain deadline that covers it.
+    /// Whether this request's colour, or its upstream's removal, reached a drain deadline
+    /// that covers it.
     pub fn is_cut(&self) -> bool {
         self.counts().http_cut.load(Ordering::Acquire) > self.generation
+            || self.upstream.http_cut.load(Ordering::Acquire) > self.generation
     }
 
     /// A wake-up for the next cut on this request's colour; check `is_cut` after
@@ -309,9 +355,17 @@ impl Drop for StreamGuard {
     }
 }
 
+/// What a deadline ends: a colour's requests (a flip's order, or shutdown's), or a
+/// removed upstream's (a reload's).
+enum Cut {
+    Color(Color),
+    Upstream(Arc<Upstream>),
+}
+
 /// Ends plain HTTP requests on a draining colour at its deadline, following the route
-/// table (a rollback before the deadline cancels the order, so nothing is cut), and every
-/// colour's at the shutdown deadline. Runs until `stop` is cancelled.
+/// table (a rollback before the deadline cancels the order, so nothing is cut), those on
+/// an upstream a reload removed at its retirement's deadline (unless a reload put it back),
+/// and every colour's at the shutdown deadline. Runs until `stop` is cancelled.
 pub async fn cut_requests_at_deadlines(
     router: Arc<Router>,
     tracker: Arc<Tracker>,
@@ -322,7 +376,7 @@ pub async fn cut_requests_at_deadlines(
     loop {
         let table = router.load_full();
         let at_shutdown = *shutdown.borrow_and_update();
-        let next = Color::ALL
+        let colors = Color::ALL
             .into_iter()
             .filter_map(|c| table.drain_order(c).map(|o| (c, o)))
             .chain(
@@ -333,10 +387,18 @@ pub async fn cut_requests_at_deadlines(
             .filter(|(c, o)| {
                 tracker.colors[c.index()].http_cut.load(Ordering::Acquire) < o.generation
             })
-            .min_by_key(|(_, o)| o.deadline);
+            .map(|(c, o)| (Cut::Color(c), o));
+        // A reload retires upstreams before it publishes its table, so the change that
+        // wakes this loop finds them.
+        let upstreams = tracker
+            .retired()
+            .into_iter()
+            .filter(|(u, o)| u.http_cut.load(Ordering::Acquire) < o.generation)
+            .map(|(u, o)| (Cut::Upstream(u), o));
+        let next = colors.chain(upstreams).min_by_key(|(_, o)| o.deadline);
         drop(table);
         let due = async {
-            match next {
+            match &next {
                 Some((_, order)) => tokio::time::sleep_until(order.deadline.into()).await,
                 None => std::future::pending().await,
             }
@@ -345,10 +407,10 @@ pub async fn cut_requests_at_deadlines(
             _ = stop.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
             r = shutdown.changed() => if r.is_err() { return },
-            _ = due => {
-                if let Some((color, order)) = next
-                    && (router.load().drain_order(color) == Some(order)
-                        || tracker.shutdown_order() == Some(order))
+            _ = due => match next {
+                Some((Cut::Color(color), order))
+                    if router.load().drain_order(color) == Some(order)
+                        || tracker.shutdown_order() == Some(order) =>
                 {
                     if at_shutdown == Some(order) {
                         tracing::info!(color = %color, "shutdown deadline: ending in-flight requests");
@@ -357,7 +419,12 @@ pub async fn cut_requests_at_deadlines(
                     }
                     tracker.cut_requests(color, &order);
                 }
-            }
+                Some((Cut::Upstream(upstream), order)) if upstream.retired() == Some(order) => {
+                    tracing::info!(upstream = %upstream.name, color = %upstream.color, "drain deadline: ending in-flight requests on the removed upstream");
+                    tracker.cut_upstream_requests(&upstream, &order);
+                }
+                _ => {}
+            },
         }
     }
 }

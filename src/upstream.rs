@@ -189,6 +189,9 @@ pub struct Upstream {
     streak: Mutex<Streak>,
     /// Set when a reload removes it from its pool: its streams drain as in a flip.
     retired: Mutex<Option<DrainOrder>>,
+    /// Plain HTTP requests routed by a table older than this generation are past its
+    /// retirement's deadline and end now (`drain::Tracker`).
+    pub(crate) http_cut: AtomicU64,
     /// The raw `system_health` when it is a state this build does not know, so `/status`
     /// shows what the node said (at most 64 characters).
     unknown_state: Mutex<Option<Box<str>>>,
@@ -208,6 +211,7 @@ impl Upstream {
             observed: AtomicU8::new(Observed::Unknown as u8),
             streak: Mutex::new(Streak::default()),
             retired: Mutex::new(None),
+            http_cut: AtomicU64::new(0),
             unknown_state: Mutex::new(None),
         }
     }

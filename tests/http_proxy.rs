@@ -677,6 +677,58 @@ async fn in_flight_requests_on_the_old_colour_end_at_the_drain_deadline() {
     assert_eq!(drained["drained"], true, "{drained}");
 }
 
+/// A reload that removes an upstream drains its requests as a flip drains a colour's: at
+/// the reload's deadline they are cut. Until then `/status` lists the removed upstream,
+/// with its requests and that deadline, so the colour's counts add up.
+#[tokio::test]
+async fn in_flight_requests_on_a_removed_upstream_end_at_its_drain_deadline() {
+    let (env, body) = blue_response_stalled_mid_body().await;
+    let waiting = waiting_for_its_head(&env).await;
+    let (_, before) = env.admin_get("/status").await;
+    let stalling = before["colors"]["blue"]["upstreams"][0]["url"].clone();
+
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        drain_timeout: "1s",
+        ..Default::default()
+    };
+    env.write_config(
+        &builder,
+        &format!("\"{}\"", env.blue[0].url()),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let reloaded_at = std::time::SystemTime::now();
+    let (status, reloaded) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{reloaded}");
+    let blue = &reloaded["colors"]["blue"];
+    assert_eq!(blue["state"], "active", "{blue}");
+    assert_eq!(blue["in_flight"], 2, "{blue}");
+    let upstreams = blue["upstreams"].as_array().expect("upstreams");
+    assert_eq!(upstreams.len(), 2, "{blue}");
+    assert_eq!(upstreams[0]["url"], env.blue[0].url().trim_end_matches('/'));
+    assert_eq!(upstreams[0]["removed"], false, "{blue}");
+    assert_eq!(upstreams[0]["drain_deadline"], Value::Null, "{blue}");
+    let removed = &upstreams[1];
+    assert_eq!(removed["url"], stalling, "{blue}");
+    assert_eq!(removed["removed"], true, "{blue}");
+    assert_eq!(removed["in_flight"], 2, "{blue}");
+    let deadline =
+        humantime::parse_rfc3339(removed["drain_deadline"].as_str().expect("a deadline"))
+            .expect("RFC 3339");
+    assert!(deadline > reloaded_at, "{removed}");
+
+    assert_cut_at_the_deadline(body, waiting).await;
+    // Once its requests are gone, so is the removed upstream.
+    eventually(|| async {
+        let (_, after) = env.admin_get("/status").await;
+        after["colors"]["blue"]["upstreams"]
+            .as_array()
+            .map(Vec::len)
+            == Some(1)
+    })
+    .await;
+}
+
 /// Shutdown bounds plain requests as a flip does: at `drain.timeout` a request still
 /// waiting gets the 503 a client retries, and a response under way is cut, rather than
 /// both running on until the process exits under them.
@@ -752,7 +804,12 @@ async fn blue_response_stalled_mid_body() -> (Env, Incoming) {
 
 /// Asks for `/stall-body` and returns the rest of its body once the first chunk came.
 async fn stalled_body(env: &Env) -> Incoming {
-    let req = Request::get(env.proxy_url("/stall-body"))
+    stalled_body_at(env, &env.proxy_url("/stall-body")).await
+}
+
+/// `stalled_body` at `url`.
+async fn stalled_body_at(env: &Env, url: &str) -> Incoming {
+    let req = Request::get(url)
         .body(Full::new(Bytes::new()))
         .expect("request");
     let response = tokio::time::timeout(PATIENCE, env.client.request(req))
@@ -799,6 +856,25 @@ async fn stalling_upstream() -> SocketAddr {
         }
     });
     addr
+}
+
+/// Requests on the standby colour after its drain deadline came through the preview
+/// listener: they do not make it "draining" (the flip's drain order stays in the table
+/// until traffic goes back to that colour, long after its deadline).
+#[tokio::test]
+async fn preview_requests_after_the_deadline_leave_the_standby_colour_standby() {
+    let env = env_with_blue_at(stalling_upstream().await).await;
+    let (status, flipped) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{flipped}");
+    let preview = env.app().preview_addr.expect("a preview listener");
+    let _body = stalled_body_at(&env, &format!("http://{preview}/stall-body")).await;
+    let (_, status) = env.admin_get("/status").await;
+    let blue = &status["colors"]["blue"];
+    assert_eq!(blue["in_flight"], 1, "{blue}");
+    assert_eq!(blue["state"], "standby", "{blue}");
+    assert_eq!(blue["drain_deadline"], Value::Null, "{blue}");
 }
 
 #[tokio::test]

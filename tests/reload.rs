@@ -33,13 +33,16 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
         body["active"], "blue",
         "a reload leaves the active colour alone"
     );
-    assert_eq!(
-        body["colors"]["blue"]["upstreams"].as_array().map(Vec::len),
-        Some(1)
-    );
-
     let removed_streams = env.blue[1].state.ws_open_now();
     assert!(removed_streams >= 1);
+    // The removed upstream is listed while its streams drain, with their deadline.
+    let upstreams = body["colors"]["blue"]["upstreams"].as_array().cloned();
+    let upstreams = upstreams.expect("upstreams");
+    assert_eq!(upstreams.len(), 2, "{body}");
+    assert_eq!(upstreams[0]["removed"], false, "{body}");
+    assert_eq!(upstreams[1]["removed"], true, "{body}");
+    assert_eq!(upstreams[1]["open_streams"], removed_streams, "{body}");
+    assert!(upstreams[1]["drain_deadline"].is_string(), "{body}");
     // Every stream gets audio; those on the removed upstream are then drained.
     let mut drained = 0;
     let mut alive = Vec::new();
