@@ -57,10 +57,10 @@ pub struct Options {
 
 /// Runs one command; returns the process exit code. Output goes to stdout, errors to stderr.
 pub async fn run(options: &Options, command: Command) -> i32 {
-    let (method, path, body, wait) = match &command {
-        Command::Status => (Method::GET, "/status".to_owned(), None, None),
-        Command::History => (Method::GET, "/history".to_owned(), None, None),
-        Command::Reload => (Method::POST, "/reload".to_owned(), None, None),
+    let answer = match &command {
+        Command::Status => call(options, Method::GET, "/status", None, None).await,
+        Command::History => call(options, Method::GET, "/history", None, None).await,
+        Command::Reload => call(options, Method::POST, "/reload", None, None).await,
         Command::Flip {
             to,
             force,
@@ -68,103 +68,61 @@ pub async fn run(options: &Options, command: Command) -> i32 {
             expect_generation,
             reason,
             wait_replicas,
-        } => (
-            Method::POST,
-            "/flip".to_owned(),
-            Some(compact(
-                json!({"to": to, "force": force, "drain_timeout": drain_timeout,
-                "expect_generation": expect_generation, "reason": reason,
-                "wait_replicas": wait_replicas}),
-            )),
-            wait_replicas.as_deref().map(wait_of),
-        ),
+        } => {
+            call(
+                options,
+                Method::POST,
+                "/flip",
+                Some(compact(json!({
+                    "to": to, "force": force, "drain_timeout": drain_timeout,
+                    "expect_generation": expect_generation, "reason": reason,
+                    "wait_replicas": wait_replicas,
+                }))),
+                wait_replicas.as_deref().map(wait_of),
+            )
+            .await
+        }
         Command::Rollback {
             force,
             drain_timeout,
             expect_generation,
             reason,
             wait_replicas,
-        } => (
-            Method::POST,
-            "/rollback".to_owned(),
-            Some(compact(
-                json!({"force": force, "drain_timeout": drain_timeout,
-                "expect_generation": expect_generation, "reason": reason,
-                "wait_replicas": wait_replicas}),
-            )),
-            wait_replicas.as_deref().map(wait_of),
-        ),
+        } => {
+            call(
+                options,
+                Method::POST,
+                "/rollback",
+                Some(compact(json!({
+                    "force": force, "drain_timeout": drain_timeout,
+                    "expect_generation": expect_generation, "reason": reason,
+                    "wait_replicas": wait_replicas,
+                }))),
+                wait_replicas.as_deref().map(wait_of),
+            )
+            .await
+        }
         Command::Commit {
             expect_generation,
             reason,
-        } => (
-            Method::POST,
-            "/commit".to_owned(),
-            Some(compact(
-                json!({"expect_generation": expect_generation, "reason": reason}),
-            )),
-            None,
-        ),
-        Command::WaitDrained { color, timeout } => {
-            let wait = wait_of(timeout);
-            (
-                Method::GET,
-                format!(
-                    "/drain/wait?color={}&timeout={}",
-                    query_value(color),
-                    query_value(timeout)
-                ),
+        } => {
+            call(
+                options,
+                Method::POST,
+                "/commit",
+                Some(compact(
+                    json!({"expect_generation": expect_generation, "reason": reason}),
+                )),
                 None,
-                Some(wait),
             )
+            .await
         }
+        Command::WaitDrained { color, timeout } => wait_drained(options, color, timeout).await,
     };
-    let url = format!("{}{}", options.admin.trim_end_matches('/'), path);
-    let mut req = Request::builder().method(method).uri(&url);
-    if let Some(token) = &options.token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    if !body.is_empty() {
-        req = req.header(header::CONTENT_TYPE, "application/json");
-    }
-    let req = match req.body(Full::new(Bytes::from(body))) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: bad admin URL {url}: {e}");
-            return 1;
-        }
+    let (status, value) = match answer {
+        Ok(answer) => answer,
+        Err(code) => return code,
     };
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let limit = wait.unwrap_or_default() + Duration::from_secs(30);
-    let response = match tokio::time::timeout(limit, client.request(req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            eprintln!(
-                "error: cannot reach the admin API at {}: {}",
-                options.admin,
-                crate::proxy::http::source_chain(&e)
-            );
-            return 1;
-        }
-        Err(_) => {
-            eprintln!(
-                "error: the admin API at {} did not answer in {limit:?}",
-                options.admin
-            );
-            return 1;
-        }
-    };
-    let status = response.status();
-    let bytes = match response.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            eprintln!("error: reading the answer: {e}");
-            return 1;
-        }
-    };
-    let value: Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
     if !status.is_success() {
         if options.json {
             let _ = out(&format!("{value}\n"));
@@ -194,6 +152,107 @@ pub async fn run(options: &Options, command: Command) -> i32 {
         Command::WaitDrained { .. } if value.get("drained") != Some(&Value::Bool(true)) => 3,
         _ => 0,
     }
+}
+
+/// The longest wait the API takes in one `/drain/wait` call (it shortens longer ones).
+const LONGEST_WAIT: Duration = Duration::from_secs(3600);
+
+/// `/drain/wait` until `color` is drained or `timeout` has passed: a wait longer than the
+/// API takes in one call is asked for in turns of at most an hour.
+async fn wait_drained(
+    options: &Options,
+    color: &str,
+    timeout: &str,
+) -> Result<(http::StatusCode, Value), i32> {
+    let path = |timeout: &str| {
+        format!(
+            "/drain/wait?color={}&timeout={}",
+            query_value(color),
+            query_value(timeout)
+        )
+    };
+    let Ok(total) = humantime::parse_duration(timeout) else {
+        // The API says what is wrong with it.
+        return call(
+            options,
+            Method::GET,
+            &path(timeout),
+            None,
+            Some(wait_of(timeout)),
+        )
+        .await;
+    };
+    let deadline = std::time::Instant::now() + total;
+    loop {
+        let asked = std::time::Instant::now();
+        let left = deadline.saturating_duration_since(asked);
+        let turn = left.min(LONGEST_WAIT);
+        let text = humantime::format_duration(turn).to_string();
+        let (status, value) = call(options, Method::GET, &path(&text), None, Some(turn)).await?;
+        // An API that waits less than it was asked is not asked again and again.
+        let cut_short = asked.elapsed() < turn / 2;
+        if turn == left || cut_short || !status.is_success() || value["drained"] == true {
+            return Ok((status, value));
+        }
+    }
+}
+
+/// One call to the API: its status and JSON answer, or the exit code of a call that got
+/// none (and a message on stderr).
+async fn call(
+    options: &Options,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    wait: Option<Duration>,
+) -> Result<(http::StatusCode, Value), i32> {
+    let url = format!("{}{}", options.admin.trim_end_matches('/'), path);
+    let mut req = Request::builder().method(method).uri(&url);
+    if let Some(token) = &options.token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    if !body.is_empty() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = match req.body(Full::new(Bytes::from(body))) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: bad admin URL {url}: {e}");
+            return Err(1);
+        }
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let limit = wait.unwrap_or_default() + Duration::from_secs(30);
+    let response = match tokio::time::timeout(limit, client.request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!(
+                "error: cannot reach the admin API at {}: {}",
+                options.admin,
+                crate::proxy::http::source_chain(&e)
+            );
+            return Err(1);
+        }
+        Err(_) => {
+            eprintln!(
+                "error: the admin API at {} did not answer in {limit:?}",
+                options.admin
+            );
+            return Err(1);
+        }
+    };
+    let status = response.status();
+    let bytes = match response.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            eprintln!("error: reading the answer: {e}");
+            return Err(1);
+        }
+    };
+    let value: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+    Ok((status, value))
 }
 
 /// Writes the answer to stdout; `false` (and a message) when it could not be written.

@@ -15,6 +15,7 @@ use http_body_util::Full;
 use serde_json::{Value, json};
 use support::{PATIENCE, TOKEN, color_of, eventually, free_port, http_client, send_json};
 use switchyard::stub::{StubHandle, StubOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -838,6 +839,59 @@ async fn ctl_wait_drained_exits_3_while_a_stream_is_open() {
     let (out, ()) = tokio::join!(waiter, closer);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("blue is drained"), "{out:?}");
+}
+
+/// The API waits at most an hour in one call: a longer wait is asked for in turns of an
+/// hour. Here an API that answers at once, not drained: `ctl` asks for an hour, and does
+/// not ask again when the answer comes sooner than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_asks_for_a_wait_longer_than_an_hour_in_turns_of_an_hour() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = format!("http://{}", listener.local_addr().expect("addr"));
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let api = tokio::spawn({
+        let asked = asked.clone();
+        async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let line = head.lines().next().unwrap_or_default().to_owned();
+                asked.lock().expect("lock").push(line);
+                let body = r#"{"drained":false,"color":"blue","open_streams":1,"in_flight":0}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        }
+    });
+    let out = switchyard(&[
+        "ctl",
+        "--admin",
+        &admin,
+        "wait-drained",
+        "blue",
+        "--timeout",
+        "2h 30m",
+    ])
+    .await;
+    api.abort();
+    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(
+        *asked.lock().expect("lock"),
+        ["GET /drain/wait?color=blue&timeout=1h HTTP/1.1"],
+        "{out:?}"
+    );
 }
 
 // ---- check ----------------------------------------------------------------------------
