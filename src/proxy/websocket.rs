@@ -186,7 +186,7 @@ pub async fn forward(
 
     let fail = |e: ProxyError, kind: UpstreamErrorKind| {
         proxy.metrics.upstream_error(&upstream, kind);
-        tracing::warn!(upstream = %upstream.name, color = %color, error = %e, "upstream handshake failed");
+        tracing::warn!(upstream = %upstream.name, color = %color, session = session.as_deref().unwrap_or("-"), error = %e, "upstream handshake failed");
         metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
         error_response(&e, color)
     };
