@@ -888,6 +888,19 @@ fn parse_head(
         }
         // Both framings at once is how request smuggling starts: answer, but do not keep.
         let ambiguous = has_te && has_length;
+        // A HEAD, 204 or 304 answer has no body even when its head announces one, and a
+        // faulty upstream may send that body anyway, after the head: the next request on
+        // the connection, maybe another client's, would take it for its answer. Such an
+        // answer's connection is not kept.
+        let unframed = (has_te || has_length)
+            && (*method == Method::HEAD
+                || status == StatusCode::NO_CONTENT
+                || status == StatusCode::NOT_MODIFIED)
+            && (has_te
+                || headers
+                    .get_all(header::CONTENT_LENGTH)
+                    .iter()
+                    .any(|v| v.as_bytes() != b"0"));
         let framing = response_framing(method, status, has_te, &mut headers)?;
         let mut response = Response::new(());
         *response.status_mut() = status;
@@ -898,7 +911,7 @@ fn parse_head(
         {
             response.extensions_mut().insert(reason);
         }
-        return Ok(Some((response, framing, !ambiguous)));
+        return Ok(Some((response, framing, !ambiguous && !unframed)));
     }
 }
 
