@@ -37,6 +37,8 @@ pub enum ProxyError {
     Unauthorized,
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0} is not proxied: Switchyard is a reverse proxy, not a tunnel")]
+    MethodNotProxied(http::Method),
 }
 
 impl ProxyError {
@@ -48,7 +50,9 @@ impl ProxyError {
             | ProxyError::UpstreamFailed(_)
             | ProxyError::UpstreamTimeout(_) => Blame::Upstream,
             ProxyError::DrainDeadline(_) | ProxyError::OutOfSockets(_) => Blame::Internal,
-            ProxyError::Unauthorized | ProxyError::BadRequest(_) => Blame::Client,
+            ProxyError::Unauthorized
+            | ProxyError::BadRequest(_)
+            | ProxyError::MethodNotProxied(_) => Blame::Client,
         }
     }
 
@@ -65,6 +69,7 @@ impl ProxyError {
             ProxyError::OutOfSockets(_) => (StatusCode::SERVICE_UNAVAILABLE, "proxy_overloaded"),
             ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::MethodNotProxied(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
         }
     }
 

@@ -122,17 +122,26 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
-        let host = match http::client_host(&req) {
+        // CONNECT asks for a tunnel to the host it names, which an upstream would be
+        // given as `CONNECT /`. Neither is routed: no colour, as for a 401. The
+        // connection goes after the answer: what follows a CONNECT is the tunnel's, and a
+        // client that framed one request wrongly may have framed its body wrongly too
+        // (RFC 9112 §3.2); neither can be read as the next request.
+        let refused = if req.method() == ::http::Method::CONNECT {
+            Err(ProxyError::MethodNotProxied(::http::Method::CONNECT))
+        } else {
+            http::client_host(&req)
+        };
+        let host = match refused {
             Ok(host) => host,
-            // Not routed: no colour, as for a 401. The connection goes after the answer:
-            // a client that framed one request wrongly may have framed its body wrongly
-            // too, and what follows on the connection cannot be trusted (RFC 9112 §3.2).
             Err(e) => {
                 let mut answer = e.to_response().map(ProxyBody::full);
-                answer.headers_mut().insert(
-                    ::http::header::CONNECTION,
-                    HeaderValue::from_static("close"),
-                );
+                if req.version() < ::http::Version::HTTP_2 {
+                    answer.headers_mut().insert(
+                        ::http::header::CONNECTION,
+                        HeaderValue::from_static("close"),
+                    );
+                }
                 return Either::Left(future::ready(answer));
             }
         };

@@ -1492,6 +1492,32 @@ async fn the_host_is_the_targets_authority_and_http_1_1_needs_exactly_one() {
     up.assert_no_other_connection();
 }
 
+/// CONNECT asks for a tunnel, which a reverse proxy does not make: 501, not routed, and
+/// the connection closed (what the client sends next is the tunnel's, not a request).
+#[tokio::test]
+async fn connect_is_refused_and_not_sent_upstream() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let mut client = Peer::client(&env).await;
+    client
+        .write(b"CONNECT internal.example:443 HTTP/1.1\r\nhost: internal.example:443\r\n\r\n")
+        .await;
+    let head = client.read_head("the refusal").await;
+    assert_eq!(head.start, "HTTP/1.1 501 Not Implemented");
+    assert!(head.lacks("x-switchyard-color"), "not routed: {head:#?}");
+    assert_eq!(head.one("connection"), "close");
+    let body: usize = head.one("content-length").parse().expect("a length");
+    let body = client.read_exact(body, "the refusal's body").await;
+    assert!(
+        String::from_utf8_lossy(&body).contains(r#""error":"not_implemented""#),
+        "{body:?}"
+    );
+    client
+        .expect_closed("the connection after the refusal")
+        .await;
+    up.assert_no_other_connection();
+}
+
 #[tokio::test]
 async fn a_request_body_with_a_length_goes_upstream_with_that_length() {
     let mut up = upstream().await;
