@@ -730,8 +730,8 @@ fn the_parser_refuses_malformed_expositions() {
     }
 }
 
-/// A WebSocket handshake Switchyard refuses itself (no key; a version other than 13) is a
-/// routed answer, with the colour header, and counted as one.
+/// A WebSocket handshake Switchyard refuses itself (no key or a bad one; a version other
+/// than 13; HTTP/1.0; a body) is a routed answer, with the colour header, and counted as one.
 #[tokio::test]
 async fn a_refused_websocket_handshake_is_counted() {
     let env = EnvBuilder::default().start().await;
@@ -745,6 +745,23 @@ async fn a_refused_websocket_handshake_is_counted() {
         }
         req.body(Full::new(Bytes::new())).expect("request")
     };
+    let key = Some("dGhlIHNhbXBsZSBub25jZQ==");
+    let mut http_1_0 = handshake("13", key);
+    *http_1_0.version_mut() = http::Version::HTTP_10;
+    let with_a_body = handshake("13", key).map(|_| Full::new(Bytes::from_static(b"0123456789")));
+    for (what, req) in [
+        (
+            "a key that is not 16 bytes",
+            handshake("13", Some("not-base64!!")),
+        ),
+        ("HTTP/1.0", http_1_0),
+        ("a body", with_a_body),
+    ] {
+        let refused = env.client.request(req).await.expect("answer");
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{what}");
+        assert_eq!(color_of(&refused), "blue", "{what}");
+    }
+    assert_eq!(env.blue[0].state.ws_open_now(), 0);
     let old = env
         .client
         .request(handshake("8", Some("dGhlIHNhbXBsZSBub25jZQ==")))
@@ -761,5 +778,5 @@ async fn a_refused_websocket_handshake_is_counted() {
     assert_eq!(keyless.status(), StatusCode::BAD_REQUEST);
     assert_eq!(color_of(&keyless), "blue");
     let m = scrape(&env).await;
-    assert_eq!(requests(&m, "blue", "websocket", "4xx"), 2.0);
+    assert_eq!(requests(&m, "blue", "websocket", "4xx"), 5.0);
 }

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use ::http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use ::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Empty;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Incoming};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -64,6 +64,24 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
         && has_token(req.headers().get(header::CONNECTION), "upgrade")
 }
 
+/// What makes a client's opening handshake one a server must refuse (RFC 6455 §4.2.1),
+/// beyond a missing key or version: HTTP/1.0, which cannot switch protocols; a key that
+/// is not 16 bytes in base64; a body, which the upgrade would leave unread between the
+/// handshake and the first frame (and which no upstream would be sent).
+fn handshake_fault(req: &Request<Incoming>, key: &HeaderValue) -> Option<&'static str> {
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    let key = key.as_bytes();
+    if req.version() != Version::HTTP_11 {
+        Some("a WebSocket upgrade needs HTTP/1.1")
+    } else if !(key.len() == 24 && key[..22].iter().all(base64) && key.ends_with(b"==")) {
+        Some("Sec-WebSocket-Key must be 16 bytes in base64")
+    } else if !req.body().is_end_stream() {
+        Some("a WebSocket handshake has no body")
+    } else {
+        None
+    }
+}
+
 /// Proxies a WebSocket handshake to `color`, then relays the stream in its own task.
 pub async fn forward(
     proxy: &Arc<Proxy>,
@@ -94,6 +112,11 @@ pub async fn forward(
         );
         metrics.count_request(Protocol::WebSocket, r.status().as_u16());
         return r;
+    }
+    if let Some(fault) = handshake_fault(&req, &client_key) {
+        let e = ProxyError::BadRequest(fault.into());
+        metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
+        return error_response(&e, color);
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
