@@ -340,11 +340,20 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     eprintln!("error: {e}");
                     return Ok(1);
                 }
+                // `run` in this environment would refuse to start without a token, so
+                // `check` refuses too (a pipeline that checks without the secret can set
+                // SWITCHYARD_ADMIN_TOKEN to anything for the check).
                 if switchyard::app::load_token(&c).is_err() {
-                    eprintln!(
-                        "warning: no admin token in {} (SWITCHYARD_ADMIN_TOKEN may supply it at run time)",
-                        c.admin.token_file.display()
-                    );
+                    let e = switchyard::config::ConfigError {
+                        file: c.source.display().to_string(),
+                        field: "admin.token_file".into(),
+                        reason: format!(
+                            "{} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty: run would refuse to start without an admin token",
+                            c.admin.token_file.display()
+                        ),
+                    };
+                    eprintln!("error: {e}");
+                    return Ok(1);
                 }
                 println!("{}: ok", config.display());
                 Ok(0)

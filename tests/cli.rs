@@ -916,7 +916,8 @@ async fn check(text: &str) -> (Output, String) {
     let path = dir.path().join("broken.toml");
     std::fs::write(&path, text).expect("config");
     let path = path.to_str().expect("utf-8").to_owned();
-    (switchyard(&["check", "--config", &path]).await, path)
+    let out = switchyard_with(None, Some(TOKEN), &["check", "--config", &path]).await;
+    (out, path)
 }
 
 /// Asserts `check` refuses `text`, naming the file and `field`.
@@ -932,6 +933,28 @@ async fn check_accepts_the_base_config() {
     let (out, path) = check(GOOD).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains(&path), "{out:?}");
+}
+
+/// `run` refuses to start without an admin token, so `check` refuses the config too when
+/// neither its token file nor SWITCHYARD_ADMIN_TOKEN has one, naming the field and file.
+#[tokio::test]
+async fn check_refuses_a_config_without_an_admin_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("switchyard.toml");
+    let token = dir.path().join("admin.token");
+    let text = format!("{GOOD}\n[admin]\ntoken_file = \"{}\"\n", token.display());
+    std::fs::write(&config, text).expect("config");
+    let config = config.to_str().expect("utf-8");
+    let out = switchyard_with(None, None, &["check", "--config", config]).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    for named in [config, "admin.token_file", &token.display().to_string()] {
+        assert!(out.stderr.contains(named), "names {named}: {out:?}");
+    }
+    let out = switchyard_with(None, Some(TOKEN), &["check", "--config", config]).await;
+    assert_eq!(out.code, 0, "the environment's token will do: {out:?}");
+    std::fs::write(&token, "from-the-file\n").expect("token");
+    let out = switchyard_with(None, None, &["check", "--config", config]).await;
+    assert_eq!(out.code, 0, "the file's token will do: {out:?}");
 }
 
 #[tokio::test]
@@ -1022,7 +1045,7 @@ async fn check_refuses_a_missing_upstream_ca_file() {
 async fn check_accepts_the_shipped_configs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for config in ["config/switchyard.toml", "config/switchyard.example.toml"] {
-        let out = switchyard_in(Some(root), &["check", "--config", config]).await;
+        let out = switchyard_with(Some(root), Some(TOKEN), &["check", "--config", config]).await;
         assert_eq!(out.code, 0, "{config}: {out:?}");
         assert!(out.stdout.contains("ok"), "{config}: {out:?}");
     }
