@@ -116,7 +116,15 @@ impl IntoResponse for ApiError {
         if let (Some(Value::Object(extra)), Some(obj)) = (self.extra, body.as_object_mut()) {
             obj.extend(extra);
         }
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // A 401 names the scheme it wants (RFC 9110 §11.6.1).
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(r#"Bearer realm="switchyard-admin""#),
+            );
+        }
+        response
     }
 }
 
@@ -462,8 +470,16 @@ async fn reload(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    if !read_body(body)?.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request("reload takes no body"));
+    // No body; an empty JSON object, which generic clients send, says nothing either.
+    let body = read_body(body)?;
+    let text = String::from_utf8_lossy(&body);
+    let empty = text.trim().is_empty()
+        || serde_json::from_str::<Value>(&text)
+            .is_ok_and(|v| v.as_object().is_some_and(|o| o.is_empty()));
+    if !empty {
+        return Err(ApiError::bad_request(
+            "reload takes no body (or an empty JSON object)",
+        ));
     }
     let outcome = admin.control.apply(Change::Reload).await?;
     Ok(change_answer(&admin, outcome))

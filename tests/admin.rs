@@ -119,6 +119,21 @@ async fn mutating_calls_need_the_right_token() {
             assert_error(&answer, StatusCode::UNAUTHORIZED, "unauthorized");
         }
     }
+    // A 401 names the scheme it wants (RFC 9110 §11.6.1).
+    let refused = env
+        .client
+        .request(
+            Request::post(env.admin_url("/flip"))
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        refused.headers()["www-authenticate"],
+        r#"Bearer realm="switchyard-admin""#
+    );
     // Nothing changed, and reads need no token.
     assert_eq!(generation(&env).await, 1);
     assert_eq!(history(&env).await.len(), 1);
@@ -146,6 +161,7 @@ async fn malformed_requests_are_400() {
         ("/commit", "[1"),
         ("/commit", r#"{"force": true}"#),
         ("/reload", r#"{"config": "elsewhere.toml"}"#),
+        ("/reload", "[]"),
     ] {
         let answer = post_raw(&env, path, auth, body).await;
         assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
@@ -165,6 +181,12 @@ async fn malformed_requests_are_400() {
     let (code, status) = env.admin_get("/status").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(status["active"], "blue");
+    // Reload takes no body; an empty JSON object, which generic clients send, is none.
+    for body in ["", " \n", "{}", " { } "] {
+        let (code, answer) = post_raw(&env, "/reload", auth, body).await;
+        assert_eq!(code, StatusCode::OK, "{body:?}: {answer}");
+    }
+    assert_eq!(generation(&env).await, 5);
 }
 
 #[tokio::test]
