@@ -324,14 +324,31 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
         .map(|&color| {
             let counts = admin.tracker.counts(color);
             let order = table.drain_order(color);
+            // Upstreams a reload removed that still hold traffic (one the table in hand
+            // still lists, in the moment before a reload publishes its own, once).
+            let removed: Vec<_> = retired
+                .iter()
+                .filter(|(u, _)| u.color == color && upstream_busy(u))
+                .filter(|(u, _)| !table.pool(color).iter().any(|p| Arc::ptr_eq(p, u)))
+                .collect();
             // The earliest deadline of the streams that drain (the flip's, or a reload's
-            // for an upstream it removed), or the colour's order over in-flight requests
-            // until its deadline: those it covers are cut then, so requests after it are
-            // new ones (through the preview listener), which do not drain.
+            // for an upstream it removed), or of an order over in-flight requests (the
+            // colour's, a removed upstream's) until it comes: those it covers are cut
+            // then, so requests after it are new ones (through the preview listener),
+            // which do not drain.
             let streams = admin.tracker.drain_deadline(color);
             let requests = order
-                .filter(|o| counts.in_flight > 0 && o.deadline > now)
-                .map(|o| o.deadline_at);
+                .filter(|_| counts.in_flight > 0)
+                .into_iter()
+                .chain(
+                    removed
+                        .iter()
+                        .filter(|(u, _)| u.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0)
+                        .map(|(_, o)| *o),
+                )
+                .filter(|o| o.deadline > now)
+                .map(|o| o.deadline_at)
+                .min();
             let state = if color == table.active {
                 "active"
             } else if streams.is_some() || requests.is_some() {
@@ -355,9 +372,8 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
             // The pool's upstreams, then those a reload removed that still hold traffic,
             // with the deadline their drain ends at: the colour's counts are their sums.
             let pool = table.pool(color).iter().map(|u| (u, None));
-            let removed = retired
+            let removed = removed
                 .iter()
-                .filter(|(u, _)| u.color == color && upstream_busy(u))
                 .map(|(u, o)| (u, Some(rfc3339(o.deadline_at))));
             let upstreams: Vec<Value> = pool
                 .chain(removed)

@@ -208,8 +208,11 @@ impl Tracker {
     /// A reload removed `upstream` from its pool: its streams and requests drain by `order`.
     pub fn retire(&self, upstream: &Arc<Upstream>, order: DrainOrder) {
         upstream.retire(order);
+        // It gets no new requests, so its kept connections serve none.
+        upstream.idle.clear();
         let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-        retired.retain(|u| u.strong_count() > 0);
+        retired
+            .retain(|u| u.strong_count() > 0 && !std::ptr::eq(u.as_ptr(), Arc::as_ptr(upstream)));
         retired.push(Arc::downgrade(upstream));
     }
 
@@ -359,7 +362,9 @@ impl Drop for StreamGuard {
 /// removed upstream's (a reload's).
 enum Cut {
     Color(Color),
-    Upstream(Arc<Upstream>),
+    /// Weak: waiting for its deadline must not keep a removed upstream (and its kept
+    /// connections) alive once its traffic is gone.
+    Upstream(Weak<Upstream>),
 }
 
 /// Ends plain HTTP requests on a draining colour at its deadline, following the route
@@ -394,7 +399,7 @@ pub async fn cut_requests_at_deadlines(
             .retired()
             .into_iter()
             .filter(|(u, o)| u.http_cut.load(Ordering::Acquire) < o.generation)
-            .map(|(u, o)| (Cut::Upstream(u), o));
+            .map(|(u, o)| (Cut::Upstream(Arc::downgrade(&u)), o));
         let next = colors.chain(upstreams).min_by_key(|(_, o)| o.deadline);
         drop(table);
         let due = async {
@@ -419,9 +424,13 @@ pub async fn cut_requests_at_deadlines(
                     }
                     tracker.cut_requests(color, &order);
                 }
-                Some((Cut::Upstream(upstream), order)) if upstream.retired() == Some(order) => {
-                    tracing::info!(upstream = %upstream.name, color = %upstream.color, "drain deadline: ending in-flight requests on the removed upstream");
-                    tracker.cut_upstream_requests(&upstream, &order);
+                Some((Cut::Upstream(upstream), order)) => {
+                    if let Some(upstream) = upstream.upgrade()
+                        && upstream.retired() == Some(order)
+                    {
+                        tracing::info!(upstream = %upstream.name, color = %upstream.color, "drain deadline: ending in-flight requests on the removed upstream");
+                        tracker.cut_upstream_requests(&upstream, &order);
+                    }
                 }
                 _ => {}
             },

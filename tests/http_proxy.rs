@@ -698,6 +698,7 @@ async fn in_flight_requests_on_a_removed_upstream_end_at_its_drain_deadline() {
         &format!("\"{}\"", env.green[0].url()),
     );
     let reloaded_at = std::time::SystemTime::now();
+    let reload_started = std::time::Instant::now();
     let (status, reloaded) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{reloaded}");
     let blue = &reloaded["colors"]["blue"];
@@ -718,6 +719,12 @@ async fn in_flight_requests_on_a_removed_upstream_end_at_its_drain_deadline() {
     assert!(deadline > reloaded_at, "{removed}");
 
     assert_cut_at_the_deadline(body, waiting).await;
+    // At the deadline, not before: the reload's `drain.timeout` is 1 s.
+    assert!(
+        reload_started.elapsed() >= std::time::Duration::from_millis(990),
+        "cut {:?} after the reload",
+        reload_started.elapsed()
+    );
     // Once its requests are gone, so is the removed upstream.
     eventually(|| async {
         let (_, after) = env.admin_get("/status").await;
@@ -727,6 +734,41 @@ async fn in_flight_requests_on_a_removed_upstream_end_at_its_drain_deadline() {
             == Some(1)
     })
     .await;
+}
+
+/// A reload that lists a removed upstream again before its deadline puts it back: its
+/// requests are not cut, as a rollback cancels a colour's drain.
+#[tokio::test]
+async fn a_reload_that_puts_a_removed_upstream_back_cuts_nothing() {
+    let (env, mut body) = blue_response_stalled_mid_body().await;
+    let (_, before) = env.admin_get("/status").await;
+    let stalling = before["colors"]["blue"]["upstreams"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        drain_timeout: "1s",
+        ..Default::default()
+    };
+    let green = format!("\"{}\"", env.green[0].url());
+    env.write_config(&builder, &format!("\"{}\"", env.blue[0].url()), &green);
+    let (status, removed) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{removed}");
+    assert_eq!(removed["colors"]["blue"]["upstreams"][1]["removed"], true);
+    env.write_config(&builder, &format!("\"{stalling}\""), &green);
+    let (status, back) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{back}");
+    let upstreams = back["colors"]["blue"]["upstreams"].as_array().cloned();
+    let upstreams = upstreams.expect("upstreams");
+    assert_eq!(upstreams.len(), 1, "{back}");
+    assert_eq!(upstreams[0]["url"], stalling.as_str());
+    assert_eq!(upstreams[0]["removed"], false, "{back}");
+    assert_eq!(upstreams[0]["in_flight"], 1, "{back}");
+    // Past the cancelled deadline the response is still open: absence of the cut can only
+    // be observed over time, so wait well past the 1 s deadline.
+    let next = tokio::time::timeout(std::time::Duration::from_millis(2500), body.frame()).await;
+    assert!(next.is_err(), "still open and waiting, not cut: {next:?}");
 }
 
 /// Shutdown bounds plain requests as a flip does: at `drain.timeout` a request still
@@ -875,6 +917,37 @@ async fn preview_requests_after_the_deadline_leave_the_standby_colour_standby() 
     assert_eq!(blue["in_flight"], 1, "{blue}");
     assert_eq!(blue["state"], "standby", "{blue}");
     assert_eq!(blue["drain_deadline"], Value::Null, "{blue}");
+}
+
+/// A standby colour whose removed upstream still holds requests is draining, with that
+/// upstream's deadline, as it is for streams.
+#[tokio::test]
+async fn a_standby_colour_with_requests_on_a_removed_upstream_is_draining() {
+    let env = env_with_blue_at(stalling_upstream().await).await;
+    let (status, flipped) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{flipped}");
+    let preview = env.app().preview_addr.expect("a preview listener");
+    let _body = stalled_body_at(&env, &format!("http://{preview}/stall-body")).await;
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    };
+    env.write_config(
+        &builder,
+        &format!("\"{}\"", env.blue[0].url()),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, reloaded) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{reloaded}");
+    let blue = &reloaded["colors"]["blue"];
+    assert_eq!(blue["state"], "draining", "{blue}");
+    assert_eq!(
+        blue["drain_deadline"], blue["upstreams"][1]["drain_deadline"],
+        "{blue}"
+    );
+    assert!(blue["drain_deadline"].is_string(), "{blue}");
 }
 
 #[tokio::test]
