@@ -182,7 +182,12 @@ async fn wait_drained(
         )
         .await;
     };
-    let deadline = std::time::Instant::now() + total;
+    // A wait past what the clock can hold (`--timeout 500000000000y`) is as good as ten
+    // years, which no drain outlasts.
+    let started = std::time::Instant::now();
+    let deadline = started
+        .checked_add(total)
+        .unwrap_or(started + crate::drain::MAX_DRAIN);
     loop {
         let asked = std::time::Instant::now();
         let left = deadline.saturating_duration_since(asked);
@@ -223,7 +228,9 @@ async fn call(
         }
     };
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let limit = wait.unwrap_or_default() + Duration::from_secs(30);
+    let limit = wait
+        .unwrap_or_default()
+        .saturating_add(Duration::from_secs(30));
     let response = match tokio::time::timeout(limit, client.request(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
