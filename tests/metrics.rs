@@ -731,7 +731,8 @@ fn the_parser_refuses_malformed_expositions() {
 }
 
 /// A WebSocket handshake Switchyard refuses itself (no key or a bad one; a version other
-/// than 13; HTTP/1.0; a body) is a routed answer, with the colour header, and counted as one.
+/// than 13; a body) is a routed answer, with the colour header, and counted as one. Over
+/// HTTP/1.0 the upgrade is ignored (RFC 9110 §7.8): a plain request.
 #[tokio::test]
 async fn a_refused_websocket_handshake_is_counted() {
     let env = EnvBuilder::default().start().await;
@@ -754,13 +755,16 @@ async fn a_refused_websocket_handshake_is_counted() {
             "a key that is not 16 bytes",
             handshake("13", Some("not-base64!!")),
         ),
-        ("HTTP/1.0", http_1_0),
         ("a body", with_a_body),
     ] {
         let refused = env.client.request(req).await.expect("answer");
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{what}");
         assert_eq!(color_of(&refused), "blue", "{what}");
     }
+    // The stub answers a plain GET of its WebSocket path with 400.
+    let plain = env.client.request(http_1_0).await.expect("answer");
+    assert_eq!(plain.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(color_of(&plain), "blue");
     assert_eq!(env.blue[0].state.ws_open_now(), 0);
     let old = env
         .client
@@ -778,5 +782,6 @@ async fn a_refused_websocket_handshake_is_counted() {
     assert_eq!(keyless.status(), StatusCode::BAD_REQUEST);
     assert_eq!(color_of(&keyless), "blue");
     let m = scrape(&env).await;
-    assert_eq!(requests(&m, "blue", "websocket", "4xx"), 5.0);
+    assert_eq!(requests(&m, "blue", "websocket", "4xx"), 4.0);
+    assert_eq!(requests(&m, "blue", "http", "4xx"), 1.0);
 }

@@ -59,21 +59,22 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
         v.and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     }
+    // An HTTP/1.0 request's `Upgrade` is ignored (RFC 9110 §7.8): it goes on as a plain
+    // request, without it (a hop-by-hop field).
     req.method() == Method::GET
+        && req.version() == Version::HTTP_11
         && has_token(req.headers().get(header::UPGRADE), "websocket")
         && has_token(req.headers().get(header::CONNECTION), "upgrade")
 }
 
 /// What makes a client's opening handshake one a server must refuse (RFC 6455 §4.2.1),
-/// beyond a missing key or version: HTTP/1.0, which cannot switch protocols; a key that
-/// is not 16 bytes in base64; a body, which the upgrade would leave unread between the
-/// handshake and the first frame (and which no upstream would be sent).
+/// beyond a missing key or version: a key that is not 16 bytes in base64; a body, which
+/// the upgrade would leave unread between the handshake and the first frame (and which no
+/// upstream would be sent).
 fn handshake_fault(req: &Request<Incoming>, key: &HeaderValue) -> Option<&'static str> {
     let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
     let key = key.as_bytes();
-    if req.version() != Version::HTTP_11 {
-        Some("a WebSocket upgrade needs HTTP/1.1")
-    } else if !(key.len() == 24 && key[..22].iter().all(base64) && key.ends_with(b"==")) {
+    if !(key.len() == 24 && key[..22].iter().all(base64) && key.ends_with(b"==")) {
         Some("Sec-WebSocket-Key must be 16 bytes in base64")
     } else if !req.body().is_end_stream() {
         Some("a WebSocket handshake has no body")
