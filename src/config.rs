@@ -145,6 +145,10 @@ pub struct Limits {
     pub response_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// A WebSocket stream whose client or upstream takes none of the bytes Switchyard
+    /// holds for it for this long is ended (a side that stopped reading would hold the
+    /// stream, and its connections, until a drain). Not in SPEC's table; default 5m.
+    pub stall_timeout: Duration,
 }
 
 /// Trust for `https://` upstreams.
@@ -465,6 +469,7 @@ impl Config {
             } else {
                 raw.limits.max_connections
             },
+            stall_timeout: positive("limits.stall_timeout", raw.limits.stall_timeout)?,
         };
 
         let non_empty = |field: &str, value: String| -> Result<PathBuf, ConfigError> {

@@ -1565,3 +1565,104 @@ async fn the_101_names_only_a_subprotocol_the_client_offered() {
     .await;
     assert_eq!(response.headers()["sec-websocket-protocol"], "bearer");
 }
+
+/// An env whose blue pool is the upstream at `addr`, with `limits.stall_timeout` of 1 s.
+async fn env_with_stall_timeout_at(addr: SocketAddr) -> Env {
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        extra: "stall_timeout = \"1s\"".into(),
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    env.write_config(
+        &builder,
+        &format!("\"http://{addr}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    env
+}
+
+/// An upstream that stops reading (a hung node) would hold the stream until a drain:
+/// back-pressure stops Switchyard reading the client, so it would not even see the client
+/// leave. After `limits.stall_timeout` with no byte taken, the stream ends as an error and
+/// the client is told 1011, so it reconnects.
+#[tokio::test]
+async fn an_upstream_that_stops_reading_ends_its_stream_after_the_stall_timeout() {
+    let addr = scripted_upstream(false, |ws| async move {
+        // Holds the connection and never reads it.
+        std::future::pending::<()>().await;
+        drop(ws);
+    })
+    .await;
+    let env = env_with_stall_timeout_at(addr).await;
+    let (ws, _) = open(&env.ws_url("/v1/listen")).await;
+    let (mut sink, mut stream) = ws.split();
+    // Audio until the sockets between here and the upstream are full and a send waits
+    // (bounded: 4,000 frames of 64 KiB, far more than they hold).
+    let flood = tokio::spawn(async move {
+        for _ in 0..4000 {
+            if sink
+                .send(Message::binary(vec![7u8; 64 * 1024]))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let close = within("the close after the stall", async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    flood.abort();
+    assert_eq!(close_code(&close), Some(1011));
+    eventually(|| async { closes_of(&env, "error") == Some(1.0) }).await;
+}
+
+/// A client that stops reading is found the same way: the upstream is told the client
+/// went away (1001), and the stream ends as an error.
+#[tokio::test]
+async fn a_client_that_stops_reading_ends_its_stream_after_the_stall_timeout() {
+    let (closed, mut told) = tokio::sync::mpsc::unbounded_channel();
+    let addr = scripted_upstream(false, move |ws| {
+        let closed = closed.clone();
+        async move {
+            let (mut sink, mut stream) = ws.split();
+            // Audio until Switchyard takes no more (bounded as above), while the
+            // other half waits for the close.
+            let flood = tokio::spawn(async move {
+                for _ in 0..4000 {
+                    if sink
+                        .send(Message::binary(vec![7u8; 64 * 1024]))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            while let Some(Ok(message)) = stream.next().await {
+                if let Message::Close(frame) = message {
+                    let _ = closed.send(close_code(&frame));
+                    break;
+                }
+            }
+            flood.abort();
+        }
+    })
+    .await;
+    let env = env_with_stall_timeout_at(addr).await;
+    // Opened and never read.
+    let (_ws, _) = open(&env.ws_url("/v1/speak")).await;
+    let code = within("the upstream told of the stall", told.recv()).await;
+    assert_eq!(code, Some(Some(1001)));
+    eventually(|| async { closes_of(&env, "error") == Some(1.0) }).await;
+}

@@ -163,6 +163,8 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -172,6 +174,7 @@ impl Default for Limits {
             response_timeout: Duration::from_secs(15 * 60),
             header_read_timeout: Duration::from_secs(10),
             max_connections: 20_000,
+            stall_timeout: Duration::from_secs(5 * 60),
         }
     }
 }

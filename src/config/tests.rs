@@ -20,6 +20,15 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.health.rise, 2);
     assert_eq!(c.routing.initial, Color::Blue);
     assert_eq!(c.limits.max_connections, 20_000);
+    assert_eq!(c.limits.stall_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn a_zero_stall_timeout_is_refused() {
+    let e = parse(&format!("{MINIMAL}\n[limits]\nstall_timeout = \"0s\"\n")).expect_err("zero");
+    assert_eq!(e.field, "limits.stall_timeout", "{e}");
+    let c = parse(&format!("{MINIMAL}\n[limits]\nstall_timeout = \"90s\"\n")).expect("valid");
+    assert_eq!(c.limits.stall_timeout, Duration::from_secs(90));
 }
 
 #[test]

@@ -123,6 +123,9 @@ pub struct Pump {
     unwritten: u64,
     /// A frame header in `buf` at or before the first of them, when there is one.
     unwritten_at: usize,
+    /// Bytes written to the destination, frames of Switchyard's own included: whether it
+    /// takes any (`relay`'s stall watch).
+    written: u64,
     counter: IntCounter,
 }
 
@@ -159,8 +162,20 @@ impl Pump {
             dropped: 0,
             unwritten: 0,
             unwritten_at: 0,
+            written: 0,
             counter,
         }
+    }
+
+    /// Whether the last `poll` that returned `Pending` waits to write (or flush) to the
+    /// destination, rather than to read: the loop writes all it holds before it reads.
+    pub fn is_writing(&self) -> bool {
+        self.pass > 0 || (self.left == 0 && !self.own.is_empty()) || self.unflushed
+    }
+
+    /// Bytes written to the destination so far.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// The client's audio messages the upstream never got: dropped after the drain
@@ -204,6 +219,7 @@ impl Pump {
                 match ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[..self.pass])) {
                     Ok(0) => return Poll::Ready(Event::DestinationLost("wrote zero bytes".into())),
                     Ok(written) => {
+                        self.written += written as u64;
                         self.written_in_pass(written);
                         self.buf.advance(written);
                         self.pass -= written;
@@ -231,6 +247,7 @@ impl Pump {
                             return Poll::Ready(Event::DestinationLost("wrote zero bytes".into()));
                         }
                         Ok(written) => {
+                            self.written += written as u64;
                             front.advance(written);
                             if front.is_empty() {
                                 self.own.pop_front();

@@ -18,7 +18,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -397,6 +397,73 @@ struct Stream {
     span: tracing::Span,
 }
 
+/// The two ends of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+/// Finds a side that takes none of the bytes Switchyard holds for it (it stopped reading,
+/// or its host is gone and TCP has not said so yet) for `limits.stall_timeout`. Back-
+/// pressure stops reading the other side meanwhile, so without this such a stream would
+/// hold its connections until a drain, and a client that left would never be noticed.
+///
+/// Armed when a pump is left waiting to write; when the timer fires, a pump that still
+/// waits and wrote nothing since it was armed has stalled, and otherwise the timer is
+/// armed again (or let go, when neither waits). A stall is found within one to two
+/// timeouts, and a stream that is only slow costs a timer per timeout, not per frame.
+#[derive(Default)]
+struct StallWatch {
+    /// The timer, and the bytes each pump (`up`, `down`) had written when it was armed.
+    armed: Option<(Pin<Box<tokio::time::Sleep>>, u64, u64)>,
+}
+
+impl StallWatch {
+    /// Called when both pumps are pending; `Ready` with the side that stalled and why.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        up: &Pump,
+        down: &Pump,
+        timeout: impl Fn() -> Duration,
+    ) -> Poll<(Side, String)> {
+        let writing = up.is_writing() || down.is_writing();
+        if self.armed.is_none() {
+            if !writing {
+                return Poll::Pending;
+            }
+            let sleep = Box::pin(tokio::time::sleep(timeout()));
+            self.armed = Some((sleep, up.written(), down.written()));
+        }
+        let Some((sleep, up_at, down_at)) = self.armed.as_mut() else {
+            return Poll::Pending;
+        };
+        while sleep.as_mut().poll(cx).is_ready() {
+            let period = timeout();
+            let why = |side: &str| {
+                format!(
+                    "the {side} took none of the bytes for it in {}",
+                    humantime::format_duration(period)
+                )
+            };
+            if up.is_writing() && up.written() == *up_at {
+                return Poll::Ready((Side::Upstream, why("upstream")));
+            }
+            if down.is_writing() && down.written() == *down_at {
+                return Poll::Ready((Side::Client, why("client")));
+            }
+            if !writing {
+                self.armed = None;
+                return Poll::Pending;
+            }
+            sleep.as_mut().reset(tokio::time::Instant::now() + period);
+            (*up_at, *down_at) = (up.written(), down.written());
+        }
+        Poll::Pending
+    }
+}
+
 /// How a relay ended, before the closing handshakes.
 enum Ending {
     /// The upstream sent a close frame (its code, the frame), to forward to the client.
@@ -461,6 +528,7 @@ impl Stream {
         let mut drain_sent = false;
         let mut close_sent = false;
         let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut stall = StallWatch::default();
         let ending = {
             let deadline = self.watch.deadline();
             tokio::pin!(deadline);
@@ -544,7 +612,17 @@ impl Stream {
                     return Poll::Ready(ending);
                 }
                 let ending = match up.poll(cx, &mut client, &mut upstream) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        let timeout = || router.load().settings.config.limits.stall_timeout;
+                        match stall.poll(cx, &up, &down, timeout) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready((Side::Upstream, why)) if drain_sent => {
+                                Ending::UpstreamLostInDrain(why)
+                            }
+                            Poll::Ready((Side::Upstream, why)) => Ending::UpstreamLost(why),
+                            Poll::Ready((Side::Client, why)) => Ending::ClientLost(why),
+                        }
+                    }
                     Poll::Ready(Event::Close { code, frame }) => Ending::ClientClosed(code, frame),
                     Poll::Ready(Event::Ended) => {
                         Ending::ClientLost("connection closed without a close frame".into())
