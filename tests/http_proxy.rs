@@ -900,18 +900,25 @@ async fn stalling_upstream() -> SocketAddr {
     addr
 }
 
-/// Requests on the standby colour after its drain deadline came through the preview
-/// listener: they do not make it "draining" (the flip's drain order stays in the table
-/// until traffic goes back to that colour, long after its deadline).
-#[tokio::test]
-async fn preview_requests_after_the_deadline_leave_the_standby_colour_standby() {
+/// Blue at a stalling upstream, flipped away from with a drain of 0 s, then asked for
+/// `/stall-body` through the preview listener; returns the rest of that body.
+async fn a_preview_request_on_blue_after_its_drain() -> (Env, Incoming) {
     let env = env_with_blue_at(stalling_upstream().await).await;
     let (status, flipped) = env
         .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
         .await;
     assert_eq!(status, StatusCode::OK, "{flipped}");
     let preview = env.app().preview_addr.expect("a preview listener");
-    let _body = stalled_body_at(&env, &format!("http://{preview}/stall-body")).await;
+    let body = stalled_body_at(&env, &format!("http://{preview}/stall-body")).await;
+    (env, body)
+}
+
+/// Requests on the standby colour after its drain deadline came through the preview
+/// listener: they do not make it "draining" (the flip's drain order stays in the table
+/// until traffic goes back to that colour, long after its deadline).
+#[tokio::test]
+async fn preview_requests_after_the_deadline_leave_the_standby_colour_standby() {
+    let (env, _body) = a_preview_request_on_blue_after_its_drain().await;
     let (_, status) = env.admin_get("/status").await;
     let blue = &status["colors"]["blue"];
     assert_eq!(blue["in_flight"], 1, "{blue}");
@@ -923,13 +930,7 @@ async fn preview_requests_after_the_deadline_leave_the_standby_colour_standby() 
 /// upstream's deadline, as it is for streams.
 #[tokio::test]
 async fn a_standby_colour_with_requests_on_a_removed_upstream_is_draining() {
-    let env = env_with_blue_at(stalling_upstream().await).await;
-    let (status, flipped) = env
-        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{flipped}");
-    let preview = env.app().preview_addr.expect("a preview listener");
-    let _body = stalled_body_at(&env, &format!("http://{preview}/stall-body")).await;
+    let (env, _body) = a_preview_request_on_blue_after_its_drain().await;
     let builder = EnvBuilder {
         health: "mode = \"off\"",
         ..Default::default()

@@ -1573,15 +1573,26 @@ async fn env_with_stall_timeout_at(addr: SocketAddr) -> Env {
         extra: "stall_timeout = \"1s\"".into(),
         ..Default::default()
     };
-    let env = builder.clone().start().await;
-    env.write_config(
-        &builder,
-        &format!("\"http://{addr}\""),
-        &format!("\"{}\"", env.green[0].url()),
-    );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    env
+    support::env_with_blue_at_built(addr, builder).await
+}
+
+/// Sends audio on `sink` until the sockets on the way are full and a send waits, on a
+/// task of its own (bounded: 4,000 frames of 64 KiB, far more than they hold).
+fn flood<S>(mut sink: S) -> tokio::task::JoinHandle<()>
+where
+    S: futures_util::Sink<Message> + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        for _ in 0..4000 {
+            if sink
+                .send(Message::binary(vec![7u8; 64 * 1024]))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    })
 }
 
 /// An upstream that stops reading (a hung node) would hold the stream until a drain:
@@ -1598,20 +1609,8 @@ async fn an_upstream_that_stops_reading_ends_its_stream_after_the_stall_timeout(
     .await;
     let env = env_with_stall_timeout_at(addr).await;
     let (ws, _) = open(&env.ws_url("/v1/listen")).await;
-    let (mut sink, mut stream) = ws.split();
-    // Audio until the sockets between here and the upstream are full and a send waits
-    // (bounded: 4,000 frames of 64 KiB, far more than they hold).
-    let flood = tokio::spawn(async move {
-        for _ in 0..4000 {
-            if sink
-                .send(Message::binary(vec![7u8; 64 * 1024]))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
+    let (sink, mut stream) = ws.split();
+    let flood = flood(sink);
     let close = within("the close after the stall", async {
         loop {
             match stream.next().await {
@@ -1635,20 +1634,9 @@ async fn a_client_that_stops_reading_ends_its_stream_after_the_stall_timeout() {
     let addr = scripted_upstream(false, move |ws| {
         let closed = closed.clone();
         async move {
-            let (mut sink, mut stream) = ws.split();
-            // Audio until Switchyard takes no more (bounded as above), while the
-            // other half waits for the close.
-            let flood = tokio::spawn(async move {
-                for _ in 0..4000 {
-                    if sink
-                        .send(Message::binary(vec![7u8; 64 * 1024]))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
+            let (sink, mut stream) = ws.split();
+            // Audio until Switchyard takes no more, while this half waits for the close.
+            let flood = flood(sink);
             while let Some(Ok(message)) = stream.next().await {
                 if let Message::Close(frame) = message {
                     let _ = closed.send(close_code(&frame));

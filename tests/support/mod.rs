@@ -340,6 +340,11 @@ pub async fn env_with_blue_at_health(addr: std::net::SocketAddr, health: &'stati
         health,
         ..Default::default()
     };
+    env_with_blue_at_built(addr, builder).await
+}
+
+/// `env_with_blue_at` with the config of `builder`.
+pub async fn env_with_blue_at_built(addr: std::net::SocketAddr, builder: EnvBuilder) -> Env {
     let env = builder.clone().start().await;
     env.write_config(
         &builder,
