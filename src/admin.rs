@@ -336,7 +336,16 @@ pub fn status_json(admin: &Admin, table: &RouteTable) -> Value {
             // colour's, a removed upstream's) until it comes: those it covers are cut
             // then, so requests after it are new ones (through the preview listener),
             // which do not drain.
-            let streams = admin.tracker.drain_deadline(color);
+            // Streams the colour's order covers count from the change on: each stream's
+            // task marks its own deadline only when it wakes to the change, which a
+            // flip's answer may come before.
+            let covered = order
+                .filter(|o| admin.tracker.streams_routed_before(color, o.generation) > 0)
+                .map(|o| o.deadline_at);
+            let streams = [admin.tracker.drain_deadline(color), covered]
+                .into_iter()
+                .flatten()
+                .min();
             let requests = order
                 .filter(|_| counts.in_flight > 0)
                 .into_iter()

@@ -99,6 +99,10 @@ struct ColorCounts {
     /// Streams under a drain order: what makes a colour "draining" in `/status`, unlike
     /// streams a preview client opened on the standby colour after the flip.
     draining: AtomicU64,
+    /// Open streams by the generation of the table that routed them: those a drain order
+    /// covers are known at once, before each stream's task has marked itself draining
+    /// (`/status` in a flip's own answer). Written when a stream opens or ends.
+    routed: Mutex<BTreeMap<u64, u64>>,
     /// Their deadlines, each with how many streams it ends: the earliest is the colour's
     /// `drain_deadline` in `/status`. Written only when a stream starts or stops draining
     /// (or its order changes), so never on the data path.
@@ -235,16 +239,31 @@ impl Tracker {
             .collect()
     }
 
-    /// Counts a stream until the guard drops.
-    pub fn stream(self: &Arc<Self>, upstream: &Arc<Upstream>) -> StreamGuard {
-        self.colors[upstream.color.index()]
-            .open_streams
-            .fetch_add(1, Ordering::AcqRel);
+    /// Counts a stream, routed by the table of `generation`, until the guard drops.
+    pub fn stream(self: &Arc<Self>, upstream: &Arc<Upstream>, generation: u64) -> StreamGuard {
+        let c = &self.colors[upstream.color.index()];
+        *c.routed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(generation)
+            .or_default() += 1;
+        c.open_streams.fetch_add(1, Ordering::AcqRel);
         upstream.open_streams.fetch_add(1, Ordering::Relaxed);
         StreamGuard {
             tracker: self.clone(),
             upstream: upstream.clone(),
+            generation,
         }
+    }
+
+    /// How many of `color`'s open streams a table older than `generation` routed: those
+    /// an order given by the change to `generation` covers.
+    pub fn streams_routed_before(&self, color: Color, generation: u64) -> u64 {
+        let routed = self.colors[color.index()]
+            .routed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        routed.range(..generation).map(|(_, n)| n).sum()
     }
 
     /// Waits until `color` holds no traffic or `timeout` passes; returns the last counts.
@@ -348,10 +367,24 @@ impl Drop for RequestGuard {
 pub struct StreamGuard {
     tracker: Arc<Tracker>,
     upstream: Arc<Upstream>,
+    /// The generation of the table that routed it.
+    generation: u64,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        {
+            let mut routed = self.tracker.colors[self.upstream.color.index()]
+                .routed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = routed.get_mut(&self.generation) {
+                *n -= 1;
+                if *n == 0 {
+                    routed.remove(&self.generation);
+                }
+            }
+        }
         self.upstream.open_streams.fetch_sub(1, Ordering::Relaxed);
         self.tracker
             .release(self.upstream.color, |c| &c.open_streams);
@@ -579,5 +612,34 @@ impl DrainWatch {
                 None => self.changed().await,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamUrl;
+
+    /// The count `/status` reads to call a colour draining in a flip's own answer, before
+    /// any stream has marked itself: the open streams older tables routed, as they open
+    /// and end.
+    #[test]
+    fn streams_routed_before_a_change_are_counted_as_they_open_and_end() {
+        let tracker = Arc::new(Tracker::default());
+        let url = UpstreamUrl::parse("http://127.0.0.1:1").expect("valid url");
+        let upstream = Arc::new(Upstream::new(url, Color::Blue));
+        let first = tracker.stream(&upstream, 3);
+        let second = tracker.stream(&upstream, 3);
+        let later = tracker.stream(&upstream, 5);
+        assert_eq!(tracker.streams_routed_before(Color::Blue, 3), 0);
+        assert_eq!(tracker.streams_routed_before(Color::Blue, 4), 2);
+        assert_eq!(tracker.streams_routed_before(Color::Blue, 6), 3);
+        assert_eq!(tracker.streams_routed_before(Color::Green, 6), 0);
+        drop(first);
+        assert_eq!(tracker.streams_routed_before(Color::Blue, 4), 1);
+        drop(second);
+        drop(later);
+        assert_eq!(tracker.streams_routed_before(Color::Blue, 6), 0);
+        assert_eq!(tracker.counts(Color::Blue).open_streams, 0);
     }
 }

@@ -352,7 +352,7 @@ pub async fn forward(
             table.generation,
         )
         .counting(metrics.draining_streams.clone()),
-        _guard: proxy.tracker.stream(&upstream),
+        _guard: proxy.tracker.stream(&upstream, table.generation),
         _connection: GaugeGuard::new(proxy.metrics.connections(conn.listener)),
         _slot: crate::listener::Slot::take(&conn.open),
         upstream,
