@@ -520,6 +520,19 @@ impl Config {
         })
     }
 
+    /// The refusal of a config that leaves the admin API without a token (`check`, a
+    /// reload): neither its token file nor `SWITCHYARD_ADMIN_TOKEN` holds one.
+    pub fn no_token_error(&self) -> ConfigError {
+        ConfigError {
+            file: self.source.display().to_string(),
+            field: "admin.token_file".into(),
+            reason: format!(
+                "{} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty; the admin API would have no token",
+                self.admin.token_file.display()
+            ),
+        }
+    }
+
     /// Names the first field a reload may not change, if any (listeners and the store).
     pub fn reload_conflict(&self, new: &Config) -> Option<ConfigError> {
         let err = |field: &str| ConfigError {

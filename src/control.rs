@@ -518,15 +518,7 @@ impl Writer {
             return Err(conflict.into());
         }
         if settings.admin_token.is_none() {
-            return Err(ConfigError {
-                file: config.source.display().to_string(),
-                field: "admin.token_file".into(),
-                reason: format!(
-                    "{} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty; the admin API would have no token",
-                    config.admin.token_file.display()
-                ),
-            }
-            .into());
+            return Err(config.no_token_error().into());
         }
         crate::nofile::warn_if_short(&config);
         let pools = self.put_back_retired(RouteTable::pools_for(&config, Some(current)), current);

@@ -344,15 +344,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 // `check` refuses too (a pipeline that checks without the secret can set
                 // SWITCHYARD_ADMIN_TOKEN to anything for the check).
                 if switchyard::app::load_token(&c).is_err() {
-                    let e = switchyard::config::ConfigError {
-                        file: c.source.display().to_string(),
-                        field: "admin.token_file".into(),
-                        reason: format!(
-                            "{} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty: run would refuse to start without an admin token",
-                            c.admin.token_file.display()
-                        ),
-                    };
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", c.no_token_error());
                     return Ok(1);
                 }
                 println!("{}: ok", config.display());
