@@ -32,8 +32,8 @@ use crate::upstream::Color;
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
-/// Longest `/drain/wait` long-poll.
-const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Longest `/drain/wait` long-poll (`ctl wait-drained` asks for longer waits in turns).
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// The admin bearer token; never printed.
 #[derive(Clone)]

@@ -154,9 +154,6 @@ pub async fn run(options: &Options, command: Command) -> i32 {
     }
 }
 
-/// The longest wait the API takes in one `/drain/wait` call (it shortens longer ones).
-const LONGEST_WAIT: Duration = Duration::from_secs(3600);
-
 /// `/drain/wait` until `color` is drained or `timeout` has passed: a wait longer than the
 /// API takes in one call is asked for in turns of at most an hour.
 async fn wait_drained(
@@ -191,7 +188,8 @@ async fn wait_drained(
     loop {
         let asked = std::time::Instant::now();
         let left = deadline.saturating_duration_since(asked);
-        let turn = left.min(LONGEST_WAIT);
+        // The API shortens a longer wait to its own longest.
+        let turn = left.min(crate::admin::MAX_WAIT);
         let text = humantime::format_duration(turn).to_string();
         let (status, value) = call(options, Method::GET, &path(&text), None, Some(turn)).await?;
         // An API that waits less than it was asked is not asked again and again.
