@@ -888,20 +888,10 @@ fn parse_head(
         }
         // Both framings at once is how request smuggling starts: answer, but do not keep.
         let ambiguous = has_te && has_length;
-        // A HEAD, 204 or 304 answer has no body even when its head announces one, and a
-        // faulty upstream may send that body anyway, after the head: the next request on
-        // the connection, maybe another client's, would take it for its answer. Such an
-        // answer's connection is not kept.
-        let unframed = (has_te || has_length)
-            && (*method == Method::HEAD
-                || status == StatusCode::NO_CONTENT
-                || status == StatusCode::NOT_MODIFIED)
-            && (has_te
-                || headers
-                    .get_all(header::CONTENT_LENGTH)
-                    .iter()
-                    .any(|v| v.as_bytes() != b"0"));
-        let framing = response_framing(method, status, has_te, &mut headers)?;
+        // A faulty upstream may send the body a HEAD, 204 or 304 answer announces anyway,
+        // after the head: the next request on the connection, maybe another client's,
+        // would take it for its answer. Such an answer's connection is not kept.
+        let (framing, unframed) = response_framing(method, status, has_te, &mut headers)?;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -937,23 +927,27 @@ fn early_answer(buf: &mut BytesMut) -> Option<u16> {
     }
 }
 
-/// How a response body is delimited (RFC 9112 §6.3).
+/// How a response body is delimited (RFC 9112 §6.3), and whether the head announces a
+/// body that the method or status says is not there (a HEAD's, 204's or 304's non-zero
+/// length, or a transfer coding).
 fn response_framing(
     method: &Method,
     status: StatusCode,
     has_te: bool,
     headers: &mut HeaderMap,
-) -> Result<Framing, String> {
-    if status == StatusCode::NO_CONTENT {
-        // A 204 has no Content-Length (RFC 9110 §8.6); HTTP/2 clients refuse one.
-        headers.remove(header::CONTENT_LENGTH);
-        return Ok(Framing::Empty);
-    }
-    if *method == Method::HEAD || status == StatusCode::NOT_MODIFIED {
+) -> Result<(Framing, bool), String> {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
         // The length is that of the body not sent; repeated, it is still sent once (one
         // that is not valid is passed on: it frames nothing here).
-        let _ = content_length(headers);
-        return Ok(Framing::Empty);
+        let announced = has_te || !matches!(content_length(headers), Ok(None | Some(0)));
+        if status == StatusCode::NO_CONTENT {
+            // A 204 has no Content-Length (RFC 9110 §8.6); HTTP/2 clients refuse one.
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        return Ok((Framing::Empty, announced));
     }
     // `has_te` spares the common answer (Content-Length only) a hashed lookup.
     if has_te
@@ -969,17 +963,19 @@ fn response_framing(
             .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         // Transfer-Encoding overrides any Content-Length.
         headers.remove(header::CONTENT_LENGTH);
-        return Ok(if chunked {
+        let framing = if chunked {
             Framing::Chunked
         } else {
             Framing::Close
-        });
+        };
+        return Ok((framing, false));
     }
-    Ok(match content_length(headers)? {
+    let framing = match content_length(headers)? {
         None => Framing::Close,
         Some(0) => Framing::Empty,
         Some(length) => Framing::Length(length),
-    })
+    };
+    Ok((framing, false))
 }
 
 /// The answer's Content-Length, if it has one. The same length repeated is one length
