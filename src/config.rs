@@ -147,7 +147,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// A WebSocket stream whose client or upstream takes none of the bytes Switchyard
     /// holds for it for this long is ended (a side that stopped reading would hold the
-    /// stream, and its connections, until a drain). Not in SPEC's table; default 5m.
+    /// stream, and its connections, until a drain); so is a plain request whose client
+    /// stops reading its answer or sending its body, or whose upstream stops sending a
+    /// body it began (`proxy::stall`). Not in SPEC's table; default 5m.
     pub stall_timeout: Duration,
 }
 

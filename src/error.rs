@@ -37,6 +37,11 @@ pub enum ProxyError {
     Unauthorized,
     #[error("{0}")]
     BadRequest(String),
+    #[error(
+        "the request body stopped: none of it came for {}",
+        humantime::format_duration(*.0)
+    )]
+    RequestTimeout(std::time::Duration),
     #[error("{0} is not proxied: Switchyard is a reverse proxy, not a tunnel")]
     MethodNotProxied(http::Method),
 }
@@ -52,6 +57,7 @@ impl ProxyError {
             ProxyError::DrainDeadline(_) | ProxyError::OutOfSockets(_) => Blame::Internal,
             ProxyError::Unauthorized
             | ProxyError::BadRequest(_)
+            | ProxyError::RequestTimeout(_)
             | ProxyError::MethodNotProxied(_) => Blame::Client,
         }
     }
@@ -69,6 +75,7 @@ impl ProxyError {
             ProxyError::OutOfSockets(_) => (StatusCode::SERVICE_UNAVAILABLE, "proxy_overloaded"),
             ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ProxyError::MethodNotProxied(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
         }
     }

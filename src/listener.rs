@@ -7,6 +7,8 @@
 //! `limits.header_read_timeout` closes clients that never finish their headers, clients
 //! that send nothing at all, and HTTP/2 connections left idle (`drive`). None of it
 //! touches a stream once it is upgraded: those are tracked by `drain`, not by hyper.
+//! `limits.stall_timeout` closes a connection whose client takes none of the bytes
+//! written to it for that long (`proxy::stall::ClientIo`), upgraded or not.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ListenerKind;
 use crate::proxy::body::BodyError;
+use crate::proxy::stall::ClientIo;
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 
 /// Open connections of one listener, and a wake-up when one closes.
@@ -297,6 +300,8 @@ pub async fn serve(
         let limits = table.settings.config.limits;
         let tls = table.settings.tls.clone();
         drop(table);
+        // Writes to a client that stops reading give up after `limits.stall_timeout`.
+        let socket = ClientIo::new(socket, proxy.router().clone());
         let proxy = proxy.clone();
         let mut watch = shutdown.subscribe();
         let slot = Slot::take(&open);

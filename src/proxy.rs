@@ -15,6 +15,7 @@ pub mod h1;
 pub mod headers;
 pub mod http;
 pub mod pump;
+pub mod stall;
 pub mod websocket;
 mod woken;
 
@@ -208,10 +209,12 @@ impl Proxy {
     }
 
     /// Passes an upstream's answer to the client as it came (hop-by-hop headers aside),
-    /// tagged with the colour; `finish` is recorded when its body ends.
+    /// tagged with the colour; `finish` is recorded when its body ends. An upstream that
+    /// sends none of the body for `stall_timeout` while the client waits is cut off.
     pub(crate) fn relay_answer(
         response: Response<impl Into<body::UpstreamBody>>,
         finish: body::Finish,
+        stall_timeout: std::time::Duration,
     ) -> Response<ProxyBody> {
         let color = finish.color;
         let (mut parts, rbody) = response.into_parts();
@@ -220,7 +223,7 @@ impl Proxy {
         parts.version = ::http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
         tag(
-            Response::from_parts(parts, ProxyBody::upstream(rbody, finish)),
+            Response::from_parts(parts, ProxyBody::upstream(rbody, finish, stall_timeout)),
             color,
         )
     }

@@ -16,6 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request, StatusCode, header};
@@ -1382,15 +1383,7 @@ async fn a_body_cut_short_is_an_error_for_the_client(head: &[u8], part: &[u8], d
     );
     up.assert_no_other_connection();
     // Counted against the upstream (the client's error came after the count).
-    let metrics = env.app().metrics.encode();
-    let protocol_errors: f64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("switchyard_upstream_errors_total") && l.contains("kind=\"protocol\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(protocol_errors, 1.0, "{metrics}");
+    assert_eq!(upstream_errors(&env, "protocol"), 1.0);
 }
 
 #[tokio::test]
@@ -1688,4 +1681,137 @@ async fn h2_cookies_reach_the_upstream_on_one_line() {
     conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         .await;
     assert_ok(&joined("the answer", get).await, b"ok");
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. Stalls: `limits.stall_timeout` on plain requests.
+// ---------------------------------------------------------------------------------------
+
+/// An env whose blue pool is the scripted upstream at `addr`, with a stall timeout of 1 s.
+async fn env_with_stall_timeout(addr: SocketAddr) -> Env {
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        extra: "stall_timeout = \"1s\"".into(),
+        ..Default::default()
+    };
+    env_with_blue_at_built(addr, builder).await
+}
+
+/// The sum of `switchyard_upstream_errors_total` of `kind` over every upstream.
+fn upstream_errors(env: &Env, kind: &str) -> f64 {
+    let metrics = env.app().metrics.encode();
+    let label = format!("kind=\"{kind}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("switchyard_upstream_errors_total") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_sending_its_body_is_cut_off_after_the_stall_timeout() {
+    let mut up = upstream().await;
+    let env = env_with_stall_timeout(up.addr).await;
+    let get = spawn_get(&env, &env.client, "/v1/speak");
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.")
+        .await;
+    // The upstream keeps its connection open and sends nothing more: without the timer
+    // the client would wait for the other 90 bytes for ever.
+    let answer = joined("the answer", get).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    let failed = answer.body.as_ref().expect_err("a body cut off fails");
+    assert!(!failed.is_empty());
+    conn.expect_closed("the upstream connection after the cut")
+        .await;
+    assert_eq!(upstream_errors(&env, "timeout"), 1.0);
+    assert_eq!(upstream_errors(&env, "protocol"), 0.0);
+}
+
+#[tokio::test]
+async fn a_body_that_keeps_coming_slowly_is_not_cut_off() {
+    let mut up = upstream().await;
+    let env = env_with_stall_timeout(up.addr).await;
+    let get = spawn_get(&env, &env.client, "/v1/speak");
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await;
+    // Three periods of the timer in all, a chunk every tenth of one: only a body that
+    // stops is cut, not one that takes long.
+    let mut sent = Vec::new();
+    for i in 0..30u8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn.write(format!("1\r\n{}\r\n", char::from(b'a' + i % 26)).as_bytes())
+            .await;
+        sent.push(b'a' + i % 26);
+    }
+    conn.write(b"0\r\n\r\n").await;
+    assert_ok(&joined("the answer", get).await, &sent);
+    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_stall_timeout() {
+    let mut up = upstream().await;
+    let env = env_with_stall_timeout(up.addr).await;
+    let mut client = Peer::client(&env).await;
+    client
+        .write(b"GET /v1/speak HTTP/1.1\r\nhost: switchyard\r\n\r\n")
+        .await;
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await;
+    // An endless answer the client never reads: the socket buffers on both sides fill,
+    // and then the upstream's writes wait, until Switchyard gives the client up and
+    // closes the upstream's connection, which fails them.
+    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+    let failed = within("the upstream's writes fail", async {
+        loop {
+            if let Err(e) = conn.io.write_all(chunk.as_bytes()).await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(
+            failed.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{failed}"
+    );
+    // The client's connection is closed too, after what was already on its way.
+    client.drain_to_close("the client's connection").await;
+    drop(client);
+    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408_after_the_stall_timeout() {
+    let mut up = upstream().await;
+    let env = env_with_stall_timeout(up.addr).await;
+    let mut client = Peer::client(&env).await;
+    client
+        .write(b"POST /v1/listen HTTP/1.1\r\nhost: switchyard\r\ncontent-length: 100\r\n\r\nten bytes.")
+        .await;
+    let mut conn = up.accept("the request connects").await;
+    let head = conn.read_head("the request").await;
+    assert_eq!(head.one("content-length"), "100");
+    conn.read_exact(10, "the first ten bytes of the body").await;
+    // The client sends nothing more and keeps its connection open.
+    let answer = client.read_head("Switchyard's answer").await;
+    assert_eq!(answer.start, "HTTP/1.1 408 Request Timeout");
+    assert_eq!(answer.one("connection"), "close");
+    assert_eq!(answer.one("x-switchyard-color"), "blue");
+    let length: usize = answer.one("content-length").parse().expect("a length");
+    let body = client.read_exact(length, "the answer's body").await;
+    let json: Value = serde_json::from_slice(&body).expect("a JSON body");
+    assert_eq!(json["error"], "request_timeout", "{json}");
+    client.expect_closed("the client's connection").await;
+    conn.expect_closed("the upstream connection").await;
+    // The client's fault, not the upstream's.
+    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
 }

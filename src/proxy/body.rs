@@ -8,13 +8,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::IntCounter;
 
 use super::h1;
+use super::stall::{self, StallTimer};
 use tokio::sync::futures::OwnedNotified;
 
 use crate::drain::RequestGuard;
@@ -134,6 +135,11 @@ pub enum ProxyBody {
         finish: Option<Box<FinishHandle>>,
         /// Registered while waiting on the upstream, so a drain deadline wakes the body.
         cut: Option<Pin<Box<OwnedNotified>>>,
+        /// Frames passed on so far (progress, with the upload's bytes, for `stall`).
+        frames: u64,
+        /// Ends a body whose upstream sends none of it for `stall_timeout`.
+        stall: StallTimer,
+        stall_timeout: Duration,
     },
 }
 
@@ -153,6 +159,24 @@ impl From<h1::ResponseBody> for UpstreamBody {
 impl From<Incoming> for UpstreamBody {
     fn from(body: Incoming) -> UpstreamBody {
         UpstreamBody::Hyper(body)
+    }
+}
+
+impl UpstreamBody {
+    /// Bytes of the request written so far while the answer is read (full duplex).
+    fn uploaded(&self) -> u64 {
+        match self {
+            UpstreamBody::Inline(b) => b.uploaded(),
+            UpstreamBody::Hyper(_) => 0,
+        }
+    }
+
+    /// Whether the upstream may be waiting for the rest of the client's body.
+    fn waits_on_client(&self) -> bool {
+        match self {
+            UpstreamBody::Inline(b) => b.waits_on_client(),
+            UpstreamBody::Hyper(_) => false,
+        }
     }
 }
 
@@ -190,7 +214,12 @@ impl Body for UpstreamBody {
 #[error("the drain deadline of this request's colour passed; the response is cut")]
 pub struct Cut;
 
-/// A body error: the upstream's, or a cut at the drain deadline.
+/// Why Switchyard ended a response body on which no bytes moved for `limits.stall_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; the response is cut")]
+pub struct Stalled(String);
+
+/// A body error: the upstream's, a cut at the drain deadline, or a stall.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Opaque end-of-request bookkeeping carried by an upstream body.
@@ -207,13 +236,21 @@ impl ProxyBody {
         ProxyBody::Full(None)
     }
 
-    /// The upstream's body; `finish` is recorded when it ends.
-    pub fn upstream(inner: impl Into<UpstreamBody>, finish: Finish) -> ProxyBody {
+    /// The upstream's body; `finish` is recorded when it ends. An upstream that sends
+    /// none of it for `stall_timeout` while the client waits is cut off.
+    pub fn upstream(
+        inner: impl Into<UpstreamBody>,
+        finish: Finish,
+        stall_timeout: Duration,
+    ) -> ProxyBody {
         ProxyBody::Upstream {
             to_client: finish.metrics.color(finish.color).bytes_to_client.clone(),
             finish: Some(Box::new(FinishHandle(finish))),
             inner: inner.into(),
             cut: None,
+            frames: 0,
+            stall: StallTimer::default(),
+            stall_timeout,
         }
     }
 }
@@ -244,6 +281,35 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// The end of a body nothing moved on for `period`: the upstream's fault, counted as
+    /// its timeout, unless it waits for the rest of the client's body.
+    fn stalled(
+        inner: &UpstreamBody,
+        finish: &mut Option<Box<FinishHandle>>,
+        period: Duration,
+    ) -> BodyError {
+        let client = inner.waits_on_client();
+        let why = if client {
+            stall::stalled("the client sent none of its body", period)
+        } else {
+            stall::stalled("the upstream sent none of the body", period)
+        };
+        if let Some(f) = finish.take() {
+            let f = &f.0;
+            let upstream = f.guard.upstream();
+            if client {
+                tracing::debug!(upstream = %upstream.name, error = %why, "request body stalled");
+            } else {
+                f.metrics
+                    .upstream_error(upstream, UpstreamErrorKind::Timeout);
+                tracing::warn!(upstream = %upstream.name, color = %f.color, error = %why, "upstream body stalled");
+            }
+        }
+        Box::new(Stalled(why))
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BodyError;
@@ -259,14 +325,24 @@ impl Body for ProxyBody {
                 to_client,
                 finish,
                 cut,
+                frames,
+                stall,
+                stall_timeout,
             } => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                if polled.is_pending() && Self::check_cut(finish, cut, cx) {
-                    finish.take();
-                    return Poll::Ready(Some(Err(Box::new(Cut))));
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                if polled.is_pending() {
+                    if Self::check_cut(finish, cut, cx) {
+                        finish.take();
+                        return Poll::Ready(Some(Err(Box::new(Cut))));
+                    }
+                    let progress = *frames + inner.uploaded();
+                    if let Poll::Ready(period) = stall.poll(cx, progress, || *stall_timeout) {
+                        return Poll::Ready(Some(Err(Self::stalled(inner, finish, period))));
+                    }
                 }
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
+                        *frames += 1;
                         if let Some(data) = frame.data_ref() {
                             to_client.inc_by(data.len() as u64);
                             if let Some(f) = finish.as_mut() {

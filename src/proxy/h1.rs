@@ -35,7 +35,8 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::io::poll_read_buf;
 
 use super::headers::{self, Forwarding};
-use crate::config::UpstreamUrl;
+use super::stall::StallTimer;
+use crate::config::{Limits, UpstreamUrl};
 use crate::upstream::Upstream;
 
 /// How long a kept connection may sit unused before it is closed.
@@ -281,6 +282,9 @@ pub enum Failure {
     /// The upstream sent no response head within `response_timeout` of the request's end,
     /// or took none of the request for that long.
     TimedOut,
+    /// The client sent none of its body for `limits.stall_timeout` (the period), while
+    /// the upstream waited for it.
+    ClientStalled(Duration),
 }
 
 /// How a message body is delimited on the wire.
@@ -299,8 +303,7 @@ enum Framing {
 pub async fn exchange(
     upstream: &Arc<Upstream>,
     tls: &Arc<rustls::ClientConfig>,
-    connect_timeout: Duration,
-    response_timeout: Duration,
+    limits: &Limits,
     head: RequestHead<'_>,
     body: Incoming,
     to_upstream: &IntCounter,
@@ -315,7 +318,7 @@ pub async fn exchange(
                 // Boxed: a TLS handshake's state is large, and every request's future
                 // would carry its size (and be copied with it) for this rare path.
                 let connecting = Box::pin(connect(tls, &upstream.url));
-                match tokio::time::timeout(connect_timeout, connecting).await {
+                match tokio::time::timeout(limits.connect_timeout, connecting).await {
                     Ok(Ok(io)) => {
                         upstream.record_connect();
                         let trust = matches!(io, Stream::Tls(_)).then(|| tls.clone());
@@ -325,7 +328,7 @@ pub async fn exchange(
                     Err(_) => {
                         let e = io::Error::new(
                             io::ErrorKind::TimedOut,
-                            format!("connect timed out after {connect_timeout:?}"),
+                            format!("connect timed out after {:?}", limits.connect_timeout),
                         );
                         return Err(Failure::Connect(e, body));
                     }
@@ -348,7 +351,7 @@ pub async fn exchange(
                 to_upstream: to_upstream.clone(),
             },
         };
-        match sending.run(head.method, upstream, response_timeout).await {
+        match sending.run(head.method, upstream, limits).await {
             Ok(response) => return Ok(response),
             // The upstream closed a kept connection as it was reused; nothing was lost.
             Err((Sent::Stale(e), Some(unread))) if reused => {
@@ -360,6 +363,7 @@ pub async fn exchange(
             }
             Err((Sent::Client(e), _)) => return Err(Failure::Client(e)),
             Err((Sent::TimedOut, _)) => return Err(Failure::TimedOut),
+            Err((Sent::ClientStalled(period), _)) => return Err(Failure::ClientStalled(period)),
         }
     }
 }
@@ -458,6 +462,8 @@ enum Sent {
     /// No answer within `response_timeout` of the request's end, or no byte of the
     /// request taken for that long.
     TimedOut,
+    /// No byte of the client's body for `limits.stall_timeout` (the period).
+    ClientStalled(Duration),
 }
 
 /// Why a response head was not read.
@@ -674,9 +680,10 @@ impl Sending {
         mut self,
         method: &Method,
         upstream: &Arc<Upstream>,
-        response_timeout: Duration,
+        limits: &Limits,
     ) -> Result<Response<ResponseBody>, (Sent, Option<Incoming>)> {
-        let written = match self.send(response_timeout).await {
+        let response_timeout = limits.response_timeout;
+        let written = match self.send(response_timeout, limits.stall_timeout).await {
             Ok(written) => written,
             Err(e) => {
                 let e = self.failed(e);
@@ -705,31 +712,34 @@ impl Sending {
 
     /// Writes the request (see `poll_send`). An upstream that takes none of it for
     /// `response_timeout` while bytes wait is given up: a client may upload slowly, but an
-    /// upstream that stopped reading would otherwise hold the request for ever.
-    async fn send(&mut self, response_timeout: Duration) -> Result<Written, Sent> {
+    /// upstream that stopped reading would otherwise hold the request for ever. So is a
+    /// client that sends none of its body for `stall_timeout`, which would hold the
+    /// upstream's connection as long. Each timer runs only while its side is waited on.
+    async fn send(
+        &mut self,
+        response_timeout: Duration,
+        stall_timeout: Duration,
+    ) -> Result<Written, Sent> {
         if !self.upload.has_body() {
             // The head alone goes into an empty socket buffer.
             return std::future::poll_fn(|cx| self.poll_send(cx)).await;
         }
-        let mut stall = std::pin::pin!(tokio::time::sleep(response_timeout));
-        // The bytes written when the stall timer was last set, while it runs.
-        let mut armed_at = None;
+        let mut upstream = StallTimer::default();
+        let mut client = StallTimer::default();
         std::future::poll_fn(|cx| {
             if let Poll::Ready(sent) = self.poll_send(cx) {
                 return Poll::Ready(sent);
             }
-            if !self.upload.upstream_full {
-                armed_at = None;
-                return Poll::Pending;
-            }
-            if armed_at != Some(self.upload.wrote) {
-                armed_at = Some(self.upload.wrote);
-                let deadline = tokio::time::Instant::now() + response_timeout;
-                stall.as_mut().reset(deadline);
-            }
-            match stall.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(Sent::TimedOut)),
-                Poll::Pending => Poll::Pending,
+            // Bytes moving on either side start each timer's period again.
+            let progress = self.upload.wrote + self.upload.sent;
+            if self.upload.upstream_full {
+                upstream
+                    .poll(cx, progress, || response_timeout)
+                    .map(|_| Err(Sent::TimedOut))
+            } else {
+                client
+                    .poll(cx, progress, || stall_timeout)
+                    .map(|period| Err(Sent::ClientStalled(period)))
             }
         })
         .await
@@ -1049,6 +1059,8 @@ pub struct ResponseBody {
     /// The rest of the request, when the upstream answered before all of it was sent
     /// (rare: boxed so that the common body stays small).
     upload: Option<Box<Upload>>,
+    /// Bytes of that rest written so far (progress, for the stall timer).
+    uploaded: u64,
 }
 
 impl ResponseBody {
@@ -1069,6 +1081,7 @@ impl ResponseBody {
             decode,
             home: home.filter(|_| framing != Framing::Close),
             upload,
+            uploaded: 0,
         };
         if decode == Decode::Done {
             body.finish();
@@ -1088,13 +1101,26 @@ impl ResponseBody {
         }
     }
 
+    /// Bytes of the request written since the answer began (full duplex).
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded
+    }
+
+    /// Whether the rest of the request waits on the client's body, which the upstream
+    /// may be waiting for in turn.
+    pub fn waits_on_client(&self) -> bool {
+        self.upload.as_ref().is_some_and(|u| !u.upstream_full)
+    }
+
     /// Sends more of a request the upstream already answered; an upload that cannot go on
     /// is given up (the connection is then not kept) unless the connection broke.
     fn poll_upload(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
         let (Some(upload), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) else {
             return Ok(());
         };
-        match upload.poll_write(cx, &mut conn.io) {
+        let polled = upload.poll_write(cx, &mut conn.io);
+        self.uploaded = upload.wrote;
+        match polled {
             Poll::Pending => Ok(()),
             Poll::Ready(Ok(())) => {
                 self.upload = None;
@@ -1107,8 +1133,11 @@ impl ResponseBody {
                 Ok(())
             }
             Poll::Ready(Err(Sent::Upstream(e) | Sent::Stale(e))) => Err(e),
-            // Uploads have no timer of their own.
-            Poll::Ready(Err(Sent::TimedOut)) => Err(io::ErrorKind::TimedOut.into()),
+            // Not from `poll_write`: the timers are `send`'s. A duplex upload's stall
+            // is the response body's (`ProxyBody`).
+            Poll::Ready(Err(Sent::TimedOut | Sent::ClientStalled(_))) => {
+                Err(io::ErrorKind::TimedOut.into())
+            }
         }
     }
 

@@ -73,8 +73,7 @@ pub async fn forward(
         let exchange = h1::exchange(
             upstream,
             &table.settings.upstream_tls,
-            limits.connect_timeout,
-            limits.response_timeout,
+            &limits,
             head,
             attempt_body,
             &metrics.bytes_to_upstream,
@@ -98,7 +97,7 @@ pub async fn forward(
                     guard,
                 )
                 .with_access(access);
-                return Proxy::relay_answer(response, finish);
+                return Proxy::relay_answer(response, finish, limits.stall_timeout);
             }
             Err(Failure::Connect(e, _)) if crate::nofile::is_local_exhaustion(&e) => {
                 break proxy.out_of_sockets(upstream, &e);
@@ -123,6 +122,11 @@ pub async fn forward(
                 tracing::debug!(upstream = %upstream.name, error = %e, "request body failed");
                 break ProxyError::BadRequest(e);
             }
+            Err(Failure::ClientStalled(period)) => {
+                let e = super::stall::stalled("the client sent none of its body", period);
+                tracing::debug!(upstream = %upstream.name, error = %e, "request body stalled");
+                break ProxyError::RequestTimeout(period);
+            }
             Err(Failure::TimedOut) => {
                 proxy
                     .metrics
@@ -138,7 +142,14 @@ pub async fn forward(
         status.as_u16(),
         started.elapsed().as_secs_f64(),
     );
-    error_response(&error, color)
+    let mut answer = error_response(&error, color);
+    // The rest of the body may still come, and cannot be told from a next request.
+    if matches!(error, ProxyError::RequestTimeout(_)) && parts.version < ::http::Version::HTTP_2 {
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    answer
 }
 
 /// The host the client named, verbatim: the request target's authority when it has one

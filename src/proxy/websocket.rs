@@ -34,6 +34,7 @@ use super::body::{Access, Finish, ProxyBody};
 use super::frames;
 use super::http::source_chain;
 use super::pump::{self, Event, Pump};
+use super::stall;
 use super::woken::Woken;
 use super::{ConnInfo, Proxy, error_response, headers, tag};
 use crate::drain::{DrainWatch, Endpoint};
@@ -275,7 +276,7 @@ pub async fn forward(
             guard,
         )
         .with_access(access);
-        return Proxy::relay_answer(response, finish);
+        return Proxy::relay_answer(response, finish, limits.stall_timeout);
     }
     drop(guard);
     let expected = derive_accept_key(key.as_bytes());
@@ -442,10 +443,7 @@ impl StallWatch {
         while sleep.as_mut().poll(cx).is_ready() {
             let period = timeout();
             let why = |side: &str| {
-                format!(
-                    "the {side} took none of the bytes for it in {}",
-                    humantime::format_duration(period)
-                )
+                stall::stalled(&format!("the {side} took none of the bytes for it"), period)
             };
             if up.is_writing() && up.written() == *up_at {
                 return Poll::Ready((Side::Upstream, why("upstream")));

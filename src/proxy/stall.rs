@@ -1,0 +1,199 @@
+//! `limits.stall_timeout` for plain HTTP: a side that moves none of the bytes waiting
+//! on it for that long ends its exchange, as nginx's `send_timeout` and
+//! `proxy_read_timeout` do. Without it a client that stops reading an answer, an upstream
+//! that stops sending one mid-body, or a client that stops sending its request body holds
+//! its connections (an upstream one among them) for ever; back-pressure keeps memory
+//! bounded, but not sockets. (WebSocket streams have their own watch, in `websocket`.)
+//!
+//! Nothing here costs anything while bytes flow: the timer is made the first time a side
+//! waits, and is then reset once per period at most, not per read or write.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::route_table::Router;
+
+/// Finds a side that made no progress for a whole period while it was waited on.
+///
+/// Polled each time the side is left waiting, with its progress so far (a count that
+/// moves whenever bytes do). The first wait arms the timer; when it fires, progress that
+/// has not moved since is a stall, and otherwise the timer is armed again. So a stall is
+/// found one to two periods after the last byte, and a side that is only slow costs a
+/// timer reset per period.
+#[derive(Default)]
+pub struct StallTimer {
+    /// The timer, and the progress when it was armed.
+    armed: Option<(Pin<Box<Sleep>>, u64)>,
+}
+
+impl StallTimer {
+    /// `Ready` with the period when the side stalled; registers the waker otherwise.
+    /// `period` is read only when the timer is armed.
+    pub fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        progress: u64,
+        period: impl Fn() -> Duration,
+    ) -> Poll<Duration> {
+        let (sleep, at) = self
+            .armed
+            .get_or_insert_with(|| (Box::pin(tokio::time::sleep(period())), progress));
+        while sleep.as_mut().poll(cx).is_ready() {
+            let period = period();
+            if *at == progress {
+                return Poll::Ready(period);
+            }
+            sleep.as_mut().reset(Instant::now() + period);
+            *at = progress;
+        }
+        Poll::Pending
+    }
+}
+
+/// Why a side was given up, for logs and errors: `what` did not happen "in 5m".
+pub fn stalled(what: &str, period: Duration) -> String {
+    format!("{what} in {}", humantime::format_duration(period))
+}
+
+/// A client's connection whose writes fail when the client takes none of the bytes for
+/// it for `limits.stall_timeout` (read from the current table when the timer is armed).
+/// The failure ends hyper's connection, and with it the exchange and its upstream
+/// connection. Reads pass through: a client that sends nothing is hyper's timer's
+/// (`header_read_timeout`) or an idle keep-alive.
+pub struct ClientIo<T> {
+    io: T,
+    router: Arc<Router>,
+    /// Bytes written so far.
+    written: u64,
+    stall: StallTimer,
+}
+
+impl<T> ClientIo<T> {
+    pub fn new(io: T, router: Arc<Router>) -> ClientIo<T> {
+        ClientIo {
+            io,
+            router,
+            written: 0,
+            stall: StallTimer::default(),
+        }
+    }
+
+    /// Counts what a write wrote; a pending one waits on the stall timer.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                self.written += n as u64;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => self.waiting(cx),
+            failed => failed,
+        }
+    }
+
+    /// After a write that is pending: an error once the client has stalled.
+    fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let router = &self.router;
+        let period = || router.load().settings.config.limits.stall_timeout;
+        match self.stall.poll(cx, self.written, period) {
+            Poll::Ready(period) => {
+                let why = stalled("the client took none of the bytes for it", period);
+                tracing::debug!(error = %why, "client connection closed");
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => this.waiting(cx),
+            done => done,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    const PERIOD: Duration = Duration::from_millis(20);
+
+    fn poll(timer: &mut StallTimer, progress: u64) -> Poll<Duration> {
+        let mut cx = Context::from_waker(Waker::noop());
+        timer.poll(&mut cx, progress, || PERIOD)
+    }
+
+    // Real time, but only lower bounds are asserted: a period after the last progress the
+    // timer has fired, and a timer armed again just now has not.
+
+    #[tokio::test]
+    async fn a_stall_is_a_whole_period_without_progress() {
+        let mut timer = StallTimer::default();
+        assert!(poll(&mut timer, 0).is_pending());
+        tokio::time::sleep(PERIOD).await;
+        assert_eq!(poll(&mut timer, 0), Poll::Ready(PERIOD));
+    }
+
+    #[tokio::test]
+    async fn progress_within_a_period_arms_the_timer_again() {
+        let mut timer = StallTimer::default();
+        assert!(poll(&mut timer, 0).is_pending());
+        tokio::time::sleep(PERIOD).await;
+        // Bytes moved since it was armed: not a stall, and a new period starts now.
+        assert!(poll(&mut timer, 5).is_pending());
+        tokio::time::sleep(PERIOD).await;
+        assert!(poll(&mut timer, 5).is_ready());
+    }
+}
