@@ -135,11 +135,6 @@ pub enum ProxyBody {
         finish: Option<Box<FinishHandle>>,
         /// Registered while waiting on the upstream, so a drain deadline wakes the body.
         cut: Option<Pin<Box<OwnedNotified>>>,
-        /// Frames passed on so far (progress, with the upload's bytes, for `stall`).
-        frames: u64,
-        /// Ends a body whose upstream sends none of it for `stall_timeout`.
-        stall: StallTimer,
-        stall_timeout: Duration,
     },
 }
 
@@ -222,8 +217,14 @@ pub struct Stalled(String);
 /// A body error: the upstream's, a cut at the drain deadline, or a stall.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Opaque end-of-request bookkeeping carried by an upstream body.
-pub struct FinishHandle(Finish);
+/// Opaque end-of-request bookkeeping carried by an upstream body, and its stall timer
+/// (boxed with it: the body every response carries, and moves, stays small).
+pub struct FinishHandle {
+    finish: Finish,
+    /// Ends a body on which no bytes move for `stall_timeout`.
+    stall: StallTimer,
+    stall_timeout: Duration,
+}
 
 impl ProxyBody {
     /// A complete body.
@@ -245,12 +246,13 @@ impl ProxyBody {
     ) -> ProxyBody {
         ProxyBody::Upstream {
             to_client: finish.metrics.color(finish.color).bytes_to_client.clone(),
-            finish: Some(Box::new(FinishHandle(finish))),
+            finish: Some(Box::new(FinishHandle {
+                finish,
+                stall: StallTimer::default(),
+                stall_timeout,
+            })),
             inner: inner.into(),
             cut: None,
-            frames: 0,
-            stall: StallTimer::default(),
-            stall_timeout,
         }
     }
 }
@@ -265,7 +267,7 @@ impl ProxyBody {
         cx: &mut Context<'_>,
     ) -> bool {
         let Some(f) = finish else { return false };
-        let guard = &f.0.guard;
+        let guard = &f.finish.guard;
         loop {
             let next = cut.get_or_insert_with(|| Box::pin(guard.next_cut()));
             next.as_mut().enable();
@@ -296,7 +298,7 @@ impl ProxyBody {
             stall::stalled("the upstream sent none of the body", period)
         };
         if let Some(f) = finish.take() {
-            let f = &f.0;
+            let f = &f.finish;
             let upstream = f.guard.upstream();
             if client {
                 tracing::debug!(upstream = %upstream.name, error = %why, "request body stalled");
@@ -325,9 +327,6 @@ impl Body for ProxyBody {
                 to_client,
                 finish,
                 cut,
-                frames,
-                stall,
-                stall_timeout,
             } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 if polled.is_pending() {
@@ -335,25 +334,28 @@ impl Body for ProxyBody {
                         finish.take();
                         return Poll::Ready(Some(Err(Box::new(Cut))));
                     }
-                    let progress = *frames + inner.uploaded();
-                    if let Poll::Ready(period) = stall.poll(cx, progress, || *stall_timeout) {
-                        return Poll::Ready(Some(Err(Self::stalled(inner, finish, period))));
+                    if let Some(f) = finish.as_mut() {
+                        // Bytes passed on, and a duplex upload's bytes sent.
+                        let progress = f.finish.bytes + inner.uploaded();
+                        let timeout = f.stall_timeout;
+                        if let Poll::Ready(period) = f.stall.poll(cx, progress, || timeout) {
+                            return Poll::Ready(Some(Err(Self::stalled(inner, finish, period))));
+                        }
                     }
                 }
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
-                        *frames += 1;
                         if let Some(data) = frame.data_ref() {
                             to_client.inc_by(data.len() as u64);
                             if let Some(f) = finish.as_mut() {
-                                f.0.bytes += data.len() as u64;
+                                f.finish.bytes += data.len() as u64;
                             }
                         }
                     }
                     // The upstream broke off its body (closed mid-body, bad chunking).
                     Poll::Ready(Some(Err(_))) => {
                         if let Some(f) = finish.take() {
-                            let f = &f.0;
+                            let f = &f.finish;
                             f.metrics
                                 .upstream_error(f.guard.upstream(), UpstreamErrorKind::Protocol);
                         }
