@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ListenerKind;
 use crate::proxy::body::BodyError;
-use crate::proxy::stall::ClientIo;
+use crate::proxy::stall::{self, ClientIo, deadline_after};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 
 /// Open connections of one listener, and a wake-up when one closes.
@@ -152,14 +152,6 @@ enum Timer {
     Closing,
     /// No timer: HTTP/1.1 after its first request.
     Off,
-}
-
-/// `now + after`, or a time that never comes if that is past what the clock can hold
-/// (the limits come from a config file, which may say "300000000y").
-fn deadline_after(after: Duration) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    now.checked_add(after)
-        .unwrap_or_else(|| now + crate::drain::MAX_DRAIN)
 }
 
 /// Drives one connection to its end, closing it when it holds a `max_connections` slot
@@ -296,6 +288,7 @@ pub async fn serve(
             },
         };
         let _ = socket.set_nodelay(true);
+        stall::limit_unsent(&socket);
         let table = proxy.router().load_full();
         let limits = table.settings.config.limits;
         let tls = table.settings.tls.clone();

@@ -210,11 +210,11 @@ impl Proxy {
 
     /// Passes an upstream's answer to the client as it came (hop-by-hop headers aside),
     /// tagged with the colour; `finish` is recorded when its body ends. An upstream that
-    /// sends none of the body for `stall_timeout` while the client waits is cut off.
+    /// stops sending the body while the client waits is cut off (`ProxyBody::upstream`).
     pub(crate) fn relay_answer(
         response: Response<impl Into<body::UpstreamBody>>,
         finish: body::Finish,
-        stall_timeout: std::time::Duration,
+        limits: &crate::config::Limits,
     ) -> Response<ProxyBody> {
         let color = finish.color;
         let (mut parts, rbody) = response.into_parts();
@@ -223,7 +223,7 @@ impl Proxy {
         parts.version = ::http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
         tag(
-            Response::from_parts(parts, ProxyBody::upstream(rbody, finish, stall_timeout)),
+            Response::from_parts(parts, ProxyBody::upstream(rbody, finish, limits)),
             color,
         )
     }

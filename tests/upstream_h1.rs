@@ -7,7 +7,9 @@
 //!
 //! Ordering comes from signals only (an accept, bytes read, an answer received), never from
 //! sleeps, and every wait is bounded by `PATIENCE`, so a missing event fails an assertion
-//! instead of hanging the run.
+//! instead of hanging the run. The stall tests (section 12) pace a peer with sleeps, since
+//! a slow peer is what they are about: 50-100 ms steps against a 1 s timer, or a pause of
+//! 2.5 timer periods that only a longer timer lets pass.
 
 mod support;
 
@@ -1752,8 +1754,9 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut_off() {
     assert_eq!(upstream_errors(&env, "timeout"), 0.0);
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_stall_timeout() {
+/// A raw client's GET through an env with a 1 s stall timeout, and the upstream
+/// connection it came on, after the upstream sent the head of a chunked answer.
+async fn a_chunked_answer_begun() -> (Env, Peer, Peer) {
     let mut up = upstream().await;
     let env = env_with_stall_timeout(up.addr).await;
     let mut client = Peer::client(&env).await;
@@ -1764,10 +1767,21 @@ async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_stall_timeo
     conn.read_head("the request").await;
     conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         .await;
+    (env, client, conn)
+}
+
+/// One 64 KiB chunk of a chunked body.
+fn big_chunk() -> String {
+    format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024))
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_stall_timeout() {
+    let (env, mut client, mut conn) = a_chunked_answer_begun().await;
     // An endless answer the client never reads: the socket buffers on both sides fill,
     // and then the upstream's writes wait, until Switchyard gives the client up and
     // closes the upstream's connection, which fails them.
-    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+    let chunk = big_chunk();
     let failed = within("the upstream's writes fail", async {
         loop {
             if let Err(e) = conn.io.write_all(chunk.as_bytes()).await {
@@ -1786,6 +1800,52 @@ async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_stall_timeo
     // The client's connection is closed too, after what was already on its way.
     client.drain_to_close("the client's connection").await;
     drop(client);
+    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_reads_slowly_but_steadily_is_not_dropped() {
+    let (env, mut client, mut conn) = a_chunked_answer_begun().await;
+    // More than the client will read, so every buffer on the way stays full.
+    let chunk = big_chunk();
+    let writer = tokio::spawn(async move {
+        for _ in 0..1024 {
+            conn.io.write_all(chunk.as_bytes()).await?;
+        }
+        Ok::<_, std::io::Error>(conn)
+    });
+    // 8 KiB every 50 ms (160 KB/s) for four periods of the timer: a writable socket
+    // must be reported long before a third of a multi-megabyte send buffer is free.
+    let mut buf = vec![0u8; 8 * 1024];
+    for _ in 0..80 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let n = within("a read", client.io.read(&mut buf))
+            .await
+            .expect("the client's connection stays open");
+        assert!(
+            n > 0,
+            "Switchyard closed the connection of a client that reads"
+        );
+        assert!(!writer.is_finished(), "the upstream's writes ended");
+    }
+    writer.abort();
+    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn an_upstream_may_send_its_head_long_before_its_body() {
+    let mut up = upstream().await;
+    let env = env_with_stall_timeout(up.addr).await;
+    let get = spawn_get(&env, &env.client, "/v1/listen");
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+        .await;
+    // Two and a half periods of the stall timer before the first byte of the body: that
+    // wait is bounded by `response_timeout`, as the wait for the head is.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    conn.write(b"hello").await;
+    assert_ok(&joined("the answer", get).await, b"hello");
     assert_eq!(upstream_errors(&env, "timeout"), 0.0);
 }
 

@@ -18,6 +18,7 @@ use super::h1;
 use super::stall::{self, StallTimer};
 use tokio::sync::futures::OwnedNotified;
 
+use crate::config::Limits;
 use crate::drain::RequestGuard;
 use crate::metrics::{Metrics, Protocol, UpstreamErrorKind};
 use crate::upstream::Color;
@@ -221,9 +222,11 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// (boxed with it: the body every response carries, and moves, stays small).
 pub struct FinishHandle {
     finish: Finish,
-    /// Ends a body on which no bytes move for `stall_timeout`.
+    /// Ends a body on which no bytes move for `stall_timeout`, or for `first_timeout`
+    /// before its first byte.
     stall: StallTimer,
     stall_timeout: Duration,
+    first_timeout: Duration,
 }
 
 impl ProxyBody {
@@ -238,18 +241,18 @@ impl ProxyBody {
     }
 
     /// The upstream's body; `finish` is recorded when it ends. An upstream that sends
-    /// none of it for `stall_timeout` while the client waits is cut off.
-    pub fn upstream(
-        inner: impl Into<UpstreamBody>,
-        finish: Finish,
-        stall_timeout: Duration,
-    ) -> ProxyBody {
+    /// none of it for `limits.stall_timeout` while the client waits is cut off. Before the
+    /// first byte the wait may be as long as for the head (`response_timeout`): an upstream
+    /// may send its head at once and work before its body (or, in full duplex, after the
+    /// rest of the upload).
+    pub fn upstream(inner: impl Into<UpstreamBody>, finish: Finish, limits: &Limits) -> ProxyBody {
         ProxyBody::Upstream {
             to_client: finish.metrics.color(finish.color).bytes_to_client.clone(),
             finish: Some(Box::new(FinishHandle {
                 finish,
                 stall: StallTimer::default(),
-                stall_timeout,
+                stall_timeout: limits.stall_timeout,
+                first_timeout: limits.stall_timeout.max(limits.response_timeout),
             })),
             inner: inner.into(),
             cut: None,
@@ -284,8 +287,10 @@ impl ProxyBody {
 }
 
 impl ProxyBody {
-    /// The end of a body nothing moved on for `period`: the upstream's fault, counted as
-    /// its timeout, unless it waits for the rest of the client's body.
+    /// The end of a body nothing moved on for `period` (body bytes passed on, or a duplex
+    /// upload's bytes sent; framing alone, such as chunk sizes, is no progress): the
+    /// upstream's fault, counted as its timeout, unless it waits for the rest of the
+    /// client's body.
     fn stalled(
         inner: &UpstreamBody,
         finish: &mut Option<Box<FinishHandle>>,
@@ -337,7 +342,10 @@ impl Body for ProxyBody {
                     if let Some(f) = finish.as_mut() {
                         // Bytes passed on, and a duplex upload's bytes sent.
                         let progress = f.finish.bytes + inner.uploaded();
-                        let timeout = f.stall_timeout;
+                        let timeout = match f.finish.bytes {
+                            0 => f.first_timeout,
+                            _ => f.stall_timeout,
+                        };
                         if let Poll::Ready(period) = f.stall.poll(cx, progress, || timeout) {
                             return Poll::Ready(Some(Err(Self::stalled(inner, finish, period))));
                         }
@@ -348,6 +356,11 @@ impl Body for ProxyBody {
                         if let Some(data) = frame.data_ref() {
                             to_client.inc_by(data.len() as u64);
                             if let Some(f) = finish.as_mut() {
+                                if f.finish.bytes == 0 {
+                                    // The first bytes: the wait for them is over, and the
+                                    // timer is armed anew with the shorter period.
+                                    f.stall = StallTimer::default();
+                                }
                                 f.finish.bytes += data.len() as u64;
                             }
                         }

@@ -64,6 +64,7 @@ pub async fn connect(tls: &Arc<rustls::ClientConfig>, url: &UpstreamUrl) -> io::
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = TcpStream::connect((host, url.port())).await?;
     tcp.set_nodelay(true)?;
+    super::stall::limit_unsent(&tcp);
     if !url.is_tls() {
         return Ok(Stream::Plain(tcp));
     }
@@ -724,22 +725,33 @@ impl Sending {
             // The head alone goes into an empty socket buffer.
             return std::future::poll_fn(|cx| self.poll_send(cx)).await;
         }
-        let mut upstream = StallTimer::default();
+        let mut upstream = std::pin::pin!(tokio::time::sleep(response_timeout));
+        // The bytes written when the upstream's timer was last set, while it runs: it
+        // runs from the last byte the upstream took, as the head's timer runs from the
+        // request's end (`response_timeout` is SPEC's).
+        let mut armed_at = None;
         let mut client = StallTimer::default();
         std::future::poll_fn(|cx| {
             if let Poll::Ready(sent) = self.poll_send(cx) {
                 return Poll::Ready(sent);
             }
-            // Bytes moving on either side start each timer's period again.
-            let progress = self.upload.wrote + self.upload.sent;
-            if self.upload.upstream_full {
+            let upload = &self.upload;
+            if !upload.upstream_full {
+                armed_at = None;
+                // Bytes the upstream took count too: its waits come between the client's.
+                return client
+                    .poll(cx, upload.wrote + upload.sent, || stall_timeout)
+                    .map(|period| Err(Sent::ClientStalled(period)));
+            }
+            if armed_at != Some(upload.wrote) {
+                armed_at = Some(upload.wrote);
                 upstream
-                    .poll(cx, progress, || response_timeout)
-                    .map(|_| Err(Sent::TimedOut))
-            } else {
-                client
-                    .poll(cx, progress, || stall_timeout)
-                    .map(|period| Err(Sent::ClientStalled(period)))
+                    .as_mut()
+                    .reset(super::stall::deadline_after(response_timeout));
+            }
+            match upstream.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(Sent::TimedOut)),
+                Poll::Pending => Poll::Pending,
             }
         })
         .await

@@ -97,7 +97,7 @@ pub async fn forward(
                     guard,
                 )
                 .with_access(access);
-                return Proxy::relay_answer(response, finish, limits.stall_timeout);
+                return Proxy::relay_answer(response, finish, &limits);
             }
             Err(Failure::Connect(e, _)) if crate::nofile::is_local_exhaustion(&e) => {
                 break proxy.out_of_sockets(upstream, &e);

@@ -7,6 +7,34 @@
 //!
 //! Nothing here costs anything while bytes flow: the timer is made the first time a side
 //! waits, and is then reset once per period at most, not per read or write.
+//!
+//! Progress is what a write hands the kernel, so a peer that reads slowly must let a
+//! waiting write go on within a period. Linux reports a full socket writable again only
+//! once a third of its send buffer (megabytes, after autotuning) is free, so a client
+//! reading a few KB/s would look stalled; `limit_unsent` makes it report so once the
+//! unsent bytes fall below a small mark instead.
+
+/// The unsent bytes a proxied socket may hold (`TCP_NOTSENT_LOWAT`).
+const UNSENT_MARK: u32 = 64 * 1024;
+
+/// Limits the bytes waiting unsent in `socket`'s send buffer to `UNSENT_MARK` (bytes sent
+/// and not yet acknowledged are not limited, so a fast peer on a long path is not slowed):
+/// a write waits for the peer's reading, not for megabytes to drain, and the stall timers
+/// see a slow peer's progress. A socket option the kernel may lack is left alone.
+pub fn limit_unsent(socket: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket2::SockRef::from(socket).set_tcp_notsent_lowat(UNSENT_MARK);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (socket, UNSENT_MARK);
+}
+
+/// `now + after`, or a time that never comes if that is past what the clock can hold
+/// (the limits come from a config file, which may say "300000000y").
+pub fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + crate::drain::MAX_DRAIN)
+}
 
 use std::io;
 use std::pin::Pin;
@@ -15,6 +43,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::route_table::Router;
@@ -41,15 +70,18 @@ impl StallTimer {
         progress: u64,
         period: impl Fn() -> Duration,
     ) -> Poll<Duration> {
-        let (sleep, at) = self
-            .armed
-            .get_or_insert_with(|| (Box::pin(tokio::time::sleep(period())), progress));
+        let (sleep, at) = self.armed.get_or_insert_with(|| {
+            (
+                Box::pin(tokio::time::sleep_until(deadline_after(period()))),
+                progress,
+            )
+        });
         while sleep.as_mut().poll(cx).is_ready() {
             let period = period();
             if *at == progress {
                 return Poll::Ready(period);
             }
-            sleep.as_mut().reset(Instant::now() + period);
+            sleep.as_mut().reset(deadline_after(period));
             *at = progress;
         }
         Poll::Pending
@@ -75,6 +107,7 @@ pub struct ClientIo<T> {
 }
 
 impl<T> ClientIo<T> {
+    /// Wraps a client's connection; `router` gives the current `limits.stall_timeout`.
     pub fn new(io: T, router: Arc<Router>) -> ClientIo<T> {
         ClientIo {
             io,

@@ -276,7 +276,7 @@ pub async fn forward(
             guard,
         )
         .with_access(access);
-        return Proxy::relay_answer(response, finish, limits.stall_timeout);
+        return Proxy::relay_answer(response, finish, &limits);
     }
     drop(guard);
     let expected = derive_accept_key(key.as_bytes());
@@ -455,7 +455,7 @@ impl StallWatch {
                 self.armed = None;
                 return Poll::Pending;
             }
-            sleep.as_mut().reset(tokio::time::Instant::now() + period);
+            sleep.as_mut().reset(stall::deadline_after(period));
             (*up_at, *down_at) = (up.written(), down.written());
         }
         Poll::Pending
