@@ -14,6 +14,18 @@
 //! reading a few KB/s would look stalled; `limit_unsent` makes it report so once the
 //! unsent bytes fall below a small mark instead.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::route_table::Router;
+
 /// The unsent bytes a proxied socket may hold (`TCP_NOTSENT_LOWAT`).
 const UNSENT_MARK: u32 = 64 * 1024;
 
@@ -35,18 +47,6 @@ pub fn deadline_after(after: Duration) -> Instant {
     now.checked_add(after)
         .unwrap_or_else(|| now + crate::drain::MAX_DRAIN)
 }
-
-use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
-
-use crate::route_table::Router;
 
 /// Finds a side that made no progress for a whole period while it was waited on.
 ///
