@@ -12,8 +12,11 @@
 //! gets a 503 the client can retry).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::IntGauge;
@@ -183,9 +186,11 @@ impl Tracker {
             .fetch_add(1, Ordering::AcqRel);
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
         RequestGuard {
-            tracker: self.clone(),
-            upstream: upstream.clone(),
-            generation,
+            cut: CutWatch {
+                tracker: self.clone(),
+                upstream: upstream.clone(),
+                generation,
+            },
         }
     }
 
@@ -312,33 +317,25 @@ impl Tracker {
 /// One in-flight HTTP request; counted per colour and upstream until dropped.
 #[derive(Debug)]
 pub struct RequestGuard {
-    tracker: Arc<Tracker>,
-    upstream: Arc<Upstream>,
-    /// The generation of the table that routed it.
-    generation: u64,
+    cut: CutWatch,
 }
 
 impl RequestGuard {
     /// The upstream serving the request.
     pub fn upstream(&self) -> &Arc<Upstream> {
-        &self.upstream
-    }
-
-    fn counts(&self) -> &ColorCounts {
-        &self.tracker.colors[self.upstream.color.index()]
+        &self.cut.upstream
     }
 
     /// Whether this request's colour, or its upstream's removal, reached a drain deadline
     /// that covers it.
     pub fn is_cut(&self) -> bool {
-        self.counts().http_cut.load(Ordering::Acquire) > self.generation
-            || self.upstream.http_cut.load(Ordering::Acquire) > self.generation
+        self.cut.is_cut()
     }
 
     /// A wake-up for the next cut on this request's colour; check `is_cut` after
     /// registering it (`Notified::enable`) so no cut is missed in between.
     pub fn next_cut(&self) -> tokio::sync::futures::OwnedNotified {
-        self.counts().cut.clone().notified_owned()
+        self.cut.next_cut()
     }
 
     /// Resolves once this request is cut; never, if it is not.
@@ -353,12 +350,76 @@ impl RequestGuard {
             next.await;
         }
     }
+
+    /// `CutWatch::poll_cut` for this request.
+    pub fn poll_cut(
+        &self,
+        next: &mut Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        self.cut.poll_cut(next, cx)
+    }
+
+    /// What decides this request's cut, to watch it from outside the request (an HTTP/2
+    /// stream hyper does not poll: `listener::h2`). It does not count the request.
+    pub fn cut_watch(&self) -> CutWatch {
+        self.cut.clone()
+    }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.tracker.release(self.upstream.color, |c| &c.in_flight);
+        let cut = &self.cut;
+        cut.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+        cut.tracker.release(cut.upstream.color, |c| &c.in_flight);
+    }
+}
+
+/// A request's place in the drain: its upstream and the generation of the table that
+/// routed it.
+#[derive(Debug, Clone)]
+pub struct CutWatch {
+    tracker: Arc<Tracker>,
+    upstream: Arc<Upstream>,
+    generation: u64,
+}
+
+impl CutWatch {
+    fn counts(&self) -> &ColorCounts {
+        &self.tracker.colors[self.upstream.color.index()]
+    }
+
+    /// Whether the request's colour, or its upstream's removal, reached a drain deadline
+    /// that covers it.
+    pub fn is_cut(&self) -> bool {
+        self.counts().http_cut.load(Ordering::Acquire) > self.generation
+            || self.upstream.http_cut.load(Ordering::Acquire) > self.generation
+    }
+
+    /// A wake-up for the next cut on the request's colour (see `RequestGuard::next_cut`).
+    pub fn next_cut(&self) -> tokio::sync::futures::OwnedNotified {
+        self.counts().cut.clone().notified_owned()
+    }
+
+    /// Whether the request is cut; registers `cx`'s waker for a later cut otherwise, with
+    /// the wake-up kept in `next` from one call to the next.
+    pub fn poll_cut(
+        &self,
+        next: &mut Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        loop {
+            let notified = next.get_or_insert_with(|| Box::pin(self.next_cut()));
+            notified.as_mut().enable();
+            if self.is_cut() {
+                return true;
+            }
+            match notified.as_mut().poll(cx) {
+                // A cut of an older generation, or a spurious wake-up: register again.
+                Poll::Ready(()) => *next = None,
+                Poll::Pending => return false,
+            }
+        }
     }
 }
 

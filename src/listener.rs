@@ -8,7 +8,9 @@
 //! that send nothing at all, and HTTP/2 connections left idle (`drive`). None of it
 //! touches a stream once it is upgraded: those are tracked by `drain`, not by hyper.
 //! `limits.stall_timeout` closes a connection whose client takes none of the bytes
-//! written to it for that long (`proxy::stall::ClientIo`), upgraded or not.
+//! written to it for that long (`proxy::stall::ClientIo`), upgraded or not, and resets an
+//! HTTP/2 stream whose client stops reading it (`h2`), which also bounds such a stream
+//! by its drain deadline.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,17 +24,20 @@ use futures_util::FutureExt;
 use http::{Request, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use self::h2::StreamWatch;
 use crate::metrics::ListenerKind;
 use crate::proxy::body::BodyError;
 use crate::proxy::stall::{self, ClientIo, deadline_after};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
+
+mod h2;
 
 /// Open connections of one listener, and a wake-up when one closes.
 #[derive(Debug, Default)]
@@ -113,10 +118,11 @@ impl Drop for Busy {
 }
 
 /// A response body for a client, holding its HTTP/2 stream's `Busy` until hyper drops it
-/// (at its end, or at a reset).
+/// (at its end, or at a reset), and telling the stream's task what it hands over (`h2`).
 pub struct Answer {
     body: ProxyBody,
     _busy: Option<Busy>,
+    watch: Option<Arc<StreamWatch>>,
 }
 
 impl Body for Answer {
@@ -127,7 +133,14 @@ impl Body for Answer {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let Some(watch) = &this.watch else {
+            return Pin::new(&mut this.body).poll_frame(cx);
+        };
+        watch.polling(&this.body);
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        watch.polled(&polled);
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -304,24 +317,30 @@ pub async fn serve(
             let conn_info = ConnInfo::new(client, kind, tls.is_some(), open_for_streams);
             let activity = Arc::new(Activity::default());
             let seen = activity.clone();
+            let exec = h2::Exec::new(proxy.router().clone());
+            let streams = exec.clone();
             let service = service_fn(move |req: Request<Incoming>| {
                 seen.started.fetch_add(1, Ordering::Relaxed);
-                let busy = (req.version() == Version::HTTP_2).then(|| {
+                let (busy, watch) = if req.version() == Version::HTTP_2 {
                     seen.http2.store(true, Ordering::Relaxed);
-                    Busy::new(&seen)
-                });
+                    (Some(Busy::new(&seen)), Some(streams.watch_next()))
+                } else {
+                    (None, None)
+                };
                 let proxy = proxy.clone();
                 let conn_info = conn_info.clone();
                 // Boxed: the request's future is kilobytes, and HTTP/2 moves it whole
                 // into a task per stream (callgrind: 11 % fewer instructions per h2c
                 // request, 1 % more per HTTP/1.1 one; benches/RESULTS.md).
                 Box::pin(proxy.handle(req, conn_info).map(move |response| {
-                    Ok::<_, std::convert::Infallible>(
-                        response.map(|body| Answer { body, _busy: busy }),
-                    )
+                    Ok::<_, std::convert::Infallible>(response.map(|body| Answer {
+                        body,
+                        _busy: busy,
+                        watch,
+                    }))
                 }))
             });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(exec);
             builder
                 .http1()
                 .timer(TokioTimer::new())

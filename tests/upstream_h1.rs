@@ -27,7 +27,7 @@ use hyper::body::Frame;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1699,15 +1699,20 @@ async fn env_with_stall_timeout(addr: SocketAddr) -> Env {
     env_with_blue_at_built(addr, builder).await
 }
 
-/// The sum of `switchyard_upstream_errors_total` of `kind` over every upstream.
-fn upstream_errors(env: &Env, kind: &str) -> f64 {
+/// The sum of the samples of `name` whose labels include all of `labels` (`key="value"`).
+fn metric_sum(env: &Env, name: &str, labels: &[&str]) -> f64 {
     let metrics = env.app().metrics.encode();
-    let label = format!("kind=\"{kind}\"");
     metrics
         .lines()
-        .filter(|l| l.starts_with("switchyard_upstream_errors_total") && l.contains(&label))
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The sum of `switchyard_upstream_errors_total` of `kind` over every upstream.
+fn upstream_errors(env: &Env, kind: &str) -> f64 {
+    let label = format!("kind=\"{kind}\"");
+    metric_sum(env, "switchyard_upstream_errors_total", &[&label])
 }
 
 #[tokio::test]
@@ -1874,4 +1879,99 @@ async fn a_client_that_stops_sending_its_body_gets_408_after_the_stall_timeout()
     conn.expect_closed("the upstream connection").await;
     // The client's fault, not the upstream's.
     assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+}
+
+/// The stream window the HTTP/2 client below gives Switchyard, and never opens further
+/// while its answer goes unread.
+const H2_WINDOW: u32 = 64 * 1024;
+
+/// An h2c GET through `env` whose answer the client takes but whose body it never
+/// reads: after `H2_WINDOW` bytes Switchyard may send no more on that stream, while the
+/// client keeps reading its connection. Returns the answer (kept, unread) and the upstream
+/// connection, after the upstream began an endless chunked answer.
+async fn an_unread_http2_answer(
+    env: &Env,
+    up: &mut Upstream,
+) -> (http::Response<hyper::body::Incoming>, Peer) {
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(H2_WINDOW)
+        .http2_adaptive_window(false)
+        .build_http();
+    let pending = tokio::spawn(client.request(get_request(env, "/v1/speak")));
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await;
+    let response = joined("the answer's head", pending)
+        .await
+        .expect("the head arrives");
+    assert_eq!(response.status(), StatusCode::OK);
+    (response, conn)
+}
+
+/// Writes an endless chunked body until the connection fails; the error.
+fn write_until_it_fails(mut conn: Peer) -> JoinHandle<std::io::Error> {
+    let chunk = big_chunk();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = conn.io.write_all(chunk.as_bytes()).await {
+                return e;
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn an_http2_stream_whose_client_stops_reading_it_is_reset_after_the_stall_timeout() {
+    let mut up = upstream().await;
+    let env = env_with_stall_timeout(up.addr).await;
+    let (response, conn) = an_unread_http2_answer(&env, &mut up).await;
+    // hyper holds the next chunk for a window that never opens, and stops polling the
+    // body, so only the stream's task can see the stall.
+    let failed = joined("the upstream's writes fail", write_until_it_fails(conn)).await;
+    assert!(
+        matches!(
+            failed.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{failed}"
+    );
+    // The client sees its stream reset after what arrived.
+    let body = within("the body", response.into_body().collect()).await;
+    assert!(body.is_err(), "the stream is reset, not ended");
+    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn an_http2_answer_its_client_does_not_read_ends_at_the_drain_deadline() {
+    let mut up = upstream().await;
+    // The default stall timeout (5m): only the drain can end the stream in this test.
+    let env = env_with_blue_at(up.addr).await;
+    let (response, conn) = an_unread_http2_answer(&env, &mut up).await;
+    let writer = write_until_it_fails(conn);
+    // A window's worth handed over: the next chunk waits in hyper, which no longer polls
+    // the body (the upstream has megabytes more on their way, so the body never waits).
+    eventually(|| async {
+        let labels = ["color=\"blue\"", "direction=\"to_client\""];
+        metric_sum(&env, "switchyard_bytes_total", &labels) >= f64::from(H2_WINDOW)
+    })
+    .await;
+    let (status, body) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let failed = joined("the upstream's writes fail", writer).await;
+    assert!(
+        matches!(
+            failed.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{failed}"
+    );
+    let (status, drained) = env.admin_get("/drain/wait?color=blue&timeout=10s").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(drained["drained"], true, "{drained}");
+    let body = within("the body", response.into_body().collect()).await;
+    assert!(body.is_err(), "the stream is reset, not ended");
 }

@@ -4,7 +4,6 @@
 //! an upstream body that counts its bytes and records the request's metrics when it ends,
 //! or a small body of our own.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -261,6 +260,16 @@ impl ProxyBody {
 }
 
 impl ProxyBody {
+    /// What decides the request's drain cut, while its upstream body is open.
+    pub fn cut_watch(&self) -> Option<crate::drain::CutWatch> {
+        match self {
+            ProxyBody::Upstream {
+                finish: Some(f), ..
+            } => Some(f.finish.guard.cut_watch()),
+            _ => None,
+        }
+    }
+
     /// Whether the request is past its colour's drain deadline; registers the waker for a
     /// later cut otherwise. An error ends the body, so the client sees an incomplete
     /// response rather than a silently short one.
@@ -269,20 +278,9 @@ impl ProxyBody {
         cut: &mut Option<Pin<Box<OwnedNotified>>>,
         cx: &mut Context<'_>,
     ) -> bool {
-        let Some(f) = finish else { return false };
-        let guard = &f.finish.guard;
-        loop {
-            let next = cut.get_or_insert_with(|| Box::pin(guard.next_cut()));
-            next.as_mut().enable();
-            if guard.is_cut() {
-                return true;
-            }
-            match next.as_mut().poll(cx) {
-                // A cut of an older generation, or a spurious wake-up: register again.
-                Poll::Ready(()) => *cut = None,
-                Poll::Pending => return false,
-            }
-        }
+        finish
+            .as_ref()
+            .is_some_and(|f| f.finish.guard.poll_cut(cut, cx))
     }
 }
 

@@ -1,0 +1,141 @@
+//! HTTP/2 streams hyper stops polling. A client may withhold one stream's flow-control
+//! window (stop reading that stream) while it reads the rest of its connection: hyper then
+//! holds the answer's next chunk until the window opens, and does not poll the body
+//! meanwhile. The body's own drain cut and stall timer (`proxy::body`) act only when it
+//! is polled, so such a stream would hold its upstream connection, and count as in flight
+//! on its colour, for as long as the client likes, past any drain deadline.
+//!
+//! Each HTTP/2 stream's task is spawned through `Exec`, which wraps it. Whenever the task
+//! wakes and the stream still waits, the wrapper reads the stream's `StreamWatch`: while
+//! hyper owes the body a poll (the body handed over a chunk and was not asked for the
+//! next), it drops the stream, and h2 resets it (CANCEL), once the request's drain
+//! deadline has passed or no bytes moved for `limits.stall_timeout`. Dropping it drops the
+//! answer, its upstream connection and its in-flight count. A stream whose body is being
+//! polled costs the wrapper one atomic load per wake.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::Poll;
+
+use bytes::Bytes;
+use hyper::body::Frame;
+use tokio::sync::futures::OwnedNotified;
+
+use crate::drain::CutWatch;
+use crate::proxy::ProxyBody;
+use crate::proxy::stall::{self, StallTimer};
+use crate::route_table::Router;
+
+/// What an HTTP/2 stream's answer tells the wrapper of its task.
+#[derive(Debug, Default)]
+pub struct StreamWatch {
+    /// The request's drain cut, from the answer's first poll on (none for an answer
+    /// Switchyard wrote itself).
+    cut: OnceLock<CutWatch>,
+    /// Bytes of the answer handed to hyper.
+    handed: AtomicU64,
+    /// Whether hyper owes the body a poll: it took a data frame and has not asked for the
+    /// next yet.
+    owed: AtomicBool,
+}
+
+impl StreamWatch {
+    /// Before hyper polls `body`.
+    pub fn polling(&self, body: &ProxyBody) {
+        if self.cut.get().is_none()
+            && let Some(cut) = body.cut_watch()
+        {
+            let _ = self.cut.set(cut);
+        }
+        self.owed.store(false, Ordering::Relaxed);
+    }
+
+    /// After: a data frame handed over is owed a poll.
+    pub fn polled<E>(&self, polled: &Poll<Option<Result<Frame<Bytes>, E>>>) {
+        if let Poll::Ready(Some(Ok(frame))) = polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.handed.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.owed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The executor of one connection's HTTP/2 stream tasks; see the module's text.
+#[derive(Clone)]
+pub struct Exec {
+    /// The watch of the stream whose task hyper spawns next: hyper calls the service for
+    /// a request and spawns its stream's task at once, in the same poll.
+    next: Arc<Mutex<Option<Arc<StreamWatch>>>>,
+    router: Arc<Router>,
+}
+
+impl Exec {
+    pub fn new(router: Arc<Router>) -> Exec {
+        Exec {
+            next: Arc::default(),
+            router,
+        }
+    }
+
+    /// A watch for the HTTP/2 request the service was just given, which its stream's
+    /// task will be spawned with.
+    pub fn watch_next(&self) -> Arc<StreamWatch> {
+        let watch = Arc::new(StreamWatch::default());
+        *self.next.lock().unwrap_or_else(PoisonError::into_inner) = Some(watch.clone());
+        watch
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Exec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let watch = self
+            .next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match watch {
+            Some(watch) => tokio::spawn(watched(stream, watch, self.router.clone())),
+            None => tokio::spawn(stream),
+        };
+    }
+}
+
+/// Runs a stream's task until it ends, or until it must be reset (see the module's text).
+async fn watched<F: Future<Output = ()>>(stream: F, watch: Arc<StreamWatch>, router: Arc<Router>) {
+    let mut stream = std::pin::pin!(stream);
+    let mut next_cut: Option<Pin<Box<OwnedNotified>>> = None;
+    let mut stall = StallTimer::default();
+    std::future::poll_fn(|cx| {
+        if stream.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if !watch.owed.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        let Some(cut) = watch.cut.get() else {
+            return Poll::Pending;
+        };
+        if cut.poll_cut(&mut next_cut, cx) {
+            tracing::debug!(
+                "HTTP/2 answer its client does not read reached its drain deadline; stream reset"
+            );
+            return Poll::Ready(());
+        }
+        let period = || router.load().settings.config.limits.stall_timeout;
+        match stall.poll(cx, watch.handed.load(Ordering::Relaxed), period) {
+            Poll::Ready(period) => {
+                let why = stall::stalled("the client took none of the stream's bytes", period);
+                tracing::debug!(error = %why, "HTTP/2 stream reset");
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
