@@ -100,15 +100,20 @@ where
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         match watch {
-            Some(watch) => tokio::spawn(watched(stream, watch, self.router.clone())),
+            // Boxed: the wrapper's future would otherwise hold the stream's, and each
+            // move of it (into the wrapper, into the task) copies the stream's whole.
+            Some(watch) => tokio::spawn(watched(Box::pin(stream), watch, self.router.clone())),
             None => tokio::spawn(stream),
         };
     }
 }
 
 /// Runs a stream's task until it ends, or until it must be reset (see the module's text).
-async fn watched<F: Future<Output = ()>>(stream: F, watch: Arc<StreamWatch>, router: Arc<Router>) {
-    let mut stream = std::pin::pin!(stream);
+async fn watched<F: Future<Output = ()>>(
+    mut stream: Pin<Box<F>>,
+    watch: Arc<StreamWatch>,
+    router: Arc<Router>,
+) {
     let mut next_cut: Option<Pin<Box<OwnedNotified>>> = None;
     let mut stall = StallTimer::default();
     std::future::poll_fn(|cx| {
