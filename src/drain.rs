@@ -396,6 +396,15 @@ impl CutWatch {
             || self.upstream.http_cut.load(Ordering::Acquire) > self.generation
     }
 
+    /// The marks `is_cut` reads (the colour's cut, the upstream's): they move with every
+    /// cut that could concern the request.
+    pub fn marks(&self) -> (u64, u64) {
+        (
+            self.counts().http_cut.load(Ordering::Acquire),
+            self.upstream.http_cut.load(Ordering::Acquire),
+        )
+    }
+
     /// A wake-up for the next cut on the request's colour (see `RequestGuard::next_cut`).
     pub fn next_cut(&self) -> tokio::sync::futures::OwnedNotified {
         self.counts().cut.clone().notified_owned()

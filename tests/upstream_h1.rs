@@ -17,6 +17,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -1885,19 +1886,25 @@ async fn a_client_that_stops_sending_its_body_gets_408_after_the_stall_timeout()
 /// while its answer goes unread.
 const H2_WINDOW: u32 = 64 * 1024;
 
-/// An h2c GET through `env` whose answer the client takes but whose body it never
-/// reads: after `H2_WINDOW` bytes Switchyard may send no more on that stream, while the
-/// client keeps reading its connection. Returns the answer (kept, unread) and the upstream
+/// An h2c client that gives Switchyard a stream window of `H2_WINDOW` and opens it
+/// further only as its answers are read.
+fn h2_client_with_a_small_window() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(H2_WINDOW)
+        .http2_adaptive_window(false)
+        .build_http()
+}
+
+/// An h2c GET through `env` on `client`, whose answer's head the client takes: unless
+/// the body is read, after `H2_WINDOW` bytes Switchyard may send no more on that stream,
+/// while the client keeps reading its connection. Returns the answer and the upstream
 /// connection, after the upstream began an endless chunked answer.
 async fn an_unread_http2_answer(
     env: &Env,
     up: &mut Upstream,
+    client: &Client<HttpConnector, Full<Bytes>>,
 ) -> (http::Response<hyper::body::Incoming>, Peer) {
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .http2_initial_stream_window_size(H2_WINDOW)
-        .http2_adaptive_window(false)
-        .build_http();
     let pending = tokio::spawn(client.request(get_request(env, "/v1/speak")));
     let mut conn = up.accept("the request connects").await;
     conn.read_head("the request").await;
@@ -1926,7 +1933,8 @@ fn write_until_it_fails(mut conn: Peer) -> JoinHandle<std::io::Error> {
 async fn an_http2_stream_whose_client_stops_reading_it_is_reset_after_the_stall_timeout() {
     let mut up = upstream().await;
     let env = env_with_stall_timeout(up.addr).await;
-    let (response, conn) = an_unread_http2_answer(&env, &mut up).await;
+    let client = h2_client_with_a_small_window();
+    let (response, conn) = an_unread_http2_answer(&env, &mut up, &client).await;
     // hyper holds the next chunk for a window that never opens, and stops polling the
     // body, so only the stream's task can see the stall.
     let failed = joined("the upstream's writes fail", write_until_it_fails(conn)).await;
@@ -1948,7 +1956,8 @@ async fn an_http2_answer_its_client_does_not_read_ends_at_the_drain_deadline() {
     let mut up = upstream().await;
     // The default stall timeout (5m): only the drain can end the stream in this test.
     let env = env_with_blue_at(up.addr).await;
-    let (response, conn) = an_unread_http2_answer(&env, &mut up).await;
+    let client = h2_client_with_a_small_window();
+    let (response, conn) = an_unread_http2_answer(&env, &mut up, &client).await;
     let writer = write_until_it_fails(conn);
     // A window's worth handed over: the next chunk waits in hyper, which no longer polls
     // the body (the upstream has megabytes more on their way, so the body never waits).
@@ -1974,4 +1983,110 @@ async fn an_http2_answer_its_client_does_not_read_ends_at_the_drain_deadline() {
     assert_eq!(drained["drained"], true, "{drained}");
     let body = within("the body", response.into_body().collect()).await;
     assert!(body.is_err(), "the stream is reset, not ended");
+}
+
+#[tokio::test]
+async fn after_a_stream_reset_the_http2_connection_serves_the_next_request() {
+    let mut up = upstream().await;
+    let env = env_with_stall_timeout(up.addr).await;
+    let client = h2_client_with_a_small_window();
+    let (response, conn) = an_unread_http2_answer(&env, &mut up, &client).await;
+    joined("the upstream's writes fail", write_until_it_fails(conn)).await;
+    let body = within("the body", response.into_body().collect()).await;
+    assert!(body.is_err(), "the stream is reset, not ended");
+    // The reset gave the connection's window back: the same connection carries more than
+    // a window's worth again.
+    let second = tokio::spawn(client.request(get_request(&env, "/v1/speak")));
+    let mut conn = up.accept("the second request connects").await;
+    conn.read_head("the second request").await;
+    let data = patterned(100_000);
+    conn.write(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", data.len()).as_bytes())
+        .await;
+    conn.write(&data).await;
+    let response = joined("the second answer", second)
+        .await
+        .expect("the second head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = within("the second body", response.into_body().collect())
+        .await
+        .expect("the second body arrives whole");
+    assert_eq!(body.to_bytes(), Bytes::from(data));
+    let open = metric_sum(&env, "switchyard_connections", &["listener=\"proxy\""]);
+    assert_eq!(open, 1.0, "one client connection served both");
+}
+
+#[tokio::test]
+async fn an_answer_its_client_reads_slowly_is_cut_at_the_drain_deadline() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    // A small receive buffer: what is on its way to the client at any moment is small.
+    let mut connector = HttpConnector::new();
+    connector.set_recv_buffer_size(Some(64 * 1024));
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let pending = tokio::spawn(client.request(get_request(&env, "/v1/speak")));
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the request").await;
+    conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await;
+    let response = joined("the answer's head", pending)
+        .await
+        .expect("the head arrives");
+    let writer = write_until_it_fails(conn);
+    // A frame every 50 ms: the upstream stays ahead of the client, so the body hardly
+    // ever waits on it, and the cut must come between the frames it hands over.
+    let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = read.clone();
+    let mut body = response.into_body();
+    let reader = tokio::spawn(async move {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    let n = frame.data_ref().map_or(0, |d| d.len());
+                    counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(Err(e)) => return Some(format!("{e:?}")),
+                None => return None,
+            }
+        }
+    });
+    let (status, body) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let at_the_flip = read.load(std::sync::atomic::Ordering::Relaxed);
+    let ended = joined("the slow reader", reader).await;
+    assert!(ended.is_some(), "the answer is cut, not ended cleanly");
+    // After the cut the client gets what was already on its way (its receive buffer,
+    // the proxy's unsent bytes, hyper's buffer): a few hundred KiB, where an answer not
+    // cut would go on at the client's 300 KB/s until the body happened to wait.
+    let after = read.load(std::sync::atomic::Ordering::Relaxed) - at_the_flip;
+    assert!(
+        after < 1024 * 1024,
+        "{after} bytes reached the client after the cut"
+    );
+    joined("the upstream's writes fail", writer).await;
+    let (status, drained) = env.admin_get("/drain/wait?color=blue&timeout=10s").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(drained["drained"], true, "{drained}");
+}
+
+#[tokio::test]
+async fn an_http2_stream_its_client_reads_slowly_is_not_reset() {
+    let mut up = upstream().await;
+    let env = env_with_stall_timeout(up.addr).await;
+    let client = h2_client_with_a_small_window();
+    let (response, conn) = an_unread_http2_answer(&env, &mut up, &client).await;
+    let writer = write_until_it_fails(conn);
+    // A frame every 50 ms, each opening the window a little, for four periods of the
+    // stall timer: the stream waits for its window all along, and moves.
+    let mut body = response.into_body();
+    for _ in 0..80 {
+        let frame = within("a frame", body.frame()).await;
+        assert!(matches!(frame, Some(Ok(_))), "the stream ended: {frame:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!writer.is_finished(), "the upstream's writes ended");
+    writer.abort();
 }

@@ -11,28 +11,28 @@
 //! next), it drops the stream, and h2 resets it (CANCEL), once the request's drain
 //! deadline has passed or no bytes moved for `limits.stall_timeout`. Dropping it drops the
 //! answer, its upstream connection and its in-flight count. A stream whose body is being
-//! polled costs the wrapper one atomic load per wake.
+//! polled costs the wrapper one atomic load per wake; one that waits for its window, two
+//! more (the cut marks) and a timer poll.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::task::Poll;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::Frame;
 use tokio::sync::futures::OwnedNotified;
 
 use crate::drain::CutWatch;
-use crate::proxy::ProxyBody;
 use crate::proxy::stall::{self, StallTimer};
 use crate::route_table::Router;
 
 /// What an HTTP/2 stream's answer tells the wrapper of its task.
 #[derive(Debug, Default)]
 pub struct StreamWatch {
-    /// The request's drain cut, from the answer's first poll on (none for an answer
-    /// Switchyard wrote itself).
+    /// The request's drain cut (none for an answer Switchyard wrote itself).
     cut: OnceLock<CutWatch>,
     /// Bytes of the answer handed to hyper.
     handed: AtomicU64,
@@ -42,13 +42,15 @@ pub struct StreamWatch {
 }
 
 impl StreamWatch {
-    /// Before hyper polls `body`.
-    pub fn polling(&self, body: &ProxyBody) {
-        if self.cut.get().is_none()
-            && let Some(cut) = body.cut_watch()
-        {
+    /// The answer's drain cut, once the answer is known.
+    pub fn answer_cut_by(&self, cut: Option<CutWatch>) {
+        if let Some(cut) = cut {
             let _ = self.cut.set(cut);
         }
+    }
+
+    /// Before hyper polls the body.
+    pub fn polling(&self) {
         self.owed.store(false, Ordering::Relaxed);
     }
 
@@ -63,29 +65,32 @@ impl StreamWatch {
     }
 }
 
-/// The executor of one connection's HTTP/2 stream tasks; see the module's text.
+thread_local! {
+    /// The watch of the HTTP/2 stream whose task is spawned next on this thread. hyper
+    /// calls the service for a request and spawns that stream's task right after, in the
+    /// same poll of the connection, on the same thread, with nothing in between; anything
+    /// else spawned through `Exec` (an upgraded stream's tunnel) finds it empty.
+    static NEXT: Cell<Option<Arc<StreamWatch>>> = const { Cell::new(None) };
+}
+
+/// A watch for the HTTP/2 request the service was just given, which its stream's task
+/// will be spawned with.
+pub fn watch_next() -> Arc<StreamWatch> {
+    let watch = Arc::new(StreamWatch::default());
+    NEXT.set(Some(watch.clone()));
+    watch
+}
+
+/// The executor of the client connections' HTTP/2 stream tasks; see the module's text.
 #[derive(Clone)]
 pub struct Exec {
-    /// The watch of the stream whose task hyper spawns next: hyper calls the service for
-    /// a request and spawns its stream's task at once, in the same poll.
-    next: Arc<Mutex<Option<Arc<StreamWatch>>>>,
     router: Arc<Router>,
 }
 
 impl Exec {
+    /// `router` gives the current `limits.stall_timeout`.
     pub fn new(router: Arc<Router>) -> Exec {
-        Exec {
-            next: Arc::default(),
-            router,
-        }
-    }
-
-    /// A watch for the HTTP/2 request the service was just given, which its stream's
-    /// task will be spawned with.
-    pub fn watch_next(&self) -> Arc<StreamWatch> {
-        let watch = Arc::new(StreamWatch::default());
-        *self.next.lock().unwrap_or_else(PoisonError::into_inner) = Some(watch.clone());
-        watch
+        Exec { router }
     }
 }
 
@@ -94,17 +99,35 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, stream: F) {
-        let watch = self
-            .next
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match watch {
+        match NEXT.take() {
             // Boxed: the wrapper's future would otherwise hold the stream's, and each
             // move of it (into the wrapper, into the task) copies the stream's whole.
             Some(watch) => tokio::spawn(watched(Box::pin(stream), watch, self.router.clone())),
             None => tokio::spawn(stream),
         };
+    }
+}
+
+/// The wrapper's wait for the drain cut: registered once, and again only when a cut
+/// that did not concern this request moved the marks (polling a registered `Notified`
+/// takes its lock, and a transfer limited by its window waits on every chunk).
+struct CutWait {
+    notified: Option<Pin<Box<OwnedNotified>>>,
+    marks: Option<(u64, u64)>,
+}
+
+impl CutWait {
+    /// Whether `cut` has come; registers the waker for a later one otherwise.
+    fn poll(&mut self, cut: &CutWatch, cx: &mut Context<'_>) -> bool {
+        let marks = cut.marks();
+        if self.marks == Some(marks) {
+            return false;
+        }
+        if cut.poll_cut(&mut self.notified, cx) {
+            return true;
+        }
+        self.marks = Some(marks);
+        false
     }
 }
 
@@ -114,7 +137,10 @@ async fn watched<F: Future<Output = ()>>(
     watch: Arc<StreamWatch>,
     router: Arc<Router>,
 ) {
-    let mut next_cut: Option<Pin<Box<OwnedNotified>>> = None;
+    let mut cut_wait = CutWait {
+        notified: None,
+        marks: None,
+    };
     let mut stall = StallTimer::default();
     std::future::poll_fn(|cx| {
         if stream.as_mut().poll(cx).is_ready() {
@@ -123,12 +149,11 @@ async fn watched<F: Future<Output = ()>>(
         if !watch.owed.load(Ordering::Relaxed) {
             return Poll::Pending;
         }
-        let Some(cut) = watch.cut.get() else {
-            return Poll::Pending;
-        };
-        if cut.poll_cut(&mut next_cut, cx) {
+        if let Some(cut) = watch.cut.get()
+            && cut_wait.poll(cut, cx)
+        {
             tracing::debug!(
-                "HTTP/2 answer its client does not read reached its drain deadline; stream reset"
+                "HTTP/2 answer waiting for its client's window reached its drain deadline; stream reset"
             );
             return Poll::Ready(());
         }

@@ -350,6 +350,14 @@ impl Body for ProxyBody {
                     }
                 }
                 match &polled {
+                    // A body the client takes as fast as it comes is cut at the deadline
+                    // too, not only one that waits on its upstream.
+                    Poll::Ready(Some(Ok(_)))
+                        if finish.as_ref().is_some_and(|f| f.finish.guard.is_cut()) =>
+                    {
+                        finish.take();
+                        return Poll::Ready(Some(Err(Box::new(Cut))));
+                    }
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             to_client.inc_by(data.len() as u64);
