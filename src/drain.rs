@@ -332,16 +332,10 @@ impl RequestGuard {
         self.cut.is_cut()
     }
 
-    /// A wake-up for the next cut on this request's colour; check `is_cut` after
-    /// registering it (`Notified::enable`) so no cut is missed in between.
-    pub fn next_cut(&self) -> tokio::sync::futures::OwnedNotified {
-        self.cut.next_cut()
-    }
-
     /// Resolves once this request is cut; never, if it is not.
     pub async fn cut(&self) {
         loop {
-            let next = self.next_cut();
+            let next = self.cut.next_cut();
             tokio::pin!(next);
             next.as_mut().enable();
             if self.is_cut() {
@@ -405,7 +399,8 @@ impl CutWatch {
         )
     }
 
-    /// A wake-up for the next cut on the request's colour (see `RequestGuard::next_cut`).
+    /// A wake-up for the next cut on the request's colour; check `is_cut` after
+    /// registering it (`Notified::enable`) so no cut is missed in between.
     pub fn next_cut(&self) -> tokio::sync::futures::OwnedNotified {
         self.counts().cut.clone().notified_owned()
     }

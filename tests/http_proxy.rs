@@ -692,11 +692,7 @@ async fn in_flight_requests_on_a_removed_upstream_end_at_its_drain_deadline() {
         drain_timeout: "1s",
         ..Default::default()
     };
-    env.write_config(
-        &builder,
-        &format!("\"{}\"", env.blue[0].url()),
-        &format!("\"{}\"", env.green[0].url()),
-    );
+    env.write_config_of_first_stubs(&builder);
     let reloaded_at = std::time::SystemTime::now();
     let reload_started = std::time::Instant::now();
     let (status, reloaded) = env.admin_post("/reload", None).await;
@@ -935,11 +931,7 @@ async fn a_standby_colour_with_requests_on_a_removed_upstream_is_draining() {
         health: "mode = \"off\"",
         ..Default::default()
     };
-    env.write_config(
-        &builder,
-        &format!("\"{}\"", env.blue[0].url()),
-        &format!("\"{}\"", env.green[0].url()),
-    );
+    env.write_config_of_first_stubs(&builder);
     let (status, reloaded) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{reloaded}");
     let blue = &reloaded["colors"]["blue"];

@@ -202,11 +202,7 @@ async fn a_standby_colour_draining_a_removed_upstream_shows_its_deadline() {
     let preview = env.app().preview_addr.expect("a preview listener");
     let streams = streams_on_each(&env.blue, &format!("ws://{preview}/v1/listen")).await;
     let reloaded_at = std::time::SystemTime::now();
-    env.write_config(
-        &builder,
-        &format!("\"{}\"", env.blue[0].url()),
-        &format!("\"{}\"", env.green[0].url()),
-    );
+    env.write_config_of_first_stubs(&builder);
     let (status, body) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     eventually(|| async {

@@ -1700,6 +1700,15 @@ async fn env_with_stall_timeout(addr: SocketAddr) -> Env {
     env_with_blue_at_built(addr, builder).await
 }
 
+/// A GET of `path` through `env`, answered in the background, and the upstream
+/// connection it came on, its head read.
+async fn a_get_taken(env: &Env, up: &mut Upstream, path: &str) -> (JoinHandle<Answer>, Peer) {
+    let get = spawn_get(env, &env.client, path);
+    let mut conn = up.accept("the request connects").await;
+    conn.read_head("the request").await;
+    (get, conn)
+}
+
 /// The sum of the samples of `name` whose labels include all of `labels` (`key="value"`).
 fn metric_sum(env: &Env, name: &str, labels: &[&str]) -> f64 {
     let metrics = env.app().metrics.encode();
@@ -1720,9 +1729,7 @@ fn upstream_errors(env: &Env, kind: &str) -> f64 {
 async fn an_upstream_that_stops_sending_its_body_is_cut_off_after_the_stall_timeout() {
     let mut up = upstream().await;
     let env = env_with_stall_timeout(up.addr).await;
-    let get = spawn_get(&env, &env.client, "/v1/speak");
-    let mut conn = up.accept("the request connects").await;
-    conn.read_head("the request").await;
+    let (get, mut conn) = a_get_taken(&env, &mut up, "/v1/speak").await;
     conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.")
         .await;
     // The upstream keeps its connection open and sends nothing more: without the timer
@@ -1741,9 +1748,7 @@ async fn an_upstream_that_stops_sending_its_body_is_cut_off_after_the_stall_time
 async fn a_body_that_keeps_coming_slowly_is_not_cut_off() {
     let mut up = upstream().await;
     let env = env_with_stall_timeout(up.addr).await;
-    let get = spawn_get(&env, &env.client, "/v1/speak");
-    let mut conn = up.accept("the request connects").await;
-    conn.read_head("the request").await;
+    let (get, mut conn) = a_get_taken(&env, &mut up, "/v1/speak").await;
     conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         .await;
     // Three periods of the timer in all, a chunk every tenth of one: only a body that
@@ -1765,15 +1770,21 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut_off() {
 async fn a_chunked_answer_begun() -> (Env, Peer, Peer) {
     let mut up = upstream().await;
     let env = env_with_stall_timeout(up.addr).await;
-    let mut client = Peer::client(&env).await;
-    client
-        .write(b"GET /v1/speak HTTP/1.1\r\nhost: switchyard\r\n\r\n")
-        .await;
-    let mut conn = up.accept("the request connects").await;
-    conn.read_head("the request").await;
+    let request = b"GET /v1/speak HTTP/1.1\r\nhost: switchyard\r\n\r\n";
+    let (client, mut conn, _) = a_raw_request(&env, &mut up, request).await;
     conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         .await;
     (env, client, conn)
+}
+
+/// A raw client connection to Switchyard that sent `request`, the upstream connection it
+/// came on, and the request's head as the upstream read it.
+async fn a_raw_request(env: &Env, up: &mut Upstream, request: &[u8]) -> (Peer, Peer, Head) {
+    let mut client = Peer::client(env).await;
+    client.write(request).await;
+    let mut conn = up.accept("the request connects").await;
+    let head = conn.read_head("the request").await;
+    (client, conn, head)
 }
 
 /// One 64 KiB chunk of a chunked body.
@@ -1842,9 +1853,7 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_dropped() {
 async fn an_upstream_may_send_its_head_long_before_its_body() {
     let mut up = upstream().await;
     let env = env_with_stall_timeout(up.addr).await;
-    let get = spawn_get(&env, &env.client, "/v1/listen");
-    let mut conn = up.accept("the request connects").await;
-    conn.read_head("the request").await;
+    let (get, mut conn) = a_get_taken(&env, &mut up, "/v1/listen").await;
     conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
         .await;
     // Two and a half periods of the stall timer before the first byte of the body: that
@@ -1859,12 +1868,9 @@ async fn an_upstream_may_send_its_head_long_before_its_body() {
 async fn a_client_that_stops_sending_its_body_gets_408_after_the_stall_timeout() {
     let mut up = upstream().await;
     let env = env_with_stall_timeout(up.addr).await;
-    let mut client = Peer::client(&env).await;
-    client
-        .write(b"POST /v1/listen HTTP/1.1\r\nhost: switchyard\r\ncontent-length: 100\r\n\r\nten bytes.")
-        .await;
-    let mut conn = up.accept("the request connects").await;
-    let head = conn.read_head("the request").await;
+    let request =
+        b"POST /v1/listen HTTP/1.1\r\nhost: switchyard\r\ncontent-length: 100\r\n\r\nten bytes.";
+    let (mut client, mut conn, head) = a_raw_request(&env, &mut up, request).await;
     assert_eq!(head.one("content-length"), "100");
     conn.read_exact(10, "the first ten bytes of the body").await;
     // The client sends nothing more and keeps its connection open.

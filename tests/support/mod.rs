@@ -241,6 +241,16 @@ impl Env {
         .expect("config file");
     }
 
+    /// Writes a config with only the first stub of each colour: a reload of it removes
+    /// the others.
+    pub fn write_config_of_first_stubs(&self, builder: &EnvBuilder) {
+        self.write_config(
+            builder,
+            &format!("\"{}\"", self.blue[0].url()),
+            &format!("\"{}\"", self.green[0].url()),
+        );
+    }
+
     /// Stops Switchyard gracefully and waits.
     pub async fn shutdown(&mut self) {
         if let Some(app) = self.app.take() {
