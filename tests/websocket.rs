@@ -392,6 +392,8 @@ async fn speak_drain_sends_close_when_flushed_never_comes() {
     )
     .await;
     assert_eq!(blue.flushes(), 1);
+    eventually(|| async { closes_of(&env, "drain_forced") == Some(1.0) }).await;
+    assert_eq!(closes_of(&env, "drain_graceful"), Some(0.0));
 }
 
 /// A scripted WebSocket upstream on a loopback port: `session` runs for each connection
@@ -1134,6 +1136,9 @@ async fn agent_stream_closes_at_the_deadline_not_before() {
         blue.wait_until(|s| s.ws_open_now() == 0),
     )
     .await;
+    // No drain message exists for it: the deadline forces the end.
+    eventually(|| async { closes_of(&env, "drain_forced") == Some(1.0) }).await;
+    assert_eq!(closes_of(&env, "drain_graceful"), Some(0.0));
 }
 
 /// A zero drain timeout ends old streams at once, still gracefully.
