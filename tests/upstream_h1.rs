@@ -1386,7 +1386,7 @@ async fn a_body_cut_short_is_an_error_for_the_client(head: &[u8], part: &[u8], d
     );
     up.assert_no_other_connection();
     // Counted against the upstream (the client's error came after the count).
-    assert_eq!(upstream_errors(&env, "protocol"), 1.0);
+    assert_eq!(env.upstream_errors("protocol"), 1.0);
 }
 
 #[tokio::test]
@@ -1709,22 +1709,6 @@ async fn a_get_taken(env: &Env, up: &mut Upstream, path: &str) -> (JoinHandle<An
     (get, conn)
 }
 
-/// The sum of the samples of `name` whose labels include all of `labels` (`key="value"`).
-fn metric_sum(env: &Env, name: &str, labels: &[&str]) -> f64 {
-    let metrics = env.app().metrics.encode();
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// The sum of `switchyard_upstream_errors_total` of `kind` over every upstream.
-fn upstream_errors(env: &Env, kind: &str) -> f64 {
-    let label = format!("kind=\"{kind}\"");
-    metric_sum(env, "switchyard_upstream_errors_total", &[&label])
-}
-
 #[tokio::test]
 async fn an_upstream_that_stops_sending_its_body_is_cut_off_after_the_stall_timeout() {
     let mut up = upstream().await;
@@ -1740,8 +1724,8 @@ async fn an_upstream_that_stops_sending_its_body_is_cut_off_after_the_stall_time
     assert!(!failed.is_empty());
     conn.expect_closed("the upstream connection after the cut")
         .await;
-    assert_eq!(upstream_errors(&env, "timeout"), 1.0);
-    assert_eq!(upstream_errors(&env, "protocol"), 0.0);
+    assert_eq!(env.upstream_errors("timeout"), 1.0);
+    assert_eq!(env.upstream_errors("protocol"), 0.0);
 }
 
 #[tokio::test]
@@ -1762,7 +1746,7 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut_off() {
     }
     conn.write(b"0\r\n\r\n").await;
     assert_ok(&joined("the answer", get).await, &sent);
-    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
 }
 
 /// A raw client's GET through an env with a 1 s stall timeout, and the upstream
@@ -1817,7 +1801,7 @@ async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_stall_timeo
     // The client's connection is closed too, after what was already on its way.
     client.drain_to_close("the client's connection").await;
     drop(client);
-    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
 }
 
 #[tokio::test]
@@ -1846,7 +1830,7 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_dropped() {
         assert!(!writer.is_finished(), "the upstream's writes ended");
     }
     writer.abort();
-    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
 }
 
 #[tokio::test]
@@ -1861,7 +1845,7 @@ async fn an_upstream_may_send_its_head_long_before_its_body() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     conn.write(b"hello").await;
     assert_ok(&joined("the answer", get).await, b"hello");
-    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
 }
 
 #[tokio::test]
@@ -1885,7 +1869,7 @@ async fn a_client_that_stops_sending_its_body_gets_408_after_the_stall_timeout()
     client.expect_closed("the client's connection").await;
     conn.expect_closed("the upstream connection").await;
     // The client's fault, not the upstream's.
-    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
 }
 
 /// The stream window the HTTP/2 client below gives Switchyard, and never opens further
@@ -1954,7 +1938,7 @@ async fn an_http2_stream_whose_client_stops_reading_it_is_reset_after_the_stall_
     // The client sees its stream reset after what arrived.
     let body = within("the body", response.into_body().collect()).await;
     assert!(body.is_err(), "the stream is reset, not ended");
-    assert_eq!(upstream_errors(&env, "timeout"), 0.0);
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
 }
 
 #[tokio::test]
@@ -1969,7 +1953,7 @@ async fn an_http2_answer_its_client_does_not_read_ends_at_the_drain_deadline() {
     // the body (the upstream has megabytes more on their way, so the body never waits).
     eventually(|| async {
         let labels = ["color=\"blue\"", "direction=\"to_client\""];
-        metric_sum(&env, "switchyard_bytes_total", &labels) >= f64::from(H2_WINDOW)
+        env.metric_sum("switchyard_bytes_total", &labels) >= f64::from(H2_WINDOW)
     })
     .await;
     let (status, body) = env
@@ -2017,7 +2001,7 @@ async fn after_a_stream_reset_the_http2_connection_serves_the_next_request() {
         .await
         .expect("the second body arrives whole");
     assert_eq!(body.to_bytes(), Bytes::from(data));
-    let open = metric_sum(&env, "switchyard_connections", &["listener=\"proxy\""]);
+    let open = env.metric_sum("switchyard_connections", &["listener=\"proxy\""]);
     assert_eq!(open, 1.0, "one client connection served both");
 }
 

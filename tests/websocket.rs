@@ -641,6 +641,8 @@ async fn an_upstream_closing_without_a_close_frame_after_close_stream_ends_norma
         };
         eventually(|| async { closes_of(&env, counted) == Some(1.0) }).await;
         assert_eq!(closes_of(&env, not), Some(0.0));
+        let broke_off = if reset { 1.0 } else { 0.0 };
+        assert_eq!(env.upstream_errors("protocol"), broke_off);
     }
 }
 
@@ -657,6 +659,7 @@ async fn an_upstream_reset_after_the_drain_message_is_an_error_and_the_client_re
     assert_eq!(close_code(&close), Some(1012));
     eventually(|| async { closes_of(&env, "error") == Some(1.0) }).await;
     assert_eq!(closes_of(&env, "drain_graceful"), Some(0.0));
+    assert_eq!(env.upstream_errors("protocol"), 1.0);
 }
 
 /// A client that sent `CloseStream` before the drain deadline is ending its stream
@@ -1079,6 +1082,10 @@ async fn upstream_close_code_and_reason_pass_through() {
     let (rest, close) = read_to_close(&mut ws).await;
     assert!(rest.is_empty(), "{rest:?}");
     assert_eq!(close_code(&close), Some(1011));
+    // Only the upstream that broke off, not those that closed with a code of their own,
+    // counts against it.
+    eventually(|| async { env.upstream_errors("protocol") == 1.0 }).await;
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
 }
 
 /// An upgrade the upstream refuses comes back as it was: status and Deepgram's headers,
@@ -1629,6 +1636,8 @@ async fn an_upstream_that_stops_reading_ends_its_stream_after_the_stall_timeout(
     flood.abort();
     assert_eq!(close_code(&close), Some(1011));
     eventually(|| async { closes_of(&env, "error") == Some(1.0) }).await;
+    assert_eq!(env.upstream_errors("timeout"), 1.0);
+    assert_eq!(env.upstream_errors("protocol"), 0.0);
 }
 
 /// A client that stops reading is found the same way: the upstream is told the client
@@ -1658,4 +1667,7 @@ async fn a_client_that_stops_reading_ends_its_stream_after_the_stall_timeout() {
     let code = within("the upstream told of the stall", told.recv()).await;
     assert_eq!(code, Some(Some(1001)));
     eventually(|| async { closes_of(&env, "error") == Some(1.0) }).await;
+    // The client's fault: nothing counts against the upstream.
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
+    assert_eq!(env.upstream_errors("protocol"), 0.0);
 }

@@ -472,11 +472,12 @@ enum Ending {
     /// The upstream closed its connection, without a close frame, after the client's own
     /// end (`CloseStream`, `Close`): a finished stream (Flux may end so), not a failure.
     UpstreamEnded,
-    /// The upstream connection broke without a close frame.
-    UpstreamLost(String),
+    /// The upstream connection broke without a close frame, or stopped taking bytes
+    /// (`Timeout`), counted against the upstream as that kind of error.
+    UpstreamLost(UpstreamErrorKind, String),
     /// The upstream connection broke (a reset, a frame that breaks the protocol) after
     /// the drain message: a transport failure, but the client is still told to reconnect.
-    UpstreamLostInDrain(String),
+    UpstreamLostInDrain(UpstreamErrorKind, String),
     /// The client sent a close frame (its code, the frame), to forward upstream.
     ClientClosed(Option<u16>, Bytes),
     /// The client connection broke.
@@ -591,10 +592,10 @@ impl Stream {
                         }
                         Poll::Ready(Event::DestinationLost(why)) => Ending::ClientLost(why),
                         Poll::Ready(Event::SourceLost(why)) if drain_sent => {
-                            Ending::UpstreamLostInDrain(why)
+                            Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
                         }
                         Poll::Ready(Event::Protocol(e)) if drain_sent => {
-                            Ending::UpstreamLostInDrain(e.to_string())
+                            Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, e.to_string())
                         }
                         Poll::Ready(_) if drain_sent => Ending::UpstreamFinished {
                             closed: false,
@@ -602,10 +603,15 @@ impl Stream {
                         },
                         Poll::Ready(Event::Ended) if up.client_ended => Ending::UpstreamEnded,
                         Poll::Ready(Event::Ended) => {
-                            Ending::UpstreamLost("connection closed without a close frame".into())
+                            let why = "connection closed without a close frame";
+                            Ending::UpstreamLost(UpstreamErrorKind::Protocol, why.into())
                         }
-                        Poll::Ready(Event::SourceLost(why)) => Ending::UpstreamLost(why),
-                        Poll::Ready(Event::Protocol(e)) => Ending::UpstreamLost(e.to_string()),
+                        Poll::Ready(Event::SourceLost(why)) => {
+                            Ending::UpstreamLost(UpstreamErrorKind::Protocol, why)
+                        }
+                        Poll::Ready(Event::Protocol(e)) => {
+                            Ending::UpstreamLost(UpstreamErrorKind::Protocol, e.to_string())
+                        }
                     };
                     return Poll::Ready(ending);
                 }
@@ -615,9 +621,11 @@ impl Stream {
                         match stall.poll(cx, &up, &down, timeout) {
                             Poll::Pending => return Poll::Pending,
                             Poll::Ready((Side::Upstream, why)) if drain_sent => {
-                                Ending::UpstreamLostInDrain(why)
+                                Ending::UpstreamLostInDrain(UpstreamErrorKind::Timeout, why)
                             }
-                            Poll::Ready((Side::Upstream, why)) => Ending::UpstreamLost(why),
+                            Poll::Ready((Side::Upstream, why)) => {
+                                Ending::UpstreamLost(UpstreamErrorKind::Timeout, why)
+                            }
                             Poll::Ready((Side::Client, why)) => Ending::ClientLost(why),
                         }
                     }
@@ -628,9 +636,11 @@ impl Stream {
                     Poll::Ready(Event::SourceLost(why)) => Ending::ClientLost(why),
                     Poll::Ready(Event::Protocol(e)) => Ending::ClientBroke(e.to_string()),
                     Poll::Ready(Event::DestinationLost(why)) if drain_sent => {
-                        Ending::UpstreamLostInDrain(why)
+                        Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
                     }
-                    Poll::Ready(Event::DestinationLost(why)) => Ending::UpstreamLost(why),
+                    Poll::Ready(Event::DestinationLost(why)) => {
+                        Ending::UpstreamLost(UpstreamErrorKind::Protocol, why)
+                    }
                     Poll::Ready(Event::Flushed | Event::Cleared) => {
                         Ending::ClientBroke("unexpected".into())
                     }
@@ -649,7 +659,7 @@ impl Stream {
                 None => frames::encode(frames::CLOSE, &[], to_upstream),
             })
         };
-        let lost_in_drain = matches!(ending, Ending::UpstreamLostInDrain(_));
+        let lost_in_drain = matches!(ending, Ending::UpstreamLostInDrain(..));
         let entered = self.span.enter();
         let (reason, client_code, client_close, client_waits, upstream_close, upstream_waits) =
             match ending {
@@ -701,12 +711,14 @@ impl Stream {
                     None,
                     false,
                 ),
-                Ending::UpstreamLostInDrain(why) => {
+                Ending::UpstreamLostInDrain(kind, why) => {
+                    self.proxy.metrics.upstream_error(&self.upstream, kind);
                     tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost after the drain message");
                     let close = to_client(1012, "switchyard: draining, reconnect");
                     (CloseReason::Error, Some(1012), close, true, None, false)
                 }
-                Ending::UpstreamLost(why) => {
+                Ending::UpstreamLost(kind, why) => {
+                    self.proxy.metrics.upstream_error(&self.upstream, kind);
                     tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
                     if up.client_ended {
                         // The client ended the stream itself: told as when the upstream

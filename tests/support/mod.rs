@@ -183,6 +183,22 @@ impl Env {
         self.app.as_ref().expect("app running")
     }
 
+    /// The sum of the samples of `name` whose labels include all of `labels` (`key="value"`).
+    pub fn metric_sum(&self, name: &str, labels: &[&str]) -> f64 {
+        let metrics = self.app().metrics.encode();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The sum of `switchyard_upstream_errors_total` of `kind` over every upstream.
+    pub fn upstream_errors(&self, kind: &str) -> f64 {
+        let label = format!("kind=\"{kind}\"");
+        self.metric_sum("switchyard_upstream_errors_total", &[&label])
+    }
+
     pub fn proxy_url(&self, path: &str) -> String {
         format!("http://{}{}", self.app().proxy_addr, path)
     }
