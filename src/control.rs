@@ -520,7 +520,10 @@ impl Writer {
         if settings.admin_token.is_none() {
             return Err(config.no_token_error().into());
         }
-        crate::nofile::warn_if_short(&config);
+        // Said at start already; again only when the reload changes what is needed.
+        if config.limits.max_connections != current.settings.config.limits.max_connections {
+            crate::nofile::warn_if_short(&config);
+        }
         let pools = self.put_back_retired(RouteTable::pools_for(&config, Some(current)), current);
         let every = |pools: &[Pool; 2]| {
             pools

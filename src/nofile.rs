@@ -34,7 +34,7 @@ pub fn needed(max_connections: usize, listeners: usize) -> u64 {
 
 /// Warns when the open-file limit is below what `config`'s `limits.max_connections` may
 /// need: past it, accepts wait and upstream connects answer 503 `proxy_overloaded`. At
-/// start, and on every reload (which may raise `max_connections`).
+/// start, and on a reload that changes `max_connections`.
 pub fn warn_if_short(config: &crate::config::Config) {
     let listeners = 1 + usize::from(config.listen.preview.is_some());
     let needed = needed(config.limits.max_connections, listeners);
