@@ -282,6 +282,21 @@ async fn client_keys_are_required_in_every_accepted_form() {
     );
     ws.close(None).await.expect("close");
 
+    // The `bearer` form (a JWT there in Deepgram's use) is checked the same way.
+    let req = listen_request(&env, "bearer, key-one", None);
+    let (mut ws, response) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("accepted handshake");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "bearer");
+    ws.close(None).await.expect("close");
+    let req = listen_request(&env, "bearer, wrong", None);
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("a wrong key must refuse the handshake: {other:?}"),
+    }
+
     // A listed key in the subprotocol lets the client in even when an Authorization
     // header (say, a stale one a library adds) names another.
     let req = listen_request(&env, "token, key-one", Some("Token stale"));

@@ -245,6 +245,7 @@ async fn response_timeout_runs_from_the_end_of_the_request() {
     assert_eq!(color_of(&got), "blue");
     let json: Value = serde_json::from_slice(got.body()).expect("json");
     assert_eq!(json["error"], "upstream_timeout", "{json}");
+    assert_eq!(env.upstream_errors("timeout"), 1.0);
 
     // An upstream that stops taking the request mid-upload is a 504 too, once it has taken
     // nothing for response_timeout: the request cannot hang for ever. (The body offers
@@ -266,6 +267,8 @@ async fn response_timeout_runs_from_the_end_of_the_request() {
     assert_eq!(color_of(&got), "blue");
     let json = json_body(got).await;
     assert_eq!(json["error"], "upstream_timeout", "{json}");
+    assert_eq!(env.upstream_errors("timeout"), 2.0);
+    assert_eq!(env.upstream_errors("protocol"), 0.0);
 }
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -508,6 +511,36 @@ async fn a_connect_failure_is_retried_on_another_upstream_of_the_same_colour() {
     assert_eq!(env.green[0].state.http_requests(), 0);
 }
 
+/// A request is tried on at most three upstreams of its colour (a first try and two
+/// retries), however many refuse.
+#[tokio::test]
+async fn a_request_is_tried_on_at_most_three_upstreams() {
+    let mut dead = Vec::new();
+    for _ in 0..5 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        dead.push(format!(
+            "\"http://{}\"",
+            listener.local_addr().expect("addr")
+        ));
+    }
+    let builder = EnvBuilder {
+        health: "mode = \"off\"\nfall = 1000",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    env.write_config(
+        &builder,
+        &dead.join(", "),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    assert_eq!(env.admin_post("/reload", None).await.0, StatusCode::OK);
+    let got = get(&env.client, &env.proxy_url("/v1/status")).await;
+    assert_eq!(got.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(color_of(&got), "blue");
+    assert_eq!(env.upstream_errors("connect"), 3.0);
+    assert_eq!(env.green[0].state.http_requests(), 0);
+}
+
 #[tokio::test]
 async fn a_swap_moves_the_next_request_on_the_same_keep_alive_connection() {
     let env = EnvBuilder::default().start().await;
@@ -561,6 +594,17 @@ async fn h2c_with_prior_knowledge_works() {
     )
     .expect("json");
     assert_eq!(json["metadata"]["bytes"], 3);
+
+    // The next request on the same connection after a flip goes to the new colour.
+    env.flip("green").await;
+    let req = Request::get(env.proxy_url("/v1/status"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client.request(req).await.expect("answer");
+    assert_eq!(color_of(&response), "green");
+    assert_eq!(stub_of(&response), "green");
+    let connections = env.metric_sum("switchyard_connections", &["listener=\"proxy\""]);
+    assert_eq!(connections, 1.0, "one HTTP/2 connection carried both");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

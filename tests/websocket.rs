@@ -283,9 +283,16 @@ async fn listen_streams_drain_to_green_with_finals_and_1012() {
 }
 
 /// A rollback during the drain cancels it: blue's stream outlives the original deadline
-/// and keeps transcribing until the client ends it normally.
+/// and keeps transcribing until the client ends it normally. A flip back to blue does the
+/// same (SPEC: a flip to a colour whose streams are draining cancels their drain).
 #[tokio::test]
 async fn rollback_cancels_the_drain() {
+    for back in ["/rollback", "/flip"] {
+        drain_cancelled_by(back).await;
+    }
+}
+
+async fn drain_cancelled_by(back: &str) {
     let env = EnvBuilder::default().start().await;
     let url = env.ws_url("/v1/listen");
     let (mut on_blue, response) = Listen::open(&url).await;
@@ -296,11 +303,13 @@ async fn rollback_cancels_the_drain() {
     let (mut on_green, response) = Listen::open(&url).await;
     assert_eq!(color_of(&response), "green");
     on_green.send_confirmed(&[RESULT_BYTES]).await;
-    let (status, body) = env
-        .admin_post("/rollback", Some(json!({ "drain_timeout": "1s" })))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["active"], "blue", "{body}");
+    let order = match back {
+        "/flip" => json!({ "to": "blue", "drain_timeout": "1s" }),
+        _ => json!({ "drain_timeout": "1s" }),
+    };
+    let (status, body) = env.admin_post(back, Some(order)).await;
+    assert_eq!(status, StatusCode::OK, "{back}: {body}");
+    assert_eq!(body["active"], "blue", "{back}: {body}");
 
     // The green stream's drain was ordered after blue's, with the same timeout, so its
     // close is the signal that blue's original deadline has passed.

@@ -100,3 +100,38 @@ fn etcd_endpoints_and_replica_id_are_checked() {
         }
     }
 }
+
+#[test]
+fn a_reload_may_change_all_but_the_listeners_tls_on_or_off_and_the_state_file() {
+    let old = parse(MINIMAL).expect("valid");
+    let conflict = |text: String| old.reload_conflict(&parse(&text).expect("valid"));
+    let may = format!(
+        "{MINIMAL}\n[drain]\ntimeout = \"1m\"\n[health]\ninterval = \"5s\"\n[limits]\nmax_connections = 10\n"
+    )
+    .replace("http://127.0.0.1:9002", "http://127.0.0.1:9003");
+    assert!(conflict(may).is_none());
+    let moved = |from: &str, to: &str| {
+        assert!(MINIMAL.contains(from));
+        MINIMAL.replace(from, to)
+    };
+    for (text, field) in [
+        (moved("127.0.0.1:8080", "127.0.0.1:8081"), "listen.proxy"),
+        (moved("127.0.0.1:9901", "127.0.0.1:9902"), "listen.admin"),
+        (
+            moved("[pools]", "preview = \"127.0.0.1:8082\"\n[pools]"),
+            "listen.preview",
+        ),
+        (
+            format!("{MINIMAL}\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n"),
+            "tls",
+        ),
+        (
+            format!("{MINIMAL}\n[routing]\nstate_file = \"elsewhere.json\"\n"),
+            "routing.state_file",
+        ),
+    ] {
+        let e = conflict(text).expect("refused");
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.reason.contains("restart"), "{e}");
+    }
+}
