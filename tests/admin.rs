@@ -446,6 +446,51 @@ async fn an_unhealthy_target_needs_force() {
     assert_error(&answer, StatusCode::CONFLICT, "target_unhealthy");
 }
 
+/// Health mode `http`: any 2xx passes, whatever the body says; anything else fails.
+#[tokio::test]
+async fn in_http_mode_any_2xx_passes() {
+    let env = EnvBuilder {
+        health: "mode = \"http\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1",
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let blue = env.blue[0].url();
+    env.blue[0].state.set_status_code(503);
+    wait_health(&env, "blue", &blue, false, "bad_response").await;
+    env.blue[0].state.set_health("Critical");
+    env.blue[0].state.set_status_code(204);
+    wait_health(&env, "blue", &blue, true, "ok").await;
+}
+
+/// A node that takes the probe's connection and never answers fails by the probe's
+/// timeout, shown as `unreachable`.
+#[tokio::test]
+async fn a_probe_that_times_out_fails_as_unreachable() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let health =
+        "mode = \"deepgram\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 1";
+    let env = support::env_with_blue_at_health(addr, health).await;
+    wait_health(
+        &env,
+        "blue",
+        &format!("http://{addr}"),
+        false,
+        "unreachable",
+    )
+    .await;
+    holder.abort();
+}
+
 #[tokio::test]
 async fn a_critical_upstream_stops_getting_traffic() {
     let env = EnvBuilder {
