@@ -1,6 +1,6 @@
 //! The real `switchyard` binary as a child process: `run` (restart persistence, start-up
-//! refusals), `ctl` (every exit code, `--json`) and `check` (each broken config, the shipped
-//! configs). Stub upstreams run in-process.
+//! refusals), `ctl` (every exit code, `--json`), `stub-upstream` and `check` (each broken
+//! config, the shipped configs). The stub upstreams `run` proxies to run in-process.
 
 mod support;
 
@@ -109,38 +109,8 @@ token_file = "{token}"
             Some(t) => command.env("SWITCHYARD_ADMIN_TOKEN", t),
             None => command.env_remove("SWITCHYARD_ADMIN_TOKEN"),
         };
-        let mut child = command
-            .args(["run", "--config"])
-            .arg(self.config())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("switchyard starts");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let sink = log.clone();
-        // Reads the log until the process closes stderr, handing each line to the test.
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock()
-                    .expect("log lock")
-                    .push_str(&(line.clone() + "\n"));
-                let _ = tx.send(line);
-            }
-        });
-        let mut running = Running {
-            child: Some(child),
-            log,
-            lines: rx,
-        };
-        running.log_line("switchyard is listening").await;
-        running
+        command.args(["run", "--config"]).arg(self.config());
+        Running::start(command, "switchyard is listening").await
     }
 
     /// Runs `switchyard ctl --admin <this site> ARGS` → exit code, stdout, stderr.
@@ -188,6 +158,40 @@ struct Running {
 }
 
 impl Running {
+    /// Spawns `command` with its log on a pipe and waits for the log line with `ready`.
+    async fn start(mut command: Command, ready: &str) -> Running {
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("switchyard starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = log.clone();
+        // Reads the log until the process closes stderr, handing each line to the test.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock()
+                    .expect("log lock")
+                    .push_str(&(line.clone() + "\n"));
+                let _ = tx.send(line);
+            }
+        });
+        let mut running = Running {
+            child: Some(child),
+            log,
+            lines: rx,
+        };
+        running.log_line(ready).await;
+        running
+    }
+
     fn log(&self) -> String {
         self.log.lock().expect("log lock").clone()
     }
@@ -894,6 +898,50 @@ async fn ctl_asks_for_a_wait_longer_than_an_hour_in_turns_of_an_hour() {
         ["GET /drain/wait?color=blue&timeout=1h HTTP/1.1"],
         "{out:?}"
     );
+}
+
+// ---- stub-upstream --------------------------------------------------------------------
+
+/// `switchyard stub-upstream`: it reports the `--health` it was given until told another
+/// state, names itself in `x-stub-name`, and exits 0 on SIGTERM.
+#[tokio::test]
+async fn the_stub_upstream_reports_its_health_flag_and_stops_on_sigterm() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut command = Command::new(BIN);
+    command.args([
+        "stub-upstream",
+        "--listen",
+        &listen,
+        "--name",
+        "edge-1",
+        "--health",
+        "Critical",
+    ]);
+    let stub = Running::start(command, "stub upstream listening").await;
+    let status = || async {
+        let req = Request::get(format!("http://{listen}/v1/status"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = http_client().request(req).await.expect("answer");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-stub-name"], "edge-1");
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let json: Value = serde_json::from_slice(&body).expect("status JSON");
+        json["system_health"].clone()
+    };
+    assert_eq!(status().await, "Critical");
+    let req = Request::post(format!("http://{listen}/_stub/health"))
+        .body(Full::new(Bytes::from_static(
+            br#"{"system_health":"Ready"}"#,
+        )))
+        .expect("request");
+    let (code, body) = send_json(&http_client(), req).await;
+    assert!(code.is_success(), "{code} {body}");
+    assert_eq!(status().await, "Ready");
+    assert_eq!(stub.terminate().await.code(), Some(0));
 }
 
 // ---- check ----------------------------------------------------------------------------
