@@ -467,16 +467,7 @@ async fn in_http_mode_any_2xx_passes() {
 /// timeout, shown as `unreachable`.
 #[tokio::test]
 async fn a_probe_that_times_out_fails_as_unreachable() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let (addr, holder) = support::hung_upstream().await;
     let health =
         "mode = \"deepgram\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 1";
     let env = support::env_with_blue_at_health(addr, health).await;

@@ -315,6 +315,45 @@ async fn client_keys_are_required_in_every_accepted_form() {
 }
 
 /// A `/v1/listen` handshake request offering `protocols`, with `authorization` if given.
+/// A reload re-reads the keys file: a key added lets clients in, a key removed keeps
+/// them out from then on, and a stream opened with the removed key runs on.
+#[tokio::test]
+async fn a_reload_rereads_the_client_keys() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let env = auth_builder(keys.path()).start().await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(listen_request(&env, "token, key-one", None))
+            .await
+            .expect("accepted handshake");
+
+    std::fs::write(keys.path().join("client-keys"), "key-two\nkey-three\n").expect("keys");
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let status_with = |key: &str| {
+        let req = Request::get(env.proxy_url("/v1/status"))
+            .header("authorization", format!("Token {key}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let client = env.client.clone();
+        async move { client.request(req).await.expect("answer").status() }
+    };
+    assert_eq!(status_with("key-three").await, StatusCode::OK);
+    assert_eq!(status_with("key-two").await, StatusCode::OK);
+    assert_eq!(status_with("key-one").await, StatusCode::UNAUTHORIZED);
+
+    ws.send(Message::binary(vec![3u8; 3200]))
+        .await
+        .expect("the stream opened with the removed key still takes audio");
+    let next = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("in time")
+        .expect("message")
+        .expect("ok");
+    assert!(next.to_text().expect("text").contains("\"Results\""));
+    ws.close(None).await.expect("close");
+}
+
 fn listen_request(
     env: &Env,
     protocols: &str,

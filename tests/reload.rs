@@ -223,29 +223,13 @@ async fn a_standby_colour_draining_a_removed_upstream_shows_its_deadline() {
     drop(streams);
 }
 
-/// A listener that accepts connections and never answers: an upstream that is up in TCP
-/// terms but hung.
-async fn hung_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    (addr, task)
-}
-
 #[tokio::test]
 async fn an_upstream_a_reload_adds_is_probed_before_a_flip_can_count_it_healthy() {
     let builder = EnvBuilder::default();
     let env = builder.clone().start().await;
     let blue = format!("\"{}\"", env.blue[0].url());
     // Green's URL now names a node that accepts and never answers.
-    let (hung, task) = hung_upstream().await;
+    let (hung, task) = support::hung_upstream().await;
     env.write_config(&builder, &blue, &format!("\"http://{hung}\""));
     let (status, body) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -334,4 +318,40 @@ async fn a_reload_takes_a_rotated_admin_token_and_refuses_a_missing_one() {
         post_with_token(&env, "/commit", "rotated-token").await.0,
         StatusCode::OK
     );
+}
+
+/// A reload's `drain.timeout` is the one the next change of colour gives the streams it
+/// leaves: the deadline in `/status` is the flip's time plus the reloaded timeout.
+#[tokio::test]
+async fn a_reloaded_drain_timeout_applies_to_the_next_flip() {
+    let builder = EnvBuilder::default();
+    let env = builder.clone().start().await;
+    let (stream, _) = tokio_tungstenite::connect_async(env.ws_url("/v1/listen"))
+        .await
+        .expect("handshake");
+    eventually(|| async {
+        env.admin_get("/status").await.1["colors"]["blue"]["open_streams"] == 1
+    })
+    .await;
+    env.write_config_of_first_stubs(&EnvBuilder {
+        drain_timeout: "7m",
+        ..builder
+    });
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, flipped) = env.admin_post("/flip", None).await;
+    assert_eq!(status, StatusCode::OK, "{flipped}");
+    let blue = &flipped["colors"]["blue"];
+    assert_eq!(blue["state"], "draining", "{flipped}");
+    let at = |v: &serde_json::Value| {
+        humantime::parse_rfc3339(v.as_str().expect("a time")).expect("RFC 3339")
+    };
+    let drain = at(&blue["drain_deadline"])
+        .duration_since(at(&flipped["changed_at"]))
+        .expect("deadline after the flip");
+    assert!(
+        drain.abs_diff(std::time::Duration::from_secs(7 * 60)) <= std::time::Duration::from_secs(2),
+        "drain_deadline - changed_at = {drain:?}"
+    );
+    drop(stream);
 }

@@ -354,6 +354,22 @@ where
     }
 }
 
+/// A listener that accepts connections and never answers: an upstream that is up in TCP
+/// terms but hung.
+pub async fn hung_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (addr, task)
+}
+
 /// An env whose blue pool is the one upstream at `addr`, with health checks off: test
 /// upstreams answer only what the test scripts, so only client traffic reaches them.
 pub async fn env_with_blue_at(addr: std::net::SocketAddr) -> Env {
