@@ -1,0 +1,124 @@
+use super::*;
+
+#[test]
+fn the_head_carries_one_of_each_forwarding_header() {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::HOST, HeaderValue::from_static("api.example"));
+    headers.append("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
+    headers.append("x-forwarded-for", HeaderValue::from_static(" "));
+    headers.append("x-forwarded-for", HeaderValue::from_static("10.2.2.2 "));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-host", HeaderValue::from_static("spoofed"));
+    headers.insert("dg-thing", HeaderValue::from_static("x"));
+    let client = HeaderValue::from_static("127.0.0.9");
+    let host = HeaderValue::from_static("api.example");
+    let (method, path) = (Method::GET, PathAndQuery::from_static("/v1/status"));
+    let head = |headers, forwarding| RequestHead {
+        method: &method,
+        path: &path,
+        headers,
+        forwarding,
+    };
+    let authority = Authority::from_static("10.0.0.1:8080");
+    let encoded = encode_head(
+        &head(
+            &headers,
+            Forwarding {
+                client: &client,
+                tls: true,
+                host: Some(&host),
+            },
+        ),
+        &authority,
+        Framing::Empty,
+    );
+    assert_eq!(
+        std::str::from_utf8(&encoded).expect("ASCII"),
+        "GET /v1/status HTTP/1.1\r\nhost: 10.0.0.1:8080\r\ndg-thing: x\r\n\
+         x-forwarded-for: 10.1.1.1, 10.2.2.2, 127.0.0.9\r\nx-forwarded-proto: https\r\n\
+         x-forwarded-host: api.example\r\n\r\n"
+    );
+    let none = HeaderMap::new();
+    let encoded = encode_head(
+        &head(
+            &none,
+            Forwarding {
+                client: &client,
+                tls: false,
+                host: None,
+            },
+        ),
+        &authority,
+        Framing::Empty,
+    );
+    assert_eq!(
+        std::str::from_utf8(&encoded).expect("ASCII"),
+        "GET /v1/status HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\
+         x-forwarded-for: 127.0.0.9\r\nx-forwarded-proto: http\r\n\r\n"
+    );
+}
+
+#[tokio::test]
+async fn sweep_closes_kept_connections_the_upstream_closed() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let idle = Idle::default();
+    let (kept, closed) = (
+        TcpStream::connect(addr).await.expect("connect"),
+        TcpStream::connect(addr).await.expect("connect"),
+    );
+    let (_peer_of_kept, _) = listener.accept().await.expect("accept");
+    let (peer_of_closed, _) = listener.accept().await.expect("accept");
+    idle.park(Conn::new(Stream::Plain(kept), None));
+    idle.park(Conn::new(Stream::Plain(closed), None));
+    drop(peer_of_closed);
+    // The close reaches the reactor when it next turns; sweep until it has.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            idle.sweep();
+            if idle.len() == 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the closed connection is swept");
+    let trust = crate::tls::upstream_client_config(&Default::default()).expect("trust");
+    assert!(
+        idle.take(&trust).is_some(),
+        "the open one is kept and reusable"
+    );
+}
+
+#[test]
+fn lengths_and_chunk_sizes_are_digits_only() {
+    assert_eq!(decimal("42"), Some(42));
+    assert_eq!(decimal("+42"), None);
+    assert_eq!(decimal(""), None);
+    let mut buf = BytesMut::from(&b"0000000000000000a\r\n"[..]);
+    let mut decode = Decode::ChunkSize;
+    assert!(step(&mut decode, &mut buf).is_ok());
+    assert_eq!(
+        decode,
+        Decode::ChunkData(10),
+        "leading zeros are not digits that count"
+    );
+    let mut buf = BytesMut::from(&b"+a\r\n"[..]);
+    assert!(step(&mut Decode::ChunkSize, &mut buf).is_err());
+}
+
+#[test]
+fn a_response_with_both_framings_is_answered_but_its_connection_not_kept() {
+    let mut buf = BytesMut::from(
+        &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"[..],
+    );
+    let (response, framing, keep) = parse_head(&mut buf, &Method::GET)
+        .expect("valid")
+        .expect("complete");
+    assert_eq!(framing, Framing::Chunked);
+    assert!(!keep);
+    assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
+}

@@ -1,0 +1,551 @@
+use super::*;
+use tokio::io::{AsyncReadExt, DuplexStream, duplex};
+
+fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut frame = frames::encode(opcode, payload, true).to_vec();
+    if !fin {
+        frame[0] &= 0x7F;
+    }
+    frame
+}
+
+/// A client-side pump with its two peers' far ends: bytes go in at `client`, come out
+/// at `upstream`.
+fn client_pump() -> (Pump, DuplexStream, DuplexStream, DuplexStream, DuplexStream) {
+    let (client, src) = duplex(1 << 16);
+    let (dst, upstream) = duplex(1 << 16);
+    let counter = IntCounter::new("t", "t").expect("counter");
+    (Pump::new(true, counter), client, src, dst, upstream)
+}
+
+/// Polls the pump until it stops or would wait.
+async fn run(pump: &mut Pump, src: &mut DuplexStream, dst: &mut DuplexStream) -> Option<Event> {
+    std::future::poll_fn(|cx| match pump.poll(cx, src, dst) {
+        Poll::Ready(event) => Poll::Ready(Some(event)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// `n` bytes from `peer`; a test that expected more than came fails instead of hanging.
+async fn read_exactly(peer: &mut DuplexStream, n: usize) -> Vec<u8> {
+    let mut out = vec![0; n];
+    tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut out))
+        .await
+        .expect("the bytes came in time")
+        .expect("bytes");
+    out
+}
+
+#[tokio::test]
+async fn frames_pass_byte_for_byte_and_empty_binary_frames_are_dropped() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    let audio = masked(frames::BINARY, true, &[1, 2, 3]);
+    let empty = masked(frames::BINARY, true, &[]);
+    let ping = masked(frames::PING, true, b"hi");
+    let mut wire = audio.clone();
+    wire.extend_from_slice(&empty);
+    wire.extend_from_slice(&ping);
+    client.write_all(&wire).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let mut expected = audio.clone();
+    expected.extend_from_slice(&ping);
+    assert_eq!(read_exactly(&mut upstream, expected.len()).await, expected);
+    assert_eq!((pump.bytes, pump.dropped), (3, 1));
+}
+
+/// A binary message made of empty fragments is an empty binary message: never passed
+/// on. One that starts empty and then carries data is passed on from its first
+/// fragment with data, which opens it as binary.
+#[tokio::test]
+async fn a_binary_message_that_starts_empty_is_passed_on_from_its_first_data() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    let (ping, first, last) = (
+        masked(frames::PING, true, b"hi"),
+        masked(frames::CONTINUATION, false, &[1, 2, 3]),
+        masked(frames::CONTINUATION, true, &[4, 5]),
+    );
+    let mut wire = masked(frames::BINARY, false, &[]);
+    wire.extend(masked(frames::CONTINUATION, true, &[]));
+    wire.extend(masked(frames::BINARY, false, &[]));
+    wire.extend(masked(frames::CONTINUATION, false, &[]));
+    for frame in [&ping, &first, &last] {
+        wire.extend_from_slice(frame);
+    }
+    client.write_all(&wire).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let mut opened = first.clone();
+    opened[0] = frames::BINARY; // FIN clear, binary
+    let expected = [ping, opened, last].concat();
+    assert_eq!(read_exactly(&mut upstream, expected.len()).await, expected);
+    assert_eq!((pump.bytes, pump.dropped), (5, 1));
+    // The upstream's side too, unmasked and read in pieces.
+    let (upstream_side, mut up_src) = duplex(1 << 16);
+    let (mut up_dst, mut to_client) = duplex(1 << 16);
+    let mut from_upstream = Pump::new(false, IntCounter::new("u", "u").expect("counter"));
+    let mut upstream_side = upstream_side;
+    let mut wire = frames::encode(frames::BINARY, &[], false).to_vec();
+    wire[0] &= 0x7F;
+    let mut last = frames::encode(frames::CONTINUATION, &[9], false).to_vec();
+    last[0] |= 0x80;
+    for piece in [&wire[..1], &wire[1..], &last[..]] {
+        upstream_side.write_all(piece).await.expect("write");
+        assert!(
+            run(&mut from_upstream, &mut up_src, &mut up_dst)
+                .await
+                .is_none()
+        );
+    }
+    let expected = frames::encode(frames::BINARY, &[9], false);
+    assert_eq!(
+        read_exactly(&mut to_client, expected.len()).await,
+        expected.to_vec()
+    );
+}
+
+/// A destination that keeps each write apart, to count the system calls a socket
+/// would see, and takes at most `room` bytes before it fails.
+struct Writes {
+    writes: Vec<Vec<u8>>,
+    room: usize,
+}
+
+impl AsyncWrite for Writes {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.room == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        let n = buf.len().min(self.room);
+        self.room -= n;
+        self.writes.push(buf[..n].to_vec());
+        Poll::Ready(Ok(n))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn an_idle_stream_holds_no_read_buffer_until_bytes_come() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(pump.buf.capacity(), 0, "nothing came: nothing allocated");
+    // A first burst larger than the stack read arrives whole.
+    let audio = masked(frames::BINARY, true, &[7; 3000]);
+    client.write_all(&audio).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(read_exactly(&mut upstream, audio.len()).await, audio);
+    assert!(pump.buf.capacity() > 0);
+    assert_eq!(pump.bytes, 3000);
+}
+
+#[tokio::test]
+async fn frames_read_together_go_on_in_one_write() {
+    let (mut client, mut src) = duplex(1 << 16);
+    let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+    let mut wire = masked(frames::BINARY, true, &[1; 640]);
+    wire.extend_from_slice(&masked(frames::PING, true, b"p"));
+    wire.extend_from_slice(&masked(frames::TEXT, false, b"frag"));
+    wire.extend_from_slice(&masked(frames::CONTINUATION, true, b"ment"));
+    // The start of one more frame: its bytes go on with the others as far as they came,
+    // and count as far as they came (6 header bytes, then 44 of its 100).
+    let last = masked(frames::BINARY, true, &[2; 100]);
+    wire.extend_from_slice(&last[..50]);
+    client.write_all(&wire).await.expect("write");
+    let mut dst = Writes {
+        writes: Vec::new(),
+        room: usize::MAX,
+    };
+    let ran = std::future::poll_fn(|cx| Poll::Ready(pump.poll(cx, &mut src, &mut dst)));
+    assert!(ran.await.is_pending());
+    assert_eq!(dst.writes, vec![wire], "one write for everything read");
+    assert_eq!(pump.bytes, 640 + 4 + 4 + 44);
+    assert!(!pump.at_boundary(), "the last frame is not all written");
+}
+
+/// A header may claim any length: what counts is the payload that went on.
+#[tokio::test]
+async fn bytes_count_what_went_on_not_what_a_header_claims() {
+    let (client, mut src) = duplex(1 << 16);
+    let (mut dst, mut upstream) = duplex(1 << 16);
+    let counter = IntCounter::new("t", "t").expect("counter");
+    let mut pump = Pump::new(true, counter.clone());
+    let mut wire = vec![0x82, 0x80 | 127];
+    wire.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
+    wire.extend_from_slice(&[0, 0, 0, 0]); // the mask
+    wire.extend_from_slice(&[7; 100]);
+    let mut client = client;
+    client.write_all(&wire).await.expect("write");
+    drop(client);
+    let event = std::future::poll_fn(|cx| pump.poll(cx, &mut src, &mut dst)).await;
+    assert!(matches!(event, Event::Ended), "{event:?}");
+    assert_eq!(read_exactly(&mut upstream, wire.len()).await, wire);
+    assert_eq!((pump.bytes, counter.get()), (100, 100));
+}
+
+#[tokio::test]
+async fn frames_that_never_leave_are_not_counted() {
+    let (mut client, mut src) = duplex(1 << 16);
+    let counter = IntCounter::new("t", "t").expect("counter");
+    let mut pump = Pump::new(true, counter.clone());
+    let frame = masked(frames::BINARY, true, &[1; 100]);
+    client.write_all(&frame.repeat(5)).await.expect("write");
+    // The first frame leaves whole, then the destination breaks.
+    let mut dst = Writes {
+        writes: Vec::new(),
+        room: frame.len(),
+    };
+    let event = std::future::poll_fn(|cx| pump.poll(cx, &mut src, &mut dst)).await;
+    assert!(matches!(event, Event::DestinationLost(_)), "{event:?}");
+    assert!(pump.bytes <= 100, "counted {} bytes, 100 left", pump.bytes);
+    assert_eq!(counter.get(), pump.bytes);
+}
+
+#[tokio::test]
+async fn messages_let_through_and_never_written_count_as_dropped() {
+    let frame = masked(frames::BINARY, true, &[1; 100]);
+    let ping = masked(frames::PING, true, b"p");
+    let mut wire = frame.repeat(2);
+    wire.extend_from_slice(&ping);
+    wire.extend_from_slice(&frame.repeat(2));
+    // The destination takes the first frame whole, then one byte of the second, then
+    // breaks: three messages, then two, never left.
+    for (room, never_left) in [(frame.len(), 3), (frame.len() + 1, 2)] {
+        let (mut client, mut src) = duplex(1 << 16);
+        let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+        client.write_all(&wire).await.expect("write");
+        let mut dst = Writes {
+            writes: Vec::new(),
+            room,
+        };
+        let event = std::future::poll_fn(|cx| pump.poll(cx, &mut src, &mut dst)).await;
+        assert!(matches!(event, Event::DestinationLost(_)), "{event:?}");
+        assert_eq!(pump.dropped(), never_left, "room {room}");
+    }
+}
+
+#[tokio::test]
+async fn client_messages_sent_while_waiting_for_a_close_count_as_dropped() {
+    let (mut client, mut src) = duplex(1 << 16);
+    let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+    let mut wire = masked(frames::BINARY, false, &[1; 10]);
+    wire.extend_from_slice(&masked(frames::CONTINUATION, true, &[2; 10]));
+    wire.extend_from_slice(&masked(frames::PING, true, b"p"));
+    wire.extend_from_slice(&masked(frames::TEXT, true, b"{\"type\":\"KeepAlive\"}"));
+    wire.extend_from_slice(&masked(frames::CLOSE, true, &1000u16.to_be_bytes()));
+    client.write_all(&wire).await.expect("write");
+    tokio::time::timeout(Duration::from_secs(10), pump.until_close(&mut src))
+        .await
+        .expect("the close came");
+    assert_eq!(pump.dropped(), 1, "the fragmented audio; text is not audio");
+}
+
+#[tokio::test]
+async fn dropped_speak_messages_count_as_dropped_and_control_text_does_not() {
+    for (dropped_type, expected) in [(Some("Speak"), 3), (None, 1)] {
+        let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+        pump.watch_end = Some("Close");
+        pump.dropped_type = dropped_type;
+        pump.drop_data = true;
+        let mut wire = Vec::new();
+        for text in [
+            &br#"{"type":"Speak","text":"Close the door"}"#[..],
+            br#"{"type":"Flush"}"#,
+            br#"{"type":"KeepAlive"}"#,
+            br#"{"type":"Speak","text":"and the window"}"#,
+        ] {
+            wire.extend_from_slice(&masked(frames::TEXT, true, text));
+        }
+        wire.extend_from_slice(&masked(frames::BINARY, true, &[1; 10]));
+        client.write_all(&wire).await.expect("write");
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        assert_eq!(pump.dropped(), expected, "{dropped_type:?}");
+        assert!(!pump.client_ended, "a Speak that says Close is not the end");
+    }
+}
+
+#[tokio::test]
+async fn the_clients_own_end_of_stream_is_seen_passed_on_or_dropped() {
+    let keep_alive = masked(frames::TEXT, true, b"{\"type\":\"KeepAlive\"}");
+    let close_stream = masked(frames::TEXT, true, b"{\"type\": \"CloseStream\"}");
+
+    // Before any drain: passed on, and seen.
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    pump.watch_end = Some("CloseStream");
+    client.write_all(&keep_alive).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(
+        read_exactly(&mut upstream, keep_alive.len()).await,
+        keep_alive
+    );
+    assert!(!pump.client_ended, "KeepAlive does not end the stream");
+    client.write_all(&close_stream).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(
+        read_exactly(&mut upstream, close_stream.len()).await,
+        close_stream
+    );
+    assert!(pump.client_ended);
+
+    // After the drain message: dropped, still seen, and not counted as lost audio.
+    let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+    pump.watch_end = Some("CloseStream");
+    pump.drop_data = true;
+    client.write_all(&keep_alive).await.expect("write");
+    client.write_all(&close_stream).await.expect("write");
+    client
+        .write_all(&masked(frames::BINARY, true, &[1; 10]))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert!(pump.client_ended);
+    assert_eq!(pump.dropped(), 1, "only the audio counts");
+}
+
+#[tokio::test]
+async fn frames_let_through_before_an_injection_are_written_before_it() {
+    let (mut client, mut src) = duplex(1 << 16);
+    // A destination that takes 8 bytes at a time, so the pump waits part-way.
+    let (mut dst, mut upstream) = duplex(8);
+    let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+    let mut wire = masked(frames::BINARY, true, &[1; 20]);
+    wire.extend_from_slice(&masked(frames::BINARY, true, &[2; 20]));
+    client.write_all(&wire).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert!(
+        !pump.at_boundary(),
+        "let-through frames are not all written"
+    );
+    let own = frames::encode(frames::TEXT, b"{\"type\":\"CloseStream\"}", true);
+    pump.inject(own.clone());
+    pump.drop_data = true;
+    client
+        .write_all(&masked(frames::BINARY, true, &[3; 20]))
+        .await
+        .expect("write");
+    let mut expected = wire.clone();
+    expected.extend_from_slice(&own);
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+        let mut chunk = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), upstream.read(&mut chunk))
+            .await
+            .expect("bytes came in time")
+            .expect("read");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(
+        got, expected,
+        "the audio read before the drain, then CloseStream"
+    );
+    assert!(pump.at_boundary());
+    assert_eq!(pump.dropped, 1, "audio read after the drain is dropped");
+}
+
+#[tokio::test]
+async fn an_injected_frame_waits_for_the_frame_boundary_and_closes_an_open_message() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    // The first fragment of a message, and the second's header (6 bytes, masked) with
+    // part of its payload.
+    let first = masked(frames::TEXT, false, b"hel");
+    let second = masked(frames::CONTINUATION, true, b"lo!");
+    client.write_all(&first).await.expect("write");
+    client.write_all(&second[..8]).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    pump.inject(frames::encode(
+        frames::TEXT,
+        b"{\"type\":\"CloseStream\"}",
+        true,
+    ));
+    pump.drop_data = true;
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    // The rest of the frame in flight is passed on before the injected frame.
+    client.write_all(&second[8..]).await.expect("write");
+    client
+        .write_all(&masked(frames::BINARY, true, &[9; 5]))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let got = read_exactly(&mut upstream, first.len() + second.len()).await;
+    assert_eq!(got[..first.len()], first[..]);
+    assert_eq!(got[first.len()..], second[..]);
+    // `second` ended the message, so no empty fragment was needed; then our frame.
+    let header = read_exactly(&mut upstream, 2).await;
+    assert_eq!(header[0], 0x80 | frames::TEXT);
+    assert_eq!(pump.dropped, 1, "audio after the drain message is dropped");
+}
+
+#[tokio::test]
+async fn an_injected_frame_inside_a_fragmented_message_ends_it_first() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    let first = masked(frames::BINARY, false, &[1; 4]);
+    client.write_all(&first).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    pump.inject(frames::encode(frames::TEXT, b"x", true));
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let got = read_exactly(&mut upstream, first.len() + 6 + 7).await;
+    let end = frames::parse(&got[first.len()..], true)
+        .expect("valid")
+        .expect("whole");
+    assert_eq!(
+        (end.fin, end.opcode, end.len),
+        (true, frames::CONTINUATION, 0)
+    );
+    let own = frames::parse(&got[first.len() + 6..], true)
+        .expect("valid")
+        .expect("whole");
+    assert_eq!((own.fin, own.opcode, own.len), (true, frames::TEXT, 1));
+}
+
+#[tokio::test]
+async fn a_close_frame_stops_the_pump_and_is_not_passed_on() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    let close = frames::close(1000, "bye", true);
+    client.write_all(&close).await.expect("write");
+    match run(&mut pump, &mut src, &mut dst).await {
+        Some(Event::Close { code, frame }) => {
+            assert_eq!(code, Some(1000));
+            assert_eq!(frame, close);
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+    drop(dst);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), upstream.read_to_end(&mut rest))
+        .await
+        .expect("the end came in time")
+        .expect("read");
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn unmasked_client_frames_break_the_protocol() {
+    let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+    client
+        .write_all(&frames::encode(frames::BINARY, &[1], false))
+        .await
+        .expect("write");
+    assert!(matches!(
+        run(&mut pump, &mut src, &mut dst).await,
+        Some(Event::Protocol(FrameError::Unmasked))
+    ));
+}
+
+/// Frames out of sequence, and close frames no peer may send, break the protocol;
+/// what came before them goes on.
+#[tokio::test]
+async fn frames_out_of_sequence_and_bad_closes_break_the_protocol() {
+    let text = |fin| masked(frames::TEXT, fin, b"{}");
+    let cases: [(Vec<u8>, FrameError, usize); 4] = [
+        (
+            masked(frames::CONTINUATION, true, b"x"),
+            FrameError::Sequence,
+            0,
+        ),
+        ([text(false), text(true)].concat(), FrameError::Sequence, 1),
+        (
+            masked(frames::CLOSE, true, &999u16.to_be_bytes()),
+            FrameError::BadClose,
+            0,
+        ),
+        (
+            [
+                text(true),
+                masked(frames::CLOSE, true, &[0x03, 0xE8, 0xC3, 0x28]),
+            ]
+            .concat(),
+            FrameError::BadClose,
+            1,
+        ),
+    ];
+    for (wire, error, before) in cases {
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        client.write_all(&wire).await.expect("write");
+        let event = run(&mut pump, &mut src, &mut dst).await;
+        assert!(
+            matches!(event, Some(Event::Protocol(e)) if e == error),
+            "{event:?}, expected {error:?}"
+        );
+        let passed = text(true).len() * before;
+        assert_eq!(read_exactly(&mut upstream, passed).await.len(), passed);
+    }
+}
+
+#[tokio::test]
+async fn a_watched_upstream_reports_flushed_and_still_passes_it_on() {
+    let (mut upstream, mut src) = duplex(1 << 16);
+    let (mut dst, mut client) = duplex(1 << 16);
+    let counter = IntCounter::new("t", "t").expect("counter");
+    let mut pump = Pump::new(false, counter);
+    pump.watch_flushed = true;
+    let flushed = frames::encode(
+        frames::TEXT,
+        br#"{"type":"Flushed","sequence_id":1}"#,
+        false,
+    );
+    // Split so the pump must wait for the whole frame before it can look inside.
+    upstream.write_all(&flushed[..5]).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    upstream.write_all(&flushed[5..]).await.expect("write");
+    assert!(matches!(
+        run(&mut pump, &mut src, &mut dst).await,
+        Some(Event::Flushed)
+    ));
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(
+        read_exactly(&mut client, flushed.len()).await,
+        flushed.to_vec()
+    );
+}
+
+#[tokio::test]
+async fn an_upstreams_empty_binary_frame_is_not_passed_on_either() {
+    let (mut upstream, mut src) = duplex(1 << 16);
+    let (mut dst, mut client) = duplex(1 << 16);
+    let mut pump = Pump::new(false, IntCounter::new("t", "t").expect("counter"));
+    let empty = frames::encode(frames::BINARY, &[], false);
+    let text = frames::encode(frames::TEXT, b"after", false);
+    upstream.write_all(&empty).await.expect("write");
+    upstream.write_all(&text).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(read_exactly(&mut client, text.len()).await, text.to_vec());
+    assert_eq!(
+        pump.dropped, 0,
+        "only the client's dropped messages are counted"
+    );
+}
+
+#[tokio::test]
+async fn a_skipped_fragment_does_not_make_an_injection_close_a_message() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    let flush = frames::encode(frames::TEXT, b"F", true);
+    pump.inject(flush.clone());
+    pump.drop_data = true;
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(
+        read_exactly(&mut upstream, flush.len()).await,
+        flush.to_vec()
+    );
+    // A fragmented message begun after the drain message is dropped whole...
+    client
+        .write_all(&masked(frames::TEXT, false, b"abc"))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    // ...so the next frame of Switchyard's own needs no empty last fragment first.
+    let close = frames::encode(frames::TEXT, b"C", true);
+    pump.inject(close.clone());
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(
+        read_exactly(&mut upstream, close.len()).await,
+        close.to_vec()
+    );
+}
