@@ -1,3 +1,6 @@
+//! Unit tests of `Config::parse`: defaults, refusals that name their field, listener
+//! clashes, etcd settings, and what a reload may change.
+
 use super::*;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {

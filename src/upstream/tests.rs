@@ -1,3 +1,6 @@
+//! Unit tests of `Upstream`: the balancer's pick (load, health, Degraded last) and the
+//! rise/fall counting of probes and live connect errors.
+
 use super::*;
 
 fn upstream(port: u16) -> Arc<Upstream> {

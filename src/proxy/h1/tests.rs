@@ -1,3 +1,6 @@
+//! Unit tests of the HTTP/1.1 upstream client: the request head it writes, kept
+//! connections the upstream closed, and the framing it accepts.
+
 use super::*;
 
 #[test]

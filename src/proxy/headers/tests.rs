@@ -1,3 +1,6 @@
+//! Unit tests of the header rewrites: forwarding headers, hop-by-hop fields, trailers and
+//! client keys.
+
 use super::*;
 
 #[test]

@@ -1,3 +1,7 @@
+//! Unit tests of `Pump` over in-memory pipes: frames passed on byte for byte, injected
+//! drain messages at frame boundaries, protocol breaks, and what is counted as relayed or
+//! dropped.
+
 use super::*;
 use tokio::io::{AsyncReadExt, DuplexStream, duplex};
 
