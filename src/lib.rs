@@ -28,6 +28,9 @@
 //!   `/drain/wait` see upgraded connections that hyper no longer tracks.
 //! - Buffers are bounded: a read buffer per direction per stream (a frame is never held
 //!   whole, except control frames and small text frames a drain must read), 64 KiB heads.
+//! - Time is bounded too: a peer that moves no bytes for `limits.stall_timeout` ends its
+//!   request or stream (`proxy::stall`; an HTTP/2 stream its client stops reading is reset
+//!   by `listener::h2`), and plain answers on a colour that drains end at its deadline.
 
 pub mod admin;
 pub mod app;
