@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
-use support::{PATIENCE, TOKEN, color_of, eventually, free_port, http_client, send_json};
+use support::{ChildLog, PATIENCE, TOKEN, color_of, eventually, free_port, http_client, send_json};
 use switchyard::stub::{StubHandle, StubOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::connect_async;
@@ -151,65 +151,30 @@ token_file = "{token}"
 struct Running {
     /// `None` once stopped by the test.
     child: Option<Child>,
-    /// Everything it logged so far, for failure messages.
-    log: Arc<Mutex<String>>,
-    /// Its log lines as they come: the signals a test waits on.
-    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    log: ChildLog,
 }
 
 impl Running {
-    /// Spawns `command` with its log on a pipe and waits for the log line with `ready`.
+    /// Spawns `command` and waits for the log line with `ready`.
     async fn start(mut command: Command, ready: &str) -> Running {
-        let mut child = command
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("switchyard starts");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let sink = log.clone();
-        // Reads the log until the process closes stderr, handing each line to the test.
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock()
-                    .expect("log lock")
-                    .push_str(&(line.clone() + "\n"));
-                let _ = tx.send(line);
-            }
-        });
+        let (child, log) = ChildLog::spawn(&mut command);
         let mut running = Running {
             child: Some(child),
             log,
-            lines: rx,
         };
         running.log_line(ready).await;
         running
     }
 
     fn log(&self) -> String {
-        self.log.lock().expect("log lock").clone()
+        self.log.text()
     }
 
     /// Waits for the next log line containing `needle` and returns it.
     async fn log_line(&mut self, needle: &str) -> String {
-        let found = tokio::time::timeout(PATIENCE, async {
-            while let Some(line) = self.lines.recv().await {
-                if line.contains(needle) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => line,
-            _ => {
+        match self.log.line(needle).await {
+            Some(line) => line,
+            None => {
                 let status = self.child.as_mut().map(Child::try_wait);
                 panic!("no log line with {needle:?} ({status:?}):\n{}", self.log())
             }

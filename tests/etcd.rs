@@ -11,13 +11,13 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde_json::{Value, json};
-use support::{PATIENCE, TOKEN, color_of, free_port, get, http_client, send_json};
+use support::{ChildLog, PATIENCE, TOKEN, color_of, free_port, get, http_client, send_json};
 use switchyard::stub::{StubHandle, StubOptions};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -468,51 +468,24 @@ async fn admin_get(base: &str, path: &str) -> (StatusCode, Value) {
 /// A running `switchyard run`; killed if the test ends without stopping it.
 struct Running {
     child: Option<Child>,
-    log: Arc<Mutex<String>>,
+    log: ChildLog,
 }
 
 impl Running {
     async fn start(config: &Path) -> Running {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["run", "--config"])
             .arg(config)
-            .env_remove("SWITCHYARD_ADMIN_TOKEN")
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("switchyard starts");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock()
-                    .expect("log lock")
-                    .push_str(&(line.clone() + "\n"));
-                let _ = tx.send(line);
-            }
-        });
-        let listening = tokio::time::timeout(PATIENCE, async {
-            while let Some(line) = rx.recv().await {
-                if line.contains("switchyard is listening") {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
+            .env_remove("SWITCHYARD_ADMIN_TOKEN");
+        let (child, mut log) = ChildLog::spawn(&mut command);
+        let listening = log.line("switchyard is listening").await;
         let running = Running {
             child: Some(child),
             log,
         };
         assert!(
-            matches!(listening, Ok(true)),
+            listening.is_some(),
             "no \"listening\" line:\n{}",
             running.log()
         );
@@ -524,7 +497,7 @@ impl Running {
     }
 
     fn log(&self) -> String {
-        self.log.lock().expect("log lock").clone()
+        self.log.text()
     }
 
     async fn kill(mut self) {

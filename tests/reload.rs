@@ -3,7 +3,7 @@
 
 mod support;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use http::StatusCode;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
@@ -88,22 +88,6 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
     assert_eq!(last["action"], "reload");
     assert_eq!(last["from"], "blue");
     assert_eq!(last["to"], "blue");
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Sends a chunk of audio on a listen stream and returns the text message that comes next.
-async fn answer_to_audio(ws: &mut Ws) -> String {
-    ws.send(Message::binary(vec![2u8; 3200]))
-        .await
-        .expect("audio");
-    let next = tokio::time::timeout(PATIENCE, ws.next())
-        .await
-        .expect("in time")
-        .expect("msg")
-        .expect("ok");
-    next.to_text().expect("text").to_owned()
 }
 
 /// Opens `/v1/listen` streams at `url` until each of two `stubs` holds at least one (the

@@ -46,6 +46,86 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
+/// A child process's log (its stderr): kept whole for failure messages, and handed over
+/// line by line as it comes, the signals a test waits on.
+pub struct ChildLog {
+    all: std::sync::Arc<std::sync::Mutex<String>>,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl ChildLog {
+    /// Spawns `command` with `RUST_LOG=info`, no colours, no stdin or stdout, and its
+    /// stderr read by a thread until the process closes it.
+    pub fn spawn(command: &mut std::process::Command) -> (std::process::Child, ChildLog) {
+        use std::process::Stdio;
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("switchyard starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let all = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let sink = all.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock()
+                    .expect("log lock")
+                    .push_str(&(line.clone() + "\n"));
+                let _ = tx.send(line);
+            }
+        });
+        (child, ChildLog { all, lines })
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.all.lock().expect("log lock").clone()
+    }
+
+    /// The next line containing `needle`, waited for at most `PATIENCE`; `None` if the
+    /// process closed its log first or the time ran out.
+    pub async fn line(&mut self, needle: &str) -> Option<String> {
+        let found = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        found.ok().flatten()
+    }
+}
+
+/// A WebSocket client stream as tokio-tungstenite's `connect_async` gives it.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends a chunk of audio on a listen stream and returns the text message that comes next
+/// (a stub answers 3,200 bytes with a `Results`).
+pub async fn answer_to_audio(ws: &mut Ws) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![
+        2u8;
+        3200
+    ]))
+    .await
+    .expect("audio");
+    let next = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("in time")
+        .expect("msg")
+        .expect("ok");
+    next.to_text().expect("text").to_owned()
+}
+
 /// A fresh pooled HTTP/1.1 client.
 pub fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
