@@ -496,29 +496,24 @@ async fn a_reload_past_the_open_file_limit_is_warned_about() {
     let raised = config.replace("max_connections = 20", "max_connections = 1000");
     assert_ne!(raised, config);
     std::fs::write(&path, raised).expect("config");
-    let (status, body) = send_json(
-        &http_client(),
-        http::Request::post(format!("http://127.0.0.1:{}/reload", p.admin))
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, http::StatusCode::OK, "{body}");
+    let reload = || async {
+        let (status, body) = send_json(
+            &http_client(),
+            http::Request::post(format!("http://127.0.0.1:{}/reload", p.admin))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("request"),
+        )
+        .await;
+        assert_eq!(status, http::StatusCode::OK, "{body}");
+    };
+    reload().await;
     eventually(|| async { p.log().contains(warning) }).await;
 
     // A reload that leaves `max_connections` as it is says nothing more of it. Its own
     // "route changed" line comes after where the warning would be.
     let changes = p.log().matches("route changed").count();
-    let (status, body) = send_json(
-        &http_client(),
-        http::Request::post(format!("http://127.0.0.1:{}/reload", p.admin))
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, http::StatusCode::OK, "{body}");
+    reload().await;
     eventually(|| async { p.log().matches("route changed").count() > changes }).await;
     assert_eq!(p.log().matches(warning).count(), 1, "{}", p.log());
 }
