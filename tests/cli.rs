@@ -328,6 +328,16 @@ async fn a_flip_survives_sigkill_and_restart() {
     drop(third);
 }
 
+/// Without `--config`, `run` reads `config/switchyard.toml` and names it when it is not
+/// there.
+#[tokio::test]
+async fn run_without_a_config_flag_names_the_default_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = switchyard_in(Some(dir.path()), &["run"]).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("config/switchyard.toml"), "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_state_file_stops_startup_and_is_named() {
     let site = Site::new().await;

@@ -564,9 +564,15 @@ fn scratch_of(child: &tokio::process::Child) -> std::path::PathBuf {
 }
 
 /// `switchyard demo` serves the story on the ports it is given, prints commands that name
-/// this binary, and on SIGINT exits 0 leaving no scratch directory behind.
+/// this binary, and on SIGINT or SIGTERM exits 0 leaving no scratch directory behind.
 #[tokio::test]
 async fn demo_runs_prints_runnable_commands_and_cleans_up() {
+    for signal in ["-INT", "-TERM"] {
+        demo_story_ended_by(signal).await;
+    }
+}
+
+async fn demo_story_ended_by(signal: &str) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let bin = env!("CARGO_BIN_EXE_switchyard");
     let (proxy, preview, admin) = (free_port(), free_port(), free_port());
@@ -619,7 +625,7 @@ async fn demo_runs_prints_runnable_commands_and_cleans_up() {
     assert_eq!(color_of(&response), "green");
 
     let status = Command::new("kill")
-        .args(["-INT", &child.id().expect("running").to_string()])
+        .args([signal, &child.id().expect("running").to_string()])
         .status()
         .expect("kill runs");
     assert!(status.success());
@@ -627,7 +633,7 @@ async fn demo_runs_prints_runnable_commands_and_cleans_up() {
         .await
         .expect("the demo exits")
         .expect("wait");
-    assert_eq!(exit.code(), Some(0));
+    assert_eq!(exit.code(), Some(0), "after kill {signal}");
     assert!(!scratch.exists(), "{} is left behind", scratch.display());
 }
 
