@@ -16,14 +16,31 @@ blue = ["http://127.0.0.1:9001"]
 green = ["http://127.0.0.1:9002"]
 "#;
 
+/// Every default SPEC.md's config block shows.
 #[test]
 fn minimal_config_gets_defaults() {
     let c = parse(MINIMAL).expect("valid");
-    assert_eq!(c.drain.timeout, Duration::from_secs(1800));
-    assert_eq!(c.health.rise, 2);
+    let secs = Duration::from_secs;
+    assert_eq!(c.listen.preview, None);
+    assert!(c.tls.is_none());
     assert_eq!(c.routing.initial, Color::Blue);
+    assert_eq!(c.routing.state_file, Path::new("state/route.json"));
+    assert_eq!(c.routing.store, Store::File);
+    assert_eq!(c.drain.timeout, secs(1800));
+    assert_eq!(c.drain.grace, secs(10));
+    assert_eq!(c.health.mode, HealthMode::Deepgram);
+    assert_eq!(c.health.path.as_str(), "/v1/status");
+    assert_eq!(c.health.interval, secs(2));
+    assert_eq!(c.health.timeout, secs(1));
+    assert_eq!((c.health.rise, c.health.fall), (2, 3));
+    assert_eq!(c.admin.token_file, Path::new("config/admin.token"));
+    assert!(c.client_auth.is_none());
+    assert_eq!(c.limits.connect_timeout, secs(3));
+    assert_eq!(c.limits.response_timeout, secs(15 * 60));
+    assert_eq!(c.limits.header_read_timeout, secs(10));
     assert_eq!(c.limits.max_connections, 20_000);
-    assert_eq!(c.limits.stall_timeout, Duration::from_secs(300));
+    assert_eq!(c.limits.stall_timeout, secs(300));
+    assert_eq!(c.upstream_tls.ca_file, None);
 }
 
 #[test]
