@@ -4,11 +4,13 @@
 //! Reads are open (the listener binds loopback by default); every mutating call needs
 //! `Authorization: Bearer <token>`, compared in constant time. Bodies are parsed strictly
 //! (unknown fields are 400) and limited in size. Every error is `{"error", "message"}`.
+//! The listener bounds its clients as the proxy listeners do: `MAX_CONNECTIONS` at once,
+//! and `limits.header_read_timeout` for each request's headers.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -17,11 +19,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::control::{Change, ChangeError, Control, FlipRequest};
 use crate::drain::Tracker;
@@ -590,32 +596,82 @@ async fn readyz(State(admin): State<Admin>) -> (StatusCode, Json<Value>) {
     }
 }
 
-/// Serves the admin API until `stop` resolves, counting connections for `connections`.
+/// Admin connections open at once. Beyond it accepting waits and the kernel's backlog
+/// holds new clients, so scrapers, probes and pipelines (or anything else that reaches the
+/// port) cannot take the sockets client traffic needs.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the admin API (HTTP/1.1) until `stop` resolves, then lets requests under way
+/// finish. A client that has not sent a request's headers within
+/// `limits.header_read_timeout` of connecting, or of its last answer, is closed, as on the
+/// proxy listener; connections count in `connections{listener="admin"}`.
 pub async fn serve(
     listener: TcpListener,
     admin: Admin,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let gauge = admin.metrics.connections(ListenerKind::Admin).clone();
+    let routes = admin.control.router().clone();
     let app = router(admin);
-    axum::serve(
-        Counted {
-            inner: listener,
-            gauge,
-        },
-        app,
-    )
-    .with_graceful_shutdown(stop)
-    .await
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (socket, slot) = tokio::select! {
+            () = &mut stop => break,
+            accepted = accept(&listener, &slots) => accepted,
+        };
+        gauge.inc();
+        let socket = CountedStream {
+            inner: socket,
+            gauge: gauge.clone(),
+        };
+        // Read per connection, so a reload applies to the next ones.
+        let header_read_timeout = routes.load().settings.config.limits.header_read_timeout;
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(socket), service));
+        tokio::spawn(async move {
+            // An error is the client's (gone, too slow, bad request): nothing to report.
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
-/// A listener whose sockets count themselves in the `connections` gauge.
-struct Counted {
-    inner: TcpListener,
-    gauge: prometheus::IntGauge,
+/// A free connection slot, then a connection. Accept errors (out of descriptors) are
+/// retried every 50 ms and logged once a second, as on the proxy listeners.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> (TcpStream, OwnedSemaphorePermit) {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    let mut last_error: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok((socket, _)) => return (socket, slot),
+            Err(e) => {
+                if last_error.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(listener = "admin", error = %e, "accept failed; retrying every 50 ms");
+                    last_error = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
-/// A socket that leaves the gauge when dropped.
+/// A socket counted in the `connections` gauge until dropped.
 struct CountedStream {
     inner: TcpStream,
     gauge: prometheus::IntGauge,
@@ -624,36 +680,6 @@ struct CountedStream {
 impl Drop for CountedStream {
     fn drop(&mut self) {
         self.gauge.dec();
-    }
-}
-
-impl axum::serve::Listener for Counted {
-    type Io = CountedStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((inner, addr)) => {
-                    self.gauge.inc();
-                    return (
-                        CountedStream {
-                            inner,
-                            gauge: self.gauge.clone(),
-                        },
-                        addr,
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
     }
 }
 

@@ -403,6 +403,37 @@ async fn stalled_clients_do_not_block_others_and_are_closed_after_the_header_tim
     }
 }
 
+/// The admin listener bounds its clients as the proxy's does: one that sends no request
+/// headers is closed after `limits.header_read_timeout`, and at most
+/// `admin::MAX_CONNECTIONS` are open at once (the rest wait in the kernel's backlog), so
+/// idle sockets on the admin port cannot use up the process's descriptors.
+#[tokio::test]
+async fn admin_clients_are_bounded_in_number_and_in_time() {
+    let env = start_with_limit("header_read_timeout = \"1s\"").await;
+    let admin = env.app().admin_addr;
+    let open = || env.metric_sum("switchyard_connections", &["listener=\"admin\""]);
+    let cap = switchyard::admin::MAX_CONNECTIONS;
+    let mut silent = Vec::new();
+    for _ in 0..cap + 8 {
+        silent.push(
+            tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    eventually(|| async { open() >= cap as f64 }).await;
+    assert_eq!(open(), cap as f64, "no more than the cap are accepted");
+    // Every one is closed once its timeout passes, those held in the backlog after the
+    // first ones leave.
+    for mut s in silent {
+        closed_by_proxy(&mut s)
+            .await
+            .expect("closed after the header timeout");
+    }
+    let (status, _) = env.admin_get("/status").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 /// Reads from `s` until the proxy closes it; `Err` if it is still open after `PATIENCE`.
 async fn closed_by_proxy(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, &'static str> {
     let mut buf = Vec::new();
