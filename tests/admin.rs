@@ -166,6 +166,13 @@ async fn malformed_requests_are_400() {
         let answer = post_raw(&env, path, auth, body).await;
         assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
     }
+    // A reason longer than the history keeps (each is written to the state file).
+    let longest = "é".repeat(switchyard::admin::MAX_REASON);
+    for path in ["/flip", "/rollback", "/commit"] {
+        let body = json!({ "reason": format!("{longest}!") }).to_string();
+        let answer = post_raw(&env, path, auth, &body).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
+    }
     for query in [
         "",
         "?timeout=1s",
@@ -187,6 +194,9 @@ async fn malformed_requests_are_400() {
         assert_eq!(code, StatusCode::OK, "{body:?}: {answer}");
     }
     assert_eq!(generation(&env).await, 5);
+    let body = json!({ "reason": longest }).to_string();
+    let (status, _) = post_raw(&env, "/flip", auth, &body).await;
+    assert_eq!(status, StatusCode::OK, "the longest reason is taken");
 }
 
 #[tokio::test]
