@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::CertificateDer;
 use support::*;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 struct Cert {
@@ -151,18 +150,9 @@ async fn tls_serves_http1_h2_by_alpn_and_wss_and_reloads_its_certificate() {
     .await
     .expect("wss handshake");
     assert_eq!(response.headers()["x-switchyard-color"], "blue");
-    ws.send(Message::binary(vec![1u8; 3200]))
-        .await
-        .expect("audio");
-    let first_result = tokio::time::timeout(PATIENCE, ws.next())
-        .await
-        .expect("in time")
-        .expect("message")
-        .expect("ok");
     assert!(
-        first_result
-            .to_text()
-            .expect("text")
+        support::answer_to_audio(&mut ws)
+            .await
             .contains("\"Results\"")
     );
 
@@ -286,13 +276,7 @@ async fn client_keys_are_required_in_every_accepted_form() {
         .expect("accepted handshake");
     assert_eq!(response.headers()["sec-websocket-protocol"], "bearer");
     ws.close(None).await.expect("close");
-    let req = listen_request(&env, "bearer, wrong", None);
-    match tokio_tungstenite::connect_async(req).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
-        }
-        other => panic!("a wrong key must refuse the handshake: {other:?}"),
-    }
+    assert_refused(listen_request(&env, "bearer, wrong", None)).await;
 
     // A listed key in the subprotocol lets the client in even when an Authorization
     // header (say, a stale one a library adds) names another.
@@ -302,13 +286,7 @@ async fn client_keys_are_required_in_every_accepted_form() {
         .expect("accepted handshake");
     ws.close(None).await.expect("close");
 
-    let req = listen_request(&env, "token, wrong", None);
-    match tokio_tungstenite::connect_async(req).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
-        }
-        other => panic!("a wrong key must refuse the handshake: {other:?}"),
-    }
+    assert_refused(listen_request(&env, "token, wrong", None)).await;
 }
 
 /// A `/v1/listen` handshake request offering `protocols`, with `authorization` if given.
@@ -346,6 +324,16 @@ async fn a_reload_rereads_the_client_keys() {
             .contains("\"Results\"")
     );
     ws.close(None).await.expect("close");
+}
+
+/// Asserts that a handshake is refused 401.
+async fn assert_refused(req: tokio_tungstenite::tungstenite::handshake::client::Request) {
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("a wrong key must refuse the handshake: {other:?}"),
+    }
 }
 
 fn listen_request(
@@ -837,15 +825,11 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
         .await
         .expect("handshake");
     assert_eq!(response.headers()["x-switchyard-color"], "blue");
-    ws.send(Message::binary(vec![3u8; 3200]))
-        .await
-        .expect("audio");
-    let result = tokio::time::timeout(PATIENCE, ws.next())
-        .await
-        .expect("in time")
-        .expect("message")
-        .expect("ok");
-    assert!(result.to_text().expect("text").contains("\"Results\""));
+    assert!(
+        support::answer_to_audio(&mut ws)
+            .await
+            .contains("\"Results\"")
+    );
     ws.close(None).await.expect("close");
 
     // The health probe goes over TLS too: the upstream reads as healthy, not unreachable.
