@@ -38,10 +38,6 @@ use crate::upstream::Color;
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
-/// The longest `reason` a change takes, in characters (JSON Schema's `maxLength`): the
-/// history keeps 1,000 of them in the state file (and in etcd), which is written before
-/// every change is acknowledged.
-pub const MAX_REASON: usize = 1024;
 /// Longest `/drain/wait` long-poll (`ctl wait-drained` asks for longer waits in turns).
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
@@ -161,6 +157,9 @@ impl From<ChangeError> for ApiError {
                 "store_unavailable",
                 message,
             ),
+            ChangeError::ReasonTooLong(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+            }
             ChangeError::Stopped => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
@@ -306,17 +305,6 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
         };
         ApiError::new(status, code, rejection.body_text())
     })
-}
-
-/// Refuses a `reason` longer than `MAX_REASON`.
-fn check_reason(reason: Option<&str>) -> Result<(), ApiError> {
-    match reason {
-        Some(r) if r.chars().count() > MAX_REASON => Err(ApiError::bad_request(format!(
-            "`reason` is {} characters; at most {MAX_REASON} are recorded",
-            r.chars().count()
-        ))),
-        _ => Ok(()),
-    }
 }
 
 fn parse_body<T: Default + serde::de::DeserializeOwned>(
@@ -470,7 +458,6 @@ async fn flip(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let b: ChangeBody = parse_body(body)?;
-    check_reason(b.reason.as_deref())?;
     let outcome = admin.control.apply(Change::Flip(b.into_request())).await?;
     Ok(change_answer(&admin, outcome))
 }
@@ -482,7 +469,6 @@ async fn rollback(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let b: ChangeBody = parse_body(body)?;
-    check_reason(b.reason.as_deref())?;
     if b.to.is_some() {
         return Err(ApiError::bad_request(
             "rollback takes no `to`: it returns to rollback_to",
@@ -502,7 +488,6 @@ async fn commit(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let b: CommitBody = parse_body(body)?;
-    check_reason(b.reason.as_deref())?;
     let outcome = admin
         .control
         .apply(Change::Commit {

@@ -43,6 +43,11 @@ pub struct FlipRequest {
     pub wait_replicas: Option<Duration>,
 }
 
+/// The longest `reason` a change takes, in characters (JSON Schema's `maxLength`): the
+/// history keeps 1,000 of them in the state file (and in etcd), which is written before
+/// every change is acknowledged.
+pub const MAX_REASON: usize = 1024;
+
 /// A change to apply.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -82,6 +87,8 @@ pub enum ChangeError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Store(StoreError),
+    #[error("`reason` is {0} characters; at most {MAX_REASON} are recorded")]
+    ReasonTooLong(usize),
     #[error("switchyard is shutting down")]
     Stopped,
     /// The change is stored and applied here, but not yet by every live replica.
@@ -330,12 +337,13 @@ impl Writer {
 
     async fn apply(&mut self, change: Change) -> Result<Outcome, ChangeError> {
         let current = self.router.load_full();
-        let expect = match &change {
-            Change::Flip(r) | Change::Rollback(r) => r.expect_generation,
+        let (expect, reason) = match &change {
+            Change::Flip(r) | Change::Rollback(r) => (r.expect_generation, r.reason.as_deref()),
             Change::Commit {
-                expect_generation, ..
-            } => *expect_generation,
-            Change::Reload | Change::Observed(_) => None,
+                expect_generation,
+                reason,
+            } => (*expect_generation, reason.as_deref()),
+            Change::Reload | Change::Observed(_) => (None, None),
         };
         if let Some(expected) = expect
             && expected != current.generation
@@ -344,6 +352,12 @@ impl Writer {
                 expected,
                 actual: current.generation,
             });
+        }
+        if let Some(chars) = reason
+            .map(|r| r.chars().count())
+            .filter(|&n| n > MAX_REASON)
+        {
+            return Err(ChangeError::ReasonTooLong(chars));
         }
         let now = SystemTime::now();
         let state = self.state.load_full();

@@ -167,11 +167,15 @@ async fn malformed_requests_are_400() {
         assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
     }
     // A reason longer than the history keeps (each is written to the state file).
-    let longest = "é".repeat(switchyard::admin::MAX_REASON);
+    let longest = "é".repeat(switchyard::control::MAX_REASON);
     for path in ["/flip", "/rollback", "/commit"] {
         let body = json!({ "reason": format!("{longest}!") }).to_string();
         let answer = post_raw(&env, path, auth, &body).await;
         assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
+        // `expect_generation` is checked before anything else.
+        let body = json!({ "reason": format!("{longest}!"), "expect_generation": 0 }).to_string();
+        let answer = post_raw(&env, path, auth, &body).await;
+        assert_error(&answer, StatusCode::CONFLICT, "generation_mismatch");
     }
     for query in [
         "",
