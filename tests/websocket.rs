@@ -1649,6 +1649,34 @@ async fn an_upstream_that_stops_reading_ends_its_stream_after_the_stall_timeout(
     assert_eq!(env.upstream_errors("protocol"), 0.0);
 }
 
+/// A client that sends on but stops reading, to an upstream that answers each message
+/// before it reads the next (as a single-threaded session loop does): back-pressure from
+/// the client soon stops the upstream's reading too, and the stall is the client's.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_blamed_when_its_upstream_stops_reading_too() {
+    let addr = scripted_upstream(false, |mut ws| async move {
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close()
+                || ws
+                    .send(Message::binary(vec![9u8; 64 * 1024]))
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    let env = env_with_stall_timeout_at(addr).await;
+    let (ws, _) = open(&env.ws_url("/v1/listen")).await;
+    let (sink, _never_read) = ws.split();
+    let flood = flood(sink);
+    eventually(|| async { closes_of(&env, "error") == Some(1.0) }).await;
+    flood.abort();
+    assert_eq!(env.upstream_errors("timeout"), 0.0);
+    assert_eq!(env.upstream_errors("protocol"), 0.0);
+}
+
 /// A client that stops reading is found the same way: the upstream is told the client
 /// went away (1001), and the stream ends as an error.
 #[tokio::test]

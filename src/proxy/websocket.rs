@@ -445,11 +445,14 @@ impl StallWatch {
             let why = |side: &str| {
                 stall::stalled(&format!("the {side} took none of the bytes for it"), period)
             };
-            if up.is_writing() && up.written() == *up_at {
-                return Poll::Ready((Side::Upstream, why("upstream")));
-            }
+            // The client first: one that stops reading soon stops the upstream's reading
+            // too (back-pressure), and an upstream held so while Switchyard still writes
+            // to the client, however slowly, is waiting on the client, not stalled.
             if down.is_writing() && down.written() == *down_at {
                 return Poll::Ready((Side::Client, why("client")));
+            }
+            if up.is_writing() && up.written() == *up_at && !down.is_writing() {
+                return Poll::Ready((Side::Upstream, why("upstream")));
             }
             if !writing {
                 self.armed = None;
