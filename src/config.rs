@@ -17,6 +17,9 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 
 use crate::upstream::Color;
 
+/// The longest timeout or interval taken: humantime's "10y".
+const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 31_557_600);
+
 /// A refused configuration: which file, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {field}: {reason}")]
@@ -435,9 +438,13 @@ impl Config {
                 format!("`{}` is not a path: {e}", health.path),
             )
         })?;
+        // Bounded above too: hyper adds `header_read_timeout` to the clock and panics past
+        // what it can hold, and no real timeout or interval is anywhere near ten years.
         let positive = |field: &str, d: Duration| {
             if d.is_zero() {
                 Err(err(field, "must be greater than zero".into()))
+            } else if d > MAX_TIMEOUT {
+                Err(err(field, "must be at most 10 years".into()))
             } else {
                 Ok(d)
             }

@@ -52,6 +52,23 @@ fn a_zero_stall_timeout_is_refused() {
 }
 
 #[test]
+fn a_timeout_past_ten_years_is_refused() {
+    // hyper adds `header_read_timeout` to the clock and panics past what it can hold.
+    for (table, key) in [
+        ("limits", "header_read_timeout"),
+        ("limits", "stall_timeout"),
+        ("health", "interval"),
+    ] {
+        let text = format!("{MINIMAL}\n[{table}]\n{key} = \"300000000000y\"\n");
+        let e = parse(&text).expect_err("absurd");
+        assert_eq!(e.field, format!("{table}.{key}"), "{e}");
+        assert!(e.to_string().contains("at most 10 years"), "{e}");
+    }
+    let c = parse(&format!("{MINIMAL}\n[limits]\nstall_timeout = \"10y\"\n")).expect("valid");
+    assert!(c.limits.stall_timeout > Duration::from_secs(3600));
+}
+
+#[test]
 fn unknown_key_is_named() {
     let e = parse(&format!("{MINIMAL}\n[limits]\nmax_conns = 3\n")).expect_err("unknown key");
     assert_eq!(e.file, "test.toml");
