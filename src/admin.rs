@@ -5,20 +5,22 @@
 //! `Authorization: Bearer <token>`, compared in constant time. Bodies are parsed strictly
 //! (unknown fields are 400) and limited in size. Every error is `{"error", "message"}`.
 //! The listener bounds its clients as the proxy listeners do: `MAX_CONNECTIONS` at once,
-//! and `limits.header_read_timeout` for each request's headers.
+//! and `limits.header_read_timeout` for each request's headers, for its body, and for
+//! each answer a client takes none of; `/drain/wait` long-polls take at most half the
+//! connections (`MAX_WAITERS`).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -31,7 +33,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::control::{Change, ChangeError, Control, FlipRequest};
 use crate::drain::Tracker;
+use crate::listener::AcceptErrors;
 use crate::metrics::{ListenerKind, Metrics};
+use crate::proxy::stall::{self, ClientIo};
 use crate::route_table::RouteTable;
 use crate::state::rfc3339;
 use crate::upstream::Color;
@@ -91,6 +95,19 @@ pub struct Admin {
     /// The `store` object of `/status` (`{"kind": "file"}`, or the etcd store's revision,
     /// sync and replicas).
     pub store_status: Arc<dyn Fn() -> Value + Send + Sync>,
+    /// The `/drain/wait` long-polls open at once, at most `MAX_WAITERS`.
+    pub waiters: Waiters,
+}
+
+/// Room for `/drain/wait` long-polls: `MAX_WAITERS`, so that waiters, which may hold a
+/// connection for an hour, leave the other half of `MAX_CONNECTIONS` to everything else.
+#[derive(Clone)]
+pub struct Waiters(Arc<Semaphore>);
+
+impl Default for Waiters {
+    fn default() -> Waiters {
+        Waiters(Arc::new(Semaphore::new(MAX_WAITERS)))
+    }
 }
 
 /// An admin error as JSON.
@@ -270,7 +287,6 @@ pub fn router(admin: Admin) -> Router {
                 "method not allowed here",
             )
         })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)
 }
 
@@ -293,24 +309,42 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// The body, or a JSON error: axum's own rejection (e.g. 413 over `MAX_BODY`) is plain text.
-/// Taken after `authorize`, so a caller without the token learns only that.
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "payload_too_large"
-        } else {
-            "bad_request"
-        };
-        ApiError::new(status, code, rejection.body_text())
-    })
+/// The body: at most `MAX_BODY`, within `limits.header_read_timeout`. Read after
+/// `authorize`, so a caller without the token learns only that, and cannot hold a
+/// connection (one of `MAX_CONNECTIONS`) by sending a body slowly.
+async fn read_body(admin: &Admin, body: Body) -> Result<Bytes, ApiError> {
+    let within = admin
+        .control
+        .router()
+        .load()
+        .settings
+        .config
+        .limits
+        .header_read_timeout;
+    match tokio::time::timeout(within, Limited::new(body, MAX_BODY).collect()).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over {} KiB", MAX_BODY / 1024),
+        )),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!("reading the body: {e}"))),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the body did not come within {} (limits.header_read_timeout)",
+                humantime::format_duration(within)
+            ),
+        )),
+    }
 }
 
-fn parse_body<T: Default + serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
+async fn parse_body<T: Default + serde::de::DeserializeOwned>(
+    admin: &Admin,
+    body: Body,
 ) -> Result<T, ApiError> {
-    let body = read_body(body)?;
+    let body = read_body(admin, body).await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -454,10 +488,10 @@ fn change_answer(admin: &Admin, outcome: crate::control::Outcome) -> Json<Value>
 async fn flip(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: ChangeBody = parse_body(body)?;
+    let b: ChangeBody = parse_body(&admin, body).await?;
     let outcome = admin.control.apply(Change::Flip(b.into_request())).await?;
     Ok(change_answer(&admin, outcome))
 }
@@ -465,10 +499,10 @@ async fn flip(
 async fn rollback(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: ChangeBody = parse_body(body)?;
+    let b: ChangeBody = parse_body(&admin, body).await?;
     if b.to.is_some() {
         return Err(ApiError::bad_request(
             "rollback takes no `to`: it returns to rollback_to",
@@ -484,10 +518,10 @@ async fn rollback(
 async fn commit(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let b: CommitBody = parse_body(body)?;
+    let b: CommitBody = parse_body(&admin, body).await?;
     let outcome = admin
         .control
         .apply(Change::Commit {
@@ -501,11 +535,11 @@ async fn commit(
 async fn reload(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     // No body; an empty JSON object, which generic clients send, says nothing either.
-    let body = read_body(body)?;
+    let body = read_body(&admin, body).await?;
     let text = String::from_utf8_lossy(&body);
     let empty = text.trim().is_empty()
         || serde_json::from_str::<Value>(&text)
@@ -541,6 +575,13 @@ async fn drain_wait(
             .map_err(|e| ApiError::bad_request(format!("timeout `{t}`: {e}")))?
             .min(MAX_WAIT),
     };
+    let _waiting = admin.waiters.0.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_waiters",
+            format!("{MAX_WAITERS} drain waits are open already; ask again when one has ended"),
+        )
+    })?;
     let counts = admin.tracker.wait_empty(color, timeout).await;
     Ok(Json(if counts.is_empty() {
         json!({ "drained": true, "color": color, "open_streams": 0, "in_flight": 0 })
@@ -604,10 +645,18 @@ async fn readyz(State(admin): State<Admin>) -> (StatusCode, Json<Value>) {
 /// port) cannot take the sockets client traffic needs.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// `/drain/wait` long-polls open at once; beyond it they are answered 429.
+pub const MAX_WAITERS: usize = MAX_CONNECTIONS / 2;
+
+/// How long a shutdown waits for admin requests under way (a drain wait answers as soon
+/// as the drain it waits on is over) before it drops them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves the admin API (HTTP/1.1) until `stop` resolves, then lets requests under way
-/// finish. A client that has not sent a request's headers within
-/// `limits.header_read_timeout` of connecting, or of its last answer, is closed, as on the
-/// proxy listener; connections count in `connections{listener="admin"}`.
+/// finish for `SHUTDOWN_GRACE` at most. A client that has not sent a request's headers
+/// within `limits.header_read_timeout` of connecting, or of its last answer, is closed, as
+/// on the proxy listener, and so is one that takes none of an answer for as long;
+/// connections count in `connections{listener="admin"}`.
 pub async fn serve(
     listener: TcpListener,
     admin: Admin,
@@ -618,15 +667,20 @@ pub async fn serve(
     let app = router(admin);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
+    let mut accept_errors = AcceptErrors::default();
     tokio::pin!(stop);
     loop {
         let (socket, slot) = tokio::select! {
             () = &mut stop => break,
-            accepted = accept(&listener, &slots) => accepted,
+            accepted = accept(&listener, &slots, &mut accept_errors) => accepted,
         };
         gauge.inc();
+        stall::limit_unsent(&socket);
+        // An answer the client takes none of for the period fails its connection.
         let socket = CountedStream {
-            inner: socket,
+            inner: ClientIo::with_period(socket, routes.clone(), |limits| {
+                limits.header_read_timeout
+            }),
             gauge: gauge.clone(),
         };
         // Read per connection, so a reload applies to the next ones.
@@ -644,39 +698,38 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("admin requests still under way at shutdown are dropped");
+    }
     Ok(())
 }
 
 /// A free connection slot, then a connection. Accept errors (out of descriptors) are
-/// retried every 50 ms and logged once a second, as on the proxy listeners.
+/// retried and logged as on the proxy listeners.
 async fn accept(
     listener: &TcpListener,
     slots: &Arc<Semaphore>,
+    errors: &mut AcceptErrors,
 ) -> (TcpStream, OwnedSemaphorePermit) {
     let slot = slots
         .clone()
         .acquire_owned()
         .await
         .expect("the semaphore is never closed");
-    let mut last_error: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((socket, _)) => return (socket, slot),
-            Err(e) => {
-                if last_error.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                    tracing::warn!(listener = "admin", error = %e, "accept failed; retrying every 50 ms");
-                    last_error = Some(Instant::now());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => errors.failed("admin", &e).await,
         }
     }
 }
 
 /// A socket counted in the `connections` gauge until dropped.
 struct CountedStream {
-    inner: TcpStream,
+    inner: ClientIo<TcpStream>,
     gauge: prometheus::IntGauge,
 }
 

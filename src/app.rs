@@ -164,6 +164,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             let control = control.clone();
             Arc::new(move || control.store_status())
         },
+        waiters: Default::default(),
     };
     let admin_stop = stop_background.clone();
     let admin_task = tokio::spawn(async move {

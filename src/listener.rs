@@ -257,6 +257,27 @@ async fn drive<C: GracefulConnection>(
     .await
 }
 
+/// Failed accepts (EMFILE and friends) of one listener: each backs off 50 ms instead of
+/// spinning, and they are logged once a second, not on every retry.
+#[derive(Default)]
+pub struct AcceptErrors {
+    logged: Option<Instant>,
+}
+
+impl AcceptErrors {
+    /// Logs `error` unless one was logged in the last second, then backs off.
+    pub async fn failed(&mut self, listener: &str, error: &std::io::Error) {
+        if self
+            .logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(listener, %error, "accept failed; retrying every 50 ms");
+            self.logged = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Serves `listener` until `stop` is cancelled, then lets open requests finish.
 /// Upgraded streams are not waited for here; `drain` ends them.
 pub async fn serve(
@@ -269,7 +290,7 @@ pub async fn serve(
     // Connections are told to close by a send, and each holds a receiver until it ends:
     // so `closed` is when the last one has.
     let (shutdown, _) = watch::channel(());
-    let mut last_accept_error = None;
+    let mut accept_errors = AcceptErrors::default();
     loop {
         let max = proxy.router().load().settings.config.limits.max_connections;
         {
@@ -289,13 +310,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning, and say so once
-                    // a second, not on every retry.
-                    if last_accept_error.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
-                        tracing::warn!(listener = kind.as_str(), error = %e, "accept failed; retrying every 50 ms");
-                        last_accept_error = Some(Instant::now());
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_errors.failed(kind.as_str(), &e).await;
                     continue;
                 }
             },

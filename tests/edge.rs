@@ -422,6 +422,110 @@ async fn admin_clients_are_bounded_in_number_and_in_time() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// An admin request's body and its answer are bounded in time as its headers are, so a
+/// client cannot hold one of the admin listener's connections by sending a body slowly
+/// or by not reading; the token is checked before the body is waited for.
+#[tokio::test]
+async fn admin_bodies_and_answers_are_bounded_in_time() {
+    let mut env = start_with_limit("header_read_timeout = \"1s\"").await;
+    // A new client: the reload's connection keeps the timeout it was accepted with.
+    env.client = http_client();
+    let admin = env.app().admin_addr;
+    let generation = env.admin_get("/status").await.1["generation"].clone();
+    let head = |auth: &str| {
+        format!("POST /flip HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 100\r\n\r\n{{")
+    };
+
+    // One byte of a hundred: 408, and the connection is closed.
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let with_token = head(&format!("Authorization: Bearer {TOKEN}\r\n"));
+    tokio::io::AsyncWriteExt::write_all(&mut s, with_token.as_bytes())
+        .await
+        .expect("write");
+    let answer = closed_by_proxy(&mut s)
+        .await
+        .expect("closed after the timeout");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""error":"request_timeout""#), "{answer}");
+
+    // Without the token the answer is 401 and the body is not waited for.
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut s, head("").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut buf),
+    )
+    .await
+    .expect("answered in time")
+    .expect("read");
+    assert_eq!(&buf, b"HTTP/1.1 401");
+    assert_eq!(env.admin_get("/status").await.1["generation"], generation);
+
+    // Pipelined requests whose answers are never read, into a small receive buffer.
+    let open = || env.metric_sum("switchyard_connections", &["listener=\"admin\""]);
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let mut s = socket.connect(admin).await.expect("connect");
+    let requests = "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n".repeat(500);
+    tokio::io::AsyncWriteExt::write_all(&mut s, requests.as_bytes())
+        .await
+        .expect("write");
+    // Closed by the admin listener with the client still not reading, and so is every
+    // other (the 401's, the test client's idle one).
+    eventually(|| async { open() == 0.0 }).await;
+    let answers = closed_by_proxy(&mut s).await.unwrap_or_default();
+    let answered = String::from_utf8_lossy(&answers)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(answered < 500, "{answered} answers");
+}
+
+/// `/drain/wait` long-polls hold at most `admin::MAX_WAITERS` connections; beyond, a wait
+/// is answered 429 at once, and the probes still answer.
+#[tokio::test]
+async fn drain_waits_take_at_most_half_the_admin_connections() {
+    let env = EnvBuilder::default().start().await;
+    // An open stream, so waits on blue wait.
+    let (ws, _) = tokio_tungstenite::connect_async(env.ws_url("/v1/listen"))
+        .await
+        .expect("handshake");
+    // One more than there is room for: that one, and only that one, is answered at once.
+    let waits: Vec<_> = (0..=switchyard::admin::MAX_WAITERS)
+        .map(|_| {
+            let client = http_client();
+            let req = Request::get(env.admin_url("/drain/wait?color=blue&timeout=1h"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            tokio::spawn(async move { send_json(&client, req).await })
+        })
+        .collect();
+    let (first, _, waiting) =
+        tokio::time::timeout(PATIENCE, futures_util::future::select_all(waits))
+            .await
+            .expect("a wait beyond the room is answered at once");
+    let (status, body) = first.expect("wait");
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"], "too_many_waiters", "{body}");
+    let (status, _) = env.admin_get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    drop(ws);
+    for wait in waiting {
+        let (status, body) = wait.await.expect("wait");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["drained"], true, "{body}");
+    }
+    let (status, body) = env.admin_get("/drain/wait?color=blue&timeout=1ms").await;
+    assert_eq!(status, StatusCode::OK, "the room is free again: {body}");
+}
+
 /// Reads from `s` until the proxy closes it; `Err` if it is still open after `PATIENCE`.
 async fn closed_by_proxy(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, &'static str> {
     let mut buf = Vec::new();
