@@ -771,6 +771,41 @@ async fn shutdown_drops_idle_http2_clients_that_ignore_the_close() {
         .expect("shutdown finishes");
 }
 
+/// A shutdown waits a few seconds at most for admin requests under way, however long
+/// their own limits: here a body that stops coming with an hour's header_read_timeout.
+#[tokio::test]
+async fn shutdown_does_not_wait_long_for_admin_requests_under_way() {
+    let mut env = start_with_limit("header_read_timeout = \"1h\"").await;
+    let mut s = tokio::net::TcpStream::connect(env.app().admin_addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /flip HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Expect: 100-continue\r\nContent-Length: 100\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes())
+        .await
+        .expect("write");
+    // hyper asks for the body once the handler reads it: the request is under way.
+    let mut continued = [0u8; 25];
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut continued),
+    )
+    .await
+    .expect("asked for the body in time")
+    .expect("read");
+    assert_eq!(&continued, b"HTTP/1.1 100 Continue\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"{")
+        .await
+        .expect("write");
+    let app = env.app.take().expect("running");
+    app.shutdown();
+    tokio::time::timeout(PATIENCE, app.wait())
+        .await
+        .expect("shutdown finishes");
+}
+
 /// Starts an env, then sets one `[limits]` key by rewriting the config and reloading: limits
 /// are read from the current table per connection, so a reload applies them.
 async fn start_with_limit(setting: &str) -> Env {
