@@ -5,9 +5,9 @@
 //! `Authorization: Bearer <token>`, compared in constant time. Bodies are parsed strictly
 //! (unknown fields are 400) and limited in size. Every error is `{"error", "message"}`.
 //! The listener bounds its clients as the proxy listeners do: `MAX_CONNECTIONS` at once,
-//! and `limits.header_read_timeout` for each request's headers, for its body, and for
-//! each answer a client takes none of; `/drain/wait` long-polls take at most half the
-//! connections (`MAX_WAITERS`).
+//! `limits.header_read_timeout` for each request's headers and for its body, and
+//! `limits.stall_timeout` for an answer a client takes none of; `/drain/wait` long-polls
+//! take at most half the connections (`MAX_WAITERS`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -655,7 +655,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Serves the admin API (HTTP/1.1) until `stop` resolves, then lets requests under way
 /// finish for `SHUTDOWN_GRACE` at most. A client that has not sent a request's headers
 /// within `limits.header_read_timeout` of connecting, or of its last answer, is closed, as
-/// on the proxy listener, and so is one that takes none of an answer for as long;
+/// on the proxy listener, and so is one that takes none of an answer for
+/// `limits.stall_timeout`;
 /// connections count in `connections{listener="admin"}`.
 pub async fn serve(
     listener: TcpListener,
@@ -676,11 +677,12 @@ pub async fn serve(
         };
         gauge.inc();
         stall::limit_unsent(&socket);
-        // An answer the client takes none of for the period fails its connection.
+        // An answer the client takes none of for `limits.stall_timeout` fails its
+        // connection, as on the proxy listeners. (Not header_read_timeout: Linux reports a
+        // full socket writable only once a third of its buffer is free, so a client that
+        // reads a large `/history` slowly but steadily would be cut.)
         let socket = CountedStream {
-            inner: ClientIo::with_period(socket, routes.clone(), |limits| {
-                limits.header_read_timeout
-            }),
+            inner: ClientIo::new(socket, routes.clone()),
             gauge: gauge.clone(),
         };
         // Read per connection, so a reload applies to the next ones.

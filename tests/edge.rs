@@ -422,12 +422,13 @@ async fn admin_clients_are_bounded_in_number_and_in_time() {
     assert_eq!(status, StatusCode::OK);
 }
 
-/// An admin request's body and its answer are bounded in time as its headers are, so a
-/// client cannot hold one of the admin listener's connections by sending a body slowly
-/// or by not reading; the token is checked before the body is waited for.
+/// An admin request's body is bounded in time as its headers are, and its answer by the
+/// stall timeout, so a client cannot hold one of the admin listener's connections by
+/// sending a body slowly or by not reading; the token is checked before the body is
+/// waited for.
 #[tokio::test]
 async fn admin_bodies_and_answers_are_bounded_in_time() {
-    let mut env = start_with_limit("header_read_timeout = \"1s\"").await;
+    let mut env = start_with_limit("header_read_timeout = \"1s\"\nstall_timeout = \"1s\"").await;
     // A new client: the reload's connection keeps the timeout it was accepted with.
     env.client = http_client();
     let admin = env.app().admin_addr;
@@ -486,6 +487,58 @@ async fn admin_bodies_and_answers_are_bounded_in_time() {
         .matches("HTTP/1.1 200")
         .count();
     assert!(answered < 500, "{answered} answers");
+}
+
+/// An admin answer its client reads slowly but steadily arrives whole: a `/history` of
+/// over 100 KB into a 4 KiB receive buffer at about 20 KB/s, with header_read_timeout at
+/// 1 s (the stall timer of answers is `limits.stall_timeout`, as on the proxy listener).
+#[tokio::test]
+async fn a_large_admin_answer_read_slowly_arrives_whole() {
+    let env = start_with_limit("header_read_timeout = \"1s\"").await;
+    let reason = "r".repeat(1000);
+    for to in ["green", "blue"].iter().cycle().take(100) {
+        let (status, body) = env
+            .admin_post(
+                "/flip",
+                Some(serde_json::json!({ "to": to, "reason": reason })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let mut s = socket.connect(env.app().admin_addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"GET /history HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    // A slow reader is what is tested, so the reads are paced: 2 KiB every 100 ms.
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(100));
+    let mut answer = Vec::new();
+    for _ in 0..1000 {
+        pace.tick().await;
+        let mut chunk = [0u8; 2048];
+        let n = tokio::time::timeout(PATIENCE, tokio::io::AsyncReadExt::read(&mut s, &mut chunk))
+            .await
+            .expect("read in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .parse()
+        .expect("length");
+    assert!(length > 100_000, "{length}");
+    assert_eq!(body.len(), length, "the whole answer");
 }
 
 /// `/drain/wait` long-polls hold at most `admin::MAX_WAITERS` connections; beyond, a wait
