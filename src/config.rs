@@ -257,6 +257,23 @@ impl Config {
             field: field.into(),
             reason,
         };
+        // Bounded above too: hyper adds `header_read_timeout` to the clock, and a shutdown
+        // adds `drain.timeout` and `drain.grace`, and both panic past what the clock can
+        // hold; no real timeout or interval is anywhere near ten years.
+        let bounded = |field: &str, d: Duration| {
+            if d > MAX_TIMEOUT {
+                Err(err(field, "must be at most 10 years".into()))
+            } else {
+                Ok(d)
+            }
+        };
+        let positive = |field: &str, d: Duration| {
+            if d.is_zero() {
+                Err(err(field, "must be greater than zero".into()))
+            } else {
+                bounded(field, d)
+            }
+        };
         let addr = |field: &str, value: Option<&String>| -> Result<SocketAddr, ConfigError> {
             let value = value.ok_or_else(|| err(field, "is required".into()))?;
             value
@@ -378,18 +395,8 @@ impl Config {
                         "must not be empty (leave it out for host:admin-port)".into(),
                     ));
                 }
-                if etcd.lease_ttl.is_zero() {
-                    return Err(err(
-                        "routing.etcd.lease_ttl",
-                        "must be greater than zero".into(),
-                    ));
-                }
-                if etcd.timeout.is_zero() {
-                    return Err(err(
-                        "routing.etcd.timeout",
-                        "must be greater than zero".into(),
-                    ));
-                }
+                positive("routing.etcd.lease_ttl", etcd.lease_ttl)?;
+                positive("routing.etcd.timeout", etcd.timeout)?;
                 if !cfg!(feature = "etcd") {
                     return Err(err(
                         "routing.store",
@@ -438,17 +445,6 @@ impl Config {
                 format!("`{}` is not a path: {e}", health.path),
             )
         })?;
-        // Bounded above too: hyper adds `header_read_timeout` to the clock and panics past
-        // what it can hold, and no real timeout or interval is anywhere near ten years.
-        let positive = |field: &str, d: Duration| {
-            if d.is_zero() {
-                Err(err(field, "must be greater than zero".into()))
-            } else if d > MAX_TIMEOUT {
-                Err(err(field, "must be at most 10 years".into()))
-            } else {
-                Ok(d)
-            }
-        };
         let health = Health {
             mode,
             path: health_path,
@@ -506,8 +502,8 @@ impl Config {
                 store,
             },
             drain: Drain {
-                timeout: raw.drain.timeout,
-                grace: raw.drain.grace,
+                timeout: bounded("drain.timeout", raw.drain.timeout)?,
+                grace: bounded("drain.grace", raw.drain.grace)?,
             },
             health,
             admin: Admin {

@@ -58,6 +58,8 @@ fn a_timeout_past_ten_years_is_refused() {
         ("limits", "header_read_timeout"),
         ("limits", "stall_timeout"),
         ("health", "interval"),
+        ("drain", "timeout"),
+        ("drain", "grace"),
     ] {
         let text = format!("{MINIMAL}\n[{table}]\n{key} = \"300000000000y\"\n");
         let e = parse(&text).expect_err("absurd");
