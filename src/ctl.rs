@@ -192,6 +192,15 @@ async fn wait_drained(
         let turn = left.min(crate::admin::MAX_WAIT);
         let text = humantime::format_duration(turn).to_string();
         let (status, value) = call(options, Method::GET, &path(&text), None, Some(turn)).await?;
+        // The API takes `admin::MAX_WAITERS` waits at once: a full house is waited out.
+        if status == http::StatusCode::TOO_MANY_REQUESTS {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if !left.is_zero() {
+                tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+                continue;
+            }
+            return Ok((status, value));
+        }
         // An API that waits less than it was asked is not asked again and again.
         let cut_short = asked.elapsed() < turn / 2;
         if turn == left || cut_short || !status.is_success() || value["drained"] == true {

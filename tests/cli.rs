@@ -822,40 +822,50 @@ async fn ctl_wait_drained_exits_3_while_a_stream_is_open() {
     assert!(out.stdout.contains("blue is drained"), "{out:?}");
 }
 
-/// The API waits at most an hour in one call: a longer wait is asked for in turns of an
-/// hour. Here an API that answers at once, not drained: `ctl` asks for an hour, and does
-/// not ask again when the answer comes sooner than that.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctl_asks_for_a_wait_longer_than_an_hour_in_turns_of_an_hour() {
+/// A fake admin API that answers each call with the next of `answers` (status, JSON body;
+/// the last one again once they run out) and records each call's request line.
+async fn fake_api(answers: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let admin = format!("http://{}", listener.local_addr().expect("addr"));
     let asked = Arc::new(Mutex::new(Vec::new()));
-    let api = tokio::spawn({
-        let asked = asked.clone();
-        async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+    let recorded = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
                 }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let line = head.lines().next().unwrap_or_default().to_owned();
-                asked.lock().expect("lock").push(line);
-                let body = r#"{"drained":false,"color":"blue","open_streams":1,"in_flight":0}"#;
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(answer.as_bytes()).await;
             }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let line = head.lines().next().unwrap_or_default().to_owned();
+            let turn = {
+                let mut asked = recorded.lock().expect("lock");
+                asked.push(line);
+                asked.len() - 1
+            };
+            let (status, body) = answers[turn.min(answers.len() - 1)];
+            let answer = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
         }
     });
+    (admin, asked)
+}
+
+/// The API waits at most an hour in one call: a longer wait is asked for in turns of an
+/// hour. Here an API that answers at once, not drained: `ctl` asks for an hour, and does
+/// not ask again when the answer comes sooner than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_asks_for_a_wait_longer_than_an_hour_in_turns_of_an_hour() {
+    let not_drained = r#"{"drained":false,"color":"blue","open_streams":1,"in_flight":0}"#;
+    let (admin, asked) = fake_api(vec![(200, not_drained)]).await;
     let out = switchyard(&[
         "ctl",
         "--admin",
@@ -866,13 +876,33 @@ async fn ctl_asks_for_a_wait_longer_than_an_hour_in_turns_of_an_hour() {
         "2h 30m",
     ])
     .await;
-    api.abort();
     assert_eq!(out.code, 3, "{out:?}");
     assert_eq!(
         *asked.lock().expect("lock"),
         ["GET /drain/wait?color=blue&timeout=1h HTTP/1.1"],
         "{out:?}"
     );
+}
+
+/// The API takes 32 waits at once and answers 429 beyond: `ctl wait-drained` waits for
+/// room (asking again each second) instead of giving up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_wait_drained_waits_for_room_when_the_api_has_too_many_waiters() {
+    let full = r#"{"error":"too_many_waiters","message":"32 drain waits are open already"}"#;
+    let drained = r#"{"drained":true,"color":"blue","open_streams":0,"in_flight":0}"#;
+    let (admin, asked) = fake_api(vec![(429, full), (200, drained)]).await;
+    let out = switchyard(&[
+        "ctl",
+        "--admin",
+        &admin,
+        "wait-drained",
+        "blue",
+        "--timeout",
+        "1m",
+    ])
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(asked.lock().expect("lock").len(), 2, "{out:?}");
 }
 
 // ---- stub-upstream --------------------------------------------------------------------
