@@ -5,9 +5,9 @@
 //! `Authorization: Bearer <token>`, compared in constant time. Bodies are parsed strictly
 //! (unknown fields are 400) and limited in size. Every error is `{"error", "message"}`.
 //! The listener bounds its clients as the proxy listeners do: `MAX_CONNECTIONS` at once,
-//! `limits.header_read_timeout` for each request's headers and for its body, and
-//! `limits.stall_timeout` for an answer a client takes none of; `/drain/wait` long-polls
-//! take at most half the connections (`MAX_WAITERS`).
+//! and `limits.header_read_timeout` for each request's headers, for its body, and for an
+//! answer a client takes none of; `/drain/wait` long-polls take at most half the
+//! connections (`MAX_WAITERS`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,12 +30,13 @@ use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::control::{Change, ChangeError, Control, FlipRequest};
 use crate::drain::Tracker;
 use crate::listener::AcceptErrors;
 use crate::metrics::{ListenerKind, Metrics};
-use crate::proxy::stall::{self, ClientIo};
+use crate::proxy::stall::ClientIo;
 use crate::route_table::RouteTable;
 use crate::state::rfc3339;
 use crate::upstream::Color;
@@ -174,7 +175,7 @@ impl From<ChangeError> for ApiError {
                 "store_unavailable",
                 message,
             ),
-            ChangeError::ReasonTooLong(_) => {
+            ChangeError::ReasonTooLong(_) | ChangeError::RollbackTo => {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
             }
             ChangeError::Stopped => {
@@ -503,11 +504,6 @@ async fn rollback(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let b: ChangeBody = parse_body(&admin, body).await?;
-    if b.to.is_some() {
-        return Err(ApiError::bad_request(
-            "rollback takes no `to`: it returns to rollback_to",
-        ));
-    }
     let outcome = admin
         .control
         .apply(Change::Rollback(b.into_request()))
@@ -645,6 +641,11 @@ async fn readyz(State(admin): State<Admin>) -> (StatusCode, Json<Value>) {
 /// port) cannot take the sockets client traffic needs.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// The send buffer of an admin socket (Linux doubles it for its bookkeeping): answers are
+/// small or read by scripts, and a small buffer shows a slow reader's progress in steps
+/// of a few KiB.
+const SEND_BUFFER: usize = 8 * 1024;
+
 /// `/drain/wait` long-polls open at once; beyond it they are answered 429.
 pub const MAX_WAITERS: usize = MAX_CONNECTIONS / 2;
 
@@ -653,11 +654,10 @@ pub const MAX_WAITERS: usize = MAX_CONNECTIONS / 2;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves the admin API (HTTP/1.1) until `stop` resolves, then lets requests under way
-/// finish for `SHUTDOWN_GRACE` at most. A client that has not sent a request's headers
-/// within `limits.header_read_timeout` of connecting, or of its last answer, is closed, as
-/// on the proxy listener, and so is one that takes none of an answer for
-/// `limits.stall_timeout`;
-/// connections count in `connections{listener="admin"}`.
+/// finish for `SHUTDOWN_GRACE` at most, and drops them. A client that has not sent a
+/// request's headers within `limits.header_read_timeout` of connecting, or of its last
+/// answer, is closed, as on the proxy listener, and so is one that takes none of an answer
+/// for as long. Connections count in `connections{listener="admin"}`.
 pub async fn serve(
     listener: TcpListener,
     admin: Admin,
@@ -668,6 +668,8 @@ pub async fn serve(
     let app = router(admin);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
+    // Connections still open when the shutdown's grace has run out.
+    let dropped = CancellationToken::new();
     let mut accept_errors = AcceptErrors::default();
     tokio::pin!(stop);
     loop {
@@ -676,13 +678,16 @@ pub async fn serve(
             accepted = accept(&listener, &slots, &mut accept_errors) => accepted,
         };
         gauge.inc();
-        stall::limit_unsent(&socket);
-        // An answer the client takes none of for `limits.stall_timeout` fails its
-        // connection, as on the proxy listeners. (Not header_read_timeout: Linux reports a
-        // full socket writable only once a third of its buffer is free, so a client that
-        // reads a large `/history` slowly but steadily would be cut.)
+        // An answer the client takes none of for `limits.header_read_timeout` fails its
+        // connection. Progress is what a write hands the kernel, and Linux reports a full
+        // socket writable again only once a third of its send buffer is free: a small
+        // buffer makes that a few KiB, so a client that reads a large `/history` slowly but
+        // steadily (about 1 KB/s at the default 10 s) is not cut.
+        let _ = socket2::SockRef::from(&socket).set_send_buffer_size(SEND_BUFFER);
         let socket = CountedStream {
-            inner: ClientIo::new(socket, routes.clone()),
+            inner: ClientIo::with_period(socket, routes.clone(), |limits| {
+                limits.header_read_timeout
+            }),
             gauge: gauge.clone(),
         };
         // Read per connection, so a reload applies to the next ones.
@@ -693,9 +698,13 @@ pub async fn serve(
             .header_read_timeout(header_read_timeout);
         let service = TowerToHyperService::new(app.clone());
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(socket), service));
+        let dropped = dropped.clone();
         tokio::spawn(async move {
-            // An error is the client's (gone, too slow, bad request): nothing to report.
-            let _ = connection.await;
+            tokio::select! {
+                // An error is the client's (gone, too slow, bad request): nothing to report.
+                _ = connection => {}
+                () = dropped.cancelled() => {}
+            }
             drop(slot);
         });
     }
@@ -705,6 +714,7 @@ pub async fn serve(
         .is_err()
     {
         tracing::debug!("admin requests still under way at shutdown are dropped");
+        dropped.cancel();
     }
     Ok(())
 }

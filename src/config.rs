@@ -18,7 +18,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use crate::upstream::Color;
 
 /// The longest timeout or interval taken: humantime's "10y".
-const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 31_557_600);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 31_557_600);
 
 /// A refused configuration: which file, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

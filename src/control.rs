@@ -28,7 +28,7 @@ use crate::upstream::Color;
 /// A flip or rollback as the admin API takes it.
 #[derive(Debug, Clone, Default)]
 pub struct FlipRequest {
-    /// Target colour; `None`: the standby colour. Ignored by rollback.
+    /// Target colour; `None`: the standby colour. Refused by rollback.
     pub to: Option<Color>,
     /// Skip the health gate.
     pub force: bool,
@@ -89,6 +89,8 @@ pub enum ChangeError {
     Store(StoreError),
     #[error("`reason` is {0} characters; at most {MAX_REASON} are recorded")]
     ReasonTooLong(usize),
+    #[error("rollback takes no `to`: it returns to rollback_to")]
+    RollbackTo,
     #[error("switchyard is shutting down")]
     Stopped,
     /// The change is stored and applied here, but not yet by every live replica.
@@ -358,6 +360,11 @@ impl Writer {
             .filter(|&n| n > MAX_REASON)
         {
             return Err(ChangeError::ReasonTooLong(chars));
+        }
+        if let Change::Rollback(r) = &change
+            && r.to.is_some()
+        {
+            return Err(ChangeError::RollbackTo);
         }
         let now = SystemTime::now();
         let state = self.state.load_full();

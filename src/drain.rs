@@ -25,8 +25,8 @@ use tokio::sync::{Notify, watch};
 use crate::route_table::Router;
 use crate::upstream::{Color, Upstream};
 
-/// The longest drain deadline honoured: ten years.
-pub const MAX_DRAIN: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The longest drain deadline honoured: ten years, the longest the config takes.
+pub const MAX_DRAIN: Duration = crate::config::MAX_TIMEOUT;
 
 /// An order to drain: streams routed by a table older than `generation` end at `deadline`.
 ///

@@ -177,6 +177,9 @@ async fn malformed_requests_are_400() {
         let answer = post_raw(&env, path, auth, &body).await;
         assert_error(&answer, StatusCode::CONFLICT, "generation_mismatch");
     }
+    let body = json!({ "to": "green", "expect_generation": 0 }).to_string();
+    let answer = post_raw(&env, "/rollback", auth, &body).await;
+    assert_error(&answer, StatusCode::CONFLICT, "generation_mismatch");
     for query in [
         "",
         "?timeout=1s",

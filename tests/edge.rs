@@ -422,13 +422,12 @@ async fn admin_clients_are_bounded_in_number_and_in_time() {
     assert_eq!(status, StatusCode::OK);
 }
 
-/// An admin request's body is bounded in time as its headers are, and its answer by the
-/// stall timeout, so a client cannot hold one of the admin listener's connections by
-/// sending a body slowly or by not reading; the token is checked before the body is
-/// waited for.
+/// An admin request's body and its answer are bounded in time as its headers are, so a
+/// client cannot hold one of the admin listener's connections by sending a body slowly
+/// or by not reading; the token is checked before the body is waited for.
 #[tokio::test]
 async fn admin_bodies_and_answers_are_bounded_in_time() {
-    let mut env = start_with_limit("header_read_timeout = \"1s\"\nstall_timeout = \"1s\"").await;
+    let mut env = start_with_limit("header_read_timeout = \"1s\"").await;
     // A new client: the reload's connection keeps the timeout it was accepted with.
     env.client = http_client();
     let admin = env.app().admin_addr;
@@ -482,16 +481,15 @@ async fn admin_bodies_and_answers_are_bounded_in_time() {
     // Closed by the admin listener with the client still not reading, and so is every
     // other (the 401's, the test client's idle one).
     eventually(|| async { open() == 0.0 }).await;
-    let answers = closed_by_proxy(&mut s).await.unwrap_or_default();
-    let answered = String::from_utf8_lossy(&answers)
-        .matches("HTTP/1.1 200")
-        .count();
-    assert!(answered < 500, "{answered} answers");
+    closed_by_proxy(&mut s)
+        .await
+        .expect("what was sent, then the end");
 }
 
 /// An admin answer its client reads slowly but steadily arrives whole: a `/history` of
-/// over 100 KB into a 4 KiB receive buffer at about 20 KB/s, with header_read_timeout at
-/// 1 s (the stall timer of answers is `limits.stall_timeout`, as on the proxy listener).
+/// over 100 KB into a 4 KiB receive buffer at about 20 KB/s, with header_read_timeout, the
+/// answer's stall timer, at 1 s. (Readers of 10 KB/s pass here, of 5 KB/s not: progress
+/// is counted in steps of the small send buffer.)
 #[tokio::test]
 async fn a_large_admin_answer_read_slowly_arrives_whole() {
     let env = start_with_limit("header_read_timeout = \"1s\"").await;
@@ -514,7 +512,8 @@ async fn a_large_admin_answer_read_slowly_arrives_whole() {
     )
     .await
     .expect("write");
-    // A slow reader is what is tested, so the reads are paced: 2 KiB every 100 ms.
+    // A slow reader is what is tested, so the reads are paced: 2 KiB every 100 ms (ticks
+    // a busy machine delays come in a burst after, so the rate holds).
     let mut pace = tokio::time::interval(std::time::Duration::from_millis(100));
     let mut answer = Vec::new();
     for _ in 0..1000 {
@@ -571,7 +570,10 @@ async fn drain_waits_take_at_most_half_the_admin_connections() {
     assert_eq!(status, StatusCode::OK);
     drop(ws);
     for wait in waiting {
-        let (status, body) = wait.await.expect("wait");
+        let (status, body) = tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("answered when the stream ends")
+            .expect("wait");
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["drained"], true, "{body}");
     }
@@ -857,6 +859,9 @@ async fn shutdown_does_not_wait_long_for_admin_requests_under_way() {
     tokio::time::timeout(PATIENCE, app.wait())
         .await
         .expect("shutdown finishes");
+    closed_by_proxy(&mut s)
+        .await
+        .expect("the request is dropped with the shutdown");
 }
 
 /// Starts an env, then sets one `[limits]` key by rewriting the config and reloading: limits

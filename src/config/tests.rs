@@ -53,7 +53,8 @@ fn a_zero_stall_timeout_is_refused() {
 
 #[test]
 fn a_timeout_past_ten_years_is_refused() {
-    // hyper adds `header_read_timeout` to the clock and panics past what it can hold.
+    // hyper adds `header_read_timeout` to the clock, and a shutdown adds `drain.timeout`
+    // and `drain.grace`: both panic past what the clock can hold.
     for (table, key) in [
         ("limits", "header_read_timeout"),
         ("limits", "stall_timeout"),

@@ -24,9 +24,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::config::Limits;
 use crate::route_table::Router;
 
-/// The unsent bytes a proxied socket may hold (`TCP_NOTSENT_LOWAT`).
+/// The unsent bytes a client's or upstream's socket may hold (`TCP_NOTSENT_LOWAT`).
 const UNSENT_MARK: u32 = 64 * 1024;
 
 /// Limits the bytes waiting unsent in `socket`'s send buffer to `UNSENT_MARK` (bytes sent
@@ -94,13 +95,16 @@ pub fn stalled(what: &str, period: Duration) -> String {
 }
 
 /// A client's connection whose writes fail when the client takes none of the bytes for
-/// it for `limits.stall_timeout` (read from the current table when the timer is armed).
+/// it for `limits.stall_timeout`, or the limit `with_period` names (read from the current
+/// table when the timer is armed).
 /// The failure ends hyper's connection, and with it the exchange and its upstream
 /// connection. Reads pass through: a client that sends nothing is hyper's timer's
 /// (`header_read_timeout`) or an idle keep-alive.
 pub struct ClientIo<T> {
     io: T,
     router: Arc<Router>,
+    /// Which limit is the period.
+    period: fn(&Limits) -> Duration,
     /// Bytes written so far.
     written: u64,
     stall: StallTimer,
@@ -109,9 +113,16 @@ pub struct ClientIo<T> {
 impl<T> ClientIo<T> {
     /// Wraps a client's connection; `router` gives the current `limits.stall_timeout`.
     pub fn new(io: T, router: Arc<Router>) -> ClientIo<T> {
+        ClientIo::with_period(io, router, |limits| limits.stall_timeout)
+    }
+
+    /// Wraps a client's connection whose writes give up after `period` of the current
+    /// limits instead.
+    pub fn with_period(io: T, router: Arc<Router>, period: fn(&Limits) -> Duration) -> ClientIo<T> {
         ClientIo {
             io,
             router,
+            period,
             written: 0,
             stall: StallTimer::default(),
         }
@@ -135,8 +146,8 @@ impl<T> ClientIo<T> {
 
     /// After a write that is pending: an error once the client has stalled.
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        let router = &self.router;
-        let period = || router.load().settings.config.limits.stall_timeout;
+        let (router, limit) = (&self.router, self.period);
+        let period = || limit(&router.load().settings.config.limits);
         match self.stall.poll(cx, self.written, period) {
             Poll::Ready(period) => {
                 let why = stalled("the client took none of the bytes for it", period);

@@ -412,8 +412,11 @@ enum Side {
 ///
 /// Armed when a pump is left waiting to write; when the timer fires, a pump that still
 /// waits and wrote nothing since it was armed has stalled, and otherwise the timer is
-/// armed again (or let go, when neither waits). A stall is found within one to two
-/// timeouts, and a stream that is only slow costs a timer per timeout, not per frame.
+/// armed again (or let go, when neither waits). The client is checked first, and the
+/// upstream counts as stalled only while nothing waits to go to the client (an upstream
+/// held up by a slow client's back-pressure is waiting on it). A stall is found within one
+/// to two timeouts, and a stream that is only slow costs a timer per timeout, not per
+/// frame.
 #[derive(Default)]
 struct StallWatch {
     /// The timer, and the bytes each pump (`up`, `down`) had written when it was armed.
