@@ -192,14 +192,19 @@ async fn wait_drained(
         let turn = left.min(crate::admin::MAX_WAIT);
         let text = humantime::format_duration(turn).to_string();
         let (status, value) = call(options, Method::GET, &path(&text), None, Some(turn)).await?;
-        // The API takes `admin::MAX_WAITERS` waits at once: a full house is waited out.
+        // The API takes `admin::MAX_WAITERS` waits at once: a full house is waited out,
+        // and one that lasts to the deadline is a wait that timed out.
         if status == http::StatusCode::TOO_MANY_REQUESTS {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if !left.is_zero() {
-                tokio::time::sleep(left.min(Duration::from_secs(1))).await;
-                continue;
+            if left.is_zero() {
+                eprintln!(
+                    "timed out: the admin API had no room for another drain wait ({})",
+                    value["message"].as_str().unwrap_or("429")
+                );
+                return Err(3);
             }
-            return Ok((status, value));
+            tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+            continue;
         }
         // An API that waits less than it was asked is not asked again and again.
         let cut_short = asked.elapsed() < turn / 2;

@@ -885,7 +885,7 @@ async fn ctl_asks_for_a_wait_longer_than_an_hour_in_turns_of_an_hour() {
 }
 
 /// The API takes 32 waits at once and answers 429 beyond: `ctl wait-drained` waits for
-/// room (asking again each second) instead of giving up.
+/// room (asking again each second) instead of giving up, until its own timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_wait_drained_waits_for_room_when_the_api_has_too_many_waiters() {
     let full = r#"{"error":"too_many_waiters","message":"32 drain waits are open already"}"#;
@@ -903,6 +903,22 @@ async fn ctl_wait_drained_waits_for_room_when_the_api_has_too_many_waiters() {
     .await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(asked.lock().expect("lock").len(), 2, "{out:?}");
+
+    // No room until the timeout: the wait timed out (3), as any other would.
+    let (admin, asked) = fake_api(vec![(429, full)]).await;
+    let out = switchyard(&[
+        "ctl",
+        "--admin",
+        &admin,
+        "wait-drained",
+        "blue",
+        "--timeout",
+        "1500ms",
+    ])
+    .await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("no room"), "{out:?}");
+    assert!(asked.lock().expect("lock").len() >= 2, "{out:?}");
 }
 
 // ---- stub-upstream --------------------------------------------------------------------
