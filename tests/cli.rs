@@ -859,6 +859,20 @@ async fn fake_api(answers: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<S
     (admin, asked)
 }
 
+/// `switchyard ctl --admin <admin> wait-drained blue --timeout <timeout>`.
+async fn wait_drained_blue(admin: &str, timeout: &str) -> Output {
+    switchyard(&[
+        "ctl",
+        "--admin",
+        admin,
+        "wait-drained",
+        "blue",
+        "--timeout",
+        timeout,
+    ])
+    .await
+}
+
 /// The API waits at most an hour in one call: a longer wait is asked for in turns of an
 /// hour. Here an API that answers at once, not drained: `ctl` asks for an hour, and does
 /// not ask again when the answer comes sooner than that.
@@ -866,16 +880,7 @@ async fn fake_api(answers: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<S
 async fn ctl_asks_for_a_wait_longer_than_an_hour_in_turns_of_an_hour() {
     let not_drained = r#"{"drained":false,"color":"blue","open_streams":1,"in_flight":0}"#;
     let (admin, asked) = fake_api(vec![(200, not_drained)]).await;
-    let out = switchyard(&[
-        "ctl",
-        "--admin",
-        &admin,
-        "wait-drained",
-        "blue",
-        "--timeout",
-        "2h 30m",
-    ])
-    .await;
+    let out = wait_drained_blue(&admin, "2h 30m").await;
     assert_eq!(out.code, 3, "{out:?}");
     assert_eq!(
         *asked.lock().expect("lock"),
@@ -891,31 +896,13 @@ async fn ctl_wait_drained_waits_for_room_when_the_api_has_too_many_waiters() {
     let full = r#"{"error":"too_many_waiters","message":"32 drain waits are open already"}"#;
     let drained = r#"{"drained":true,"color":"blue","open_streams":0,"in_flight":0}"#;
     let (admin, asked) = fake_api(vec![(429, full), (200, drained)]).await;
-    let out = switchyard(&[
-        "ctl",
-        "--admin",
-        &admin,
-        "wait-drained",
-        "blue",
-        "--timeout",
-        "1m",
-    ])
-    .await;
+    let out = wait_drained_blue(&admin, "1m").await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(asked.lock().expect("lock").len(), 2, "{out:?}");
 
     // No room until the timeout: the wait timed out (3), as any other would.
     let (admin, asked) = fake_api(vec![(429, full)]).await;
-    let out = switchyard(&[
-        "ctl",
-        "--admin",
-        &admin,
-        "wait-drained",
-        "blue",
-        "--timeout",
-        "1500ms",
-    ])
-    .await;
+    let out = wait_drained_blue(&admin, "1500ms").await;
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("no room"), "{out:?}");
     assert!(asked.lock().expect("lock").len() >= 2, "{out:?}");

@@ -455,18 +455,7 @@ async fn admin_bodies_and_answers_are_bounded_in_time() {
     let mut s = tokio::net::TcpStream::connect(admin)
         .await
         .expect("connect");
-    tokio::io::AsyncWriteExt::write_all(&mut s, head("").as_bytes())
-        .await
-        .expect("write");
-    let mut buf = [0u8; 12];
-    tokio::time::timeout(
-        PATIENCE,
-        tokio::io::AsyncReadExt::read_exact(&mut s, &mut buf),
-    )
-    .await
-    .expect("answered in time")
-    .expect("read");
-    assert_eq!(&buf, b"HTTP/1.1 401");
+    assert_eq!(send_and_read(&mut s, head(""), 12).await, b"HTTP/1.1 401");
     assert_eq!(env.admin_get("/status").await.1["generation"], generation);
 
     // Pipelined requests whose answers are never read, into a small receive buffer.
@@ -579,6 +568,22 @@ async fn drain_waits_take_at_most_half_the_admin_connections() {
     }
     let (status, body) = env.admin_get("/drain/wait?color=blue&timeout=1ms").await;
     assert_eq!(status, StatusCode::OK, "the room is free again: {body}");
+}
+
+/// Writes `request` to `s` and reads the first `n` bytes of what comes back.
+async fn send_and_read(s: &mut tokio::net::TcpStream, request: String, n: usize) -> Vec<u8> {
+    tokio::io::AsyncWriteExt::write_all(s, request.as_bytes())
+        .await
+        .expect("write");
+    let mut answer = vec![0u8; n];
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_exact(s, &mut answer),
+    )
+    .await
+    .expect("answered in time")
+    .expect("read");
+    answer
 }
 
 /// Reads from `s` until the proxy closes it; `Err` if it is still open after `PATIENCE`.
@@ -838,19 +843,11 @@ async fn shutdown_does_not_wait_long_for_admin_requests_under_way() {
         "POST /flip HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n\
          Expect: 100-continue\r\nContent-Length: 100\r\n\r\n"
     );
-    tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes())
-        .await
-        .expect("write");
     // hyper asks for the body once the handler reads it: the request is under way.
-    let mut continued = [0u8; 25];
-    tokio::time::timeout(
-        PATIENCE,
-        tokio::io::AsyncReadExt::read_exact(&mut s, &mut continued),
-    )
-    .await
-    .expect("asked for the body in time")
-    .expect("read");
-    assert_eq!(&continued, b"HTTP/1.1 100 Continue\r\n\r\n");
+    assert_eq!(
+        send_and_read(&mut s, head, 25).await,
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    );
     tokio::io::AsyncWriteExt::write_all(&mut s, b"{")
         .await
         .expect("write");
