@@ -41,8 +41,9 @@ pub fn limit_unsent(socket: &TcpStream) {
     let _ = (socket, UNSENT_MARK);
 }
 
-/// `now + after`, or a time that never comes if that is past what the clock can hold
-/// (the limits come from a config file, which may say "300000000y").
+/// `now + after`, or a time that never comes if that is past what the clock can hold.
+/// The config refuses limits past ten years, so this only keeps a timer from panicking
+/// should an unchecked duration ever reach it.
 pub fn deadline_after(after: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(after)
