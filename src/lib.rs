@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod nofile;
 pub mod proxy;
 pub mod route_table;
+pub mod runtime;
 pub mod state;
 pub mod store;
 pub mod stub;

@@ -262,17 +262,10 @@ fn main() -> ExitCode {
     ) {
         raise_open_file_limit();
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    // A task woken by the running one waits its turn instead of running next, so an HTTP/2
-    // connection's task runs once after all its streams that became ready together, and
-    // writes their responses in one system call, not one each (.cargo/config.toml).
-    #[cfg(tokio_unstable)]
-    builder.disable_lifo_slot();
-    let runtime = match builder.build() {
+    let runtime = match switchyard::runtime::build() {
         Ok(r) => r,
         Err(e) => {
-            fatal(format, &format!("cannot start the runtime: {e}"));
+            fatal(format, &e.to_string());
             return ExitCode::FAILURE;
         }
     };

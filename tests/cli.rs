@@ -113,6 +113,17 @@ token_file = "{token}"
         Running::start(command, "switchyard is listening").await
     }
 
+    /// `run` on one worker thread, which is tokio's single-thread scheduler
+    /// (`switchyard::runtime`); `run` takes one worker per core otherwise.
+    async fn run_on_one_thread(&self) -> Running {
+        let mut command = Command::new(BIN);
+        command
+            .env("TOKIO_WORKER_THREADS", "1")
+            .args(["run", "--config"])
+            .arg(self.config());
+        Running::start(command, "switchyard is listening").await
+    }
+
     /// Runs `switchyard ctl --admin <this site> ARGS` → exit code, stdout, stderr.
     async fn ctl(&self, args: &[&str]) -> Output {
         let mut full = vec!["ctl", "--admin"];
@@ -446,6 +457,35 @@ async fn a_refused_start_is_a_json_line_with_log_format_json() {
     assert!(error.contains(&path), "{line}");
 }
 
+/// A worker count tokio cannot use is refused by name, where tokio would panic.
+#[tokio::test]
+async fn a_bad_worker_thread_count_is_refused_by_name() {
+    let site = Site::new().await;
+    for bad in ["0", "two"] {
+        let out = tokio::time::timeout(
+            PATIENCE,
+            tokio::process::Command::new(BIN)
+                .args(["run", "--config"])
+                .arg(site.config())
+                .env("TOKIO_WORKER_THREADS", bad)
+                .stdin(Stdio::null())
+                .output(),
+        )
+        .await
+        .expect("in time")
+        .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "TOKIO_WORKER_THREADS must be a whole number of threads above 0, not \"{bad}\""
+            )),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_from_the_environment_overrides_the_file() {
     let site = Site::new().await;
@@ -508,7 +548,8 @@ async fn sighup_reloads_and_a_bad_file_is_refused_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_keeps_the_admin_api_up_while_streams_drain() {
     let site = Site::new().await;
-    let mut proxy = site.run().await;
+    // On one thread, so signals, the admin API and the stream share it.
+    let mut proxy = site.run_on_one_thread().await;
     let (mut ws, _) = tokio::time::timeout(
         PATIENCE,
         connect_async(format!("ws://{}/v1/listen", site.proxy)),
