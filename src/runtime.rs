@@ -2,19 +2,17 @@
 //! worker threads if set, else one per core the process may use (a container's CPU quota
 //! counts, as `std::thread::available_parallelism` reads it).
 //!
-//! With one worker, the single-thread scheduler runs every task on the main thread. The
-//! work is the same, without the multi-thread scheduler's hand-offs between the main thread
-//! and the worker (the shared run queue, the worker's park and unpark): a relayed
-//! WebSocket frame costs about 16 % fewer instructions, and an HTTP request about 1 %
-//! (benches/RESULTS.md, "One worker, one thread").
+//! One worker still gets the multi-thread scheduler. On the single-thread one a relayed
+//! WebSocket frame cost 16 % fewer instructions, but 9,900 streams opened at once peaked
+//! at twice the memory (benches/RESULTS.md, "What each change bought").
 
 use std::num::NonZeroUsize;
 
 use thiserror::Error;
 use tokio::runtime::{Builder, Runtime};
 
-/// The variable tokio reads for its worker count; Switchyard reads it first, to choose
-/// the scheduler and to refuse a bad value with a message instead of tokio's panic.
+/// The variable tokio reads for its worker count; Switchyard reads it first, to refuse a
+/// bad value with a message instead of tokio's panic.
 pub const WORKERS_VAR: &str = "TOKIO_WORKER_THREADS";
 
 #[derive(Debug, Error)]
@@ -37,8 +35,7 @@ pub fn workers(var: Option<&str>, cores: NonZeroUsize) -> Result<NonZeroUsize, R
     }
 }
 
-/// Builds the runtime: the single-thread scheduler for one worker, the multi-thread one
-/// for more.
+/// Builds the runtime.
 pub fn build() -> Result<Runtime, RuntimeError> {
     let var = std::env::var_os(WORKERS_VAR);
     let var = match &var {
@@ -49,21 +46,16 @@ pub fn build() -> Result<Runtime, RuntimeError> {
         ),
     };
     let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-    let workers = workers(var, cores)?;
-    let mut builder = if workers.get() == 1 {
-        Builder::new_current_thread()
-    } else {
-        let mut builder = Builder::new_multi_thread();
-        builder.worker_threads(workers.get());
-        // A task woken by the running one waits its turn instead of running next, so an
-        // HTTP/2 connection's task runs once after all its streams that became ready
-        // together, and writes their responses in one system call, not one each
-        // (.cargo/config.toml). The single-thread scheduler has no such slot.
-        #[cfg(tokio_unstable)]
-        builder.disable_lifo_slot();
-        builder
-    };
-    Ok(builder.enable_all().build()?)
+    let mut builder = Builder::new_multi_thread();
+    builder
+        .worker_threads(workers(var, cores)?.get())
+        .enable_all();
+    // A task woken by the running one waits its turn instead of running next, so an HTTP/2
+    // connection's task runs once after all its streams that became ready together, and
+    // writes their responses in one system call, not one each (.cargo/config.toml).
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    Ok(builder.build()?)
 }
 
 #[cfg(test)]

@@ -113,17 +113,6 @@ token_file = "{token}"
         Running::start(command, "switchyard is listening").await
     }
 
-    /// `run` on one worker thread, which is tokio's single-thread scheduler
-    /// (`switchyard::runtime`); `run` takes one worker per core otherwise.
-    async fn run_on_one_thread(&self) -> Running {
-        let mut command = Command::new(BIN);
-        command
-            .env("TOKIO_WORKER_THREADS", "1")
-            .args(["run", "--config"])
-            .arg(self.config());
-        Running::start(command, "switchyard is listening").await
-    }
-
     /// Runs `switchyard ctl --admin <this site> ARGS` → exit code, stdout, stderr.
     async fn ctl(&self, args: &[&str]) -> Output {
         let mut full = vec!["ctl", "--admin"];
@@ -548,8 +537,7 @@ async fn sighup_reloads_and_a_bad_file_is_refused_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_keeps_the_admin_api_up_while_streams_drain() {
     let site = Site::new().await;
-    // On one thread, so signals, the admin API and the stream share it.
-    let mut proxy = site.run_on_one_thread().await;
+    let mut proxy = site.run().await;
     let (mut ws, _) = tokio::time::timeout(
         PATIENCE,
         connect_async(format!("ws://{}/v1/listen", site.proxy)),
