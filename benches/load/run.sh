@@ -484,25 +484,37 @@ section_idle() {
     say ""
     wait_quiet
     say "- $QUIET_NOTE"
-    local before after file opened
+    local before after settled peak file opened
     file=$OUT/ws-idle.txt
     before=$(rss_kib "$SY_PID")
+    peak=$before
     log "idle: $IDLE_STREAMS streams through switchyard"
     taskset -c $LOADGEN_CPU timeout 300 "$WS_LOAD" --url "ws://127.0.0.1:$P_SY$PATH_WS" --streams "$IDLE_STREAMS" --duration 30 --idle >"$file" 2>&1 &
     local client=$!
     PIDS+=($client)
-    local i
+    # RSS each second: its peak while the streams open, 3 s after the last one opened (the
+    # figure of the runs before 2026-12-06), and 15 s after, when jemalloc's purging thread
+    # has given back what the burst of handshakes freed (the streams are held for 30 s).
+    local i rss
     for i in $(seq 1 240); do
+        rss=$(rss_kib "$SY_PID")
+        ((rss > peak)) && peak=$rss
         grep -q '^opened=' "$file" && break
         sleep 1
     done
-    sleep 3
-    after=$(rss_kib "$SY_PID")
+    for i in $(seq 1 15); do
+        sleep 1
+        rss=$(rss_kib "$SY_PID")
+        ((rss > peak)) && peak=$rss
+        ((i == 3)) && after=$rss
+    done
+    settled=$rss
     opened=$(sed -n 's/^opened=\([0-9]*\).*/\1/p' "$file")
     local stub_rss
     stub_rss=$(rss_kib "$ORIGIN_PID")
     wait "$client" || true
-    say "switchyard VmRSS: ${before} KiB before, ${after} KiB with ${opened:-0} of $IDLE_STREAMS streams open → $(awk -v a="$after" -v b="$before" -v n="${opened:-0}" 'BEGIN { printf "%.1f", n ? (a - b) / n : 0 }') KiB per stream (client and upstream side together) ${IDLE_NOTE:-}. Stub origin RSS at the time: $stub_rss KiB. Client: $(tail -1 "$file")"
+    per() { awk -v a="$1" -v b="$before" -v n="${opened:-0}" 'BEGIN { printf "%.1f", n ? (a - b) / n : 0 }'; }
+    say "switchyard VmRSS: ${before} KiB before, ${after} KiB with ${opened:-0} of $IDLE_STREAMS streams open → $(per "$after") KiB per stream 3 s after the last opened (client and upstream side together) ${IDLE_NOTE:-}; ${settled} KiB → **$(per "$settled") KiB per stream** 15 s after; peak ${peak} KiB while they opened. Stub origin RSS at the time: $stub_rss KiB. Client: $(tail -1 "$file")"
 }
 
 section_flip() {
