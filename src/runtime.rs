@@ -4,7 +4,7 @@
 //!
 //! One worker still gets the multi-thread scheduler. On the single-thread one a relayed
 //! WebSocket frame cost 16 % fewer instructions, but 9,900 streams opened at once peaked
-//! at twice the memory (benches/RESULTS.md, "What each change bought").
+//! at 1.3-2.3 times the memory (benches/RESULTS.md, "What each change bought").
 
 use std::num::NonZeroUsize;
 
