@@ -1708,3 +1708,170 @@ async fn a_client_that_stops_reading_ends_its_stream_after_the_stall_timeout() {
     assert_eq!(env.upstream_errors("timeout"), 0.0);
     assert_eq!(env.upstream_errors("protocol"), 0.0);
 }
+
+/// An upstream on a loopback port that reads each upgrade request's head, keeps it
+/// (lowercased) in the returned list, and writes, in one write, what `answer` makes of the
+/// accept value for the request's `Sec-WebSocket-Key`; then it holds the connection until
+/// the peer leaves.
+async fn raw_upstream(answer: fn(&str) -> Vec<u8>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match socket.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let key = head
+                    .split("\r\n")
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| value.trim().to_owned())
+                    })
+                    .unwrap_or_default();
+                seen.lock().expect("heads").push(head.to_lowercase());
+                let accept = derive_accept_key(key.as_bytes());
+                let _ = socket.write_all(&answer(&accept)).await;
+                let mut rest = [0u8; 1024];
+                while matches!(socket.read(&mut rest).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// An unmasked text frame, as an upstream sends it.
+fn upstream_text(text: &str) -> Vec<u8> {
+    let mut frame = vec![0x81, u8::try_from(text.len()).expect("a short text")];
+    frame.extend_from_slice(text.as_bytes());
+    frame
+}
+
+/// An upstream may send its first frames in the same packet as its 101 (Deepgram's Voice
+/// Agent greets at once): they reach the client, in order. The upgrade request names the
+/// upstream as `Host` and carries the `X-Forwarded-*` headers.
+#[tokio::test]
+async fn frames_that_come_with_the_101_are_relayed() {
+    let (addr, heads) = raw_upstream(|accept| {
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        answer.extend(upstream_text(r#"{"type":"Welcome"}"#));
+        answer.extend(upstream_text(r#"{"type":"SettingsApplied"}"#));
+        answer
+    })
+    .await;
+    let env = support::env_with_blue_at(addr).await;
+    let url = env.ws_url("/v1/agent/converse?x=1");
+    let (mut ws, response) = open(&url).await;
+    assert_eq!(color_of(&response), "blue");
+    assert_eq!(next_json(&mut ws).await["type"], "Welcome");
+    assert_eq!(next_json(&mut ws).await["type"], "SettingsApplied");
+    let head = heads.lock().expect("heads")[0].clone();
+    let proxy = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    for line in [
+        "get /v1/agent/converse?x=1 http/1.1\r\n".to_owned(),
+        format!("\r\nhost: {addr}\r\n"),
+        "\r\nx-forwarded-for: 127.0.0.1\r\n".to_owned(),
+        "\r\nx-forwarded-proto: http\r\n".to_owned(),
+        format!("\r\nx-forwarded-host: {proxy}\r\n"),
+        "\r\nconnection: upgrade\r\n".to_owned(),
+        "\r\nupgrade: websocket\r\n".to_owned(),
+        "\r\nsec-websocket-version: 13\r\n".to_owned(),
+    ] {
+        assert!(
+            head.contains(&line),
+            "{line:?} is not in the upgrade request:\n{head}"
+        );
+    }
+    assert_eq!(head.matches("\r\nhost: ").count(), 1, "{head}");
+}
+
+/// A refused upgrade comes back with its body, and the next upgrade is answered as well
+/// (the refusal's connection is not reused for it).
+#[tokio::test]
+async fn a_refused_upgrade_passes_its_body_on() {
+    let (addr, heads) = raw_upstream(|_| {
+        let body = r#"{"err_code":"INVALID_QUERY_PARAMETER","err_msg":"No such model"}"#;
+        format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ndg-error: No such model\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    })
+    .await;
+    let env = support::env_with_blue_at(addr).await;
+    for _ in 0..2 {
+        let req = http::Request::get(env.proxy_url("/v1/listen?model=nope"))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .expect("request");
+        let response = within("the refusal", env.client.request(req))
+            .await
+            .expect("an answer");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.headers()["dg-error"], "No such model");
+        assert_eq!(response.headers()["x-switchyard-color"], "blue");
+        let json = support::json_body(response).await;
+        assert_eq!(json["err_code"], "INVALID_QUERY_PARAMETER", "{json}");
+    }
+    assert_eq!(heads.lock().expect("heads").len(), 2);
+}
+
+/// An upstream that takes the upgrade request and never answers is a 504 after
+/// `response_timeout`, counted as a timeout; one that answers something other than HTTP
+/// is a 502, counted as a protocol error.
+#[tokio::test]
+async fn an_unanswered_upgrade_is_a_504_and_a_garbled_one_a_502() {
+    let (hung, _task) = support::hung_upstream().await;
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        extra: "response_timeout = \"1s\"".into(),
+        ..Default::default()
+    };
+    let env = support::env_with_blue_at_built(hung, builder.clone()).await;
+    match within("the timeout", connect_async(env.ws_url("/v1/listen"))).await {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+            assert_eq!(response.headers()["x-switchyard-color"], "blue");
+        }
+        other => panic!("the handshake must fail with 504: {other:?}"),
+    }
+    assert_eq!(env.upstream_errors("timeout"), 1.0);
+
+    let (garbled, _) = raw_upstream(|_| b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()).await;
+    env.write_config(
+        &builder,
+        &format!("\"http://{garbled}\""),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    match within("the refusal", connect_async(env.ws_url("/v1/listen"))).await {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        }
+        other => panic!("the handshake must fail with 502: {other:?}"),
+    }
+    assert_eq!(env.upstream_errors("protocol"), 1.0);
+}

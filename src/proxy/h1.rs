@@ -1,4 +1,5 @@
-//! The HTTP/1.1 client for plain requests, run inside the client connection's own task.
+//! The HTTP/1.1 client for plain requests and WebSocket handshakes, run inside the client
+//! connection's own task.
 //!
 //! The request head is written, the response head read and parsed, and the response body
 //! read from the upstream socket only when the client connection polls for it. Nothing is
@@ -29,7 +30,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::io::poll_read_buf;
@@ -453,6 +454,142 @@ fn encode_head(head: &RequestHead<'_>, authority: &Authority, framing: Framing) 
     out.freeze()
 }
 
+/// First read of a WebSocket handshake's answer: a 101's head is a few hundred bytes.
+const UPGRADE_READ: usize = 2 * 1024;
+
+/// How an upstream answered a WebSocket upgrade request.
+pub enum Upgrade {
+    /// 101: the answer's head, and the connection, which now speaks the new protocol.
+    Switched(Response<()>, Switched),
+    /// Any other answer, with its body to pass on as it came (the connection is not kept).
+    Refused(Response<ResponseBody>),
+}
+
+/// Why an upgrade request has no answer.
+#[derive(Debug)]
+pub enum Unanswered {
+    /// The connection failed, or what came is not an HTTP/1.1 answer.
+    Failed(String),
+    /// No answer's head within `response_timeout`.
+    TimedOut,
+}
+
+/// Sends an upgrade request on the new connection `io` and reads the answer's head, both
+/// within `response_timeout`. `head.headers` carries the handshake's own headers
+/// (`Connection`, `Upgrade`, the key). The head is written from a buffer its size and the
+/// answer read into a small one, in the caller's task: a burst of reconnects after a drain
+/// holds one handshake per client at once, and hyper's client connection took 16 KiB of
+/// buffers, a task and a channel for each (benches/RESULTS.md).
+pub async fn upgrade(
+    io: Stream,
+    head: RequestHead<'_>,
+    authority: &Authority,
+    response_timeout: Duration,
+) -> Result<Upgrade, Unanswered> {
+    let encoded = encode_head(&head, authority, Framing::Empty);
+    let method = head.method;
+    let mut conn = Conn::new(io, None);
+    let exchange = async {
+        conn.io
+            .write_all(&encoded)
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.io.flush().await.map_err(|e| e.to_string())?;
+        loop {
+            if let Some(answer) = parse_answer(&mut conn.buf, method, true)? {
+                return Ok(answer);
+            }
+            if conn.buf.len() >= MAX_HEAD {
+                return Err("the response head is larger than 64 KiB".to_string());
+            }
+            if conn.buf.len() == conn.buf.capacity() {
+                conn.buf.reserve(conn.buf.len().max(UPGRADE_READ));
+            }
+            let read =
+                std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf));
+            match read.await {
+                Ok(0) => return Err("the upstream closed the connection before answering".into()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let (response, framing, _) = match tokio::time::timeout(response_timeout, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => return Err(Unanswered::Failed(e)),
+        Err(_) => return Err(Unanswered::TimedOut),
+    };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let body = ResponseBody::new(conn, framing, None, None);
+        return Ok(Upgrade::Refused(response.map(|()| body)));
+    }
+    // An empty rest must not hold on to the read buffer for the stream's life.
+    let early = if conn.buf.is_empty() {
+        Bytes::new()
+    } else {
+        conn.buf.split().freeze()
+    };
+    Ok(Upgrade::Switched(response, Switched { io: conn.io, early }))
+}
+
+/// An upgraded upstream connection. What came after the 101's head (the upstream's first
+/// frames, perhaps) is read first.
+pub struct Switched {
+    io: Stream,
+    early: Bytes,
+}
+
+impl AsyncRead for Switched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.early.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.early.len().min(buf.remaining());
+        buf.put_slice(&this.early[..n]);
+        this.early.advance(n);
+        if this.early.is_empty() {
+            // Lets go of the buffer it was read into.
+            this.early = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Switched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// Why sending failed.
 #[derive(Debug)]
 enum Sent {
@@ -847,6 +984,16 @@ fn parse_head(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<(Response<()>, Framing, bool)>, String> {
+    parse_answer(buf, method, false)
+}
+
+/// `parse_head`, with a 101 taken as the answer when the request asked to `upgrade`
+/// (framed as empty: what follows its head is the new protocol's).
+fn parse_answer(
+    buf: &mut BytesMut,
+    method: &Method,
+    upgrade: bool,
+) -> Result<Option<(Response<()>, Framing, bool)>, String> {
     loop {
         // Uninitialized: zeroing 128 fields per response showed in profiles.
         let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -867,10 +1014,11 @@ fn parse_head(
             .code
             .and_then(|code| StatusCode::from_u16(code).ok())
             .ok_or("the upstream's status code is not valid")?;
-        if status == StatusCode::SWITCHING_PROTOCOLS {
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        if switched && !upgrade {
             return Err("the upstream switched protocols on a plain request".into());
         }
-        if status.is_informational() {
+        if status.is_informational() && !switched {
             buf.advance(len);
             continue;
         }
@@ -913,7 +1061,11 @@ fn parse_head(
         // A faulty upstream may send the body a HEAD, 204 or 304 answer announces anyway,
         // after the head: the next request on the connection, maybe another client's,
         // would take it for its answer. Such an answer's connection is not kept.
-        let (framing, unframed) = response_framing(method, status, has_te, &mut headers)?;
+        let (framing, unframed) = if switched {
+            (Framing::Empty, false)
+        } else {
+            response_framing(method, status, has_te, &mut headers)?
+        };
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;

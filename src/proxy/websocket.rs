@@ -4,8 +4,10 @@
 //! Switchyard ends the WebSocket on both sides (it must, to inject `CloseStream`), so the
 //! upstream handshake is its own: a fresh key, no extensions offered, the client's path,
 //! query, `Authorization`, `x-deepgram-session-id` and `Sec-WebSocket-Protocol` passed
-//! through. It is done with hyper's client connection rather than tungstenite's, because a
-//! Deepgram API that picks no subprotocol is normal here and tungstenite's client refuses it.
+//! through. It is done with Switchyard's HTTP/1.1 client (`h1::upgrade`) rather than
+//! tungstenite's, because a Deepgram API that picks no subprotocol is normal here and
+//! tungstenite's client refuses it, and rather than hyper's, which spends a task, a channel
+//! and 16 KiB of buffers on each handshake, held by every client of a burst of reconnects.
 //!
 //! The relay runs two directions (`pump::Pump`) in one task and passes frames on as they
 //! came, without decoding or re-encoding them: the client's frames stay masked on their way
@@ -21,18 +23,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use ::http::uri::PathAndQuery;
 use ::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
-use http_body_util::Empty;
 use hyper::body::{Body, Bytes, Incoming};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::body::{Access, Finish, ProxyBody};
 use super::frames;
-use super::http::source_chain;
+use super::h1::{self, RequestHead, Switched, Unanswered, Upgrade};
 use super::pump::{self, Event, Pump};
 use super::stall;
 use super::woken::Woken;
@@ -125,8 +127,8 @@ pub async fn forward(
     let path = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let endpoint = Endpoint::of_path(parts.uri.path());
     let session = headers::session_id(&parts.headers);
     // What the client offered, for the 101: the upstream's choice if it is one of these
@@ -142,7 +144,7 @@ pub async fn forward(
         .and_then(|p| HeaderValue::from_str(p).ok());
 
     let mut up_headers = parts.headers;
-    headers::to_upstream(&mut up_headers, conn.client.ip(), conn.tls, host);
+    headers::strip_hop_by_hop(&mut up_headers);
     for h in [
         header::SEC_WEBSOCKET_KEY,
         header::SEC_WEBSOCKET_EXTENSIONS,
@@ -215,69 +217,47 @@ pub async fn forward(
         metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
         error_response(&e, color)
     };
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                return fail(
-                    ProxyError::UpstreamFailed(source_chain(&e)),
-                    UpstreamErrorKind::Protocol,
-                );
-            }
-        };
-    tokio::spawn(async move {
-        // Ends by itself once the connection is upgraded or closed.
-        let _ = connection.with_upgrades().await;
-    });
-    let mut up_req = Request::new(Empty::<Bytes>::new());
-    *up_req.uri_mut() = match path.parse() {
-        Ok(uri) => uri,
-        Err(_) => {
+    let head = RequestHead {
+        method: &Method::GET,
+        path: &path,
+        headers: &up_headers,
+        forwarding: headers::Forwarding {
+            client: &conn.client_ip,
+            tls: conn.tls,
+            host: host.as_ref(),
+        },
+    };
+    let guard = proxy.tracker.request(&upstream, table.generation);
+    let answer = h1::upgrade(io, head, &upstream.url.authority, limits.response_timeout).await;
+    let (response, upstream_io) = match answer {
+        Ok(Upgrade::Switched(response, io)) => (response, io),
+        Ok(Upgrade::Refused(response)) => {
+            // A refusal (400 bad model, 429 over capacity, 503 no engine) goes back as it
+            // came.
+            let status = response.status().as_u16();
+            let access =
+                Access::capture(&Method::GET, &parts.uri, || session.clone(), &upstream.name);
+            let finish = Finish::new(
+                &proxy.metrics,
+                color,
+                Protocol::WebSocket,
+                status,
+                started,
+                guard,
+            )
+            .with_access(access);
+            return Proxy::relay_answer(response, finish, &limits);
+        }
+        Err(Unanswered::TimedOut) => {
             return fail(
-                ProxyError::BadRequest("bad path".into()),
-                UpstreamErrorKind::Protocol,
+                ProxyError::UpstreamTimeout(limits.response_timeout),
+                UpstreamErrorKind::Timeout,
             );
         }
+        Err(Unanswered::Failed(why)) => {
+            return fail(ProxyError::UpstreamFailed(why), UpstreamErrorKind::Protocol);
+        }
     };
-    *up_req.headers_mut() = up_headers;
-    up_req.headers_mut().insert(
-        header::HOST,
-        HeaderValue::from_str(upstream.url.authority.as_str())
-            .expect("an authority is a valid header value"),
-    );
-    let guard = proxy.tracker.request(&upstream, table.generation);
-    let response =
-        match tokio::time::timeout(limits.response_timeout, sender.send_request(up_req)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                return fail(
-                    ProxyError::UpstreamFailed(source_chain(&e)),
-                    UpstreamErrorKind::Protocol,
-                );
-            }
-            Err(_) => {
-                return fail(
-                    ProxyError::UpstreamTimeout(limits.response_timeout),
-                    UpstreamErrorKind::Timeout,
-                );
-            }
-        };
-
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // A refusal (400 bad model, 429 over capacity, 503 no engine) goes back as it came.
-        let status = response.status().as_u16();
-        let access = Access::capture(&Method::GET, &parts.uri, || session.clone(), &upstream.name);
-        let finish = Finish::new(
-            &proxy.metrics,
-            color,
-            Protocol::WebSocket,
-            status,
-            started,
-            guard,
-        )
-        .with_access(access);
-        return Proxy::relay_answer(response, finish, &limits);
-    }
     drop(guard);
     let expected = derive_accept_key(key.as_bytes());
     if response
@@ -362,10 +342,9 @@ pub async fn forward(
         // every poll, which is every frame.
         span: tracing::info_span!("stream", color = %color, path = %parts.uri.path(), session = session.as_deref().unwrap_or("-")),
     };
-    let upstream_upgrade = hyper::upgrade::on(response);
     tokio::spawn(async move {
-        let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-            Ok(pair) => pair,
+        let client_io = match client_upgrade.await {
+            Ok(io) => io,
             Err(e) => {
                 stream
                     .span
@@ -374,9 +353,7 @@ pub async fn forward(
                 return;
             }
         };
-        stream
-            .relay(TokioIo::new(client_io), TokioIo::new(upstream_io))
-            .await;
+        stream.relay(TokioIo::new(client_io), upstream_io).await;
     });
     tag(reply, color)
 }
@@ -497,7 +474,7 @@ enum Ending {
 }
 
 impl Stream {
-    async fn relay(mut self, mut client: Io, mut upstream: Io) {
+    async fn relay(mut self, mut client: Io, mut upstream: Switched) {
         let metrics = self.proxy.metrics.color(self.color).clone();
         metrics.open_streams(self.endpoint).inc();
         // `up` carries the client's frames upstream, `down` the upstream's to the client.
@@ -819,7 +796,10 @@ fn closing_frames(writer: &mut Pump, close: Option<Bytes>) -> Vec<Bytes> {
 /// Ends one side within `CLOSE_WAIT`: writes `frames`, then, if `wait` and a close went,
 /// reads (`reader`) until the peer's close arrives, then shuts the connection down. When
 /// the time runs out the connection is simply dropped.
-async fn finish(io: &mut Io, reader: &mut Pump, frames: Vec<Bytes>, wait: bool) {
+async fn finish<S>(io: &mut S, reader: &mut Pump, frames: Vec<Bytes>, wait: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
         for frame in &frames {
             if !pump::send(io, frame, CLOSE_WAIT).await {
