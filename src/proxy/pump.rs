@@ -543,7 +543,17 @@ impl Pump {
             self.buf.reserve(self.read_size);
         }
         let spare = self.buf.capacity() - self.buf.len();
-        let n = ready!(poll_read_buf(Pin::new(src), cx, &mut self.buf))?;
+        let Poll::Ready(read) = poll_read_buf(Pin::new(src), cx, &mut self.buf) else {
+            // Everything read is written and the source has paused: a buffer grown for a
+            // burst (synthesized speech comes in bursts) goes, so that a quiet stream holds
+            // none of it. One that never grew is kept: it saves an allocation per frame.
+            if self.buf.is_empty() && self.read_size > FIRST_READ {
+                self.buf = BytesMut::new();
+                self.read_size = FIRST_READ;
+            }
+            return Poll::Pending;
+        };
+        let n = read?;
         if n == spare && self.read_size < MAX_READ {
             self.read_size *= 2;
         }

@@ -150,6 +150,36 @@ async fn an_idle_stream_holds_no_read_buffer_until_bytes_come() {
     assert_eq!(pump.bytes, 3000);
 }
 
+/// A burst grows the read buffer; once the source pauses with everything written, the
+/// grown buffer goes, and the next bytes start again at the first read size.
+#[tokio::test]
+async fn a_buffer_grown_for_a_burst_goes_when_the_source_pauses() {
+    // Pipes that hold the whole burst: the pump reads and writes it without waiting.
+    let (mut client, mut src) = duplex(1 << 18);
+    let (mut dst, mut upstream) = duplex(1 << 18);
+    let counter = IntCounter::new("t", "t").expect("counter");
+    let mut pump = Pump::new(true, counter);
+    let burst: Vec<u8> = (0..40)
+        .flat_map(|_| masked(frames::BINARY, true, &[5; 4000]))
+        .collect();
+    client.write_all(&burst).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(read_exactly(&mut upstream, burst.len()).await, burst);
+    assert_eq!(pump.bytes, 160_000);
+    assert_eq!(pump.buf.capacity(), 0, "the burst's buffer is let go");
+    assert_eq!(pump.read_size, FIRST_READ);
+    // A small frame afterwards is read into a buffer of the first size, which stays.
+    let audio = masked(frames::BINARY, true, &[9; 100]);
+    client.write_all(&audio).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(read_exactly(&mut upstream, audio.len()).await, audio);
+    assert!(
+        (1..=FIRST_READ).contains(&pump.buf.capacity()),
+        "{}",
+        pump.buf.capacity()
+    );
+}
+
 #[tokio::test]
 async fn frames_read_together_go_on_in_one_write() {
     let (mut client, mut src) = duplex(1 << 16);
