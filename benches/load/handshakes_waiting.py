@@ -13,7 +13,9 @@ def rss(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1])
+code = 0
 async def main():
+    global code
     accepted = 0
     held = []
     async def on_conn(r, w):
@@ -75,12 +77,16 @@ response_timeout = "60s"
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)
         now = rss(p.pid)
-        print(f"{os.path.basename(binary)}: {accepted} handshakes waiting; RSS {base} -> {now} KiB: {(now - base) / n:.1f} KiB each")
+        if accepted < n:
+            print(f"only {accepted} of {n} handshakes reached the upstream in 60 s: no figure")
+            code = 1
+        else:
+            print(f"{os.path.basename(binary)}: {n} handshakes waiting; RSS {base} -> {now} KiB: {(now - base) / n:.1f} KiB each")
     finally:
         p.kill()
         p.wait()
         shutil.rmtree(d, ignore_errors=True)
         # The held upstream connections go with the process, without a traceback each.
         sys.stdout.flush()
-        os._exit(0)
+        os._exit(code)
 asyncio.run(main())
