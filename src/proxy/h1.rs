@@ -166,12 +166,46 @@ impl Conn {
             .is_pending()
     }
 
-    /// Reads more into the buffer; 0 means the upstream closed.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
+    /// Reads more into the buffer, room for `chunk` bytes made when less than a quarter of
+    /// that is left; 0 means the upstream closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, chunk: usize) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < chunk / 4 {
+            self.buf.reserve(chunk);
         }
         poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    /// Reads the answer's head (a 101 taken as one when the request asked to `upgrade`),
+    /// `chunk` bytes at a time.
+    async fn read_head(
+        &mut self,
+        method: &Method,
+        upgrade: bool,
+        chunk: usize,
+    ) -> Result<(Response<()>, Framing, bool), Head> {
+        loop {
+            match parse_head(&mut self.buf, method, upgrade) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err(Head::Invalid(io::Error::new(io::ErrorKind::InvalidData, e))),
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(Head::Invalid(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the response head is larger than 64 KiB",
+                )));
+            }
+            match std::future::poll_fn(|cx| self.poll_fill(cx, chunk)).await {
+                Ok(0) => {
+                    return Err(Head::Lost(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before answering",
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(Head::Lost(e)),
+            }
+        }
     }
 }
 
@@ -490,33 +524,16 @@ pub async fn upgrade(
     let method = head.method;
     let mut conn = Conn::new(io, None);
     let exchange = async {
-        conn.io
-            .write_all(&encoded)
-            .await
-            .map_err(|e| e.to_string())?;
-        conn.io.flush().await.map_err(|e| e.to_string())?;
-        loop {
-            if let Some(answer) = parse_answer(&mut conn.buf, method, true)? {
-                return Ok(answer);
-            }
-            if conn.buf.len() >= MAX_HEAD {
-                return Err("the response head is larger than 64 KiB".to_string());
-            }
-            if conn.buf.len() == conn.buf.capacity() {
-                conn.buf.reserve(conn.buf.len().max(UPGRADE_READ));
-            }
-            let read =
-                std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf));
-            match read.await {
-                Ok(0) => return Err("the upstream closed the connection before answering".into()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
+        conn.io.write_all(&encoded).await?;
+        conn.io.flush().await?;
+        match conn.read_head(method, true, UPGRADE_READ).await {
+            Ok(answer) => Ok(answer),
+            Err(Head::Invalid(e) | Head::Lost(e)) => Err(e),
         }
     };
     let (response, framing, _) = match tokio::time::timeout(response_timeout, exchange).await {
         Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => return Err(Unanswered::Failed(e)),
+        Ok(Err(e)) => return Err(Unanswered::Failed(e.to_string())),
         Err(_) => return Err(Unanswered::TimedOut),
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -830,7 +847,11 @@ impl Sending {
         };
         // The upstream's time to answer runs from the end of the request: an upload may
         // be as slow as the client that sends it.
-        let head = tokio::time::timeout(response_timeout, self.read_head(method)).await;
+        let head = tokio::time::timeout(
+            response_timeout,
+            self.conn.read_head(method, false, READ_CHUNK),
+        )
+        .await;
         match head {
             Ok(Ok((response, framing, keep))) => {
                 let keep = keep && !matches!(written, Written::Refused) && keeps_alive(&response);
@@ -894,33 +915,6 @@ impl Sending {
         .await
     }
 
-    /// Reads the answer's head.
-    async fn read_head(&mut self, method: &Method) -> Result<(Response<()>, Framing, bool), Head> {
-        loop {
-            match parse_head(&mut self.conn.buf, method) {
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                Err(e) => return Err(Head::Invalid(io::Error::new(io::ErrorKind::InvalidData, e))),
-            }
-            if self.conn.buf.len() >= MAX_HEAD {
-                return Err(Head::Invalid(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the response head is larger than 64 KiB",
-                )));
-            }
-            match std::future::poll_fn(|cx| self.conn.poll_fill(cx)).await {
-                Ok(0) => {
-                    return Err(Head::Lost(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the upstream closed the connection before answering",
-                    )));
-                }
-                Ok(_) => {}
-                Err(e) => return Err(Head::Lost(e)),
-            }
-        }
-    }
-
     /// A connection failure is `Stale` while nothing of the answer arrived.
     fn failed(&self, e: Sent) -> Sent {
         match e {
@@ -944,7 +938,7 @@ impl Sending {
             // Reading stops at `MAX_HEAD` until the request is written: what is read
             // here is held until then.
             if self.upload.has_body() && self.conn.buf.len() < MAX_HEAD {
-                match self.conn.poll_fill(cx) {
+                match self.conn.poll_fill(cx, READ_CHUNK) {
                     Poll::Ready(Ok(0)) => {
                         let e = io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -979,17 +973,10 @@ fn response_parser() -> httparse::ParserConfig {
 }
 
 /// Parses a complete response head off the front of `buf`, skipping interim (1xx)
-/// answers; `None` until the head is complete.
+/// answers; `None` until the head is complete. A 101 is the answer when the request asked
+/// to `upgrade` (framed as empty: what follows its head is the new protocol's), and an
+/// error otherwise.
 fn parse_head(
-    buf: &mut BytesMut,
-    method: &Method,
-) -> Result<Option<(Response<()>, Framing, bool)>, String> {
-    parse_answer(buf, method, false)
-}
-
-/// `parse_head`, with a 101 taken as the answer when the request asked to `upgrade`
-/// (framed as empty: what follows its head is the new protocol's).
-fn parse_answer(
     buf: &mut BytesMut,
     method: &Method,
     upgrade: bool,
@@ -1451,7 +1438,7 @@ impl Body for ResponseBody {
             if this.decode == Decode::Done {
                 return Poll::Ready(None);
             }
-            match ready!(conn.poll_fill(cx)) {
+            match ready!(conn.poll_fill(cx, READ_CHUNK)) {
                 Ok(0) if this.decode == Decode::Close => {
                     this.conn = None;
                     this.decode = Decode::Done;

@@ -118,7 +118,7 @@ fn a_response_with_both_framings_is_answered_but_its_connection_not_kept() {
     let mut buf = BytesMut::from(
         &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"[..],
     );
-    let (response, framing, keep) = parse_head(&mut buf, &Method::GET)
+    let (response, framing, keep) = parse_head(&mut buf, &Method::GET, false)
         .expect("valid")
         .expect("complete");
     assert_eq!(framing, Framing::Chunked);
