@@ -194,6 +194,17 @@ impl UpstreamUrl {
                 "`{text}`: credentials in the URL are not supported"
             ));
         }
+        // `http` reads a port that is not a u16 as no port at all, which would mean 80 or
+        // 443 here: one written must be a port.
+        let port = authority.as_str().strip_prefix(authority.host());
+        if let Some(port) = port.and_then(|rest| rest.strip_prefix(':'))
+            && !(port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok_and(|p| p > 0))
+        {
+            return Err(format!(
+                "`{text}`: the port must be a number from 1 to 65535"
+            ));
+        }
         if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
             return Err(format!(
                 "`{text}`: a pool URL is scheme://host:port only; paths are passed from the client"

@@ -175,3 +175,29 @@ fn a_reload_may_change_all_but_the_listeners_tls_on_or_off_and_the_state_file() 
         assert!(e.reason.contains("restart"), "{e}");
     }
 }
+
+/// A pool URL's port is a port: `http` would read one it cannot hold as none, and the
+/// upstream would be port 80.
+#[test]
+fn a_pool_url_with_an_impossible_port_is_refused() {
+    for bad in [
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "http://127.0.0.1:",
+        "http://127.0.0.1:+80",
+        "https://[::1]:70000",
+    ] {
+        let e = parse(&MINIMAL.replace("http://127.0.0.1:9002", bad)).expect_err(bad);
+        assert_eq!(e.field, "pools.green[0]", "{bad}: {e}");
+        assert!(e.reason.contains("from 1 to 65535"), "{bad}: {e}");
+    }
+    for (good, port) in [
+        ("http://127.0.0.1:65535", 65535),
+        ("https://[::1]:8443", 8443),
+        ("http://localhost", 80),
+        ("https://localhost", 443),
+    ] {
+        let config = parse(&MINIMAL.replace("http://127.0.0.1:9002", good)).expect(good);
+        assert_eq!(config.pools.green[0].port(), port, "{good}");
+    }
+}
