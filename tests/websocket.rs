@@ -1419,9 +1419,9 @@ async fn a_client_breaking_the_protocol_gets_1002() {
     }
 }
 
-/// Opens an agent stream with a raw handshake, writes `wire`, and reads until a 1002 close
-/// frame comes (the stub's Welcome may come first).
-async fn client_gets_1002_after(env: &Env, wire: &[u8]) -> Result<(), String> {
+/// Opens an agent stream with a raw handshake: the socket just after the answer's head,
+/// or the head if it is not a 101.
+async fn raw_agent_stream(env: &Env) -> Result<TcpStream, String> {
     let addr = env.app().proxy_addr;
     let mut socket = within("a connection", TcpStream::connect(addr))
         .await
@@ -1447,6 +1447,13 @@ async fn client_gets_1002_after(env: &Env, wire: &[u8]) -> Result<(), String> {
     if !head.starts_with(b"HTTP/1.1 101") {
         return Err(String::from_utf8_lossy(&head).into_owned());
     }
+    Ok(socket)
+}
+
+/// Opens an agent stream with a raw handshake, writes `wire`, and reads until a 1002 close
+/// frame comes (the stub's Welcome may come first).
+async fn client_gets_1002_after(env: &Env, wire: &[u8]) -> Result<(), String> {
+    let mut socket = raw_agent_stream(env).await?;
     socket.write_all(wire).await.expect("sent");
     let is_1002 = |w: &[u8]| w[0] == 0x88 && w[2..4] == 1002u16.to_be_bytes();
     let mut received = Vec::new();
@@ -1469,6 +1476,86 @@ async fn client_gets_1002_after(env: &Env, wire: &[u8]) -> Result<(), String> {
         return Err("server frames are unmasked".into());
     }
     Ok(())
+}
+
+/// A drain deadline that comes while an upstream frame is half relayed: the rest of the
+/// frame goes on, then the 1012, so the client is told to reconnect rather than seeing its
+/// stream fail; the upstream gets its 1001 as always.
+#[tokio::test]
+async fn a_frame_half_relayed_at_the_deadline_is_finished_before_the_1012() {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    // A binary frame of 1,000 bytes, unmasked as an upstream sends it.
+    let mut frame = vec![0x82, 126, 0x03, 0xE8];
+    frame.extend((0..1000).map(|i| (i % 251) as u8));
+    let (rest_tx, rest_rx) = tokio::sync::oneshot::channel::<()>();
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let sent = frame.clone();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("the upgrade");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).await.expect("the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let key = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then_some(value.trim())
+            })
+            .expect("a key");
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        )
+        .into_bytes();
+        answer.extend_from_slice(&sent[..504]);
+        socket
+            .write_all(&answer)
+            .await
+            .expect("101 and half a frame");
+        let _ = rest_rx.await;
+        socket.write_all(&sent[504..]).await.expect("the rest");
+        // What comes back: Switchyard's close (masked), then nothing.
+        let mut back = Vec::new();
+        let _ = socket.read_to_end(&mut back).await;
+        let _ = close_tx.send(back);
+    });
+    let env = support::env_with_blue_at(addr).await;
+    let mut client = raw_agent_stream(&env).await.expect("a 101");
+    let mut received = vec![0u8; 504];
+    within("half the frame", client.read_exact(&mut received))
+        .await
+        .expect("half the frame");
+
+    flip_with(&env, "green", "0s").await;
+    rest_tx.send(()).expect("the upstream waits");
+    within("the rest and the close", client.read_to_end(&mut received))
+        .await
+        .expect("read to the end");
+    assert!(
+        received.len() > frame.len(),
+        "{} bytes, no close after the frame",
+        received.len()
+    );
+    assert_eq!(received[..frame.len()], frame[..], "the frame, whole");
+    let close = &received[frame.len()..];
+    assert_eq!(close[0], 0x88, "a close frame follows: {close:?}");
+    assert_eq!(close[2..4], 1012u16.to_be_bytes(), "{close:?}");
+
+    let back = within("the upstream's close", close_rx)
+        .await
+        .expect("sent");
+    assert_eq!(back.first(), Some(&0x88), "{back:?}");
+    let mask = &back[2..6];
+    let code = [back[6] ^ mask[0], back[7] ^ mask[1]];
+    assert_eq!(u16::from_be_bytes(code), 1001);
 }
 
 /// While a shutdown drains, `/readyz` says so (a balancer stops sending connections) and

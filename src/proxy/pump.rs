@@ -216,22 +216,8 @@ impl Pump {
         loop {
             self.gather();
             if self.pass > 0 {
-                match ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[..self.pass])) {
-                    Ok(0) => return Poll::Ready(Event::DestinationLost("wrote zero bytes".into())),
-                    Ok(written) => {
-                        self.written += written as u64;
-                        self.written_in_pass(written);
-                        self.buf.advance(written);
-                        self.pass -= written;
-                        self.unflushed = true;
-                        if self.pass == 0 {
-                            self.bytes += self.uncounted;
-                            self.counter.inc_by(self.uncounted);
-                            self.uncounted = 0;
-                            self.unwritten = 0;
-                        }
-                    }
-                    Err(e) => return Poll::Ready(Event::DestinationLost(e.to_string())),
+                if let Err(why) = ready!(self.poll_write_pass(cx, dst)) {
+                    return Poll::Ready(Event::DestinationLost(why));
                 }
                 continue;
             }
@@ -294,22 +280,8 @@ impl Pump {
     /// header not yet whole or not valid) and where frames of Switchyard's own are due.
     fn gather(&mut self) {
         loop {
-            if self.left > 0 {
-                let buffered = self.buf.len() - self.pass;
-                if self.skipping || buffered == 0 {
-                    return;
-                }
-                let n = buffered.min(usize::try_from(self.left).unwrap_or(usize::MAX));
-                self.pass += n;
-                self.left -= n as u64;
-                let header = (n as u64).min(self.header_left);
-                self.header_left -= header;
-                if self.counting {
-                    self.uncounted += n as u64 - header;
-                }
-                continue;
-            }
-            if !self.own.is_empty() {
+            self.gather_frame();
+            if self.left > 0 || !self.own.is_empty() {
                 return;
             }
             match frames::parse(&self.buf[self.pass..], self.from_client) {
@@ -322,6 +294,87 @@ impl Pump {
                     self.pass_on(&header);
                 }
                 _ => return,
+            }
+        }
+    }
+
+    /// Lets through what is buffered beyond `pass` of the frame being passed on.
+    fn gather_frame(&mut self) {
+        if self.left == 0 || self.skipping {
+            return;
+        }
+        let buffered = self.buf.len() - self.pass;
+        let n = buffered.min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        self.pass += n;
+        self.left -= n as u64;
+        let header = (n as u64).min(self.header_left);
+        self.header_left -= header;
+        if self.counting {
+            self.uncounted += n as u64 - header;
+        }
+    }
+
+    /// Writes what was let through, or some of it; the error says why the destination
+    /// took none.
+    fn poll_write_pass<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+    ) -> Poll<Result<(), String>> {
+        match ready!(Pin::new(dst).poll_write(cx, &self.buf[..self.pass])) {
+            Ok(0) => Poll::Ready(Err("wrote zero bytes".into())),
+            Ok(written) => {
+                self.written += written as u64;
+                self.written_in_pass(written);
+                self.buf.advance(written);
+                self.pass -= written;
+                self.unflushed = true;
+                if self.pass == 0 {
+                    self.bytes += self.uncounted;
+                    self.counter.inc_by(self.uncounted);
+                    self.uncounted = 0;
+                    self.unwritten = 0;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => Poll::Ready(Err(e.to_string())),
+        }
+    }
+
+    /// Takes the pump to a frame boundary, for a close of Switchyard's own to follow:
+    /// writes what was let through, then passes on the rest of the frame being passed as
+    /// it comes, but starts no new frame. `false` if the source ended or either side
+    /// failed first (the close then cannot go).
+    pub fn poll_boundary<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut S,
+        dst: &mut D,
+    ) -> Poll<bool>
+    where
+        S: AsyncRead + Unpin,
+        D: AsyncWrite + Unpin,
+    {
+        loop {
+            self.gather_frame();
+            if self.pass > 0 {
+                if ready!(self.poll_write_pass(cx, dst)).is_err() {
+                    return Poll::Ready(false);
+                }
+                continue;
+            }
+            if self.unflushed {
+                if ready!(Pin::new(&mut *dst).poll_flush(cx)).is_err() {
+                    return Poll::Ready(false);
+                }
+                self.unflushed = false;
+            }
+            if self.at_boundary() {
+                return Poll::Ready(true);
+            }
+            match ready!(self.poll_fill(cx, src)) {
+                Ok(n) if n > 0 => {}
+                _ => return Poll::Ready(false),
             }
         }
     }

@@ -643,6 +643,17 @@ impl Stream {
             })
         };
         let lost_in_drain = matches!(ending, Ending::UpstreamLostInDrain(..));
+        // Whether the rest of a frame can still come and go: from the upstream to the
+        // client (`down`), from the client to the upstream (`up`).
+        let upstream_gone = matches!(
+            ending,
+            Ending::UpstreamEnded
+                | Ending::UpstreamLost(..)
+                | Ending::UpstreamLostInDrain(..)
+                | Ending::UpstreamFinished { closed: false, .. }
+        );
+        let down_open = !upstream_gone && !matches!(ending, Ending::ClientLost(_));
+        let up_open = down_open && !matches!(ending, Ending::ClientBroke(_));
         let entered = self.span.enter();
         let (reason, client_code, client_close, client_waits, upstream_close, upstream_waits) =
             match ending {
@@ -745,6 +756,31 @@ impl Stream {
         } else {
             (client_code, client_close)
         };
+        // A frame cut short by the end is finished first, within CLOSE_WAIT, where its
+        // source can still send the rest: a close cannot go inside a frame, and without
+        // one a client sees its stream fail (1006) instead of being told to reconnect.
+        let mut down_left = client_close.is_some() && down_open && !down.at_boundary();
+        let mut up_left = upstream_close.is_some() && up_open && !up.at_boundary();
+        if down_left || up_left {
+            let boundaries = std::future::poll_fn(|cx| {
+                if down_left {
+                    down_left = down
+                        .poll_boundary(cx, &mut upstream, &mut client)
+                        .is_pending();
+                }
+                if up_left {
+                    up_left = up
+                        .poll_boundary(cx, &mut client, &mut upstream)
+                        .is_pending();
+                }
+                if down_left || up_left {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            });
+            let _ = tokio::time::timeout(CLOSE_WAIT, boundaries).await;
+        }
         let client_frames = closing_frames(&mut down, client_close);
         let upstream_frames = closing_frames(&mut up, upstream_close);
         tokio::join!(

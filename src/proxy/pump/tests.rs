@@ -583,3 +583,44 @@ async fn a_skipped_fragment_does_not_make_an_injection_close_a_message() {
         close.to_vec()
     );
 }
+
+/// Polls `poll_boundary` once: whether it reached a boundary, or `None` if it would wait.
+async fn boundary(pump: &mut Pump, src: &mut DuplexStream, dst: &mut DuplexStream) -> Option<bool> {
+    std::future::poll_fn(|cx| match pump.poll_boundary(cx, src, dst) {
+        Poll::Ready(reached) => Poll::Ready(Some(reached)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// At a stream's end, a frame in flight is finished before a close can follow it: the
+/// rest of its bytes are passed on as they come, and the next frame is not started.
+#[tokio::test]
+async fn a_frame_cut_short_by_the_end_is_finished_and_no_other_begun() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    let audio = masked(frames::BINARY, true, &[7; 300]);
+    client.write_all(&audio[..100]).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert!(!pump.at_boundary());
+    // The rest has not come: the pump waits for it.
+    assert_eq!(boundary(&mut pump, &mut src, &mut dst).await, None);
+    let mut rest = audio[100..].to_vec();
+    rest.extend(masked(frames::BINARY, true, &[8; 10]));
+    client.write_all(&rest).await.expect("write");
+    assert_eq!(boundary(&mut pump, &mut src, &mut dst).await, Some(true));
+    assert!(pump.at_boundary());
+    assert_eq!(read_exactly(&mut upstream, audio.len()).await, audio);
+    drop(dst);
+    let mut more = Vec::new();
+    upstream.read_to_end(&mut more).await.expect("read");
+    assert!(more.is_empty(), "the next frame was not begun: {more:?}");
+    assert_eq!(pump.bytes, 300);
+
+    // A source that ends first leaves the frame unfinished.
+    let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+    client.write_all(&audio[..100]).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    drop(client);
+    assert_eq!(boundary(&mut pump, &mut src, &mut dst).await, Some(false));
+    assert!(!pump.at_boundary());
+}
