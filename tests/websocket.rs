@@ -1558,6 +1558,46 @@ async fn a_frame_half_relayed_at_the_deadline_is_finished_before_the_1012() {
     assert_eq!(u16::from_be_bytes(code), 1001);
 }
 
+/// A handshake counts as traffic on its colour from its connect on: while the upstream's
+/// TLS handshake is still under way, `/status` shows it in flight and the colour is not
+/// drained.
+#[tokio::test]
+async fn a_handshake_still_connecting_counts_as_traffic() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (accepted_tx, accepted) = tokio::sync::oneshot::channel();
+    // Takes the connection and never answers its TLS hello.
+    tokio::spawn(async move {
+        if let Ok((socket, _)) = listener.accept().await {
+            let _ = accepted_tx.send(socket);
+        }
+    });
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    env.write_config(
+        &builder,
+        &format!("\"https://127.0.0.1:{}\"", addr.port()),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let url = env.ws_url("/v1/listen");
+    let client = tokio::spawn(async move { connect_async(url).await.map(|_| ()) });
+    let _held = within("the upstream connection", accepted)
+        .await
+        .expect("accepted");
+
+    let (_, status) = env.admin_get("/status").await;
+    assert_eq!(status["colors"]["blue"]["in_flight"], 1, "{status}");
+    let (code, body) = env.admin_get("/drain/wait?color=blue&timeout=0s").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["drained"], false, "{body}");
+    client.abort();
+}
+
 /// While a shutdown drains, `/readyz` says so (a balancer stops sending connections) and
 /// `/status` shows the deadline the open streams now have, the active colour's included.
 #[tokio::test]

@@ -41,6 +41,7 @@ pub async fn forward(
     let pool = table.pool(color);
     let mut body = Some(body);
     let mut tried: Vec<&Upstream> = Vec::new();
+    let mut failed = None;
     let error = loop {
         let Some(upstream) = pick(pool, &tried) else {
             break if tried.is_empty() {
@@ -54,6 +55,9 @@ pub async fn forward(
             break ProxyError::ConnectFailed(color.as_str());
         };
         let guard = proxy.tracker.request(upstream, table.generation);
+        // The failed attempt stops counting only now that this one counts: in between the
+        // colour would look empty to `/drain/wait`.
+        drop(failed.take());
         let access = Access::capture(
             &parts.method,
             &parts.uri,
@@ -103,7 +107,7 @@ pub async fn forward(
                 break proxy.out_of_sockets(upstream, &e);
             }
             Err(Failure::Connect(e, unread)) => {
-                drop(guard);
+                failed = Some(guard);
                 proxy.connect_failed(upstream, table.settings.config.health.fall, &e.to_string());
                 tried.push(upstream);
                 if tried.len() >= MAX_ATTEMPTS {

@@ -169,7 +169,8 @@ pub async fn forward(
     let fall = table.settings.config.health.fall;
     let pool = table.pool(color);
     let mut tried: Vec<&Upstream> = Vec::new();
-    let (upstream, io) = loop {
+    let mut failed = None;
+    let (upstream, io, guard) = loop {
         let Some(upstream) = pick(pool, &tried) else {
             let e = if tried.is_empty() {
                 proxy.no_healthy_upstream(color);
@@ -180,6 +181,10 @@ pub async fn forward(
             metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
             return error_response(&e, color);
         };
+        // The handshake counts from its connect, as a request does; a failed attempt
+        // stops counting only once the next one counts.
+        let guard = proxy.tracker.request(upstream, table.generation);
+        drop(failed.take());
         match tokio::time::timeout(
             limits.connect_timeout,
             super::h1::connect(&table.settings.upstream_tls, &upstream.url),
@@ -188,7 +193,7 @@ pub async fn forward(
         {
             Ok(Ok(io)) => {
                 upstream.record_connect();
-                break (upstream.clone(), io);
+                break (upstream.clone(), io, guard);
             }
             Ok(Err(e)) if crate::nofile::is_local_exhaustion(&e) => {
                 let e = proxy.out_of_sockets(upstream, &e);
@@ -201,6 +206,7 @@ pub async fn forward(
                     _ => format!("connect timed out after {:?}", limits.connect_timeout),
                 };
                 proxy.connect_failed(upstream, fall, &reason);
+                failed = Some(guard);
                 tried.push(upstream);
                 if tried.len() >= super::http::MAX_ATTEMPTS {
                     let e = ProxyError::ConnectFailed(color.as_str());
@@ -227,7 +233,6 @@ pub async fn forward(
             host: host.as_ref(),
         },
     };
-    let guard = proxy.tracker.request(&upstream, table.generation);
     let answer = h1::upgrade(io, head, &upstream.url.authority, limits.response_timeout).await;
     let (response, upstream_io) = match answer {
         Ok(Upgrade::Switched(response, io)) => (response, io),
@@ -258,7 +263,6 @@ pub async fn forward(
             return fail(ProxyError::UpstreamFailed(why), UpstreamErrorKind::Protocol);
         }
     };
-    drop(guard);
     let expected = derive_accept_key(key.as_bytes());
     if response
         .headers()
@@ -342,6 +346,9 @@ pub async fn forward(
         // every poll, which is every frame.
         span: tracing::info_span!("stream", color = %color, path = %parts.uri.path(), session = session.as_deref().unwrap_or("-")),
     };
+    // The handshake stops counting only now that the stream counts: in between the colour
+    // would look empty to `/drain/wait`.
+    drop(guard);
     tokio::spawn(async move {
         let client_io = match client_upgrade.await {
             Ok(io) => io,
