@@ -69,10 +69,27 @@ pub struct HistoryEntry {
 pub struct RouteState {
     pub active: Color,
     pub rollback_to: Option<Color>,
+    #[serde(deserialize_with = "generation")]
     pub generation: u64,
     /// RFC 3339 UTC.
     pub changed_at: String,
     pub history: Vec<HistoryEntry>,
+}
+
+/// The largest generation a stored state may have: the largest integer a JSON number
+/// holds exactly, so that every client reads it as written. A state file or etcd value
+/// written by hand with `u64::MAX` would otherwise overflow the next change.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
+/// Reads a stored generation, refusing one beyond `MAX_GENERATION`.
+fn generation<'de, D: serde::Deserializer<'de>>(from: D) -> Result<u64, D::Error> {
+    let generation = u64::deserialize(from)?;
+    if generation > MAX_GENERATION {
+        return Err(serde::de::Error::custom(format!(
+            "generation {generation} is beyond {MAX_GENERATION}, the largest a JSON number holds exactly"
+        )));
+    }
+    Ok(generation)
 }
 
 impl RouteState {
@@ -298,6 +315,25 @@ mod tests {
             .map(|t| humantime::parse_rfc3339(t).expect("RFC 3339"))
             .collect();
         assert!(times.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    #[test]
+    fn a_generation_beyond_what_json_holds_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("route.json");
+        let store = FileStore::new(&path);
+        let mut state = RouteState::first_start(Color::Blue, SystemTime::UNIX_EPOCH);
+        state.generation = MAX_GENERATION;
+        store.save(&state).expect("save");
+        let loaded = store.load().expect("the largest loads").expect("a state");
+        assert_eq!(loaded.generation, MAX_GENERATION);
+        for beyond in [MAX_GENERATION + 1, u64::MAX] {
+            state.generation = beyond;
+            store.save(&state).expect("save");
+            let err = store.load().expect_err("refused").to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(err.contains(&format!("generation {beyond}")), "{err}");
+        }
     }
 
     #[test]
