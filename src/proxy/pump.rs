@@ -226,24 +226,28 @@ impl Pump {
                 self.skip_buffered();
                 continue;
             }
-            if self.left == 0 {
-                if let Some(front) = self.own.front_mut() {
-                    match ready!(Pin::new(&mut *dst).poll_write(cx, front)) {
-                        Ok(0) => {
-                            return Poll::Ready(Event::DestinationLost("wrote zero bytes".into()));
-                        }
-                        Ok(written) => {
-                            self.written += written as u64;
-                            front.advance(written);
-                            if front.is_empty() {
-                                self.own.pop_front();
-                            }
-                            self.unflushed = true;
-                        }
-                        Err(e) => return Poll::Ready(Event::DestinationLost(e.to_string())),
+            // Frames of Switchyard's own go between frames, or while one is being dropped
+            // (none of its bytes reach the destination).
+            if self.at_boundary()
+                && let Some(front) = self.own.front_mut()
+            {
+                match ready!(Pin::new(&mut *dst).poll_write(cx, front)) {
+                    Ok(0) => {
+                        return Poll::Ready(Event::DestinationLost("wrote zero bytes".into()));
                     }
-                    continue;
+                    Ok(written) => {
+                        self.written += written as u64;
+                        front.advance(written);
+                        if front.is_empty() {
+                            self.own.pop_front();
+                        }
+                        self.unflushed = true;
+                    }
+                    Err(e) => return Poll::Ready(Event::DestinationLost(e.to_string())),
                 }
+                continue;
+            }
+            if self.left == 0 {
                 match frames::parse(&self.buf, self.from_client) {
                     Err(e) => return Poll::Ready(Event::Protocol(e)),
                     Ok(Some(header)) => {

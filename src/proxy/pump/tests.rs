@@ -624,3 +624,30 @@ async fn a_frame_cut_short_by_the_end_is_finished_and_no_other_begun() {
     assert_eq!(boundary(&mut pump, &mut src, &mut dst).await, Some(false));
     assert!(!pump.at_boundary());
 }
+
+/// A frame of Switchyard's own does not wait behind one being dropped: after the drain
+/// message, speak's `Close` goes while the client is still halfway through a `Speak`.
+#[tokio::test]
+async fn an_injected_frame_does_not_wait_for_the_rest_of_a_dropped_one() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    pump.drop_data = true;
+    let speak = masked(frames::TEXT, true, &[b'x'; 200]);
+    client.write_all(&speak[..50]).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let close = frames::encode(frames::TEXT, b"{\"type\":\"Close\"}", true);
+    pump.inject(close.clone());
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(
+        read_exactly(&mut upstream, close.len()).await,
+        close.to_vec()
+    );
+    // The rest of the frame is dropped still, and the audio after it: nothing follows.
+    let audio = masked(frames::BINARY, true, &[1, 2]);
+    client.write_all(&speak[50..]).await.expect("write");
+    client.write_all(&audio).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    drop(dst);
+    let mut rest = Vec::new();
+    upstream.read_to_end(&mut rest).await.expect("read");
+    assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
+}
