@@ -1478,20 +1478,16 @@ async fn client_gets_1002_after(env: &Env, wire: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// A drain deadline that comes while an upstream frame is half relayed: the rest of the
-/// frame goes on, then the 1012, so the client is told to reconnect rather than seeing its
-/// stream fail; the upstream gets its 1001 as always.
-#[tokio::test]
-async fn a_frame_half_relayed_at_the_deadline_is_finished_before_the_1012() {
+/// An upstream on a loopback port that answers one WebSocket upgrade by hand, with
+/// `first` in the same write as its 101, then leaves the connection to `then`.
+async fn hand_written_upstream<F, Fut>(first: Vec<u8>, then: F) -> SocketAddr
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-    // A binary frame of 1,000 bytes, unmasked as an upstream sends it.
-    let mut frame = vec![0x82, 126, 0x03, 0xE8];
-    frame.extend((0..1000).map(|i| (i % 251) as u8));
-    let (rest_tx, rest_rx) = tokio::sync::oneshot::channel::<()>();
-    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let sent = frame.clone();
     tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await.expect("the upgrade");
         let mut head = Vec::new();
@@ -1515,18 +1511,41 @@ async fn a_frame_half_relayed_at_the_deadline_is_finished_before_the_1012() {
             derive_accept_key(key.as_bytes())
         )
         .into_bytes();
-        answer.extend_from_slice(&sent[..504]);
-        socket
-            .write_all(&answer)
-            .await
-            .expect("101 and half a frame");
+        answer.extend_from_slice(&first);
+        socket.write_all(&answer).await.expect("the 101");
+        then(socket).await;
+    });
+    addr
+}
+
+/// A masked close frame's code, as the upstream reads it.
+fn masked_close_code(frame: &[u8]) -> Option<u16> {
+    (frame.first() == Some(&0x88) && frame.len() >= 8).then(|| {
+        let mask = &frame[2..6];
+        u16::from_be_bytes([frame[6] ^ mask[0], frame[7] ^ mask[1]])
+    })
+}
+
+/// A drain deadline that comes while an upstream frame is half relayed: the rest of the
+/// frame goes on, then the 1012, so the client is told to reconnect rather than seeing its
+/// stream fail; the upstream gets its 1001 as always.
+#[tokio::test]
+async fn a_frame_half_relayed_at_the_deadline_is_finished_before_the_1012() {
+    // A binary frame of 1,000 bytes, unmasked as an upstream sends it.
+    let mut frame = vec![0x82, 126, 0x03, 0xE8];
+    frame.extend((0..1000).map(|i| (i % 251) as u8));
+    let (rest_tx, rest_rx) = tokio::sync::oneshot::channel::<()>();
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let sent = frame.clone();
+    let addr = hand_written_upstream(frame[..504].to_vec(), |mut socket| async move {
         let _ = rest_rx.await;
         socket.write_all(&sent[504..]).await.expect("the rest");
         // What comes back: Switchyard's close (masked), then nothing.
         let mut back = Vec::new();
         let _ = socket.read_to_end(&mut back).await;
         let _ = close_tx.send(back);
-    });
+    })
+    .await;
     let env = support::env_with_blue_at(addr).await;
     let mut client = raw_agent_stream(&env).await.expect("a 101");
     let mut received = vec![0u8; 504];
@@ -1552,10 +1571,54 @@ async fn a_frame_half_relayed_at_the_deadline_is_finished_before_the_1012() {
     let back = within("the upstream's close", close_rx)
         .await
         .expect("sent");
-    assert_eq!(back.first(), Some(&0x88), "{back:?}");
-    let mask = &back[2..6];
-    let code = [back[6] ^ mask[0], back[7] ^ mask[1]];
-    assert_eq!(u16::from_be_bytes(code), 1001);
+    assert_eq!(masked_close_code(&back), Some(1001), "{back:?}");
+}
+
+/// A client's close goes to the upstream, and the client gets what the upstream sends
+/// until it answers (a last result), then the upstream's own close, code and reason: the
+/// closing handshake passes through as on a direct connection.
+#[tokio::test]
+async fn a_clients_close_is_answered_by_the_upstream_after_its_last_messages() {
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let addr = hand_written_upstream(Vec::new(), |mut socket| async move {
+        let mut back = Vec::new();
+        let mut chunk = [0u8; 256];
+        while masked_close_code(&back).is_none() {
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => back.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let mut answer = upstream_text(r#"{"type":"Results","is_final":true}"#);
+        answer.extend_from_slice(&[0x88, 6, 0x0F, 0xA0]);
+        answer.extend_from_slice(b"done");
+        socket.write_all(&answer).await.expect("the last words");
+        let _ = close_tx.send(back);
+    })
+    .await;
+    let env = support::env_with_blue_at(addr).await;
+    let (mut ws, _) = open(&env.ws_url("/v1/listen")).await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("close sent");
+    let (messages, close) = read_to_close(&mut ws).await;
+    assert_eq!(
+        messages,
+        [Message::text(r#"{"type":"Results","is_final":true}"#)]
+    );
+    let close = close.expect("a close frame");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (4000, "done")
+    );
+    let back = within("the client's close upstream", close_rx)
+        .await
+        .expect("sent");
+    assert_eq!(masked_close_code(&back), Some(1000), "{back:?}");
+    eventually(|| async { closes_of(&env, "client") == Some(1.0) }).await;
 }
 
 /// A handshake counts as traffic on its colour from its connect on: while the upstream's

@@ -661,6 +661,8 @@ impl Stream {
         );
         let down_open = !upstream_gone && !matches!(ending, Ending::ClientLost(_));
         let up_open = down_open && !matches!(ending, Ending::ClientBroke(_));
+        // The client's close, passed to the upstream with the close's answer passed back.
+        let mut forwarded = None;
         let entered = self.span.enter();
         let (reason, client_code, client_close, client_waits, upstream_close, upstream_waits) =
             match ending {
@@ -672,14 +674,17 @@ impl Stream {
                     echo(code, true),
                     false,
                 ),
-                Ending::ClientClosed(code, frame) => (
-                    CloseReason::Client,
-                    code,
-                    echo(code, false),
-                    false,
-                    Some(frame),
-                    true,
-                ),
+                Ending::ClientClosed(code, frame) => {
+                    forwarded = Some(frame);
+                    (
+                        CloseReason::Client,
+                        code,
+                        echo(code, false),
+                        false,
+                        None,
+                        false,
+                    )
+                }
                 Ending::UpstreamFinished { closed, code } => (
                     CloseReason::DrainGraceful,
                     Some(1012),
@@ -763,6 +768,12 @@ impl Stream {
         } else {
             (client_code, client_close)
         };
+        if let Some(close) = forwarded {
+            close_through(&mut client, &mut upstream, &mut down, close, client_close).await;
+            metrics.open_streams(self.endpoint).dec();
+            self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
+            return;
+        }
         // A frame cut short by the end is finished first, within CLOSE_WAIT, where its
         // source can still send the rest: a close cannot go inside a frame, and without
         // one a client sees its stream fail (1006) instead of being told to reconnect.
@@ -834,6 +845,46 @@ fn closing_frames(writer: &mut Pump, close: Option<Bytes>) -> Vec<Bytes> {
     std::iter::from_fn(|| writer.take_own())
         .chain(close)
         .collect()
+}
+
+/// Ends a stream the client closed as a direct connection would: the client's `close`
+/// goes to the upstream, and the client gets what the upstream sends until its close (a
+/// last result), then that close, or `echo` if none comes within `CLOSE_WAIT`.
+async fn close_through<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    down: &mut Pump,
+    close: Bytes,
+    echo: Option<Bytes>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let answered = tokio::time::timeout(CLOSE_WAIT, async {
+        if !pump::send(upstream, &close, CLOSE_WAIT).await {
+            return None;
+        }
+        std::future::poll_fn(|cx| {
+            loop {
+                match std::task::ready!(down.poll(cx, upstream, client)) {
+                    Event::Flushed | Event::Cleared => {}
+                    Event::Close { frame, .. } => return Poll::Ready(Some(frame)),
+                    _ => return Poll::Ready(None),
+                }
+            }
+        })
+        .await
+    })
+    .await;
+    let answer = answered.ok().flatten().or(echo);
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        // Not inside a frame the upstream left unfinished.
+        if let Some(frame) = answer.filter(|_| down.at_boundary()) {
+            pump::send(client, &frame, CLOSE_WAIT).await;
+        }
+        let _ = tokio::join!(client.shutdown(), upstream.shutdown());
+    })
+    .await;
 }
 
 /// Ends one side within `CLOSE_WAIT`: writes `frames`, then, if `wait` and a close went,
