@@ -230,7 +230,10 @@ struct CommitBody {
     reason: Option<String>,
 }
 
+/// Unknown parameters are refused, as unknown body fields are: a misspelt `timeout`
+/// would otherwise wait the default 60 s without a word.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WaitQuery {
     color: Option<String>,
     timeout: Option<String>,

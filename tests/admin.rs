@@ -186,6 +186,7 @@ async fn malformed_requests_are_400() {
         "?color=purple",
         "?color=blue&timeout=soon",
         "?color=blue&timeout=-1s",
+        "?color=blue&timout=10s",
     ] {
         let answer = env.admin_get(&format!("/drain/wait{query}")).await;
         assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
