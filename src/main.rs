@@ -99,7 +99,7 @@ enum Command {
     },
     /// A client for the admin API.
     Ctl {
-        /// The admin API's base URL.
+        /// The admin API's base URL (`host:port` alone means `http://host:port`).
         #[arg(
             long,
             env = "SWITCHYARD_ADMIN",
@@ -434,6 +434,12 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 CtlCommand::WaitDrained { color, timeout } => {
                     ctl::Command::WaitDrained { color, timeout }
                 }
+            };
+            // As curl takes it: an address without a scheme is plain HTTP.
+            let admin = if admin.contains("://") {
+                admin
+            } else {
+                format!("http://{admin}")
             };
             let code = ctl::run(&ctl::Options { admin, token, json }, command).await;
             Ok(u8::try_from(code).unwrap_or(1))

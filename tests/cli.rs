@@ -761,6 +761,18 @@ async fn ctl_exits_1_on_a_server_error() {
     assert_eq!(out.json()["active"], "blue");
 }
 
+/// `--admin host:port` without a scheme means `http://host:port`, as curl takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_takes_an_admin_address_without_a_scheme() {
+    let site = Site::new().await;
+    let _proxy = site.run().await;
+    let admin = site.admin_url();
+    let bare = admin.strip_prefix("http://").expect("an http URL");
+    let out = switchyard(&["ctl", "--admin", bare, "--json", "status"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["active"], "blue");
+}
+
 /// Runs `switchyard ARGS` with its stdout on `stdout` → exit code and stderr.
 async fn switchyard_writing_to(stdout: Stdio, args: &[&str]) -> (Option<i32>, String) {
     let out = tokio::process::Command::new(BIN)
