@@ -78,7 +78,8 @@ pub struct RouteState {
 
 /// The largest generation a stored state may have: the largest integer a JSON number
 /// holds exactly, so that every client reads it as written. A state file or etcd value
-/// written by hand with `u64::MAX` would otherwise overflow the next change.
+/// written by hand with `u64::MAX` would otherwise overflow the next change; one written
+/// at the bound stays there.
 pub const MAX_GENERATION: u64 = (1 << 53) - 1;
 
 /// Reads a stored generation, refusing one beyond `MAX_GENERATION`.
@@ -122,7 +123,9 @@ impl RouteState {
         at: SystemTime,
         reason: Option<String>,
     ) -> RouteState {
-        let generation = self.generation + 1;
+        // Only a state written by hand comes near the bound; there the count stops
+        // rather than writing a state no restart could read.
+        let generation = (self.generation + 1).min(MAX_GENERATION);
         // `changed_at` moves with every generation, even for two changes in one
         // millisecond or after the clock stepped back.
         let at = rfc3339(at.max(self.changed_at_time() + Duration::from_millis(1)));
@@ -326,7 +329,11 @@ mod tests {
         state.generation = MAX_GENERATION;
         store.save(&state).expect("save");
         let loaded = store.load().expect("the largest loads").expect("a state");
-        assert_eq!(loaded.generation, MAX_GENERATION);
+        let next = loaded.next(Action::Flip, Color::Green, None, SystemTime::now(), None);
+        assert_eq!(
+            next.generation, MAX_GENERATION,
+            "a state a restart can read"
+        );
         for beyond in [MAX_GENERATION + 1, u64::MAX] {
             state.generation = beyond;
             store.save(&state).expect("save");

@@ -1574,6 +1574,56 @@ async fn a_frame_half_relayed_at_the_deadline_is_finished_before_the_1012() {
     assert_eq!(masked_close_code(&back), Some(1001), "{back:?}");
 }
 
+/// An upstream that closes while a client frame is half relayed: the client gets the close
+/// at once (it need not first send the rest of its frame), and the upstream gets the rest
+/// of the frame and then the answer to its close.
+#[tokio::test]
+async fn an_upstream_close_reaches_a_client_halfway_through_a_frame() {
+    // A masked binary frame of 1,000 bytes, the mask all zeros.
+    let mut frame = vec![0x82, 0x80 | 126, 0x03, 0xE8, 0, 0, 0, 0];
+    frame.extend((0..1000).map(|i| (i % 251) as u8));
+    let (back_tx, back_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let addr = hand_written_upstream(Vec::new(), |mut socket| async move {
+        let mut back = vec![0u8; 108];
+        socket
+            .read_exact(&mut back)
+            .await
+            .expect("the start of a frame");
+        let mut close = vec![0x88, 10, 0x03, 0xF3];
+        close.extend_from_slice(b"NET-0001");
+        socket.write_all(&close).await.expect("the close");
+        let _ = socket.read_to_end(&mut back).await;
+        let _ = back_tx.send(back);
+    })
+    .await;
+    let env = support::env_with_blue_at(addr).await;
+    let mut client = raw_agent_stream(&env).await.expect("a 101");
+    client.write_all(&frame[..108]).await.expect("sent");
+    let mut close = [0u8; 12];
+    within("the upstream's close", client.read_exact(&mut close))
+        .await
+        .expect("a close");
+    assert_eq!(close[..4], [0x88, 10, 0x03, 0xF3]);
+    assert_eq!(&close[4..], b"NET-0001");
+    // The rest of the frame, then the answer to the close.
+    client.write_all(&frame[108..]).await.expect("sent");
+    client
+        .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xF3])
+        .await
+        .expect("sent");
+    let back = within("what the upstream got", back_rx)
+        .await
+        .expect("sent");
+    assert_eq!(
+        back.len().min(frame.len()),
+        frame.len(),
+        "{} bytes",
+        back.len()
+    );
+    assert_eq!(back[..frame.len()], frame[..]);
+    assert_eq!(masked_close_code(&back[frame.len()..]), Some(1011));
+}
+
 /// A client's close goes to the upstream, and the client gets what the upstream sends
 /// until it answers (a last result), then the upstream's own close, code and reason: the
 /// closing handshake passes through as on a direct connection.

@@ -170,7 +170,7 @@ impl Pump {
     /// Whether the last `poll` that returned `Pending` waits to write (or flush) to the
     /// destination, rather than to read: the loop writes all it holds before it reads.
     pub fn is_writing(&self) -> bool {
-        self.pass > 0 || (self.left == 0 && !self.own.is_empty()) || self.unflushed
+        self.pass > 0 || (self.at_boundary() && !self.own.is_empty()) || self.unflushed
     }
 
     /// Bytes written to the destination so far.

@@ -18,6 +18,7 @@
 //! `CloseStream` (listen) or `Flush` and then `Close` (speak) at the next frame boundary and
 //! drops client audio from then on, while the other direction keeps relaying the finals.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use ::http::uri::PathAndQuery;
 use ::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use bytes::Buf;
 use hyper::body::{Body, Bytes, Incoming};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -774,36 +776,23 @@ impl Stream {
             self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
             return;
         }
-        // A frame cut short by the end is finished first, within CLOSE_WAIT, where its
-        // source can still send the rest: a close cannot go inside a frame, and without
-        // one a client sees its stream fail (1006) instead of being told to reconnect.
-        let mut down_left = client_close.is_some() && down_open && !down.at_boundary();
-        let mut up_left = upstream_close.is_some() && up_open && !up.at_boundary();
-        if down_left || up_left {
-            let boundaries = std::future::poll_fn(|cx| {
-                if down_left {
-                    down_left = down
-                        .poll_boundary(cx, &mut upstream, &mut client)
-                        .is_pending();
-                }
-                if up_left {
-                    up_left = up
-                        .poll_boundary(cx, &mut client, &mut upstream)
-                        .is_pending();
-                }
-                if down_left || up_left {
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            });
-            let _ = tokio::time::timeout(CLOSE_WAIT, boundaries).await;
-        }
-        let client_frames = closing_frames(&mut down, client_close);
-        let upstream_frames = closing_frames(&mut up, upstream_close);
+        // Each side's closing frames go as soon as it can take them, neither waiting on
+        // the other, all within CLOSE_WAIT; then both wait for the answers to their closes.
+        let mut to_client = Closing::new(client_close, down_open);
+        let mut to_upstream = Closing::new(upstream_close, up_open);
+        let closing = std::future::poll_fn(|cx| {
+            let client_done = to_client.poll(cx, &mut down, &mut upstream, &mut client);
+            let upstream_done = to_upstream.poll(cx, &mut up, &mut client, &mut upstream);
+            if client_done.is_ready() && upstream_done.is_ready() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
         tokio::join!(
-            finish(&mut client, &mut up, client_frames, client_waits),
-            finish(&mut upstream, &mut down, upstream_frames, upstream_waits),
+            finish(&mut client, &mut up, client_waits && to_client.sent),
+            finish(&mut upstream, &mut down, upstream_waits && to_upstream.sent),
         );
         metrics.open_streams(self.endpoint).dec();
         self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
@@ -836,15 +825,87 @@ impl Stream {
     }
 }
 
-/// What Switchyard still writes to one side: frames of its own still queued (`Close`
-/// after `Flush`), then `close`; nothing if a frame being passed to it is incomplete.
-fn closing_frames(writer: &mut Pump, close: Option<Bytes>) -> Vec<Bytes> {
-    if !writer.at_boundary() {
-        return Vec::new();
+/// Switchyard's last frames to one side: its own frames still queued, then `close`. A
+/// frame being passed to that side goes first: one cut short by the stream's end is
+/// finished while its source can still send the rest (a close cannot go inside a frame,
+/// and without one a client sees its stream fail, 1006, instead of being told to
+/// reconnect); if it cannot be, nothing more goes.
+struct Closing {
+    close: Option<Bytes>,
+    /// The frame's source can still send: wait for the rest of a frame cut short.
+    source_open: bool,
+    /// The frames, once the writer is at a frame boundary (or gave up on reaching one).
+    frames: Option<VecDeque<Bytes>>,
+    done: bool,
+    /// Every frame, a close among them, was written and flushed.
+    sent: bool,
+}
+
+impl Closing {
+    fn new(close: Option<Bytes>, source_open: bool) -> Closing {
+        Closing {
+            close,
+            source_open,
+            frames: None,
+            done: false,
+            sent: false,
+        }
     }
-    std::iter::from_fn(|| writer.take_own())
-        .chain(close)
-        .collect()
+
+    /// Writes the frames to `dst`; `writer` is the pump that passes `src`'s frames to it.
+    /// Ready once done, whether or not everything went (`sent` says).
+    fn poll<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut Pump,
+        src: &mut S,
+        dst: &mut D,
+    ) -> Poll<()>
+    where
+        S: AsyncRead + Unpin,
+        D: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(());
+        }
+        let frames = match &mut self.frames {
+            Some(frames) => frames,
+            None => {
+                if self.source_open && !writer.at_boundary() {
+                    std::task::ready!(writer.poll_boundary(cx, src, dst));
+                }
+                let frames = if writer.at_boundary() {
+                    std::iter::from_fn(|| writer.take_own())
+                        .chain(self.close.take())
+                        .collect()
+                } else {
+                    VecDeque::new()
+                };
+                self.frames.insert(frames)
+            }
+        };
+        if frames.is_empty() {
+            self.done = true;
+            return Poll::Ready(());
+        }
+        while let Some(front) = frames.front_mut() {
+            match std::task::ready!(Pin::new(&mut *dst).poll_write(cx, front)) {
+                Ok(written) if written > 0 => {
+                    front.advance(written);
+                    if front.is_empty() {
+                        frames.pop_front();
+                    }
+                }
+                _ => {
+                    self.done = true;
+                    return Poll::Ready(());
+                }
+            }
+        }
+        self.sent = std::task::ready!(Pin::new(&mut *dst).poll_flush(cx)).is_ok();
+        self.done = true;
+        Poll::Ready(())
+    }
 }
 
 /// Ends a stream the client closed as a direct connection would: the client's `close`
@@ -876,32 +937,25 @@ async fn close_through<C, U>(
         .await
     })
     .await;
-    let answer = answered.ok().flatten().or(echo);
+    // The upstream's close, or, if none came, Switchyard's echo after the frame in flight.
+    let mut to_client = Closing::new(answered.ok().flatten().or(echo), true);
+    let closing = std::future::poll_fn(|cx| to_client.poll(cx, down, upstream, client));
+    let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        // Not inside a frame the upstream left unfinished.
-        if let Some(frame) = answer.filter(|_| down.at_boundary()) {
-            pump::send(client, &frame, CLOSE_WAIT).await;
-        }
         let _ = tokio::join!(client.shutdown(), upstream.shutdown());
     })
     .await;
 }
 
-/// Ends one side within `CLOSE_WAIT`: writes `frames`, then, if `wait` and a close went,
-/// reads (`reader`) until the peer's close arrives, then shuts the connection down. When
-/// the time runs out the connection is simply dropped.
-async fn finish<S>(io: &mut S, reader: &mut Pump, frames: Vec<Bytes>, wait: bool)
+/// Ends one side within `CLOSE_WAIT`: if `wait` (a close went to it), reads (`reader`)
+/// until the peer's close arrives, then shuts the connection down. When the time runs out
+/// the connection is simply dropped.
+async fn finish<S>(io: &mut S, reader: &mut Pump, wait: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        for frame in &frames {
-            if !pump::send(io, frame, CLOSE_WAIT).await {
-                return;
-            }
-        }
-        // No close went (a frame to this side was cut short): no answer will come.
-        if wait && !frames.is_empty() {
+        if wait {
             reader.until_close(io).await;
         }
         let _ = io.shutdown().await;
