@@ -1671,6 +1671,54 @@ async fn a_clients_close_is_answered_by_the_upstream_after_its_last_messages() {
     eventually(|| async { closes_of(&env, "client") == Some(1.0) }).await;
 }
 
+/// A handshake whose upstream has not answered by its colour's drain deadline holds the
+/// colour no longer: the client gets 503 `drain_deadline` (and may retry, on the active
+/// colour), and the old colour drains.
+#[tokio::test]
+async fn a_handshake_unanswered_at_the_drain_deadline_gets_503() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (read_tx, read) = tokio::sync::oneshot::channel();
+    // Reads the upgrade request and never answers it.
+    tokio::spawn(async move {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if socket.read_exact(&mut byte).await.is_err() {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let _ = read_tx.send(());
+        let _ = socket.read_to_end(&mut head).await;
+    });
+    let env = support::env_with_blue_at(addr).await;
+    let url = env.ws_url("/v1/listen");
+    let handshake = tokio::spawn(async move { connect_async(url).await.map(|_| ()) });
+    within("the upgrade request upstream", read)
+        .await
+        .expect("read");
+    flip_with(&env, "green", "0s").await;
+    let answer = within("the handshake's answer", handshake)
+        .await
+        .expect("the task");
+    match answer {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let body = response.body().as_deref().unwrap_or_default();
+            let body: Value = serde_json::from_slice(body).expect("JSON");
+            assert_eq!(body["error"], "drain_deadline", "{body}");
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    let (code, body) = env.admin_get("/drain/wait?color=blue&timeout=20s").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["drained"], true, "{body}");
+}
+
 /// A handshake counts as traffic on its colour from its connect on: while the upstream's
 /// TLS handshake is still under way, `/status` shows it in flight and the colour is not
 /// drained.

@@ -235,7 +235,18 @@ pub async fn forward(
             host: host.as_ref(),
         },
     };
-    let answer = h1::upgrade(io, head, &upstream.url.authority, limits.response_timeout).await;
+    let answer = tokio::select! {
+        // The answer first, as for a plain request.
+        biased;
+        answer = h1::upgrade(io, head, &upstream.url.authority, limits.response_timeout) => answer,
+        // An upstream still silent at its colour's drain deadline holds the colour no
+        // longer: the client may retry, on the active colour.
+        _ = guard.cut() => {
+            let e = ProxyError::DrainDeadline(color.as_str());
+            metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
+            return error_response(&e, color);
+        }
+    };
     let (response, upstream_io) = match answer {
         Ok(Upgrade::Switched(response, io)) => (response, io),
         Ok(Upgrade::Refused(response)) => {
