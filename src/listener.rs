@@ -291,6 +291,8 @@ pub async fn serve(
     // so `closed` is when the last one has.
     let (shutdown, _) = watch::channel(());
     let mut accept_errors = AcceptErrors::default();
+    // A reload may raise the limit: a loop waiting at it looks again.
+    let mut changes = proxy.router().subscribe();
     loop {
         let max = proxy.router().load().settings.config.limits.max_connections;
         {
@@ -301,6 +303,7 @@ pub async fn serve(
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = released => {}
+                    _ = changes.changed() => {}
                 }
                 continue;
             }

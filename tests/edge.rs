@@ -1034,6 +1034,33 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
     .await;
 }
 
+/// A reload that raises `max_connections` lets a waiting connection in at once, without
+/// waiting for one of those open to end.
+#[tokio::test]
+async fn raising_max_connections_by_reload_lets_a_waiting_connection_in() {
+    let env = start_with_limit("max_connections = 1").await;
+    let (_ws, _) = tokio_tungstenite::connect_async(env.ws_url("/v1/listen"))
+        .await
+        .expect("handshake");
+    env.blue[0].state.wait_until(|s| s.ws_open_now() == 1).await;
+    let second = tokio::spawn({
+        let client = http_client();
+        let url = env.proxy_url("/v1/status");
+        async move { get(&client, &url).await.status() }
+    });
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let raised = text.replace("max_connections = 1\n", "max_connections = 2\n");
+    assert_ne!(raised, text);
+    std::fs::write(&env.config_path, raised).expect("config");
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let status = tokio::time::timeout(PATIENCE, second)
+        .await
+        .expect("served once the limit is raised, the stream still open")
+        .expect("task");
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn open_streams_count_toward_max_connections() {
     let env = start_with_limit("max_connections = 2").await;
