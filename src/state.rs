@@ -15,6 +15,11 @@ use crate::upstream::Color;
 /// How many history entries are kept; older ones are dropped so the file stays small.
 pub const HISTORY_LIMIT: usize = 1000;
 
+/// Most bytes the history may take as JSON, older entries dropped first: a state must stay
+/// well under etcd's default request limit (1.5 MiB), or no change could be written again,
+/// and 1,000 reasons of 1,024 characters can take 6 MB once escaped.
+pub const HISTORY_BYTES: usize = 512 * 1024;
+
 /// What a route change did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -74,6 +79,31 @@ pub struct RouteState {
     /// RFC 3339 UTC.
     pub changed_at: String,
     pub history: Vec<HistoryEntry>,
+}
+
+/// Drops the oldest entries until the history is within `HISTORY_BYTES` as JSON; the
+/// newest one always stays.
+fn trim_to_bytes(history: &mut Vec<HistoryEntry>) {
+    // Most of what an entry can take: its fields and, escaped, its reason (six bytes a
+    // character at most, `\u0001`). Histories well within the bound skip the counting.
+    let most: usize = history
+        .iter()
+        .map(|entry| 256 + 6 * entry.reason.as_ref().map_or(0, |r| r.chars().count()))
+        .sum();
+    if most <= HISTORY_BYTES {
+        return;
+    }
+    let sizes: Vec<usize> = history
+        .iter()
+        .map(|entry| serde_json::to_vec(entry).map_or(0, |json| json.len() + 1))
+        .collect();
+    let mut total: usize = sizes.iter().sum();
+    let mut oldest = 0;
+    while total > HISTORY_BYTES && oldest + 1 < sizes.len() {
+        total -= sizes[oldest];
+        oldest += 1;
+    }
+    history.drain(..oldest);
 }
 
 /// The largest generation a stored state may have: the largest integer a JSON number
@@ -142,6 +172,7 @@ impl RouteState {
         if history.len() > HISTORY_LIMIT {
             history.drain(..history.len() - HISTORY_LIMIT);
         }
+        trim_to_bytes(&mut history);
         RouteState {
             active,
             rollback_to,
@@ -318,6 +349,38 @@ mod tests {
             .map(|t| humantime::parse_rfc3339(t).expect("RFC 3339"))
             .collect();
         assert!(times.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    #[test]
+    fn long_reasons_cannot_grow_the_history_past_its_bytes() {
+        // A control character takes six bytes in JSON.
+        let reason = "\u{1}".repeat(crate::control::MAX_REASON);
+        let mut state = RouteState::first_start(Color::Blue, SystemTime::UNIX_EPOCH);
+        for i in 0..120 {
+            let to = if i % 2 == 0 {
+                Color::Green
+            } else {
+                Color::Blue
+            };
+            state = state.next(
+                Action::Flip,
+                to,
+                None,
+                SystemTime::now(),
+                Some(reason.clone()),
+            );
+        }
+        let json = serde_json::to_vec(&state.history).expect("json");
+        assert!(json.len() <= HISTORY_BYTES, "{} bytes", json.len());
+        assert!(state.history.len() < 120, "{} entries", state.history.len());
+        let last = state.history.last().expect("the newest stays");
+        assert_eq!(last.generation, state.generation);
+        // Short reasons keep the full count.
+        let mut state = RouteState::first_start(Color::Blue, SystemTime::UNIX_EPOCH);
+        for _ in 0..HISTORY_LIMIT {
+            state = state.next(Action::Commit, state.active, None, SystemTime::now(), None);
+        }
+        assert_eq!(state.history.len(), HISTORY_LIMIT);
     }
 
     #[test]
