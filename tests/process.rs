@@ -259,6 +259,36 @@ async fn sigterm_drains_open_streams_then_exits_zero() {
     assert!(!log.contains(TOKEN), "the admin token reached the log");
 }
 
+/// Switchyard's own answers get an access line too: here a 502 (or 503, once a probe has
+/// found it down), the upstream being gone.
+#[tokio::test]
+async fn an_answer_of_switchyards_own_gets_an_access_line() {
+    let mut p = Proc::start("1s").await;
+    // Dropped, the stubs stop and their ports refuse connections.
+    p._stubs.clear();
+    let req = http::Request::post(format!("http://127.0.0.1:{}/v1/listen", p.proxy))
+        .header("authorization", "Token very-secret-client-key")
+        .header("x-deepgram-session-id", "session-502")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"audio",
+        )))
+        .expect("request");
+    let (status, json) = send_json(&http_client(), req).await;
+    assert!([502, 503].contains(&status.as_u16()), "{status}: {json}");
+    p.signal("TERM");
+    assert_eq!(p.exit_code(PATIENCE).await, Some(0));
+    let log = p.log();
+    let access: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["target"] == "switchyard::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{log}");
+    assert_eq!(access[0]["status"], status.as_u16(), "{log}");
+    assert_eq!(access[0]["session"], "session-502", "{log}");
+    assert_eq!(access[0]["color"], "blue", "{log}");
+}
+
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
     let mut p = Proc::start("30m").await;

@@ -42,6 +42,7 @@ pub async fn forward(
     let mut body = Some(body);
     let mut tried: Vec<&Upstream> = Vec::new();
     let mut failed = None;
+    let mut last: Option<&Upstream> = None;
     let error = loop {
         let Some(upstream) = pick(pool, &tried) else {
             break if tried.is_empty() {
@@ -54,6 +55,7 @@ pub async fn forward(
         let Some(attempt_body) = body.take() else {
             break ProxyError::ConnectFailed(color.as_str());
         };
+        last = Some(upstream);
         let guard = proxy.tracker.request(upstream, table.generation);
         // The failed attempt stops counting only now that this one counts: in between the
         // colour would look empty to `/drain/wait`.
@@ -141,11 +143,14 @@ pub async fn forward(
         }
     };
     let (status, _) = error.status_and_code();
-    metrics.request(
-        Protocol::Http,
-        status.as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
+    let seconds = started.elapsed().as_secs_f64();
+    metrics.request(Protocol::Http, status.as_u16(), seconds);
+    // Switchyard's own answers get their access line too, naming the upstream last tried.
+    let upstream = last.map_or_else(|| Arc::from("-"), |u| u.name.clone());
+    let session = || headers::session_id(&parts.headers);
+    if let Some(access) = Access::capture(&parts.method, &parts.uri, session, &upstream) {
+        access.log(color, status.as_u16(), seconds, None);
+    }
     let mut answer = error_response(&error, color);
     // The rest of the body may still come, and cannot be told from a next request.
     if matches!(error, ProxyError::RequestTimeout(_)) && parts.version < ::http::Version::HTTP_2 {
