@@ -1658,6 +1658,66 @@ async fn an_h2c_body_of_unknown_length_goes_upstream_chunked() {
     assert_ok(&answered, b"ok");
 }
 
+/// An HTTP/2 request whose body went in full by its Content-Length, its END_STREAM still
+/// to come in a frame of its own (as httpx and curl send it), while the answer is already
+/// complete: the stream is not reset (RFC 9113 allows NO_ERROR there, but some clients
+/// then drop the answer), and the upstream connection is kept for the next request.
+#[tokio::test]
+async fn an_h2_body_sent_in_full_is_complete_before_its_end_of_stream() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let tcp = TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    let (mut h2, connection) = within("the h2 handshake", h2::client::handshake(tcp))
+        .await
+        .expect("h2");
+    tokio::spawn(connection);
+    let post = Request::post(env.proxy_url("/v1/listen"))
+        .header(header::CONTENT_LENGTH, "5")
+        .body(())
+        .expect("a request");
+    let (answer, mut stream) = h2.send_request(post, false).expect("sent");
+    stream
+        .send_data(Bytes::from_static(b"hello"), false)
+        .expect("the body");
+    let mut conn = up.accept("the POST connects").await;
+    let head = conn.read_head("the POST").await;
+    assert_eq!(head.one("content-length"), "5");
+    assert_eq!(&conn.read_exact(5, "the body").await[..], b"hello");
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    let answer = within("the answer", answer).await.expect("an answer");
+    assert_eq!(answer.status(), StatusCode::OK);
+    let mut body = answer.into_body();
+    let mut got = BytesMut::new();
+    while let Some(data) = within("the answer's body", body.data()).await {
+        got.extend_from_slice(&data.expect("data"));
+    }
+    assert_eq!(&got[..], b"ok");
+
+    // A second request: it goes on the same upstream connection, and once its answer is
+    // here, a reset of the first stream would have come before it.
+    let get = Request::get(env.proxy_url("/v1/status"))
+        .body(())
+        .expect("a request");
+    let (second, _) = h2.send_request(get, true).expect("sent");
+    let head = conn.read_head("the GET on the kept connection").await;
+    assert_eq!(head.start, "GET /v1/status HTTP/1.1");
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        .await;
+    let second = within("the second answer", second)
+        .await
+        .expect("an answer");
+    assert_eq!(second.status(), StatusCode::OK);
+    let reset =
+        futures_util::FutureExt::now_or_never(std::future::poll_fn(|cx| stream.poll_reset(cx)));
+    assert!(reset.is_none(), "the first stream was reset: {reset:?}");
+    stream
+        .send_data(Bytes::new(), true)
+        .expect("the end of the first stream");
+}
+
 /// An HTTP/2 client sends each cookie in a field of its own; the upstream gets them on one
 /// line, in order, joined with "; " (RFC 9113 8.2.3).
 #[tokio::test]

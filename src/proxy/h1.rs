@@ -52,6 +52,9 @@ const MAX_HEADERS: usize = 128;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// How much is read from the upstream at a time.
 const READ_CHUNK: usize = 16 * 1024;
+/// How long a client may take to end a request stream whose body was sent in full (an
+/// HTTP/2 END_STREAM in a frame of its own) once the answer is complete.
+const CLIENT_END_WAIT: Duration = Duration::from_secs(5);
 
 /// A connection to an upstream, plain or TLS.
 pub enum Stream {
@@ -660,6 +663,38 @@ impl Upload {
         self.framing != Framing::Empty
     }
 
+    /// Whether the upstream has the whole request, its declared length all written,
+    /// though the client's body has not yet said it ended.
+    fn sent_in_full(&self) -> bool {
+        matches!(self.framing, Framing::Length(declared) if self.sent == declared)
+            && self.queue.is_empty()
+            && !self.unflushed
+    }
+
+    /// Reads the client's end of stream, still to come after a body sent in full, in a
+    /// task of its own for at most `CLIENT_END_WAIT`. Dropped at once instead, an HTTP/2
+    /// request stream is reset (NO_ERROR), which some clients take as a failure of the
+    /// answer they already have. More data than declared ends the wait.
+    fn await_client_end(self) {
+        let Some(mut body) = self.body else {
+            return;
+        };
+        if body.is_end_stream() {
+            return;
+        }
+        tokio::spawn(async move {
+            let end = std::future::poll_fn(|cx| {
+                loop {
+                    match ready!(Pin::new(&mut body).poll_frame(cx)) {
+                        Some(Ok(frame)) if frame.data_ref().is_none_or(|d| d.is_empty()) => {}
+                        _ => return Poll::Ready(()),
+                    }
+                }
+            });
+            let _ = tokio::time::timeout(CLIENT_END_WAIT, end).await;
+        });
+    }
+
     /// Writes the request to `io` as far as it can; ready once all of it is written and
     /// flushed. Flushes before waiting on the client, so no byte waits in a TLS buffer
     /// for the client's next chunk.
@@ -1244,6 +1279,13 @@ impl ResponseBody {
     /// in full, and nothing more came.
     fn finish(&mut self) {
         self.decode = Decode::Done;
+        // A body sent in full waits only for the client's end of stream: the upstream has
+        // the whole request, and the connection may be kept.
+        if self.upload.as_ref().is_some_and(|u| u.sent_in_full())
+            && let Some(upload) = self.upload.take()
+        {
+            upload.await_client_end();
+        }
         let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) else {
             return;
         };
