@@ -1624,6 +1624,29 @@ async fn an_upstream_close_reaches_a_client_halfway_through_a_frame() {
     assert_eq!(masked_close_code(&back[frame.len()..]), Some(1011));
 }
 
+/// An upstream that breaks the protocol (a reserved opcode) is told so with 1002 before
+/// its connection is closed, and the client gets 1011 and reconnects.
+#[tokio::test]
+async fn an_upstream_breaking_the_protocol_gets_1002_and_the_client_1011() {
+    let (back_tx, back_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let addr = hand_written_upstream(vec![0x83, 0x00], |mut socket| async move {
+        let mut back = Vec::new();
+        let _ = socket.read_to_end(&mut back).await;
+        let _ = back_tx.send(back);
+    })
+    .await;
+    let env = support::env_with_blue_at(addr).await;
+    let (mut ws, _) = open(&env.ws_url("/v1/agent/converse")).await;
+    let (messages, close) = read_to_close(&mut ws).await;
+    assert!(messages.is_empty(), "{messages:?}");
+    assert_eq!(close_code(&close), Some(1011));
+    let back = within("what the upstream got", back_rx)
+        .await
+        .expect("sent");
+    assert_eq!(masked_close_code(&back), Some(1002), "{back:?}");
+    assert_eq!(env.upstream_errors("protocol"), 1.0);
+}
+
 /// A client's close goes to the upstream, and the client gets what the upstream sends
 /// until it answers (a last result), then the upstream's own close, code and reason: the
 /// closing handshake passes through as on a direct connection.

@@ -481,6 +481,9 @@ enum Ending {
     /// The upstream connection broke (a reset, a frame that breaks the protocol) after
     /// the drain message: a transport failure, but the client is still told to reconnect.
     UpstreamLostInDrain(UpstreamErrorKind, String),
+    /// The upstream sent frames that break the protocol: told so (1002), and counted
+    /// as a protocol error against it.
+    UpstreamBroke(String),
     /// The client sent a close frame (its code, the frame), to forward upstream.
     ClientClosed(Option<u16>, Bytes),
     /// The client connection broke.
@@ -597,9 +600,7 @@ impl Stream {
                         Poll::Ready(Event::SourceLost(why)) if drain_sent => {
                             Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
                         }
-                        Poll::Ready(Event::Protocol(e)) if drain_sent => {
-                            Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, e.to_string())
-                        }
+                        Poll::Ready(Event::Protocol(e)) => Ending::UpstreamBroke(e.to_string()),
                         Poll::Ready(_) if drain_sent => Ending::UpstreamFinished {
                             closed: false,
                             code: None,
@@ -611,9 +612,6 @@ impl Stream {
                         }
                         Poll::Ready(Event::SourceLost(why)) => {
                             Ending::UpstreamLost(UpstreamErrorKind::Protocol, why)
-                        }
-                        Poll::Ready(Event::Protocol(e)) => {
-                            Ending::UpstreamLost(UpstreamErrorKind::Protocol, e.to_string())
                         }
                     };
                     return Poll::Ready(ending);
@@ -662,7 +660,8 @@ impl Stream {
                 None => frames::encode(frames::CLOSE, &[], to_upstream),
             })
         };
-        let lost_in_drain = matches!(ending, Ending::UpstreamLostInDrain(..));
+        let lost_in_drain = matches!(ending, Ending::UpstreamLostInDrain(..))
+            || (drain_sent && matches!(ending, Ending::UpstreamBroke(_)));
         // Whether the rest of a frame can still come and go: from the upstream to the
         // client (`down`), from the client to the upstream (`up`).
         let upstream_gone = matches!(
@@ -672,8 +671,10 @@ impl Stream {
                 | Ending::UpstreamLostInDrain(..)
                 | Ending::UpstreamFinished { closed: false, .. }
         );
-        let down_open = !upstream_gone && !matches!(ending, Ending::ClientLost(_));
-        let up_open = down_open && !matches!(ending, Ending::ClientBroke(_));
+        let client_gone = matches!(ending, Ending::ClientLost(_));
+        let down_open =
+            !upstream_gone && !client_gone && !matches!(ending, Ending::UpstreamBroke(_));
+        let up_open = !upstream_gone && !client_gone && !matches!(ending, Ending::ClientBroke(_));
         // The client's close, passed to the upstream with the close's answer passed back.
         let mut forwarded = None;
         let entered = self.span.enter();
@@ -735,6 +736,27 @@ impl Stream {
                     tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost after the drain message");
                     let close = to_client(1012, "switchyard: draining, reconnect");
                     (CloseReason::Error, Some(1012), close, true, None, false)
+                }
+                Ending::UpstreamBroke(why) => {
+                    let kind = UpstreamErrorKind::Protocol;
+                    self.proxy.metrics.upstream_error(&self.upstream, kind);
+                    tracing::warn!(upstream = %self.upstream.name, error = %why, "the upstream broke the WebSocket protocol");
+                    let upstream = to_upstream(1002, "protocol error");
+                    let (code, client) = if drain_sent {
+                        (
+                            Some(1012),
+                            to_client(1012, "switchyard: draining, reconnect"),
+                        )
+                    } else if up.client_ended {
+                        // As for a lost upstream: the client ended the stream itself.
+                        (None, echo(None, false))
+                    } else {
+                        (
+                            Some(1011),
+                            to_client(1011, "switchyard: upstream broke the protocol"),
+                        )
+                    };
+                    (CloseReason::Error, code, client, true, upstream, false)
                 }
                 Ending::UpstreamLost(kind, why) => {
                     self.proxy.metrics.upstream_error(&self.upstream, kind);
