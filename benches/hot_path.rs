@@ -63,7 +63,7 @@ fn table(config: &Arc<Config>, previous: Option<&RouteTable>, generation: u64) -
             client_keys: None,
             tls: None,
             admin_token: None,
-            upstream_tls: switchyard::tls::upstream_client_config(&config.upstream_tls)
+            upstream_tls: switchyard::tls::upstream_client_config(&config.upstream_tls, false)
                 .expect("upstream TLS"),
             upstream_ca: None,
         }),

@@ -194,8 +194,10 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
         ),
         None => None,
     };
-    let upstream_tls =
-        crate::tls::upstream_client_config(&config.upstream_tls).map_err(|e| ConfigError {
+    let pools = &config.pools;
+    let https_pools = pools.blue.iter().chain(&pools.green).any(|u| u.is_tls());
+    let upstream_tls = crate::tls::upstream_client_config(&config.upstream_tls, https_pools)
+        .map_err(|e| ConfigError {
             file: config.source.display().to_string(),
             field: e.0,
             reason: e.1,

@@ -90,8 +90,13 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
 }
 
 /// The client config for `https://` upstreams: a CA file, or the system roots.
-/// HTTP/1.1 only: Deepgram's API speaks it, and WebSocket upgrades need it.
-pub fn upstream_client_config(tls: &UpstreamTls) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+/// HTTP/1.1 only: Deepgram's API speaks it, and WebSocket upgrades need it. With
+/// `https_pools` (a pool has an `https://` URL), finding no system roots is an error: every
+/// such upstream would fail verification, found only as "unreachable" at run time.
+pub fn upstream_client_config(
+    tls: &UpstreamTls,
+    https_pools: bool,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match &tls.ca_file {
         Some(path) => {
@@ -108,6 +113,14 @@ pub fn upstream_client_config(tls: &UpstreamTls) -> Result<Arc<rustls::ClientCon
             let native = rustls_native_certs::load_native_certs();
             for cert in native.certs {
                 let _ = roots.add(cert);
+            }
+            if https_pools && roots.is_empty() {
+                return Err(TlsError(
+                    "upstream_tls.ca_file".into(),
+                    "no system CA certificates were found to verify the https:// upstreams: \
+                     name a CA file here, or install the system's CA bundle"
+                        .into(),
+                ));
             }
         }
     }

@@ -1140,6 +1140,49 @@ async fn check_refuses_a_missing_upstream_ca_file() {
     assert_refused(&text, "upstream_tls.ca_file").await;
 }
 
+/// With no CA file and no system CA certificates to be found, https:// upstreams could
+/// never be verified: `check` says so, naming the field, instead of a start whose every
+/// upstream turns out unreachable. Plain http:// pools need none.
+#[tokio::test]
+async fn check_refuses_https_upstreams_with_no_ca_certificates_to_verify_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = dir.path().join("no-certs.pem");
+    std::fs::write(&empty, "").expect("empty bundle");
+    let no_certs = dir.path().join("no-certs");
+    std::fs::create_dir(&no_certs).expect("empty dir");
+    let run = |text: String| {
+        let path = dir.path().join("switchyard.toml");
+        std::fs::write(&path, text).expect("config");
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+            // Where rustls-native-certs looks instead of the system's bundle.
+            .env("SSL_CERT_FILE", &empty)
+            .env("SSL_CERT_DIR", &no_certs)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        async move {
+            let out = tokio::time::timeout(PATIENCE, command.output())
+                .await
+                .expect("check finishes")
+                .expect("check runs");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let https = GOOD.replace("http://127.0.0.1:9002", "https://localhost:9002");
+    let (code, stderr) = run(https).await;
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("upstream_tls.ca_file"), "{stderr}");
+    assert!(stderr.contains("no system CA certificates"), "{stderr}");
+    let (code, stderr) = run(GOOD.to_owned()).await;
+    assert_eq!(code, Some(0), "plain pools need no CA: {stderr}");
+}
+
 #[tokio::test]
 async fn check_accepts_the_shipped_configs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

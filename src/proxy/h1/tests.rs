@@ -89,7 +89,7 @@ async fn sweep_closes_kept_connections_the_upstream_closed() {
     })
     .await
     .expect("the closed connection is swept");
-    let trust = crate::tls::upstream_client_config(&Default::default()).expect("trust");
+    let trust = crate::tls::upstream_client_config(&Default::default(), false).expect("trust");
     assert!(
         idle.take(&trust).is_some(),
         "the open one is kept and reusable"
