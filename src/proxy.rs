@@ -67,8 +67,9 @@ impl ConnInfo {
         tls: bool,
         open: Arc<crate::listener::Open>,
     ) -> ConnInfo {
-        // An IP address's text is always a valid header value.
-        let client_ip = HeaderValue::from_str(&client.ip().to_string())
+        // An IP address's text is always a valid header value. An IPv4 client of a
+        // dual-stack listener (`[::]:8080`) arrives as `::ffff:a.b.c.d`: named as IPv4.
+        let client_ip = HeaderValue::from_str(&client.ip().to_canonical().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnInfo {
             client,
@@ -257,4 +258,23 @@ pub(crate) fn error_response(error: &ProxyError, color: Color) -> Response<Proxy
 /// Used by `websocket` and `http` to reach the table's timeouts.
 pub(crate) fn limits(table: &RouteTable) -> crate::config::Limits {
     table.settings.config.limits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_is_named_as_ipv4() {
+        let open = Arc::new(crate::listener::Open::default());
+        for (client, named) in [
+            ("[::ffff:192.0.2.7]:5000", "192.0.2.7"),
+            ("[2001:db8::1]:5000", "2001:db8::1"),
+            ("127.0.0.1:5000", "127.0.0.1"),
+        ] {
+            let client = client.parse().expect("an address");
+            let info = ConnInfo::new(client, ListenerKind::Proxy, false, open.clone());
+            assert_eq!(info.client_ip, named);
+        }
+    }
 }
