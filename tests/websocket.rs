@@ -1756,8 +1756,14 @@ async fn a_handshake_still_connecting_counts_as_traffic() {
             let _ = accepted_tx.send(socket);
         }
     });
+    // A CA to name, so the https:// pool does not rest on the machine's own bundle.
+    let ca = tempfile::tempdir().expect("tempdir");
+    let ca_file = ca.path().join("ca.pem");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("a cert");
+    std::fs::write(&ca_file, cert.cert.pem()).expect("ca file");
     let builder = EnvBuilder {
         health: "mode = \"off\"",
+        extra: format!("\n[upstream_tls]\nca_file = \"{}\"\n", ca_file.display()),
         ..Default::default()
     };
     let env = builder.clone().start().await;
