@@ -1281,9 +1281,7 @@ impl ResponseBody {
         self.decode = Decode::Done;
         // A body sent in full waits only for the client's end of stream: the upstream has
         // the whole request, and the connection may be kept.
-        if self.upload.as_ref().is_some_and(|u| u.sent_in_full())
-            && let Some(upload) = self.upload.take()
-        {
+        if let Some(upload) = self.upload.take_if(|u| u.sent_in_full()) {
             upload.await_client_end();
         }
         let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) else {

@@ -99,10 +99,14 @@ pub async fn forward(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let metrics = proxy.metrics.color(color);
+    // An answer of Switchyard's own instead of the handshake, counted as the handshake's.
+    let refuse = |e: ProxyError| {
+        metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
+        error_response(&e, color)
+    };
     let Some(client_key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
         let e = ProxyError::BadRequest("a WebSocket upgrade needs Sec-WebSocket-Key".into());
-        metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
-        return error_response(&e, color);
+        return refuse(e);
     };
     if req
         .headers()
@@ -121,8 +125,7 @@ pub async fn forward(
     }
     if let Some(fault) = handshake_fault(&req, &client_key) {
         let e = ProxyError::BadRequest(fault.into());
-        metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
-        return error_response(&e, color);
+        return refuse(e);
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
@@ -180,8 +183,7 @@ pub async fn forward(
             } else {
                 ProxyError::ConnectFailed(color.as_str())
             };
-            metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
-            return error_response(&e, color);
+            return refuse(e);
         };
         // The handshake counts from its connect, as a request does; a failed attempt
         // stops counting only once the next one counts.
@@ -199,8 +201,7 @@ pub async fn forward(
             }
             Ok(Err(e)) if crate::nofile::is_local_exhaustion(&e) => {
                 let e = proxy.out_of_sockets(upstream, &e);
-                metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
-                return error_response(&e, color);
+                return refuse(e);
             }
             outcome => {
                 let reason = match outcome {
@@ -212,8 +213,7 @@ pub async fn forward(
                 tried.push(upstream);
                 if tried.len() >= super::http::MAX_ATTEMPTS {
                     let e = ProxyError::ConnectFailed(color.as_str());
-                    metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
-                    return error_response(&e, color);
+                    return refuse(e);
                 }
             }
         }
@@ -222,8 +222,7 @@ pub async fn forward(
     let fail = |e: ProxyError, kind: UpstreamErrorKind| {
         proxy.metrics.upstream_error(&upstream, kind);
         tracing::warn!(upstream = %upstream.name, color = %color, session = session.as_deref().unwrap_or("-"), error = %e, "upstream handshake failed");
-        metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
-        error_response(&e, color)
+        refuse(e)
     };
     let head = RequestHead {
         method: &Method::GET,
@@ -243,8 +242,7 @@ pub async fn forward(
         // longer: the client may retry, on the active colour.
         _ = guard.cut() => {
             let e = ProxyError::DrainDeadline(color.as_str());
-            metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
-            return error_response(&e, color);
+            return refuse(e);
         }
     };
     let (response, upstream_io) = match answer {
