@@ -63,6 +63,10 @@ pub enum Change {
     /// change, applied here with this replica's drain settings. Sent by the etcd store,
     /// never by the admin API.
     Observed(Observed),
+    /// The route state as etcd holds it after its history went back (restored from a
+    /// backup, or rebuilt): followed whatever its revision, since the revision this replica
+    /// followed belongs to a history etcd no longer has.
+    Rewound(Observed),
 }
 
 /// What a change did.
@@ -347,7 +351,7 @@ impl Writer {
                 expect_generation,
                 reason,
             } => (*expect_generation, reason.as_deref()),
-            Change::Reload | Change::Observed(_) => (None, None),
+            Change::Reload | Change::Observed(_) | Change::Rewound(_) => (None, None),
         };
         if let Some(expected) = expect
             && expected != current.generation
@@ -412,6 +416,10 @@ impl Writer {
             }
             Change::Reload => self.reload(&current, &state, now).await?,
             Change::Observed(seen) => return self.observe(seen).await,
+            Change::Rewound(seen) => {
+                self.store.rewind();
+                return self.observe(seen).await;
+            }
         };
         let saved = match self.store.save(&new_state).await {
             Ok(saved) => saved,

@@ -168,6 +168,16 @@ impl Store {
         }
     }
 
+    /// Forgets the revision this replica follows, after etcd's history went back (nothing
+    /// for the file store): the next observed state is followed whatever its revision.
+    pub fn rewind(&mut self) {
+        match self {
+            Store::File(_) => {}
+            #[cfg(feature = "etcd")]
+            Store::Etcd(etcd) => etcd.rewind(),
+        }
+    }
+
     /// Records that the table now follows `state` at `revision`, and keeps the local
     /// fail-static copy (a failure to write it is logged, not fatal: etcd holds the state).
     #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]

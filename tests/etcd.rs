@@ -921,6 +921,82 @@ async fn a_replica_restarted_while_etcd_is_down_starts_from_its_state_file() {
     }
 }
 
+/// etcd restored from a backup holds an older history than the one the replicas followed.
+/// They follow what it holds now (the backup's route), say they are in sync, and take the
+/// next change. Before, each kept its newer state (its revision ahead of etcd's ignored
+/// everything etcd held), answered every change 409 and still said it was in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn replicas_follow_etcd_restored_from_an_older_backup() {
+    let mut etcd = OwnEtcd::start().await;
+    let mut fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "restore",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let backed_up = fleet.agreed().await;
+    assert_eq!(backed_up["active"], "blue", "{backed_up}");
+    let generation = backed_up["generation"].as_u64().expect("generation");
+
+    etcd.kill().await;
+    let data = etcd.data.path().join("data");
+    let backup = etcd.data.path().join("backup");
+    copy_dir(&data, &backup);
+    etcd.run().await;
+    fleet.settled().await;
+    let (code, flipped) = fleet.replicas[0]
+        .post(
+            "/flip",
+            json!({"to": "green", "reason": "after the backup"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.converged("green", generation + 1, FOLLOW).await;
+
+    etcd.kill().await;
+    std::fs::remove_dir_all(&data).expect("the data directory goes");
+    copy_dir(&backup, &data);
+    etcd.run().await;
+    fleet.converged("blue", generation, PATIENCE).await;
+    fleet.settled().await;
+    let now = fleet.agreed().await;
+    assert_eq!(now["changed_at"], backed_up["changed_at"], "{now}");
+    for r in &fleet.replicas {
+        assert_eq!(r.routes_to().await, "blue", "{}", r.id);
+        assert!(r.log().contains("etcd's history is behind"), "{}", r.log());
+    }
+
+    let (code, flipped) = fleet.replicas[1]
+        .post("/flip", json!({"to": "green"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.converged("green", generation + 1, FOLLOW).await;
+    fleet.agreed().await;
+    for r in &mut fleet.replicas {
+        r.kill().await;
+    }
+}
+
+/// `cp -a`: etcd's data directory as a backup tool would copy it, etcd stopped.
+fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp runs");
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
 /// A first start while etcd is down: the replica starts on `routing.initial` and writes
 /// the key when etcd is back. A later first start (with another `initial`) while etcd is
 /// down finds the key written by then, and follows it instead of writing its own.

@@ -60,7 +60,8 @@ pub struct EtcdStore {
 /// What this replica knows of the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Known {
-    /// Not read since start (etcd was down): changes wait until the watch has read it.
+    /// Not read since start (etcd was down), or since etcd's history went back: changes
+    /// wait until the watch has read it.
     Unread,
     /// Read, and missing at this revision.
     Missing(i64),
@@ -206,8 +207,8 @@ impl EtcdStore {
         let when = match self.known {
             Known::Unread => {
                 return Err(StoreError::Unavailable(format!(
-                    "{} has not been read since this replica started (etcd was unreachable); \
-                     changes resume once it answers",
+                    "{} has not been read since this replica started (etcd was unreachable) \
+                     or since etcd's history went back; changes resume once it is read",
                     self.key
                 )));
             }
@@ -231,6 +232,12 @@ impl EtcdStore {
             Known::Unread => true,
             Known::Missing(r) | Known::At(r) => revision > r,
         }
+    }
+
+    /// Forgets the revision this replica follows, after etcd's history went back: the next
+    /// state the watch hands over is followed whatever its revision, and changes wait for it.
+    pub fn rewind(&mut self) {
+        self.known = Known::Unread;
     }
 
     /// The table follows `state` at `revision` now; keeps the fail-static copy.
@@ -436,9 +443,26 @@ impl Watcher {
     /// Reads, hands the state to the writer, and watches until something fails.
     async fn follow(&self, lost: &mut bool) -> Result<Infallible, StoreError> {
         let mut client = self.client.clone();
+        // Read before the snapshot: a change this replica stored is then in etcd's history
+        // before the read starts, so in one continuous history the key's revision (or the
+        // revision at which it is missing) cannot be below it.
+        let followed = self.shared.applied.load(Ordering::Acquire);
         let snapshot = snapshot(&client, &self.key, self.timeout).await?;
         self.shared.replicas.send_replace(snapshot.replicas);
-        self.observed(snapshot.route).await?;
+        if snapshot.route.revision < followed {
+            // etcd's history went back: restored from a backup, or rebuilt. What it holds
+            // now is the state to follow, whatever its revision.
+            tracing::warn!(
+                key = %self.key,
+                followed,
+                revision = snapshot.route.revision,
+                "etcd's history is behind the revision this replica followed (restored from a backup, or rebuilt?); following what it holds now"
+            );
+            self.shared.seen.store(0, Ordering::Release);
+            self.observed(Change::Rewound(snapshot.route)).await?;
+        } else {
+            self.observed(Change::Observed(snapshot.route)).await?;
+        }
 
         let from = snapshot.revision + 1;
         let prefix = replicas_prefix(&self.key);
@@ -525,7 +549,7 @@ impl Watcher {
                         revision: kv.mod_revision(),
                     },
                 };
-                self.observed(observed).await?;
+                self.observed(Change::Observed(observed)).await?;
             } else if let Some(id) = kv.key().strip_prefix(prefix.as_bytes()) {
                 let id = String::from_utf8_lossy(id).into_owned();
                 match event.event_type() {
@@ -550,11 +574,14 @@ impl Watcher {
         Ok(())
     }
 
-    /// Hands a state to the writer and waits until it is applied.
-    async fn observed(&self, observed: Observed) -> Result<(), StoreError> {
-        self.shared.saw(observed.revision);
+    /// Hands a state (`Change::Observed` or `Change::Rewound`) to the writer and waits
+    /// until it is applied.
+    async fn observed(&self, change: Change) -> Result<(), StoreError> {
+        if let Change::Observed(seen) | Change::Rewound(seen) = &change {
+            self.shared.saw(seen.revision);
+        }
         self.control
-            .apply(Change::Observed(observed))
+            .apply(change)
             .await
             .map(|_| ())
             .map_err(|e| unavailable(format!("following the route state: {e}")))
