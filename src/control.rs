@@ -8,7 +8,7 @@
 //! published the same way, with this replica's own drain orders.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde_json::Value;
@@ -130,10 +130,14 @@ pub enum StartError {
 
 type Reply = oneshot::Sender<Result<Outcome, ChangeError>>;
 
+/// A change, where its answer goes, and when it was asked for (the etcd store answers
+/// within `etcd.timeout` of that, time spent behind earlier changes included).
+type Asked = (Change, Reply, Instant);
+
 /// The handle the admin API and the signal handler use.
 #[derive(Clone)]
 pub struct Control {
-    tx: mpsc::Sender<(Change, Reply)>,
+    tx: mpsc::Sender<Asked>,
     state: Arc<ArcSwap<RouteState>>,
     router: Arc<Router>,
     /// The store as `/status` shows it, and what `wait_replicas` waits on.
@@ -295,7 +299,7 @@ impl Control {
         };
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((change, reply))
+            .send((change, reply, Instant::now()))
             .await
             .map_err(|_| ChangeError::Stopped)?;
         let outcome = answer.await.map_err(|_| ChangeError::Stopped)??;
@@ -335,15 +339,20 @@ impl Control {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<(Change, Reply)>) {
-        while let Some((change, reply)) = rx.recv().await {
-            let result = self.apply(change).await;
+    async fn run(mut self, mut rx: mpsc::Receiver<Asked>) {
+        while let Some((change, reply, asked)) = rx.recv().await {
+            let result = self.apply(change, asked).await;
             // The caller may have gone (client disconnected); the change stands regardless.
             let _ = reply.send(result);
         }
     }
 
-    async fn apply(&mut self, change: Change) -> Result<Outcome, ChangeError> {
+    async fn apply(&mut self, change: Change, asked: Instant) -> Result<Outcome, ChangeError> {
+        if !matches!(change, Change::Observed(_) | Change::Rewound(_)) {
+            // A change that waited out the store's time behind others that etcd did not
+            // answer is refused before it is tried.
+            self.store.in_time(asked)?;
+        }
         let current = self.router.load_full();
         let (expect, reason) = match &change {
             Change::Flip(r) | Change::Rollback(r) => (r.expect_generation, r.reason.as_deref()),
@@ -421,7 +430,13 @@ impl Writer {
                 return self.observe(seen).await;
             }
         };
-        let saved = match self.store.save(&new_state).await {
+        // A reload's time runs from its save, since it also probed the upstreams it adds.
+        let since = if action == Action::Reload {
+            Instant::now()
+        } else {
+            asked
+        };
+        let saved = match self.store.save(&new_state, since).await {
             Ok(saved) => saved,
             Err(e) => {
                 tracing::error!(action = action.as_str(), error = %e, "could not store the route change; it is refused and the route stays as it was");

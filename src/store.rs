@@ -9,7 +9,7 @@
 //! store's I/O; what a state means for the route table stays in `control`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -129,9 +129,23 @@ impl Store {
         }
     }
 
+    /// Refuses a change asked for at `asked` whose time is up before it is tried: with
+    /// etcd, `etcd.timeout` spent waiting behind earlier changes. The file store has no
+    /// such bound.
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    pub fn in_time(&self, asked: Instant) -> Result<(), StoreError> {
+        match self {
+            Store::File(_) => Ok(()),
+            #[cfg(feature = "etcd")]
+            Store::Etcd(etcd) => etcd.in_time(asked),
+        }
+    }
+
     /// Stores a change before it is published. With etcd the write is conditioned on the
-    /// revision this replica follows, and a lost race answers what won.
-    pub async fn save(&mut self, state: &RouteState) -> Result<Saved, StoreError> {
+    /// revision this replica follows, a lost race answers what won, and etcd gets until
+    /// `etcd.timeout` after `since` to answer.
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    pub async fn save(&mut self, state: &RouteState, since: Instant) -> Result<Saved, StoreError> {
         match self {
             Store::File(file) => {
                 let file = file.clone();
@@ -142,7 +156,7 @@ impl Store {
                 Ok(Saved::Done)
             }
             #[cfg(feature = "etcd")]
-            Store::Etcd(etcd) => etcd.save(state).await,
+            Store::Etcd(etcd) => etcd.save(state, since).await,
         }
     }
 

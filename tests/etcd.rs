@@ -815,6 +815,23 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
             "refused in {took:?}"
         );
     }
+    // Changes asked for together wait for the single writer one behind the other; each is
+    // still answered within etcd.timeout of its asking, not one timeout after another.
+    let a = &fleet.replicas[0];
+    let asked = Instant::now();
+    let answers = futures_util::future::join_all(
+        (0..4).map(|_| a.post("/flip", json!({"to": "blue", "reason": "together"}))),
+    )
+    .await;
+    let took = asked.elapsed();
+    for (code, refused) in &answers {
+        assert_eq!(*code, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+        assert_eq!(refused["error"], "store_unavailable", "{refused}");
+    }
+    assert!(
+        took < ETCD_TIMEOUT + Duration::from_millis(1500),
+        "four changes asked together were all refused only after {took:?}"
+    );
     for r in &fleet.replicas {
         until(&format!("{} out of sync", r.id), PATIENCE, || async {
             r.status().await["store"]["in_sync"] == false
@@ -1313,7 +1330,8 @@ async fn the_conditioned_write_lets_exactly_one_of_two_writers_in() {
         )
     };
     let (change_a, change_b) = (change("a"), change("b"));
-    let (saved_a, saved_b) = tokio::join!(a.save(&change_a), b.save(&change_b));
+    let now = Instant::now();
+    let (saved_a, saved_b) = tokio::join!(a.save(&change_a, now), b.save(&change_b, now));
     let (won, lost_to) = match (saved_a.expect("a's write"), saved_b.expect("b's write")) {
         (Saved::Done, Saved::Conflict(seen)) => (&change_a, seen),
         (Saved::Conflict(seen), Saved::Done) => (&change_b, seen),

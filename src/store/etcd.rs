@@ -202,8 +202,22 @@ impl EtcdStore {
         }
     }
 
-    /// Writes `state` if the key is still at the revision this replica follows.
-    pub async fn save(&mut self, state: &RouteState) -> Result<Saved, StoreError> {
+    /// Refuses a change asked for `etcd.timeout` ago or more (it waited behind changes
+    /// etcd did not answer), so every change is answered within it.
+    pub fn in_time(&self, asked: Instant) -> Result<(), StoreError> {
+        if asked.elapsed() < self.timeout {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable(format!(
+            "no answer within {}: the changes ahead of this one took that long; it is not \
+             applied",
+            humantime::format_duration(self.timeout)
+        )))
+    }
+
+    /// Writes `state` if the key is still at the revision this replica follows, giving
+    /// etcd until `etcd.timeout` after `since`.
+    pub async fn save(&mut self, state: &RouteState, since: Instant) -> Result<Saved, StoreError> {
         let when = match self.known {
             Known::Unread => {
                 return Err(StoreError::Unavailable(format!(
@@ -217,13 +231,13 @@ impl EtcdStore {
                 Compare::mod_revision(self.key.as_str(), CompareOp::Equal, revision)
             }
         };
-        self.put_if(when, state).await
+        self.put_if(when, state, since).await
     }
 
     /// Writes `state` only if the key does not exist.
     pub async fn create_missing(&mut self, state: &RouteState) -> Result<Saved, StoreError> {
         let when = Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0);
-        self.put_if(when, state).await
+        self.put_if(when, state, Instant::now()).await
     }
 
     /// Whether a state at `revision` is newer than what this replica follows.
@@ -291,15 +305,22 @@ impl EtcdStore {
         }
     }
 
-    /// One transaction: `when` holds → put `state`; else → read what is there.
-    async fn put_if(&mut self, when: Compare, state: &RouteState) -> Result<Saved, StoreError> {
+    /// One transaction: `when` holds → put `state`; else → read what is there. etcd has
+    /// until `etcd.timeout` after `since`.
+    async fn put_if(
+        &mut self,
+        when: Compare,
+        state: &RouteState,
+        since: Instant,
+    ) -> Result<Saved, StoreError> {
         let value = serde_json::to_vec(state).expect("the route state always serializes");
         let txn = Txn::new()
             .when([when])
             .and_then([TxnOp::put(self.key.as_str(), value, None)])
             .or_else([TxnOp::get(self.key.as_str(), None)]);
         let mut client = self.client.clone();
-        let answer = within(self.timeout, client.txn(txn))
+        let left = self.timeout.saturating_sub(since.elapsed());
+        let answer = within_left(self.timeout, left, client.txn(txn))
             .await
             .map_err(|e| match e {
                 // A write that timed out may still reach etcd; it is conditioned on this
@@ -774,7 +795,16 @@ async fn within<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, call).await {
+    within_left(timeout, timeout, call).await
+}
+
+/// Runs one etcd call bounded by what is `left` of `timeout`, which the error names.
+async fn within_left<T>(
+    timeout: Duration,
+    left: Duration,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(left, call).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(unavailable(e.to_string())),
         Err(_) => Err(unavailable(format!(
