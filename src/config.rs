@@ -568,8 +568,21 @@ impl Config {
         if self.tls.is_some() != new.tls.is_some() {
             return Some(err("tls"));
         }
-        if self.routing.store != new.routing.store {
-            return Some(err("routing.store"));
+        match (&self.routing.store, &new.routing.store) {
+            (Store::Etcd(old), Store::Etcd(new)) => {
+                let fields = [
+                    (old.endpoints != new.endpoints, "routing.etcd.endpoints"),
+                    (old.key != new.key, "routing.etcd.key"),
+                    (old.replica_id != new.replica_id, "routing.etcd.replica_id"),
+                    (old.lease_ttl != new.lease_ttl, "routing.etcd.lease_ttl"),
+                    (old.timeout != new.timeout, "routing.etcd.timeout"),
+                ];
+                if let Some((_, field)) = fields.into_iter().find(|&(changed, _)| changed) {
+                    return Some(err(field));
+                }
+            }
+            (old, new) if old != new => return Some(err("routing.store")),
+            _ => {}
         }
         if self.routing.state_file != new.routing.state_file {
             return Some(err("routing.state_file"));
@@ -606,6 +619,11 @@ fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
     }
     if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
         return Err(bad("must not have a path"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(bad(
+            "has credentials, which this build's etcd client would not send (no etcd auth)",
+        ));
     }
     Ok(())
 }

@@ -122,6 +122,7 @@ fn etcd_endpoints_and_replica_id_are_checked() {
         "127.0.0.1",
         "http://127.0.0.1",
         "http://127.0.0.1:2379/v3",
+        "http://user:secret@127.0.0.1:2379",
     ] {
         let e = with(bad, "").expect_err(bad);
         assert_eq!(e.field, "routing.etcd.endpoints", "{bad}: {e}");
@@ -174,6 +175,52 @@ fn a_reload_may_change_all_but_the_listeners_tls_on_or_off_and_the_state_file() 
         assert_eq!(e.field, field, "{e}");
         assert!(e.reason.contains("restart"), "{e}");
     }
+}
+
+/// A reload that changes one etcd setting is refused naming that setting, not the store.
+#[test]
+fn a_reload_changing_an_etcd_setting_names_it() {
+    let with_store = |etcd: EtcdStore| {
+        let mut config = parse(MINIMAL).expect("valid");
+        config.routing.store = Store::Etcd(etcd);
+        config
+    };
+    let etcd = EtcdStore {
+        endpoints: vec!["http://127.0.0.1:2379".into()],
+        key: "/switchyard/route".into(),
+        replica_id: Some("proxy-a".into()),
+        lease_ttl: Duration::from_secs(10),
+        timeout: Duration::from_secs(2),
+    };
+    let old = with_store(etcd.clone());
+    assert!(old.reload_conflict(&with_store(etcd.clone())).is_none());
+    type Edit = fn(&mut EtcdStore);
+    let changes: [(Edit, &str); 5] = [
+        (
+            |e| e.endpoints.push("http://127.0.0.2:2379".into()),
+            "routing.etcd.endpoints",
+        ),
+        (|e| e.key = "/other".into(), "routing.etcd.key"),
+        (|e| e.replica_id = None, "routing.etcd.replica_id"),
+        (
+            |e| e.lease_ttl = Duration::from_secs(5),
+            "routing.etcd.lease_ttl",
+        ),
+        (
+            |e| e.timeout = Duration::from_secs(1),
+            "routing.etcd.timeout",
+        ),
+    ];
+    for (change, field) in changes {
+        let mut changed = etcd.clone();
+        change(&mut changed);
+        let e = old.reload_conflict(&with_store(changed)).expect(field);
+        assert_eq!(e.field, field, "{e}");
+    }
+    let e = old
+        .reload_conflict(&parse(MINIMAL).expect("valid"))
+        .expect("etcd to file");
+    assert_eq!(e.field, "routing.store", "{e}");
 }
 
 /// A pool URL's port is a port: `http` would read one it cannot hold as none, and the
