@@ -1475,6 +1475,16 @@ async fn wait_replicas_answers_when_every_live_replica_applied_the_flip() {
         generation,
         "the flip stands"
     );
+    // The replica that answers applied the change before it answered, whether or not its
+    // own record has reached etcd yet.
+    let (code, lagging) = b
+        .post("/flip", json!({"to": "blue", "wait_replicas": "1ms"}))
+        .await;
+    assert_eq!(code, StatusCode::GATEWAY_TIMEOUT, "{lagging}");
+    let listed = lagging["lagging"].as_array().expect("lagging");
+    assert!(listed.contains(&json!("proxy-c")), "{lagging}");
+    assert!(!listed.contains(&json!("proxy-b")), "{lagging}");
+    let generation = generation + 1;
 
     until("C's lease to run out", PATIENCE, || async {
         generations(&a.status().await)
@@ -1486,7 +1496,7 @@ async fn wait_replicas_answers_when_every_live_replica_applied_the_flip() {
     let (code, out, err) = ctl(
         &a.admin_url(),
         &fleet.token_file(),
-        &["flip", "--to", "blue", "--wait-all=5s"],
+        &["flip", "--to", "green", "--wait-all=5s"],
     )
     .await;
     assert_eq!(code, 0, "only live replicas are waited for: {out}{err}");
@@ -1498,7 +1508,7 @@ async fn wait_replicas_answers_when_every_live_replica_applied_the_flip() {
     })
     .await;
     let status = c.status().await;
-    assert_eq!(status["active"], "blue", "{status}");
+    assert_eq!(status["active"], "green", "{status}");
     assert_eq!(status["generation"], generation, "{status}");
     fleet.settled().await;
     fleet.agreed().await;

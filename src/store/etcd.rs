@@ -370,7 +370,9 @@ impl Shared {
         })
     }
 
-    /// Waits until every replica in the list has applied `generation`, or `timeout`.
+    /// Waits until every replica in the list has applied `generation`, or `timeout`. This
+    /// replica is not waited for: it applied the change before answering, though its
+    /// record in etcd may not say so yet.
     pub async fn wait_replicas(
         &self,
         generation: u64,
@@ -379,7 +381,7 @@ impl Shared {
         let lagging = |replicas: &BTreeMap<String, u64>| -> Vec<String> {
             replicas
                 .iter()
-                .filter(|&(_, &applied)| applied < generation)
+                .filter(|&(id, &applied)| applied < generation && *id != self.replica_id)
                 .map(|(id, _)| id.clone())
                 .collect()
         };
