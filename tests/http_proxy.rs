@@ -1006,3 +1006,63 @@ async fn a_rollback_before_the_deadline_cuts_nothing() {
     let (_, status) = env.admin_get("/status").await;
     assert_eq!(status["colors"]["blue"]["in_flight"], 1);
 }
+
+/// A client that gives up while the upstream is silent is still counted: hyper drops the
+/// request then, and before, nothing recorded it, so a colour whose upstreams hang until
+/// clients time out showed no traffic at all. It counts as 499 (class 4xx), as nginx
+/// logs it, for a plain request and for a WebSocket handshake alike.
+#[tokio::test]
+async fn a_request_whose_client_leaves_while_the_upstream_is_silent_is_counted() {
+    use tokio::io::AsyncWriteExt;
+    let (hung, task) = support::hung_upstream().await;
+    let env = support::env_with_blue_at(hung).await;
+    let requests = |protocol: &str, code: &str| {
+        env.metric_sum(
+            "switchyard_requests_total",
+            &[
+                "color=\"blue\"",
+                &format!("protocol=\"{protocol}\""),
+                &format!("code=\"{code}\""),
+            ],
+        )
+    };
+    let heads = [
+        (
+            "http",
+            "GET /v1/listen HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(),
+        ),
+        (
+            "websocket",
+            "GET /v1/listen HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                .to_owned(),
+        ),
+    ];
+    for (protocol, head) in heads {
+        let mut client = tokio::net::TcpStream::connect(env.app().proxy_addr)
+            .await
+            .expect("connect");
+        client.write_all(head.as_bytes()).await.expect("write");
+        eventually(|| async {
+            env.admin_get("/status").await.1["colors"]["blue"]["in_flight"] == 1
+        })
+        .await;
+        drop(client);
+        eventually(|| async { requests(protocol, "4xx") == 1.0 }).await;
+        eventually(|| async {
+            env.admin_get("/status").await.1["colors"]["blue"]["in_flight"] == 0
+        })
+        .await;
+        assert_eq!(requests(protocol, "5xx"), 0.0, "{protocol}");
+        let durations = env.metric_sum(
+            "switchyard_request_duration_seconds_count",
+            &["color=\"blue\"", &format!("protocol=\"{protocol}\"")],
+        );
+        let expected = if protocol == "http" { 1.0 } else { 0.0 };
+        assert_eq!(
+            durations, expected,
+            "{protocol}: a handshake has no duration of its own"
+        );
+    }
+    task.abort();
+}

@@ -19,8 +19,8 @@ use tokio::sync::futures::OwnedNotified;
 
 use crate::config::Limits;
 use crate::drain::RequestGuard;
-use crate::metrics::{Metrics, Protocol, UpstreamErrorKind};
-use crate::upstream::Color;
+use crate::metrics::{ColorMetrics, Metrics, Protocol, UpstreamErrorKind};
+use crate::upstream::{Color, Upstream};
 
 /// What the access log line names; captured only when that log is enabled.
 #[derive(Debug)]
@@ -64,6 +64,88 @@ impl Access {
             bytes_to_client = bytes,
             "request"
         );
+    }
+}
+
+/// The status a request is counted with when its client left before the answer came:
+/// nginx's 499, "client closed request" (class 4xx).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Where a waiting request's `x-deepgram-session-id` is, for its access line.
+pub enum Session<'a> {
+    /// In the request's headers, read only if the line is written.
+    Headers(&'a http::HeaderMap),
+    /// Read already.
+    Known(Option<&'a str>),
+}
+
+/// A request waiting on an upstream, counted if its client leaves meanwhile. hyper drops
+/// the request's future when the client closes its connection or resets its stream, so
+/// without this a request whose upstream hangs until the client gives up would count
+/// nowhere: no `requests_total`, no duration, no access line. It is counted with
+/// `CLIENT_CLOSED` and the time it waited.
+pub struct Waiting<'a> {
+    pub metrics: &'a ColorMetrics,
+    pub protocol: Protocol,
+    pub color: Color,
+    pub started: Instant,
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub session: Session<'a>,
+    /// The upstream waited on, while one is.
+    upstream: Option<&'a Upstream>,
+}
+
+impl<'a> Waiting<'a> {
+    /// Bookkeeping for a request; nothing is waited on yet.
+    pub fn new(
+        metrics: &'a ColorMetrics,
+        protocol: Protocol,
+        color: Color,
+        started: Instant,
+        (method, uri): (&'a http::Method, &'a http::Uri),
+        session: Session<'a>,
+    ) -> Waiting<'a> {
+        Waiting {
+            metrics,
+            protocol,
+            color,
+            started,
+            method,
+            uri,
+            session,
+            upstream: None,
+        }
+    }
+
+    /// From now until `answered`, the request waits on `upstream`.
+    pub fn on(&mut self, upstream: &'a Upstream) {
+        self.upstream = Some(upstream);
+    }
+
+    /// The wait ended: whatever comes next counts the request itself.
+    pub fn answered(&mut self) {
+        self.upstream = None;
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let Some(upstream) = self.upstream else {
+            return;
+        };
+        let seconds = self.started.elapsed().as_secs_f64();
+        match self.protocol {
+            Protocol::Http => self.metrics.request(self.protocol, CLIENT_CLOSED, seconds),
+            Protocol::WebSocket => self.metrics.count_request(self.protocol, CLIENT_CLOSED),
+        }
+        let session = || match self.session {
+            Session::Headers(headers) => super::headers::session_id(headers),
+            Session::Known(session) => session.map(str::to_owned),
+        };
+        if let Some(access) = Access::capture(self.method, self.uri, session, &upstream.name) {
+            access.log(self.color, CLIENT_CLOSED, seconds, None);
+        }
     }
 }
 

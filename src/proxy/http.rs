@@ -7,7 +7,7 @@ use std::time::Instant;
 use ::http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::Incoming;
 
-use super::body::{Access, Finish, ProxyBody};
+use super::body::{Access, Finish, ProxyBody, Session, Waiting};
 use super::h1::{self, Failure, RequestHead};
 use super::{ConnInfo, Proxy, error_response, headers};
 use crate::error::ProxyError;
@@ -38,6 +38,14 @@ pub async fn forward(
         .cloned()
         .unwrap_or_else(|| ::http::uri::PathAndQuery::from_static("/"));
 
+    let mut waiting = Waiting::new(
+        metrics,
+        Protocol::Http,
+        color,
+        started,
+        (&parts.method, &parts.uri),
+        Session::Headers(&parts.headers),
+    );
     let pool = table.pool(color);
     let mut body = Some(body);
     let mut tried: Vec<&Upstream> = Vec::new();
@@ -84,13 +92,18 @@ pub async fn forward(
             attempt_body,
             &metrics.bytes_to_upstream,
         );
+        waiting.on(upstream);
         let answer = tokio::select! {
             // The exchange first: an answer that has arrived is relayed, and no random
             // start is drawn on every poll.
             biased;
             answer = exchange => answer,
-            _ = guard.cut() => break ProxyError::DrainDeadline(color.as_str()),
+            _ = guard.cut() => {
+                waiting.answered();
+                break ProxyError::DrainDeadline(color.as_str());
+            }
         };
+        waiting.answered();
         match answer {
             Ok(response) => {
                 let status = response.status().as_u16();

@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::body::{Access, Finish, ProxyBody};
+use super::body::{Access, Finish, ProxyBody, Session, Waiting};
 use super::frames;
 use super::h1::{self, RequestHead, Switched, Unanswered, Upgrade};
 use super::pump::{self, Event, Pump};
@@ -172,10 +172,19 @@ pub async fn forward(
 
     let limits = super::limits(&table);
     let fall = table.settings.config.health.fall;
+    let get = Method::GET;
+    let mut waiting = Waiting::new(
+        metrics,
+        Protocol::WebSocket,
+        color,
+        started,
+        (&get, &parts.uri),
+        Session::Known(session.as_deref()),
+    );
     let pool = table.pool(color);
     let mut tried: Vec<&Upstream> = Vec::new();
     let mut failed = None;
-    let (upstream, io, guard) = loop {
+    let (picked, io, guard) = loop {
         let Some(upstream) = pick(pool, &tried) else {
             let e = if tried.is_empty() {
                 proxy.no_healthy_upstream(color);
@@ -189,15 +198,17 @@ pub async fn forward(
         // stops counting only once the next one counts.
         let guard = proxy.tracker.request(upstream, table.generation);
         drop(failed.take());
-        match tokio::time::timeout(
+        waiting.on(upstream);
+        let connected = tokio::time::timeout(
             limits.connect_timeout,
             super::h1::connect(&table.settings.upstream_tls, &upstream.url),
         )
-        .await
-        {
+        .await;
+        waiting.answered();
+        match connected {
             Ok(Ok(io)) => {
                 upstream.record_connect();
-                break (upstream.clone(), io, guard);
+                break (upstream, io, guard);
             }
             Ok(Err(e)) if crate::nofile::is_local_exhaustion(&e) => {
                 let e = proxy.out_of_sockets(upstream, &e);
@@ -219,6 +230,7 @@ pub async fn forward(
         }
     };
 
+    let upstream = picked.clone();
     let fail = |e: ProxyError, kind: UpstreamErrorKind| {
         proxy.metrics.upstream_error(&upstream, kind);
         tracing::warn!(upstream = %upstream.name, color = %color, session = session.as_deref().unwrap_or("-"), error = %e, "upstream handshake failed");
@@ -234,6 +246,7 @@ pub async fn forward(
             host: host.as_ref(),
         },
     };
+    waiting.on(picked);
     let answer = tokio::select! {
         // The answer first, as for a plain request.
         biased;
@@ -241,10 +254,12 @@ pub async fn forward(
         // An upstream still silent at its colour's drain deadline holds the colour no
         // longer: the client may retry, on the active colour.
         _ = guard.cut() => {
+            waiting.answered();
             let e = ProxyError::DrainDeadline(color.as_str());
             return refuse(e);
         }
     };
+    waiting.answered();
     let (response, upstream_io) = match answer {
         Ok(Upgrade::Switched(response, io)) => (response, io),
         Ok(Upgrade::Refused(response)) => {
