@@ -18,8 +18,8 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -84,6 +84,9 @@ pub struct Shared {
     /// Started with etcd unreachable and no state file: the table is `routing.initial`,
     /// a guess, until this replica is first in sync with etcd.
     guessing: AtomicBool,
+    /// Why this replica is not in sync, for `/status`: the watch's last error, or an
+    /// invalid state under the key.
+    problem: Mutex<Option<String>>,
 }
 
 /// The key and the replica list read at one revision.
@@ -133,6 +136,7 @@ impl EtcdStore {
                 replicas: watch::Sender::new(BTreeMap::new()),
                 in_sync: metrics.store_in_sync.clone(),
                 guessing: AtomicBool::new(false),
+                problem: Mutex::new(None),
             }),
         })
     }
@@ -144,7 +148,9 @@ impl EtcdStore {
 
     /// The state to start from: etcd's when it answers (written to the state file), else
     /// the state file's, else `first()`. A missing key is created from what this replica
-    /// starts with; a corrupt key or state file stops start-up.
+    /// starts with. A key that holds no valid route state is treated as an etcd that does
+    /// not answer (the replicas already running keep serving through it too); a corrupt
+    /// state file stops start-up.
     pub async fn load(
         &mut self,
         first: impl FnOnce() -> RouteState,
@@ -152,15 +158,22 @@ impl EtcdStore {
         let local = self.file.load()?;
         let snapshot = match snapshot(&self.client, &self.key, self.timeout).await {
             Ok(s) => s,
-            Err(e @ StoreError::Corrupt { .. }) => return Err(e),
             Err(e) => {
+                let why = match e {
+                    StoreError::Corrupt { .. } => {
+                        tracing::error!(error = %e, "the route state in etcd is not valid; changes are refused until it is fixed");
+                        "the route state in etcd is not valid"
+                    }
+                    _ => "etcd is unreachable",
+                };
+                self.shared.set_problem(Some(e.to_string()));
                 let (state, first_start) = match local {
                     Some(state) => {
-                        tracing::warn!(error = %e, key = %self.key, "etcd is unreachable at start; starting from the state file and following etcd once it answers");
+                        tracing::warn!(error = %e, key = %self.key, "{why} at start; starting from the state file and following etcd once it holds a valid state");
                         (state, false)
                     }
                     None => {
-                        tracing::warn!(error = %e, key = %self.key, "etcd is unreachable at start and there is no state file; serving routing.initial, not ready (/readyz 503), until etcd answers");
+                        tracing::warn!(error = %e, key = %self.key, "{why} at start and there is no state file; serving routing.initial, not ready (/readyz 503), until etcd holds a valid state");
                         self.shared.guessing.store(true, Ordering::Release);
                         (first(), true)
                     }
@@ -221,8 +234,9 @@ impl EtcdStore {
         let when = match self.known {
             Known::Unread => {
                 return Err(StoreError::Unavailable(format!(
-                    "{} has not been read since this replica started (etcd was unreachable) \
-                     or since etcd's history went back; changes resume once it is read",
+                    "{} has not been read since this replica started (etcd unreachable, or \
+                     no valid route state there) or since etcd's history went back; changes \
+                     resume once a valid state is read (see store.problem in /status)",
                     self.key
                 )));
             }
@@ -361,11 +375,13 @@ impl Shared {
             .iter()
             .map(|(id, generation)| json!({ "id": id, "generation": generation }))
             .collect();
+        let problem = self.problem.lock().map(|p| p.clone()).unwrap_or_default();
         json!({
             "kind": "etcd",
             "replica_id": self.replica_id,
             "revision": self.applied.load(Ordering::Acquire),
             "in_sync": self.in_sync(),
+            "problem": problem,
             "replicas": replicas,
         })
     }
@@ -419,6 +435,12 @@ impl Shared {
         self.in_sync.set(i64::from(in_sync));
     }
 
+    fn set_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.problem.lock() {
+            *p = problem;
+        }
+    }
+
     fn set_watching(&self, watching: bool) {
         self.watching.store(watching, Ordering::Release);
         self.refresh();
@@ -443,18 +465,27 @@ struct Watcher {
 impl Watcher {
     async fn run(self, stop: CancellationToken) {
         let mut lost = false;
+        // The invalid state last reported, so it is logged once, not on every retry.
+        let mut reported = None;
         loop {
             let error = tokio::select! {
                 Err(e) = self.follow(&mut lost) => e,
                 _ = stop.cancelled() => break,
             };
             self.shared.set_watching(false);
-            if !lost {
+            let text = error.to_string();
+            if matches!(error, StoreError::Corrupt { .. }) {
+                if reported.as_ref() != Some(&text) {
+                    tracing::error!(error = %error, "the route state in etcd is not valid; serving the last state, changes are refused until it is fixed");
+                    reported = Some(text.clone());
+                }
+            } else if !lost {
                 tracing::warn!(error = %error, key = %self.key, "lost the etcd watch; serving the last state, changes are refused until it is back");
-                lost = true;
             } else {
                 tracing::debug!(error = %error, "etcd is still unreachable");
             }
+            lost = true;
+            self.shared.set_problem(Some(text));
             tokio::select! {
                 _ = tokio::time::sleep(RETRY) => {}
                 _ = stop.cancelled() => break,
@@ -519,6 +550,7 @@ impl Watcher {
             created += usize::from(answer.created());
             self.events(answer.events(), &prefix).await?;
         }
+        self.shared.set_problem(None);
         self.shared.set_watching(true);
         if std::mem::take(lost) {
             tracing::info!(key = %self.key, revision = snapshot.revision, "etcd is back; following the route state again");
@@ -564,6 +596,7 @@ impl Watcher {
                             // out of sync until a valid state arrives.
                             self.shared.saw(kv.mod_revision());
                             tracing::error!(error = %e, "ignoring an invalid route state in etcd");
+                            self.shared.set_problem(Some(e.to_string()));
                             continue;
                         }
                     },
@@ -572,6 +605,7 @@ impl Watcher {
                         revision: kv.mod_revision(),
                     },
                 };
+                self.shared.set_problem(None);
                 self.observed(Change::Observed(observed)).await?;
             } else if let Some(id) = kv.key().strip_prefix(prefix.as_bytes()) {
                 let id = String::from_utf8_lossy(id).into_owned();
