@@ -222,6 +222,8 @@ impl Default for FleetOptions {
 /// Stubs and three replicas' configs, all on one etcd key.
 struct Fleet {
     dir: tempfile::TempDir,
+    /// `etcd.key` of every replica.
+    key: String,
     blue: StubHandle,
     green: StubHandle,
     replicas: Vec<Replica>,
@@ -328,6 +330,7 @@ token_file = "{token}"
         }
         Fleet {
             dir,
+            key,
             blue,
             green,
             replicas,
@@ -850,7 +853,19 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
         .await;
     }
     // A refused write may still have reached etcd before it froze; it is conditioned, so
-    // either it landed for everyone or not at all. Either way they agree.
+    // either it landed for everyone or not at all. Either way they agree, once the watch
+    // has brought it (etcd may commit it just after a replica re-read the key).
+    let revisions = || async {
+        let mut seen = Vec::new();
+        for r in &fleet.replicas {
+            seen.push(r.status().await["store"]["revision"].clone());
+        }
+        seen
+    };
+    until("every replica at one revision", PATIENCE, || async {
+        revisions().await.windows(2).all(|w| w[0] == w[1])
+    })
+    .await;
     let now = fleet.agreed().await;
     let generation = now["generation"].as_u64().expect("generation");
     let target = if now["active"] == "green" {
@@ -1012,6 +1027,95 @@ fn copy_dir(from: &Path, to: &Path) {
         from.display(),
         to.display()
     );
+}
+
+/// A key that holds no valid route state (a bad hand edit): the replicas running keep
+/// serving and say why they are out of sync; one restarted then starts from its state file,
+/// as it would with etcd down, instead of refusing to start; changes are refused until a
+/// valid state is back, and then every replica follows it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_replica_restarted_while_the_key_is_invalid_starts_from_its_state_file() {
+    let etcd = Etcd::any().await;
+    let mut fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "invalid",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let (code, flipped) = fleet.replicas[0]
+        .post("/flip", json!({"to": "green"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let generation = flipped["generation"].as_u64().expect("generation");
+    fleet.converged("green", generation, FOLLOW).await;
+
+    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("an etcd client");
+    let valid = client.get(fleet.key.as_str(), None).await.expect("get");
+    let valid = valid.kvs().first().expect("the key").value().to_vec();
+    client
+        .put(fleet.key.as_str(), "this is not json", None)
+        .await
+        .expect("put");
+    let invalid = |status: &Value| {
+        status["store"]["in_sync"] == false
+            && status["store"]["problem"]
+                .as_str()
+                .is_some_and(|p| p.contains("not a valid route state"))
+    };
+    for r in &fleet.replicas {
+        until(
+            &format!("{} to name the invalid key", r.id),
+            PATIENCE,
+            || async { invalid(&r.status().await) },
+        )
+        .await;
+    }
+
+    let c = &mut fleet.replicas[2];
+    c.kill().await;
+    c.run().await;
+    let status = c.status().await;
+    assert!(invalid(&status), "{status}");
+    assert_eq!(status["active"], "green", "from the state file: {status}");
+    assert_eq!(status["generation"], generation, "{status}");
+    assert_eq!(c.routes_to().await, "green");
+    assert_eq!(
+        c.readyz().await.0,
+        StatusCode::OK,
+        "its state file is no guess"
+    );
+    let (code, refused) = c.post("/flip", json!({"to": "blue"})).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert_eq!(refused["error"], "store_unavailable", "{refused}");
+
+    client
+        .put(fleet.key.as_str(), valid, None)
+        .await
+        .expect("put");
+    fleet.settled().await;
+    for r in &fleet.replicas {
+        let status = r.status().await;
+        assert_eq!(
+            status["store"]["problem"],
+            Value::Null,
+            "{}: {status}",
+            r.id
+        );
+    }
+    let c = &fleet.replicas[2];
+    let (code, flipped) = c.post("/flip", json!({"to": "blue"})).await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.converged("blue", generation + 1, FOLLOW).await;
+    fleet.agreed().await;
+    for r in &mut fleet.replicas {
+        r.kill().await;
+    }
 }
 
 /// A first start while etcd is down: the replica starts on `routing.initial` and writes
