@@ -380,6 +380,12 @@ pub fn human(command: &Command, v: &Value) -> String {
                 v.get("generation").and_then(Value::as_u64).unwrap_or(0),
                 s(v, "changed_at"),
             ));
+            if v.get("shutting_down") == Some(&Value::Bool(true)) {
+                out.push_str(&format!(
+                    "SHUTTING DOWN: listeners closed, streams drain until {}\n",
+                    s(v, "shutdown_deadline")
+                ));
+            }
             for color in ["blue", "green"] {
                 let Some(c) = v.get("colors").and_then(|c| c.get(color)) else {
                     continue;
@@ -401,7 +407,7 @@ pub fn human(command: &Command, v: &Value) -> String {
                     .flatten()
                 {
                     out.push_str(&format!(
-                        "  {}  {}  ({})\n",
+                        "  {}  {}  ({})  streams: {}  in flight: {}{}\n",
                         s(u, "url"),
                         if u.get("healthy") == Some(&Value::Bool(true)) {
                             "healthy"
@@ -409,6 +415,13 @@ pub fn human(command: &Command, v: &Value) -> String {
                             "UNHEALTHY"
                         },
                         s(u, "health"),
+                        u.get("open_streams").and_then(Value::as_u64).unwrap_or(0),
+                        u.get("in_flight").and_then(Value::as_u64).unwrap_or(0),
+                        if u.get("removed") == Some(&Value::Bool(true)) {
+                            format!("  REMOVED, drains by {}", s(u, "drain_deadline"))
+                        } else {
+                            String::new()
+                        },
                     ));
                 }
             }
@@ -439,7 +452,7 @@ fn store_line(store: Option<&Value>) -> String {
         })
         .collect();
     format!(
-        "store: etcd  revision: {}  {}  replicas: {}\n",
+        "store: etcd  revision: {}  {}  replicas: {}{}\n",
         store.get("revision").and_then(Value::as_i64).unwrap_or(0),
         if store.get("in_sync") == Some(&Value::Bool(true)) {
             "in sync"
@@ -451,6 +464,11 @@ fn store_line(store: Option<&Value>) -> String {
         } else {
             replicas.join(" ")
         },
+        store
+            .get("problem")
+            .and_then(Value::as_str)
+            .map(|p| format!("\n  problem: {p}"))
+            .unwrap_or_default(),
     )
 }
 
@@ -470,6 +488,46 @@ mod tests {
         );
         let file = json!({"active": "blue", "colors": {}, "store": {"kind": "file"}});
         assert!(!human(&Command::Status, &file).contains("store"));
+        let broken = json!({"active": "blue", "colors": {}, "store": {
+            "kind": "etcd", "revision": 42, "in_sync": false, "replicas": [],
+            "problem": "etcd key /k: not a valid route state"}});
+        let text = human(&Command::Status, &broken);
+        assert!(
+            text.contains("\n  problem: etcd key /k: not a valid route state"),
+            "{text}"
+        );
+    }
+
+    /// What the runbook tells operators to watch shows without `--json`: an upstream a
+    /// reload removed, with its deadline, and a proxy shutting down.
+    #[test]
+    fn status_shows_removed_upstreams_and_a_shutdown() {
+        let status = json!({"active": "green", "shutting_down": true,
+            "shutdown_deadline": "2026-12-06T09:00:00Z", "colors": {"blue": {
+            "state": "draining", "open_streams": 1, "in_flight": 0, "upstreams": [
+                {"url": "http://10.0.0.2:8080", "healthy": true, "health": "Ready",
+                 "open_streams": 0, "in_flight": 0},
+                {"url": "http://10.0.0.1:8080", "healthy": true, "health": "Ready",
+                 "open_streams": 1, "in_flight": 0, "removed": true,
+                 "drain_deadline": "2026-12-06T08:30:00Z"}]}},
+            "store": {"kind": "file"}});
+        let text = human(&Command::Status, &status);
+        assert!(
+            text.contains(
+                "SHUTTING DOWN: listeners closed, streams drain until 2026-12-06T09:00:00Z"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  http://10.0.0.1:8080  healthy  (Ready)  streams: 1  in flight: 0  REMOVED, drains by 2026-12-06T08:30:00Z\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  http://10.0.0.2:8080  healthy  (Ready)  streams: 0  in flight: 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

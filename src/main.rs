@@ -383,14 +383,21 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             json,
             command,
         } => {
+            // Trimmed, as `run` reads them: a token written with `echo` ends in a newline,
+            // which no header value may hold.
             let token = match token_file {
-                Some(f) => Some(
-                    std::fs::read_to_string(&f)
+                Some(f) => {
+                    let token = std::fs::read_to_string(&f)
                         .with_context(|| format!("--token-file {}", f.display()))?
                         .trim()
-                        .to_owned(),
-                ),
-                None => std::env::var("SWITCHYARD_ADMIN_TOKEN").ok(),
+                        .to_owned();
+                    anyhow::ensure!(!token.is_empty(), "--token-file {} is empty", f.display());
+                    Some(token)
+                }
+                None => std::env::var("SWITCHYARD_ADMIN_TOKEN")
+                    .ok()
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty()),
             };
             let command = match command {
                 CtlCommand::Status => ctl::Command::Status,

@@ -723,6 +723,32 @@ async fn ctl_refusals_exit_2() {
     assert_eq!(out.json()["generation"], 1);
 }
 
+/// The token from `SWITCHYARD_ADMIN_TOKEN` is trimmed as `run` trims it (`export
+/// T=$(cat f)` keeps no newline, but a token set from a file read whole does), and an empty
+/// token file is a local error (exit 1), not a request sent with an empty token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_trims_its_token_and_refuses_an_empty_token_file() {
+    let site = Site::new().await;
+    let _proxy = site.run().await;
+    let admin = site.admin_url();
+    let with_newline = format!("{TOKEN}\n");
+    let out = switchyard_with(
+        None,
+        Some(&with_newline),
+        &["ctl", "--admin", &admin, "commit"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+
+    let empty = site.dir.path().join("empty.token");
+    std::fs::write(&empty, "\n").expect("empty token file");
+    let out = site
+        .ctl(&["--token-file", empty.to_str().expect("utf-8"), "commit"])
+        .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("is empty"), "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exits_1_when_the_admin_api_is_unreachable() {
     let admin = format!("http://127.0.0.1:{}", free_port());
