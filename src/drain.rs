@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -194,6 +194,50 @@ impl Tracker {
         }
     }
 
+    /// Whether the answer in `slot` is past a drain deadline that covers its request (its
+    /// colour's, or its upstream's removal); registers `cx`'s waker for the colour's next
+    /// cut otherwise, the registration kept in `next` between calls. Called only while a
+    /// write to the client waits.
+    pub fn poll_answer_cut(
+        &self,
+        slot: &AnswerSlot,
+        next: &mut Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        let color = usize::from(slot.color.load(Ordering::Relaxed));
+        let Some(counts) = color.checked_sub(1).and_then(|i| self.colors.get(i)) else {
+            *next = None;
+            return false;
+        };
+        let generation = slot.generation.load(Ordering::Relaxed);
+        let upstream = slot.upstream.load(Ordering::Relaxed);
+        loop {
+            let notified =
+                next.get_or_insert_with(|| Box::pin(counts.cut.clone().notified_owned()));
+            notified.as_mut().enable();
+            if counts.http_cut.load(Ordering::Acquire) > generation
+                || self.retired_cut(upstream, generation)
+            {
+                return true;
+            }
+            match notified.as_mut().poll(cx) {
+                Poll::Ready(()) => *next = None,
+                Poll::Pending => return false,
+            }
+        }
+    }
+
+    /// Whether the removed upstream at address `upstream` (if it is one) cut its requests
+    /// of `generation`.
+    fn retired_cut(&self, upstream: usize, generation: u64) -> bool {
+        let retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired
+            .iter()
+            .filter(|u| Weak::as_ptr(u) as usize == upstream)
+            .filter_map(Weak::upgrade)
+            .any(|u| u.http_cut.load(Ordering::Acquire) > generation)
+    }
+
     /// Ends the plain HTTP requests on `color` that `order` covers: its deadline has come.
     pub fn cut_requests(&self, color: Color, order: &DrainOrder) {
         let c = &self.colors[color.index()];
@@ -359,6 +403,11 @@ impl RequestGuard {
     pub fn cut_watch(&self) -> CutWatch {
         self.cut.clone()
     }
+
+    /// Puts this request's answer in `slot`, the answer its HTTP/1.1 connection writes.
+    pub fn mark(&self, slot: &AnswerSlot) {
+        slot.answering(Some(&self.cut));
+    }
 }
 
 impl Drop for RequestGuard {
@@ -423,6 +472,36 @@ impl CutWatch {
                 Poll::Ready(()) => *next = None,
                 Poll::Pending => return false,
             }
+        }
+    }
+}
+
+/// The HTTP/1.1 answer a client connection is writing, as plain numbers set for each
+/// answer (nothing reference-counted, nothing locked, on the request path). hyper stops
+/// polling an answer's body while its client reads nothing, so the body's own drain cut
+/// (`proxy::body`) would wait for the stall timer; the connection's write that waits then
+/// checks the cut here instead (`Tracker::poll_answer_cut`, from `proxy::stall::ClientIo`).
+#[derive(Debug, Default)]
+pub struct AnswerSlot {
+    /// 0: an answer Switchyard wrote itself, never cut; else the colour's index + 1.
+    color: AtomicU8,
+    generation: AtomicU64,
+    /// The upstream's address, to find it among the retired ones; never dereferenced.
+    upstream: AtomicUsize,
+}
+
+impl AnswerSlot {
+    /// The answer now written is `cut`'s request's, or one of Switchyard's own (`None`).
+    pub fn answering(&self, cut: Option<&CutWatch>) {
+        match cut {
+            Some(cut) => {
+                let color = cut.upstream.color.index() as u8 + 1;
+                self.upstream
+                    .store(Arc::as_ptr(&cut.upstream) as usize, Ordering::Relaxed);
+                self.generation.store(cut.generation, Ordering::Relaxed);
+                self.color.store(color, Ordering::Relaxed);
+            }
+            None => self.color.store(0, Ordering::Relaxed),
         }
     }
 }

@@ -32,6 +32,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::h2::StreamWatch;
+use crate::drain::AnswerSlot;
 use crate::metrics::ListenerKind;
 use crate::proxy::body::BodyError;
 use crate::proxy::stall::{self, ClientIo, deadline_after};
@@ -123,6 +124,10 @@ pub struct Answer {
     body: ProxyBody,
     _busy: Option<Busy>,
     watch: Option<Arc<StreamWatch>>,
+    /// HTTP/1.1: the connection's slot holding this answer's drain cut, emptied once the
+    /// body has ended (the rest of it may still be on its way to a slow client, but the
+    /// request is no longer in flight).
+    answering: Option<Arc<AnswerSlot>>,
 }
 
 impl Body for Answer {
@@ -135,7 +140,14 @@ impl Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let Some(watch) = &this.watch else {
-            return Pin::new(&mut this.body).poll_frame(cx);
+            let polled = Pin::new(&mut this.body).poll_frame(cx);
+            if let Some(slot) = &this.answering
+                && (matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.body.is_end_stream())
+            {
+                slot.answering(None);
+                this.answering = None;
+            }
+            return polled;
         };
         watch.polling();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
@@ -324,8 +336,11 @@ pub async fn serve(
         let limits = table.settings.config.limits;
         let tls = table.settings.tls.clone();
         drop(table);
-        // Writes to a client that stops reading give up after `limits.stall_timeout`.
-        let socket = ClientIo::new(socket, proxy.router().clone());
+        // Writes to a client that stops reading give up after `limits.stall_timeout`, or
+        // at the drain deadline of the HTTP/1.1 answer they wait to write.
+        let answering = Arc::new(AnswerSlot::default());
+        let socket = ClientIo::new(socket, proxy.router().clone())
+            .cut_by(answering.clone(), proxy.tracker.clone());
         let proxy = proxy.clone();
         let mut watch = shutdown.subscribe();
         let slot = Slot::take(&open);
@@ -349,15 +364,28 @@ pub async fn serve(
                 // Boxed: the request's future is kilobytes, and HTTP/2 moves it whole
                 // into a task per stream (callgrind: 11 % fewer instructions per h2c
                 // request, 1 % more per HTTP/1.1 one; benches/RESULTS.md).
+                let answering = answering.clone();
                 Box::pin(proxy.handle(req, conn_info).map(move |response| {
                     Ok::<_, std::convert::Infallible>(response.map(|body| {
-                        if let Some(watch) = &watch {
-                            watch.answer_cut_by(body.cut_watch());
-                        }
+                        let answering = match &watch {
+                            Some(watch) => {
+                                watch.answer_cut_by(body.cut_watch());
+                                None
+                            }
+                            None if body.is_end_stream() => {
+                                answering.answering(None);
+                                None
+                            }
+                            None => {
+                                body.mark_answer(&answering);
+                                Some(answering)
+                            }
+                        };
                         Answer {
                             body,
                             _busy: busy,
                             watch,
+                            answering,
                         }
                     }))
                 }))

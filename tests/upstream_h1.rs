@@ -1864,6 +1864,63 @@ async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_stall_timeo
     assert_eq!(env.upstream_errors("timeout"), 0.0);
 }
 
+/// An answer its HTTP/1.1 client stopped reading is cut at its colour's drain deadline, as
+/// one on HTTP/2 is. hyper no longer polls the body of such an answer, so the body cannot
+/// see the deadline; the client's waiting write does. Before, the request stayed in flight
+/// on the old colour (`/drain/wait`: not drained) until `stall_timeout`, 5 minutes here.
+#[tokio::test]
+async fn an_answer_its_client_stopped_reading_is_cut_at_the_drain_deadline() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let request = b"GET /v1/speak HTTP/1.1\r\nhost: switchyard\r\n\r\n";
+    let (client, mut conn, _) = a_raw_request(&env, &mut up, request).await;
+    conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await;
+    // Until a write of the upstream's waits: every buffer on the way is full, and the
+    // body is no longer polled. (At most 256 MiB.)
+    let chunk = big_chunk();
+    let mut waiting = false;
+    for _ in 0..4096 {
+        let write = conn.io.write_all(chunk.as_bytes());
+        if tokio::time::timeout(Duration::from_millis(300), write)
+            .await
+            .is_err()
+        {
+            waiting = true;
+            break;
+        }
+    }
+    assert!(waiting, "the client's buffers never filled");
+    let blue = |status: &Value| status["colors"]["blue"]["in_flight"].clone();
+    assert_eq!(blue(&env.admin_get("/status").await.1), 1);
+
+    let (code, flipped) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "1s"})))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let (code, drained) = env.admin_get("/drain/wait?color=blue&timeout=15s").await;
+    assert_eq!(code, StatusCode::OK, "{drained}");
+    assert_eq!(drained["drained"], true, "{drained}");
+    assert_eq!(blue(&env.admin_get("/status").await.1), 0);
+    // The upstream's connection went with it.
+    let closed = within("the upstream connection to close", async {
+        loop {
+            if let Err(e) = conn.io.write_all(b"0\r\n\r\n").await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(
+            closed.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{closed}"
+    );
+    drop(client);
+}
+
 #[tokio::test]
 async fn a_client_that_reads_slowly_but_steadily_is_not_dropped() {
     let (env, mut client, mut conn) = a_chunked_answer_begun().await;

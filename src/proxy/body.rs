@@ -352,6 +352,17 @@ impl ProxyBody {
         }
     }
 
+    /// Puts this answer in `slot`, the answer its HTTP/1.1 connection writes now: a
+    /// proxied one with its request's drain cut, or one of Switchyard's own.
+    pub fn mark_answer(&self, slot: &crate::drain::AnswerSlot) {
+        match self {
+            ProxyBody::Upstream {
+                finish: Some(f), ..
+            } => f.finish.guard.mark(slot),
+            _ => slot.answering(None),
+        }
+    }
+
     /// Whether the request is past its colour's drain deadline; registers the waker for a
     /// later cut otherwise. An error ends the body, so the client sees an incomplete
     /// response rather than a silently short one.

@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Limits;
+use crate::drain::{AnswerSlot, Tracker};
 use crate::route_table::Router;
 
 /// The unsent bytes a client's or upstream's socket may hold (`TCP_NOTSENT_LOWAT`).
@@ -101,6 +102,9 @@ pub fn stalled(what: &str, period: Duration) -> String {
 /// The failure ends hyper's connection, and with it the exchange and its upstream
 /// connection. Reads pass through: a client that sends nothing is hyper's timer's
 /// (`header_read_timeout`) or an idle keep-alive.
+/// With `cut_by`, a waiting write also fails once the HTTP/1.1 answer being written is
+/// past its drain deadline: hyper does not poll the body of an answer its client does not
+/// read, so the body cannot end itself then.
 pub struct ClientIo<T> {
     io: T,
     router: Arc<Router>,
@@ -109,6 +113,10 @@ pub struct ClientIo<T> {
     /// Bytes written so far.
     written: u64,
     stall: StallTimer,
+    /// The answer being written, and where its cut is decided.
+    answer: Option<(Arc<AnswerSlot>, Arc<Tracker>)>,
+    /// The wake-up for its colour's next cut, while a write waits.
+    cut: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
 }
 
 impl<T> ClientIo<T> {
@@ -126,7 +134,16 @@ impl<T> ClientIo<T> {
             period,
             written: 0,
             stall: StallTimer::default(),
+            answer: None,
+            cut: None,
         }
+    }
+
+    /// Also fails a waiting write once the answer in `slot` (set for each HTTP/1.1 answer)
+    /// is past a drain deadline that covers it.
+    pub fn cut_by(mut self, slot: Arc<AnswerSlot>, tracker: Arc<Tracker>) -> ClientIo<T> {
+        self.answer = Some((slot, tracker));
+        self
     }
 
     /// Counts what a write wrote; a pending one waits on the stall timer.
@@ -138,6 +155,7 @@ impl<T> ClientIo<T> {
         match polled {
             Poll::Ready(Ok(n)) => {
                 self.written += n as u64;
+                self.cut = None;
                 Poll::Ready(Ok(n))
             }
             Poll::Pending => self.waiting(cx),
@@ -145,8 +163,16 @@ impl<T> ClientIo<T> {
         }
     }
 
-    /// After a write that is pending: an error once the client has stalled.
+    /// After a write that is pending: an error once the client has stalled, or once the
+    /// answer is past its drain deadline.
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        if let Some((slot, tracker)) = &self.answer
+            && tracker.poll_answer_cut(slot, &mut self.cut, cx)
+        {
+            let why = "the answer it did not read is past its drain deadline";
+            tracing::debug!(error = why, "client connection closed");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+        }
         let (router, limit) = (&self.router, self.period);
         let period = || limit(&router.load().settings.config.limits);
         match self.stall.poll(cx, self.written, period) {
