@@ -289,6 +289,71 @@ async fn an_answer_of_switchyards_own_gets_an_access_line() {
     assert_eq!(access[0]["color"], "blue", "{log}");
 }
 
+/// An upstream that breaks off an answer's body is named in a warning, as every other
+/// upstream failure is; before, only the access line (status 200) and a counter told.
+#[tokio::test]
+async fn an_upstream_that_breaks_off_a_body_is_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let broken = listener.local_addr().expect("addr");
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.")
+                .await;
+        }
+    });
+    let mut p = Proc::start_with("1s", None, "[health]\nmode = \"off\"").await;
+    let config = p.dir.path().join("switchyard.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let blue = p._stubs[0].url();
+    std::fs::write(&config, text.replace(&blue, &format!("http://{broken}"))).expect("config");
+    let reload = http::Request::post(format!("http://127.0.0.1:{}/reload", p.admin))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let (status, json) = send_json(&http_client(), reload).await;
+    assert_eq!(status, 200, "{json}");
+
+    let req = http::Request::get(format!("http://127.0.0.1:{}/v1/speak", p.proxy))
+        .header("authorization", "Token very-secret-client-key")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    // hyper may drop the head it buffered with the broken body: either way, an error.
+    if let Ok(response) = http_client().request(req).await {
+        assert_eq!(response.status(), 200);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert!(
+            body.is_err(),
+            "a body cut short is an error, not a short body"
+        );
+    }
+    p.signal("TERM");
+    assert_eq!(p.exit_code(PATIENCE).await, Some(0));
+    upstream.abort();
+    let log = p.log();
+    let warned: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| {
+            l["level"] == "WARN" && l["message"] == "upstream broke off its answer's body"
+        })
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert_eq!(warned[0]["upstream"], format!("http://{broken}"), "{log}");
+    assert_eq!(warned[0]["bytes_to_client"], 10, "{log}");
+}
+
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
     let mut p = Proc::start("30m").await;

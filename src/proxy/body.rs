@@ -465,11 +465,13 @@ impl Body for ProxyBody {
                         }
                     }
                     // The upstream broke off its body (closed mid-body, bad chunking).
-                    Poll::Ready(Some(Err(_))) => {
+                    Poll::Ready(Some(Err(e))) => {
                         if let Some(f) = finish.take() {
                             let f = &f.finish;
+                            let upstream = f.guard.upstream();
                             f.metrics
-                                .upstream_error(f.guard.upstream(), UpstreamErrorKind::Protocol);
+                                .upstream_error(upstream, UpstreamErrorKind::Protocol);
+                            tracing::warn!(upstream = %upstream.name, color = %f.color, error = %e, bytes_to_client = f.bytes, "upstream broke off its answer's body");
                         }
                     }
                     // The end: the request is over.
