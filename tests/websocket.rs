@@ -553,6 +553,56 @@ async fn speak_drain_closes_after_its_own_flush_is_answered() {
     assert_eq!(audio, ["first", "second"], "{messages:?}");
 }
 
+/// An upstream may send its `Flushed` in fragments (a text frame and continuations): the
+/// speak drain still sees it, sends `Close` at once and ends as `drain_graceful`. Before,
+/// only a `Flushed` in one frame was seen, and the drain waited out `drain.grace` (10 s
+/// here) and ended as `drain_forced`.
+#[tokio::test]
+async fn a_fragmented_flushed_ends_a_speak_drain_at_once() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let addr = scripted_upstream(false, |mut ws| async move {
+        while let Some(Ok(message)) = ws.next().await {
+            let text = message.to_text().unwrap_or("").to_owned();
+            if text.contains("\"Flush\"") {
+                let first = Frame::message(r#"{"type":"Flu"#, OpCode::Data(Data::Text), false);
+                let last = Frame::message(
+                    r#"shed","sequence_id":0}"#,
+                    OpCode::Data(Data::Continue),
+                    true,
+                );
+                for frame in [first, last] {
+                    if ws.send(Message::Frame(frame)).await.is_err() {
+                        return;
+                    }
+                }
+            } else if text.contains("\"Close\"") {
+                let _ = ws.close(None).await;
+            }
+        }
+    })
+    .await;
+    let env = support::env_with_blue_at(addr).await;
+    let (mut ws, _) = open(&env.ws_url("/v1/speak")).await;
+    ws.send(Message::text(r#"{"type":"Speak","text":"hello"}"#))
+        .await
+        .expect("sent");
+    flip_with(&env, "green", "0s").await;
+    let (got, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1012));
+    let flushed: Vec<String> = got
+        .iter()
+        .filter_map(|m| m.to_text().ok().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        flushed,
+        [r#"{"type":"Flushed","sequence_id":0}"#],
+        "{got:?}"
+    );
+    eventually(|| async { closes_of(&env, "drain_graceful") == Some(1.0) }).await;
+    assert_eq!(closes_of(&env, "drain_forced"), Some(0.0));
+}
+
 /// A client that ends its stream itself while the drain is under way gets 1000, not 1012:
 /// Deepgram's JS SDK reconnects on 1012, and would revive a session its app had ended.
 #[tokio::test]

@@ -7,7 +7,8 @@
 //! frames and never inside a fragmented message. It reads only when everything read so
 //! far has been written, so a destination that stops reading stops the source (TCP
 //! back-pressure): memory is one read buffer, plus a whole control frame or small text
-//! frame when it must look inside one.
+//! frame when it must look inside one (and up to 4 KiB of a fragmented text message
+//! whose fragments it looks inside).
 //!
 //! Frames read together go on in one write: a pump that falls behind reads many frames at
 //! once and then makes one system call for all of them, not one per frame, so it catches
@@ -31,7 +32,8 @@ const FIRST_READ: usize = 4 * 1024;
 /// larger first burst comes with the next read.
 const FIRST_WAIT: usize = 1024;
 const MAX_READ: usize = 64 * 1024;
-/// Largest text frame searched for `Flushed` (Deepgram's control messages are tiny).
+/// Largest text message searched for `Flushed` and the like, in one frame or in
+/// fragments (Deepgram's control messages are tiny).
 const MAX_WATCHED: u64 = 4 * 1024;
 
 /// What stops a pump.
@@ -106,6 +108,9 @@ pub struct Pump {
     pub reset_type: Option<&'static str>,
     /// `counted` when the last `reset_type` message was passed on.
     pub counted_at_reset: u64,
+    /// The text so far of a fragmented text message being looked inside (its fragments
+    /// are passed on or dropped as they come; the message is read at its last).
+    watched_text: Option<Vec<u8>>,
     /// A client text message counted in `dropped` like audio when it is dropped (speak's
     /// `Speak`: text that is never spoken). Looked for in text frames of up to 4 KiB.
     pub dropped_type: Option<&'static str>,
@@ -156,6 +161,7 @@ impl Pump {
             counted: 0,
             reset_type: None,
             counted_at_reset: 0,
+            watched_text: None,
             dropped_type: None,
             bytes: 0,
             uncounted: 0,
@@ -295,6 +301,10 @@ impl Pump {
                         && !self.drops(&header)
                         && !self.watches(&header) =>
                 {
+                    // A fragment not looked inside: its message is no longer read whole.
+                    if header.opcode == frames::CONTINUATION {
+                        self.watched_text = None;
+                    }
                     self.pass_on(&header);
                 }
                 _ => return,
@@ -408,16 +418,44 @@ impl Pump {
     }
 
     /// Whether a frame is looked inside: for `Flushed` and `Cleared`, or for the client's
-    /// end message, `count_type`, `reset_type` or `dropped_type`.
+    /// end message, `count_type`, `reset_type` or `dropped_type`. A text message may come
+    /// in fragments: each is looked inside, and the message read at its last.
     fn watches(&self, header: &Header) -> bool {
-        (self.watch_flushed
-            || self.watch_end.is_some()
-            || self.count_type.is_some()
-            || self.reset_type.is_some()
-            || self.dropped_type.is_some())
-            && header.opcode == frames::TEXT
-            && header.fin
-            && header.len <= MAX_WATCHED
+        let text = match header.opcode {
+            frames::TEXT => true,
+            frames::CONTINUATION => self.watched_text.is_some(),
+            _ => false,
+        };
+        text && header.len <= MAX_WATCHED
+            && (self.watch_flushed
+                || self.watch_end.is_some()
+                || self.count_type.is_some()
+                || self.reset_type.is_some()
+                || self.dropped_type.is_some())
+    }
+
+    /// The text of the watched message `header`'s frame ends, if it ends one: the frame's
+    /// own, or its fragments' gathered. A fragment that does not end its message is kept.
+    fn watched_message(&mut self, header: &Header) -> Option<Vec<u8>> {
+        let frame = &self.buf[..header.size + header.len as usize];
+        let payload = frames::payload(header, frame);
+        let text = match self.watched_text.take() {
+            // A continuation: the message so far, unless this makes it too long to read.
+            Some(mut text) => {
+                if (text.len() + payload.len()) as u64 > MAX_WATCHED {
+                    return None;
+                }
+                text.extend_from_slice(&payload);
+                text
+            }
+            None => payload,
+        };
+        if header.fin {
+            Some(text)
+        } else {
+            self.watched_text = Some(text);
+            None
+        }
     }
 
     /// Starts passing a frame on.
@@ -493,14 +531,15 @@ impl Pump {
         if watched && !whole {
             return Start::NeedWhole;
         }
+        if !watched && header.opcode == frames::CONTINUATION {
+            self.watched_text = None;
+        }
         let mut flushed = false;
         let mut cleared = false;
         let mut counts = false;
         let mut resets = false;
         let mut content = false;
-        if watched {
-            let frame = &self.buf[..header.size + header.len as usize];
-            let text = frames::payload(&header, frame);
+        if let Some(text) = watched.then(|| self.watched_message(&header)).flatten() {
             flushed = self.watch_flushed && super::websocket::is_type(&text, "Flushed");
             cleared = self.watch_flushed && super::websocket::is_type(&text, "Cleared");
             if let Some(end) = self.watch_end

@@ -651,3 +651,103 @@ async fn an_injected_frame_does_not_wait_for_the_rest_of_a_dropped_one() {
     upstream.read_to_end(&mut rest).await.expect("read");
     assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
 }
+
+/// An upstream frame, unmasked; `fin` false for a fragment that does not end its message.
+fn plain(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut frame = frames::encode(opcode, payload, false).to_vec();
+    if !fin {
+        frame[0] &= 0x7F;
+    }
+    frame
+}
+
+/// A `Flushed` the upstream sends in fragments, with a ping between them, is seen at its
+/// last fragment, and every fragment still passes on as it came.
+#[tokio::test]
+async fn a_fragmented_flushed_is_reported_at_its_last_fragment() {
+    let (mut upstream, mut src) = duplex(1 << 16);
+    let (mut dst, mut client) = duplex(1 << 16);
+    let counter = IntCounter::new("t", "t").expect("counter");
+    let mut pump = Pump::new(false, counter);
+    pump.watch_flushed = true;
+    let parts = [
+        plain(frames::TEXT, false, br#"{"type":"Flu"#),
+        plain(frames::PING, true, b"p"),
+        plain(frames::CONTINUATION, false, br#"shed","seq"#),
+        plain(frames::CONTINUATION, true, br#"uence_id":1}"#),
+    ];
+    let mut sent = Vec::new();
+    for part in &parts[..3] {
+        upstream.write_all(part).await.expect("write");
+        sent.extend_from_slice(part);
+        assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    }
+    upstream.write_all(&parts[3]).await.expect("write");
+    sent.extend_from_slice(&parts[3]);
+    assert!(matches!(
+        run(&mut pump, &mut src, &mut dst).await,
+        Some(Event::Flushed)
+    ));
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(read_exactly(&mut client, sent.len()).await, sent);
+}
+
+/// The client's own end of stream in fragments is seen too; a message whose text passes
+/// 4 KiB, or whose fragments are not all looked inside, is not read at all.
+#[tokio::test]
+async fn a_fragmented_message_is_read_whole_or_not_at_all() {
+    let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+    pump.watch_end = Some("CloseStream");
+    client
+        .write_all(&masked(frames::TEXT, false, br#"{"type": "Clo"#))
+        .await
+        .expect("write");
+    client
+        .write_all(&masked(frames::CONTINUATION, true, br#"seStream"}"#))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert!(
+        pump.client_ended,
+        "a fragmented CloseStream ends the stream"
+    );
+
+    let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+    pump.watch_end = Some("CloseStream");
+    let padding = vec![b' '; 4 * 1024];
+    client
+        .write_all(&masked(frames::TEXT, false, br#"{"type": "#))
+        .await
+        .expect("write");
+    client
+        .write_all(&masked(frames::CONTINUATION, false, &padding))
+        .await
+        .expect("write");
+    client
+        .write_all(&masked(frames::CONTINUATION, true, br#""CloseStream"}"#))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert!(!pump.client_ended, "past 4 KiB the message is not read");
+
+    let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+    pump.watch_end = Some("CloseStream");
+    let large = vec![b' '; 5 * 1024];
+    client
+        .write_all(&masked(frames::TEXT, false, br#"{"type": "CloseStream""#))
+        .await
+        .expect("write");
+    client
+        .write_all(&masked(frames::CONTINUATION, false, &large))
+        .await
+        .expect("write");
+    client
+        .write_all(&masked(frames::CONTINUATION, true, b"}"))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert!(
+        !pump.client_ended,
+        "a fragment not looked inside leaves no half text to match"
+    );
+}
