@@ -261,8 +261,9 @@ impl Tracker {
     /// A reload removed `upstream` from its pool: its streams and requests drain by `order`.
     pub fn retire(&self, upstream: &Arc<Upstream>, order: DrainOrder) {
         upstream.retire(order);
-        // It gets no new requests, so its kept connections serve none.
-        upstream.idle.clear();
+        // It gets no new requests, so its kept connections serve none, nor will those its
+        // requests still running finish with.
+        upstream.idle.close();
         let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
         retired
             .retain(|u| u.strong_count() > 0 && !std::ptr::eq(u.as_ptr(), Arc::as_ptr(upstream)));
@@ -272,6 +273,7 @@ impl Tracker {
     /// A reload listed a removed upstream again: its drain is cancelled.
     pub fn reinstate(&self, upstream: &Arc<Upstream>) {
         upstream.reinstate();
+        upstream.idle.open();
         let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
         retired
             .retain(|u| u.strong_count() > 0 && !std::ptr::eq(u.as_ptr(), Arc::as_ptr(upstream)));

@@ -1921,6 +1921,44 @@ async fn an_answer_its_client_stopped_reading_is_cut_at_the_drain_deadline() {
     drop(client);
 }
 
+/// A request still running on an upstream a reload removed finishes with its connection
+/// closed, not kept: the upstream gets no new requests, and its health loop, which sweeps
+/// kept connections, has stopped. Before, the connection stayed open until the upstream's
+/// last stream or request ended (up to the removal's drain deadline, 30 minutes).
+#[tokio::test]
+async fn a_connection_to_a_removed_upstream_is_not_kept() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let (get, mut conn) = a_get_taken(&env, &mut up, "/v1/listen").await;
+    // A second request keeps the removed upstream alive after the first ends (as a stream
+    // on it would); without one, the upstream goes whole when its last request ends.
+    let (other, mut other_conn) = a_get_taken(&env, &mut up, "/v1/listen").await;
+    let builder = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    };
+    env.write_config(
+        &builder,
+        &format!("\"{}\"", env.blue[0].url()),
+        &format!("\"{}\"", env.green[0].url()),
+    );
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    let answer = joined("the answer", get).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    conn.expect_closed("Switchyard closes the removed upstream's connection")
+        .await;
+    other_conn
+        .write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    assert_eq!(
+        joined("the other answer", other).await.status(),
+        StatusCode::OK
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_reads_slowly_but_steadily_is_not_dropped() {
     let (env, mut client, mut conn) = a_chunked_answer_begun().await;

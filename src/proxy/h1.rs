@@ -214,17 +214,23 @@ impl Conn {
 
 /// Connections to one upstream that finished an exchange and may carry another.
 pub struct Idle {
+    parked: Mutex<Parked>,
+}
+
+/// What `Idle` guards.
+#[derive(Default)]
+struct Parked {
     /// Oldest first: parked at the end, taken from the end.
-    conns: Mutex<Vec<(Conn, Instant)>>,
+    conns: Vec<(Conn, Instant)>,
+    /// The upstream was removed from its pool: it gets no new requests, so a connection
+    /// its last ones finish with is closed, not kept (its health loop, which sweeps idle
+    /// connections, has stopped too).
+    closed: bool,
 }
 
 impl std::fmt::Debug for Idle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self
-            .conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
+        let n = self.lock().conns.len();
         f.debug_struct("Idle").field("conns", &n).finish()
     }
 }
@@ -232,7 +238,7 @@ impl std::fmt::Debug for Idle {
 impl Default for Idle {
     fn default() -> Idle {
         Idle {
-            conns: Mutex::new(Vec::new()),
+            parked: Mutex::new(Parked::default()),
         }
     }
 }
@@ -242,7 +248,7 @@ impl Idle {
     /// verified with `trust` (a reload may have replaced the trust since).
     fn take(&self, trust: &Arc<rustls::ClientConfig>) -> Option<Conn> {
         loop {
-            let (mut conn, since) = self.lock().pop()?;
+            let (mut conn, since) = self.lock().conns.pop()?;
             if conn.trust.as_ref().is_some_and(|t| !Arc::ptr_eq(t, trust)) {
                 continue;
             }
@@ -260,9 +266,9 @@ impl Idle {
     }
 
     fn park(&self, conn: Conn) {
-        let mut conns = self.lock();
-        if conns.len() < MAX_IDLE {
-            conns.push((conn, Instant::now()));
+        let mut parked = self.lock();
+        if parked.conns.len() < MAX_IDLE && !parked.closed {
+            parked.conns.push((conn, Instant::now()));
         }
     }
 
@@ -271,6 +277,7 @@ impl Idle {
     pub fn sweep(&self) {
         let gone: Vec<_> = self
             .lock()
+            .conns
             .extract_if(.., |(conn, since)| {
                 since.elapsed() >= IDLE_TIMEOUT || !conn.is_open()
             })
@@ -280,13 +287,29 @@ impl Idle {
 
     /// Closes every parked connection.
     pub fn clear(&self) {
-        let gone = std::mem::take(&mut *self.lock());
+        let gone = std::mem::take(&mut self.lock().conns);
         drop(gone);
+    }
+
+    /// Closes every parked connection, and every one parked from now on until `open`: the
+    /// upstream was removed from its pool.
+    pub fn close(&self) {
+        let gone = {
+            let mut parked = self.lock();
+            parked.closed = true;
+            std::mem::take(&mut parked.conns)
+        };
+        drop(gone);
+    }
+
+    /// Keeps connections again: the upstream is back in its pool.
+    pub fn open(&self) {
+        self.lock().closed = false;
     }
 
     /// How many connections are parked.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().conns.len()
     }
 
     /// Whether none are parked.
@@ -294,8 +317,8 @@ impl Idle {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
-        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -125,3 +125,30 @@ fn a_response_with_both_framings_is_answered_but_its_connection_not_kept() {
     assert!(!keep);
     assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
 }
+
+/// An upstream a reload removed keeps no connection: neither those parked when it was
+/// removed nor those its requests still running finish with later (its health loop, which
+/// would sweep them, has stopped). Put back in its pool, it keeps them again.
+#[tokio::test]
+async fn a_closed_idle_set_keeps_nothing_until_opened() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let idle = Idle::default();
+    let mut peers = Vec::new();
+    let mut connect = async || {
+        let conn = TcpStream::connect(addr).await.expect("connect");
+        peers.push(listener.accept().await.expect("accept"));
+        Conn::new(Stream::Plain(conn), None)
+    };
+    idle.park(connect().await);
+    assert_eq!(idle.len(), 1);
+    idle.close();
+    assert_eq!(idle.len(), 0, "the parked one is closed");
+    idle.park(connect().await);
+    assert_eq!(idle.len(), 0, "one finished after the removal is not kept");
+    idle.open();
+    idle.park(connect().await);
+    assert_eq!(idle.len(), 1, "put back, it keeps them again");
+}
