@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::h2::StreamWatch;
 use crate::drain::AnswerSlot;
-use crate::metrics::ListenerKind;
+use crate::metrics::{GaugeGuard, ListenerKind};
 use crate::proxy::body::BodyError;
 use crate::proxy::stall::{self, ClientIo, deadline_after};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
@@ -64,23 +64,6 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.0.count.fetch_sub(1, Ordering::AcqRel);
         self.0.released.notify_waiters();
-    }
-}
-
-/// A connection counted in the `connections` gauge until dropped, also by a panic that
-/// unwinds its task.
-struct Counted(prometheus::IntGauge);
-
-impl Counted {
-    fn new(gauge: &prometheus::IntGauge) -> Counted {
-        gauge.inc();
-        Counted(gauge.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
@@ -346,7 +329,8 @@ pub async fn serve(
         let slot = Slot::take(&open);
         let open_for_streams = open.clone();
         tokio::spawn(async move {
-            let _counted = Counted::new(proxy.metrics().connections(kind));
+            // In the `connections` gauge until the task ends, also by a panic.
+            let _counted = GaugeGuard::new(proxy.metrics().connections(kind));
             let conn_info = ConnInfo::new(client, kind, tls.is_some(), open_for_streams);
             let activity = Arc::new(Activity::default());
             let seen = activity.clone();

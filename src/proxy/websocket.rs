@@ -512,7 +512,9 @@ enum Ending {
 impl Stream {
     async fn relay(mut self, mut client: Io, mut upstream: Switched) {
         let metrics = self.proxy.metrics.color(self.color).clone();
-        metrics.open_streams(self.endpoint).inc();
+        // Counted until the stream ends, whatever way it ends (a panic, the runtime
+        // dropping the task at exit).
+        let open = GaugeGuard::new(metrics.open_streams(self.endpoint));
         // `up` carries the client's frames upstream, `down` the upstream's to the client.
         let mut up = Pump::new(true, metrics.bytes_to_upstream.clone());
         let mut down = Pump::new(false, metrics.bytes_to_client.clone());
@@ -818,7 +820,7 @@ impl Stream {
         };
         if let Some(close) = forwarded {
             close_through(&mut client, &mut upstream, &mut down, close, client_close).await;
-            metrics.open_streams(self.endpoint).dec();
+            drop(open);
             self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
             return;
         }
@@ -840,7 +842,7 @@ impl Stream {
             finish(&mut client, &mut up, client_waits && to_client.sent),
             finish(&mut upstream, &mut down, upstream_waits && to_upstream.sent),
         );
-        metrics.open_streams(self.endpoint).dec();
+        drop(open);
         self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
     }
 
