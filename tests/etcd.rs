@@ -1118,6 +1118,52 @@ async fn a_replica_restarted_while_the_key_is_invalid_starts_from_its_state_file
     }
 }
 
+/// Two live replicas with one `replica_id` (a config file shared by every pod, with the
+/// id in it) overwrite each other's record, and `wait_replicas` cannot tell them apart:
+/// each warns that another replica records itself under its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_replica_id_used_twice_is_warned_about() {
+    let etcd = Etcd::any().await;
+    let mut fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "twins",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let b = &mut fleet.replicas[1];
+    b.kill().await;
+    let config = std::fs::read_to_string(b.config()).expect("config");
+    assert!(config.contains("replica_id = \"proxy-b\""), "{config}");
+    std::fs::write(
+        b.config(),
+        config.replace("replica_id = \"proxy-b\"", "replica_id = \"proxy-a\""),
+    )
+    .expect("config");
+    b.run().await;
+    let warning = "another replica records itself under this replica's id";
+    let a = &fleet.replicas[0];
+    until("proxy-a to warn", PATIENCE, || async {
+        a.log().contains(warning)
+    })
+    .await;
+    // A change makes the second one write its record again, under its own lease.
+    let (code, flipped) = a.post("/flip", json!({"to": "green"})).await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let b = &fleet.replicas[1];
+    until("the second proxy-a to warn", PATIENCE, || async {
+        b.log().contains(warning)
+    })
+    .await;
+    assert!(!fleet.replicas[2].log().contains(warning));
+    for r in &mut fleet.replicas {
+        r.kill().await;
+    }
+}
+
 /// A first start while etcd is down: the replica starts on `routing.initial` and writes
 /// the key when etcd is back. A later first start (with another `initial`) while etcd is
 /// down finds the key written by then, and follows it instead of writing its own.

@@ -87,6 +87,10 @@ pub struct Shared {
     /// Why this replica is not in sync, for `/status`: the watch's last error, or an
     /// invalid state under the key.
     problem: Mutex<Option<String>>,
+    /// The lease this replica's record is bound to (0 before it has one).
+    lease: AtomicI64,
+    /// The last other lease found recording this replica's id (warned about once).
+    twin: AtomicI64,
 }
 
 /// The key and the replica list read at one revision.
@@ -137,6 +141,8 @@ impl EtcdStore {
                 in_sync: metrics.store_in_sync.clone(),
                 guessing: AtomicBool::new(false),
                 problem: Mutex::new(None),
+                lease: AtomicI64::new(0),
+                twin: AtomicI64::new(0),
             }),
         })
     }
@@ -289,6 +295,7 @@ impl EtcdStore {
             shared: self.shared.clone(),
         };
         let registration = Registration {
+            shared: self.shared.clone(),
             client: self.client.clone(),
             key: replicas_prefix(&self.key) + &self.shared.replica_id,
             lease_ttl: self.lease_ttl,
@@ -433,6 +440,22 @@ impl Shared {
             self.guessing.store(false, Ordering::Release);
         }
         self.in_sync.set(i64::from(in_sync));
+    }
+
+    /// This replica's record was written under `lease`: if that is not this replica's own
+    /// lease, another live replica has the same id, and each overwrites the other's record
+    /// (`wait_replicas` cannot tell them apart). Warned once per other lease.
+    fn own_record(&self, lease: i64) {
+        let own = self.lease.load(Ordering::Acquire);
+        if own == 0 || lease == own || self.twin.swap(lease, Ordering::AcqRel) == lease {
+            return;
+        }
+        tracing::warn!(
+            replica = %self.replica_id,
+            lease,
+            own,
+            "another replica records itself under this replica's id; give each replica its own etcd.replica_id (or leave it out: host:admin-port)"
+        );
     }
 
     fn set_problem(&self, problem: Option<String>) {
@@ -609,6 +632,9 @@ impl Watcher {
                 self.observed(Change::Observed(observed)).await?;
             } else if let Some(id) = kv.key().strip_prefix(prefix.as_bytes()) {
                 let id = String::from_utf8_lossy(id).into_owned();
+                if event.event_type() == EventType::Put && id == self.shared.replica_id {
+                    self.shared.own_record(kv.lease());
+                }
                 match event.event_type() {
                     EventType::Put => match generation_of(kv.value()) {
                         Some(generation) => {
@@ -647,6 +673,7 @@ impl Watcher {
 
 /// This replica's record under `{key}/replicas/`, bound to a lease.
 struct Registration {
+    shared: Arc<Shared>,
     client: Client,
     key: String,
     lease_ttl: Duration,
@@ -694,6 +721,7 @@ impl Registration {
             .await?
             .id();
         *lease = Some(id);
+        self.shared.lease.store(id, Ordering::Release);
         let (mut keeper, mut answers) = within(self.timeout, client.lease_keep_alive(id)).await?;
         if std::mem::take(lost) {
             tracing::info!(key = %self.key, "registered again in etcd");
