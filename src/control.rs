@@ -348,11 +348,6 @@ impl Writer {
     }
 
     async fn apply(&mut self, change: Change, asked: Instant) -> Result<Outcome, ChangeError> {
-        if !matches!(change, Change::Observed(_) | Change::Rewound(_)) {
-            // A change that waited out the store's time behind others that etcd did not
-            // answer is refused before it is tried.
-            self.store.in_time(asked)?;
-        }
         let current = self.router.load_full();
         let (expect, reason) = match &change {
             Change::Flip(r) | Change::Rollback(r) => (r.expect_generation, r.reason.as_deref()),
@@ -430,13 +425,13 @@ impl Writer {
                 return self.observe(seen).await;
             }
         };
-        // A reload's time runs from its save, since it also probed the upstreams it adds.
-        let since = if action == Action::Reload {
-            Instant::now()
-        } else {
-            asked
+        // A change that waited behind one etcd did not answer is refused without waiting as
+        // long again, so changes asked for together are all answered within etcd.timeout.
+        let saved = match self.store.refused_since(asked) {
+            Some(e) => Err(e),
+            None => self.store.save(&new_state).await,
         };
-        let saved = match self.store.save(&new_state, since).await {
+        let saved = match saved {
             Ok(saved) => saved,
             Err(e) => {
                 tracing::error!(action = action.as_str(), error = %e, "could not store the route change; it is refused and the route stays as it was");
@@ -694,22 +689,45 @@ impl Writer {
             changed: false,
             table,
         };
-        let seen = match seen.state {
-            Some(_) => seen,
-            None => {
-                let ours = self.state.load_full();
-                match self.store.create_missing(&ours).await? {
-                    Saved::Done => {
-                        tracing::info!(
-                            generation = ours.generation,
-                            "wrote this replica's route state to the missing store key"
-                        );
-                        return Ok(unchanged(self.router.load_full()));
-                    }
-                    Saved::Conflict(now) => now,
+        let mut seen = seen;
+        // A missing key, or one older than this replica's state, gets this replica's state;
+        // a write that loses a race looks at what won (a few rounds at most: the watch
+        // brings whatever comes after).
+        let mut rounds = 0;
+        loop {
+            let ours = self.state.load_full();
+            let saved = match &seen.state {
+                None => self.store.create_missing(&ours).await?,
+                // Generations only grow, and the drain bookkeeping counts on it: etcd holds an
+                // older state than one this replica applied (restored from a backup, or written
+                // by hand), so the newest this replica has goes back instead.
+                Some(theirs) if theirs.generation < ours.generation => {
+                    tracing::warn!(
+                        stored = theirs.generation,
+                        ours = ours.generation,
+                        revision = seen.revision,
+                        "etcd holds an older route state than this replica applied (restored from a backup?); writing this replica's back"
+                    );
+                    self.store.expect(seen.revision);
+                    self.store.save(&ours).await?
                 }
+                Some(_) => break,
+            };
+            match saved {
+                Saved::Done => {
+                    tracing::info!(
+                        generation = ours.generation,
+                        "wrote this replica's route state to the store key"
+                    );
+                    return Ok(unchanged(self.router.load_full()));
+                }
+                Saved::Conflict(now) if rounds < 3 => {
+                    rounds += 1;
+                    seen = now;
+                }
+                Saved::Conflict(_) => return Ok(unchanged(self.router.load_full())),
             }
-        };
+        }
         let (Some(state), true) = (seen.state, self.store.is_news(seen.revision)) else {
             return Ok(unchanged(self.router.load_full()));
         };

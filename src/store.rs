@@ -129,23 +129,21 @@ impl Store {
         }
     }
 
-    /// Refuses a change asked for at `asked` whose time is up before it is tried: with
-    /// etcd, `etcd.timeout` spent waiting behind earlier changes. The file store has no
-    /// such bound.
+    /// Why a change asked for at `asked` is refused before it is tried, if it is: with
+    /// etcd, a write etcd did not answer (or refused) while the change waited its turn.
+    /// The file store refuses none this way.
     #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
-    pub fn in_time(&self, asked: Instant) -> Result<(), StoreError> {
+    pub fn refused_since(&self, asked: Instant) -> Option<StoreError> {
         match self {
-            Store::File(_) => Ok(()),
+            Store::File(_) => None,
             #[cfg(feature = "etcd")]
-            Store::Etcd(etcd) => etcd.in_time(asked),
+            Store::Etcd(etcd) => etcd.refused_since(asked),
         }
     }
 
     /// Stores a change before it is published. With etcd the write is conditioned on the
-    /// revision this replica follows, a lost race answers what won, and etcd gets until
-    /// `etcd.timeout` after `since` to answer.
-    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
-    pub async fn save(&mut self, state: &RouteState, since: Instant) -> Result<Saved, StoreError> {
+    /// revision this replica follows, and a lost race answers what won.
+    pub async fn save(&mut self, state: &RouteState) -> Result<Saved, StoreError> {
         match self {
             Store::File(file) => {
                 let file = file.clone();
@@ -156,7 +154,7 @@ impl Store {
                 Ok(Saved::Done)
             }
             #[cfg(feature = "etcd")]
-            Store::Etcd(etcd) => etcd.save(state, since).await,
+            Store::Etcd(etcd) => etcd.save(state).await,
         }
     }
 
@@ -179,6 +177,17 @@ impl Store {
             Store::File(_) => false,
             #[cfg(feature = "etcd")]
             Store::Etcd(etcd) => etcd.is_news(revision),
+        }
+    }
+
+    /// Conditions the next write on the key being at `revision` (nothing for the file
+    /// store), without following the state there: the write is to replace it.
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    pub fn expect(&mut self, revision: i64) {
+        match self {
+            Store::File(_) => {}
+            #[cfg(feature = "etcd")]
+            Store::Etcd(etcd) => etcd.expect(revision),
         }
     }
 

@@ -65,6 +65,13 @@ where
     }
 }
 
+/// Waits for `what`, bounded by PATIENCE.
+async fn within_patience<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {PATIENCE:?}"))
+}
+
 // ---- etcd ------------------------------------------------------------------------------
 
 /// An etcd child of this test, on free ports with its own data directory, so the test can
@@ -953,13 +960,16 @@ async fn a_replica_restarted_while_etcd_is_down_starts_from_its_state_file() {
     }
 }
 
-/// etcd restored from a backup holds an older history than the one the replicas followed.
-/// They follow what it holds now (the backup's route), say they are in sync, and take the
-/// next change. Before, each kept its newer state (its revision ahead of etcd's ignored
-/// everything etcd held), answered every change 409 and still said it was in sync.
+/// etcd restored from a backup holds an older history than the one the replicas followed,
+/// and an older route state. Generations only grow (drains and request cuts count on it),
+/// and a restore must not move traffic: the replicas write the newest state they applied
+/// back, follow it, and take the next change. Before, each kept its state but ignored
+/// everything etcd held (its revision ahead of etcd's), answered every change 409 and
+/// still said it was in sync; adopting the backup instead would have taken the generation
+/// back, and with it cut every request on the active colour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd"]
-async fn replicas_follow_etcd_restored_from_an_older_backup() {
+async fn replicas_write_their_state_back_to_etcd_restored_from_an_older_backup() {
     let mut etcd = OwnEtcd::start().await;
     let mut fleet = Fleet::start(
         &etcd.endpoint(),
@@ -980,34 +990,59 @@ async fn replicas_follow_etcd_restored_from_an_older_backup() {
     copy_dir(&data, &backup);
     etcd.run().await;
     fleet.settled().await;
+    // Blue's requests are cut at once: a table that went back to `generation` would have
+    // all of blue's new requests cut too.
     let (code, flipped) = fleet.replicas[0]
         .post(
             "/flip",
-            json!({"to": "green", "reason": "after the backup"}),
+            json!({"to": "green", "drain_timeout": "0s", "reason": "after the backup"}),
         )
         .await;
     assert_eq!(code, StatusCode::OK, "{flipped}");
     fleet.converged("green", generation + 1, FOLLOW).await;
+    let before = fleet.agreed().await;
 
     etcd.kill().await;
     std::fs::remove_dir_all(&data).expect("the data directory goes");
     copy_dir(&backup, &data);
     etcd.run().await;
-    fleet.converged("blue", generation, PATIENCE).await;
+    let client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("an etcd client");
+    until("etcd to hold the newest state again", PATIENCE, || {
+        let mut client = client.clone();
+        let key = fleet.key.clone();
+        async move {
+            let got = client.get(key, None).await.expect("get");
+            let state: Value = serde_json::from_slice(got.kvs()[0].value()).expect("json");
+            state["generation"] == generation + 1
+        }
+    })
+    .await;
     fleet.settled().await;
     let now = fleet.agreed().await;
-    assert_eq!(now["changed_at"], backed_up["changed_at"], "{now}");
+    assert_eq!(now["active"], "green", "{now}");
+    assert_eq!(now["generation"], generation + 1, "{now}");
+    assert_eq!(now["changed_at"], before["changed_at"], "{now}");
     for r in &fleet.replicas {
-        assert_eq!(r.routes_to().await, "blue", "{}", r.id);
-        assert!(r.log().contains("etcd's history is behind"), "{}", r.log());
+        assert_eq!(r.routes_to().await, "green", "{}", r.id);
     }
+    assert!(
+        fleet.replicas.iter().any(|r| r
+            .log()
+            .contains("older route state than this replica applied")),
+        "one of them wrote it back"
+    );
 
     let (code, flipped) = fleet.replicas[1]
-        .post("/flip", json!({"to": "green"}))
+        .post("/flip", json!({"to": "blue", "drain_timeout": "0s"}))
         .await;
     assert_eq!(code, StatusCode::OK, "{flipped}");
-    fleet.converged("green", generation + 1, FOLLOW).await;
+    fleet.converged("blue", generation + 2, FOLLOW).await;
     fleet.agreed().await;
+    for r in &fleet.replicas {
+        assert_eq!(r.routes_to().await, "blue", "{}", r.id);
+    }
     for r in &mut fleet.replicas {
         r.kill().await;
     }
@@ -1116,6 +1151,64 @@ async fn a_replica_restarted_while_the_key_is_invalid_starts_from_its_state_file
     for r in &mut fleet.replicas {
         r.kill().await;
     }
+}
+
+/// A change that waits behind a slow one that etcd did answer (a reload probing an upstream
+/// it adds, for up to `health.timeout`, longer than `etcd.timeout` here) is not refused:
+/// only a write etcd failed refuses the changes queued behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_flip_queued_behind_a_slow_reload_goes_through() {
+    let etcd = Etcd::any().await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "queued",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hung_addr = hung.local_addr().expect("addr");
+    let probed = Arc::new(tokio::sync::Notify::new());
+    let probing = probed.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+            probing.notify_one();
+        }
+    });
+    let a = &fleet.replicas[0];
+    let config = std::fs::read_to_string(a.config()).expect("config");
+    let blue = fleet.blue.url();
+    let edited = config
+        .replace(
+            &format!("blue = [\"{blue}\"]"),
+            &format!("blue = [\"{blue}\", \"http://{hung_addr}\"]"),
+        )
+        .replace("fall = 1", "fall = 1\ntimeout = \"2s\"");
+    assert_ne!(edited, config);
+    std::fs::write(a.config(), edited).expect("config");
+    let reload = {
+        let admin = a.admin_url();
+        tokio::spawn(async move {
+            let req = http::Request::post(format!("{admin}/reload"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("request");
+            send_json(&http_client(), req).await
+        })
+    };
+    within_patience("the reload to probe the new upstream", probed.notified()).await;
+    let (code, flipped) = a.post("/flip", json!({"to": "green"})).await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let (code, reloaded) = reload.await.expect("the reload's task");
+    assert_eq!(code, StatusCode::OK, "{reloaded}");
+    holder.abort();
 }
 
 /// Two live replicas with one `replica_id` (a config file shared by every pod, with the
@@ -1480,8 +1573,7 @@ async fn the_conditioned_write_lets_exactly_one_of_two_writers_in() {
         )
     };
     let (change_a, change_b) = (change("a"), change("b"));
-    let now = Instant::now();
-    let (saved_a, saved_b) = tokio::join!(a.save(&change_a, now), b.save(&change_b, now));
+    let (saved_a, saved_b) = tokio::join!(a.save(&change_a), b.save(&change_b));
     let (won, lost_to) = match (saved_a.expect("a's write"), saved_b.expect("b's write")) {
         (Saved::Done, Saved::Conflict(seen)) => (&change_a, seen),
         (Saved::Conflict(seen), Saved::Done) => (&change_b, seen),

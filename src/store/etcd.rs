@@ -54,6 +54,8 @@ pub struct EtcdStore {
     file: FileStore,
     /// Which revision of the key the table follows; every change is conditioned on it.
     known: Known,
+    /// When and why the last write failed for want of etcd (none since one succeeded).
+    failed: Option<(Instant, String)>,
     shared: Arc<Shared>,
 }
 
@@ -132,6 +134,7 @@ impl EtcdStore {
             lease_ttl: settings.lease_ttl,
             file,
             known: Known::Unread,
+            failed: None,
             shared: Arc::new(Shared {
                 replica_id,
                 applied: AtomicI64::new(0),
@@ -221,22 +224,20 @@ impl EtcdStore {
         }
     }
 
-    /// Refuses a change asked for `etcd.timeout` ago or more (it waited behind changes
-    /// etcd did not answer), so every change is answered within it.
-    pub fn in_time(&self, asked: Instant) -> Result<(), StoreError> {
-        if asked.elapsed() < self.timeout {
-            return Ok(());
-        }
-        Err(StoreError::Unavailable(format!(
-            "no answer within {}: the changes ahead of this one took that long; it is not \
-             applied",
-            humantime::format_duration(self.timeout)
-        )))
+    /// Refuses a change asked for at `asked` if a write failed for want of etcd while it
+    /// waited its turn: trying it would take another `etcd.timeout`, and changes asked
+    /// for together would be answered one timeout after another.
+    pub fn refused_since(&self, asked: Instant) -> Option<StoreError> {
+        let (at, why) = self.failed.as_ref()?;
+        (*at >= asked).then(|| {
+            StoreError::Unavailable(format!(
+                "a change ahead of this one failed ({why}); this one is not applied"
+            ))
+        })
     }
 
-    /// Writes `state` if the key is still at the revision this replica follows, giving
-    /// etcd until `etcd.timeout` after `since`.
-    pub async fn save(&mut self, state: &RouteState, since: Instant) -> Result<Saved, StoreError> {
+    /// Writes `state` if the key is still at the revision this replica follows.
+    pub async fn save(&mut self, state: &RouteState) -> Result<Saved, StoreError> {
         let when = match self.known {
             Known::Unread => {
                 return Err(StoreError::Unavailable(format!(
@@ -251,13 +252,13 @@ impl EtcdStore {
                 Compare::mod_revision(self.key.as_str(), CompareOp::Equal, revision)
             }
         };
-        self.put_if(when, state, since).await
+        self.put_if(when, state).await
     }
 
     /// Writes `state` only if the key does not exist.
     pub async fn create_missing(&mut self, state: &RouteState) -> Result<Saved, StoreError> {
         let when = Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0);
-        self.put_if(when, state, Instant::now()).await
+        self.put_if(when, state).await
     }
 
     /// Whether a state at `revision` is newer than what this replica follows.
@@ -266,6 +267,12 @@ impl EtcdStore {
             Known::Unread => true,
             Known::Missing(r) | Known::At(r) => revision > r,
         }
+    }
+
+    /// Conditions the next write on the key being at `revision`, without following the
+    /// state there (the write is to replace it).
+    pub fn expect(&mut self, revision: i64) {
+        self.known = Known::At(revision);
     }
 
     /// Forgets the revision this replica follows, after etcd's history went back: the next
@@ -326,32 +333,29 @@ impl EtcdStore {
         }
     }
 
-    /// One transaction: `when` holds → put `state`; else → read what is there. etcd has
-    /// until `etcd.timeout` after `since`.
-    async fn put_if(
-        &mut self,
-        when: Compare,
-        state: &RouteState,
-        since: Instant,
-    ) -> Result<Saved, StoreError> {
+    /// One transaction: `when` holds → put `state`; else → read what is there. A failure
+    /// for want of etcd is remembered for `refused_since`.
+    async fn put_if(&mut self, when: Compare, state: &RouteState) -> Result<Saved, StoreError> {
         let value = serde_json::to_vec(state).expect("the route state always serializes");
         let txn = Txn::new()
             .when([when])
             .and_then([TxnOp::put(self.key.as_str(), value, None)])
             .or_else([TxnOp::get(self.key.as_str(), None)]);
         let mut client = self.client.clone();
-        let left = self.timeout.saturating_sub(since.elapsed());
-        let answer = within_left(self.timeout, left, client.txn(txn))
-            .await
-            .map_err(|e| match e {
-                // A write that timed out may still reach etcd; it is conditioned on this
-                // revision, so it either lands whole, for every replica, or not at all.
-                StoreError::Unavailable(reason) => StoreError::Unavailable(format!(
-                    "{reason}; the change is not applied (should etcd still commit it, \
+        let answer = within(self.timeout, client.txn(txn)).await;
+        self.failed = match &answer {
+            Err(StoreError::Unavailable(why)) => Some((Instant::now(), why.clone())),
+            _ => None,
+        };
+        let answer = answer.map_err(|e| match e {
+            // A write that timed out may still reach etcd; it is conditioned on this
+            // revision, so it either lands whole, for every replica, or not at all.
+            StoreError::Unavailable(reason) => StoreError::Unavailable(format!(
+                "{reason}; the change is not applied (should etcd still commit it, \
                      every replica follows it once etcd answers)"
-                )),
-                other => other,
-            })?;
+            )),
+            other => other,
+        })?;
         let revision = answer.header().map(|h| h.revision()).unwrap_or_default();
         if answer.succeeded() {
             self.follow(revision);
@@ -859,16 +863,7 @@ async fn within<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {
-    within_left(timeout, timeout, call).await
-}
-
-/// Runs one etcd call bounded by what is `left` of `timeout`, which the error names.
-async fn within_left<T>(
-    timeout: Duration,
-    left: Duration,
-    call: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(left, call).await {
+    match tokio::time::timeout(timeout, call).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(unavailable(e.to_string())),
         Err(_) => Err(unavailable(format!(
