@@ -344,6 +344,13 @@ token_file = "{token}"
         }
     }
 
+    /// Stops every running replica.
+    async fn stop(&mut self) {
+        for r in &mut self.replicas {
+            r.kill().await;
+        }
+    }
+
     fn token_file(&self) -> PathBuf {
         self.dir.path().join("admin.token")
     }
@@ -887,9 +894,7 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
     for r in &fleet.replicas {
         assert_eq!(r.routes_to().await, target, "{}", r.id);
     }
-    for r in &mut fleet.replicas {
-        r.kill().await;
-    }
+    fleet.stop().await;
 }
 
 /// With etcd down, a replica restarted starts on the colour in its state file, serves it,
@@ -955,9 +960,7 @@ async fn a_replica_restarted_while_etcd_is_down_starts_from_its_state_file() {
     assert_eq!(code, StatusCode::OK, "{flipped}");
     fleet.converged("blue", generation + 1, FOLLOW).await;
     fleet.agreed().await;
-    for r in &mut fleet.replicas {
-        r.kill().await;
-    }
+    fleet.stop().await;
 }
 
 /// etcd restored from a backup holds an older history than the one the replicas followed,
@@ -1043,9 +1046,7 @@ async fn replicas_write_their_state_back_to_etcd_restored_from_an_older_backup()
     for r in &fleet.replicas {
         assert_eq!(r.routes_to().await, "blue", "{}", r.id);
     }
-    for r in &mut fleet.replicas {
-        r.kill().await;
-    }
+    fleet.stop().await;
 }
 
 /// `cp -a`: etcd's data directory as a backup tool would copy it, etcd stopped.
@@ -1148,9 +1149,7 @@ async fn a_replica_restarted_while_the_key_is_invalid_starts_from_its_state_file
     assert_eq!(code, StatusCode::OK, "{flipped}");
     fleet.converged("blue", generation + 1, FOLLOW).await;
     fleet.agreed().await;
-    for r in &mut fleet.replicas {
-        r.kill().await;
-    }
+    fleet.stop().await;
 }
 
 /// A change that waits behind a slow one that etcd did answer (a reload probing an upstream
@@ -1252,9 +1251,7 @@ async fn a_replica_id_used_twice_is_warned_about() {
     })
     .await;
     assert!(!fleet.replicas[2].log().contains(warning));
-    for r in &mut fleet.replicas {
-        r.kill().await;
-    }
+    fleet.stop().await;
 }
 
 /// A first start while etcd is down: the replica starts on `routing.initial` and writes
@@ -1329,9 +1326,7 @@ async fn a_first_start_while_etcd_is_down_writes_the_key_only_if_still_missing()
         agreed["changed_at"], written["changed_at"],
         "A's start, not C's"
     );
-    for r in &mut fleet.replicas {
-        r.kill().await;
-    }
+    fleet.stop().await;
 }
 
 /// A TCP relay to etcd that passes requests on and can hold etcd's answers back: a write
