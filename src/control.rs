@@ -701,15 +701,18 @@ impl Writer {
                 // Generations only grow, and the drain bookkeeping counts on it: etcd holds an
                 // older state than one this replica applied (restored from a backup, or written
                 // by hand), so the newest this replica has goes back instead.
-                Some(theirs) if theirs.generation < ours.generation => {
+                // (Only what is news: a watch event older than the revision this replica
+                // follows is one of its own changes, which a later one has passed.)
+                Some(theirs)
+                    if theirs.generation < ours.generation && self.store.is_news(seen.revision) =>
+                {
                     tracing::warn!(
                         stored = theirs.generation,
                         ours = ours.generation,
                         revision = seen.revision,
                         "etcd holds an older route state than this replica applied (restored from a backup?); writing this replica's back"
                     );
-                    self.store.expect(seen.revision);
-                    self.store.save(&ours).await?
+                    self.store.replace(&ours, seen.revision).await?
                 }
                 Some(_) => break,
             };

@@ -180,14 +180,18 @@ impl Store {
         }
     }
 
-    /// Conditions the next write on the key being at `revision` (nothing for the file
-    /// store), without following the state there: the write is to replace it.
+    /// Writes `state` over the one the key holds at `revision` (an older one), if it is
+    /// still there; a lost race answers what won. The file store has nothing to replace.
     #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
-    pub fn expect(&mut self, revision: i64) {
+    pub async fn replace(
+        &mut self,
+        state: &RouteState,
+        revision: i64,
+    ) -> Result<Saved, StoreError> {
         match self {
-            Store::File(_) => {}
+            Store::File(_) => Ok(Saved::Done),
             #[cfg(feature = "etcd")]
-            Store::Etcd(etcd) => etcd.expect(revision),
+            Store::Etcd(etcd) => etcd.replace(state, revision).await,
         }
     }
 

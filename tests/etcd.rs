@@ -1049,6 +1049,103 @@ async fn replicas_write_their_state_back_to_etcd_restored_from_an_older_backup()
     fleet.stop().await;
 }
 
+/// The same restore with every replica stopped across it: each starts with a state file
+/// newer than what etcd holds, starts from it, and writes it back; before, each took the
+/// backup's older state and wrote it over its own state file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn replicas_restarted_over_a_restore_keep_the_newest_state() {
+    let mut etcd = OwnEtcd::start().await;
+    let mut fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "restart-restore",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let generation = fleet.agreed().await["generation"]
+        .as_u64()
+        .expect("generation");
+    etcd.kill().await;
+    let data = etcd.data.path().join("data");
+    let backup = etcd.data.path().join("backup");
+    copy_dir(&data, &backup);
+    etcd.run().await;
+    fleet.settled().await;
+    let (code, flipped) = fleet.replicas[0]
+        .post("/flip", json!({"to": "green", "drain_timeout": "0s"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.converged("green", generation + 1, FOLLOW).await;
+
+    fleet.stop().await;
+    etcd.kill().await;
+    std::fs::remove_dir_all(&data).expect("the data directory goes");
+    copy_dir(&backup, &data);
+    etcd.run().await;
+    for r in &mut fleet.replicas {
+        r.run().await;
+    }
+    fleet.settled().await;
+    fleet.converged("green", generation + 1, PATIENCE).await;
+    let now = fleet.agreed().await;
+    assert_eq!(now["active"], "green", "{now}");
+    for r in &fleet.replicas {
+        assert_eq!(r.routes_to().await, "green", "{}", r.id);
+    }
+    let (code, flipped) = fleet.replicas[2].post("/flip", json!({"to": "blue"})).await;
+    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.converged("blue", generation + 2, FOLLOW).await;
+    fleet.stop().await;
+}
+
+/// Changes in quick succession through one replica: the watch brings each one back after
+/// the next has been stored, an older state at an older revision. That is no restore: no
+/// replica writes anything back or warns of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn quick_changes_are_not_taken_for_a_restore() {
+    let etcd = Etcd::any().await;
+    let mut fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "quick",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let a = &fleet.replicas[0];
+    for _ in 0..3 {
+        let (flip, back, commit) = tokio::join!(
+            a.post("/flip", json!({"to": "green"})),
+            a.post("/flip", json!({"to": "blue"})),
+            a.post("/commit", Value::Null),
+        );
+        for (code, answer) in [flip, back, commit] {
+            assert_eq!(code, StatusCode::OK, "{answer}");
+        }
+    }
+    let generation = a.status().await["generation"].as_u64().expect("generation");
+    let active = a.status().await["active"]
+        .as_str()
+        .expect("active")
+        .to_owned();
+    fleet.converged(&active, generation, FOLLOW).await;
+    fleet.agreed().await;
+    for r in &fleet.replicas {
+        assert!(
+            !r.log().contains("older route state"),
+            "{}: {}",
+            r.id,
+            r.log()
+        );
+    }
+    fleet.stop().await;
+}
+
 /// `cp -a`: etcd's data directory as a backup tool would copy it, etcd stopped.
 fn copy_dir(from: &Path, to: &Path) {
     let status = Command::new("cp")

@@ -41,6 +41,8 @@ use crate::state::{FileStore, RouteState};
 
 /// How often a quiet watch is asked for a progress answer, to notice a silent etcd.
 const PROBE: Duration = Duration::from_secs(1);
+/// How an etcd call that got no answer within `etcd.timeout` is described.
+const NO_ANSWER: &str = "no answer within";
 /// The pause before reconnecting after a lost watch or lease.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -194,6 +196,19 @@ impl EtcdStore {
         };
         self.shared.replicas.send_replace(snapshot.replicas);
         if let Some(state) = snapshot.route.state {
+            if let Some(local) = local.as_ref().filter(|l| l.generation > state.generation) {
+                // etcd was restored from a backup while this replica was down: its state
+                // file is newer, and generations only grow. The watch's first read hands
+                // the key to the writer, which writes this state back over it (`known`
+                // stays unread until then, so no change is conditioned on the old one).
+                tracing::warn!(
+                    stored = state.generation,
+                    ours = local.generation,
+                    key = %self.key,
+                    "etcd holds an older route state than this replica's state file (restored from a backup?); starting from the state file and writing it back"
+                );
+                return Ok((local.clone(), false));
+            }
             self.follow(snapshot.route.revision);
             if local.as_ref() != Some(&state) {
                 self.file.save(&state)?;
@@ -269,10 +284,14 @@ impl EtcdStore {
         }
     }
 
-    /// Conditions the next write on the key being at `revision`, without following the
-    /// state there (the write is to replace it).
-    pub fn expect(&mut self, revision: i64) {
-        self.known = Known::At(revision);
+    /// Writes `state` over the one the key holds at `revision`, if it is still there.
+    pub async fn replace(
+        &mut self,
+        state: &RouteState,
+        revision: i64,
+    ) -> Result<Saved, StoreError> {
+        let when = Compare::mod_revision(self.key.as_str(), CompareOp::Equal, revision);
+        self.put_if(when, state).await
     }
 
     /// Forgets the revision this replica follows, after etcd's history went back: the next
@@ -343,8 +362,12 @@ impl EtcdStore {
             .or_else([TxnOp::get(self.key.as_str(), None)]);
         let mut client = self.client.clone();
         let answer = within(self.timeout, client.txn(txn)).await;
+        // Only an etcd that did not answer at all: an error it answered at once (refused
+        // connection, leader change, too large) costs the changes behind it no wait.
         self.failed = match &answer {
-            Err(StoreError::Unavailable(why)) => Some((Instant::now(), why.clone())),
+            Err(StoreError::Unavailable(why)) if why.starts_with(NO_ANSWER) => {
+                Some((Instant::now(), why.clone()))
+            }
             _ => None,
         };
         let answer = answer.map_err(|e| match e {
@@ -867,7 +890,7 @@ async fn within<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(unavailable(e.to_string())),
         Err(_) => Err(unavailable(format!(
-            "no answer within {}",
+            "{NO_ANSWER} {}",
             humantime::format_duration(timeout)
         ))),
     }
