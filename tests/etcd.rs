@@ -973,43 +973,12 @@ async fn a_replica_restarted_while_etcd_is_down_starts_from_its_state_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd"]
 async fn replicas_write_their_state_back_to_etcd_restored_from_an_older_backup() {
-    let mut etcd = OwnEtcd::start().await;
-    let mut fleet = Fleet::start(
-        &etcd.endpoint(),
-        FleetOptions {
-            scenario: "restore",
-            ..Default::default()
-        },
-    )
-    .await;
-    fleet.settled().await;
-    let backed_up = fleet.agreed().await;
-    assert_eq!(backed_up["active"], "blue", "{backed_up}");
-    let generation = backed_up["generation"].as_u64().expect("generation");
-
-    etcd.kill().await;
-    let data = etcd.data.path().join("data");
-    let backup = etcd.data.path().join("backup");
-    copy_dir(&data, &backup);
-    etcd.run().await;
-    fleet.settled().await;
-    // Blue's requests are cut at once: a table that went back to `generation` would have
-    // all of blue's new requests cut too.
-    let (code, flipped) = fleet.replicas[0]
-        .post(
-            "/flip",
-            json!({"to": "green", "drain_timeout": "0s", "reason": "after the backup"}),
-        )
-        .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
-    fleet.converged("green", generation + 1, FOLLOW).await;
+    let mut r = Restorable::flipped_after_a_backup("restore").await;
+    let (fleet, generation) = (&r.fleet, r.generation);
     let before = fleet.agreed().await;
-
-    etcd.kill().await;
-    std::fs::remove_dir_all(&data).expect("the data directory goes");
-    copy_dir(&backup, &data);
-    etcd.run().await;
-    let client = etcd_client::Client::connect([etcd.endpoint()], None)
+    r.restore().await;
+    let fleet = &mut r.fleet;
+    let client = etcd_client::Client::connect([r.etcd.endpoint()], None)
         .await
         .expect("an etcd client");
     until("etcd to hold the newest state again", PATIENCE, || {
@@ -1055,38 +1024,13 @@ async fn replicas_write_their_state_back_to_etcd_restored_from_an_older_backup()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd"]
 async fn replicas_restarted_over_a_restore_keep_the_newest_state() {
-    let mut etcd = OwnEtcd::start().await;
-    let mut fleet = Fleet::start(
-        &etcd.endpoint(),
-        FleetOptions {
-            scenario: "restart-restore",
-            ..Default::default()
-        },
-    )
-    .await;
-    fleet.settled().await;
-    let generation = fleet.agreed().await["generation"]
-        .as_u64()
-        .expect("generation");
-    etcd.kill().await;
-    let data = etcd.data.path().join("data");
-    let backup = etcd.data.path().join("backup");
-    copy_dir(&data, &backup);
-    etcd.run().await;
-    fleet.settled().await;
-    let (code, flipped) = fleet.replicas[0]
-        .post("/flip", json!({"to": "green", "drain_timeout": "0s"}))
-        .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
-    fleet.converged("green", generation + 1, FOLLOW).await;
-
-    fleet.stop().await;
-    etcd.kill().await;
-    std::fs::remove_dir_all(&data).expect("the data directory goes");
-    copy_dir(&backup, &data);
-    etcd.run().await;
-    for r in &mut fleet.replicas {
-        r.run().await;
+    let mut r = Restorable::flipped_after_a_backup("restart-restore").await;
+    let generation = r.generation;
+    r.fleet.stop().await;
+    r.restore().await;
+    let fleet = &mut r.fleet;
+    for replica in &mut fleet.replicas {
+        replica.run().await;
     }
     fleet.settled().await;
     fleet.converged("green", generation + 1, PATIENCE).await;
@@ -1144,6 +1088,63 @@ async fn quick_changes_are_not_taken_for_a_restore() {
         );
     }
     fleet.stop().await;
+}
+
+/// A fleet on its own etcd, backed up at blue (the returned generation), then flipped to
+/// green (blue's requests cut at once): the backup is older than what the fleet applied.
+/// `restore` puts the backup back (etcd stopped).
+struct Restorable {
+    etcd: OwnEtcd,
+    fleet: Fleet,
+    generation: u64,
+    data: PathBuf,
+    backup: PathBuf,
+}
+
+impl Restorable {
+    async fn flipped_after_a_backup(scenario: &'static str) -> Restorable {
+        let mut etcd = OwnEtcd::start().await;
+        let fleet = Fleet::start(
+            &etcd.endpoint(),
+            FleetOptions {
+                scenario,
+                ..Default::default()
+            },
+        )
+        .await;
+        fleet.settled().await;
+        let backed_up = fleet.agreed().await;
+        assert_eq!(backed_up["active"], "blue", "{backed_up}");
+        let generation = backed_up["generation"].as_u64().expect("generation");
+        etcd.kill().await;
+        let data = etcd.data.path().join("data");
+        let backup = etcd.data.path().join("backup");
+        copy_dir(&data, &backup);
+        etcd.run().await;
+        fleet.settled().await;
+        // Blue's requests are cut at once: a table that went back to `generation` would
+        // have all of blue's new requests cut too.
+        let (code, flipped) = fleet.replicas[0]
+            .post("/flip", json!({"to": "green", "drain_timeout": "0s"}))
+            .await;
+        assert_eq!(code, StatusCode::OK, "{flipped}");
+        fleet.converged("green", generation + 1, FOLLOW).await;
+        Restorable {
+            etcd,
+            fleet,
+            generation,
+            data,
+            backup,
+        }
+    }
+
+    /// etcd stopped, its data directory replaced by the backup, started again.
+    async fn restore(&mut self) {
+        self.etcd.kill().await;
+        std::fs::remove_dir_all(&self.data).expect("the data directory goes");
+        copy_dir(&self.backup, &self.data);
+        self.etcd.run().await;
+    }
 }
 
 /// `cp -a`: etcd's data directory as a backup tool would copy it, etcd stopped.
