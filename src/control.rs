@@ -694,18 +694,20 @@ impl Writer {
         // a write that loses a race looks at what won (a few rounds at most: the watch
         // brings whatever comes after).
         let mut rounds = 0;
-        loop {
+        let state = loop {
             let ours = self.state.load_full();
-            let saved = match &seen.state {
+            // What is news: a revision after the one this replica follows (a watch event
+            // older than that is one of its own changes, which a later one has passed), or
+            // another state at that very revision: etcd's history went back and forward
+            // again to the same number (restored, then written once).
+            let news = self.store.is_news(seen.revision)
+                || (self.store.follows(seen.revision) && seen.state.as_ref() != Some(&*ours));
+            let saved = match seen.state {
                 None => self.store.create_missing(&ours).await?,
                 // Generations only grow, and the drain bookkeeping counts on it: etcd holds an
                 // older state than one this replica applied (restored from a backup, or written
                 // by hand), so the newest this replica has goes back instead.
-                // (Only what is news: a watch event older than the revision this replica
-                // follows is one of its own changes, which a later one has passed.)
-                Some(theirs)
-                    if theirs.generation < ours.generation && self.store.is_news(seen.revision) =>
-                {
+                Some(ref theirs) if news && theirs.generation < ours.generation => {
                     tracing::warn!(
                         stored = theirs.generation,
                         ours = ours.generation,
@@ -714,7 +716,8 @@ impl Writer {
                     );
                     self.store.replace(&ours, seen.revision).await?
                 }
-                Some(_) => break,
+                Some(state) if news => break state,
+                Some(_) => return Ok(unchanged(self.router.load_full())),
             };
             match saved {
                 Saved::Done => {
@@ -730,9 +733,6 @@ impl Writer {
                 }
                 Saved::Conflict(_) => return Ok(unchanged(self.router.load_full())),
             }
-        }
-        let (Some(state), true) = (seen.state, self.store.is_news(seen.revision)) else {
-            return Ok(unchanged(self.router.load_full()));
         };
         self.store.adopt(&state, seen.revision).await;
         let current = self.router.load_full();

@@ -169,6 +169,16 @@ impl Store {
         }
     }
 
+    /// Whether this replica follows the key at `revision` (never, for the file store).
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    pub fn follows(&self, revision: i64) -> bool {
+        match self {
+            Store::File(_) => false,
+            #[cfg(feature = "etcd")]
+            Store::Etcd(etcd) => etcd.follows(revision),
+        }
+    }
+
     /// Whether a state at `revision` is newer than what this replica follows (never, for
     /// the file store).
     #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]

@@ -1045,6 +1045,68 @@ async fn replicas_restarted_over_a_restore_keep_the_newest_state() {
     fleet.stop().await;
 }
 
+/// A restore after which the key is written once more and lands on the very revision a
+/// replica followed, with another state: not below it, so not seen as a history gone back,
+/// and not after it, so not news by number. The replica compares the state there with its
+/// own, writes its newer one back, and stays in sync with etcd. Before, it ignored that
+/// state and said it was in sync while etcd held another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn another_state_at_the_revision_followed_is_news() {
+    let mut r = Restorable::flipped_after_a_backup("same-revision").await;
+    let generation = r.generation;
+    // One replica, frozen across the restore, so that it reads the key again only after
+    // the write that lands on its revision.
+    for replica in &mut r.fleet.replicas[1..] {
+        replica.kill().await;
+    }
+    let a_pid = r.fleet.replicas[0].pid();
+    let followed = r.fleet.replicas[0].status().await["store"]["revision"]
+        .as_i64()
+        .expect("revision");
+    signal(a_pid, "-STOP");
+    r.restore().await;
+    let mut client = etcd_client::Client::connect([r.etcd.endpoint()], None)
+        .await
+        .expect("an etcd client");
+    let got = client.get(r.fleet.key.as_str(), None).await.expect("get");
+    let backed_up = got.kvs()[0].value().to_vec();
+    let filler = format!("{}-filler", r.fleet.key);
+    let mut revision = got.header().expect("a header").revision();
+    assert!(revision < followed, "{revision} {followed}");
+    while revision + 1 < followed {
+        let put = client.put(filler.as_str(), "x", None).await.expect("put");
+        revision = put.header().expect("a header").revision();
+    }
+    let put = client
+        .put(r.fleet.key.as_str(), backed_up, None)
+        .await
+        .expect("put");
+    assert_eq!(put.header().expect("a header").revision(), followed);
+    signal(a_pid, "-CONT");
+    let a = &r.fleet.replicas[0];
+
+    let key = r.fleet.key.clone();
+    until("etcd to hold the replica's state again", PATIENCE, || {
+        let mut client = client.clone();
+        let key = key.clone();
+        async move {
+            let got = client.get(key, None).await.expect("get");
+            let state: Value = serde_json::from_slice(got.kvs()[0].value()).expect("json");
+            state["generation"] == generation + 1
+        }
+    })
+    .await;
+    until("the replica in sync", PATIENCE, || async {
+        a.status().await["store"]["in_sync"] == true
+    })
+    .await;
+    let status = a.status().await;
+    assert_eq!(status["active"], "green", "{status}");
+    assert_eq!(status["generation"], generation + 1, "{status}");
+    r.fleet.stop().await;
+}
+
 /// Changes in quick succession through one replica: the watch brings each one back after
 /// the next has been stored, an older state at an older revision. That is no restore: no
 /// replica writes anything back or warns of one.

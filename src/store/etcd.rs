@@ -41,8 +41,6 @@ use crate::state::{FileStore, RouteState};
 
 /// How often a quiet watch is asked for a progress answer, to notice a silent etcd.
 const PROBE: Duration = Duration::from_secs(1);
-/// How an etcd call that got no answer within `etcd.timeout` is described.
-const NO_ANSWER: &str = "no answer within";
 /// The pause before reconnecting after a lost watch or lease.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -226,11 +224,18 @@ impl EtcdStore {
             Ok(Saved::Conflict(Observed {
                 state: Some(theirs),
                 revision,
-            })) => {
+            })) if theirs.generation >= state.generation => {
                 // Another replica created it first: theirs is the fleet's state.
                 self.follow(revision);
                 self.file.save(&theirs)?;
                 Ok((theirs, false))
+            }
+            Ok(Saved::Conflict(Observed { state: Some(_), .. })) => {
+                // Another replica created it first with an older state (a new node, or an
+                // older state file): generations only grow, so this one stays, and the
+                // watch's first read writes it back over theirs.
+                self.known = Known::Unread;
+                Ok((state, first_start))
             }
             Ok(Saved::Conflict(_)) | Err(_) => {
                 // The watch writes it once etcd answers.
@@ -276,6 +281,11 @@ impl EtcdStore {
         self.put_if(when, state).await
     }
 
+    /// Whether this replica follows the key at `revision`.
+    pub fn follows(&self, revision: i64) -> bool {
+        self.known == Known::At(revision)
+    }
+
     /// Whether a state at `revision` is newer than what this replica follows.
     pub fn is_news(&self, revision: i64) -> bool {
         match self.known {
@@ -298,6 +308,9 @@ impl EtcdStore {
     /// state the watch hands over is followed whatever its revision, and changes wait for it.
     pub fn rewind(&mut self) {
         self.known = Known::Unread;
+        // Not in sync until a state is followed again.
+        self.shared.applied.store(0, Ordering::Release);
+        self.shared.refresh();
     }
 
     /// The table follows `state` at `revision` now; keeps the fail-static copy.
@@ -361,11 +374,13 @@ impl EtcdStore {
             .and_then([TxnOp::put(self.key.as_str(), value, None)])
             .or_else([TxnOp::get(self.key.as_str(), None)]);
         let mut client = self.client.clone();
+        let started = Instant::now();
         let answer = within(self.timeout, client.txn(txn)).await;
-        // Only an etcd that did not answer at all: an error it answered at once (refused
-        // connection, leader change, too large) costs the changes behind it no wait.
+        // Only a failure that took long (no answer, or a connection given up for want of
+        // one): an error etcd answered at once (refused connection, leader change, too
+        // large) costs the changes behind it no wait.
         self.failed = match &answer {
-            Err(StoreError::Unavailable(why)) if why.starts_with(NO_ANSWER) => {
+            Err(StoreError::Unavailable(why)) if started.elapsed() >= self.timeout / 2 => {
                 Some((Instant::now(), why.clone()))
             }
             _ => None,
@@ -890,7 +905,7 @@ async fn within<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(unavailable(e.to_string())),
         Err(_) => Err(unavailable(format!(
-            "{NO_ANSWER} {}",
+            "no answer within {}",
             humantime::format_duration(timeout)
         ))),
     }
