@@ -64,8 +64,9 @@ pub enum Change {
     /// never by the admin API.
     Observed(Observed),
     /// The route state as etcd holds it after its history went back (restored from a
-    /// backup, or rebuilt): followed whatever its revision, since the revision this replica
-    /// followed belongs to a history etcd no longer has.
+    /// backup, or rebuilt): news whatever its revision, since the revision this replica
+    /// followed belongs to a history etcd no longer has (an older state is written over,
+    /// as any older state is: `Writer::observe`).
     Rewound(Observed),
 }
 
@@ -130,8 +131,8 @@ pub enum StartError {
 
 type Reply = oneshot::Sender<Result<Outcome, ChangeError>>;
 
-/// A change, where its answer goes, and when it was asked for (the etcd store answers
-/// within `etcd.timeout` of that, time spent behind earlier changes included).
+/// A change, where its answer goes, and when it was asked for (a change that waited
+/// behind a write etcd failed slowly is refused at once: `Store::refused_since`).
 type Asked = (Change, Reply, Instant);
 
 /// The handle the admin API and the signal handler use.
@@ -425,8 +426,8 @@ impl Writer {
                 return self.observe(seen).await;
             }
         };
-        // A change that waited behind one etcd did not answer is refused without waiting as
-        // long again, so changes asked for together are all answered within etcd.timeout.
+        // A change that waited behind a write etcd failed slowly is refused without waiting
+        // as long again, so changes asked for together are answered about together.
         let saved = match self.store.refused_since(asked) {
             Some(e) => Err(e),
             None => self.store.save(&new_state).await,

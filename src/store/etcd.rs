@@ -4,7 +4,11 @@
 //!   conditioned on the mod revision this replica follows (`create_revision == 0` while the
 //!   key is missing), so of two concurrent changes one loses and is answered 409.
 //! - `watch` reads the key, hands it to the writer as `Change::Observed`, and follows it
-//!   from the next revision; after a lost watch it re-reads and resumes.
+//!   from the next revision; after a lost watch it re-reads and resumes. A re-read below
+//!   the revision followed means etcd's history went back (a restore, a rebuild):
+//!   `Change::Rewound`.
+//! - Generations only grow: a replica that finds an older route state in etcd (lower
+//!   generation) writes its own back over it, at start-up too (`Writer::observe`, `load`).
 //! - `register` records the generation this replica applied under
 //!   `{key}/replicas/{replica_id}`, bound to a lease it keeps alive, so a replica that dies
 //!   or freezes drops out of the others' lists within `lease_ttl`.
@@ -54,7 +58,7 @@ pub struct EtcdStore {
     file: FileStore,
     /// Which revision of the key the table follows; every change is conditioned on it.
     known: Known,
-    /// When and why the last write failed for want of etcd (none since one succeeded).
+    /// When and why the last write failed slowly (none since one did not).
     failed: Option<(Instant, String)>,
     shared: Arc<Shared>,
 }
@@ -244,9 +248,10 @@ impl EtcdStore {
         }
     }
 
-    /// Refuses a change asked for at `asked` if a write failed for want of etcd while it
-    /// waited its turn: trying it would take another `etcd.timeout`, and changes asked
-    /// for together would be answered one timeout after another.
+    /// Refuses a change asked for at `asked` if a write failed slowly (at least half of
+    /// `etcd.timeout`: no answer) while it waited its turn: trying it would take another
+    /// `etcd.timeout`, and changes asked for together would be answered one timeout after
+    /// another.
     pub fn refused_since(&self, asked: Instant) -> Option<StoreError> {
         let (at, why) = self.failed.as_ref()?;
         (*at >= asked).then(|| {
@@ -305,7 +310,8 @@ impl EtcdStore {
     }
 
     /// Forgets the revision this replica follows, after etcd's history went back: the next
-    /// state the watch hands over is followed whatever its revision, and changes wait for it.
+    /// state the watch hands over is news whatever its revision (the writer writes its own
+    /// over an older one), and changes wait for it.
     pub fn rewind(&mut self) {
         self.known = Known::Unread;
         // Not in sync until a state is followed again.
@@ -365,8 +371,8 @@ impl EtcdStore {
         }
     }
 
-    /// One transaction: `when` holds → put `state`; else → read what is there. A failure
-    /// for want of etcd is remembered for `refused_since`.
+    /// One transaction: `when` holds → put `state`; else → read what is there. A slow
+    /// failure is remembered for `refused_since`.
     async fn put_if(&mut self, when: Compare, state: &RouteState) -> Result<Saved, StoreError> {
         let value = serde_json::to_vec(state).expect("the route state always serializes");
         let txn = Txn::new()
