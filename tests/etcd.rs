@@ -443,6 +443,13 @@ impl Replica {
         status
     }
 
+    /// A flip with `body` that must be answered 200: its answer.
+    async fn flip(&self, body: Value) -> Value {
+        let (code, answer) = self.post("/flip", body).await;
+        assert_eq!(code, StatusCode::OK, "{}: {answer}", self.id);
+        answer
+    }
+
     /// A mutating admin call; `Value::Null` sends no body (`/reload` takes none).
     async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         let body = if body.is_null() {
@@ -692,10 +699,7 @@ async fn a_flip_through_one_replica_reaches_every_replica_within_a_second() {
     assert_eq!(ids.len(), 3, "{c_store}");
     assert!(ids.contains(&"proxy-a") && ids.contains(&"proxy-b") && ids.contains(&c_id.as_str()));
 
-    let (code, flipped) = a
-        .post("/flip", json!({"to": "green", "reason": "release 7"}))
-        .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let flipped = a.flip(json!({"to": "green", "reason": "release 7"})).await;
     let generation = flipped["generation"].as_u64().expect("generation");
     let took = fleet.converged("green", generation, FOLLOW).await;
     assert!(took <= FOLLOW, "followed in {took:?}");
@@ -810,10 +814,7 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
     )
     .await;
     fleet.settled().await;
-    let (code, flipped) = fleet.replicas[0]
-        .post("/flip", json!({"to": "green"}))
-        .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let flipped = fleet.replicas[0].flip(json!({"to": "green"})).await;
     let generation = flipped["generation"].as_u64().expect("generation");
     fleet.converged("green", generation, FOLLOW).await;
 
@@ -887,8 +888,7 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
     } else {
         "green"
     };
-    let (code, flipped) = fleet.replicas[1].post("/flip", json!({"to": target})).await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.replicas[1].flip(json!({"to": target})).await;
     fleet.converged(target, generation + 1, FOLLOW).await;
     fleet.agreed().await;
     for r in &fleet.replicas {
@@ -912,13 +912,9 @@ async fn a_replica_restarted_while_etcd_is_down_starts_from_its_state_file() {
     )
     .await;
     fleet.settled().await;
-    let (code, flipped) = fleet.replicas[0]
-        .post(
-            "/flip",
-            json!({"to": "green", "reason": "before the outage"}),
-        )
+    let flipped = fleet.replicas[0]
+        .flip(json!({"to": "green", "reason": "before the outage"}))
         .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
     let generation = flipped["generation"].as_u64().expect("generation");
     fleet.converged("green", generation, FOLLOW).await;
     let before = fleet.agreed().await;
@@ -956,8 +952,7 @@ async fn a_replica_restarted_while_etcd_is_down_starts_from_its_state_file() {
         "nothing changed while etcd was away"
     );
     let c = &fleet.replicas[2];
-    let (code, flipped) = c.post("/flip", json!({"to": "blue"})).await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    c.flip(json!({"to": "blue"})).await;
     fleet.converged("blue", generation + 1, FOLLOW).await;
     fleet.agreed().await;
     fleet.stop().await;
@@ -1006,10 +1001,9 @@ async fn replicas_write_their_state_back_to_etcd_restored_from_an_older_backup()
         "one of them wrote it back"
     );
 
-    let (code, flipped) = fleet.replicas[1]
-        .post("/flip", json!({"to": "blue", "drain_timeout": "0s"}))
+    fleet.replicas[1]
+        .flip(json!({"to": "blue", "drain_timeout": "0s"}))
         .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
     fleet.converged("blue", generation + 2, FOLLOW).await;
     fleet.agreed().await;
     for r in &fleet.replicas {
@@ -1039,8 +1033,7 @@ async fn replicas_restarted_over_a_restore_keep_the_newest_state() {
     for r in &fleet.replicas {
         assert_eq!(r.routes_to().await, "green", "{}", r.id);
     }
-    let (code, flipped) = fleet.replicas[2].post("/flip", json!({"to": "blue"})).await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    fleet.replicas[2].flip(json!({"to": "blue"})).await;
     fleet.converged("blue", generation + 2, FOLLOW).await;
     fleet.stop().await;
 }
@@ -1186,10 +1179,9 @@ impl Restorable {
         fleet.settled().await;
         // Blue's requests are cut at once: a table that went back to `generation` would
         // have all of blue's new requests cut too.
-        let (code, flipped) = fleet.replicas[0]
-            .post("/flip", json!({"to": "green", "drain_timeout": "0s"}))
+        fleet.replicas[0]
+            .flip(json!({"to": "green", "drain_timeout": "0s"}))
             .await;
-        assert_eq!(code, StatusCode::OK, "{flipped}");
         fleet.converged("green", generation + 1, FOLLOW).await;
         Restorable {
             etcd,
@@ -1242,10 +1234,7 @@ async fn a_replica_restarted_while_the_key_is_invalid_starts_from_its_state_file
     )
     .await;
     fleet.settled().await;
-    let (code, flipped) = fleet.replicas[0]
-        .post("/flip", json!({"to": "green"}))
-        .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let flipped = fleet.replicas[0].flip(json!({"to": "green"})).await;
     let generation = flipped["generation"].as_u64().expect("generation");
     fleet.converged("green", generation, FOLLOW).await;
 
@@ -1305,8 +1294,7 @@ async fn a_replica_restarted_while_the_key_is_invalid_starts_from_its_state_file
         );
     }
     let c = &fleet.replicas[2];
-    let (code, flipped) = c.post("/flip", json!({"to": "blue"})).await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    c.flip(json!({"to": "blue"})).await;
     fleet.converged("blue", generation + 1, FOLLOW).await;
     fleet.agreed().await;
     fleet.stop().await;
@@ -1363,8 +1351,7 @@ async fn a_flip_queued_behind_a_slow_reload_goes_through() {
         })
     };
     within_patience("the reload to probe the new upstream", probed.notified()).await;
-    let (code, flipped) = a.post("/flip", json!({"to": "green"})).await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    a.flip(json!({"to": "green"})).await;
     let (code, reloaded) = reload.await.expect("the reload's task");
     assert_eq!(code, StatusCode::OK, "{reloaded}");
     holder.abort();
@@ -1403,8 +1390,7 @@ async fn a_replica_id_used_twice_is_warned_about() {
     })
     .await;
     // A change makes the second one write its record again, under its own lease.
-    let (code, flipped) = a.post("/flip", json!({"to": "green"})).await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    a.flip(json!({"to": "green"})).await;
     let b = &fleet.replicas[1];
     until("the second proxy-a to warn", PATIENCE, || async {
         b.log().contains(warning)
@@ -1635,10 +1621,7 @@ async fn every_replica_drains_its_own_streams_after_a_flip_through_one() {
             streams.push(stream);
         }
     }
-    let (code, flipped) = fleet.replicas[0]
-        .post("/flip", json!({"to": "green"}))
-        .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let flipped = fleet.replicas[0].flip(json!({"to": "green"})).await;
     let generation = flipped["generation"].as_u64().expect("generation");
     fleet.converged("green", generation, FOLLOW).await;
     for r in &fleet.replicas {
@@ -1764,10 +1747,9 @@ async fn a_flips_own_drain_timeout_applies_on_every_replica() {
         stream.send_confirmed().await;
         streams.push(stream);
     }
-    let (code, flipped) = fleet.replicas[0]
-        .post("/flip", json!({"to": "green", "drain_timeout": "0s"}))
+    let flipped = fleet.replicas[0]
+        .flip(json!({"to": "green", "drain_timeout": "0s"}))
         .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
     let generation = flipped["generation"].as_u64().expect("generation");
     fleet.converged("green", generation, FOLLOW).await;
     // With the configured 30 minutes these would not end within PATIENCE.
@@ -1825,10 +1807,7 @@ async fn wait_replicas_answers_when_every_live_replica_applied_the_flip() {
             .collect()
     };
 
-    let (code, flipped) = a
-        .post("/flip", json!({"to": "green", "wait_replicas": "10s"}))
-        .await;
-    assert_eq!(code, StatusCode::OK, "{flipped}");
+    let flipped = a.flip(json!({"to": "green", "wait_replicas": "10s"})).await;
     let generation = flipped["generation"].as_u64().expect("generation");
     let listed = generations(&a.status().await);
     assert_eq!(listed.len(), 3, "{listed:?}");
