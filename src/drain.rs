@@ -211,20 +211,10 @@ impl Tracker {
         };
         let generation = slot.generation.load(Ordering::Relaxed);
         let upstream = slot.upstream.load(Ordering::Relaxed);
-        loop {
-            let notified =
-                next.get_or_insert_with(|| Box::pin(counts.cut.clone().notified_owned()));
-            notified.as_mut().enable();
-            if counts.http_cut.load(Ordering::Acquire) > generation
+        poll_notified(&counts.cut, next, cx, || {
+            counts.http_cut.load(Ordering::Acquire) > generation
                 || self.retired_cut(upstream, generation)
-            {
-                return true;
-            }
-            match notified.as_mut().poll(cx) {
-                Poll::Ready(()) => *next = None,
-                Poll::Pending => return false,
-            }
-        }
+        })
     }
 
     /// Whether the removed upstream at address `upstream` (if it is one) cut its requests
@@ -463,17 +453,29 @@ impl CutWatch {
         next: &mut Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
         cx: &mut Context<'_>,
     ) -> bool {
-        loop {
-            let notified = next.get_or_insert_with(|| Box::pin(self.next_cut()));
-            notified.as_mut().enable();
-            if self.is_cut() {
-                return true;
-            }
-            match notified.as_mut().poll(cx) {
-                // A cut of an older generation, or a spurious wake-up: register again.
-                Poll::Ready(()) => *next = None,
-                Poll::Pending => return false,
-            }
+        poll_notified(&self.counts().cut, next, cx, || self.is_cut())
+    }
+}
+
+/// Whether `is_cut` holds; registers `cx`'s waker for the next notification of `cut`
+/// otherwise, the registration kept in `next` from one call to the next. It is enabled
+/// before `is_cut` is read, so no cut is missed in between.
+fn poll_notified(
+    cut: &Arc<Notify>,
+    next: &mut Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+    cx: &mut Context<'_>,
+    is_cut: impl Fn() -> bool,
+) -> bool {
+    loop {
+        let notified = next.get_or_insert_with(|| Box::pin(cut.clone().notified_owned()));
+        notified.as_mut().enable();
+        if is_cut() {
+            return true;
+        }
+        match notified.as_mut().poll(cx) {
+            // A cut of an older generation, or a spurious wake-up: register again.
+            Poll::Ready(()) => *next = None,
+            Poll::Pending => return false,
         }
     }
 }

@@ -348,23 +348,22 @@ pub async fn serve(
                 // Boxed: the request's future is kilobytes, and HTTP/2 moves it whole
                 // into a task per stream (callgrind: 11 % fewer instructions per h2c
                 // request, 1 % more per HTTP/1.1 one; benches/RESULTS.md).
-                let answering = answering.clone();
+                // HTTP/1.1 only: an HTTP/2 stream's cut is its watch's.
+                let answering = watch.is_none().then(|| answering.clone());
                 Box::pin(proxy.handle(req, conn_info).map(move |response| {
                     Ok::<_, std::convert::Infallible>(response.map(|body| {
-                        let answering = match &watch {
-                            Some(watch) => {
-                                watch.answer_cut_by(body.cut_watch());
-                                None
+                        if let Some(watch) = &watch {
+                            watch.answer_cut_by(body.cut_watch());
+                        }
+                        // An answer hyper will not poll (no body) is none to cut.
+                        let answering = answering.and_then(|slot| {
+                            if body.is_end_stream() {
+                                slot.answering(None);
+                                return None;
                             }
-                            None if body.is_end_stream() => {
-                                answering.answering(None);
-                                None
-                            }
-                            None => {
-                                body.mark_answer(&answering);
-                                Some(answering)
-                            }
-                        };
+                            body.mark_answer(&slot);
+                            Some(slot)
+                        });
                         Answer {
                             body,
                             _busy: busy,
