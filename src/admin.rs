@@ -200,13 +200,13 @@ struct ChangeBody {
     to: Option<Color>,
     #[serde(default)]
     force: bool,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::duration::option")]
     drain_timeout: Option<Duration>,
     expect_generation: Option<u64>,
     reason: Option<String>,
     /// With the etcd store: answer once every live replica applied the change. With one
     /// file-store replica the change is applied before the answer: nothing to wait for.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::duration::option")]
     wait_replicas: Option<Duration>,
 }
 
@@ -570,7 +570,7 @@ async fn drain_wait(
         .map_err(ApiError::bad_request)?;
     let timeout = match q.timeout.as_deref() {
         None => Duration::from_secs(60),
-        Some(t) => humantime::parse_duration(t)
+        Some(t) => crate::duration::parse(t)
             .map_err(|e| ApiError::bad_request(format!("timeout `{t}`: {e}")))?
             .min(MAX_WAIT),
     };

@@ -168,7 +168,7 @@ async fn wait_drained(
             query_value(timeout)
         )
     };
-    let Ok(total) = humantime::parse_duration(timeout) else {
+    let Ok(total) = crate::duration::parse(timeout) else {
         // The API says what is wrong with it.
         return call(
             options,
@@ -295,7 +295,7 @@ fn out(text: &str) -> bool {
 /// How long the API may take to answer a call that waits `timeout` (a humantime string the
 /// API validates; an unreadable one gets the default wait).
 fn wait_of(timeout: &str) -> Duration {
-    humantime::parse_duration(timeout).unwrap_or(Duration::from_secs(60))
+    crate::duration::parse(timeout).unwrap_or(Duration::from_secs(60))
 }
 
 /// Percent-encodes a query value: humantime durations contain spaces (`1h 30m`).

@@ -38,6 +38,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod drain;
+pub mod duration;
 pub mod error;
 pub mod health;
 pub mod listener;

@@ -62,7 +62,7 @@ pub struct HistoryEntry {
     /// follow the change through the store drain with it too.
     #[serde(
         default,
-        with = "humantime_serde",
+        with = "crate::duration::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub drain_timeout: Option<std::time::Duration>,

@@ -177,6 +177,9 @@ async fn malformed_requests_are_400() {
         let answer = post_raw(&env, path, auth, &body).await;
         assert_error(&answer, StatusCode::CONFLICT, "generation_mismatch");
     }
+    let body = json!({ "drain_timeout": "18446744073709551615s 1000ms" }).to_string();
+    let answer = post_raw(&env, "/flip", auth, &body).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
     let body = json!({ "to": "green", "expect_generation": 0 }).to_string();
     let answer = post_raw(&env, "/rollback", auth, &body).await;
     assert_error(&answer, StatusCode::CONFLICT, "generation_mismatch");
@@ -187,6 +190,8 @@ async fn malformed_requests_are_400() {
         "?color=blue&timeout=soon",
         "?color=blue&timeout=-1s",
         "?color=blue&timout=10s",
+        // humantime panicked on this sum (u64::MAX seconds and a carry of nanoseconds).
+        "?color=blue&timeout=18446744073709551615s%201000ms",
     ] {
         let answer = env.admin_get(&format!("/drain/wait{query}")).await;
         assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");

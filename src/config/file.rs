@@ -75,9 +75,9 @@ pub struct Etcd {
     pub endpoints: Vec<String>,
     pub key: String,
     pub replica_id: Option<String>,
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    #[serde(default = "default_lease_ttl", with = "crate::duration::serde")]
     pub lease_ttl: Duration,
-    #[serde(default = "default_etcd_timeout", with = "humantime_serde")]
+    #[serde(default = "default_etcd_timeout", with = "crate::duration::serde")]
     pub timeout: Duration,
 }
 
@@ -92,9 +92,9 @@ fn default_etcd_timeout() -> Duration {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Drain {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::serde")]
     pub timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::serde")]
     pub grace: Duration,
 }
 
@@ -112,9 +112,9 @@ impl Default for Drain {
 pub struct Health {
     pub mode: String,
     pub path: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::serde")]
     pub interval: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::serde")]
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
@@ -156,14 +156,14 @@ pub struct ClientAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::serde")]
     pub connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::serde")]
     pub response_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::serde")]
     pub header_read_timeout: Duration,
     pub max_connections: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::serde")]
     pub stall_timeout: Duration,
 }
 
