@@ -173,25 +173,26 @@ pub struct UpstreamUrl {
 impl UpstreamUrl {
     /// Parses a pool entry; the error is the reason, for `ConfigError`.
     pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
+        let shown = without_credentials(text);
         let uri: Uri = text
             .parse()
-            .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+            .map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
         let scheme = match uri.scheme_str() {
             Some("http") => Scheme::HTTP,
             Some("https") => Scheme::HTTPS,
-            Some(other) => return Err(format!("`{text}`: scheme `{other}` is not http or https")),
-            None => return Err(format!("`{text}` has no scheme (http:// or https://)")),
+            Some(other) => return Err(format!("`{shown}`: scheme `{other}` is not http or https")),
+            None => return Err(format!("`{shown}` has no scheme (http:// or https://)")),
         };
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| format!("`{text}` has no host"))?;
+            .ok_or_else(|| format!("`{shown}` has no host"))?;
         if authority.host().is_empty() {
-            return Err(format!("`{text}` has no host"));
+            return Err(format!("`{shown}` has no host"));
         }
         if authority.as_str().contains('@') {
             return Err(format!(
-                "`{text}`: credentials in the URL are not supported"
+                "`{shown}`: credentials in the URL are not supported"
             ));
         }
         // `http` reads a port that is not a u16 as no port at all, which would mean 80 or
@@ -202,12 +203,12 @@ impl UpstreamUrl {
                 && port.parse::<u16>().is_ok_and(|p| p > 0))
         {
             return Err(format!(
-                "`{text}`: the port must be a number from 1 to 65535"
+                "`{shown}`: the port must be a number from 1 to 65535"
             ));
         }
         if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
             return Err(format!(
-                "`{text}`: a pool URL is scheme://host:port only; paths are passed from the client"
+                "`{shown}`: a pool URL is scheme://host:port only; paths are passed from the client"
             ));
         }
         Ok(UpstreamUrl { scheme, authority })
@@ -249,14 +250,14 @@ impl Config {
         let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError {
             file: file_name.clone(),
             field: "-".into(),
-            reason: one_line(&e.to_string()),
+            reason: toml_reason(&e, text),
         })?;
         let raw: file::File = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let field = e.path().to_string();
             ConfigError {
                 file: file_name.clone(),
                 field: if field == "." { "-".into() } else { field },
-                reason: one_line(&e.into_inner().to_string()),
+                reason: toml_reason(&e.into_inner(), text),
             }
         })?;
         Config::from_file(path, raw)
@@ -595,7 +596,8 @@ impl Config {
 /// way, which the etcd client reads as http), nothing more. This build's etcd client has
 /// no TLS, so `https://` is refused here rather than when it first connects.
 fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
-    let bad = |why: &str| format!("`{endpoint}` {why}; write it as http://host:2379");
+    let shown = without_credentials(endpoint);
+    let bad = |why: &str| format!("`{shown}` {why}; write it as http://host:2379");
     let with_scheme = if endpoint.contains("://") {
         endpoint.to_owned()
     } else {
@@ -628,16 +630,31 @@ fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// toml's messages span several lines with a source excerpt; one line reads better in logs.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+/// `text` with a URL's user-info (`user:password@`) left out, for messages: a password
+/// written into the config must not be repeated in logs or API answers.
+fn without_credentials(text: &str) -> String {
+    let start = text.find("://").map_or(0, |i| i + "://".len());
+    let (scheme, rest) = text.split_at(start);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}…@{host}{path}"),
+        None => text.to_owned(),
+    }
+}
+
+/// toml's message on one line, with where in `text` it is. toml's own rendering is not
+/// used: its source excerpt would repeat the line, value and all, into logs and API answers.
+fn toml_reason(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span().and_then(|span| text.get(..span.start)) {
+        Some(before) => {
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
 }
 
 /// Whether two listeners would take one address: the same port (not 0) and the same IP,

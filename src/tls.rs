@@ -19,7 +19,7 @@ fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, 
         .map_err(|e| TlsError(field.into(), format!("cannot read {}: {e}", path.display())))?;
     let certs = rustls_pemfile::certs(&mut bytes.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError(field.into(), format!("{}: not PEM: {e}", path.display())))?;
+        .map_err(|_| TlsError(field.into(), not_pem(path)))?;
     if certs.is_empty() {
         return Err(TlsError(
             field.into(),
@@ -27,6 +27,18 @@ fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, 
         ));
     }
     Ok(certs)
+}
+
+/// The PEM label of an encrypted PKCS#8 key, which rustls cannot use.
+const ENCRYPTED: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----";
+
+/// A file that is not PEM. The parser's own message is not repeated: it quotes the
+/// malformed line, which in a key file on one line is the whole private key.
+fn not_pem(path: &Path) -> String {
+    format!(
+        "{}: not PEM (a malformed or unterminated BEGIN/END section; each base64 line on its own line)",
+        path.display()
+    )
 }
 
 /// Loads a PEM certificate chain and key; ALPN offers `h2` then `http/1.1`.
@@ -39,16 +51,21 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         )
     })?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_bytes.as_slice())
-        .map_err(|e| {
-            TlsError(
-                "tls.key".into(),
-                format!("{}: not PEM: {e}", files.key.display()),
-            )
-        })?
+        .map_err(|_| TlsError("tls.key".into(), not_pem(&files.key)))?
         .ok_or_else(|| {
+            let encrypted = key_bytes
+                .windows(ENCRYPTED.len())
+                .any(|w| w == ENCRYPTED.as_bytes());
             TlsError(
                 "tls.key".into(),
-                format!("{} holds no PEM private key", files.key.display()),
+                if encrypted {
+                    format!(
+                        "{} holds an encrypted private key; give Switchyard the key decrypted (`openssl pkey -in {0} -out NEW`)",
+                        files.key.display()
+                    )
+                } else {
+                    format!("{} holds no PEM private key", files.key.display())
+                },
             )
         })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -194,5 +211,24 @@ mod tests {
             reason.contains("does not match the certificate in") && reason.contains("server.crt"),
             "{reason}"
         );
+    }
+
+    /// A key file written on one line (`echo $KEY > server.key`) is refused without its
+    /// text: the PEM parser's message quotes the malformed line, the whole key.
+    #[test]
+    fn a_malformed_key_is_not_repeated_in_the_reason() {
+        let (cert, key) = pem_pair();
+        let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        for one_line in [key.replace('\n', " "), key.replace('\n', "")] {
+            let (field, reason) = refused(&cert, &one_line);
+            assert_eq!(field, "tls.key", "{reason}");
+            assert!(reason.contains("not PEM"), "{reason}");
+            assert!(!reason.contains(&body[..16]), "the key is in: {reason}");
+        }
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nQUFB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let (field, reason) = refused(&cert, encrypted);
+        assert_eq!(field, "tls.key", "{reason}");
+        assert!(reason.contains("encrypted"), "{reason}");
     }
 }

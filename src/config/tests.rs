@@ -71,6 +71,40 @@ fn a_timeout_past_ten_years_is_refused() {
     assert!(c.limits.stall_timeout > Duration::from_secs(3600));
 }
 
+/// humantime panics on a total of `u64::MAX` seconds with a carry of nanoseconds; such a
+/// value is refused like any other too long.
+#[test]
+fn a_duration_that_would_overflow_is_refused_not_a_panic() {
+    for value in [
+        "18446744073709551615s 1000ms",
+        "18446744073709551615s 1000000000ns",
+    ] {
+        let text = format!("{MINIMAL}\n[drain]\ntimeout = \"{value}\"\n");
+        let e = parse(&text).expect_err("absurd");
+        assert_eq!(e.field, "drain.timeout", "{e}");
+        assert!(e.reason.contains("too long"), "{e}");
+    }
+}
+
+/// An error names the field, line and column, but repeats no value that may be secret:
+/// not toml's source excerpt, not a URL's password.
+#[test]
+fn errors_do_not_repeat_the_config_line_or_a_password() {
+    let text = format!("{MINIMAL}\n[admin]\ntoken_file = s3cr3t\n");
+    let e = parse(&text).expect_err("unquoted");
+    assert!(e.reason.contains("line 10, column 14"), "{e}");
+    assert!(!e.to_string().contains("s3cr3t"), "{e}");
+
+    let text = MINIMAL.replace(
+        "http://127.0.0.1:9001",
+        "http://admin:hunter2@127.0.0.1:9001",
+    );
+    let e = parse(&text).expect_err("credentials");
+    assert_eq!(e.field, "pools.blue[0]", "{e}");
+    assert!(e.reason.contains("http://…@127.0.0.1:9001"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
 #[test]
 fn unknown_key_is_named() {
     let e = parse(&format!("{MINIMAL}\n[limits]\nmax_conns = 3\n")).expect_err("unknown key");
@@ -126,7 +160,13 @@ fn etcd_endpoints_and_replica_id_are_checked() {
     ] {
         let e = with(bad, "").expect_err(bad);
         assert_eq!(e.field, "routing.etcd.endpoints", "{bad}: {e}");
-        assert!(e.reason.contains(bad), "{bad}: {e}");
+        if bad.contains('@') {
+            // Named without its password.
+            assert!(e.reason.contains("…@127.0.0.1:2379"), "{bad}: {e}");
+            assert!(!e.reason.contains("secret"), "{bad}: {e}");
+        } else {
+            assert!(e.reason.contains(bad), "{bad}: {e}");
+        }
     }
     let e = with("http://127.0.0.1:2379", ", replica_id = \" \"").expect_err("empty id");
     assert_eq!(e.field, "routing.etcd.replica_id", "{e}");
