@@ -388,10 +388,16 @@ pub async fn serve(
             builder.http2().timer(TokioTimer::new());
             match tls {
                 Some(config) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(socket))
-                        .await
-                    {
+                    let handshake = tokio::time::timeout(
+                        limits.header_read_timeout,
+                        tls_handshake(tokio_rustls::TlsAcceptor::from(config), socket),
+                    );
+                    // A handshake under way does not hold up a shutdown.
+                    let handshake = tokio::select! {
+                        done = handshake => done,
+                        _ = watch.changed() => return,
+                    };
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -413,4 +419,35 @@ pub async fn serve(
     drop(listener);
     let _ = shutdown.send(());
     shutdown.closed().await;
+}
+
+/// What a client that speaks plain HTTP to a TLS listener gets, instead of a TLS alert its
+/// HTTP library would report as garbage.
+const PLAIN_HTTP_BODY: &str = r#"{"error":"tls_required","message":"this listener speaks TLS: use https:// or wss:// on this port"}"#;
+
+/// The server side of a TLS handshake. A client whose first byte is a letter sent an HTTP
+/// request in the clear (a TLS record starts with 0x16): it gets a 400 saying so.
+async fn tls_handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut socket: ClientIo<tokio::net::TcpStream>,
+) -> std::io::Result<tokio_rustls::server::TlsStream<ClientIo<tokio::net::TcpStream>>> {
+    let mut first = [0u8; 1];
+    if socket.get_ref().peek(&mut first).await? == 1 && first[0].is_ascii_uppercase() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The request's head is read first: a socket closed with unread bytes resets, and
+        // the reset can reach the client before the answer.
+        let mut head = [0u8; 4096];
+        let _ = socket.read(&mut head).await?;
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{PLAIN_HTTP_BODY}",
+            PLAIN_HTTP_BODY.len()
+        );
+        socket.write_all(answer.as_bytes()).await?;
+        socket.shutdown().await?;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "plain HTTP on the TLS listener; answered 400",
+        ));
+    }
+    acceptor.accept(socket).await
 }

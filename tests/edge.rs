@@ -81,6 +81,52 @@ async fn tls_env(certs: &tempfile::TempDir, cert: &Cert) -> Env {
     tls_builder(certs.path()).start().await
 }
 
+/// A client speaking plain HTTP to the TLS listener gets a 400 that says so, not a TLS
+/// alert its HTTP library reports as garbage.
+#[tokio::test]
+async fn plain_http_on_the_tls_listener_is_told_to_use_tls() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let env = tls_env(&certs, &self_signed()).await;
+    let response = get(&env.client, &env.proxy_url("/v1/status")).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let json: serde_json::Value = serde_json::from_slice(response.body()).expect("JSON");
+    assert_eq!(json["error"], "tls_required", "{json}");
+}
+
+/// A TLS handshake under way does not hold up a shutdown, however long
+/// header_read_timeout is: neither a client that sent nothing nor one that sent half a
+/// ClientHello.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_tls_handshakes_under_way() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let mut env = tls_env(&certs, &self_signed()).await;
+    set_limit(&env, "header_read_timeout = \"1h\"").await;
+    let addr = env.app().proxy_addr;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // A TLS record header announcing a 512-byte handshake message, and 4 bytes of it.
+    tokio::io::AsyncWriteExt::write_all(
+        &mut half,
+        &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0, 1, 0xfc],
+    )
+    .await
+    .expect("write");
+    // Both are accepted (the connections gauge counts them) before the shutdown.
+    eventually(|| async {
+        env.metric_sum("switchyard_connections", &["listener=\"proxy\""]) == 2.0
+    })
+    .await;
+    let app = env.app.take().expect("running");
+    app.shutdown();
+    tokio::time::timeout(PATIENCE, app.wait())
+        .await
+        .expect("shutdown finishes");
+    closed_by_proxy(&mut silent).await.expect("silent: closed");
+    closed_by_proxy(&mut half)
+        .await
+        .expect("half a ClientHello: closed");
+}
+
 #[tokio::test]
 async fn tls_serves_http1_h2_by_alpn_and_wss_and_reloads_its_certificate() {
     let certs = tempfile::tempdir().expect("tempdir");
@@ -865,12 +911,17 @@ async fn shutdown_does_not_wait_long_for_admin_requests_under_way() {
 /// are read from the current table per connection, so a reload applies them.
 async fn start_with_limit(setting: &str) -> Env {
     let env = EnvBuilder::default().start().await;
+    set_limit(&env, setting).await;
+    env
+}
+
+/// Sets one `[limits]` key of a running env by rewriting its config and reloading.
+async fn set_limit(env: &Env, setting: &str) {
     let text = std::fs::read_to_string(&env.config_path).expect("config");
     let text = text.replace("[limits]\n", &format!("[limits]\n{setting}\n"));
     std::fs::write(&env.config_path, text).expect("config");
     let (status, body) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    env
 }
 
 #[tokio::test]

@@ -139,6 +139,11 @@ impl<T> ClientIo<T> {
         }
     }
 
+    /// The connection it wraps.
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+
     /// Also fails a waiting write once the answer in `slot` (set for each HTTP/1.1 answer)
     /// is past a drain deadline that covers it.
     pub fn cut_by(mut self, slot: Arc<AnswerSlot>, tracker: Arc<Tracker>) -> ClientIo<T> {
