@@ -80,7 +80,7 @@ impl Prober {
         let probes = upstreams.iter().map(|upstream| async move {
             // A first probe that could not be made judges against: an upstream no probe
             // has seen is not let through the flip's gate (the probe loop judges it next).
-            let observed = probe(
+            let finding = probe(
                 client,
                 upstream,
                 health.mode,
@@ -88,9 +88,12 @@ impl Prober {
                 health.timeout,
             )
             .await
-            .unwrap_or(Observed::Unreachable);
-            upstream.record_probe(observed, health.rise, health.fall);
-            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), "new upstream probed");
+            .unwrap_or_else(|| {
+                Finding::failed(Observed::Unreachable, "out of sockets here".into())
+            });
+            upstream.record_probe(finding.observed, health.rise, health.fall);
+            let why = finding.why.as_deref().unwrap_or("");
+            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), why, "new upstream probed");
         });
         futures_util::future::join_all(probes).await;
     }
@@ -145,6 +148,8 @@ async fn probe_loop(
     stop: CancellationToken,
 ) {
     let mut changes = router.subscribe();
+    // Why the probes fail, as last logged: each new reason is logged once, not per probe.
+    let mut failing: Option<String> = None;
     loop {
         // Kept connections unused for a while are closed here, traffic or not.
         upstream.idle.sweep();
@@ -168,9 +173,18 @@ async fn probe_loop(
             }
             mode => {
                 let client = prober.client(&tls);
-                probe(&client, &upstream, mode, &health.path, health.timeout)
-                    .await
-                    .and_then(|observed| upstream.record_probe(observed, health.rise, health.fall))
+                match probe(&client, &upstream, mode, &health.path, health.timeout).await {
+                    Some(finding) => {
+                        if finding.why != failing {
+                            if let Some(why) = &finding.why {
+                                tracing::warn!(upstream = %upstream.name, color = %upstream.color, health = finding.observed.as_str(), why = %why, "health probe failed");
+                            }
+                            failing = finding.why;
+                        }
+                        upstream.record_probe(finding.observed, health.rise, health.fall)
+                    }
+                    None => None,
+                }
             }
         };
         if let Some(healthy) = changed {
@@ -197,6 +211,21 @@ async fn probe_loop(
     }
 }
 
+/// What one probe found: the verdict, and for a failing one, why (for the log).
+struct Finding {
+    observed: Observed,
+    why: Option<String>,
+}
+
+impl Finding {
+    fn failed(observed: Observed, why: String) -> Finding {
+        Finding {
+            observed,
+            why: Some(why),
+        }
+    }
+}
+
 /// Probes once: what the upstream said, or `None` when no connection could be opened for
 /// want of a socket here (`nofile::is_local_exhaustion`), which says nothing of it.
 async fn probe(
@@ -205,7 +234,7 @@ async fn probe(
     mode: HealthMode,
     path: &http::uri::PathAndQuery,
     timeout: Duration,
-) -> Option<Observed> {
+) -> Option<Finding> {
     let uri = crate::proxy::http::upstream_uri(upstream, path);
     let attempt = async {
         let response = match client.get(uri).await {
@@ -214,35 +243,73 @@ async fn probe(
                 tracing::warn!(upstream = %upstream.name, color = %upstream.color, error = %crate::proxy::http::source_chain(&e), "health probe skipped: out of sockets here (open-file limit or socket memory); the upstream's health stays as it was");
                 return None;
             }
-            Err(_) => return Some(Observed::Unreachable),
+            // No connection (refused, TLS refused): unreachable. A connection that gave
+            // no readable answer (closed early, not HTTP/1.1) is a bad response.
+            Err(e) => {
+                let observed = if e.is_connect() {
+                    Observed::Unreachable
+                } else {
+                    Observed::BadResponse
+                };
+                return Some(Finding::failed(
+                    observed,
+                    crate::proxy::http::source_chain(&e),
+                ));
+            }
         };
         let status = response.status();
         if mode == HealthMode::Http {
             return Some(if status.is_success() {
-                Observed::Ok
+                Finding {
+                    observed: Observed::Ok,
+                    why: None,
+                }
             } else {
-                Observed::BadResponse
+                Finding::failed(Observed::BadResponse, format!("status {status}"))
             });
         }
         if status != http::StatusCode::OK {
-            return Some(Observed::BadResponse);
+            return Some(Finding::failed(
+                Observed::BadResponse,
+                format!("status {status}"),
+            ));
         }
-        let Ok(body) = Limited::new(response.into_body(), MAX_STATUS_BODY)
+        let body = match Limited::new(response.into_body(), MAX_STATUS_BODY)
             .collect()
             .await
-        else {
-            return Some(Observed::BadResponse);
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return Some(Finding::failed(
+                    Observed::BadResponse,
+                    format!("reading the body: {e}"),
+                ));
+            }
         };
-        let body = body.to_bytes();
         let observed = judge(&body);
-        if observed == Observed::Other {
-            upstream.set_unknown_state(&system_health(&body).unwrap_or_default());
-        }
-        Some(observed)
+        let why = match observed {
+            Observed::BadResponse => Some("the body has no JSON `system_health` string".into()),
+            Observed::Other => {
+                let state = system_health(&body).unwrap_or_default();
+                upstream.set_unknown_state(&state);
+                Some(format!(
+                    "unknown system_health {:?}",
+                    upstream.health_text()
+                ))
+            }
+            o if !o.passes() => Some(format!("system_health {}", o.as_str())),
+            _ => None,
+        };
+        Some(Finding { observed, why })
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or(Some(Observed::Unreachable))
+        .unwrap_or_else(|_| {
+            Some(Finding::failed(
+                Observed::Unreachable,
+                format!("no answer within {}", humantime::format_duration(timeout)),
+            ))
+        })
 }
 
 /// Reads Deepgram's `/v1/status` body; unknown fields are fine, an unknown state fails.

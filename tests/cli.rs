@@ -338,6 +338,34 @@ async fn run_without_a_config_flag_names_the_default_path() {
     assert!(out.stderr.contains("config/switchyard.toml"), "{out:?}");
 }
 
+/// A failing health probe says why, once per reason: not once per probe, and not only
+/// "unreachable" or "bad_response" in /status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_probe_is_logged_with_its_reason_once() {
+    let site = Site::new().await;
+    let mut proxy = site.run().await;
+    site.green.state.set_health("Critical");
+    let line = proxy.log_line("health probe failed").await;
+    assert!(
+        line.contains("system_health Critical") && line.contains("green"),
+        "{line}"
+    );
+    // Three more probes fail for the same reason, and log nothing more.
+    let probes = site.green.state.status_requests();
+    eventually(|| async { site.green.state.status_requests() >= probes + 3 }).await;
+    site.green.state.set_health("Initializing");
+    let line = proxy.log_line("health probe failed").await;
+    assert!(line.contains("system_health Initializing"), "{line}");
+    // A passing probe clears it: the same reason again is news.
+    site.green.state.set_health("Ready");
+    let line = proxy.log_line("upstream health changed").await;
+    assert!(line.contains("healthy=true"), "{line}");
+    site.green.state.set_health("Initializing");
+    let line = proxy.log_line("health probe failed").await;
+    assert!(line.contains("system_health Initializing"), "{line}");
+    assert_eq!(proxy.terminate().await.code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_state_file_stops_startup_and_is_named() {
     let site = Site::new().await;
