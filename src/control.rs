@@ -183,11 +183,17 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
                 reason: format!("cannot read {}: {e}", auth.keys_file.display()),
             })?;
             let keys = ClientKeys::parse(&text);
+            // Like an empty admin token: refused, since every request would get 401. A
+            // file truncated by mistake must not take every client off the air at a reload.
             if keys.is_empty() {
-                tracing::warn!(
-                    keys_file = %auth.keys_file.display(),
-                    "client_auth.keys_file lists no key: every request on the proxy and preview listeners gets 401"
-                );
+                return Err(ConfigError {
+                    file: config.source.display().to_string(),
+                    field: "client_auth.keys_file".into(),
+                    reason: format!(
+                        "{} lists no key, so every request would get 401; list at least one, or remove [client_auth]",
+                        auth.keys_file.display()
+                    ),
+                });
             }
             Some(keys)
         }

@@ -249,6 +249,31 @@ fn auth_builder(dir: &std::path::Path) -> EnvBuilder {
     }
 }
 
+/// A keys file that lists no key (emptied or truncated by mistake) is refused by a
+/// reload, naming the field, and the keys loaded before keep working.
+#[tokio::test]
+async fn a_keys_file_with_no_key_is_refused_and_the_old_keys_stay() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let env = auth_builder(keys.path()).start().await;
+    for listing in ["", "# every key revoked\n\n"] {
+        std::fs::write(keys.path().join("client-keys"), listing).expect("keys");
+        let (status, body) = env.admin_post("/reload", None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("client_auth.keys_file") && m.contains("no key")),
+            "{body}"
+        );
+    }
+    let req = Request::post(env.proxy_url("/v1/listen"))
+        .header("authorization", "Token key-one")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let (status, _) = send_json(&env.client, req).await;
+    assert_eq!(status, StatusCode::OK, "the old keys stay");
+}
+
 #[tokio::test]
 async fn client_keys_are_required_in_every_accepted_form() {
     let keys = tempfile::tempdir().expect("tempdir");
