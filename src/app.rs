@@ -131,6 +131,20 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     .await?;
     let proxy = Arc::new(Proxy::new(router.clone(), tracker.clone(), metrics.clone()));
 
+    // Every upstream's first verdict before anything is served (at most health.timeout):
+    // until a probe has judged it an upstream is presumed healthy, and the flip's gate
+    // and /readyz would take a pool that does not answer for a live one.
+    {
+        let table = router.load_full();
+        let upstreams: Vec<_> = table.pools.iter().flat_map(|p| p.iter().cloned()).collect();
+        let settings = &table.settings;
+        prober
+            .first_verdicts(&upstreams, &settings.config.health, &settings.upstream_tls)
+            .await;
+        for upstream in &upstreams {
+            metrics.upstream_health(upstream);
+        }
+    }
     crate::health::spawn(
         router.clone(),
         metrics.clone(),

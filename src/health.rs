@@ -63,8 +63,9 @@ impl Prober {
     }
 
     /// Probes each of `upstreams` once, at the same time, and records the result as its
-    /// first verdict. A reload calls this for the upstreams it adds before they take
-    /// traffic, so a URL no probe has judged is never counted healthy by a flip's gate.
+    /// first verdict. Start-up calls this for every upstream, and a reload for those it
+    /// adds, before they take traffic: a URL no probe has judged is never counted healthy
+    /// by a flip's gate or /readyz.
     /// Nothing to do with health mode `off`, where an upstream is presumed healthy.
     pub async fn first_verdicts(
         &self,
@@ -93,7 +94,7 @@ impl Prober {
             });
             upstream.record_probe(finding.observed, health.rise, health.fall);
             let why = finding.why.as_deref().unwrap_or("");
-            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), why, "new upstream probed");
+            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), why, "first health probe");
         });
         futures_util::future::join_all(probes).await;
     }

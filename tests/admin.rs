@@ -437,6 +437,54 @@ async fn concurrent_flips_with_one_generation_one_wins() {
     assert_eq!(history(&env).await.len(), 2);
 }
 
+/// Every upstream gets its first verdict before the proxy serves: in its first moments
+/// a pool that does not answer is not taken for healthy by the flip's gate.
+#[tokio::test]
+async fn upstreams_are_judged_before_the_proxy_serves() {
+    let (hung, _held) = support::hung_upstream().await;
+    let blue = switchyard::stub::spawn(switchyard::stub::StubOptions {
+        name: "blue".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("stub");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("admin.token"), TOKEN).expect("token file");
+    // The next probe is an hour away: only the first one can judge green in this test.
+    let builder = EnvBuilder {
+        health: "interval = \"1h\"\ntimeout = \"1s\"\nrise = 2\nfall = 3",
+        ..Default::default()
+    };
+    let text = builder.config_text(
+        dir.path(),
+        &format!("\"{}\"", blue.url()),
+        &format!("\"http://{hung}\""),
+    );
+    let config_path = dir.path().join("switchyard.toml");
+    std::fs::write(&config_path, text).expect("config file");
+    let config = switchyard::config::Config::load(&config_path).expect("valid config");
+    let app = switchyard::app::start(config).await.expect("starts");
+    let env = Env {
+        dir,
+        blue: vec![blue],
+        green: Vec::new(),
+        app: Some(app),
+        config_path,
+        client: support::http_client(),
+    };
+    // At once: the flip would have gone to a pool whose first probe was still waiting.
+    let answer = env.admin_post("/flip", Some(json!({"to": "green"}))).await;
+    assert_error(&answer, StatusCode::CONFLICT, "target_unhealthy");
+    let (_, status) = env.admin_get("/status").await;
+    let green = &status["colors"]["green"]["upstreams"][0];
+    assert_eq!(green["healthy"], false, "{status}");
+    assert_eq!(green["health"], "unreachable", "{status}");
+    let blue = &status["colors"]["blue"]["upstreams"][0];
+    assert_eq!(blue["healthy"], true, "{status}");
+    let (code, _) = env.admin_get("/readyz").await;
+    assert_eq!(code, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn an_unhealthy_target_needs_force() {
     let env = EnvBuilder::default().start().await;
