@@ -152,6 +152,10 @@ async fn probe_loop(
     // Why the probes fail, as last logged: each new reason is logged once, not per probe.
     let mut failing: Option<String> = None;
     loop {
+        // Probes start `interval` apart, however long each takes (as HAProxy's `inter`):
+        // a node that hangs is judged after `fall` intervals, not `fall` × (interval +
+        // timeout).
+        let probed = tokio::time::Instant::now();
         // Kept connections unused for a while are closed here, traffic or not.
         upstream.idle.sweep();
         let (health, tls) = {
@@ -192,9 +196,9 @@ async fn probe_loop(
             metrics.upstream_health(&upstream);
             tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy, health = upstream.health_text(), "upstream health changed");
         }
-        // The next probe is `interval` after this one; a reload that changes the interval
-        // moves it at once (a check slowed to minutes must not wait one out to speed up).
-        let probed = tokio::time::Instant::now();
+        // The next probe is `interval` after this one began; a reload that changes the
+        // interval moves it at once (a check slowed to minutes must not wait one out to
+        // speed up).
         let mut interval = health.interval;
         loop {
             tokio::select! {
