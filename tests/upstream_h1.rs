@@ -1486,6 +1486,19 @@ async fn the_host_is_the_targets_authority_and_http_1_1_needs_exactly_one() {
         "HTTP/1.1 200 OK"
     );
 
+    // An empty path goes up as `/` (RFC 9112 §3.2.1), not as `GET ?q=1`.
+    client
+        .write(b"GET http://other.example?q=1 HTTP/1.1\r\nhost: x.example\r\n\r\n")
+        .await;
+    let head = up.next_on(&mut conn, "the empty-path request").await;
+    assert_eq!(head.start, "GET /?q=1 HTTP/1.1");
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        .await;
+    assert_eq!(
+        client.read_head("the answer").await.start,
+        "HTTP/1.1 200 OK"
+    );
+
     client.write(b"GET /old HTTP/1.0\r\n\r\n").await;
     let head = up.next_on(&mut conn, "the HTTP/1.0 request").await;
     assert!(head.lacks("x-forwarded-host"), "{head:#?}");

@@ -32,11 +32,7 @@ pub async fn forward(
     let metrics = proxy.metrics.color(color);
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| ::http::uri::PathAndQuery::from_static("/"));
+    let path = origin_form(&parts.uri);
 
     let mut waiting = Waiting::new(
         metrics,
@@ -196,6 +192,19 @@ pub(crate) fn client_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, Pr
             None => HeaderValue::from_str(a.as_str()).ok(),
         })
         .or_else(|| host.cloned()))
+}
+
+/// The path and query to send upstream: the client's, with `/` for an empty path (an
+/// absolute-form `http://host?q` or an HTTP/2 `:path` of `?q` would otherwise go up as
+/// `GET ?q`, which no server reads; RFC 9112 section 3.2.1).
+pub(crate) fn origin_form(uri: &Uri) -> ::http::uri::PathAndQuery {
+    match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') || pq.as_str() == "*" => pq.clone(),
+        Some(pq) => format!("/{}", pq.as_str())
+            .parse()
+            .unwrap_or_else(|_| ::http::uri::PathAndQuery::from_static("/")),
+        None => ::http::uri::PathAndQuery::from_static("/"),
+    }
 }
 
 /// The upstream's URL for a client's path and query.

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use ::http::uri::PathAndQuery;
 use ::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use bytes::Buf;
 use hyper::body::{Body, Bytes, Incoming};
@@ -129,11 +128,7 @@ pub async fn forward(
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = super::http::origin_form(&parts.uri);
     let endpoint = Endpoint::of_path(parts.uri.path());
     let session = headers::session_id(&parts.headers);
     // What the client offered, for the 101: the upstream's choice if it is one of these
