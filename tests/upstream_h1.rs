@@ -874,6 +874,17 @@ async fn a_chunked_answer_with_extensions_and_trailers_sent_bytewise_arrives_who
     assert_ok(&second, b"again");
     let trailers = second.trailers.as_ref().expect("the trailers arrive");
     assert_eq!(trailers["x-digest"], "def456");
+
+    // Lines ended by a bare LF are read too (RFC 9112 §2.2), byte by byte as well; before,
+    // the answer waited for a CRLF that never came, until stall_timeout.
+    let third = spawn_get(&env, &env.client, "/lf");
+    let head = up.next_on(&mut conn, "the third request").await;
+    assert_eq!(head.start, "GET /lf HTTP/1.1");
+    conn.write_bytewise(
+        b"HTTP/1.1 200 OK\ntransfer-encoding: chunked\n\n5;x=y\nhello\n1\r\n!\n0\nx-digest: lf\n\n",
+    )
+    .await;
+    assert_ok(&joined("the bare-LF answer", third).await, b"hello!");
     up.assert_no_other_connection();
 }
 

@@ -1397,10 +1397,10 @@ fn step(decode: &mut Decode, buf: &mut BytesMut) -> Result<(Option<Frame<Bytes>>
                 return Ok((Some(Frame::data(buf.split().freeze())), false));
             }
             Decode::ChunkSize => {
-                let Some(end) = find_crlf(buf) else {
+                let Some(end) = find_lf(buf) else {
                     return too_long(buf.len(), "chunk-size line");
                 };
-                let line = &buf[..end];
+                let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
                 let digits = line.split(|b| *b == b';').next().unwrap_or_default();
                 let digits = std::str::from_utf8(digits)
                     .map(|s| s.trim_matches([' ', '\t']))
@@ -1412,7 +1412,7 @@ fn step(decode: &mut Decode, buf: &mut BytesMut) -> Result<(Option<Frame<Bytes>>
                 let size = valid
                     .then(|| u64::from_str_radix(significant, 16).unwrap_or(0))
                     .ok_or("the upstream sent a bad chunk size")?;
-                buf.advance(end + 2);
+                buf.advance(end + 1);
                 *decode = if size == 0 {
                     Decode::Trailers
                 } else {
@@ -1420,13 +1420,13 @@ fn step(decode: &mut Decode, buf: &mut BytesMut) -> Result<(Option<Frame<Bytes>>
                 };
             }
             Decode::ChunkEnd => {
-                if buf.len() < 2 {
-                    return Ok((None, false));
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err("the upstream's chunk is longer than its size".into());
-                }
-                buf.advance(2);
+                let end = match &buf[..] {
+                    [b'\n', ..] => 1,
+                    [b'\r', b'\n', ..] => 2,
+                    [] | [b'\r'] => return Ok((None, false)),
+                    _ => return Err("the upstream's chunk is longer than its size".into()),
+                };
+                buf.advance(end);
                 *decode = Decode::ChunkSize;
             }
             Decode::Trailers => {
@@ -1467,8 +1467,10 @@ fn too_long<T>(buffered: usize, what: &str) -> Result<(Option<T>, bool), String>
     }
 }
 
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
+/// Where a line ends: its LF. A CR before it is the line's to strip; lines ended by a
+/// bare LF are read too, as RFC 9112 section 2.2 allows and nginx does.
+fn find_lf(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|b| *b == b'\n')
 }
 
 impl Body for ResponseBody {
