@@ -385,7 +385,11 @@ pub async fn serve(
                 // buffer, which holds `MAX_HEADER_BYTES` and one more chunk at most.
                 .writev(false)
                 .keep_alive(true);
-            builder.http2().timer(TokioTimer::new());
+            // HTTP/2 takes the header section HTTP/1.1 takes (hyper's default is 16 KiB).
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32);
             match tls {
                 Some(config) => {
                     let handshake = tokio::time::timeout(

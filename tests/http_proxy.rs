@@ -605,6 +605,18 @@ async fn h2c_with_prior_knowledge_works() {
     assert_eq!(stub_of(&response), "green");
     let connections = env.metric_sum("switchyard_connections", &["listener=\"proxy\""]);
     assert_eq!(connections, 1.0, "one HTTP/2 connection carried both");
+
+    // Headers up to HTTP/1.1's limit (64 KiB) pass on HTTP/2 too (hyper's default there
+    // is 16 KiB): a 40 KiB token, say.
+    let token = "t".repeat(40 * 1024);
+    let req = Request::post(env.proxy_url("/v1/listen"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::from_static(b"abc")))
+        .expect("request");
+    let response = client.request(req).await.expect("answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = env.green[0].state.last_headers();
+    assert_eq!(seen["authorization"].len(), token.len() + "Bearer ".len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
