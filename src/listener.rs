@@ -70,6 +70,14 @@ impl Drop for Slot {
 /// Largest request head accepted; beyond it hyper answers 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// The most of an HTTP/2 answer held here for a stream its client does not read yet: what
+/// a client's socket holds unsent (`proxy::stall::UNSENT_MARK`).
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
+/// The most requests one HTTP/2 connection carries at once (HAProxy's default; nginx's is
+/// 128): each holds an upstream connection, a file descriptor.
+pub const H2_MAX_STREAMS: u32 = 100;
+
 /// What a connection's requests tell the task that drives it.
 #[derive(Debug, Default)]
 struct Activity {
@@ -386,10 +394,15 @@ pub async fn serve(
                 .writev(false)
                 .keep_alive(true);
             // HTTP/2 takes the header section HTTP/1.1 takes (hyper's default is 16 KiB).
+            // Per stream, an answer its client reads slowly holds `H2_SEND_BUFFER` here
+            // (hyper's default, 400 KiB, let one connection of slow streams hold 110 MB),
+            // and each stream holds an upstream connection: `H2_MAX_STREAMS` bounds both.
             builder
                 .http2()
                 .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEADER_BYTES as u32);
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .max_send_buf_size(H2_SEND_BUFFER)
+                .max_concurrent_streams(H2_MAX_STREAMS);
             match tls {
                 Some(config) => {
                     let handshake = tokio::time::timeout(
