@@ -331,6 +331,7 @@ pub async fn serve(
         // at the drain deadline of the HTTP/1.1 answer they wait to write.
         let answering = Arc::new(AnswerSlot::default());
         let socket = ClientIo::new(socket, proxy.router().clone())
+            .counted()
             .cut_by(answering.clone(), proxy.tracker.clone());
         let proxy = proxy.clone();
         let mut watch = shutdown.subscribe();

@@ -7,6 +7,7 @@
 //! lifts it to the hard limit at start, as Go's runtime and HAProxy do.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Sockets beyond two per connection: listeners, admin connections, health probes, the
 /// state file, the runtime's own descriptors.
@@ -19,11 +20,59 @@ pub struct Limit {
     pub now: u64,
 }
 
-/// Raises the soft open-file limit to the hard one.
+/// Raises the soft open-file limit to the hard one, and keeps the reserve below it.
 pub fn raise() -> io::Result<Limit> {
     let (was, _) = rlimit::Resource::NOFILE.get()?;
     let now = rlimit::increase_nofile_limit(u64::MAX)?;
+    set_limit(now);
     Ok(Limit { was, now })
+}
+
+/// Client and upstream sockets this process holds (`Counted`).
+static SOCKETS: AtomicU64 = AtomicU64::new(0);
+
+/// How many of them an upstream connect may find open: the open-file limit less the
+/// reserve. Unknown (no limit) until `raise`.
+static CEILING: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Keeps the reserve (`RESERVE`, or half of a small limit) free of client and
+/// upstream sockets: the admin API, health probes and the state file need descriptors
+/// most when traffic has taken the rest. An HTTP/2 client holds an upstream socket per
+/// stream, so a few connections could otherwise take every descriptor, and the admin
+/// listener could accept nothing until their streams end.
+pub fn set_limit(limit: u64) {
+    let reserve = RESERVE.min(limit / 2);
+    CEILING.store(limit.saturating_sub(reserve), Ordering::Relaxed);
+}
+
+/// A client or upstream socket, counted until dropped.
+#[derive(Debug)]
+pub struct Counted(());
+
+impl Counted {
+    /// Counts a client's socket, accepted already.
+    pub fn accepted() -> Counted {
+        SOCKETS.fetch_add(1, Ordering::Relaxed);
+        Counted(())
+    }
+
+    /// Counts an upstream socket about to be opened, or refuses it as `socket(2)` would
+    /// at the open-file limit (`EMFILE`, which callers answer 503 `proxy_overloaded`)
+    /// when it would take from the reserve.
+    pub fn to_open() -> io::Result<Counted> {
+        let ceiling = CEILING.load(Ordering::Relaxed);
+        if SOCKETS.fetch_add(1, Ordering::Relaxed) >= ceiling {
+            SOCKETS.fetch_sub(1, Ordering::Relaxed);
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        Ok(Counted(()))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        SOCKETS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The open files `listeners` client listeners of `max_connections` each may need.

@@ -574,6 +574,60 @@ async fn out_of_sockets_answers_503_and_leaves_the_upstream_healthy() {
     );
 }
 
+/// One HTTP/2 client with 100 requests at once holds 100 upstream sockets: with 64
+/// descriptors in all, those past the reserve are answered 503 `proxy_overloaded`, and
+/// the descriptors left stay the admin API's (before, the streams took every descriptor
+/// and the admin listener accepted nothing until they ended).
+#[tokio::test]
+async fn http2_streams_leave_the_reserve_to_the_admin_api() {
+    use http_body_util::StreamBody;
+    let p = Proc::start_with("1s", Some("ulimit -n 64"), "").await;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.proxy))
+        .await
+        .expect("connect");
+    type Body = StreamBody<
+        futures_util::stream::Pending<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>,
+    >;
+    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    // Uploads whose bodies never come: the stub waits for them, holding its connection.
+    let mut answers = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let mut sender = sender.clone();
+        let req = http::Request::post(format!("http://127.0.0.1:{}/v1/listen", p.proxy))
+            .header("authorization", "Token very-secret-client-key")
+            .body(StreamBody::new(futures_util::stream::pending()))
+            .expect("request");
+        answers.spawn(async move {
+            sender.ready().await.ok()?;
+            sender.send_request(req).await.ok().map(|r| r.status())
+        });
+    }
+    // Some are refused for want of descriptors past the reserve.
+    let refused = tokio::time::timeout(PATIENCE, async {
+        while let Some(answer) = answers.join_next().await {
+            if answer.expect("task") == Some(http::StatusCode::SERVICE_UNAVAILABLE) {
+                return;
+            }
+        }
+        panic!("no request was refused");
+    })
+    .await;
+    assert!(refused.is_ok(), "no 503 in time:\n{}", p.log());
+    // A new admin connection is accepted and answered while the rest stay open.
+    let mut admin = tokio::net::TcpStream::connect(("127.0.0.1", p.admin))
+        .await
+        .expect("admin");
+    let (head, body) = exchange(&mut admin, "GET /status HTTP/1.1\r\nhost: admin\r\n\r\n").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}\n{body}");
+    assert!(!p.log().contains("accept failed"), "{}", p.log());
+}
+
 /// A reload that raises `limits.max_connections` past what the open-file limit allows is
 /// warned about, as a start is.
 #[tokio::test]

@@ -56,28 +56,57 @@ const READ_CHUNK: usize = 16 * 1024;
 /// HTTP/2 END_STREAM in a frame of its own) once the answer is complete.
 const CLIENT_END_WAIT: Duration = Duration::from_secs(5);
 
-/// A connection to an upstream, plain or TLS.
-pub enum Stream {
+/// A connection to an upstream, plain or TLS, counted against the open-file limit.
+pub struct Stream {
+    io: Io,
+    _socket: crate::nofile::Counted,
+}
+
+enum Io {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// Opens a connection to `url` (TLS for `https://`, verified with `tls`), Nagle off.
+impl Stream {
+    /// A plain connection made elsewhere (tests).
+    pub fn plain(tcp: TcpStream) -> Stream {
+        Stream {
+            io: Io::Plain(tcp),
+            _socket: crate::nofile::Counted::accepted(),
+        }
+    }
+
+    /// Whether it is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.io, Io::Tls(_))
+    }
+}
+
+/// Opens a connection to `url` (TLS for `https://`, verified with `tls`), Nagle off; an
+/// error as at the open-file limit when the descriptors left are the reserve's
+/// (`nofile::Counted::to_open`).
 pub async fn connect(tls: &Arc<rustls::ClientConfig>, url: &UpstreamUrl) -> io::Result<Stream> {
+    let socket = crate::nofile::Counted::to_open()?;
     let host = url.authority.host();
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = TcpStream::connect((host, url.port())).await?;
     tcp.set_nodelay(true)?;
     super::stall::limit_unsent(&tcp);
     if !url.is_tls() {
-        return Ok(Stream::Plain(tcp));
+        return Ok(Stream {
+            io: Io::Plain(tcp),
+            _socket: socket,
+        });
     }
     let name = rustls::pki_types::ServerName::try_from(host.to_owned())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let tls = tokio_rustls::TlsConnector::from(tls.clone())
         .connect(name, tcp)
         .await?;
-    Ok(Stream::Tls(Box::new(tls)))
+    Ok(Stream {
+        io: Io::Tls(Box::new(tls)),
+        _socket: socket,
+    })
 }
 
 impl AsyncRead for Stream {
@@ -86,9 +115,9 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -99,9 +128,9 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -110,30 +139,30 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -383,7 +412,7 @@ pub async fn exchange(
                 match tokio::time::timeout(limits.connect_timeout, connecting).await {
                     Ok(Ok(io)) => {
                         upstream.record_connect();
-                        let trust = matches!(io, Stream::Tls(_)).then(|| tls.clone());
+                        let trust = io.is_tls().then(|| tls.clone());
                         Conn::new(io, trust)
                     }
                     Ok(Err(e)) => return Err(Failure::Connect(e, body)),

@@ -117,6 +117,9 @@ pub struct ClientIo<T> {
     answer: Option<(Arc<AnswerSlot>, Arc<Tracker>)>,
     /// The wake-up for its colour's next cut, while a write waits.
     cut: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+    /// The socket counted against the open-file limit, for as long as it is open
+    /// (upgraded or not); admin connections are the reserve's and are not.
+    _socket: Option<crate::nofile::Counted>,
 }
 
 impl<T> ClientIo<T> {
@@ -136,7 +139,14 @@ impl<T> ClientIo<T> {
             stall: StallTimer::default(),
             answer: None,
             cut: None,
+            _socket: None,
         }
+    }
+
+    /// Counts the socket against the open-file limit (`nofile::Counted`) until dropped.
+    pub fn counted(mut self) -> ClientIo<T> {
+        self._socket = Some(crate::nofile::Counted::accepted());
+        self
     }
 
     /// The connection it wraps.

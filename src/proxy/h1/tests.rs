@@ -74,8 +74,8 @@ async fn sweep_closes_kept_connections_the_upstream_closed() {
     );
     let (_peer_of_kept, _) = listener.accept().await.expect("accept");
     let (peer_of_closed, _) = listener.accept().await.expect("accept");
-    idle.park(Conn::new(Stream::Plain(kept), None));
-    idle.park(Conn::new(Stream::Plain(closed), None));
+    idle.park(Conn::new(Stream::plain(kept), None));
+    idle.park(Conn::new(Stream::plain(closed), None));
     drop(peer_of_closed);
     // The close reaches the reactor when it next turns; sweep until it has.
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -140,7 +140,7 @@ async fn a_closed_idle_set_keeps_nothing_until_opened() {
     let mut connect = async || {
         let conn = TcpStream::connect(addr).await.expect("connect");
         peers.push(listener.accept().await.expect("accept"));
-        Conn::new(Stream::Plain(conn), None)
+        Conn::new(Stream::plain(conn), None)
     };
     idle.park(connect().await);
     assert_eq!(idle.len(), 1);
