@@ -230,22 +230,31 @@ async fn sigterm_drains_open_streams_then_exits_zero() {
             .all(|l| l.to_string().contains("CloseStream")),
         "{log}"
     );
-    // A drained stream's lines carry its session, so its reconnect can be found.
-    let mut sessions: Vec<_> = injected
-        .iter()
-        .map(|l| l["span"]["session"].as_str().unwrap_or("none").to_owned())
-        .collect();
-    sessions.sort();
-    assert_eq!(
-        sessions,
-        [
-            "session-0",
-            "session-1",
-            "session-2",
-            "session-3",
-            "session-4"
-        ]
-    );
+    // A drained stream's lines carry its session, so its reconnect can be found: from
+    // the line that opened it to the one that ended it.
+    for message in [
+        "stream opened",
+        "drain deadline: ending the stream",
+        "stream ended",
+    ] {
+        let mut sessions: Vec<_> = lines
+            .iter()
+            .filter(|l| l["message"] == message)
+            .map(|l| l["span"]["session"].as_str().unwrap_or("none").to_owned())
+            .collect();
+        sessions.sort();
+        assert_eq!(
+            sessions,
+            [
+                "session-0",
+                "session-1",
+                "session-2",
+                "session-3",
+                "session-4"
+            ],
+            "{message}"
+        );
+    }
     let access: Vec<_> = lines
         .iter()
         .filter(|l| l["target"] == "switchyard::access" && l["method"] == "POST")

@@ -372,7 +372,14 @@ pub async fn forward(
     drop(guard);
     tokio::spawn(async move {
         let client_io = match client_upgrade.await {
-            Ok(io) => io,
+            Ok(io) => {
+                // The session's first line on its colour: a drained session's reconnect
+                // shows here at once, not only when it ends.
+                stream
+                    .span
+                    .in_scope(|| tracing::info!(upstream = %stream.upstream.name, "stream opened"));
+                io
+            }
             Err(e) => {
                 stream
                     .span
