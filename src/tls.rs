@@ -103,7 +103,18 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.session_storage = session_cache();
     Ok(Arc::new(config))
+}
+
+/// The one session cache every server config shares (rustls's default size): a reload,
+/// which builds a new config, does not make every returning client do a full handshake.
+fn session_cache() -> Arc<dyn rustls::server::StoresServerSessions> {
+    static CACHE: std::sync::OnceLock<Arc<rustls::server::ServerSessionMemoryCache>> =
+        std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| rustls::server::ServerSessionMemoryCache::new(256))
+        .clone()
 }
 
 /// The client config for `https://` upstreams: a CA file, or the system roots.

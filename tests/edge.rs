@@ -81,6 +81,46 @@ async fn tls_env(certs: &tempfile::TempDir, cert: &Cert) -> Env {
     tls_builder(certs.path()).start().await
 }
 
+/// A session resumes across a reload (which builds a new TLS config): returning clients
+/// do not all make a full handshake at once after each reload.
+#[tokio::test]
+async fn tls_sessions_resume_across_a_reload() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let cert = self_signed();
+    let env = tls_env(&certs, &cert).await;
+    // One client config, and with it one client session cache, for every connection.
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .expect("TLS 1.2")
+    .with_root_certificates({
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der.clone()).expect("root");
+        roots
+    })
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let handshake = || async {
+        let tcp = tokio::net::TcpStream::connect(env.app().proxy_addr)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, tcp).await.expect("TLS");
+        tls.get_ref().1.handshake_kind()
+    };
+    assert_eq!(handshake().await, Some(rustls::HandshakeKind::Full));
+    assert_eq!(handshake().await, Some(rustls::HandshakeKind::Resumed));
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        handshake().await,
+        Some(rustls::HandshakeKind::Resumed),
+        "after the reload"
+    );
+}
+
 /// A client speaking plain HTTP to the TLS listener gets a 400 that says so, not a TLS
 /// alert its HTTP library reports as garbage.
 #[tokio::test]
