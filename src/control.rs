@@ -522,7 +522,9 @@ impl Writer {
             .unwrap_or(current.settings.config.drain.timeout);
         let mut new_state = state.next(action, to, Some(from), now, req.reason);
         if let Some(entry) = new_state.history.last_mut() {
-            entry.drain_timeout = req.drain_timeout;
+            // Kept as it takes effect: an absurd value is the longest drain, as
+            // `DrainOrder::starting_now` takes it, not a number no reader would take.
+            entry.drain_timeout = req.drain_timeout.map(|d| d.min(crate::drain::MAX_DRAIN));
         }
         let mut drains = current.drains;
         drains[from.index()] = Some(DrainOrder::starting_now(new_state.generation, timeout));

@@ -62,7 +62,7 @@ pub struct HistoryEntry {
     /// follow the change through the store drain with it too.
     #[serde(
         default,
-        with = "crate::duration::option",
+        with = "crate::duration::stored",
         skip_serializing_if = "Option::is_none"
     )]
     pub drain_timeout: Option<std::time::Duration>,
