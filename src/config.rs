@@ -630,16 +630,41 @@ fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `text` with a URL's user-info (`user:password@`) left out, for messages: a password
-/// written into the config must not be repeated in logs or API answers.
+/// `text` (a URL, or a bare `host:port` as etcd endpoints may be) with its user-info
+/// (`user:password@`) left out, for messages: a password written into the config must not
+/// be repeated in logs or API answers.
 fn without_credentials(text: &str) -> String {
-    let start = text.find("://").map_or(0, |i| i + "://".len());
-    let (scheme, rest) = text.split_at(start);
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((_, host)) => format!("{scheme}…@{host}{path}"),
-        None => text.to_owned(),
+    if text.contains("://") {
+        scrub_credentials(text)
+    } else {
+        redact_userinfo(text)
+    }
+}
+
+/// Every URL in `message` (after each `://`) with its user-info left out.
+fn scrub_credentials(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + "://".len());
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+            .unwrap_or(tail.len());
+        let (url, after) = tail.split_at(end);
+        out.push_str(&redact_userinfo(url));
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A URL's rest after its scheme: all up to its last `@` is user-info, whatever it holds
+/// (an unencoded `/`, `?` or `#` in a password included).
+fn redact_userinfo(url: &str) -> String {
+    match url.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => url.to_owned(),
     }
 }
 
@@ -647,6 +672,8 @@ fn without_credentials(text: &str) -> String {
 /// used: its source excerpt would repeat the line, value and all, into logs and API answers.
 fn toml_reason(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    // A value of the wrong type is quoted whole ("invalid type: string \"http://...\"").
+    let message = scrub_credentials(&message);
     match e.span().and_then(|span| text.get(..span.start)) {
         Some(before) => {
             let line = before.matches('\n').count() + 1;

@@ -95,14 +95,35 @@ fn errors_do_not_repeat_the_config_line_or_a_password() {
     assert!(e.reason.contains("line 10, column 14"), "{e}");
     assert!(!e.to_string().contains("s3cr3t"), "{e}");
 
-    let text = MINIMAL.replace(
-        "http://127.0.0.1:9001",
-        "http://admin:hunter2@127.0.0.1:9001",
-    );
-    let e = parse(&text).expect_err("credentials");
-    assert_eq!(e.field, "pools.blue[0]", "{e}");
-    assert!(e.reason.contains("http://…@127.0.0.1:9001"), "{e}");
-    assert!(!e.to_string().contains("hunter2"), "{e}");
+    // Passwords with characters a URL reserves (unencoded) too.
+    for password in ["hunter2", "hun#ter2", "hun/ter2", "hun?ter2"] {
+        let text = MINIMAL.replace(
+            "http://127.0.0.1:9001",
+            &format!("http://admin:{password}@127.0.0.1:9001"),
+        );
+        let e = parse(&text).expect_err("credentials");
+        assert_eq!(e.field, "pools.blue[0]", "{e}");
+        assert!(e.reason.contains("http://…@127.0.0.1:9001"), "{e}");
+        assert!(!e.to_string().contains("ter2"), "{e}");
+        // A string where a list belongs is quoted by the parser: without the password.
+        let text = MINIMAL.replace(
+            "[\"http://127.0.0.1:9001\"]",
+            &format!("\"http://admin:{password}@127.0.0.1:9001\""),
+        );
+        let e = parse(&text).expect_err("not a list");
+        assert!(!e.to_string().contains("ter2"), "{e}");
+    }
+    for endpoint in [
+        "http://root:p#ss@127.0.0.1:2379",
+        "root:pa/ss@127.0.0.1:2379",
+    ] {
+        let text = format!(
+            "{MINIMAL}\n[routing]\nstore = \"etcd\"\netcd = {{ endpoints = [\"{endpoint}\"], key = \"/k\" }}\n"
+        );
+        let e = parse(&text).expect_err("credentials");
+        assert!(!e.to_string().contains("ss@"), "{e}");
+        assert!(e.reason.contains("…@127.0.0.1:2379"), "{e}");
+    }
 }
 
 #[test]
