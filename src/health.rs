@@ -248,10 +248,15 @@ async fn probe(
                 tracing::warn!(upstream = %upstream.name, color = %upstream.color, error = %crate::proxy::http::source_chain(&e), "health probe skipped: out of sockets here (open-file limit or socket memory); the upstream's health stays as it was");
                 return None;
             }
-            // No connection (refused, TLS refused): unreachable. A connection that gave
-            // no readable answer (closed early, not HTTP/1.1) is a bad response.
+            // No connection (refused, TLS refused), or one closed before any answer (as
+            // a container runtime's port proxy does while the API is not listening yet):
+            // unreachable. An answer that is not HTTP/1.1 is a bad response.
             Err(e) => {
-                let observed = if e.is_connect() {
+                let closed_early =
+                    std::iter::successors(std::error::Error::source(&e), |s| s.source())
+                        .filter_map(|s| s.downcast_ref::<hyper::Error>())
+                        .any(hyper::Error::is_incomplete_message);
+                let observed = if e.is_connect() || closed_early {
                     Observed::Unreachable
                 } else {
                     Observed::BadResponse

@@ -485,6 +485,33 @@ async fn upstreams_are_judged_before_the_proxy_serves() {
     assert_eq!(code, StatusCode::OK);
 }
 
+/// A probe whose connection is closed before any answer (a container runtime's port
+/// proxy while the API is not listening yet) finds the upstream unreachable; one answered
+/// with something that is not HTTP, a bad response.
+#[tokio::test]
+async fn a_probe_closed_unanswered_is_unreachable_and_garbage_a_bad_response() {
+    for (answer, health) in [
+        (&b""[..], "unreachable"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "bad_response"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _server = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut socket, answer).await;
+            }
+        });
+        let env =
+            support::env_with_blue_at_health(addr, "interval = \"1h\"\ntimeout = \"5s\"").await;
+        let (_, status) = env.admin_get("/status").await;
+        let upstream = &status["colors"]["blue"]["upstreams"][0];
+        assert_eq!(upstream["url"], format!("http://{addr}"), "{status}");
+        assert_eq!(upstream["health"], health, "{status}");
+    }
+}
+
 #[tokio::test]
 async fn an_unhealthy_target_needs_force() {
     let env = EnvBuilder::default().start().await;
