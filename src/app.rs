@@ -96,6 +96,9 @@ async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, Star
         })
 }
 
+/// The longest start-up waits for the upstreams' first health verdicts.
+const FIRST_VERDICTS_WAIT: Duration = Duration::from_secs(3);
+
 /// Starts everything `config` describes.
 pub async fn start(config: Config) -> Result<Handle, StartError> {
     let metrics = Metrics::new();
@@ -131,16 +134,23 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     .await?;
     let proxy = Arc::new(Proxy::new(router.clone(), tracker.clone(), metrics.clone()));
 
-    // Every upstream's first verdict before anything is served (at most health.timeout):
-    // until a probe has judged it an upstream is presumed healthy, and the flip's gate
-    // and /readyz would take a pool that does not answer for a live one.
+    // Every upstream's first verdict before anything is served: until a probe has judged
+    // it an upstream is presumed healthy, and the flip's gate and /readyz would take a
+    // pool that does not answer for a live one. At most health.timeout, and never more
+    // than `FIRST_VERDICTS_WAIT` (signals are answered only once this returns); an
+    // upstream not judged by then is presumed healthy until its probe says otherwise.
     {
         let table = router.load_full();
         let upstreams: Vec<_> = table.pools.iter().flat_map(|p| p.iter().cloned()).collect();
         let settings = &table.settings;
-        prober
-            .first_verdicts(&upstreams, &settings.config.health, &settings.upstream_tls)
-            .await;
+        let verdicts =
+            prober.first_verdicts(&upstreams, &settings.config.health, &settings.upstream_tls);
+        if tokio::time::timeout(FIRST_VERDICTS_WAIT, verdicts)
+            .await
+            .is_err()
+        {
+            tracing::warn!(waited = ?FIRST_VERDICTS_WAIT, "serving before every upstream's first health probe answered (health.timeout is longer)");
+        }
         for upstream in &upstreams {
             metrics.upstream_health(upstream);
         }

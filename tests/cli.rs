@@ -366,6 +366,29 @@ async fn a_failing_health_probe_is_logged_with_its_reason_once() {
     assert_eq!(proxy.terminate().await.code(), Some(0));
 }
 
+/// Start-up waits for the upstreams' first health verdicts, but not for a health.timeout
+/// of an hour: a pool that never answers holds the start a few seconds at most, and a
+/// SIGTERM is then answered as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_does_not_wait_out_a_long_health_timeout() {
+    let site = Site::new().await;
+    let (hung, _held) = support::hung_upstream().await;
+    let text = site
+        .config_text()
+        .replace(&site.green.url(), &format!("http://{hung}"))
+        .replace("[health]\n", "[health]\ntimeout = \"1h\"\n");
+    std::fs::write(site.config(), text).expect("config");
+    let proxy = site.run().await;
+    assert!(
+        proxy
+            .log()
+            .contains("serving before every upstream's first health probe answered"),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(proxy.terminate().await.code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_state_file_stops_startup_and_is_named() {
     let site = Site::new().await;
