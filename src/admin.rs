@@ -357,8 +357,21 @@ async fn parse_body<T: Default + serde::de::DeserializeOwned>(
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    // The field at fault is named: `drain_timeout: too long: ...`, not only a column.
+    let mut json = serde_json::Deserializer::from_slice(&body);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let field = e.path().to_string();
+        let e = e.into_inner();
+        if field == "." {
+            ApiError::bad_request(format!("invalid JSON body: {e}"))
+        } else {
+            ApiError::bad_request(format!("invalid JSON body: {field}: {e}"))
+        }
+    })?;
+    // Nothing may follow the object, as `serde_json::from_slice` checks.
+    json.end()
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    Ok(value)
 }
 
 /// The `/status` document for a table.

@@ -180,6 +180,12 @@ async fn malformed_requests_are_400() {
     let body = json!({ "drain_timeout": "18446744073709551615s 1000ms" }).to_string();
     let answer = post_raw(&env, "/flip", auth, &body).await;
     assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
+    // The field at fault is named.
+    let message = answer.1["message"].as_str().unwrap_or_default();
+    assert!(message.contains("drain_timeout: too long"), "{message}");
+    // Nothing may follow the object.
+    let answer = post_raw(&env, "/flip", auth, r#"{"to": "green"} {}"#).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
     let body = json!({ "to": "green", "expect_generation": 0 }).to_string();
     let answer = post_raw(&env, "/rollback", auth, &body).await;
     assert_error(&answer, StatusCode::CONFLICT, "generation_mismatch");
