@@ -151,6 +151,9 @@ async fn probe_loop(
     let mut changes = router.subscribe();
     // Why the probes fail, as last logged: each new reason is logged once, not per probe.
     let mut failing: Option<String> = None;
+    // An upstream judged already (start-up and a reload probe first) is next probed an
+    // interval later, not at once.
+    let mut judged = upstream.observed() != Observed::Unknown;
     loop {
         // Probes start `interval` apart, however long each takes (as HAProxy's `inter`):
         // a node that hangs is judged after `fall` intervals, not `fall` × (interval +
@@ -176,6 +179,7 @@ async fn probe_loop(
                     upstream.forgive()
                 }
             }
+            _ if std::mem::take(&mut judged) => None,
             mode => {
                 let client = prober.client(&tls);
                 match probe(&client, &upstream, mode, &health.path, health.timeout).await {
