@@ -641,30 +641,21 @@ fn without_credentials(text: &str) -> String {
     }
 }
 
-/// Every URL in `message` (after each `://`) with its user-info left out.
+/// `message` with the user-info of the URL it quotes left out: all from after the first
+/// `://` to the last `@`. Where the URL ends cannot be told (a password may hold spaces,
+/// quotes, `/` or `#`), so this may leave out more than the user-info, never less.
 fn scrub_credentials(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + "://".len());
-        out.push_str(head);
-        let end = tail
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
-            .unwrap_or(tail.len());
-        let (url, after) = tail.split_at(end);
-        out.push_str(&redact_userinfo(url));
-        rest = after;
+    match message.split_once("://") {
+        Some((head, rest)) => format!("{head}://{}", redact_userinfo(rest)),
+        None => message.to_owned(),
     }
-    out.push_str(rest);
-    out
 }
 
-/// A URL's rest after its scheme: all up to its last `@` is user-info, whatever it holds
-/// (an unencoded `/`, `?` or `#` in a password included).
-fn redact_userinfo(url: &str) -> String {
-    match url.rsplit_once('@') {
-        Some((_, host)) => format!("…@{host}"),
-        None => url.to_owned(),
+/// `text` with all up to its last `@` left out.
+fn redact_userinfo(text: &str) -> String {
+    match text.rsplit_once('@') {
+        Some((_, after)) => format!("…@{after}"),
+        None => text.to_owned(),
     }
 }
 

@@ -96,7 +96,16 @@ fn errors_do_not_repeat_the_config_line_or_a_password() {
     assert!(!e.to_string().contains("s3cr3t"), "{e}");
 
     // Passwords with characters a URL reserves (unencoded) too.
-    for password in ["hunter2", "hun#ter2", "hun/ter2", "hun?ter2"] {
+    for password in [
+        "hunter2",
+        "hun#ter2",
+        "hun/ter2",
+        "hun?ter2",
+        "hun'ter2",
+        "hun ter2",
+        "hun`ter2",
+        "hun\\\"ter2",
+    ] {
         let text = MINIMAL.replace(
             "http://127.0.0.1:9001",
             &format!("http://admin:{password}@127.0.0.1:9001"),
@@ -116,6 +125,7 @@ fn errors_do_not_repeat_the_config_line_or_a_password() {
     for endpoint in [
         "http://root:p#ss@127.0.0.1:2379",
         "root:pa/ss@127.0.0.1:2379",
+        "http://root:it'ss@127.0.0.1:2379",
     ] {
         let text = format!(
             "{MINIMAL}\n[routing]\nstore = \"etcd\"\netcd = {{ endpoints = [\"{endpoint}\"], key = \"/k\" }}\n"
