@@ -362,7 +362,8 @@ async fn parse_body<T: Default + serde::de::DeserializeOwned>(
     let value = serde_path_to_error::deserialize(&mut json).map_err(|e| {
         let field = e.path().to_string();
         let e = e.into_inner();
-        if field == "." {
+        // serde_path_to_error says "." for the top and "?" where it cannot tell.
+        if field == "." || field == "?" {
             ApiError::bad_request(format!("invalid JSON body: {e}"))
         } else {
             ApiError::bad_request(format!("invalid JSON body: {field}: {e}"))

@@ -171,6 +171,8 @@ async fn probe_loop(
         };
         let changed = match health.mode {
             HealthMode::Off => {
+                // Probes that start again later start at once.
+                judged = false;
                 upstream.set_not_checked();
                 // Without probes, a passively failed upstream is retried after a cool-down.
                 if upstream.is_healthy() {
@@ -252,18 +254,19 @@ async fn probe(
                 tracing::warn!(upstream = %upstream.name, color = %upstream.color, error = %crate::proxy::http::source_chain(&e), "health probe skipped: out of sockets here (open-file limit or socket memory); the upstream's health stays as it was");
                 return None;
             }
-            // No connection (refused, TLS refused), or one closed before any answer (as
-            // a container runtime's port proxy does while the API is not listening yet):
-            // unreachable. An answer that is not HTTP/1.1 is a bad response.
+            // An answer that is not HTTP/1.1 is a bad response. Anything else is no answer:
+            // no connection (refused, TLS refused), or one closed or reset before an
+            // answer came (as a container runtime's port proxy does while the API is not
+            // listening yet): unreachable.
             Err(e) => {
-                let closed_early =
+                let unreadable =
                     std::iter::successors(std::error::Error::source(&e), |s| s.source())
                         .filter_map(|s| s.downcast_ref::<hyper::Error>())
-                        .any(hyper::Error::is_incomplete_message);
-                let observed = if e.is_connect() || closed_early {
-                    Observed::Unreachable
-                } else {
+                        .any(|h| h.is_parse() || h.is_parse_too_large() || h.is_parse_status());
+                let observed = if unreadable && !e.is_connect() {
                     Observed::BadResponse
+                } else {
+                    Observed::Unreachable
                 };
                 return Some(Finding::failed(
                     observed,

@@ -491,14 +491,16 @@ async fn upstreams_are_judged_before_the_proxy_serves() {
     assert_eq!(code, StatusCode::OK);
 }
 
-/// A probe whose connection is closed before any answer (a container runtime's port
-/// proxy while the API is not listening yet) finds the upstream unreachable; one answered
-/// with something that is not HTTP, a bad response.
+/// A probe whose connection is closed or reset before any answer (a container runtime's
+/// port proxy while the API is not listening yet) finds the upstream unreachable; one
+/// answered with something that is not HTTP, a bad response.
 #[tokio::test]
 async fn a_probe_closed_unanswered_is_unreachable_and_garbage_a_bad_response() {
-    for (answer, health) in [
-        (&b""[..], "unreachable"),
-        (b"SSH-2.0-OpenSSH\r\n\r\n", "bad_response"),
+    // (what the upstream writes, whether it then resets, the health shown)
+    for (answer, reset, health) in [
+        (&b""[..], false, "unreachable"),
+        (b"", true, "unreachable"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", false, "bad_response"),
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -507,6 +509,12 @@ async fn a_probe_closed_unanswered_is_unreachable_and_garbage_a_bad_response() {
         let _server = tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 let _ = tokio::io::AsyncWriteExt::write_all(&mut socket, answer).await;
+                if reset {
+                    // The request read first, then an RST rather than a FIN.
+                    let mut request = [0u8; 1024];
+                    let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut request).await;
+                    let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+                }
             }
         });
         let env =
@@ -514,7 +522,7 @@ async fn a_probe_closed_unanswered_is_unreachable_and_garbage_a_bad_response() {
         let (_, status) = env.admin_get("/status").await;
         let upstream = &status["colors"]["blue"]["upstreams"][0];
         assert_eq!(upstream["url"], format!("http://{addr}"), "{status}");
-        assert_eq!(upstream["health"], health, "{status}");
+        assert_eq!(upstream["health"], health, "reset: {reset}: {status}");
     }
 }
 
