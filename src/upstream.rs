@@ -195,6 +195,35 @@ pub struct Upstream {
     /// The raw `system_health` when it is a state this build does not know, so `/status`
     /// shows what the node said (at most 64 characters).
     unknown_state: Mutex<Option<Box<str>>>,
+    /// Run when the last holder lets it go: set while it is removed from its pool.
+    on_drop: OnDrop,
+}
+
+/// What a removed upstream does when the last stream, request or table holding it ends.
+#[derive(Default)]
+struct OnDrop(Mutex<Option<LastAct>>);
+
+/// What `OnDrop` runs.
+type LastAct = Box<dyn FnOnce(&Upstream) + Send>;
+
+impl std::fmt::Debug for OnDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnDrop")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let last = self
+            .on_drop
+            .0
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(last) = last {
+            last(self);
+        }
+    }
 }
 
 impl Upstream {
@@ -213,6 +242,7 @@ impl Upstream {
             retired: Mutex::new(None),
             http_cut: AtomicU64::new(0),
             unknown_state: Mutex::new(None),
+            on_drop: OnDrop::default(),
         }
     }
 
@@ -338,6 +368,17 @@ impl Upstream {
     /// still drain): their drain is cancelled, as a rollback cancels a colour's.
     pub fn reinstate(&self) {
         *self.retired.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.on_drop
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    /// Runs `last` when the last holder of this removed upstream lets it go (its last
+    /// stream or request ends); a reload that puts it back cancels it.
+    pub fn when_gone(&self, last: impl FnOnce(&Upstream) + Send + 'static) {
+        *self.on_drop.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(last));
     }
 
     /// Forgets the verdict of earlier probes, so the next one decides alone, as for an

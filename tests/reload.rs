@@ -43,6 +43,10 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
     assert_eq!(upstreams[1]["removed"], true, "{body}");
     assert_eq!(upstreams[1]["open_streams"], removed_streams, "{body}");
     assert!(upstreams[1]["drain_deadline"].is_string(), "{body}");
+    // Its metric series stay while its streams drain: an error then adds to its count.
+    let series = format!("upstream=\"{}\"", env.blue[1].url());
+    let listed = || env.metric_sum("switchyard_upstream_healthy", &[&series]) > 0.0;
+    assert!(listed(), "{}", env.app().metrics.encode());
     // Every stream gets audio; those on the removed upstream are then drained.
     let mut drained = 0;
     let mut alive = Vec::new();
@@ -72,6 +76,8 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
     }
     assert_eq!(drained as u64, removed_streams);
     assert_eq!(env.blue[1].state.close_streams(), removed_streams);
+    // With its last stream gone, so are its series.
+    eventually(|| async { !env.app().metrics.encode().contains(&series) }).await;
     // The kept upstream's streams survived the reload and still work.
     for mut ws in alive {
         let next = answer_to_audio(&mut ws).await;
