@@ -630,33 +630,25 @@ fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `text` (a URL, or a bare `host:port` as etcd endpoints may be) with its user-info
-/// (`user:password@`) left out, for messages: a password written into the config must not
-/// be repeated in logs or API answers.
-fn without_credentials(text: &str) -> String {
-    if text.contains("://") {
-        scrub_credentials(text)
-    } else {
-        redact_userinfo(text)
-    }
-}
-
-/// `message` with the user-info of the URL it quotes left out: all from after the first
-/// `://` to the last `@`. Where the URL ends cannot be told (a password may hold spaces,
+/// `text` (a URL, a bare `user:password@host:port`, or a message quoting one) with all
+/// up to its last `@` left out, from after its first `://` or opening quote before that
+/// `@` (else from the start): a password written into the config must not be repeated in
+/// logs or API answers. Where a URL ends cannot be told (a password may hold spaces,
 /// quotes, `/` or `#`), so this may leave out more than the user-info, never less.
-fn scrub_credentials(message: &str) -> String {
-    match message.split_once("://") {
-        Some((head, rest)) => format!("{head}://{}", redact_userinfo(rest)),
-        None => message.to_owned(),
-    }
-}
-
-/// `text` with all up to its last `@` left out.
-fn redact_userinfo(text: &str) -> String {
-    match text.rsplit_once('@') {
-        Some((_, after)) => format!("…@{after}"),
-        None => text.to_owned(),
-    }
+fn without_credentials(text: &str) -> String {
+    let Some((before, after)) = text.rsplit_once('@') else {
+        return text.to_owned();
+    };
+    let start = [
+        before.find("://").map(|i| i + "://".len()),
+        before.find(['"', '`']).map(|i| i + 1),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(0);
+    let (kept, _) = before.split_at(start);
+    format!("{kept}…@{after}")
 }
 
 /// toml's message on one line, with where in `text` it is. toml's own rendering is not
@@ -664,7 +656,7 @@ fn redact_userinfo(text: &str) -> String {
 fn toml_reason(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
     // A value of the wrong type is quoted whole ("invalid type: string \"http://...\"").
-    let message = scrub_credentials(&message);
+    let message = without_credentials(&message);
     match e.span().and_then(|span| text.get(..span.start)) {
         Some(before) => {
             let line = before.matches('\n').count() + 1;

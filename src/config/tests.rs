@@ -126,6 +126,7 @@ fn errors_do_not_repeat_the_config_line_or_a_password() {
         "http://root:p#ss@127.0.0.1:2379",
         "root:pa/ss@127.0.0.1:2379",
         "http://root:it'ss@127.0.0.1:2379",
+        "root:pa/ss@127.0.0.1:2379/x://y",
     ] {
         let text = format!(
             "{MINIMAL}\n[routing]\nstore = \"etcd\"\netcd = {{ endpoints = [\"{endpoint}\"], key = \"/k\" }}\n"
@@ -133,6 +134,12 @@ fn errors_do_not_repeat_the_config_line_or_a_password() {
         let e = parse(&text).expect_err("credentials");
         assert!(!e.to_string().contains("ss@"), "{e}");
         assert!(e.reason.contains("…@127.0.0.1:2379"), "{e}");
+        // Written as a string where a list belongs: toml's quote of it, without it.
+        let text = format!(
+            "{MINIMAL}\n[routing]\nstore = \"etcd\"\netcd = {{ endpoints = \"{endpoint}\", key = \"/k\" }}\n"
+        );
+        let e = parse(&text).expect_err("not a list");
+        assert!(!e.to_string().contains("ss@"), "{e}");
     }
 }
 
