@@ -637,10 +637,12 @@ impl Writer {
                 if !new.pool(color).iter().any(|n| Arc::ptr_eq(n, u)) {
                     self.tracker
                         .retire(u, DrainOrder::starting_now(new.generation, timeout));
-                    // Its series stay while its streams drain (an error then must add to
-                    // its count, not start a new one at 1), and go with its last one. A
-                    // reload listing its URL again while it lives puts it back (which
-                    // cancels this); one listing it later makes a new upstream.
+                    // Its health goes now (it takes no new work); its error counts stay
+                    // while its streams drain (an error then must add to its count, not
+                    // start a new one at 1) and go with its last one. A reload listing
+                    // its URL again while it lives puts it back (which cancels this and
+                    // publishes it again); one listing it later makes a new upstream.
+                    self.metrics.forget_upstream_health(u);
                     let metrics = self.metrics.clone();
                     u.when_gone(move |u| metrics.forget_upstream(u));
                     tracing::info!(upstream = %u.name, color = %color, "upstream removed; its streams drain");

@@ -399,7 +399,14 @@ impl Metrics {
         }
     }
 
-    /// Forgets an upstream a reload removed.
+    /// Forgets the health of an upstream a reload removed: it takes no new work, and a
+    /// stale 1 would hide a colour left with no healthy upstream.
+    pub fn forget_upstream_health(&self, upstream: &Upstream) {
+        let labels = [upstream.color.as_str(), &*upstream.name];
+        let _ = self.upstream_healthy.remove_label_values(&labels);
+    }
+
+    /// Forgets an upstream a reload removed, once nothing runs on it.
     pub fn forget_upstream(&self, upstream: &Upstream) {
         let labels = [upstream.color.as_str(), &*upstream.name];
         let _ = self.upstream_healthy.remove_label_values(&labels);

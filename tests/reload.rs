@@ -43,10 +43,18 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
     assert_eq!(upstreams[1]["removed"], true, "{body}");
     assert_eq!(upstreams[1]["open_streams"], removed_streams, "{body}");
     assert!(upstreams[1]["drain_deadline"].is_string(), "{body}");
-    // Its metric series stay while its streams drain: an error then adds to its count.
+    // Its error counts stay while its streams drain (an error then adds to its count);
+    // its health goes at once (it takes no new work: a stale 1 would hide a colour left
+    // with no healthy upstream).
     let series = format!("upstream=\"{}\"", env.blue[1].url());
-    let listed = || env.metric_sum("switchyard_upstream_healthy", &[&series]) > 0.0;
-    assert!(listed(), "{}", env.app().metrics.encode());
+    let exposition = env.app().metrics.encode();
+    let listed = |family: &str| {
+        exposition
+            .lines()
+            .any(|l| l.starts_with(family) && l.contains(&series))
+    };
+    assert!(listed("switchyard_upstream_errors_total"), "{exposition}");
+    assert!(!listed("switchyard_upstream_healthy"), "{exposition}");
     // Every stream gets audio; those on the removed upstream are then drained.
     let mut drained = 0;
     let mut alive = Vec::new();
