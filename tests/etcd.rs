@@ -881,14 +881,39 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
         revisions().await.windows(2).all(|w| w[0] == w[1])
     })
     .await;
-    let now = fleet.agreed().await;
-    let generation = now["generation"].as_u64().expect("generation");
-    let target = if now["active"] == "green" {
-        "blue"
-    } else {
-        "green"
+    // A write refused during the outage may also land only now, after the replicas
+    // agreed (etcd held it when it froze): a flip then loses to it with 409
+    // generation_mismatch, as any change racing another does, and is asked again once
+    // every replica follows what landed.
+    let mut lost = 0;
+    let (target, generation) = loop {
+        let now = fleet.agreed().await;
+        let generation = now["generation"].as_u64().expect("generation");
+        let target = if now["active"] == "green" {
+            "blue"
+        } else {
+            "green"
+        };
+        let (code, answer) = fleet.replicas[1].post("/flip", json!({"to": target})).await;
+        if code == StatusCode::OK {
+            break (target, generation);
+        }
+        assert_eq!(code, StatusCode::CONFLICT, "{answer}");
+        assert_eq!(answer["error"], "generation_mismatch", "{answer}");
+        lost += 1;
+        assert!(lost < 3, "lost to late writes {lost} times: {answer}");
+        let landed = answer["generation"]
+            .as_u64()
+            .expect("the generation that landed");
+        for r in &fleet.replicas {
+            until(
+                &format!("{} follows the late write", r.id),
+                PATIENCE,
+                || async { r.status().await["generation"].as_u64() >= Some(landed) },
+            )
+            .await;
+        }
     };
-    fleet.replicas[1].flip(json!({"to": target})).await;
     fleet.converged(target, generation + 1, FOLLOW).await;
     fleet.agreed().await;
     for r in &fleet.replicas {
