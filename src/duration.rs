@@ -43,12 +43,14 @@ fn upper_bound_secs(text: &str) -> u128 {
     let mut fraction = false;
     let mut unit = String::new();
     for c in text.chars() {
-        if let Some(digit) = c.to_digit(10) {
-            if !unit.is_empty() {
-                total = total.saturating_add(bound(number, &unit));
-                (number, fraction) = (0, false);
-                unit.clear();
-            }
+        let digit = c.to_digit(10);
+        // A unit ends at the next number, or at whitespace (as humantime's does).
+        if (digit.is_some() || c.is_whitespace()) && !unit.is_empty() {
+            total = total.saturating_add(bound(number, &unit));
+            (number, fraction) = (0, false);
+            unit.clear();
+        }
+        if let Some(digit) = digit {
             if !fraction {
                 number = number.saturating_mul(10).saturating_add(u128::from(digit));
             }
@@ -57,14 +59,7 @@ fn upper_bound_secs(text: &str) -> u128 {
                 number = number.saturating_add(1);
             }
             fraction = true;
-        } else if c.is_whitespace() {
-            // Ends a unit (humantime's unit ends there), not a number.
-            if !unit.is_empty() {
-                total = total.saturating_add(bound(number, &unit));
-                (number, fraction) = (0, false);
-                unit.clear();
-            }
-        } else if unit.len() < 16 {
+        } else if !c.is_whitespace() && unit.len() < 16 {
             unit.push(c);
         }
     }

@@ -76,7 +76,7 @@ const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// The most requests one HTTP/2 connection carries at once (HAProxy's default; nginx's is
 /// 128): each holds an upstream connection, a file descriptor.
-pub const H2_MAX_STREAMS: u32 = 100;
+const H2_MAX_STREAMS: u32 = 100;
 
 /// What a connection's requests tell the task that drives it.
 #[derive(Debug, Default)]
