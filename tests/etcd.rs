@@ -246,6 +246,13 @@ struct Replica {
 }
 
 impl Fleet {
+    /// Asserts that every replica's proxy routes new requests to `color`.
+    async fn all_route_to(&self, color: &str) {
+        for r in &self.replicas {
+            assert_eq!(r.routes_to().await, color, "{} routes to {color}", r.id);
+        }
+    }
+
     /// Stubs and configs, then all three replicas running.
     async fn start(etcd: &str, options: FleetOptions) -> Fleet {
         let mut fleet = Fleet::new(etcd, options).await;
@@ -681,9 +688,7 @@ async fn a_flip_through_one_replica_reaches_every_replica_within_a_second() {
     };
     let start = fleet.agreed().await;
     assert_eq!(start["active"], "blue");
-    for r in &fleet.replicas {
-        assert_eq!(r.routes_to().await, "blue", "{}", r.id);
-    }
+    fleet.all_route_to("blue").await;
     let c_store = c.status().await["store"].clone();
     let c_id = c_store["replica_id"].as_str().expect("an id").to_owned();
     assert!(
@@ -819,9 +824,7 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
     fleet.converged("green", generation, FOLLOW).await;
 
     signal(etcd.pid(), "-STOP");
-    for r in &fleet.replicas {
-        assert_eq!(r.routes_to().await, "green", "{} keeps serving", r.id);
-    }
+    fleet.all_route_to("green").await;
     for r in &fleet.replicas[..2] {
         let asked = Instant::now();
         let (code, refused) = r.post("/flip", json!({"to": "blue"})).await;
@@ -916,9 +919,7 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
     };
     fleet.converged(target, generation + 1, FOLLOW).await;
     fleet.agreed().await;
-    for r in &fleet.replicas {
-        assert_eq!(r.routes_to().await, target, "{}", r.id);
-    }
+    fleet.all_route_to(target).await;
     fleet.stop().await;
 }
 
@@ -1016,9 +1017,7 @@ async fn replicas_write_their_state_back_to_etcd_restored_from_an_older_backup()
     assert_eq!(now["active"], "green", "{now}");
     assert_eq!(now["generation"], generation + 1, "{now}");
     assert_eq!(now["changed_at"], before["changed_at"], "{now}");
-    for r in &fleet.replicas {
-        assert_eq!(r.routes_to().await, "green", "{}", r.id);
-    }
+    fleet.all_route_to("green").await;
     assert!(
         fleet.replicas.iter().any(|r| r
             .log()
@@ -1031,9 +1030,7 @@ async fn replicas_write_their_state_back_to_etcd_restored_from_an_older_backup()
         .await;
     fleet.converged("blue", generation + 2, FOLLOW).await;
     fleet.agreed().await;
-    for r in &fleet.replicas {
-        assert_eq!(r.routes_to().await, "blue", "{}", r.id);
-    }
+    fleet.all_route_to("blue").await;
     fleet.stop().await;
 }
 
@@ -1055,9 +1052,7 @@ async fn replicas_restarted_over_a_restore_keep_the_newest_state() {
     fleet.converged("green", generation + 1, PATIENCE).await;
     let now = fleet.agreed().await;
     assert_eq!(now["active"], "green", "{now}");
-    for r in &fleet.replicas {
-        assert_eq!(r.routes_to().await, "green", "{}", r.id);
-    }
+    fleet.all_route_to("green").await;
     fleet.replicas[2].flip(json!({"to": "blue"})).await;
     fleet.converged("blue", generation + 2, FOLLOW).await;
     fleet.stop().await;
