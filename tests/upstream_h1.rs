@@ -547,6 +547,13 @@ async fn the_upstreams_reason_phrase_goes_on_as_it_came() {
         // No reason and no space before it: the standard phrase stands in.
         ("HTTP/1.1 200", "HTTP/1.1 200 OK"),
         ("HTTP/1.1 404", "HTTP/1.1 404 Not Found"),
+        // A code with no standard phrase keeps its own, or none (not hyper's "<none>").
+        (
+            "HTTP/1.1 599 Network Timeout",
+            "HTTP/1.1 599 Network Timeout",
+        ),
+        ("HTTP/1.1 599", "HTTP/1.1 599 "),
+        ("HTTP/1.1 599 ", "HTTP/1.1 599 "),
     ] {
         client
             .write(b"GET /v1/listen HTTP/1.1\r\nhost: x\r\n\r\n")

@@ -1082,6 +1082,11 @@ fn parse_head(
             }
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(format!(
+                    "the upstream's answer has more than {MAX_HEADERS} header fields"
+                ));
+            }
             Err(e) => return Err(format!("the upstream's answer is not HTTP/1.1: {e}")),
         };
         let status = parsed
@@ -1148,6 +1153,12 @@ fn parse_head(
             && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(head.slice(start..start + len))
         {
             response.extensions_mut().insert(reason);
+        } else if reason_at.is_none() && status.canonical_reason().is_none() {
+            // A code with no standard phrase and none of its own ("HTTP/1.1 599"): an
+            // empty one, which hyper would otherwise write as "<none>".
+            response
+                .extensions_mut()
+                .insert(hyper::ext::ReasonPhrase::from_static(b""));
         }
         return Ok(Some((response, framing, !ambiguous && !unframed)));
     }

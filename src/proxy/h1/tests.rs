@@ -152,3 +152,19 @@ async fn a_closed_idle_set_keeps_nothing_until_opened() {
     idle.park(connect().await);
     assert_eq!(idle.len(), 1, "put back, it keeps them again");
 }
+
+/// A head with more fields than are parsed is refused for what it is, not as "not HTTP".
+#[test]
+fn a_head_with_too_many_fields_is_named_so() {
+    let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+    for i in 0..=MAX_HEADERS {
+        head.extend_from_slice(format!("x-field-{i}: {i}\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    let mut buf = BytesMut::from(&head[..]);
+    let error = parse_head(&mut buf, &Method::GET, false).expect_err("too many fields");
+    assert_eq!(
+        error,
+        format!("the upstream's answer has more than {MAX_HEADERS} header fields")
+    );
+}
