@@ -596,7 +596,7 @@ Try:
   {me} ctl --admin {admin} --token-file {token_file} history
   curl -s {admin}/metrics | grep switchyard_active_color
 Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
-(CloseStream, finals, close 1012) 20 s after it. Ctrl-C to stop.
+(CloseStream, finals, close 1012) 20 s after it. Ctrl-C to stop (twice: at once).
 "#,
         blue = blue.url(),
         green = green.url(),
@@ -609,7 +609,12 @@ Streams: ws://{proxy}/v1/listen keeps its colour across a flip and is drained
     );
     stop.recv().await;
     handle.shutdown();
-    handle.wait().await;
+    // As for `run`, a second signal does not wait for open streams' drain; the demo has
+    // nothing to keep, so it still exits 0 (and removes its scratch directory).
+    tokio::select! {
+        _ = handle.wait() => {}
+        _ = stop.recv() => tracing::warn!("second stop signal: exiting now"),
+    }
     Ok(0)
 }
 

@@ -795,6 +795,54 @@ async fn demo_story_ended_by(signal: &str) {
     assert!(!scratch.exists(), "{} is left behind", scratch.display());
 }
 
+/// As with `run`, a second Ctrl-C ends the demo without waiting for its open streams'
+/// 20 s drain, still exiting 0 and removing its scratch directory.
+#[tokio::test]
+async fn a_second_signal_ends_the_demo_without_waiting_for_its_streams() {
+    let (proxy, preview, admin) = (free_port(), free_port(), free_port());
+    let mut child = demo(proxy, preview, admin)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("demo starts");
+    let scratch = scratch_of(&child);
+    let client = http_client();
+    let status_url = format!("http://127.0.0.1:{admin}/status");
+    eventually(|| async {
+        matches!(client.get(status_url.parse().expect("url")).await, Ok(r) if r.status() == 200)
+    })
+    .await;
+    let (_stream, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{proxy}/v1/listen"))
+            .await
+            .expect("a stream opens");
+    let pid = child.id().expect("running").to_string();
+    let interrupt = || {
+        let status = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    };
+    interrupt();
+    // The first signal is taken: the demo is draining its stream.
+    eventually(|| async {
+        let status: serde_json::Value =
+            serde_json::from_slice(get(&client, &status_url).await.body()).expect("JSON");
+        status["shutting_down"] == true && status["colors"]["blue"]["open_streams"] == 1
+    })
+    .await;
+    interrupt();
+    // Well inside the 20 s the drain would take.
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the second signal ends the demo")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+    assert!(!scratch.exists(), "{} is left behind", scratch.display());
+}
+
 /// A demo port already taken is named by its flag, and the scratch directory is removed.
 #[tokio::test]
 async fn demo_names_the_flag_of_a_taken_port_and_leaves_nothing_behind() {
