@@ -62,16 +62,34 @@ impl Token {
         Token(token.as_bytes().into())
     }
 
-    /// The token `SWITCHYARD_ADMIN_TOKEN` holds, else the one in `admin.token_file`;
-    /// `None` when both are missing or blank.
-    pub fn read(config: &crate::config::Config) -> Option<Token> {
+    /// The token `SWITCHYARD_ADMIN_TOKEN` holds, else the one in `admin.token_file`,
+    /// trimmed. Refused, naming the field, when both are missing or blank, and when the
+    /// token holds a line break or another control character: no `Authorization` header
+    /// can carry it, so every admin write would get 401.
+    pub fn read(config: &crate::config::Config) -> Result<Token, crate::config::ConfigError> {
         let from_env = std::env::var("SWITCHYARD_ADMIN_TOKEN").ok();
-        let text = match from_env.as_deref().map(str::trim) {
-            Some(t) if !t.is_empty() => t.to_owned(),
-            _ => std::fs::read_to_string(&config.admin.token_file).ok()?,
+        let (text, source) = match from_env.as_deref().map(str::trim) {
+            Some(t) if !t.is_empty() => (t.to_owned(), "SWITCHYARD_ADMIN_TOKEN".to_owned()),
+            _ => (
+                std::fs::read_to_string(&config.admin.token_file)
+                    .map_err(|_| config.no_token_error())?,
+                config.admin.token_file.display().to_string(),
+            ),
         };
         let text = text.trim();
-        (!text.is_empty()).then(|| Token::new(text))
+        if text.is_empty() {
+            return Err(config.no_token_error());
+        }
+        if text.bytes().any(|b| b.is_ascii_control()) {
+            return Err(crate::config::ConfigError {
+                file: config.source.display().to_string(),
+                field: "admin.token_file".into(),
+                reason: format!(
+                    "the token in {source} holds a line break or another control character, which no Authorization header can carry; a token is one line"
+                ),
+            });
+        }
+        Ok(Token::new(text))
     }
 
     fn accepts(&self, headers: &HeaderMap) -> bool {

@@ -20,9 +20,9 @@ use crate::upstream::Color;
 /// The longest timeout or interval taken: humantime's "10y".
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 31_557_600);
 
-/// A refused configuration: which file, which field, and why.
+/// A refused configuration: which file, which field (`-` when the file as a whole is
+/// refused: unreadable, or not TOML), and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}: {field}: {reason}")]
 pub struct ConfigError {
     /// The config file (or the file a field points at).
     pub file: String,
@@ -30,6 +30,15 @@ pub struct ConfigError {
     pub field: String,
     /// What is wrong, for a human.
     pub reason: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.field.as_str() {
+            "" | "-" => write!(f, "{}: {}", self.file, self.reason),
+            field => write!(f, "{}: {field}: {}", self.file, self.reason),
+        }
+    }
 }
 
 /// The whole validated configuration.
@@ -544,7 +553,7 @@ impl Config {
             file: self.source.display().to_string(),
             field: "admin.token_file".into(),
             reason: format!(
-                "{} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty; the admin API would have no token",
+                "no admin token: {} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty; admin writes are never open",
                 self.admin.token_file.display()
             ),
         }

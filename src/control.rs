@@ -224,7 +224,7 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
         .as_ref()
         .and_then(|path| std::fs::read(path).ok());
     Ok(Settings {
-        admin_token: crate::admin::Token::read(&config),
+        admin_token: Some(crate::admin::Token::read(&config)?),
         config: Arc::new(config),
         client_keys,
         tls,
@@ -566,9 +566,6 @@ impl Writer {
         }
         if let Some(conflict) = current.settings.config.reload_conflict(&config) {
             return Err(conflict.into());
-        }
-        if settings.admin_token.is_none() {
-            return Err(config.no_token_error().into());
         }
         // Said at start already; again only when the reload changes what is needed.
         if config.limits.max_connections != current.settings.config.limits.max_connections {

@@ -336,8 +336,8 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 // `run` in this environment would refuse to start without a token, so
                 // `check` refuses too (a pipeline that checks without the secret can set
                 // SWITCHYARD_ADMIN_TOKEN to anything for the check).
-                if switchyard::app::load_token(&c).is_err() {
-                    eprintln!("error: {}", c.no_token_error());
+                if let Err(e) = switchyard::app::load_token(&c) {
+                    eprintln!("error: {e}");
                     return Ok(1);
                 }
                 println!("{}: ok", config.display());

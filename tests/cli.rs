@@ -1133,6 +1133,34 @@ async fn check_refuses_a_config_without_an_admin_token() {
     assert_eq!(out.code, 0, "the file's token will do: {out:?}");
 }
 
+/// A token file of two lines (or with another control character inside the token) would
+/// start a proxy whose every admin write gets 401, since no header can carry the token:
+/// refused by `check` and `run`, naming the field, and the token is not printed.
+#[tokio::test]
+async fn check_and_run_refuse_a_token_no_header_can_carry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("switchyard.toml");
+    let token = dir.path().join("admin.token");
+    let text = format!("{GOOD}\n[admin]\ntoken_file = \"{}\"\n", token.display());
+    std::fs::write(&config, text).expect("config");
+    std::fs::write(&token, "secret-one\nsecret-two\n").expect("token");
+    let config = config.to_str().expect("utf-8");
+    for command in ["check", "run"] {
+        let out = switchyard_with(None, None, &[command, "--config", config]).await;
+        assert_eq!(out.code, 1, "{command}: {out:?}");
+        for named in [config, "admin.token_file", "line break"] {
+            assert!(
+                out.stderr.contains(named),
+                "{command} names {named}: {out:?}"
+            );
+        }
+        assert!(!out.stderr.contains("secret-"), "{command}: {out:?}");
+    }
+    let out = switchyard_with(None, Some("tab\tinside"), &["check", "--config", config]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("SWITCHYARD_ADMIN_TOKEN"), "{out:?}");
+}
+
 #[tokio::test]
 async fn check_refuses_a_missing_colour() {
     assert_refused(
