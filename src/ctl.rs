@@ -12,6 +12,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
+/// The largest answer read (a long history is some hundreds of KiB).
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
+
 /// What to ask the admin API.
 #[derive(Debug, Clone)]
 pub enum Command {
@@ -138,7 +141,26 @@ pub async fn run(options: &Options, command: Command) -> i32 {
             "failed"
         };
         eprintln!("{verb} ({}): {code}: {message}", status.as_u16());
+        if status == http::StatusCode::UNAUTHORIZED {
+            eprintln!(
+                "{}",
+                if options.token.is_some() {
+                    "the token given was not the admin token"
+                } else {
+                    "no token was given: use --token-file F or SWITCHYARD_ADMIN_TOKEN"
+                }
+            );
+        }
         return if status.is_client_error() { 2 } else { 1 };
+    }
+    // A 2xx from something that is not the API (a wrong --admin) is no success.
+    if !answers(&command, &value) {
+        eprintln!(
+            "error: {} answered {} without the fields of the admin API's answer: is it Switchyard's admin listener?",
+            options.admin,
+            status.as_u16()
+        );
+        return 1;
     }
     let written = if options.json {
         out(&format!("{value}\n"))
@@ -151,6 +173,18 @@ pub async fn run(options: &Options, command: Command) -> i32 {
     match command {
         Command::WaitDrained { .. } if value.get("drained") != Some(&Value::Bool(true)) => 3,
         _ => 0,
+    }
+}
+
+/// Whether a successful answer has what the API's answer to `command` always has.
+fn answers(command: &Command, v: &Value) -> bool {
+    match command {
+        Command::History => v.get("history").is_some_and(Value::is_array),
+        Command::WaitDrained { .. } => v.get("drained").is_some_and(Value::is_boolean),
+        _ => {
+            v.get("generation").is_some_and(Value::is_u64)
+                && v.get("active").is_some_and(Value::is_string)
+        }
     }
 }
 
@@ -226,7 +260,13 @@ async fn call(
     let url = format!("{}{}", options.admin.trim_end_matches('/'), path);
     let mut req = Request::builder().method(method).uri(&url);
     if let Some(token) = &options.token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let Ok(value) = header::HeaderValue::from_str(&format!("Bearer {token}")) else {
+            eprintln!(
+                "error: the admin token holds a line break or another control character, which no Authorization header can carry"
+            );
+            return Err(1);
+        };
+        req = req.header(header::AUTHORIZATION, value);
     }
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     if !body.is_empty() {
@@ -243,35 +283,52 @@ async fn call(
     let limit = wait
         .unwrap_or_default()
         .saturating_add(Duration::from_secs(30));
-    let response = match tokio::time::timeout(limit, client.request(req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            eprintln!(
-                "error: cannot reach the admin API at {}: {}",
+    // The whole exchange is timed, body included: a server that sends a head and then
+    // stalls must not hold a pipeline for ever.
+    let exchange = async {
+        let response = client.request(req).await.map_err(|e| {
+            format!(
+                "cannot reach the admin API at {}: {}",
                 options.admin,
                 crate::proxy::http::source_chain(&e)
-            );
+            )
+        })?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER);
+        match body.collect().await {
+            Ok(b) => Ok((status, b.to_bytes())),
+            Err(e) => Err(format!(
+                "reading the answer of the admin API at {}: {e}",
+                options.admin
+            )),
+        }
+    };
+    let (status, bytes) = match tokio::time::timeout(limit, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(message)) => {
+            eprintln!("error: {message}");
             return Err(1);
         }
         Err(_) => {
             eprintln!(
-                "error: the admin API at {} did not answer in {limit:?}",
-                options.admin
+                "error: the admin API at {} did not answer in {}",
+                options.admin,
+                humantime::format_duration(Duration::from_secs(limit.as_secs_f64().ceil() as u64))
             );
             return Err(1);
         }
     };
-    let status = response.status();
-    let bytes = match response.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            eprintln!("error: reading the answer: {e}");
-            return Err(1);
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(value @ Value::Object(_)) => Ok((status, value)),
+        _ => {
+            eprintln!(
+                "error: {} answered {} with a body that is not the admin API's JSON: is it Switchyard's admin listener?",
+                options.admin,
+                status.as_u16()
+            );
+            Err(1)
         }
-    };
-    let value: Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
-    Ok((status, value))
+    }
 }
 
 /// Writes the answer to stdout; `false` (and a message) when it could not be written.
@@ -364,10 +421,24 @@ pub fn human(command: &Command, v: &Value) -> String {
         _ => {
             let mut out = String::new();
             if let Some(changed) = v.get("changed").and_then(Value::as_bool) {
-                out.push_str(if changed {
-                    "changed\n"
-                } else {
-                    "no change: already so\n"
+                let active = s(v, "active");
+                out.push_str(&match (command, changed) {
+                    (Command::Flip { .. }, true) => format!("flipped: {active} is active now\n"),
+                    (Command::Rollback { .. }, true) => {
+                        format!("rolled back: {active} is active now\n")
+                    }
+                    (Command::Flip { .. } | Command::Rollback { .. }, false) => {
+                        format!("no change: {active} was active already\n")
+                    }
+                    (Command::Commit { .. }, true) => {
+                        "committed: no rollback target now\n".to_owned()
+                    }
+                    (Command::Commit { .. }, false) => {
+                        "no change: no rollback target to forget\n".to_owned()
+                    }
+                    (Command::Reload, _) => "reloaded\n".to_owned(),
+                    (_, true) => "changed\n".to_owned(),
+                    (_, false) => "no change: already so\n".to_owned(),
                 });
             }
             out.push_str(&format!(

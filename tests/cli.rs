@@ -7,6 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -1024,6 +1025,104 @@ async fn ctl_wait_drained_waits_for_room_when_the_api_has_too_many_waiters() {
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("no room"), "{out:?}");
     assert!(asked.lock().expect("lock").len() >= 2, "{out:?}");
+}
+
+/// A server that answers every connection with `answer` (raw bytes) and then keeps the
+/// connection open without another byte; its URL.
+async fn raw_server(answer: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(answer.as_bytes()).await;
+            held.push(socket);
+        }
+    });
+    url
+}
+
+/// A `--admin` that reaches some other server (an ingress's default page, a login page)
+/// must not read as "done" to a pipeline: an answer that is not the API's JSON, or JSON
+/// without the fields the API's answer always has, exits 1 whatever its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_does_not_take_another_servers_answer_for_the_apis() {
+    let html = raw_server(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 13\r\nconnection: close\r\n\r\n<html></html>",
+    )
+    .await;
+    let not_found = raw_server(
+        "HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: 13\r\nconnection: close\r\n\r\n<html></html>",
+    )
+    .await;
+    let empty = raw_server(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+    )
+    .await;
+    for admin in [&html, &not_found, &empty] {
+        for args in [
+            &["flip", "--to", "green"][..],
+            &["commit"],
+            &["status"],
+            &["history"],
+            &["--json", "status"],
+            &["wait-drained", "blue", "--timeout", "1s"],
+        ] {
+            let mut full = vec!["ctl", "--admin", admin];
+            full.extend(args);
+            let out = switchyard_with(None, Some(TOKEN), &full).await;
+            assert_eq!(out.code, 1, "{full:?}: {out:?}");
+            assert!(
+                out.stderr.contains("is it Switchyard's admin listener?"),
+                "{full:?}: {out:?}"
+            );
+            assert!(out.stdout.is_empty(), "{full:?}: {out:?}");
+        }
+    }
+}
+
+/// The 30 s `ctl` gives the API covers the answer's body too: a server that sends a head
+/// and then stalls does not hold a pipeline for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_gives_up_on_an_answer_whose_body_stalls() {
+    let stalled = raw_server(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"active\":",
+    )
+    .await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "--admin", &stalled, "status"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("ctl gave up by itself")
+    .expect("ctl runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not answer in 30s"), "{stderr}");
+}
+
+/// A token `ctl` cannot put in a header is said to be the token's fault, not the URL's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_names_a_token_no_header_can_carry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("two-lines.token");
+    std::fs::write(&token, "first\nsecond\n").expect("token");
+    let admin = format!("http://127.0.0.1:{}", free_port());
+    let token = token.to_str().expect("utf-8");
+    let out = switchyard(&["ctl", "--admin", &admin, "--token-file", token, "commit"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("the admin token holds a line break"),
+        "{out:?}"
+    );
 }
 
 // ---- stub-upstream --------------------------------------------------------------------
