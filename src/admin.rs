@@ -776,7 +776,7 @@ async fn accept(
 
 /// A socket counted in the `connections` gauge until dropped.
 struct CountedStream {
-    inner: ClientIo<TcpStream>,
+    inner: ClientIo,
     gauge: prometheus::IntGauge,
 }
 

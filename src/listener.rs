@@ -450,8 +450,8 @@ const PLAIN_HTTP_DRAIN: usize = 256 * 1024;
 /// request in the clear (a TLS record starts with 0x16): it gets a 400 saying so.
 async fn tls_handshake(
     acceptor: tokio_rustls::TlsAcceptor,
-    mut socket: ClientIo<tokio::net::TcpStream>,
-) -> std::io::Result<tokio_rustls::server::TlsStream<ClientIo<tokio::net::TcpStream>>> {
+    mut socket: ClientIo,
+) -> std::io::Result<tokio_rustls::server::TlsStream<ClientIo>> {
     let mut first = [0u8; 1];
     if socket.get_ref().peek(&mut first).await? == 1 && first[0].is_ascii_uppercase() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

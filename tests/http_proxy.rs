@@ -1078,3 +1078,51 @@ async fn a_request_whose_client_leaves_while_the_upstream_is_silent_is_counted()
     }
     task.abort();
 }
+
+/// An HTTP/1.1 client still uploading when its request is cut at the drain deadline gets
+/// the 503 even when it reads nothing until its whole body is sent (httpx, which
+/// Deepgram's Python SDK uses, does so): after answering, Switchyard reads and drops the
+/// rest of the upload for a while before it closes. Bytes that reach a closed socket
+/// reset the connection, and the reset loses the answer the client has not read yet.
+#[tokio::test]
+async fn a_client_uploading_at_the_drain_deadline_reads_its_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: usize = 4 * 1024 * 1024;
+    let (hung, _task) = hung_upstream().await;
+    let env = env_with_blue_at(hung).await;
+    let mut client = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    let head = format!("POST /v1/listen HTTP/1.1\r\nhost: x\r\ncontent-length: {LEN}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.expect("head");
+    let chunk = vec![7u8; 64 * 1024];
+    client.write_all(&chunk).await.expect("first chunk");
+    let in_flight = |n: u64| {
+        let env = &env;
+        async move { env.admin_get("/status").await.1["colors"]["blue"]["in_flight"] == n }
+    };
+    eventually(|| in_flight(1)).await;
+    let (status, flipped) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{flipped}");
+    // Answered and closed on Switchyard's side.
+    eventually(|| in_flight(0)).await;
+
+    // The rest of the upload, all of it, before reading anything.
+    let mut sent = chunk.len();
+    while sent < LEN {
+        match client.write(&chunk[..(LEN - sent).min(chunk.len())]).await {
+            Ok(n) => sent += n,
+            Err(e) => panic!("the upload was refused after {sent} bytes: {e}"),
+        }
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, client.read_to_end(&mut answer))
+        .await
+        .expect("the connection ends")
+        .expect("the connection is not reset");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("\"drain_deadline\""), "{text}");
+}

@@ -20,13 +20,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Limits;
 use crate::drain::{AnswerSlot, Tracker};
 use crate::route_table::Router;
+
+/// After Switchyard has closed its side of a client's connection, how long it goes on
+/// reading (and dropping) what the client still sends, at most, and the longest pause
+/// between two reads. nginx's `lingering_time` and `lingering_timeout` are 30 s and 5 s;
+/// these are shorter because a lingering socket holds a descriptor outside
+/// `max_connections`.
+const LINGER: Duration = Duration::from_secs(5);
+const LINGER_PAUSE: Duration = Duration::from_secs(2);
 
 /// The unsent bytes a client's or upstream's socket may hold (`TCP_NOTSENT_LOWAT`).
 const UNSENT_MARK: u32 = 64 * 1024;
@@ -105,8 +113,9 @@ pub fn stalled(what: &str, period: Duration) -> String {
 /// With `cut_by`, a waiting write also fails once the HTTP/1.1 answer being written is
 /// past its drain deadline: hyper does not poll the body of an answer its client does not
 /// read, so the body cannot end itself then.
-pub struct ClientIo<T> {
-    io: T,
+/// Once its sending side was shut down, the connection lingers when dropped (`linger`).
+pub struct ClientIo {
+    io: TcpStream,
     router: Arc<Router>,
     /// Which limit is the period.
     period: fn(&Limits) -> Duration,
@@ -118,19 +127,26 @@ pub struct ClientIo<T> {
     /// The wake-up for its colour's next cut, while a write waits.
     cut: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
     /// The socket counted against the open-file limit, for as long as it is open
-    /// (upgraded or not); admin connections are the reserve's and are not.
-    _socket: Option<crate::nofile::Counted>,
+    /// (upgraded or not, lingering or not); admin connections are the reserve's and are
+    /// not.
+    socket: Option<crate::nofile::Counted>,
+    /// Its sending side was shut down (an answer ended the connection).
+    shut: bool,
 }
 
-impl<T> ClientIo<T> {
+impl ClientIo {
     /// Wraps a client's connection; `router` gives the current `limits.stall_timeout`.
-    pub fn new(io: T, router: Arc<Router>) -> ClientIo<T> {
+    pub fn new(io: TcpStream, router: Arc<Router>) -> ClientIo {
         ClientIo::with_period(io, router, |limits| limits.stall_timeout)
     }
 
     /// Wraps a client's connection whose writes give up after `period` of the current
     /// limits instead.
-    pub fn with_period(io: T, router: Arc<Router>, period: fn(&Limits) -> Duration) -> ClientIo<T> {
+    pub fn with_period(
+        io: TcpStream,
+        router: Arc<Router>,
+        period: fn(&Limits) -> Duration,
+    ) -> ClientIo {
         ClientIo {
             io,
             router,
@@ -139,24 +155,25 @@ impl<T> ClientIo<T> {
             stall: StallTimer::default(),
             answer: None,
             cut: None,
-            _socket: None,
+            socket: None,
+            shut: false,
         }
     }
 
-    /// Counts the socket against the open-file limit (`nofile::Counted`) until dropped.
-    pub fn counted(mut self) -> ClientIo<T> {
-        self._socket = Some(crate::nofile::Counted::accepted());
+    /// Counts the socket against the open-file limit (`nofile::Counted`) until closed.
+    pub fn counted(mut self) -> ClientIo {
+        self.socket = Some(crate::nofile::Counted::accepted());
         self
     }
 
     /// The connection it wraps.
-    pub fn get_ref(&self) -> &T {
+    pub fn get_ref(&self) -> &TcpStream {
         &self.io
     }
 
     /// Also fails a waiting write once the answer in `slot` (set for each HTTP/1.1 answer)
     /// is past a drain deadline that covers it.
-    pub fn cut_by(mut self, slot: Arc<AnswerSlot>, tracker: Arc<Tracker>) -> ClientIo<T> {
+    pub fn cut_by(mut self, slot: Arc<AnswerSlot>, tracker: Arc<Tracker>) -> ClientIo {
         self.answer = Some((slot, tracker));
         self
     }
@@ -201,7 +218,7 @@ impl<T> ClientIo<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
+impl AsyncRead for ClientIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -211,7 +228,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+impl AsyncWrite for ClientIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -245,8 +262,49 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let done = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.shut |= matches!(done, Poll::Ready(Ok(())));
+        done
     }
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        if self.shut {
+            linger(&self.io, self.socket.take());
+        }
+    }
+}
+
+/// Reads and drops what the client still sends on a connection whose sending side was
+/// shut down, until the client closes it too, pauses for `LINGER_PAUSE`, or `LINGER` has
+/// passed (nginx's lingering close). A socket closed with bytes unread, or that bytes
+/// reach after it closed, resets the connection, and the reset can destroy an answer the
+/// client has not read yet: an HTTP/1.1 client that reads only once its whole body is
+/// sent (httpx) would lose a 503 that cut its upload short. The socket goes on in a task
+/// of its own, on a duplicate of its descriptor (the original is closed as `ClientIo`
+/// drops), still counted against the open-file limit.
+fn linger(io: &TcpStream, counted: Option<crate::nofile::Counted>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Ok(duplicate) = socket2::SockRef::from(io).try_clone() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let _counted = counted;
+        let Ok(mut socket) = TcpStream::from_std(duplicate.into()) else {
+            return;
+        };
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Ok(Ok(1..)) = tokio::time::timeout(LINGER_PAUSE, socket.read(&mut sink)).await
+            {
+            }
+        })
+        .await;
+    });
 }
 
 #[cfg(test)]
