@@ -332,7 +332,8 @@ pub async fn serve(
         let answering = Arc::new(AnswerSlot::default());
         let socket = ClientIo::new(socket, proxy.router().clone())
             .counted()
-            .cut_by(answering.clone(), proxy.tracker.clone());
+            .cut_by(answering.clone(), proxy.tracker.clone())
+            .lingering(open.clone(), proxy.metrics().connections(kind).clone());
         let proxy = proxy.clone();
         let mut watch = shutdown.subscribe();
         let slot = Slot::take(&open);

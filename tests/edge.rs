@@ -1037,6 +1037,58 @@ async fn beyond_max_connections_accepting_waits_and_nothing_is_refused() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// A socket that lingers after its answer ended the connection (Switchyard reads and
+/// drops what the client still sends, so a late byte does not reset the answer away)
+/// still holds a descriptor: it counts in `switchyard_connections` and takes its place in
+/// `max_connections` until it ends, and a client that sends nothing more is let go.
+#[tokio::test]
+async fn a_lingering_socket_counts_as_a_connection_until_it_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = start_with_limit("max_connections = 1").await;
+    let connections = || env.metric_sum("switchyard_connections", &["listener=\"proxy\""]);
+    // A request hyper refuses: the 400 ends the connection, and Switchyard closes its side.
+    let mut first = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    first
+        .write_all(b"GET /v1/status HTTP/1.1\r\nhost: x\r\nno colon here\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, first.read_to_end(&mut answer))
+        .await
+        .expect("the answer ends the connection")
+        .expect("read");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The client has its answer and its end of stream; the socket is open still.
+    assert_eq!(connections(), 1.0);
+    let second = tokio::spawn({
+        let client = http_client();
+        let url = env.proxy_url("/v1/status");
+        async move { get(&client, &url).await.status() }
+    });
+    // As in `beyond_max_connections_accepting_waits_and_nothing_is_refused`: 300 ms is
+    // ample for a request answered in a millisecond, and far inside the 2 s a silent
+    // client lingers.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the second connection waits while the first lingers"
+    );
+    // The first client sends nothing more and does not close: it is let go by itself.
+    let status = tokio::time::timeout(PATIENCE, second)
+        .await
+        .expect("served once the lingering socket is let go")
+        .expect("task");
+    assert_eq!(status, StatusCode::OK);
+    eventually(|| async { connections() == 0.0 }).await;
+    drop(first);
+}
+
 /// A TLS front for a plain upstream: terminates TLS with `cert` and copies bytes both ways.
 async fn tls_front(cert: &Cert, backend: std::net::SocketAddr) -> std::net::SocketAddr {
     let certs = vec![cert.der.clone()];

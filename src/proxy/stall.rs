@@ -20,19 +20,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Limits;
 use crate::drain::{AnswerSlot, Tracker};
+use crate::listener::{Open, Slot};
+use crate::metrics::GaugeGuard;
 use crate::route_table::Router;
 
 /// After Switchyard has closed its side of a client's connection, how long it goes on
 /// reading (and dropping) what the client still sends, at most, and the longest pause
 /// between two reads. nginx's `lingering_time` and `lingering_timeout` are 30 s and 5 s;
-/// these are shorter because a lingering socket holds a descriptor outside
-/// `max_connections`.
+/// these are shorter because a lingering socket still holds one of `max_connections`'
+/// places.
 const LINGER: Duration = Duration::from_secs(5);
 const LINGER_PAUSE: Duration = Duration::from_secs(2);
 
@@ -132,6 +135,9 @@ pub struct ClientIo {
     socket: Option<crate::nofile::Counted>,
     /// Its sending side was shut down (an answer ended the connection).
     shut: bool,
+    /// Where a lingering socket is counted (`lingering`): its listener's open connections
+    /// (`limits.max_connections`) and `connections` gauge. Without it, none lingers.
+    linger: Option<(Arc<Open>, IntGauge)>,
 }
 
 impl ClientIo {
@@ -157,7 +163,17 @@ impl ClientIo {
             cut: None,
             socket: None,
             shut: false,
+            linger: None,
         }
+    }
+
+    /// Lingers when dropped after its sending side was shut down (`linger`), counted
+    /// meanwhile in `open` and `connections` as the connection was: a lingering socket
+    /// holds a descriptor, and `max_connections` is what bounds the descriptors clients
+    /// hold.
+    pub fn lingering(mut self, open: Arc<Open>, connections: IntGauge) -> ClientIo {
+        self.linger = Some((open, connections));
+        self
     }
 
     /// Counts the socket against the open-file limit (`nofile::Counted`) until closed.
@@ -271,8 +287,15 @@ impl AsyncWrite for ClientIo {
 
 impl Drop for ClientIo {
     fn drop(&mut self) {
-        if self.shut {
-            linger(&self.io, self.socket.take());
+        if self.shut
+            && let Some((open, connections)) = self.linger.take()
+        {
+            let held = (
+                self.socket.take(),
+                Slot::take(&open),
+                GaugeGuard::new(&connections),
+            );
+            linger(&self.io, held);
         }
     }
 }
@@ -284,8 +307,8 @@ impl Drop for ClientIo {
 /// client has not read yet: an HTTP/1.1 client that reads only once its whole body is
 /// sent (httpx) would lose a 503 that cut its upload short. The socket goes on in a task
 /// of its own, on a duplicate of its descriptor (the original is closed as `ClientIo`
-/// drops), still counted against the open-file limit.
-fn linger(io: &TcpStream, counted: Option<crate::nofile::Counted>) {
+/// drops), with what counts it (`held`) until it closes.
+fn linger(io: &TcpStream, held: impl Send + 'static) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -293,7 +316,7 @@ fn linger(io: &TcpStream, counted: Option<crate::nofile::Counted>) {
         return;
     };
     runtime.spawn(async move {
-        let _counted = counted;
+        let _held = held;
         let Ok(mut socket) = TcpStream::from_std(duplicate.into()) else {
             return;
         };
