@@ -32,11 +32,13 @@ use crate::metrics::GaugeGuard;
 use crate::route_table::Router;
 
 /// After Switchyard has closed its side of a client's connection, how long it goes on
-/// reading (and dropping) what the client still sends, at most, and the longest pause
-/// between two reads. nginx's `lingering_time` and `lingering_timeout` are 30 s and 5 s;
-/// these are shorter because a lingering socket still holds one of `max_connections`'
-/// places.
-const LINGER: Duration = Duration::from_secs(5);
+/// reading (and dropping) what the client still sends, at most: nginx's `lingering_time`,
+/// time for an upload cut short (at a drain deadline) to finish sending and read its
+/// answer.
+const LINGER: Duration = Duration::from_secs(30);
+/// The longest pause between two reads while lingering. nginx's `lingering_timeout` is
+/// 5 s; shorter here, since a client that has stopped sending holds one of
+/// `max_connections`' places meanwhile.
 const LINGER_PAUSE: Duration = Duration::from_secs(2);
 
 /// The unsent bytes a client's or upstream's socket may hold (`TCP_NOTSENT_LOWAT`).
