@@ -67,27 +67,42 @@ impl Token {
     /// token holds a line break or another control character: no `Authorization` header
     /// can carry it, so every admin write would get 401.
     pub fn read(config: &crate::config::Config) -> Result<Token, crate::config::ConfigError> {
-        let from_env = std::env::var("SWITCHYARD_ADMIN_TOKEN").ok();
-        let (text, source) = match from_env.as_deref().map(str::trim) {
-            Some(t) if !t.is_empty() => (t.to_owned(), "SWITCHYARD_ADMIN_TOKEN".to_owned()),
-            _ => (
-                std::fs::read_to_string(&config.admin.token_file)
-                    .map_err(|_| config.no_token_error())?,
-                config.admin.token_file.display().to_string(),
-            ),
+        let refused = |reason: String| crate::config::ConfigError {
+            file: config.source.display().to_string(),
+            field: "admin.token_file".into(),
+            reason,
+        };
+        let not_text = |source: &str| {
+            refused(format!(
+                "the token in {source} is not UTF-8 text; a token is one line of text"
+            ))
+        };
+        let (text, source) = match std::env::var_os("SWITCHYARD_ADMIN_TOKEN") {
+            Some(set) if !set.as_encoded_bytes().trim_ascii().is_empty() => {
+                let source = "SWITCHYARD_ADMIN_TOKEN".to_owned();
+                match set.into_string() {
+                    Ok(text) => (text, source),
+                    Err(_) => return Err(not_text(&source)),
+                }
+            }
+            _ => {
+                let bytes =
+                    std::fs::read(&config.admin.token_file).map_err(|_| config.no_token_error())?;
+                let source = config.admin.token_file.display().to_string();
+                match String::from_utf8(bytes) {
+                    Ok(text) => (text, source),
+                    Err(_) => return Err(not_text(&source)),
+                }
+            }
         };
         let text = text.trim();
         if text.is_empty() {
             return Err(config.no_token_error());
         }
         if text.bytes().any(|b| b.is_ascii_control()) {
-            return Err(crate::config::ConfigError {
-                file: config.source.display().to_string(),
-                field: "admin.token_file".into(),
-                reason: format!(
-                    "the token in {source} holds a line break or another control character, which no Authorization header can carry; a token is one line"
-                ),
-            });
+            return Err(refused(format!(
+                "the token in {source} holds a line break or another control character, which no Authorization header can carry; a token is one line"
+            )));
         }
         Ok(Token::new(text))
     }

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -1258,6 +1259,27 @@ async fn check_and_run_refuse_a_token_no_header_can_carry() {
     let out = switchyard_with(None, Some("tab\tinside"), &["check", "--config", config]).await;
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("SWITCHYARD_ADMIN_TOKEN"), "{out:?}");
+
+    // A token that is not text, in the environment (which overrides a good file) or in
+    // the file, is named as such, not passed over or called missing.
+    std::fs::write(&token, "a-good-token\n").expect("token");
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"Env\xffTok");
+    let out = tokio::process::Command::new(BIN)
+        .args(["check", "--config", config])
+        .env("SWITCHYARD_ADMIN_TOKEN", not_utf8)
+        .output()
+        .await
+        .expect("check runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SWITCHYARD_ADMIN_TOKEN is not UTF-8"),
+        "{stderr}"
+    );
+    std::fs::write(&token, b"file\xfftoken\n").expect("token");
+    let out = switchyard_with(None, None, &["check", "--config", config]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("is not UTF-8"), "{out:?}");
 }
 
 #[tokio::test]
