@@ -179,7 +179,15 @@ pub async fn run(options: &Options, command: Command) -> i32 {
 /// Whether a successful answer has what the API's answer to `command` always has.
 fn answers(command: &Command, v: &Value) -> bool {
     match command {
-        Command::History => v.get("history").is_some_and(Value::is_array),
+        Command::History => v
+            .get("history")
+            .and_then(Value::as_array)
+            .is_some_and(|entries| {
+                entries.iter().all(|e| {
+                    e.get("generation").is_some_and(Value::is_u64)
+                        && e.get("action").is_some_and(Value::is_string)
+                })
+            }),
         Command::WaitDrained { .. } => v.get("drained").is_some_and(Value::is_boolean),
         _ => {
             v.get("generation").is_some_and(Value::is_u64)

@@ -1064,6 +1064,13 @@ async fn ctl_does_not_take_another_servers_answer_for_the_apis() {
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
     )
     .await;
+    let not_history = raw_server(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 16\r\nconnection: close\r\n\r\n{\"history\":[{}]}",
+    )
+    .await;
+    let out = switchyard(&["ctl", "--admin", &not_history, "history"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
     for admin in [&html, &not_found, &empty] {
         for args in [
             &["flip", "--to", "green"][..],
