@@ -77,23 +77,23 @@ impl Token {
                 "the token in {source} is not UTF-8 text; a token is one line of text"
             ))
         };
+        let from_file = || {
+            let bytes =
+                std::fs::read(&config.admin.token_file).map_err(|_| config.no_token_error())?;
+            let source = config.admin.token_file.display().to_string();
+            String::from_utf8(bytes)
+                .map(|text| (text, source.clone()))
+                .map_err(|_| not_text(&source))
+        };
+        // A variable that is blank (as `str::trim` sees it) is unset; one that is not text
+        // is refused, not passed over for the file.
         let (text, source) = match std::env::var_os("SWITCHYARD_ADMIN_TOKEN") {
-            Some(set) if !set.as_encoded_bytes().trim_ascii().is_empty() => {
-                let source = "SWITCHYARD_ADMIN_TOKEN".to_owned();
-                match set.into_string() {
-                    Ok(text) => (text, source),
-                    Err(_) => return Err(not_text(&source)),
-                }
-            }
-            _ => {
-                let bytes =
-                    std::fs::read(&config.admin.token_file).map_err(|_| config.no_token_error())?;
-                let source = config.admin.token_file.display().to_string();
-                match String::from_utf8(bytes) {
-                    Ok(text) => (text, source),
-                    Err(_) => return Err(not_text(&source)),
-                }
-            }
+            None => from_file()?,
+            Some(set) => match set.into_string() {
+                Ok(text) if text.trim().is_empty() => from_file()?,
+                Ok(text) => (text, "SWITCHYARD_ADMIN_TOKEN".to_owned()),
+                Err(_) => return Err(not_text("SWITCHYARD_ADMIN_TOKEN")),
+            },
         };
         let text = text.trim();
         if text.is_empty() {

@@ -394,10 +394,14 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     anyhow::ensure!(!token.is_empty(), "--token-file {} is empty", f.display());
                     Some(token)
                 }
-                None => std::env::var("SWITCHYARD_ADMIN_TOKEN")
-                    .ok()
-                    .map(|t| t.trim().to_owned())
-                    .filter(|t| !t.is_empty()),
+                // Not text: refused, as `run` refuses it, rather than sent as no token.
+                None => match std::env::var("SWITCHYARD_ADMIN_TOKEN") {
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        anyhow::bail!("SWITCHYARD_ADMIN_TOKEN is not UTF-8 text")
+                    }
+                    Err(std::env::VarError::NotPresent) => None,
+                    Ok(t) => Some(t.trim().to_owned()).filter(|t| !t.is_empty()),
+                },
             };
             let command = match command {
                 CtlCommand::Status => ctl::Command::Status,

@@ -1283,6 +1283,11 @@ async fn check_and_run_refuse_a_token_no_header_can_carry() {
         stderr.contains("SWITCHYARD_ADMIN_TOKEN is not UTF-8"),
         "{stderr}"
     );
+    // Blank by `str::trim` (a vertical tab, a no-break space): unset, so the file's.
+    for blank in ["\x0b", "\u{a0}"] {
+        let out = switchyard_with(None, Some(blank), &["check", "--config", config]).await;
+        assert_eq!(out.code, 0, "{blank:?}: {out:?}");
+    }
     std::fs::write(&token, b"file\xfftoken\n").expect("token");
     let out = switchyard_with(None, None, &["check", "--config", config]).await;
     assert_eq!(out.code, 1, "{out:?}");
