@@ -444,9 +444,6 @@ pub async fn serve(
 /// HTTP library would report as garbage.
 const PLAIN_HTTP_BODY: &str = r#"{"error":"tls_required","message":"this listener speaks TLS: use https:// or wss:// on this port"}"#;
 
-/// The most of a plain HTTP request read (and dropped) after answering it.
-const PLAIN_HTTP_DRAIN: usize = 256 * 1024;
-
 /// The server side of a TLS handshake. A client whose first byte is a letter sent an HTTP
 /// request in the clear (a TLS record starts with 0x16): it gets a 400 saying so.
 async fn tls_handshake(
@@ -455,24 +452,15 @@ async fn tls_handshake(
 ) -> std::io::Result<tokio_rustls::server::TlsStream<ClientIo>> {
     let mut first = [0u8; 1];
     if socket.get_ref().peek(&mut first).await? == 1 && first[0].is_ascii_uppercase() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let answer = format!(
             "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{PLAIN_HTTP_BODY}",
             PLAIN_HTTP_BODY.len()
         );
         socket.write_all(answer.as_bytes()).await?;
+        // Shut down, the socket lingers as it drops (`ClientIo`): what the client still
+        // sends is read until it closes, so no reset overtakes the answer.
         socket.shutdown().await?;
-        // What the client sent is read (up to `PLAIN_HTTP_DRAIN`, within the handshake's
-        // time) until it closes: a socket closed with unread bytes resets, and the reset
-        // can reach the client before the answer.
-        let mut sink = [0u8; 4096];
-        let mut read = 0;
-        while read < PLAIN_HTTP_DRAIN {
-            match socket.read(&mut sink).await? {
-                0 => break,
-                n => read += n,
-            }
-        }
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "plain HTTP on the TLS listener; answered 400",
