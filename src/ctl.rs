@@ -420,7 +420,7 @@ pub fn human(command: &Command, v: &Value) -> String {
                 format!("{color} is drained: no requests, no streams\n")
             } else {
                 format!(
-                    "{color} is not drained yet: {} open streams, {} requests in flight\n",
+                    "{color} is not drained yet: open streams: {}, requests in flight: {}\n",
                     v.get("open_streams").and_then(Value::as_u64).unwrap_or(0),
                     v.get("in_flight").and_then(Value::as_u64).unwrap_or(0)
                 )
@@ -606,6 +606,25 @@ mod tests {
         assert!(
             text.contains("  http://10.0.0.2:8080  healthy  (Ready)  streams: 0  in flight: 0\n"),
             "{text}"
+        );
+    }
+
+    /// The counts read the same whatever they are ("1 open streams" was the old line).
+    #[test]
+    fn wait_drained_names_what_is_left() {
+        let command = Command::WaitDrained {
+            color: "blue".into(),
+            timeout: "60s".into(),
+        };
+        let left = json!({"drained": false, "open_streams": 1, "in_flight": 2});
+        assert_eq!(
+            human(&command, &left),
+            "blue is not drained yet: open streams: 1, requests in flight: 2\n"
+        );
+        let done = json!({"drained": true});
+        assert_eq!(
+            human(&command, &done),
+            "blue is drained: no requests, no streams\n"
         );
     }
 

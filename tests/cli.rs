@@ -919,7 +919,7 @@ async fn ctl_wait_drained_exits_3_while_a_stream_is_open() {
         .ctl(&["wait-drained", "blue", "--timeout", "300ms"])
         .await;
     assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stdout.contains("1 open streams"), "{out:?}");
+    assert!(out.stdout.contains("open streams: 1,"), "{out:?}");
     let out = site
         .ctl(&["--json", "wait-drained", "blue", "--timeout", "300ms"])
         .await;
