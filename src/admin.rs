@@ -338,6 +338,11 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
     {
         Ok(())
     } else {
+        if admin.metrics.unauthorized(ListenerKind::Admin) {
+            tracing::warn!(
+                "an admin call without the admin token got 401 (one line a second at most; switchyard_unauthorized_total counts them all)"
+            );
+        }
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

@@ -195,7 +195,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         }
     });
     let preview = preview_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
-    tracing::info!(proxy = %proxy_addr, %preview, admin = %admin_addr, "switchyard is listening");
+    let client_auth = router.load().settings.client_auth();
+    tracing::info!(proxy = %proxy_addr, %preview, admin = %admin_addr, %client_auth, "switchyard is listening");
 
     let done = {
         let shutdown = shutdown.clone();

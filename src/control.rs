@@ -182,7 +182,11 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
                 field: "client_auth.keys_file".into(),
                 reason: format!("cannot read {}: {e}", auth.keys_file.display()),
             })?;
-            let keys = ClientKeys::parse(&text);
+            let keys = ClientKeys::parse(&text).map_err(|reason| ConfigError {
+                file: config.source.display().to_string(),
+                field: "client_auth.keys_file".into(),
+                reason: format!("{}: {reason}", auth.keys_file.display()),
+            })?;
             // Like an empty admin token: refused, since every request would get 401. A
             // file truncated by mistake must not take every client off the air at a reload.
             if keys.is_empty() {
@@ -492,15 +496,19 @@ impl Writer {
         if action == Action::Reload {
             self.close_untrusted(&current, &self.router.load());
         }
+        let table = self.router.load_full();
         tracing::info!(
             action = action.as_str(),
-            active = %self.router.load().active,
-            generation = self.router.load().generation,
+            active = %table.active,
+            generation = table.generation,
             "route changed"
         );
+        if action == Action::Reload {
+            tracing::info!(client_auth = %table.settings.client_auth(), "config reloaded");
+        }
         Ok(Outcome {
             changed: true,
-            table: self.router.load_full(),
+            table,
         })
     }
 

@@ -5,6 +5,8 @@
 //! start-up, so counting is an atomic add, not a label lookup.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -142,6 +144,10 @@ pub struct Families {
     upstream_healthy: IntGaugeVec,
     upstream_errors: IntCounterVec,
     connections: [IntGauge; 3],
+    /// Requests refused 401 per listener (never routed, so not in `requests_total`).
+    unauthorized: [IntCounter; 3],
+    /// Per listener, the second (Unix time) of the last log line about a 401.
+    unauthorized_logged: [AtomicU64; 3],
     /// 1 while this replica's route state matches its store (always, for the file store).
     pub store_in_sync: IntGauge,
 }
@@ -152,6 +158,19 @@ impl std::ops::Deref for Metrics {
     fn deref(&self) -> &Families {
         &self.0
     }
+}
+
+/// Whether this is the first call this second (Unix time) for `last`, which keeps the
+/// second of the last `true`: for log lines that would otherwise come once a request.
+pub(crate) fn first_this_second(last: &AtomicU64) -> bool {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let before = last.load(Ordering::Relaxed);
+    now != before
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 fn status_class(status: u16) -> usize {
@@ -290,6 +309,14 @@ impl Metrics {
             &["listener"],
         )
         .expect("valid metric");
+        let unauthorized = IntCounterVec::new(
+            Opts::new(
+                "unauthorized_total",
+                "Requests refused 401: no listed client key (proxy, preview) or no admin token (admin).",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
         let store_in_sync = IntGauge::new(
             "store_in_sync",
             "1 while this replica follows the route store's latest state (always for the file store).",
@@ -320,6 +347,12 @@ impl Metrics {
             ListenerKind::Admin,
         ]
         .map(|l| connections.with_label_values(&[l.as_str()]));
+        let unauthorized_by = [
+            ListenerKind::Proxy,
+            ListenerKind::Preview,
+            ListenerKind::Admin,
+        ]
+        .map(|l| unauthorized.with_label_values(&[l.as_str()]));
 
         reg(Box::new(requests));
         reg(Box::new(duration));
@@ -333,6 +366,7 @@ impl Metrics {
         reg(Box::new(upstream_healthy.clone()));
         reg(Box::new(upstream_errors.clone()));
         reg(Box::new(connections));
+        reg(Box::new(unauthorized));
         reg(Box::new(store_in_sync.clone()));
         // The process collector carries no prefix: `process_*` is the name scrapers know.
         let process = Registry::new();
@@ -352,6 +386,8 @@ impl Metrics {
             upstream_healthy,
             upstream_errors,
             connections: connections_by,
+            unauthorized: unauthorized_by,
+            unauthorized_logged: Default::default(),
             store_in_sync,
         }))
     }
@@ -427,6 +463,14 @@ impl Metrics {
     /// The open-connections gauge of a listener.
     pub fn connections(&self, listener: ListenerKind) -> &IntGauge {
         &self.connections[listener as usize]
+    }
+
+    /// Counts a request refused 401, and says whether to log it: at most once a second
+    /// per listener, so that a client trying keys cannot flood the log (the counter has
+    /// every refusal).
+    pub fn unauthorized(&self, listener: ListenerKind) -> bool {
+        self.unauthorized[listener as usize].inc();
+        first_this_second(&self.unauthorized_logged[listener as usize])
     }
 
     /// The text exposition of every family.

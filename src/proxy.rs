@@ -21,8 +21,7 @@ mod woken;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::AtomicU64;
 
 use ::http::{HeaderValue, Request, Response};
 use futures_util::future::{self, Either};
@@ -30,7 +29,7 @@ use hyper::body::Incoming;
 
 use crate::drain::Tracker;
 use crate::error::ProxyError;
-use crate::metrics::{ListenerKind, Metrics, UpstreamErrorKind};
+use crate::metrics::{ListenerKind, Metrics, UpstreamErrorKind, first_this_second};
 use crate::route_table::{RouteTable, Router};
 use crate::upstream::{Color, Upstream};
 
@@ -154,6 +153,9 @@ impl Proxy {
                 .flatten()
                 .any(|k| keys.accepts(k))
         {
+            if self.metrics.unauthorized(conn.listener) {
+                tracing::warn!(listener = conn.listener.as_str(), client = %conn.client, path = req.uri().path(), "a request without a listed client key got 401 (one line a second at most; switchyard_unauthorized_total counts them all)");
+            }
             let answer = ProxyError::Unauthorized.to_response().map(ProxyBody::full);
             return Either::Left(future::ready(answer));
         }
@@ -231,17 +233,6 @@ impl Proxy {
 }
 
 /// Whether this is the first call this second (Unix time) for `last`.
-fn first_this_second(last: &AtomicU64) -> bool {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let before = last.load(Ordering::Relaxed);
-    now != before
-        && last
-            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-}
-
 /// Tags a response with the colour.
 pub(crate) fn tag<B>(mut response: Response<B>, color: Color) -> Response<B> {
     response

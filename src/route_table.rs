@@ -61,6 +61,16 @@ pub struct Settings {
     pub admin_token: Option<crate::admin::Token>,
 }
 
+impl Settings {
+    /// Client auth for a log line: `off`, or how many keys are listed (never which).
+    pub fn client_auth(&self) -> String {
+        match &self.client_keys {
+            Some(keys) => format!("{} keys", keys.len()),
+            None => "off".to_owned(),
+        }
+    }
+}
+
 /// Client keys, compared in constant time; never printed.
 pub struct ClientKeys(Vec<Box<[u8]>>);
 
@@ -71,15 +81,35 @@ impl std::fmt::Debug for ClientKeys {
 }
 
 impl ClientKeys {
-    /// Parses a keys file: one key per line; blank lines and `#` comments skipped.
-    pub fn parse(text: &str) -> ClientKeys {
-        ClientKeys(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(|l| l.as_bytes().into())
-                .collect(),
-        )
+    /// Parses a keys file: one key per line; blank lines and lines starting with `#`
+    /// skipped, a leading byte-order mark too. A key is printable ASCII without spaces,
+    /// since it must fit `Authorization: Token <key>` and a `Sec-WebSocket-Protocol`
+    /// element; a line that is not one is refused, naming its number but not its text (it
+    /// may be a key), because it could never match: `key # note`, `Token key`, a key
+    /// pasted with a control character.
+    pub fn parse(text: &str) -> Result<ClientKeys, String> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let mut keys = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fault = line.bytes().find_map(|b| match b {
+                b'!'..=b'~' => None,
+                b' ' | b'\t' => Some("a space inside (a comment must start its line)"),
+                0..=0x1f | 0x7f => Some("a control character"),
+                _ => Some("a character that is not ASCII"),
+            });
+            if let Some(fault) = fault {
+                return Err(format!(
+                    "line {} has {fault}; a key is printable ASCII without spaces",
+                    number + 1
+                ));
+            }
+            keys.push(line.as_bytes().into());
+        }
+        Ok(ClientKeys(keys))
     }
 
     /// How many keys there are.
@@ -196,7 +226,8 @@ mod tests {
 
     #[test]
     fn client_keys_match_exactly() {
-        let keys = ClientKeys::parse("# team keys\nalpha\n\n  beta  \n");
+        let keys = ClientKeys::parse("\u{feff}# team keys\r\nalpha\r\n\n  beta  \n");
+        let keys = keys.expect("a valid keys file");
         assert_eq!(keys.len(), 2);
         assert!(keys.accepts(b"alpha"));
         assert!(keys.accepts(b"beta"));
@@ -204,5 +235,24 @@ mod tests {
         assert!(!keys.accepts(b"alphaa"));
         assert!(!keys.accepts(b""));
         assert_eq!(format!("{keys:?}"), "ClientKeys(2 keys)");
+    }
+
+    /// A line that no request could ever match is refused, and the error does not
+    /// repeat it.
+    #[test]
+    fn a_keys_line_that_cannot_match_is_refused_by_number() {
+        for (text, fault) in [
+            ("alpha\nbeta # ops team\n", "line 2 has a space inside"),
+            ("Token alpha\n", "line 1 has a space inside"),
+            ("alpha\rbeta\n", "line 1 has a control character"),
+            (
+                "alpha\n\nbéta\n",
+                "line 3 has a character that is not ASCII",
+            ),
+        ] {
+            let e = ClientKeys::parse(text).expect_err(text);
+            assert!(e.starts_with(fault), "{text:?}: {e}");
+            assert!(!e.contains("alpha") && !e.contains("beta"), "{e}");
+        }
     }
 }

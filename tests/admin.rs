@@ -134,6 +134,12 @@ async fn mutating_calls_need_the_right_token() {
         refused.headers()["www-authenticate"],
         r#"Bearer realm="switchyard-admin""#
     );
+    // Each refusal is counted, on the admin listener's series.
+    let refusals = MUTATING.len() * wrong.len() + 1;
+    assert_eq!(
+        env.metric_sum("switchyard_unauthorized_total", &["listener=\"admin\""]),
+        refusals as f64
+    );
     // Nothing changed, and reads need no token.
     assert_eq!(generation(&env).await, 1);
     assert_eq!(history(&env).await.len(), 1);

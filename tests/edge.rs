@@ -332,6 +332,19 @@ async fn a_keys_file_with_no_key_is_refused_and_the_old_keys_stay() {
             "{body}"
         );
     }
+    // A line no request could match (a comment after the key, the scheme pasted with
+    // it) is refused by its number; the error does not repeat it, as it may be a key.
+    for listing in ["key-one\nkey-three # ops team\n", "Token key-three\n"] {
+        std::fs::write(keys.path().join("client-keys"), listing).expect("keys");
+        let (status, body) = env.admin_post("/reload", None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("client_auth.keys_file") && message.contains("has a space inside"),
+            "{body}"
+        );
+        assert!(!message.contains("key-three"), "{body}");
+    }
     let req = Request::post(env.proxy_url("/v1/listen"))
         .header("authorization", "Token key-one")
         .body(Full::new(Bytes::new()))
@@ -393,6 +406,16 @@ async fn client_keys_are_required_in_every_accepted_form() {
         3,
         "only accepted requests reach the upstream"
     );
+    // Not routed, so not in requests_total; counted per listener instead.
+    let unauthorized = |listener: &str| {
+        env.metric_sum(
+            "switchyard_unauthorized_total",
+            &[&format!("listener=\"{listener}\"")],
+        )
+    };
+    assert_eq!(unauthorized("proxy"), 5.0);
+    assert_eq!(unauthorized("admin"), 0.0);
+    assert_eq!(env.metric_sum("switchyard_requests_total", &[]), 3.0);
 
     // Browsers: the key as the second subprotocol element; forwarded unchanged.
     let req = listen_request(&env, "token, key-two", None);
@@ -424,6 +447,7 @@ async fn client_keys_are_required_in_every_accepted_form() {
     ws.close(None).await.expect("close");
 
     assert_refused(listen_request(&env, "token, wrong", None)).await;
+    assert_eq!(unauthorized("proxy"), 7.0, "refused handshakes count too");
 }
 
 /// A `/v1/listen` handshake request offering `protocols`, with `authorization` if given.

@@ -31,9 +31,15 @@ const HTTP_BODY: usize = 1000;
 
 /// Every `switchyard_` family SPEC lists: name, type, label names.
 /// SPEC's table, plus `switchyard_store_in_sync` (0/1), which the many-replicas issue adds
-/// so alerting can see a replica that lost its store.
-const FAMILIES: [(&str, Kind, &[&str]); 13] = [
+/// so alerting can see a replica that lost its store, and `switchyard_unauthorized_total`,
+/// the 401s, which were not routed and so have no colour for `requests_total`.
+const FAMILIES: [(&str, Kind, &[&str]); 14] = [
     ("switchyard_store_in_sync", Kind::Gauge, &[]),
+    (
+        "switchyard_unauthorized_total",
+        Kind::Counter,
+        &["listener"],
+    ),
     (
         "switchyard_requests_total",
         Kind::Counter,
