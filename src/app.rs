@@ -90,9 +90,6 @@ async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, Star
         })
 }
 
-/// The longest start-up waits for the upstreams' first health verdicts.
-const FIRST_VERDICTS_WAIT: Duration = Duration::from_secs(3);
-
 /// Starts everything `config` describes.
 pub async fn start(config: Config) -> Result<Handle, StartError> {
     let metrics = Metrics::new();
@@ -131,20 +128,14 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     // Every upstream's first verdict before anything is served: until a probe has judged
     // it an upstream is presumed healthy, and the flip's gate and /readyz would take a
     // pool that does not answer for a live one. At most health.timeout, and never more
-    // than `FIRST_VERDICTS_WAIT` (signals are answered only once this returns); an
-    // upstream not judged by then is presumed healthy until its probe says otherwise.
+    // than `health::FIRST_VERDICTS_WAIT` (signals are answered only once this returns).
     {
         let table = router.load_full();
         let upstreams: Vec<_> = table.pools.iter().flat_map(|p| p.iter().cloned()).collect();
         let settings = &table.settings;
-        let verdicts =
-            prober.first_verdicts(&upstreams, &settings.config.health, &settings.upstream_tls);
-        if tokio::time::timeout(FIRST_VERDICTS_WAIT, verdicts)
-            .await
-            .is_err()
-        {
-            tracing::warn!(waited = ?FIRST_VERDICTS_WAIT, "serving before every upstream's first health probe answered (health.timeout is longer)");
-        }
+        prober
+            .first_verdicts(&upstreams, &settings.config.health, &settings.upstream_tls)
+            .await;
         for upstream in &upstreams {
             metrics.upstream_health(upstream);
         }
@@ -207,7 +198,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             let drain = router.load().settings.config.drain;
             tracing::info!(timeout = ?drain.timeout, "shutting down: no new connections; draining streams");
             stop_accepting.cancel();
-            tracker.begin_shutdown(drain.timeout);
+            tracker.begin_shutdown(drain.timeout, drain.grace);
             // Streams end at the deadline plus grace; the extra allows their close handshakes.
             let bound = drain.timeout + drain.grace + Duration::from_secs(10);
             let streams = async {

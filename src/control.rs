@@ -535,7 +535,12 @@ impl Writer {
             entry.drain_timeout = req.drain_timeout.map(|d| d.min(crate::drain::MAX_DRAIN));
         }
         let mut drains = current.drains;
-        drains[from.index()] = Some(DrainOrder::starting_now(new_state.generation, timeout));
+        let grace = current.settings.config.drain.grace;
+        drains[from.index()] = Some(DrainOrder::starting_now(
+            new_state.generation,
+            timeout,
+            grace,
+        ));
         // Traffic returning to a colour cancels the drain of its streams.
         drains[to.index()] = None;
         let table = RouteTable {
@@ -592,6 +597,8 @@ impl Writer {
         self.prober
             .first_verdicts(&added, &settings.config.health, &settings.upstream_tls)
             .await;
+        // The change takes effect now, after the probes: its history entry says when.
+        let now = now.max(SystemTime::now());
         let new_state = state.next(
             Action::Reload,
             current.active,
@@ -636,12 +643,14 @@ impl Writer {
 
     /// Upstreams a reload dropped drain their streams and requests as in a flip.
     fn retire_removed(&mut self, old: &RouteTable, new: &RouteTable) {
-        let timeout = new.settings.config.drain.timeout;
+        let drain = new.settings.config.drain;
         for color in Color::ALL {
             for u in old.pool(color).iter() {
                 if !new.pool(color).iter().any(|n| Arc::ptr_eq(n, u)) {
-                    self.tracker
-                        .retire(u, DrainOrder::starting_now(new.generation, timeout));
+                    self.tracker.retire(
+                        u,
+                        DrainOrder::starting_now(new.generation, drain.timeout, drain.grace),
+                    );
                     // Its health goes now (it takes no new work); its error counts stay
                     // while its streams drain (an error then must add to its count, not
                     // start a new one at 1) and go with its last one. A reload listing
@@ -770,8 +779,9 @@ impl Writer {
                 .filter(|entry| entry.generation == state.generation)
                 .and_then(|entry| entry.drain_timeout)
                 .unwrap_or(current.settings.config.drain.timeout);
+            let grace = current.settings.config.drain.grace;
             drains[current.active.index()] =
-                Some(DrainOrder::starting_now(state.generation, timeout));
+                Some(DrainOrder::starting_now(state.generation, timeout, grace));
             drains[state.active.index()] = None;
         }
         // A reload of this replica's that etcd did not confirm, found in the history after

@@ -42,19 +42,24 @@ pub struct DrainOrder {
     pub deadline: Instant,
     /// `deadline` on the wall clock, for `/status`.
     pub deadline_at: SystemTime,
+    /// After the deadline, how long a stream may take to hand over its final results:
+    /// `drain.grace` when the order was given, so that a reload while it runs changes
+    /// neither this nor the deadline (and shutdown's bound, reckoned from both, holds).
+    pub grace: Duration,
 }
 
 impl DrainOrder {
     /// An order given now by the change that makes `generation`; it ends the streams
-    /// routed before that change after `timeout`.
+    /// routed before that change after `timeout`, allowing them `grace` for their finals.
     /// A timeout past `MAX_DRAIN` is taken as `MAX_DRAIN` ("never", for any real stream),
     /// so an absurd `drain_timeout` from an API caller cannot overflow the clock.
-    pub fn starting_now(generation: u64, timeout: Duration) -> DrainOrder {
+    pub fn starting_now(generation: u64, timeout: Duration, grace: Duration) -> DrainOrder {
         let timeout = timeout.min(MAX_DRAIN);
         DrainOrder {
             generation,
             deadline: Instant::now() + timeout,
             deadline_at: SystemTime::now() + timeout,
+            grace,
         }
     }
 
@@ -325,13 +330,13 @@ impl Tracker {
     }
 
     /// Orders every stream to drain (SIGTERM); the deadline of an earlier order stands.
-    pub fn begin_shutdown(&self, timeout: Duration) {
+    pub fn begin_shutdown(&self, timeout: Duration, grace: Duration) {
         self.shutdown.send_if_modified(|order| {
             if order.is_some() {
                 return false;
             }
             // Every stream, whatever table routed it, ends at shutdown.
-            *order = Some(DrainOrder::starting_now(u64::MAX, timeout));
+            *order = Some(DrainOrder::starting_now(u64::MAX, timeout, grace));
             true
         });
     }

@@ -64,8 +64,12 @@ impl Prober {
 
     /// Probes each of `upstreams` once, at the same time, and records the result as its
     /// first verdict. Start-up calls this for every upstream, and a reload for those it
-    /// adds, before they take traffic: a URL no probe has judged is never counted healthy
+    /// adds, before they take traffic: a URL no probe has judged is not counted healthy
     /// by a flip's gate or /readyz.
+    /// Waits at most `FIRST_VERDICTS_WAIT`, however long `health.timeout` is: start-up
+    /// answers no signal meanwhile, and a reload holds up every other change (an urgent
+    /// rollback too). An upstream not judged by then is presumed healthy until its probe
+    /// loop says otherwise; the log says so.
     /// Nothing to do with health mode `off`, where an upstream is presumed healthy.
     pub async fn first_verdicts(
         &self,
@@ -73,7 +77,7 @@ impl Prober {
         health: &Health,
         tls: &Arc<rustls::ClientConfig>,
     ) {
-        if health.mode == HealthMode::Off {
+        if health.mode == HealthMode::Off || upstreams.is_empty() {
             return;
         }
         let client = self.client(tls);
@@ -96,9 +100,17 @@ impl Prober {
             let why = finding.why.as_deref().unwrap_or("");
             tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), why, "first health probe");
         });
-        futures_util::future::join_all(probes).await;
+        if tokio::time::timeout(FIRST_VERDICTS_WAIT, futures_util::future::join_all(probes))
+            .await
+            .is_err()
+        {
+            tracing::warn!(waited = ?FIRST_VERDICTS_WAIT, "going on before every new upstream's first health probe answered (health.timeout is longer); those not judged yet count as healthy until their probes say otherwise");
+        }
     }
 }
+
+/// The longest wait for upstreams' first health verdicts (`Prober::first_verdicts`).
+pub const FIRST_VERDICTS_WAIT: Duration = Duration::from_secs(3);
 
 /// Starts the supervisor; it and every probe stop when `stop` is cancelled.
 pub fn spawn(router: Arc<Router>, metrics: Metrics, prober: Prober, stop: CancellationToken) {

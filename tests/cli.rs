@@ -384,7 +384,7 @@ async fn start_up_does_not_wait_out_a_long_health_timeout() {
     assert!(
         proxy
             .log()
-            .contains("serving before every upstream's first health probe answered"),
+            .contains("going on before every new upstream's first health probe answered"),
         "{}",
         proxy.log()
     );

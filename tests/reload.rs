@@ -353,3 +353,74 @@ async fn a_reloaded_drain_timeout_applies_to_the_next_flip() {
     );
     drop(stream);
 }
+
+/// A reload's first probe of an upstream it adds waits at most a few seconds, whatever
+/// `health.timeout` says: the reload holds up every other change meanwhile, an urgent
+/// rollback too. The upstream is then presumed healthy until its probe loop judges it.
+#[tokio::test]
+async fn a_reload_does_not_wait_out_a_long_health_timeout() {
+    let builder = EnvBuilder {
+        health: "mode = \"deepgram\"\ninterval = \"200ms\"\ntimeout = \"1h\"\nrise = 1\nfall = 1",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let (hung, task) = support::hung_upstream().await;
+    let green = format!("\"{}\", \"http://{hung}\"", env.green[0].url());
+    env.write_config(&builder, &format!("\"{}\"", env.blue[0].url()), &green);
+    // Without the bound the reload would answer in an hour.
+    let reload = env.admin_post("/reload", None);
+    let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(60), reload)
+        .await
+        .expect("the reload answers");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["colors"]["green"]["upstreams"][1]["url"],
+        format!("http://{hung}")
+    );
+    // And the next change goes through.
+    env.flip("green").await;
+    task.abort();
+}
+
+/// The grace a drain allows after its deadline is the one in force when the flip was
+/// made, as the deadline is: a reload in between changes neither (and a shutdown's exit
+/// bound, reckoned from both at SIGTERM, holds).
+#[tokio::test]
+async fn a_running_drain_keeps_the_grace_it_started_with() {
+    let builder = EnvBuilder {
+        grace: "1h",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("handshake");
+    let metadata = tokio::time::timeout(PATIENCE, ws.next()).await;
+    assert!(
+        matches!(&metadata, Ok(Some(Ok(Message::Text(t)))) if t.contains("Metadata")),
+        "{metadata:?}"
+    );
+    let (status, body) = env
+        .admin_post(
+            "/flip",
+            Some(serde_json::json!({ "to": "green", "drain_timeout": "3s" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    env.write_config_of_first_stubs(&EnvBuilder {
+        grace: "0s",
+        ..builder
+    });
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let blue = env.blue[0].state.clone();
+    assert_eq!(blue.flushes(), 0, "the reload came before the deadline");
+    tokio::time::timeout(PATIENCE, blue.wait_until(|s| s.flushes() == 1))
+        .await
+        .expect("the deadline's Flush reaches the stub");
+    // With the reloaded grace of 0s the stream would be closed now, 1012; the flip's
+    // hour of grace keeps it open for a Flushed that may still come.
+    let next = tokio::time::timeout(std::time::Duration::from_millis(500), ws.next()).await;
+    assert!(next.is_err(), "the stream ended at once: {next:?}");
+}

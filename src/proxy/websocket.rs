@@ -558,7 +558,9 @@ impl Stream {
             let deadline_woken = Woken::default();
             std::future::poll_fn(|cx| {
                 // At the drain deadline: the protocol's own end, then only the finals flow.
-                if !deadline_passed && deadline_woken.poll(deadline.as_mut(), cx).is_ready() {
+                if !deadline_passed
+                    && let Poll::Ready(order) = deadline_woken.poll(deadline.as_mut(), cx)
+                {
                     let message = match endpoint {
                         Endpoint::Other => return Poll::Ready(Ending::DrainNow),
                         Endpoint::Listen => CLOSE_STREAM,
@@ -583,8 +585,7 @@ impl Stream {
                     }
                     up.drop_data = true;
                     deadline_passed = true;
-                    let period = router.load().settings.config.drain.grace;
-                    grace = Some(Box::pin(tokio::time::sleep(period)));
+                    grace = Some(Box::pin(tokio::time::sleep(order.grace)));
                 }
                 if let Some(grace) = grace.as_mut()
                     && grace.as_mut().poll(cx).is_ready()
