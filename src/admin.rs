@@ -600,7 +600,10 @@ async fn reload(
             "reload takes no body (or an empty JSON object)",
         ));
     }
-    let outcome = admin.control.apply(Change::Reload).await?;
+    // Logged as SIGHUP's refusal is: the caller has the 400, the log keeps the record.
+    let outcome = admin.control.apply(Change::Reload).await.inspect_err(
+        |e| tracing::warn!(error = %e, "reload refused (POST /reload); the old config stays"),
+    )?;
     Ok(change_answer(&admin, outcome))
 }
 

@@ -26,7 +26,7 @@ pub enum ProxyError {
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
     #[error(
-        "{0} reached its drain deadline before the upstream answered; retry goes to the active colour"
+        "the drain deadline of this request's upstream ({0}) came before it answered: a flip moved {0}'s traffic, or a reload removed the upstream; a retry goes where new traffic goes"
     )]
     DrainDeadline(&'static str),
     #[error(

@@ -566,6 +566,11 @@ async fn sighup_reloads_and_a_bad_file_is_refused_naming_the_field() {
     proxy.signal("-HUP");
     let refused = proxy.log_line("reload refused").await;
     assert!(refused.contains("health.rise"), "{refused}");
+    // The API's refusal is logged too, not only answered.
+    let out = site.ctl_auth(&["reload"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    let refused = proxy.log_line("reload refused (POST /reload)").await;
+    assert!(refused.contains("health.rise"), "{refused}");
     let (_, status) = site.admin_get("/status").await;
     assert_eq!(status["generation"], 1, "the old config stays");
 

@@ -1556,6 +1556,41 @@ async fn connect_is_refused_and_not_sent_upstream() {
     up.assert_no_other_connection();
 }
 
+/// The request target `*` is for OPTIONS only (RFC 9112 §3.2.4): `GET *` is refused 400,
+/// not sent upstream as a path no server reads; `OPTIONS *` goes on as it came.
+#[tokio::test]
+async fn an_asterisk_target_goes_upstream_only_for_options() {
+    let mut up = upstream().await;
+    let env = env_with_blue_at(up.addr).await;
+    let mut client = Peer::client(&env).await;
+    client
+        .write(b"OPTIONS * HTTP/1.1\r\nhost: x.example\r\n\r\n")
+        .await;
+    let mut conn = up.accept("OPTIONS * connects").await;
+    let head = conn.read_head("OPTIONS *").await;
+    assert_eq!(head.start, "OPTIONS * HTTP/1.1");
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        .await;
+    assert_eq!(
+        client.read_head("the answer").await.start,
+        "HTTP/1.1 200 OK"
+    );
+
+    client
+        .write(b"GET * HTTP/1.1\r\nhost: x.example\r\n\r\n")
+        .await;
+    let head = client.read_head("the refusal").await;
+    assert_eq!(head.start, "HTTP/1.1 400 Bad Request");
+    assert!(head.lacks("x-switchyard-color"), "not routed: {head:#?}");
+    let body: usize = head.one("content-length").parse().expect("a length");
+    let body = client.read_exact(body, "the refusal's body").await;
+    assert!(
+        String::from_utf8_lossy(&body).contains("for OPTIONS only"),
+        "{body:?}"
+    );
+    up.assert_no_other_connection();
+}
+
 #[tokio::test]
 async fn a_request_body_with_a_length_goes_upstream_with_that_length() {
     let mut up = upstream().await;

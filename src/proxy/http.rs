@@ -175,8 +175,15 @@ pub async fn forward(
 /// ignored: RFC 9112 §3.2.2), else its `Host`. Credentials in the target
 /// (`http://user:secret@host/`) are not part of the host and never go on.
 /// An HTTP/1.1 request must have exactly one `Host` (RFC 9112 §3.2): one with none or
-/// several is refused, to be answered 400. One lookup of `Host` does both.
+/// several is refused, to be answered 400. One lookup of `Host` does both. So is the
+/// request target `*` but for OPTIONS (RFC 9112 §3.2.4), which no upstream would read
+/// as a path.
 pub(crate) fn client_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, ProxyError> {
+    if req.uri().path() == "*" && req.method() != ::http::Method::OPTIONS {
+        return Err(ProxyError::BadRequest(
+            "the request target `*` is for OPTIONS only (RFC 9112 §3.2.4)".into(),
+        ));
+    }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if req.version() == ::http::Version::HTTP_11 && (host.is_none() || hosts.next().is_some()) {
