@@ -733,6 +733,52 @@ async fn in_flight_requests_on_the_old_colour_end_at_the_drain_deadline() {
     assert_eq!(drained["drained"], true, "{drained}");
 }
 
+/// Over HTTP/2 the cut is a reset of the stream with CANCEL: the answer was not broken, it
+/// is no longer served here (INTERNAL_ERROR would tell the client's logs otherwise).
+#[tokio::test]
+async fn an_http2_answer_cut_at_the_drain_deadline_is_reset_with_cancel() {
+    let env = env_with_blue_at(stalling_upstream().await).await;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(env.proxy_url("/stall-body"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, client.request(req))
+        .await
+        .expect("in time")
+        .expect("answer");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("in time")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(
+        first.into_data().expect("data"),
+        Bytes::from_static(b"first")
+    );
+
+    let (status, flipped) = env
+        .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{flipped}");
+    let rest = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("the body ends at the deadline");
+    let error = rest.expect_err("a cut answer is incomplete");
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut reason = None;
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            reason = h2.reason();
+        }
+        cause = e.source();
+    }
+    assert_eq!(reason, Some(h2::Reason::CANCEL), "{error:?}");
+}
+
 /// A reload that removes an upstream drains its requests as a flip drains a colour's: at
 /// the reload's deadline they are cut. Until then `/status` lists the removed upstream,
 /// with its requests and that deadline, so the colour's counts add up.

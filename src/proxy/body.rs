@@ -289,7 +289,21 @@ impl Body for UpstreamBody {
 /// Why Switchyard ended a response body early.
 #[derive(Debug, thiserror::Error)]
 #[error("the drain deadline of this request's colour passed; the response is cut")]
-pub struct Cut;
+pub struct Cut {
+    /// What an HTTP/2 client is told: hyper resets the stream with the first
+    /// `h2::Reason` in the error's chain, `INTERNAL_ERROR` without one. The answer is not
+    /// broken; it is no longer wanted here (RFC 9113 §7).
+    #[source]
+    reason: h2::Error,
+}
+
+impl Cut {
+    fn boxed() -> BodyError {
+        Box::new(Cut {
+            reason: h2::Reason::CANCEL.into(),
+        })
+    }
+}
 
 /// Why Switchyard ended a response body on which no bytes moved for `limits.stall_timeout`.
 #[derive(Debug, thiserror::Error)]
@@ -428,7 +442,7 @@ impl Body for ProxyBody {
                 if polled.is_pending() {
                     if Self::check_cut(finish, cut, cx) {
                         finish.take();
-                        return Poll::Ready(Some(Err(Box::new(Cut))));
+                        return Poll::Ready(Some(Err(Cut::boxed())));
                     }
                     if let Some(f) = finish.as_mut() {
                         // Bytes passed on, and a duplex upload's bytes sent.
@@ -449,7 +463,7 @@ impl Body for ProxyBody {
                         if finish.as_ref().is_some_and(|f| f.finish.guard.is_cut()) =>
                     {
                         finish.take();
-                        return Poll::Ready(Some(Err(Box::new(Cut))));
+                        return Poll::Ready(Some(Err(Cut::boxed())));
                     }
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
