@@ -157,6 +157,10 @@ impl Proxy {
                 tracing::warn!(listener = conn.listener.as_str(), client = %conn.client, path = req.uri().path(), "a request without a listed client key got 401 (one line a second at most; switchyard_unauthorized_total counts them all)");
             }
             let answer = ProxyError::Unauthorized.to_response().map(ProxyBody::full);
+            // HTTP/1.1 has the lingering close for a body still coming.
+            if req.version() == ::http::Version::HTTP_2 {
+                stall::discard(req.into_body());
+            }
             return Either::Left(future::ready(answer));
         }
         let color = match conn.listener {

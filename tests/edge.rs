@@ -450,6 +450,24 @@ async fn client_keys_are_required_in_every_accepted_form() {
     assert_eq!(unauthorized("proxy"), 7.0, "refused handshakes count too");
 }
 
+/// An HTTP/2 client still sending its body when the 401 comes can finish sending it and
+/// read the answer: the stream is not reset under it (a client that waits for window to
+/// send the rest, as httpx does, would otherwise hang). Three times the stream's window,
+/// so the rest must be read and dropped.
+#[tokio::test]
+async fn an_http2_upload_refused_401_can_finish_sending() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let env = auth_builder(keys.path()).start().await;
+    let (status, json) = h2_answer_then_upload(&env, 3 * 1024 * 1024).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json["error"], "unauthorized");
+    assert_eq!(
+        env.blue[0].state.http_requests(),
+        0,
+        "nothing went upstream"
+    );
+}
+
 /// A `/v1/listen` handshake request offering `protocols`, with `authorization` if given.
 /// A reload re-reads the keys file: a key added lets clients in, a key removed keeps
 /// them out from then on, and a stream opened with the removed key runs on.

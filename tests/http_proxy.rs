@@ -366,6 +366,11 @@ async fn every_upstream_refusing_is_a_502_json_and_never_the_other_colour() {
         0,
         "traffic never crosses colours"
     );
+    // An HTTP/2 upload still coming when the 503 is sent may finish (three times the
+    // stream's window: the rest is read and dropped), and its client reads the answer.
+    let (status, json) = h2_answer_then_upload(&env, 3 * 1024 * 1024).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json["error"], "no_healthy_upstream", "{json}");
 }
 
 /// Answers every request on `listener` with a 200 and closes the connection, so each

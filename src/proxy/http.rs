@@ -121,10 +121,10 @@ pub async fn forward(
                 failed = Some(guard);
                 proxy.connect_failed(upstream, table.settings.config.health.fall, &e.to_string());
                 tried.push(upstream);
+                body = Some(unread);
                 if tried.len() >= MAX_ATTEMPTS {
                     break ProxyError::ConnectFailed(color.as_str());
                 }
-                body = Some(unread);
             }
             Err(Failure::Upstream(e)) => {
                 proxy
@@ -151,6 +151,13 @@ pub async fn forward(
             }
         }
     };
+    // A body no upstream took (none healthy, none connected) may still be coming; over
+    // HTTP/1.1 the lingering close takes it.
+    if let Some(body) = body.take()
+        && parts.version == ::http::Version::HTTP_2
+    {
+        super::stall::discard(body);
+    }
     let (status, _) = error.status_and_code();
     let seconds = started.elapsed().as_secs_f64();
     metrics.request(Protocol::Http, status.as_u16(), seconds);

@@ -332,6 +332,29 @@ fn linger(io: &TcpStream, held: impl Send + 'static) {
     });
 }
 
+/// The HTTP/2 counterpart of `linger`, for the body of a request answered before it all
+/// came (a 401, a 503 with no upstream to take it). Dropping the body would reset the
+/// stream (RST_STREAM NO_ERROR, which RFC 9113 §8.1 allows), and clients that are still
+/// sending take that badly: curl 7.88 reports a framing error instead of the answer it
+/// has, httpx waits for a window that never opens. So the rest is read and dropped, within
+/// a lingering socket's bounds; a body still open after them is reset as before.
+pub(crate) fn discard(body: hyper::body::Incoming) {
+    use http_body_util::BodyExt;
+    if hyper::body::Body::is_end_stream(&body) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut body = body;
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(LINGER_PAUSE, body.frame()).await {}
+        })
+        .await;
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

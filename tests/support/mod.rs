@@ -477,3 +477,55 @@ pub async fn env_with_blue_at_built(addr: std::net::SocketAddr, builder: EnvBuil
     assert_eq!(status, StatusCode::OK, "{body}");
     env
 }
+
+/// Over HTTP/2 (prior knowledge), a `POST /v1/listen` whose head goes first: waits for the
+/// answer's head, then sends `bytes` more of body as the window allows, and ends it; returns
+/// the status and the JSON body. Fails if the stream is reset before all is sent: for
+/// answers given before their request's body all came, which must let it finish.
+pub async fn h2_answer_then_upload(env: &Env, mut bytes: usize) -> (StatusCode, Value) {
+    let tcp = tokio::net::TcpStream::connect(env.app().proxy_addr)
+        .await
+        .expect("connect");
+    let (mut h2, connection) = tokio::time::timeout(PATIENCE, h2::client::handshake(tcp))
+        .await
+        .expect("in time")
+        .expect("h2");
+    tokio::spawn(connection);
+    let post = Request::post(env.proxy_url("/v1/listen"))
+        .body(())
+        .expect("a request");
+    let (answer, mut upload) = h2.send_request(post, false).expect("sent");
+    let answer = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("in time")
+        .expect("an answer");
+    while bytes > 0 {
+        upload.reserve_capacity(bytes);
+        let granted = tokio::time::timeout(
+            PATIENCE,
+            std::future::poll_fn(|cx| upload.poll_capacity(cx)),
+        )
+        .await
+        .expect("window for the rest of the body")
+        .expect("the stream is open")
+        .expect("no reset");
+        let n = granted.min(bytes);
+        upload
+            .send_data(Bytes::from(vec![b'a'; n]), false)
+            .expect("the stream takes data");
+        bytes -= n;
+    }
+    upload
+        .send_data(Bytes::new(), true)
+        .expect("the body's end");
+    let status = answer.status();
+    let mut body = answer.into_body();
+    let mut got = Vec::new();
+    while let Some(data) = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .expect("in time")
+    {
+        got.extend_from_slice(&data.expect("data"));
+    }
+    (status, serde_json::from_slice(&got).expect("json"))
+}
