@@ -80,7 +80,7 @@ const H2_MAX_STREAMS: u32 = 100;
 
 /// What a connection's requests tell the task that drives it.
 #[derive(Debug, Default)]
-struct Activity {
+pub(crate) struct Activity {
     /// Requests started on the connection.
     started: AtomicUsize,
     /// Whether they came over HTTP/2.
@@ -92,11 +92,12 @@ struct Activity {
     ended: AtomicUsize,
 }
 
-/// An HTTP/2 request in progress, counted in `open_h2` until its answer is dropped.
-struct Busy(Arc<Activity>);
+/// An HTTP/2 request in progress, counted in `open_h2` until its answer is dropped (or,
+/// for a body read and dropped after its answer, until that ends: `stall::discard`).
+pub(crate) struct Busy(Arc<Activity>);
 
 impl Busy {
-    fn new(activity: &Arc<Activity>) -> Busy {
+    pub(crate) fn new(activity: &Arc<Activity>) -> Busy {
         activity.open_h2.fetch_add(1, Ordering::AcqRel);
         Busy(activity.clone())
     }
@@ -341,8 +342,9 @@ pub async fn serve(
         tokio::spawn(async move {
             // In the `connections` gauge until the task ends, also by a panic.
             let _counted = GaugeGuard::new(proxy.metrics().connections(kind));
-            let conn_info = ConnInfo::new(client, kind, tls.is_some(), open_for_streams);
             let activity = Arc::new(Activity::default());
+            let mut conn_info = ConnInfo::new(client, kind, tls.is_some(), open_for_streams);
+            conn_info.activity = activity.clone();
             let seen = activity.clone();
             let exec = h2::Exec::new(proxy.router().clone());
             let service = service_fn(move |req: Request<Incoming>| {

@@ -56,6 +56,9 @@ pub struct ConnInfo {
     /// The listener's open-connection count, which an upgraded stream joins for its life
     /// (`limits.max_connections` counts streams too).
     pub open: Arc<crate::listener::Open>,
+    /// What the connection's requests tell its task (the HTTP/2 idle timer), so that a
+    /// body read and dropped after its answer keeps the connection busy while it lasts.
+    pub(crate) activity: Arc<crate::listener::Activity>,
 }
 
 impl ConnInfo {
@@ -76,7 +79,13 @@ impl ConnInfo {
             listener,
             tls,
             open,
+            activity: Arc::default(),
         }
+    }
+
+    /// Counts one more HTTP/2 request in progress on this connection until dropped.
+    pub(crate) fn busy(&self) -> crate::listener::Busy {
+        crate::listener::Busy::new(&self.activity)
     }
 }
 
@@ -142,6 +151,8 @@ impl Proxy {
                         ::http::header::CONNECTION,
                         HeaderValue::from_static("close"),
                     );
+                } else {
+                    stall::discard(req.into_body(), conn.busy());
                 }
                 return Either::Left(future::ready(answer));
             }
@@ -159,7 +170,7 @@ impl Proxy {
             let answer = ProxyError::Unauthorized.to_response().map(ProxyBody::full);
             // HTTP/1.1 has the lingering close for a body still coming.
             if req.version() == ::http::Version::HTTP_2 {
-                stall::discard(req.into_body());
+                stall::discard(req.into_body(), conn.busy());
             }
             return Either::Left(future::ready(answer));
         }

@@ -4,6 +4,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use std::convert::Infallible;
 
@@ -458,7 +459,7 @@ async fn client_keys_are_required_in_every_accepted_form() {
 async fn an_http2_upload_refused_401_can_finish_sending() {
     let keys = tempfile::tempdir().expect("tempdir");
     let env = auth_builder(keys.path()).start().await;
-    let (status, json) = h2_answer_then_upload(&env, 3 * 1024 * 1024).await;
+    let (status, json) = h2_answer_then_upload(&env, 3 << 20, usize::MAX, Duration::ZERO).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(json["error"], "unauthorized");
     assert_eq!(
@@ -466,6 +467,21 @@ async fn an_http2_upload_refused_401_can_finish_sending() {
         0,
         "nothing went upstream"
     );
+}
+
+/// The same upload, slow (16 KiB every 300 ms for 3 s) on a connection whose idle timer
+/// (`header_read_timeout`) is 1 s: the body still being read keeps the connection busy,
+/// so it is not closed under the upload as an idle one would be.
+#[tokio::test]
+async fn a_slow_http2_upload_refused_401_keeps_its_connection() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let mut builder = auth_builder(keys.path());
+    builder.extra = format!("header_read_timeout = \"1s\"\n{}", builder.extra);
+    let env = builder.start().await;
+    let pause = Duration::from_millis(300);
+    let (status, json) = h2_answer_then_upload(&env, 10 * 16 * 1024, 16 * 1024, pause).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json["error"], "unauthorized");
 }
 
 /// A `/v1/listen` handshake request offering `protocols`, with `authorization` if given.

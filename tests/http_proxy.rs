@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -368,7 +369,7 @@ async fn every_upstream_refusing_is_a_502_json_and_never_the_other_colour() {
     );
     // An HTTP/2 upload still coming when the 503 is sent may finish (three times the
     // stream's window: the rest is read and dropped), and its client reads the answer.
-    let (status, json) = h2_answer_then_upload(&env, 3 * 1024 * 1024).await;
+    let (status, json) = h2_answer_then_upload(&env, 3 << 20, usize::MAX, Duration::ZERO).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json["error"], "no_healthy_upstream", "{json}");
 }

@@ -114,7 +114,8 @@ pub async fn forward(
                 .with_access(access);
                 return Proxy::relay_answer(response, finish, &limits);
             }
-            Err(Failure::Connect(e, _)) if crate::nofile::is_local_exhaustion(&e) => {
+            Err(Failure::Connect(e, unread)) if crate::nofile::is_local_exhaustion(&e) => {
+                body = Some(unread);
                 break proxy.out_of_sockets(upstream, &e);
             }
             Err(Failure::Connect(e, unread)) => {
@@ -156,7 +157,7 @@ pub async fn forward(
     if let Some(body) = body.take()
         && parts.version == ::http::Version::HTTP_2
     {
-        super::stall::discard(body);
+        super::stall::discard(body, conn.busy());
     }
     let (status, _) = error.status_and_code();
     let seconds = started.elapsed().as_secs_f64();

@@ -337,8 +337,9 @@ fn linger(io: &TcpStream, held: impl Send + 'static) {
 /// stream (RST_STREAM NO_ERROR, which RFC 9113 §8.1 allows), and clients that are still
 /// sending take that badly: curl 7.88 reports a framing error instead of the answer it
 /// has, httpx waits for a window that never opens. So the rest is read and dropped, within
-/// a lingering socket's bounds; a body still open after them is reset as before.
-pub(crate) fn discard(body: hyper::body::Incoming) {
+/// a lingering socket's bounds; a body still open after them is reset as before. `held`
+/// (the stream's count in its connection's activity) goes with it.
+pub(crate) fn discard(body: hyper::body::Incoming, held: impl Send + 'static) {
     use http_body_util::BodyExt;
     if hyper::body::Body::is_end_stream(&body) {
         return;
@@ -347,6 +348,7 @@ pub(crate) fn discard(body: hyper::body::Incoming) {
         return;
     };
     runtime.spawn(async move {
+        let _held = held;
         let mut body = body;
         let _ = tokio::time::timeout(LINGER, async {
             while let Ok(Some(Ok(_))) = tokio::time::timeout(LINGER_PAUSE, body.frame()).await {}

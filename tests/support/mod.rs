@@ -479,10 +479,16 @@ pub async fn env_with_blue_at_built(addr: std::net::SocketAddr, builder: EnvBuil
 }
 
 /// Over HTTP/2 (prior knowledge), a `POST /v1/listen` whose head goes first: waits for the
-/// answer's head, then sends `bytes` more of body as the window allows, and ends it; returns
-/// the status and the JSON body. Fails if the stream is reset before all is sent: for
-/// answers given before their request's body all came, which must let it finish.
-pub async fn h2_answer_then_upload(env: &Env, mut bytes: usize) -> (StatusCode, Value) {
+/// answer's head, then sends `bytes` more of body as the window allows, at most `chunk` at
+/// a time with `pause` after each, and ends it; returns the status and the JSON body.
+/// Fails if the stream is reset before all is sent: for answers given before their
+/// request's body all came, which must let it finish.
+pub async fn h2_answer_then_upload(
+    env: &Env,
+    mut bytes: usize,
+    chunk: usize,
+    pause: Duration,
+) -> (StatusCode, Value) {
     let tcp = tokio::net::TcpStream::connect(env.app().proxy_addr)
         .await
         .expect("connect");
@@ -500,20 +506,26 @@ pub async fn h2_answer_then_upload(env: &Env, mut bytes: usize) -> (StatusCode, 
         .expect("in time")
         .expect("an answer");
     while bytes > 0 {
-        upload.reserve_capacity(bytes);
-        let granted = tokio::time::timeout(
-            PATIENCE,
-            std::future::poll_fn(|cx| upload.poll_capacity(cx)),
-        )
-        .await
-        .expect("window for the rest of the body")
-        .expect("the stream is open")
-        .expect("no reset");
-        let n = granted.min(bytes);
+        let want = bytes.min(chunk);
+        upload.reserve_capacity(want);
+        // `poll_capacity` waits for more than the stream has: what it has goes first.
+        let mut granted = upload.capacity();
+        if granted == 0 {
+            granted = tokio::time::timeout(
+                PATIENCE,
+                std::future::poll_fn(|cx| upload.poll_capacity(cx)),
+            )
+            .await
+            .expect("window for the rest of the body")
+            .expect("the stream is open")
+            .expect("no reset");
+        }
+        let n = granted.min(want);
         upload
             .send_data(Bytes::from(vec![b'a'; n]), false)
             .expect("the stream takes data");
         bytes -= n;
+        tokio::time::sleep(pause).await;
     }
     upload
         .send_data(Bytes::new(), true)
