@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -200,7 +200,23 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             stop_accepting.cancel();
             tracker.begin_shutdown(drain.timeout, drain.grace);
             // Streams end at the deadline plus grace; the extra allows their close handshakes.
-            let bound = drain.timeout + drain.grace + Duration::from_secs(10);
+            // A stream already past an earlier order's deadline keeps that order's grace,
+            // which may run longer.
+            let in_grace = {
+                let now = Instant::now();
+                let table = router.load();
+                let retired = tracker.retired();
+                table
+                    .drains
+                    .iter()
+                    .flatten()
+                    .chain(retired.iter().map(|(_, order)| order))
+                    .filter(|o| o.deadline <= now)
+                    .map(|o| (o.deadline + o.grace).saturating_duration_since(now))
+                    .max()
+                    .unwrap_or_default()
+            };
+            let bound = (drain.timeout + drain.grace).max(in_grace) + Duration::from_secs(10);
             let streams = async {
                 for color in Color::ALL {
                     tracker.wait_empty(color, bound).await;

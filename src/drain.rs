@@ -717,8 +717,12 @@ impl DrainWatch {
         }
     }
 
-    /// The order that ends this stream soonest, if any covers it now. A flip back to the
-    /// stream's colour clears its colour's order, which is how a rollback cancels a drain.
+    /// What ends this stream, if any order covers it now: the order with the soonest
+    /// deadline, its grace shortened so that the stream's end (deadline and grace) is the
+    /// soonest any covering order allows. So a flip's drain, a reload's retirement of the
+    /// upstream and a shutdown each keep their promised end, whichever grace each was
+    /// given. A flip back to the stream's colour clears its colour's order, which is how a
+    /// rollback cancels a drain.
     pub fn current(&self) -> Option<DrainOrder> {
         let table = self.router.load();
         let orders = [
@@ -726,11 +730,22 @@ impl DrainWatch {
             self.upstream.retired(),
             *self.shutdown.borrow(),
         ];
-        orders
-            .into_iter()
-            .flatten()
-            .filter(|o| o.covers(self.generation))
-            .min_by_key(|o| o.deadline)
+        let covering = || {
+            orders
+                .into_iter()
+                .flatten()
+                .filter(|o| o.covers(self.generation))
+        };
+        let first = covering().min_by_key(|o| o.deadline)?;
+        // Each order's end, counted from the first deadline (no instant to overflow).
+        let grace = covering()
+            .map(|o| {
+                o.deadline
+                    .saturating_duration_since(first.deadline)
+                    .saturating_add(o.grace)
+            })
+            .min()?;
+        Some(DrainOrder { grace, ..first })
     }
 
     /// Resolves when the route table or the shutdown order changes. Cancel-safe.

@@ -68,8 +68,9 @@ impl Prober {
     /// by a flip's gate or /readyz.
     /// Waits at most `FIRST_VERDICTS_WAIT`, however long `health.timeout` is: start-up
     /// answers no signal meanwhile, and a reload holds up every other change (an urgent
-    /// rollback too). An upstream not judged by then is presumed healthy until its probe
-    /// loop says otherwise; the log says so.
+    /// rollback too). An upstream not judged by then takes traffic, presumed healthy, but
+    /// the flip's gate and /readyz wait for its probe loop's verdict
+    /// (`RouteTable::has_healthy`); the log says so.
     /// Nothing to do with health mode `off`, where an upstream is presumed healthy.
     pub async fn first_verdicts(
         &self,
@@ -104,7 +105,7 @@ impl Prober {
             .await
             .is_err()
         {
-            tracing::warn!(waited = ?FIRST_VERDICTS_WAIT, "going on before every new upstream's first health probe answered (health.timeout is longer); those not judged yet count as healthy until their probes say otherwise");
+            tracing::warn!(waited = ?FIRST_VERDICTS_WAIT, "going on before every new upstream's first health probe answered (health.timeout is longer); those not judged yet take traffic, but a flip's gate and /readyz wait for their verdicts");
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, UpstreamUrl};
 use crate::drain::DrainOrder;
-use crate::upstream::{Color, Upstream};
+use crate::upstream::{Color, Observed, Upstream};
 
 /// One colour's upstreams in this table.
 pub type Pool = Arc<[Arc<Upstream>]>;
@@ -149,9 +149,15 @@ impl RouteTable {
         self.drains[color.index()]
     }
 
-    /// Whether a colour has an upstream that may take new work.
+    /// Whether a colour has an upstream judged healthy: the flip's gate and /readyz.
     pub fn has_healthy(&self, color: Color) -> bool {
-        self.pool(color).iter().any(|u| u.is_healthy())
+        // An upstream no probe has judged yet (its first probe outran the wait for it) is
+        // presumed healthy for traffic, but not counted here: the flip's gate and /readyz
+        // wait for a verdict. With health checks off there is none to wait for.
+        let checked = self.settings.config.health.mode != crate::config::HealthMode::Off;
+        self.pool(color)
+            .iter()
+            .any(|u| u.is_healthy() && !(checked && u.observed() == Observed::Unknown))
     }
 
     /// Builds the pools for `config`, keeping the `Upstream` of every URL that stays in

@@ -364,20 +364,26 @@ async fn a_reload_does_not_wait_out_a_long_health_timeout() {
         ..Default::default()
     };
     let env = builder.clone().start().await;
+    let blue = format!("\"{}\"", env.blue[0].url());
     let (hung, task) = support::hung_upstream().await;
-    let green = format!("\"{}\", \"http://{hung}\"", env.green[0].url());
-    env.write_config(&builder, &format!("\"{}\"", env.blue[0].url()), &green);
-    // Without the bound the reload would answer in an hour.
-    let reload = env.admin_post("/reload", None);
-    let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(60), reload)
-        .await
-        .expect("the reload answers");
+    env.write_config(&builder, &blue, &format!("\"http://{hung}\""));
+    // Without the bound the reload would answer in an hour (the client gives up at 20 s).
+    let (status, body) = env.admin_post("/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(
-        body["colors"]["green"]["upstreams"][1]["url"],
-        format!("http://{hung}")
-    );
-    // And the next change goes through.
+    let green = &body["colors"]["green"]["upstreams"][0];
+    assert_eq!(green["url"], format!("http://{hung}"));
+    assert_eq!(green["health"], "unknown", "{green}");
+    // Not judged yet: not a healthy upstream for the flip's gate.
+    let (status, body) = env
+        .admin_post("/flip", Some(serde_json::json!({ "to": "green" })))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "target_unhealthy");
+    // A judged one beside it is, and the change goes through.
+    let green = format!("\"{}\", \"http://{hung}\"", env.green[0].url());
+    env.write_config(&builder, &blue, &green);
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     env.flip("green").await;
     task.abort();
 }
@@ -423,4 +429,62 @@ async fn a_running_drain_keeps_the_grace_it_started_with() {
     // hour of grace keeps it open for a Flushed that may still come.
     let next = tokio::time::timeout(std::time::Duration::from_millis(500), ws.next()).await;
     assert!(next.is_err(), "the stream ended at once: {next:?}");
+}
+
+/// A stream two drains cover ends by the sooner of their ends (deadline plus grace): a
+/// flip's drain (3 s, then an hour of grace) and the removal of its upstream by a reload
+/// (4 s, no grace) end it at 4 s, when its upstream goes, not an hour later.
+#[tokio::test]
+async fn a_stream_under_two_drains_ends_by_the_sooner_end() {
+    let builder = EnvBuilder {
+        blue: 2,
+        grace: "1h",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("handshake");
+    let metadata = tokio::time::timeout(PATIENCE, ws.next()).await;
+    assert!(
+        matches!(&metadata, Ok(Some(Ok(Message::Text(t)))) if t.contains("Metadata")),
+        "{metadata:?}"
+    );
+    let on = usize::from(env.blue[1].state.ws_open_now() == 1);
+    let (status, body) = env
+        .admin_post(
+            "/flip",
+            Some(serde_json::json!({ "to": "green", "drain_timeout": "3s" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let removal = EnvBuilder {
+        drain_timeout: "4s",
+        grace: "0s",
+        ..builder
+    };
+    let kept = format!("\"{}\"", env.blue[1 - on].url());
+    env.write_config(&removal, &kept, &format!("\"{}\"", env.green[0].url()));
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        env.blue[on].state.flushes(),
+        0,
+        "the reload came before the flip's deadline"
+    );
+    // The flip's deadline sends Flush; the removal's end, a second later, closes it.
+    let end = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("the stream ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed by the removal's end, not after the flip's hour of grace");
+    assert_eq!(end, Some(1012));
+    assert_eq!(env.blue[on].state.flushes(), 1);
 }
