@@ -385,8 +385,25 @@ fn compact(v: Value) -> Value {
     }
 }
 
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("-")
+/// A string field of the answer, for a terminal: control characters escaped (`\r`,
+/// `\u{1b}`), so that text an upstream chose (its `system_health`, or a reason) cannot
+/// move the cursor or repaint a line, say to show an upstream as healthy.
+fn s<'a>(v: &'a Value, key: &str) -> std::borrow::Cow<'a, str> {
+    let text = v.get(key).and_then(Value::as_str).unwrap_or("-");
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
 }
 
 /// A short human summary of an answer.
@@ -409,7 +426,7 @@ pub fn human(command: &Command, v: &Value) -> String {
                     s(e, "to"),
                     e.get("reason")
                         .and_then(Value::as_str)
-                        .map(|r| format!("  ({r})"))
+                        .map(|_| format!("  ({})", s(e, "reason")))
                         .unwrap_or_default(),
                 ));
             }
@@ -546,7 +563,7 @@ fn store_line(store: Option<&Value>) -> String {
         store
             .get("problem")
             .and_then(Value::as_str)
-            .map(|p| format!("\n  problem: {p}"))
+            .map(|_| format!("\n  problem: {}", s(store, "problem")))
             .unwrap_or_default(),
     )
 }
@@ -607,6 +624,28 @@ mod tests {
             text.contains("  http://10.0.0.2:8080  healthy  (Ready)  streams: 0  in flight: 0\n"),
             "{text}"
         );
+    }
+
+    /// Text an upstream or a caller chose reaches the terminal with its control characters
+    /// escaped: a `system_health` of "\r\x1b[2K ... healthy" cannot repaint its line.
+    #[test]
+    fn status_escapes_control_characters() {
+        let status = json!({"active": "blue", "colors": {"blue": {
+            "state": "active", "open_streams": 0, "in_flight": 0, "upstreams": [
+                {"url": "http://10.0.0.2:8080", "healthy": false,
+                 "health": "\r\u{1b}[2K  http://10.0.0.2:8080  healthy  (Healthy",
+                 "open_streams": 0, "in_flight": 0}]}},
+            "store": {"kind": "file"}});
+        let text = human(&Command::Status, &status);
+        assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
+        assert!(
+            text.contains("UNHEALTHY  (\\r\\u{1b}[2K  http://10.0.0.2:8080  healthy  (Healthy)"),
+            "{text}"
+        );
+        let history = json!({"history": [{"generation": 2, "action": "flip", "from": "blue",
+            "to": "green", "at": "2026-12-06T08:00:00Z", "reason": "ok\u{1b}[31m"}]});
+        let text = human(&Command::History, &history);
+        assert!(text.contains("(ok\\u{1b}[31m)"), "{text}");
     }
 
     /// The counts read the same whatever they are ("1 open streams" was the old line).

@@ -184,9 +184,14 @@ async fn probe_loop(
         };
         let changed = match health.mode {
             HealthMode::Off => {
-                // Probes that start again later start at once.
+                // Probes that start again later start at once, and the first of them
+                // decides at once, as for a new upstream: what a probe decided before
+                // health checks went off no longer stands.
                 judged = false;
-                upstream.set_not_checked();
+                if upstream.observed() != Observed::NotChecked {
+                    upstream.forget_verdict();
+                    upstream.set_not_checked();
+                }
                 // Without probes, a passively failed upstream is retried after a cool-down.
                 if upstream.is_healthy() {
                     None
@@ -217,7 +222,7 @@ async fn probe_loop(
         }
         // The next probe is `interval` after this one began; a reload that changes the
         // interval moves it at once (a check slowed to minutes must not wait one out to
-        // speed up).
+        // speed up), and one that turns probes on probes at once.
         let mut interval = health.interval;
         loop {
             tokio::select! {
@@ -228,7 +233,11 @@ async fn probe_loop(
                     if changed.is_err() {
                         return;
                     }
-                    interval = router.load().settings.config.health.interval;
+                    let now = &router.load().settings.config.health;
+                    if health.mode == HealthMode::Off && now.mode != HealthMode::Off {
+                        break;
+                    }
+                    interval = now.interval;
                 }
             }
         }

@@ -247,7 +247,6 @@ impl Proxy {
     }
 }
 
-/// Whether this is the first call this second (Unix time) for `last`.
 /// Tags a response with the colour.
 pub(crate) fn tag<B>(mut response: Response<B>, color: Color) -> Response<B> {
     response

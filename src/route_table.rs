@@ -65,6 +65,7 @@ impl Settings {
     /// Client auth for a log line: `off`, or how many keys are listed (never which).
     pub fn client_auth(&self) -> String {
         match &self.client_keys {
+            Some(keys) if keys.len() == 1 => "1 key".to_owned(),
             Some(keys) => format!("{} keys", keys.len()),
             None => "off".to_owned(),
         }
@@ -97,7 +98,9 @@ impl ClientKeys {
             }
             let fault = line.bytes().find_map(|b| match b {
                 b'!'..=b'~' => None,
-                b' ' | b'\t' => Some("a space inside (a comment must start its line)"),
+                b' ' | b'\t' => {
+                    Some("a space inside (a key has none, and a comment must start its line)")
+                }
                 0..=0x1f | 0x7f => Some("a control character"),
                 _ => Some("a character that is not ASCII"),
             });

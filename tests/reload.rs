@@ -488,3 +488,40 @@ async fn a_stream_under_two_drains_ends_by_the_sooner_end() {
     assert_eq!(end, Some(1012));
     assert_eq!(env.blue[on].state.flushes(), 1);
 }
+
+/// Health checks turned off by a reload and on again by another: the first probe after
+/// that decides at once, as for a new upstream, so a node that went Critical meanwhile
+/// stops taking traffic at once instead of after `fall` more probes (an hour here).
+#[tokio::test]
+async fn health_checks_back_on_decide_at_the_first_probe() {
+    let checked = |interval: &'static str| EnvBuilder {
+        health: if interval == "off" {
+            "mode = \"off\""
+        } else if interval == "1h" {
+            "mode = \"deepgram\"\ninterval = \"1h\"\ntimeout = \"1s\"\nrise = 1\nfall = 3"
+        } else {
+            "mode = \"deepgram\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 3"
+        },
+        ..Default::default()
+    };
+    let env = checked("200ms").start().await;
+    eventually(|| async { green_upstream(&env).await["health"] == "Healthy" }).await;
+    env.write_config_of_first_stubs(&checked("off"));
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(|| async { green_upstream(&env).await["health"] == "not_checked" }).await;
+    env.green[0].state.set_health("Critical");
+    env.write_config_of_first_stubs(&checked("1h"));
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(|| async {
+        let green = green_upstream(&env).await;
+        green["health"] == "Critical" && green["healthy"] == false
+    })
+    .await;
+}
+
+/// Green's first upstream in `/status`.
+async fn green_upstream(env: &Env) -> serde_json::Value {
+    env.admin_get("/status").await.1["colors"]["green"]["upstreams"][0].clone()
+}

@@ -288,7 +288,9 @@ impl Body for UpstreamBody {
 
 /// Why Switchyard ended a response body early.
 #[derive(Debug, thiserror::Error)]
-#[error("the drain deadline of this request's colour passed; the response is cut")]
+#[error(
+    "this request's drain deadline passed (a flip's, or a reload's that removed its upstream); the response is cut"
+)]
 pub struct Cut {
     /// What an HTTP/2 client is told: hyper resets the stream with the first
     /// `h2::Reason` in the error's chain, `INTERNAL_ERROR` without one. The answer is not
