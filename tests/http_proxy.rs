@@ -747,25 +747,8 @@ async fn an_http2_answer_cut_at_the_drain_deadline_is_reset_with_cancel() {
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http::<Full<Bytes>>();
-    let req = Request::get(env.proxy_url("/stall-body"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let response = tokio::time::timeout(PATIENCE, client.request(req))
-        .await
-        .expect("in time")
-        .expect("answer");
-    assert_eq!(response.version(), http::Version::HTTP_2);
-    let mut body = response.into_body();
-    let first = tokio::time::timeout(PATIENCE, body.frame())
-        .await
-        .expect("in time")
-        .expect("frame")
-        .expect("ok");
-    assert_eq!(
-        first.into_data().expect("data"),
-        Bytes::from_static(b"first")
-    );
-
+    // The client speaks HTTP/2 only.
+    let body = stalled_body_via(&client, &env.proxy_url("/stall-body")).await;
     let (status, flipped) = env
         .admin_post("/flip", Some(json!({"to": "green", "drain_timeout": "0s"})))
         .await;
@@ -955,10 +938,15 @@ async fn stalled_body(env: &Env) -> Incoming {
 
 /// `stalled_body` at `url`.
 async fn stalled_body_at(env: &Env, url: &str) -> Incoming {
+    stalled_body_via(&env.client, url).await
+}
+
+/// `stalled_body_at` through `client`.
+async fn stalled_body_via(client: &HttpClient, url: &str) -> Incoming {
     let req = Request::get(url)
         .body(Full::new(Bytes::new()))
         .expect("request");
-    let response = tokio::time::timeout(PATIENCE, env.client.request(req))
+    let response = tokio::time::timeout(PATIENCE, client.request(req))
         .await
         .expect("in time")
         .expect("answer");

@@ -398,15 +398,7 @@ async fn a_running_drain_keeps_the_grace_it_started_with() {
         ..Default::default()
     };
     let env = builder.clone().start().await;
-    let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("handshake");
-    let metadata = tokio::time::timeout(PATIENCE, ws.next()).await;
-    assert!(
-        matches!(&metadata, Ok(Some(Ok(Message::Text(t)))) if t.contains("Metadata")),
-        "{metadata:?}"
-    );
+    let mut ws = speak_that_never_flushes(&env).await;
     let (status, body) = env
         .admin_post(
             "/flip",
@@ -442,15 +434,7 @@ async fn a_stream_under_two_drains_ends_by_the_sooner_end() {
         ..Default::default()
     };
     let env = builder.clone().start().await;
-    let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("handshake");
-    let metadata = tokio::time::timeout(PATIENCE, ws.next()).await;
-    assert!(
-        matches!(&metadata, Ok(Some(Ok(Message::Text(t)))) if t.contains("Metadata")),
-        "{metadata:?}"
-    );
+    let mut ws = speak_that_never_flushes(&env).await;
     let on = usize::from(env.blue[1].state.ws_open_now() == 1);
     let (status, body) = env
         .admin_post(
@@ -524,4 +508,20 @@ async fn health_checks_back_on_decide_at_the_first_probe() {
 /// Green's first upstream in `/status`.
 async fn green_upstream(env: &Env) -> serde_json::Value {
     env.admin_get("/status").await.1["colors"]["green"]["upstreams"][0].clone()
+}
+
+/// A `/v1/speak` stream whose stub never answers `Flush`, past its opening `Metadata`.
+async fn speak_that_never_flushes(
+    env: &Env,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("handshake");
+    let metadata = tokio::time::timeout(PATIENCE, ws.next()).await;
+    assert!(
+        matches!(&metadata, Ok(Some(Ok(Message::Text(t)))) if t.contains("Metadata")),
+        "{metadata:?}"
+    );
+    ws
 }
