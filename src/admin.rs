@@ -688,7 +688,7 @@ async fn readyz(State(admin): State<Admin>) -> (StatusCode, Json<Value>) {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(
                 json!({ "ready": false, "active": table.active, "error": "no_healthy_upstream",
-                          "message": format!("{} has no healthy upstream", table.active) }),
+                          "message": format!("{} has no healthy upstream (none a probe has judged healthy)", table.active) }),
             ),
         )
     }

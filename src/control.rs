@@ -84,7 +84,9 @@ pub struct Outcome {
 pub enum ChangeError {
     #[error("expected generation {expected}, but the current generation is {actual}")]
     GenerationMismatch { expected: u64, actual: u64 },
-    #[error("{0} has no healthy upstream; pass force to flip anyway")]
+    #[error(
+        "{0} has no healthy upstream (none a probe has judged healthy); pass force to flip anyway"
+    )]
     TargetUnhealthy(Color),
     #[error("there is no rollback target (nothing to roll back, or the last change was committed)")]
     NoRollbackTarget,

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -770,14 +770,43 @@ impl DrainWatch {
                 Some(order) => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(order.deadline.into()) => {
-                            if self.current().is_some_and(|now| now.deadline <= Instant::now()) {
-                                return order;
+                            // As it is now: a change that came with the deadline counts.
+                            if let Some(now) = self.current().filter(|now| now.deadline <= Instant::now()) {
+                                self.mark(Some(now));
+                                return now;
                             }
                         }
                         _ = self.changed() => {}
                     }
                 }
                 None => self.changed().await,
+            }
+        }
+    }
+
+    /// A stream's whole drain: waits for its deadline and sets `fired` (the stream then
+    /// starts its protocol's close), then resolves when its grace
+    /// is over. The end follows changes meanwhile: a reload that removes the stream's
+    /// upstream, or a shutdown, can bring it forward, and an order cancelled after the
+    /// deadline (the upstream put back, a rollback) no longer counts, though the end never
+    /// moves past what the orders covering the stream allow. With none left (the close has
+    /// started all the same), the end last reckoned stands.
+    pub async fn drain(&mut self, fired: &AtomicBool) {
+        let order = self.deadline().await;
+        fired.store(true, Ordering::Release);
+        let end_of = |o: DrainOrder| {
+            o.deadline
+                .checked_add(o.grace)
+                .unwrap_or(o.deadline + MAX_DRAIN)
+        };
+        let mut end = end_of(order);
+        loop {
+            if let Some(now) = self.current() {
+                end = end_of(now);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(end.into()) => return,
+                _ = self.changed() => {}
             }
         }
     }

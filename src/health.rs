@@ -222,7 +222,7 @@ async fn probe_loop(
         }
         // The next probe is `interval` after this one began; a reload that changes the
         // interval moves it at once (a check slowed to minutes must not wait one out to
-        // speed up), and one that turns probes on probes at once.
+        // speed up), and one that changes the mode (checks on or off) applies it at once.
         let mut interval = health.interval;
         loop {
             tokio::select! {
@@ -234,7 +234,7 @@ async fn probe_loop(
                         return;
                     }
                     let now = &router.load().settings.config.health;
-                    if health.mode == HealthMode::Off && now.mode != HealthMode::Off {
+                    if now.mode != health.mode {
                         break;
                     }
                     interval = now.interval;

@@ -154,13 +154,15 @@ impl RouteTable {
 
     /// Whether a colour has an upstream judged healthy: the flip's gate and /readyz.
     pub fn has_healthy(&self, color: Color) -> bool {
-        // An upstream no probe has judged yet (its first probe outran the wait for it) is
-        // presumed healthy for traffic, but not counted here: the flip's gate and /readyz
-        // wait for a verdict. With health checks off there is none to wait for.
+        // An upstream no probe has judged yet (its first probe outran the wait for it, or
+        // checks were just turned on) is presumed healthy for traffic, but not counted
+        // here: the flip's gate and /readyz wait for a verdict. With health checks off
+        // there is none to wait for.
         let checked = self.settings.config.health.mode != crate::config::HealthMode::Off;
-        self.pool(color)
-            .iter()
-            .any(|u| u.is_healthy() && !(checked && u.observed() == Observed::Unknown))
+        let judged = |u: &Upstream| {
+            !checked || !matches!(u.observed(), Observed::Unknown | Observed::NotChecked)
+        };
+        self.pool(color).iter().any(|u| u.is_healthy() && judged(u))
     }
 
     /// Builds the pools for `config`, keeping the `Upstream` of every URL that stays in

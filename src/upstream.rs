@@ -382,10 +382,13 @@ impl Upstream {
     }
 
     /// Forgets the verdict of earlier probes, so the next one decides alone, as for an
-    /// upstream never seen: one put back after a while out of its pool is judged afresh.
+    /// upstream never seen: one put back after a while out of its pool is judged afresh,
+    /// and shows `unknown` (which the flip's gate does not count) until it is.
     pub fn forget_verdict(&self) {
         let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
         *streak = Streak::default();
+        self.observed
+            .store(Observed::Unknown as u8, Ordering::Relaxed);
     }
 
     /// The drain order a reload gave this upstream, if it was removed.

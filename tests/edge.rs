@@ -469,7 +469,7 @@ async fn an_http2_upload_refused_401_can_finish_sending() {
     );
 }
 
-/// The same upload, slow (16 KiB every 300 ms for 3 s) on a connection whose idle timer
+/// The same upload, slow (16 KiB every 300 ms for 6 s) on a connection whose idle timer
 /// (`header_read_timeout`) is 1 s: the body still being read keeps the connection busy,
 /// so it is not closed under the upload as an idle one would be.
 #[tokio::test]
@@ -479,7 +479,7 @@ async fn a_slow_http2_upload_refused_401_keeps_its_connection() {
     builder.extra = format!("header_read_timeout = \"1s\"\n{}", builder.extra);
     let env = builder.start().await;
     let pause = Duration::from_millis(300);
-    let (status, json) = h2_answer_then_upload(&env, 10 * 16 * 1024, 16 * 1024, pause).await;
+    let (status, json) = h2_answer_then_upload(&env, 20 * 16 * 1024, 16 * 1024, pause).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(json["error"], "unauthorized");
 }

@@ -525,3 +525,96 @@ async fn speak_that_never_flushes(
     );
     ws
 }
+
+/// A drain already in its grace follows later changes: a reload that removes the
+/// stream's upstream (no timeout, no grace) ends it at once, not after the flip's hour of
+/// grace.
+#[tokio::test]
+async fn a_drain_in_its_grace_follows_later_changes() {
+    let builder = EnvBuilder {
+        blue: 2,
+        grace: "1h",
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let mut ws = speak_that_never_flushes(&env).await;
+    let on = usize::from(env.blue[1].state.ws_open_now() == 1);
+    eprintln!(
+        "on {on}: {} {}",
+        env.blue[0].state.ws_open_now(),
+        env.blue[1].state.ws_open_now()
+    );
+    let (status, body) = env
+        .admin_post(
+            "/flip",
+            Some(serde_json::json!({ "to": "green", "drain_timeout": "0s" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tokio::time::timeout(
+        PATIENCE,
+        env.blue[on].state.wait_until(|s| s.flushes() == 1),
+    )
+    .await
+    .expect("the flip's deadline sends Flush");
+    // Removing the stream's upstream, with nothing to wait for, ends its grace.
+    let removal = EnvBuilder {
+        drain_timeout: "0s",
+        grace: "0s",
+        ..builder.clone()
+    };
+    let kept = format!("\"{}\"", env.blue[1 - on].url());
+    env.write_config(&removal, &kept, &format!("\"{}\"", env.green[0].url()));
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let end = tokio::time::timeout(PATIENCE, close_code_of(&mut ws))
+        .await
+        .expect("the removal ends the grace, not the flip's hour");
+    assert_eq!(end, Some(1012));
+}
+
+/// The close code a stream ends with, after whatever messages come before it.
+async fn close_code_of(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Option<u16> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("the stream ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+/// Health checks turned on by a reload: until a probe has answered, an upstream they
+/// have not judged is not counted healthy by the flip's gate (it was `not_checked`, and
+/// presumed healthy, while checks were off).
+#[tokio::test]
+async fn checks_turned_on_gate_a_flip_until_a_probe_answers() {
+    let off = EnvBuilder {
+        health: "mode = \"off\"",
+        ..Default::default()
+    };
+    let env = off.clone().start().await;
+    let blue = format!("\"{}\"", env.blue[0].url());
+    let (hung, task) = support::hung_upstream().await;
+    let green = format!("\"http://{hung}\"");
+    env.write_config(&off, &blue, &green);
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let on = EnvBuilder {
+        health: "mode = \"deepgram\"\ninterval = \"200ms\"\ntimeout = \"1h\"\nrise = 1\nfall = 1",
+        ..Default::default()
+    };
+    env.write_config(&on, &blue, &green);
+    let (status, body) = env.admin_post("/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = env
+        .admin_post("/flip", Some(serde_json::json!({ "to": "green" })))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "target_unhealthy");
+    task.abort();
+}

@@ -549,18 +549,18 @@ impl Stream {
         // The drain message went upstream: the upstream's end is the drain's graceful end.
         let mut drain_sent = false;
         let mut close_sent = false;
-        let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut stall = StallWatch::default();
         let ending = {
-            let deadline = self.watch.deadline();
-            tokio::pin!(deadline);
+            // The drain's deadline (put in `fired`), then the end of its grace.
+            let fired = std::sync::atomic::AtomicBool::new(false);
+            let drain = self.watch.drain(&fired);
+            tokio::pin!(drain);
             // Polled when the drain watch or its timer woke the task, not for every frame.
-            let deadline_woken = Woken::default();
+            let drain_woken = Woken::default();
             std::future::poll_fn(|cx| {
+                let grace_over = drain_woken.poll(drain.as_mut(), cx).is_ready();
                 // At the drain deadline: the protocol's own end, then only the finals flow.
-                if !deadline_passed
-                    && let Poll::Ready(order) = deadline_woken.poll(deadline.as_mut(), cx)
-                {
+                if !deadline_passed && fired.load(std::sync::atomic::Ordering::Acquire) {
                     let message = match endpoint {
                         Endpoint::Other => return Poll::Ready(Ending::DrainNow),
                         Endpoint::Listen => CLOSE_STREAM,
@@ -585,11 +585,8 @@ impl Stream {
                     }
                     up.drop_data = true;
                     deadline_passed = true;
-                    grace = Some(Box::pin(tokio::time::sleep(order.grace)));
                 }
-                if let Some(grace) = grace.as_mut()
-                    && grace.as_mut().poll(cx).is_ready()
-                {
+                if grace_over {
                     return Poll::Ready(Ending::GraceExpired);
                 }
                 loop {
