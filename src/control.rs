@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, HealthMode};
 use crate::drain::{DrainOrder, Tracker};
 use crate::health::Prober;
 use crate::metrics::Metrics;
@@ -593,11 +593,15 @@ impl Writer {
                 .flat_map(|p| p.iter().cloned())
                 .collect::<Vec<_>>()
         };
+        // Probed before the reload answers: the upstreams it adds or puts back, or all of
+        // them when it turns health checks on (none has a verdict then).
         let known = every(&current.pools);
-        let mut added = every(&pools);
-        added.retain(|u| !known.iter().any(|k| Arc::ptr_eq(k, u)));
+        let mut judge = every(&pools);
+        if current.settings.config.health.mode != HealthMode::Off {
+            judge.retain(|u| !known.iter().any(|k| Arc::ptr_eq(k, u)));
+        }
         self.prober
-            .first_verdicts(&added, &settings.config.health, &settings.upstream_tls)
+            .first_verdicts(&judge, &settings.config.health, &settings.upstream_tls)
             .await;
         // The change takes effect now, after the probes: its history entry says when.
         let now = now.max(SystemTime::now());

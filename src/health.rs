@@ -64,8 +64,9 @@ impl Prober {
 
     /// Probes each of `upstreams` once, at the same time, and records the result as its
     /// first verdict. Start-up calls this for every upstream, and a reload for those it
-    /// adds, before they take traffic: a URL no probe has judged is not counted healthy
-    /// by a flip's gate or /readyz.
+    /// adds or puts back (for all, when it turns health checks on), before they take
+    /// traffic: a URL no probe has judged is not counted healthy by a flip's gate or
+    /// /readyz.
     /// Waits at most `FIRST_VERDICTS_WAIT`, however long `health.timeout` is: start-up
     /// answers no signal meanwhile, and a reload holds up every other change (an urgent
     /// rollback too). An upstream not judged by then takes traffic, presumed healthy, but
