@@ -390,20 +390,18 @@ fn compact(v: Value) -> Value {
 /// move the cursor or repaint a line, say to show an upstream as healthy.
 fn s<'a>(v: &'a Value, key: &str) -> std::borrow::Cow<'a, str> {
     let text = v.get(key).and_then(Value::as_str).unwrap_or("-");
-    if text.chars().any(char::is_control) {
-        text.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
+    if !text.chars().any(char::is_control) {
+        return text.into();
     }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown.into()
 }
 
 /// A short human summary of an answer.

@@ -761,8 +761,8 @@ impl DrainWatch {
     }
 
     /// Resolves at this stream's drain deadline, following changes until then; returns the
-    /// order that fired. Cancel-safe: call it again in a loop.
-    pub async fn deadline(&mut self) -> DrainOrder {
+    /// order that fired (`drain`'s first part).
+    async fn deadline(&mut self) -> DrainOrder {
         loop {
             let current = self.current();
             self.mark(current);

@@ -135,7 +135,7 @@ async fn plain_http_on_the_tls_listener_is_told_to_use_tls() {
 
     // A client that sends a whole upload before it reads still reads the answer: the
     // socket lingers, taking what comes, instead of resetting the answer away.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     const LEN: usize = 4 * 1024 * 1024;
     let mut raw = tokio::net::TcpStream::connect(env.app().proxy_addr)
         .await
@@ -144,18 +144,7 @@ async fn plain_http_on_the_tls_listener_is_told_to_use_tls() {
     raw.write_all(head.as_bytes()).await.expect("head");
     // The answer has come (and the proxy's side is shut) before the upload goes on.
     raw.peek(&mut [0u8; 1]).await.expect("the answer comes");
-    let chunk = vec![7u8; 64 * 1024];
-    for sent in (0..LEN).step_by(chunk.len()) {
-        raw.write_all(&chunk)
-            .await
-            .unwrap_or_else(|e| panic!("the upload was refused after {sent} bytes: {e}"));
-    }
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, raw.read_to_end(&mut answer))
-        .await
-        .expect("the connection ends")
-        .expect("the connection is not reset");
-    let text = String::from_utf8_lossy(&answer);
+    let text = upload_then_read_answer(&mut raw, LEN).await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("tls_required"), "{text}");
 }

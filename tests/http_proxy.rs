@@ -1126,7 +1126,7 @@ async fn a_request_whose_client_leaves_while_the_upstream_is_silent_is_counted()
 /// reset the connection, and the reset loses the answer the client has not read yet.
 #[tokio::test]
 async fn a_client_uploading_at_the_drain_deadline_reads_its_503() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     const LEN: usize = 4 * 1024 * 1024;
     let (hung, _task) = hung_upstream().await;
     let env = env_with_blue_at(hung).await;
@@ -1150,19 +1150,7 @@ async fn a_client_uploading_at_the_drain_deadline_reads_its_503() {
     eventually(|| in_flight(0)).await;
 
     // The rest of the upload, all of it, before reading anything.
-    let mut sent = chunk.len();
-    while sent < LEN {
-        match client.write(&chunk[..(LEN - sent).min(chunk.len())]).await {
-            Ok(n) => sent += n,
-            Err(e) => panic!("the upload was refused after {sent} bytes: {e}"),
-        }
-    }
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, client.read_to_end(&mut answer))
-        .await
-        .expect("the connection ends")
-        .expect("the connection is not reset");
-    let text = String::from_utf8_lossy(&answer);
+    let text = upload_then_read_answer(&mut client, LEN - chunk.len()).await;
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.contains("\"drain_deadline\""), "{text}");
 }

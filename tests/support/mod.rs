@@ -541,3 +541,26 @@ pub async fn h2_answer_then_upload(
     }
     (status, serde_json::from_slice(&got).expect("json"))
 }
+
+/// On a raw HTTP/1.1 connection whose answer has come before its upload ended: sends
+/// `bytes` more of the upload, all of it before reading, then reads the answer to the
+/// connection's end. Fails if a write is refused or the connection is reset, which is
+/// what a socket that does not linger does to an answer the client has not read yet.
+pub async fn upload_then_read_answer(conn: &mut tokio::net::TcpStream, bytes: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chunk = vec![7u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk.len());
+        conn.write_all(&chunk[..n])
+            .await
+            .unwrap_or_else(|e| panic!("the upload was refused after {sent} bytes: {e}"));
+        sent += n;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, conn.read_to_end(&mut answer))
+        .await
+        .expect("the connection ends")
+        .expect("the connection is not reset");
+    String::from_utf8_lossy(&answer).into_owned()
+}
