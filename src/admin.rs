@@ -9,17 +9,19 @@
 //! answer a client takes none of; `/drain/wait` long-polls take at most half the
 //! connections (`MAX_WAITERS`).
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -327,19 +329,33 @@ pub fn router(admin: Admin) -> Router {
         .with_state(admin)
 }
 
-fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
-    // The token of the current config: a reload that rotated it takes effect at once.
-    let table = admin.control.router().load();
-    if table
-        .settings
-        .admin_token
-        .as_ref()
-        .is_some_and(|t| t.accepts(headers))
-    {
-        Ok(())
-    } else {
+/// The address an admin connection came from, in each of its requests' extensions.
+#[derive(Clone, Copy)]
+struct Peer(SocketAddr);
+
+/// A mutating call that presented the admin token. Taken from the request's head, so a
+/// caller without the token learns only that, before any body is read.
+struct Authorized;
+
+impl FromRequestParts<Admin> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, admin: &Admin) -> Result<Self, ApiError> {
+        // The token of the current config: a reload that rotated it takes effect at once.
+        let table = admin.control.router().load();
+        if table
+            .settings
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.accepts(&parts.headers))
+        {
+            return Ok(Authorized);
+        }
         if admin.metrics.unauthorized(ListenerKind::Admin) {
+            let client = parts.extensions.get::<Peer>().map(|p| p.0);
             tracing::warn!(
+                client = client.map(tracing::field::display),
+                path = parts.uri.path(),
                 "an admin call without the admin token got 401 (one line a second at most; switchyard_unauthorized_total counts them all)"
             );
         }
@@ -352,7 +368,7 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The body: at most `MAX_BODY`, within `limits.header_read_timeout`. Read after
-/// `authorize`, so a caller without the token learns only that, and cannot hold a
+/// `Authorized`, so a caller without the token learns only that, and cannot hold a
 /// connection (one of `MAX_CONNECTIONS`) by sending a body slowly.
 async fn read_body(admin: &Admin, body: Body) -> Result<Bytes, ApiError> {
     let within = admin
@@ -543,10 +559,9 @@ fn change_answer(admin: &Admin, outcome: crate::control::Outcome) -> Json<Value>
 
 async fn flip(
     State(admin): State<Admin>,
-    headers: HeaderMap,
+    _: Authorized,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
     let b: ChangeBody = parse_body(&admin, body).await?;
     let outcome = admin.control.apply(Change::Flip(b.into_request())).await?;
     Ok(change_answer(&admin, outcome))
@@ -554,10 +569,9 @@ async fn flip(
 
 async fn rollback(
     State(admin): State<Admin>,
-    headers: HeaderMap,
+    _: Authorized,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
     let b: ChangeBody = parse_body(&admin, body).await?;
     let outcome = admin
         .control
@@ -568,10 +582,9 @@ async fn rollback(
 
 async fn commit(
     State(admin): State<Admin>,
-    headers: HeaderMap,
+    _: Authorized,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
     let b: CommitBody = parse_body(&admin, body).await?;
     let outcome = admin
         .control
@@ -585,10 +598,9 @@ async fn commit(
 
 async fn reload(
     State(admin): State<Admin>,
-    headers: HeaderMap,
+    _: Authorized,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
     // No body; an empty JSON object, which generic clients send, says nothing either.
     let body = read_body(&admin, body).await?;
     let text = String::from_utf8_lossy(&body);
@@ -731,7 +743,7 @@ pub async fn serve(
     let mut accept_errors = AcceptErrors::default();
     tokio::pin!(stop);
     loop {
-        let (socket, slot) = tokio::select! {
+        let (socket, peer, slot) = tokio::select! {
             () = &mut stop => break,
             accepted = accept(&listener, &slots, &mut accept_errors) => accepted,
         };
@@ -754,7 +766,7 @@ pub async fn serve(
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout);
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(app.clone().layer(Extension(Peer(peer))));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(socket), service));
         let dropped = dropped.clone();
         tokio::spawn(async move {
@@ -783,7 +795,7 @@ async fn accept(
     listener: &TcpListener,
     slots: &Arc<Semaphore>,
     errors: &mut AcceptErrors,
-) -> (TcpStream, OwnedSemaphorePermit) {
+) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
     let slot = slots
         .clone()
         .acquire_owned()
@@ -791,7 +803,7 @@ async fn accept(
         .expect("the semaphore is never closed");
     loop {
         match listener.accept().await {
-            Ok((socket, _)) => return (socket, slot),
+            Ok((socket, peer)) => return (socket, peer, slot),
             Err(e) => errors.failed("admin", &e).await,
         }
     }

@@ -268,6 +268,47 @@ async fn sigterm_drains_open_streams_then_exits_zero() {
     assert!(!log.contains(TOKEN), "the admin token reached the log");
 }
 
+/// An admin call with a wrong token is logged with the client it came from and the path,
+/// never with the token it presented.
+#[tokio::test]
+async fn a_refused_admin_call_is_logged_with_its_client_not_its_token() {
+    let p = Proc::start("1s").await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let client = socket.local_addr().expect("address");
+    let mut admin = socket
+        .connect(([127, 0, 0, 1], p.admin).into())
+        .await
+        .expect("connect");
+    let (head, _) = exchange(
+        &mut admin,
+        "POST /flip HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer presented-wrong-token\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    let warned = |log: &str| {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("an admin call without the admin token"))
+            })
+    };
+    eventually(|| {
+        let log = p.log();
+        async move { warned(&log).is_some() }
+    })
+    .await;
+    let log = p.log();
+    let line = warned(&log).expect("the warn line");
+    assert_eq!(line["client"], client.to_string(), "{line}");
+    assert_eq!(line["path"], "/flip", "{line}");
+    assert!(!log.contains("presented-wrong-token"), "{log}");
+}
+
 /// Switchyard's own answers get an access line too: here a 502 (or 503, once a probe has
 /// found it down), the upstream being gone.
 #[tokio::test]
