@@ -176,7 +176,7 @@ impl Pump {
     /// Whether the last `poll` that returned `Pending` waits to write (or flush) to the
     /// destination, rather than to read: the loop writes all it holds before it reads.
     pub fn is_writing(&self) -> bool {
-        self.pass > 0 || (self.at_boundary() && !self.own.is_empty()) || self.unflushed
+        self.pass > 0 || self.own_due() || self.unflushed
     }
 
     /// Bytes written to the destination so far.
@@ -191,24 +191,34 @@ impl Pump {
         self.dropped + self.unwritten
     }
 
-    /// Queues a final data frame of Switchyard's own, closing an open fragmented message
-    /// first with an empty last fragment.
+    /// Queues a final data frame of Switchyard's own. It goes after the fragmented message
+    /// the destination may be in the middle of: that message's remaining fragments are
+    /// passed on even once data is dropped, so the destination never gets it cut short
+    /// (half a `Speak` is not JSON, and may not even be UTF-8).
     pub fn inject(&mut self, frame: Bytes) {
-        if self.in_message {
-            self.own
-                .push_back(frames::encode(frames::CONTINUATION, &[], self.from_client));
-            self.in_message = false;
-        }
         self.own.push_back(frame);
     }
 
-    /// The next queued frame of Switchyard's own, to write outside `poll`.
+    /// The next queued frame of Switchyard's own, to write outside `poll` as the stream
+    /// ends. A fragmented message the source never finished is ended first with an empty
+    /// last fragment: nothing else can come before the frame inside it.
     pub fn take_own(&mut self) -> Option<Bytes> {
+        if self.in_message && !self.own.is_empty() {
+            self.in_message = false;
+            return Some(frames::encode(frames::CONTINUATION, &[], self.from_client));
+        }
         self.own.pop_front()
     }
 
+    /// Whether the next frame of Switchyard's own goes now: at a frame boundary and
+    /// outside a fragmented message.
+    fn own_due(&self) -> bool {
+        !self.own.is_empty() && self.at_boundary() && !self.in_message
+    }
+
     /// Whether a frame of Switchyard's own could be written now without landing inside
-    /// one being passed on, or before frames already let through.
+    /// one being passed on, or before frames already let through. (A close may go between
+    /// the fragments of a message; a data frame also waits for the message's end.)
     pub fn at_boundary(&self) -> bool {
         self.pass == 0 && (self.left == 0 || self.skipping)
     }
@@ -233,8 +243,8 @@ impl Pump {
                 continue;
             }
             // Frames of Switchyard's own go between frames, or while one is being dropped
-            // (none of its bytes reach the destination).
-            if self.at_boundary()
+            // (none of its bytes reach the destination), and between messages.
+            if self.own_due()
                 && let Some(front) = self.own.front_mut()
             {
                 match ready!(Pin::new(&mut *dst).poll_write(cx, front)) {
@@ -414,7 +424,9 @@ impl Pump {
         let empty_binary = header.len == 0
             && (header.opcode == frames::BINARY
                 || (header.opcode == frames::CONTINUATION && self.empty_start));
-        self.drop_data || empty_binary
+        // A message the destination has begun goes on to its end (see `inject`).
+        let finishes = header.opcode == frames::CONTINUATION && self.in_message;
+        (self.drop_data && !finishes) || empty_binary
     }
 
     /// Whether a frame is looked inside: for `Flushed` and `Cleared`, or for the client's

@@ -417,23 +417,69 @@ async fn an_injected_frame_waits_for_the_frame_boundary_and_closes_an_open_messa
     assert_eq!(pump.dropped, 1, "audio after the drain message is dropped");
 }
 
+/// A drain message waits for the end of a fragmented message the upstream has begun: the
+/// message's remaining fragments go on although data is dropped from then on, so the
+/// upstream never gets half a `Speak` (not JSON, perhaps not UTF-8) or a cut audio message.
 #[tokio::test]
-async fn an_injected_frame_inside_a_fragmented_message_ends_it_first() {
+async fn an_injected_frame_waits_for_the_end_of_a_fragmented_message() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    let first = masked(
+        frames::TEXT,
+        false,
+        b"{\"type\":\"Speak\",\"text\":\"caf\xc3",
+    );
+    client.write_all(&first).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let flush = frames::encode(frames::TEXT, b"{\"type\":\"Flush\"}", true);
+    pump.inject(flush.clone());
+    pump.drop_data = true;
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert!(
+        !pump.is_writing(),
+        "the message is still open: nothing of ours is due"
+    );
+    let ping = masked(frames::PING, true, b"p");
+    let middle = masked(frames::CONTINUATION, false, b"\xa9 ");
+    let last = masked(frames::CONTINUATION, true, b"au lait\"}");
+    let audio = masked(frames::BINARY, true, &[1; 3]);
+    for frame in [&ping, &middle, &last, &audio] {
+        client.write_all(frame).await.expect("write");
+    }
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let whole = [first, ping, middle, last, flush.to_vec()].concat();
+    assert_eq!(read_exactly(&mut upstream, whole.len()).await, whole);
+    assert_eq!(
+        pump.dropped(),
+        1,
+        "only the message begun after the deadline"
+    );
+    drop(dst);
+    let mut rest = Vec::new();
+    upstream.read_to_end(&mut rest).await.expect("read");
+    assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
+}
+
+/// A stream that ends with the client's message still open (grace ran out) can only
+/// send its last frames of Switchyard's own after ending that message, with an empty
+/// last fragment.
+#[tokio::test]
+async fn frames_taken_at_the_end_close_a_message_left_open() {
     let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
     let first = masked(frames::BINARY, false, &[1; 4]);
     client.write_all(&first).await.expect("write");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(read_exactly(&mut upstream, first.len()).await, first);
     pump.inject(frames::encode(frames::TEXT, b"x", true));
-    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
-    let got = read_exactly(&mut upstream, first.len() + 6 + 7).await;
-    let end = frames::parse(&got[first.len()..], true)
+    let taken: Vec<_> = std::iter::from_fn(|| pump.take_own()).collect();
+    assert_eq!(taken.len(), 2);
+    let end = frames::parse(&taken[0], true)
         .expect("valid")
         .expect("whole");
     assert_eq!(
         (end.fin, end.opcode, end.len),
         (true, frames::CONTINUATION, 0)
     );
-    let own = frames::parse(&got[first.len() + 6..], true)
+    let own = frames::parse(&taken[1], true)
         .expect("valid")
         .expect("whole");
     assert_eq!((own.fin, own.opcode, own.len), (true, frames::TEXT, 1));
