@@ -1915,8 +1915,8 @@ async fn an_upstream_accepting_an_extension_not_offered_is_a_502() {
     }
 }
 
-/// The 101 names only a subprotocol the client offered: an upstream's other choice is
-/// replaced by the `token` or `bearer` the client offered (found wherever it stands in the
+/// The 101 names only a subprotocol the client offered, spelt as offered: an upstream's
+/// other choice is replaced by the `token` or `bearer` the client offered (found wherever it stands in the
 /// list), or left out, since a browser (and tungstenite's client) fails the handshake
 /// otherwise.
 #[tokio::test]
@@ -1940,6 +1940,13 @@ async fn the_101_names_only_a_subprotocol_the_client_offered() {
     )
     .await;
     assert_eq!(response.headers()["sec-websocket-protocol"], "token");
+    // The upstream's choice, spelt as the client offered it.
+    let (_ws, response) = open_with(
+        &env.ws_url("/v1/listen"),
+        &[("sec-websocket-protocol", "Bearer, JWT")],
+    )
+    .await;
+    assert_eq!(response.headers()["sec-websocket-protocol"], "Bearer");
     let (_ws, response) = open_with(&env.ws_url("/v1/listen"), &[]).await;
     assert!(
         response.headers().get("sec-websocket-protocol").is_none(),

@@ -311,14 +311,16 @@ pub async fn forward(
 
     let mut reply = Response::new(ProxyBody::empty());
     *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    // Spelt as the client offered it: a browser compares the 101's choice with its
+    // offers exactly, and an upstream may answer `TOKEN` to `token`.
     let chosen = response
         .headers()
         .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .filter(|p| {
+        .and_then(|p| {
             let p = p.to_str().unwrap_or_default().trim();
-            offered.iter().any(|o| o.eq_ignore_ascii_case(p))
+            offered.iter().find(|o| o.eq_ignore_ascii_case(p))
         })
-        .cloned()
+        .and_then(|o| HeaderValue::from_str(o).ok())
         .or(fallback_protocol);
     {
         let h = reply.headers_mut();
