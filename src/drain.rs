@@ -785,12 +785,12 @@ impl DrainWatch {
     }
 
     /// A stream's whole drain: waits for its deadline and sets `fired` (the stream then
-    /// starts its protocol's close), then resolves when its grace
-    /// is over. The end follows changes meanwhile: a reload that removes the stream's
-    /// upstream, or a shutdown, can bring it forward, and an order cancelled after the
-    /// deadline (the upstream put back, a rollback) no longer counts, though the end never
-    /// moves past what the orders covering the stream allow. With none left (the close has
-    /// started all the same), the end last reckoned stands.
+    /// starts its protocol's close), then resolves when its grace is over. The end can
+    /// only come sooner meanwhile: a reload that removes the stream's upstream, or a
+    /// shutdown, can bring it forward. Once the close has started, nothing moves it later:
+    /// not an order cancelled (a rollback, the upstream put back), nor a new one with a
+    /// later end (a flip after a rollback), since the client's audio is no longer passed on
+    /// and only its 1012 lets it reconnect.
     pub async fn drain(&mut self, fired: &AtomicBool) {
         let order = self.deadline().await;
         fired.store(true, Ordering::Release);
@@ -802,7 +802,7 @@ impl DrainWatch {
         let mut end = end_of(order);
         loop {
             if let Some(now) = self.current() {
-                end = end_of(now);
+                end = end.min(end_of(now));
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(end.into()) => return,

@@ -539,11 +539,6 @@ async fn a_drain_in_its_grace_follows_later_changes() {
     let env = builder.clone().start().await;
     let mut ws = speak_that_never_flushes(&env).await;
     let on = usize::from(env.blue[1].state.ws_open_now() == 1);
-    eprintln!(
-        "on {on}: {} {}",
-        env.blue[0].state.ws_open_now(),
-        env.blue[1].state.ws_open_now()
-    );
     let (status, body) = env
         .admin_post(
             "/flip",
@@ -570,6 +565,43 @@ async fn a_drain_in_its_grace_follows_later_changes() {
     let end = tokio::time::timeout(PATIENCE, close_code_of(&mut ws))
         .await
         .expect("the removal ends the grace, not the flip's hour");
+    assert_eq!(end, Some(1012));
+}
+
+/// Nothing moves a drain in its grace later: after a rollback and a new flip with an
+/// hour's drain_timeout, the stream still ends at the end its close started with (its
+/// client's audio is no longer passed on, and only its 1012 lets it reconnect).
+#[tokio::test]
+async fn a_new_flip_does_not_move_a_drain_in_its_grace_later() {
+    let env = EnvBuilder {
+        grace: "3s",
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let mut ws = speak_that_never_flushes(&env).await;
+    let (status, body) = env
+        .admin_post(
+            "/flip",
+            Some(serde_json::json!({ "to": "green", "drain_timeout": "0s" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tokio::time::timeout(PATIENCE, env.blue[0].state.wait_until(|s| s.flushes() == 1))
+        .await
+        .expect("the flip's deadline sends Flush");
+    let (status, body) = env.admin_post("/rollback", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = env
+        .admin_post(
+            "/flip",
+            Some(serde_json::json!({ "to": "green", "drain_timeout": "1h" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let end = tokio::time::timeout(PATIENCE, close_code_of(&mut ws))
+        .await
+        .expect("the first flip's grace ends the stream, not the second flip's hour");
     assert_eq!(end, Some(1012));
 }
 
