@@ -77,9 +77,19 @@ pub struct Pump {
     skipping: bool,
     /// Frames of Switchyard's own, written at the next frame boundary.
     own: VecDeque<Bytes>,
+    /// Frames of Switchyard's own queued so far, and written whole by `poll` so far.
+    own_queued: u64,
+    own_written: u64,
+    /// `counted` when `poll` last wrote a frame of Switchyard's own whole.
+    counted_at_own: u64,
     /// A fragmented data message is open at the destination (its first frames were
     /// passed on, its last not yet).
     in_message: bool,
+    /// The message open at the destination is binary (audio), not text.
+    message_binary: bool,
+    /// The source's open message was ended at the destination by Switchyard (`inject`):
+    /// its remaining fragments are dropped.
+    cut: bool,
     /// A fragmented data message is open at the source (its last frame not yet come),
     /// whether its frames are passed on or dropped.
     source_message: bool,
@@ -149,7 +159,12 @@ impl Pump {
             counting: false,
             skipping: false,
             own: VecDeque::new(),
+            own_queued: 0,
+            own_written: 0,
+            counted_at_own: 0,
             in_message: false,
+            message_binary: false,
+            cut: false,
             source_message: false,
             empty_start: false,
             unflushed: false,
@@ -191,12 +206,51 @@ impl Pump {
         self.dropped + self.unwritten
     }
 
-    /// Queues a final data frame of Switchyard's own. It goes after the fragmented message
-    /// the destination may be in the middle of: that message's remaining fragments are
-    /// passed on even once data is dropped, so the destination never gets it cut short
-    /// (half a `Speak` is not JSON, and may not even be UTF-8).
+    /// Queues a final data frame of Switchyard's own, for after the fragmented message
+    /// the destination may be in the middle of. A text message is finished first: its
+    /// remaining fragments are passed on even once data is dropped, since half a `Speak`
+    /// is not JSON (and may not even be UTF-8). An audio message is ended at once with an
+    /// empty last fragment and the rest of it dropped (counted), so that a client
+    /// streaming all its audio as one message cannot hold the drain's message back.
+    ///
+    /// A text message that turns out to be the client's own end (`watch_end`) takes the
+    /// frames still queued with it: nothing of Switchyard's follows the client's end.
     pub fn inject(&mut self, frame: Bytes) {
+        if self.in_message && self.message_binary {
+            self.own
+                .push_back(frames::encode(frames::CONTINUATION, &[], self.from_client));
+            self.own_queued += 1;
+            self.in_message = false;
+            self.cut = true;
+            if self.from_client {
+                self.dropped += 1;
+            }
+        }
         self.own.push_back(frame);
+        self.own_queued += 1;
+    }
+
+    /// How many frames of Switchyard's own were queued so far; once `own_written` reaches
+    /// the count read after an `inject`, that frame has gone whole.
+    pub fn own_queued(&self) -> u64 {
+        self.own_queued
+    }
+
+    /// How many frames of Switchyard's own `poll` has written whole.
+    pub fn own_written(&self) -> u64 {
+        self.own_written
+    }
+
+    /// `counted` when the last frame of Switchyard's own went: the messages its answer
+    /// comes after (speak's drain `Flush` is answered by the `Flushed` after theirs).
+    pub fn counted_at_own(&self) -> u64 {
+        self.counted_at_own
+    }
+
+    /// Drops the frames of Switchyard's own still queued (the destination has closed:
+    /// no data may follow).
+    pub fn discard_own(&mut self) {
+        self.own.clear();
     }
 
     /// The next queued frame of Switchyard's own, to write outside `poll` as the stream
@@ -256,6 +310,8 @@ impl Pump {
                         front.advance(written);
                         if front.is_empty() {
                             self.own.pop_front();
+                            self.own_written += 1;
+                            self.counted_at_own = self.counted;
                         }
                         self.unflushed = true;
                     }
@@ -424,9 +480,11 @@ impl Pump {
         let empty_binary = header.len == 0
             && (header.opcode == frames::BINARY
                 || (header.opcode == frames::CONTINUATION && self.empty_start));
-        // A message the destination has begun goes on to its end (see `inject`).
-        let finishes = header.opcode == frames::CONTINUATION && self.in_message;
-        (self.drop_data && !finishes) || empty_binary
+        // A message the destination has begun goes on to its end, unless Switchyard ended
+        // it (see `inject`).
+        let continues = header.opcode == frames::CONTINUATION;
+        let finishes = continues && self.in_message;
+        (self.drop_data && !finishes) || (continues && self.cut) || empty_binary
     }
 
     /// Whether a frame is looked inside: for `Flushed` and `Cleared`, or for the client's
@@ -479,6 +537,9 @@ impl Pump {
                 self.unwritten_at = self.pass;
             }
             self.unwritten += 1;
+        }
+        if starts_audio || header.opcode == frames::TEXT {
+            self.message_binary = starts_audio;
         }
         if header.opcode == frames::CONTINUATION && self.empty_start {
             // The message's empty start was dropped, so this fragment opens it: same FIN
@@ -558,6 +619,7 @@ impl Pump {
                 && super::websocket::is_type(&text, end)
             {
                 self.client_ended = true;
+                self.own.clear();
             }
             counts = self
                 .count_type
@@ -573,11 +635,14 @@ impl Pump {
         if self.drops(&header) {
             // Counted are the client's audio messages that the upstream never gets: after
             // the drain message each one at its first frame; an empty binary message at
-            // its last (one that starts empty may yet carry data). Text (`KeepAlive`, the
-            // client's own `CloseStream`) is dropped but is not audio, except
-            // `dropped_type` (speak's `Speak`).
+            // its last (one that starts empty may yet carry data), or at its first data
+            // if that comes after the drain message. Text (`KeepAlive`, the client's own
+            // `CloseStream`) is dropped but is not audio, except `dropped_type` (speak's
+            // `Speak`).
+            let first_data =
+                header.opcode == frames::CONTINUATION && self.empty_start && header.len > 0;
             let unsent = if self.drop_data {
-                header.opcode == frames::BINARY || content
+                header.opcode == frames::BINARY || content || first_data
             } else {
                 header.fin
             };
@@ -588,6 +653,11 @@ impl Pump {
                 // Still nothing of this message has gone on; after its last fragment,
                 // nothing ever will.
                 self.empty_start = !header.fin;
+            } else if header.fin || first_data {
+                self.empty_start = false;
+            }
+            if header.fin {
+                self.cut = false;
             }
             // `in_message` stays as the destination saw it: a skipped fragment opens
             // nothing there.

@@ -543,13 +543,14 @@ impl Stream {
         // The client's `Flush` messages answered (by `Flushed`, or dropped by a `Clear`:
         // `Cleared`), and the count at which the drain's own `Flush` has its answer.
         let mut flushed = 0u64;
-        let mut drain_flushed_at: Option<u64> = None;
         let router = self.proxy.router.clone();
         let span = self.span.clone();
         // The drain deadline has come (and was acted on).
         let mut deadline_passed = false;
         // The drain message went upstream: the upstream's end is the drain's graceful end.
-        let mut drain_sent = false;
+        // `up.own_queued()` after the drain message was queued: it has gone once
+        // `up.own_written()` reaches that (see `went`).
+        let mut drain_at: Option<u64> = None;
         let mut close_sent = false;
         let mut stall = StallWatch::default();
         let ending = {
@@ -582,8 +583,7 @@ impl Stream {
                             tracing::info!(sent = message, "drain deadline: ending the stream")
                         });
                         up.inject(frames::encode(frames::TEXT, message.as_bytes(), true));
-                        drain_flushed_at = Some(up.counted + 1);
-                        drain_sent = true;
+                        drain_at = Some(up.own_queued());
                     }
                     up.drop_data = true;
                     deadline_passed = true;
@@ -599,7 +599,8 @@ impl Stream {
                                 Event::Flushed => flushed + 1,
                                 _ => flushed.max(up.counted_at_reset),
                             };
-                            if drain_flushed_at.is_some_and(|at| flushed >= at) && !close_sent {
+                            // The drain's `Flush` is answered after the client's before it.
+                            if went(&up, drain_at) && flushed > up.counted_at_own() && !close_sent {
                                 up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
                                 close_sent = true;
                             }
@@ -607,18 +608,21 @@ impl Stream {
                         }
                         // No drain message went (none yet, or the client was already
                         // ending): the upstream's close passes on as it came.
-                        Poll::Ready(Event::Close { code, frame }) if !drain_sent => {
+                        // (What of Switchyard's own is still queued cannot follow its close.)
+                        Poll::Ready(Event::Close { code, frame }) if !went(&up, drain_at) => {
+                            up.discard_own();
                             Ending::UpstreamClosed(code, frame)
                         }
                         Poll::Ready(Event::Close { code, .. }) => {
+                            up.discard_own();
                             Ending::UpstreamFinished { closed: true, code }
                         }
                         Poll::Ready(Event::DestinationLost(why)) => Ending::ClientLost(why),
-                        Poll::Ready(Event::SourceLost(why)) if drain_sent => {
+                        Poll::Ready(Event::SourceLost(why)) if went(&up, drain_at) => {
                             Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
                         }
                         Poll::Ready(Event::Protocol(e)) => Ending::UpstreamBroke(e.to_string()),
-                        Poll::Ready(_) if drain_sent => Ending::UpstreamFinished {
+                        Poll::Ready(_) if went(&up, drain_at) => Ending::UpstreamFinished {
                             closed: false,
                             code: None,
                         },
@@ -638,7 +642,7 @@ impl Stream {
                         let timeout = || router.load().settings.config.limits.stall_timeout;
                         match stall.poll(cx, &up, &down, timeout) {
                             Poll::Pending => return Poll::Pending,
-                            Poll::Ready((Side::Upstream, why)) if drain_sent => {
+                            Poll::Ready((Side::Upstream, why)) if went(&up, drain_at) => {
                                 Ending::UpstreamLostInDrain(UpstreamErrorKind::Timeout, why)
                             }
                             Poll::Ready((Side::Upstream, why)) => {
@@ -653,7 +657,7 @@ impl Stream {
                     }
                     Poll::Ready(Event::SourceLost(why)) => Ending::ClientLost(why),
                     Poll::Ready(Event::Protocol(e)) => Ending::ClientBroke(e.to_string()),
-                    Poll::Ready(Event::DestinationLost(why)) if drain_sent => {
+                    Poll::Ready(Event::DestinationLost(why)) if went(&up, drain_at) => {
                         Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
                     }
                     Poll::Ready(Event::DestinationLost(why)) => {
@@ -667,6 +671,7 @@ impl Stream {
             })
             .await
         };
+        let drain_sent = went(&up, drain_at);
 
         // The closing handshakes, both sides at once, each bounded by CLOSE_WAIT.
         let to_client = |code: u16, reason: &str| Some(frames::close(code, reason, false));
@@ -956,6 +961,12 @@ impl Closing {
         self.done = true;
         Poll::Ready(())
     }
+}
+
+/// Whether the drain message queued when `up.own_queued()` was `at` has gone whole to
+/// the upstream. Until it has, the upstream's end is its own, not the drain's.
+fn went(up: &Pump, at: Option<u64>) -> bool {
+    at.is_some_and(|at| up.own_written() >= at)
 }
 
 /// Ends a stream the client closed as a direct connection would: the client's `close`

@@ -417,9 +417,9 @@ async fn an_injected_frame_waits_for_the_frame_boundary_and_closes_an_open_messa
     assert_eq!(pump.dropped, 1, "audio after the drain message is dropped");
 }
 
-/// A drain message waits for the end of a fragmented message the upstream has begun: the
-/// message's remaining fragments go on although data is dropped from then on, so the
-/// upstream never gets half a `Speak` (not JSON, perhaps not UTF-8) or a cut audio message.
+/// A drain message waits for the end of a fragmented text message the upstream has
+/// begun: the message's remaining fragments go on although data is dropped from then on,
+/// so the upstream never gets half a `Speak` (not JSON, perhaps not UTF-8).
 #[tokio::test]
 async fn an_injected_frame_waits_for_the_end_of_a_fragmented_message() {
     let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
@@ -459,13 +459,140 @@ async fn an_injected_frame_waits_for_the_end_of_a_fragmented_message() {
     assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
 }
 
-/// A stream that ends with the client's message still open (grace ran out) can only
-/// send its last frames of Switchyard's own after ending that message, with an empty
-/// last fragment.
+/// A held text message that turns out to be the client's own end takes the queued drain
+/// message with it: the upstream gets one `CloseStream`, the client's.
+#[tokio::test]
+async fn the_clients_own_end_in_fragments_takes_the_held_drain_message_with_it() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    pump.watch_end = Some("CloseStream");
+    let first = masked(frames::TEXT, false, b"{\"type\":\"Clo");
+    client.write_all(&first).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    pump.inject(frames::encode(
+        frames::TEXT,
+        b"{\"type\":\"CloseStream\"}",
+        true,
+    ));
+    let at = pump.own_queued();
+    pump.drop_data = true;
+    let last = masked(frames::CONTINUATION, true, b"seStream\"}");
+    client.write_all(&last).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert!(pump.client_ended);
+    assert!(pump.own_written() < at, "the drain message never went");
+    drop(dst);
+    let mut got = Vec::new();
+    upstream.read_to_end(&mut got).await.expect("read");
+    assert_eq!(got, [first, last].concat());
+}
+
+/// The client's `Flush` held across the deadline is counted before the drain's own goes:
+/// the drain's is answered by the `Flushed` after the client's.
+#[tokio::test]
+async fn a_drain_message_after_a_held_flush_is_counted_after_it() {
+    let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+    pump.count_type = Some("Flush");
+    client
+        .write_all(&masked(frames::TEXT, false, b"{\"type\":\"Fl"))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    pump.inject(frames::encode(frames::TEXT, b"{\"type\":\"Flush\"}", true));
+    let at = pump.own_queued();
+    pump.drop_data = true;
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(
+        (pump.own_written(), pump.counted),
+        (0, 0),
+        "held behind the message"
+    );
+    client
+        .write_all(&masked(frames::CONTINUATION, true, b"ush\"}"))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(pump.own_written(), at);
+    assert_eq!(pump.counted, 1, "the client's Flush");
+    assert_eq!(pump.counted_at_own(), 1, "the drain's Flush went after it");
+}
+
+/// An audio message the upstream has begun is ended at once by the drain message, with
+/// an empty last fragment: a client that streams all its audio as one message cannot hold
+/// `CloseStream` back. The rest of the message is dropped, and counted once.
+#[tokio::test]
+async fn an_injected_frame_ends_an_open_audio_message_at_once() {
+    let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+    let first = masked(frames::BINARY, false, &[1; 4]);
+    client.write_all(&first).await.expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let close_stream = frames::encode(frames::TEXT, b"{\"type\":\"CloseStream\"}", true);
+    pump.inject(close_stream.clone());
+    pump.drop_data = true;
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    let end = frames::encode(frames::CONTINUATION, &[], true);
+    let whole = [first, end.to_vec(), close_stream.to_vec()].concat();
+    let got = read_exactly(&mut upstream, whole.len()).await;
+    // The masks are random: compare the frames' headers and payloads.
+    let mut at = 0;
+    for expected in [
+        (false, frames::BINARY, 4),
+        (true, frames::CONTINUATION, 0),
+        (true, frames::TEXT, 22),
+    ] {
+        let header = frames::parse(&got[at..], true)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!((header.fin, header.opcode, header.len), expected);
+        at += header.size + header.len as usize;
+    }
+    assert_eq!(at, whole.len());
+    for frame in [
+        masked(frames::CONTINUATION, false, &[2; 4]),
+        masked(frames::CONTINUATION, true, &[3; 4]),
+        masked(frames::BINARY, true, &[4; 4]),
+    ] {
+        client.write_all(&frame).await.expect("write");
+    }
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(
+        pump.dropped(),
+        2,
+        "the rest of the cut message, and the next one"
+    );
+    drop(dst);
+    let mut rest = Vec::new();
+    upstream.read_to_end(&mut rest).await.expect("read");
+    assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
+}
+
+/// A binary message begun with empty fragments (dropped) before the drain message, whose
+/// data comes after it, counts as dropped at its first data.
+#[tokio::test]
+async fn audio_begun_empty_and_sent_after_the_drain_message_counts_as_dropped() {
+    let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
+    client
+        .write_all(&masked(frames::BINARY, false, &[]))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    pump.drop_data = true;
+    for frame in [
+        masked(frames::CONTINUATION, false, &[1; 4]),
+        masked(frames::CONTINUATION, true, &[2; 4]),
+    ] {
+        client.write_all(&frame).await.expect("write");
+    }
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(pump.dropped(), 1);
+}
+
+/// A stream that ends with the client's text message still open (grace ran out) can
+/// only send its last frames of Switchyard's own after ending that message, with an
+/// empty last fragment.
 #[tokio::test]
 async fn frames_taken_at_the_end_close_a_message_left_open() {
     let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
-    let first = masked(frames::BINARY, false, &[1; 4]);
+    let first = masked(frames::TEXT, false, b"{\"type\":");
     client.write_all(&first).await.expect("write");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
     assert_eq!(read_exactly(&mut upstream, first.len()).await, first);
