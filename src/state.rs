@@ -124,6 +124,28 @@ fn generation<'de, D: serde::Deserializer<'de>>(from: D) -> Result<u64, D::Error
 }
 
 impl RouteState {
+    /// Reads a stored state (the state file, or the etcd value), refusing one that
+    /// contradicts itself: a hand-edited or badly restored state is an error to fix, not
+    /// a route to serve (a rollback "to" the active colour would answer `changed: false`,
+    /// and an unreadable `changed_at` would read as the time of each restart).
+    pub fn parse(bytes: &[u8]) -> Result<RouteState, serde_json::Error> {
+        use serde::de::Error;
+        let state: RouteState = serde_json::from_slice(bytes)?;
+        if state.rollback_to == Some(state.active) {
+            return Err(serde_json::Error::custom(format!(
+                "rollback_to is the active colour, {}",
+                state.active.as_str()
+            )));
+        }
+        if humantime::parse_rfc3339(&state.changed_at).is_err() {
+            return Err(serde_json::Error::custom(format!(
+                "changed_at {:?} is not an RFC 3339 UTC time",
+                state.changed_at
+            )));
+        }
+        Ok(state)
+    }
+
     /// The state of a first start.
     pub fn first_start(initial: Color, at: SystemTime) -> RouteState {
         let at = rfc3339(at);
@@ -252,11 +274,10 @@ impl FileStore {
                 });
             }
         };
-        let state: RouteState =
-            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                path: self.path.clone(),
-                source,
-            })?;
+        let state = RouteState::parse(&bytes).map_err(|source| StateError::Corrupt {
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(Some(state))
     }
 
@@ -403,6 +424,30 @@ mod tests {
             let err = store.load().expect_err("refused").to_string();
             assert!(err.contains(&path.display().to_string()), "{err}");
             assert!(err.contains(&format!("generation {beyond}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_state_that_contradicts_itself_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("route.json");
+        let store = FileStore::new(&path);
+        let state = RouteState::first_start(Color::Blue, SystemTime::UNIX_EPOCH);
+        let flipped = state.next(Action::Flip, Color::Green, None, SystemTime::now(), None);
+        store.save(&flipped).expect("save");
+        assert_eq!(store.load().expect("valid").as_ref(), Some(&flipped));
+        let mut to_itself = flipped.clone();
+        to_itself.rollback_to = Some(Color::Green);
+        let mut undated = flipped.clone();
+        undated.changed_at = "yesterday".into();
+        for (bad, why) in [
+            (to_itself, "rollback_to is the active colour, green"),
+            (undated, "changed_at \"yesterday\" is not an RFC 3339"),
+        ] {
+            store.save(&bad).expect("save");
+            let err = store.load().expect_err("refused").to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(err.contains(why), "{err}");
         }
     }
 

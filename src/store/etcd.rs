@@ -862,7 +862,7 @@ async fn snapshot(client: &Client, key: &str, timeout: Duration) -> Result<Snaps
 }
 
 fn route_of(key: &str, kv: &KeyValue) -> Result<Observed, StoreError> {
-    let state = serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
+    let state = RouteState::parse(kv.value()).map_err(|e| StoreError::Corrupt {
         key: key.to_owned(),
         reason: e.to_string(),
     })?;
