@@ -386,6 +386,50 @@ async fn speak_drained_by_a_stub_that_never_flushes(grace: &'static str) -> (Env
     (env, ws)
 }
 
+/// A client that never finishes the `Speak` it began before the deadline holds the drain's
+/// `Flush` back (half a message cannot be cut into JSON); at the end of grace the stub
+/// still gets `Flush`, then `Close`, and the client 1012.
+#[tokio::test]
+async fn speak_drain_held_behind_an_unfinished_message_still_sends_close() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let env = EnvBuilder {
+        grace: "300ms",
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let (mut ws, _) = open(&env.ws_url("/v1/speak?model=aura-2-thalia-en")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "Metadata");
+    let first = Frame::message(&b"{\"type\":\"Sp"[..], OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(first))
+        .await
+        .expect("first fragment");
+    // The stub's pong comes after the fragment reached it.
+    ws.send(Message::Ping(Bytes::from_static(b"after")))
+        .await
+        .expect("ping");
+    within("the pong", async {
+        loop {
+            if let Some(Ok(Message::Pong(_))) = ws.next().await {
+                return;
+            }
+        }
+    })
+    .await;
+    flip_with(&env, "green", "0s").await;
+    let (_, close) = read_to_close(&mut ws).await;
+    assert_eq!(close_code(&close), Some(1012));
+    let blue = env.blue[0].state.clone();
+    within(
+        "the stub to see Flush, then Close",
+        blue.wait_until(|s| s.speak_closes() == 1),
+    )
+    .await;
+    assert_eq!(blue.flushes(), 1);
+}
+
 /// A TTS node that never answers `Flush` within `drain.grace` still gets `Close` after it,
 /// then 1001; the client gets 1012.
 #[tokio::test]

@@ -730,8 +730,9 @@ impl Stream {
                     false,
                 ),
                 Ending::DrainNow | Ending::GraceExpired => {
-                    // TTS: `Close` follows `Flush` even when `Flushed` never came within grace.
-                    if endpoint == Endpoint::Speak && drain_sent && !close_sent {
+                    // TTS: `Close` follows `Flush` even when `Flushed` never came within grace,
+                    // or the `Flush` itself waited all of it behind the client's message.
+                    if endpoint == Endpoint::Speak && drain_at.is_some() && !close_sent {
                         up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
                     }
                     (
