@@ -222,7 +222,9 @@ impl Pump {
             self.own_queued += 1;
             self.in_message = false;
             self.cut = true;
-            if self.from_client {
+            // Counted once: a message whose first frame is not written yet is counted in
+            // `unwritten` already (it is the latest message begun).
+            if self.from_client && self.unwritten == 0 {
                 self.dropped += 1;
             }
         }

@@ -565,6 +565,32 @@ async fn an_injected_frame_ends_an_open_audio_message_at_once() {
     assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
 }
 
+/// An audio message cut while its first frame still waits for the upstream to take it is
+/// counted as dropped once, not once as unwritten and once as cut.
+#[tokio::test]
+async fn a_cut_message_not_yet_written_counts_once() {
+    let first = masked(frames::BINARY, true, &[1; 16]);
+    let (mut client, mut src) = duplex(1 << 16);
+    // Room for the first message only: the upstream takes nothing more.
+    let (mut dst, _upstream) = duplex(first.len());
+    let mut pump = Pump::new(true, IntCounter::new("t", "t").expect("counter"));
+    client.write_all(&first).await.expect("write");
+    client
+        .write_all(&masked(frames::BINARY, false, &[2; 10]))
+        .await
+        .expect("write");
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(pump.dropped(), 1, "let through, not written");
+    pump.inject(frames::encode(
+        frames::TEXT,
+        b"{\"type\":\"CloseStream\"}",
+        true,
+    ));
+    pump.drop_data = true;
+    assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
+    assert_eq!(pump.dropped(), 1, "one message never sent");
+}
+
 /// A binary message begun with empty fragments (dropped) before the drain message, whose
 /// data comes after it, counts as dropped at its first data.
 #[tokio::test]
