@@ -730,9 +730,13 @@ impl Stream {
                     false,
                 ),
                 Ending::DrainNow | Ending::GraceExpired => {
-                    // TTS: `Close` follows `Flush` even when `Flushed` never came within grace,
-                    // or the `Flush` itself waited all of it behind the client's message.
-                    if endpoint == Endpoint::Speak && drain_at.is_some() && !close_sent {
+                    if drain_at.is_some() && !drain_sent {
+                        // The drain message waited all of grace behind a text message the
+                        // client never finished: the upstream gets the close alone (it may
+                        // come between fragments), not half a message and what followed it.
+                        up.discard_own();
+                    } else if endpoint == Endpoint::Speak && drain_sent && !close_sent {
+                        // TTS: `Close` follows `Flush` even when `Flushed` never came.
                         up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
                     }
                     (
