@@ -950,3 +950,121 @@ async fn a_fragmented_message_is_read_whole_or_not_at_all() {
         "a fragment not looked inside leaves no half text to match"
     );
 }
+
+/// The drain message in the random runs below.
+const DRAIN: &[u8] = b"{\"type\":\"CloseStream\",\"drain\":true}";
+
+/// A client's frames: one to five messages, audio (perhaps beginning with empty
+/// fragments) or one of Deepgram's control messages cut anywhere, in one to four
+/// fragments, with pings between some of them.
+fn random_client_frames(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let mut wire = Vec::new();
+    for _ in 0..rng.usize(1..=5) {
+        let parts = rng.usize(1..=4);
+        let binary = rng.u8(..3) != 0;
+        let payloads: Vec<Vec<u8>> = if binary {
+            (0..parts)
+                .map(|_| vec![7; [0, 3, 200][rng.usize(..3)]])
+                .collect()
+        } else {
+            let texts: [&[u8]; 3] = [
+                b"{\"type\":\"CloseStream\"}",
+                b"{\"type\":\"KeepAlive\"}",
+                b"{\"type\":\"Finalize\"}",
+            ];
+            let text = texts[rng.usize(..3)];
+            let mut bounds: Vec<usize> = (1..parts).map(|_| rng.usize(..=text.len())).collect();
+            bounds.extend([0, text.len()]);
+            bounds.sort_unstable();
+            bounds
+                .windows(2)
+                .map(|w| text[w[0]..w[1]].to_vec())
+                .collect()
+        };
+        for (i, payload) in payloads.iter().enumerate() {
+            let opcode = match (i, binary) {
+                (0, true) => frames::BINARY,
+                (0, false) => frames::TEXT,
+                _ => frames::CONTINUATION,
+            };
+            wire.extend(masked(opcode, i + 1 == parts, payload));
+            if rng.u8(..4) == 0 {
+                wire.extend(masked(frames::PING, true, b"p"));
+            }
+        }
+    }
+    wire
+}
+
+/// Runs the pump until it waits, letting the runtime's co-operative budget (which makes
+/// an in-memory pipe return `Pending` after many operations in one poll) refill first.
+async fn settle(pump: &mut Pump, src: &mut DuplexStream, dst: &mut DuplexStream) {
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+        assert!(run(pump, src, dst).await.is_none(), "no event");
+    }
+}
+
+/// Random client traffic, arriving a few bytes at a time, with the drain message injected
+/// at a random byte (in a header, in a payload, between fragments): whatever the timing,
+/// the upstream gets a valid sequence of frames (no continuation outside a message, no
+/// message inside another, no empty binary start), no client data after the drain
+/// message, and the drain message once, unless the client's own `CloseStream` took its
+/// place.
+#[tokio::test]
+async fn any_drain_timing_leaves_the_upstream_a_valid_stream() {
+    for seed in 0..5_000 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let wire = random_client_frames(&mut rng);
+        let drain_at = rng.usize(..=wire.len());
+        let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
+        pump.watch_end = Some("CloseStream");
+        let (mut at, mut injected) = (0, false);
+        while at < wire.len() || !injected {
+            if !injected && at == drain_at {
+                pump.inject(frames::encode(frames::TEXT, DRAIN, true));
+                pump.drop_data = true;
+                injected = true;
+            } else {
+                let end = if injected { wire.len() } else { drain_at };
+                let n = rng.usize(1..=40).min(end - at);
+                client.write_all(&wire[at..at + n]).await.expect("write");
+                at += n;
+            }
+            settle(&mut pump, &mut src, &mut dst).await;
+        }
+        drop(dst);
+        let mut out = Vec::new();
+        upstream.read_to_end(&mut out).await.expect("read");
+        let (mut pos, mut open, mut drains) = (0, false, 0);
+        while pos < out.len() {
+            let header = frames::parse(&out[pos..], true)
+                .expect("valid")
+                .unwrap_or_else(|| panic!("seed {seed}: a frame cut short"));
+            let frame = &out[pos..pos + header.size + header.len as usize];
+            pos += frame.len();
+            if header.is_control() {
+                continue;
+            }
+            let continues = header.opcode == frames::CONTINUATION;
+            assert_eq!(continues, open, "seed {seed}: out of sequence at {pos}");
+            assert!(
+                !(header.opcode == frames::BINARY && header.len == 0),
+                "seed {seed}: an empty binary start"
+            );
+            if frames::payload(&header, frame) == DRAIN {
+                drains += 1;
+            } else {
+                assert_eq!(
+                    drains, 0,
+                    "seed {seed}: client data after the drain message"
+                );
+            }
+            open = !header.fin;
+        }
+        assert!(
+            drains == 1 || (drains == 0 && pump.client_ended),
+            "seed {seed}: {drains} drain messages"
+        );
+    }
+}
