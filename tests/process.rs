@@ -309,6 +309,64 @@ async fn a_refused_admin_call_is_logged_with_its_client_not_its_token() {
     assert!(!log.contains("presented-wrong-token"), "{log}");
 }
 
+/// A drain message that waited all of grace behind a message the client never finished is
+/// not sent, and the log says so (the deadline's line said what was queued).
+#[tokio::test]
+async fn a_drain_message_never_sent_is_logged() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let p = Proc::start("0s").await;
+    let mut req = format!("ws://127.0.0.1:{}/v1/speak", p.proxy)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        "Token very-secret-client-key".parse().expect("value"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("handshake");
+    let first = Frame::message(&b"{\"type\":\"Sp"[..], OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(first))
+        .await
+        .expect("first fragment");
+    // The stub's pong comes after the fragment reached it.
+    ws.send(Message::Ping(bytes::Bytes::from_static(b"after")))
+        .await
+        .expect("ping");
+    let code = tokio::time::timeout(PATIENCE, async {
+        let mut flipped = false;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Pong(_))) if !flipped => {
+                    let (status, _) = exchange(
+                        &mut tokio::net::TcpStream::connect(("127.0.0.1", p.admin))
+                            .await
+                            .expect("admin"),
+                        &format!("POST /flip HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: 0\r\n\r\n"),
+                    )
+                    .await;
+                    assert!(status.starts_with("http/1.1 200"), "{status}");
+                    flipped = true;
+                }
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("stream ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed at the end of grace");
+    assert_eq!(code, Some(1012));
+    let message = "the drain message waited behind a message the client never finished";
+    eventually(|| {
+        let log = p.log();
+        async move { log.contains(message) }
+    })
+    .await;
+}
+
 /// Switchyard's own answers get an access line too: here a 502 (or 503, once a probe has
 /// found it down), the upstream being gone.
 #[tokio::test]

@@ -734,6 +734,9 @@ impl Stream {
                         // The drain message waited all of grace behind a text message the
                         // client never finished: the upstream gets the close alone (it may
                         // come between fragments), not half a message and what followed it.
+                        tracing::info!(
+                            "drain grace over: the drain message waited behind a message the client never finished, and was not sent"
+                        );
                         up.discard_own();
                     } else if endpoint == Endpoint::Speak && drain_sent && !close_sent {
                         // TTS: `Close` follows `Flush` even when `Flushed` never came.
