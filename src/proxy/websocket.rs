@@ -541,15 +541,15 @@ impl Stream {
             up.dropped_type = Some("Speak");
         }
         // The client's `Flush` messages answered (by `Flushed`, or dropped by a `Clear`:
-        // `Cleared`), and the count at which the drain's own `Flush` has its answer.
+        // `Cleared`); the drain's own is answered once this passes the count of them the
+        // pump had passed on when it went (`Pump::counted_at_own`).
         let mut flushed = 0u64;
         let router = self.proxy.router.clone();
         let span = self.span.clone();
         // The drain deadline has come (and was acted on).
         let mut deadline_passed = false;
-        // The drain message went upstream: the upstream's end is the drain's graceful end.
-        // `up.own_queued()` after the drain message was queued: it has gone once
-        // `up.own_written()` reaches that (see `went`).
+        // `up.own_queued()` once the drain message was queued. When it has gone (`went`),
+        // the upstream's end is the drain's graceful end.
         let mut drain_at: Option<u64> = None;
         let mut close_sent = false;
         let mut stall = StallWatch::default();
@@ -731,11 +731,12 @@ impl Stream {
                 ),
                 Ending::DrainNow | Ending::GraceExpired => {
                     if drain_at.is_some() && !drain_sent {
-                        // The drain message waited all of grace behind a text message the
-                        // client never finished: the upstream gets the close alone (it may
-                        // come between fragments), not half a message and what followed it.
+                        // The drain message could not go within grace: it waited behind a
+                        // text message the client never finished, or for an upstream that
+                        // took nothing. The upstream gets the close alone (it may come
+                        // between fragments), not half a message and what followed it.
                         tracing::info!(
-                            "drain grace over: the drain message waited behind a message the client never finished, and was not sent"
+                            "drain grace over: the drain message waited behind a message the client never finished, or for the upstream to read, and was not sent"
                         );
                         up.discard_own();
                     } else if endpoint == Endpoint::Speak && drain_sent && !close_sent {
