@@ -41,6 +41,24 @@ async fn read_exactly(peer: &mut DuplexStream, n: usize) -> Vec<u8> {
     out
 }
 
+/// What a stream does to its client's pump at the drain deadline: queues the drain
+/// message and drops the client's data from then on.
+fn deadline(pump: &mut Pump, message: &[u8]) {
+    pump.inject(frames::encode(frames::TEXT, message, true));
+    pump.drop_data = true;
+}
+
+/// Ends the pump's side of the pipe and checks that nothing more came out of the far end.
+async fn nothing_more_reaches(dst: DuplexStream, peer: &mut DuplexStream) {
+    drop(dst);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), peer.read_to_end(&mut rest))
+        .await
+        .expect("the end came in time")
+        .expect("read");
+    assert!(rest.is_empty(), "nothing more was to come: {rest:?}");
+}
+
 #[tokio::test]
 async fn frames_pass_byte_for_byte_and_empty_binary_frames_are_dropped() {
     let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
@@ -394,12 +412,7 @@ async fn an_injected_frame_waits_for_the_frame_boundary_and_closes_an_open_messa
     client.write_all(&first).await.expect("write");
     client.write_all(&second[..8]).await.expect("write");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
-    pump.inject(frames::encode(
-        frames::TEXT,
-        b"{\"type\":\"CloseStream\"}",
-        true,
-    ));
-    pump.drop_data = true;
+    deadline(&mut pump, b"{\"type\":\"CloseStream\"}");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
     // The rest of the frame in flight is passed on before the injected frame.
     client.write_all(&second[8..]).await.expect("write");
@@ -453,10 +466,7 @@ async fn an_injected_frame_waits_for_the_end_of_a_fragmented_message() {
         1,
         "only the message begun after the deadline"
     );
-    drop(dst);
-    let mut rest = Vec::new();
-    upstream.read_to_end(&mut rest).await.expect("read");
-    assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
+    nothing_more_reaches(dst, &mut upstream).await;
 }
 
 /// A held text message that turns out to be the client's own end takes the queued drain
@@ -559,10 +569,7 @@ async fn an_injected_frame_ends_an_open_audio_message_at_once() {
         2,
         "the rest of the cut message, and the next one"
     );
-    drop(dst);
-    let mut rest = Vec::new();
-    upstream.read_to_end(&mut rest).await.expect("read");
-    assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
+    nothing_more_reaches(dst, &mut upstream).await;
 }
 
 /// An audio message cut while its first frame still waits for the upstream to take it is
@@ -581,12 +588,7 @@ async fn a_cut_message_not_yet_written_counts_once() {
         .expect("write");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
     assert_eq!(pump.dropped(), 1, "let through, not written");
-    pump.inject(frames::encode(
-        frames::TEXT,
-        b"{\"type\":\"CloseStream\"}",
-        true,
-    ));
-    pump.drop_data = true;
+    deadline(&mut pump, b"{\"type\":\"CloseStream\"}");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
     assert_eq!(pump.dropped(), 1, "one message never sent");
 }
@@ -650,13 +652,7 @@ async fn a_close_frame_stops_the_pump_and_is_not_passed_on() {
         }
         other => panic!("expected a close, got {other:?}"),
     }
-    drop(dst);
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), upstream.read_to_end(&mut rest))
-        .await
-        .expect("the end came in time")
-        .expect("read");
-    assert!(rest.is_empty());
+    nothing_more_reaches(dst, &mut upstream).await;
 }
 
 #[tokio::test]
@@ -845,10 +841,7 @@ async fn an_injected_frame_does_not_wait_for_the_rest_of_a_dropped_one() {
     client.write_all(&speak[50..]).await.expect("write");
     client.write_all(&audio).await.expect("write");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
-    drop(dst);
-    let mut rest = Vec::new();
-    upstream.read_to_end(&mut rest).await.expect("read");
-    assert!(rest.is_empty(), "dropped after the drain message: {rest:?}");
+    nothing_more_reaches(dst, &mut upstream).await;
 }
 
 /// An upstream frame, unmasked; `fin` false for a fragment that does not end its message.
