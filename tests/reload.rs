@@ -189,7 +189,7 @@ async fn a_standby_colour_draining_a_removed_upstream_shows_its_deadline() {
         ..Default::default()
     };
     let env = builder.clone().start().await;
-    flip_to_green(&env, "0s").await;
+    env.flip_draining("green", "0s").await;
     // Preview streams on blue, the standby colour, opened after the flip: not draining.
     let preview = env.app().preview_addr.expect("a preview listener");
     let streams = streams_on_each(&env.blue, &format!("ws://{preview}/v1/listen")).await;
@@ -393,7 +393,7 @@ async fn a_running_drain_keeps_the_grace_it_started_with() {
     };
     let env = builder.clone().start().await;
     let mut ws = speak_that_never_flushes(&env).await;
-    flip_to_green(&env, "3s").await;
+    env.flip_draining("green", "3s").await;
     env.write_config_of_first_stubs(&EnvBuilder {
         grace: "0s",
         ..builder
@@ -424,7 +424,7 @@ async fn a_stream_under_two_drains_ends_by_the_sooner_end() {
     let env = builder.clone().start().await;
     let mut ws = speak_that_never_flushes(&env).await;
     let on = usize::from(env.blue[1].state.ws_open_now() == 1);
-    flip_to_green(&env, "3s").await;
+    env.flip_draining("green", "3s").await;
     let removal = EnvBuilder {
         drain_timeout: "4s",
         grace: "0s",
@@ -521,7 +521,7 @@ async fn a_drain_in_its_grace_follows_later_changes() {
     let env = builder.clone().start().await;
     let mut ws = speak_that_never_flushes(&env).await;
     let on = usize::from(env.blue[1].state.ws_open_now() == 1);
-    flip_to_green(&env, "0s").await;
+    env.flip_draining("green", "0s").await;
     tokio::time::timeout(
         PATIENCE,
         env.blue[on].state.wait_until(|s| s.flushes() == 1),
@@ -556,28 +556,17 @@ async fn a_new_flip_does_not_move_a_drain_in_its_grace_later() {
     .start()
     .await;
     let mut ws = speak_that_never_flushes(&env).await;
-    flip_to_green(&env, "0s").await;
+    env.flip_draining("green", "0s").await;
     tokio::time::timeout(PATIENCE, env.blue[0].state.wait_until(|s| s.flushes() == 1))
         .await
         .expect("the flip's deadline sends Flush");
     let (status, body) = env.admin_post("/rollback", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    flip_to_green(&env, "1h").await;
+    env.flip_draining("green", "1h").await;
     let end = tokio::time::timeout(PATIENCE, close_code_of(&mut ws))
         .await
         .expect("the first flip's grace ends the stream, not the second flip's hour");
     assert_eq!(end, Some(1012));
-}
-
-/// Flips to green with the drain timeout given, and checks it went through.
-async fn flip_to_green(env: &Env, drain_timeout: &str) {
-    let (status, body) = env
-        .admin_post(
-            "/flip",
-            Some(serde_json::json!({ "to": "green", "drain_timeout": drain_timeout })),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 /// The close code a stream ends with, after whatever messages come before it.

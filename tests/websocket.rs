@@ -124,17 +124,6 @@ fn audio(bytes: usize) -> Message {
     Message::Binary(Bytes::from(vec![0x11; bytes]))
 }
 
-async fn flip_with(env: &Env, to: &str, drain_timeout: &str) {
-    let (status, body) = env
-        .admin_post(
-            "/flip",
-            Some(json!({ "to": to, "drain_timeout": drain_timeout })),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "flip to {to}: {body}");
-    assert_eq!(body["changed"], true, "flip to {to}: {body}");
-}
-
 /// A `/v1/listen` stream and what the client sent and got on it.
 struct Listen {
     ws: Ws,
@@ -247,7 +236,7 @@ async fn listen_streams_drain_to_green_with_finals_and_1012() {
         }));
     }
     within("50 streams open on blue", ready.wait()).await;
-    flip_with(&env, "green", "4s").await;
+    env.flip_draining("green", "4s").await;
     within("the streams to see the flip", flipped.wait()).await;
 
     // New streams land on green while blue drains.
@@ -299,7 +288,7 @@ async fn drain_cancelled_by(back: &str) {
     assert_eq!(color_of(&response), "blue");
     on_blue.send_confirmed(&[RESULT_BYTES]).await;
 
-    flip_with(&env, "green", "1s").await;
+    env.flip_draining("green", "1s").await;
     let (mut on_green, response) = Listen::open(&url).await;
     assert_eq!(color_of(&response), "green");
     on_green.send_confirmed(&[RESULT_BYTES]).await;
@@ -338,7 +327,7 @@ async fn speak_stream_drains_with_flush_then_close() {
     }
     let blue = env.blue[0].state.clone();
     within("both Speak messages", blue.wait_until(|s| s.speaks() == 2)).await;
-    flip_with(&env, "green", "1s").await;
+    env.flip_draining("green", "1s").await;
 
     let (messages, close) = read_to_close(&mut ws).await;
     let audio: usize = messages
@@ -382,7 +371,7 @@ async fn speak_drained_by_a_stub_that_never_flushes(grace: &'static str) -> (Env
     let url = env.ws_url("/v1/speak?model=aura-2-thalia-en&stub_ignore_flush=1");
     let (mut ws, _) = open(&url).await;
     assert_eq!(next_json(&mut ws).await["type"], "Metadata");
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     (env, ws)
 }
 
@@ -418,7 +407,7 @@ async fn speak_drain_held_behind_an_unfinished_message_ends_with_the_close_alone
         }
     })
     .await;
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     let (_, close) = read_to_close(&mut ws).await;
     assert_eq!(close_code(&close), Some(1012));
     let blue = env.blue[0].state.clone();
@@ -558,7 +547,7 @@ async fn speak_drained_after(messages: &[&str]) -> (Env, Vec<Message>, Option<Cl
     }
     let sent = messages.len() as u64;
     eventually(|| async { received.load(Ordering::SeqCst) == sent }).await;
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     let (got, close) = read_to_close(&mut ws).await;
     (env, got, close)
 }
@@ -634,7 +623,7 @@ async fn a_fragmented_flushed_ends_a_speak_drain_at_once() {
     ws.send(Message::text(r#"{"type":"Speak","text":"hello"}"#))
         .await
         .expect("sent");
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     let (got, close) = read_to_close(&mut ws).await;
     assert_eq!(close_code(&close), Some(1012));
     let flushed: Vec<String> = got
@@ -760,7 +749,7 @@ async fn an_upstream_reset_after_the_drain_message_is_an_error_and_the_client_re
     let addr = ends_after_close_stream(true).await;
     let env = support::env_with_blue_at(addr).await;
     let (mut ws, _) = open(&env.ws_url("/v1/listen")).await;
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     let (_, close) = read_to_close(&mut ws).await;
     assert_eq!(close_code(&close), Some(1012));
     eventually(|| async { closes_of(&env, "error") == Some(1.0) }).await;
@@ -796,7 +785,7 @@ async fn a_client_that_ended_before_the_deadline_gets_no_drain_message_and_no_10
         .await
         .expect("CloseStream");
     eventually(|| async { upstream.close_streams.load(Ordering::SeqCst) == 1 }).await;
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
 
     let (_, close) = read_to_close(&mut ws).await;
     assert_eq!(close_code(&close), Some(1000));
@@ -987,7 +976,7 @@ async fn stream_whose_handshake_straddles_the_flip_is_drained() {
         tap.gate.held.notified(),
     )
     .await;
-    flip_with(&env, "green", "1s").await;
+    env.flip_draining("green", "1s").await;
     tap.gate.release.notify_one();
     let (mut stream, response) = within("the handshake", opening)
         .await
@@ -1137,7 +1126,7 @@ async fn drain_ends_a_stream_whose_client_stopped_reading() {
     let flood = Flood::start(tx);
     flood.until_stalled().await;
 
-    flip_with(&env, "green", "1s").await;
+    env.flip_draining("green", "1s").await;
     let blue = &env.blue[0].state;
     within(
         "the upstream session to end",
@@ -1223,7 +1212,7 @@ async fn agent_stream_closes_at_the_deadline_not_before() {
     assert_eq!(next_json(&mut ws).await["type"], "Welcome");
 
     let before_flip = Instant::now();
-    flip_with(&env, "green", "2s").await;
+    env.flip_draining("green", "2s").await;
     let hello = json!({"type": "InjectUserMessage", "content": "still there?"}).to_string();
     ws.send(Message::text(hello.clone())).await.expect("sent");
     assert_eq!(next(&mut ws).await, Message::text(hello));
@@ -1261,7 +1250,7 @@ async fn zero_drain_timeout_drains_at_once() {
     let (mut stream, _) = Listen::open(&env.ws_url("/v1/listen")).await;
     stream.send_confirmed(&[1600, RESULT_BYTES]).await;
     let flipped = std::time::Instant::now();
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     stream.expect_drained("blue").await;
     // The stub answers CloseStream at once, so the close comes without waiting out anything
     // (grace is 10 s): well under the bound even on a busy machine.
@@ -1391,7 +1380,7 @@ async fn listen_drain_while_the_client_keeps_streaming() {
                     messages.push(json_of(&message));
                     if first {
                         // Streaming is under way: flip.
-                        flip_with(&env, "green", "1s").await;
+                        env.flip_draining("green", "1s").await;
                     }
                 }
                 other => panic!("expected a message or a close, got {other:?}"),
@@ -1434,7 +1423,7 @@ async fn flux_drain_ends_with_1012() {
     let update = next_json(&mut ws).await;
     assert_eq!(update["type"], "TurnInfo", "{update}");
     assert_eq!(update["transcript"], "blue 1", "{update}");
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     let (messages, close) = read_to_close(&mut ws).await;
     assert_eq!(close_code(&close), Some(1012));
     let last = json_of(messages.last().expect("the final update"));
@@ -1650,7 +1639,7 @@ async fn a_frame_half_relayed_at_the_deadline_is_finished_before_the_1012() {
         .await
         .expect("half the frame");
 
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     rest_tx.send(()).expect("the upstream waits");
     within("the rest and the close", client.read_to_end(&mut received))
         .await
@@ -1821,7 +1810,7 @@ async fn a_handshake_unanswered_at_the_drain_deadline_gets_503() {
     within("the upgrade request upstream", read)
         .await
         .expect("read");
-    flip_with(&env, "green", "0s").await;
+    env.flip_draining("green", "0s").await;
     let answer = within("the handshake's answer", handshake)
         .await
         .expect("the task");

@@ -328,6 +328,19 @@ impl Env {
         body
     }
 
+    /// Flips to `to` with the drain timeout given, and checks that it changed the route.
+    pub async fn flip_draining(&self, to: &str, drain_timeout: &str) -> Value {
+        let (status, body) = self
+            .admin_post(
+                "/flip",
+                Some(serde_json::json!({ "to": to, "drain_timeout": drain_timeout })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "flip to {to}: {body}");
+        assert_eq!(body["changed"], true, "flip to {to}: {body}");
+        body
+    }
+
     /// Rewrites the config file (for reload tests).
     pub fn write_config(&self, builder: &EnvBuilder, blue: &str, green: &str) {
         std::fs::write(
