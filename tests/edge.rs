@@ -113,8 +113,7 @@ async fn tls_sessions_resume_across_a_reload() {
     };
     assert_eq!(handshake().await, Some(rustls::HandshakeKind::Full));
     assert_eq!(handshake().await, Some(rustls::HandshakeKind::Resumed));
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     assert_eq!(
         handshake().await,
         Some(rustls::HandshakeKind::Resumed),
@@ -261,8 +260,7 @@ async fn tls_serves_http1_h2_by_alpn_and_wss_and_reloads_its_certificate() {
     // Reload with a new certificate: new connections get it, the old stream stays open.
     let second = self_signed();
     write_cert(certs.path(), &second);
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let client = https_client(&second);
     let response = client
         .request(
@@ -486,8 +484,7 @@ async fn a_reload_rereads_the_client_keys() {
             .expect("accepted handshake");
 
     std::fs::write(keys.path().join("client-keys"), "key-two\nkey-three\n").expect("keys");
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
 
     let status_with = |key: &str| {
         let req = Request::get(env.proxy_url("/v1/status"))
@@ -1058,8 +1055,7 @@ async fn set_limit(env: &Env, setting: &str) {
     let text = std::fs::read_to_string(&env.config_path).expect("config");
     let text = text.replace("[limits]\n", &format!("[limits]\n{setting}\n"));
     std::fs::write(&env.config_path, text).expect("config");
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
 }
 
 #[tokio::test]
@@ -1226,8 +1222,7 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
         &format!("\"https://localhost:{}\"", front.port()),
         &format!("\"{}\"", env.green[0].url()),
     );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let over_tls = || {
         Request::post(env.proxy_url("/v1/listen"))
             .body(Full::new(Bytes::from_static(b"over tls")))
@@ -1243,8 +1238,7 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
 
     // The right CA, in the same file: a reload applies it to requests and probes.
     std::fs::write(&ca_file, &cert.cert_pem).expect("ca file");
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     eventually(|| async {
         let (_, status) = env.admin_get("/status").await;
         status["colors"]["blue"]["upstreams"][0]["health"] == "Healthy"
@@ -1293,8 +1287,7 @@ async fn raising_max_connections_by_reload_lets_a_waiting_connection_in() {
     let raised = text.replace("max_connections = 1\n", "max_connections = 2\n");
     assert_ne!(raised, text);
     std::fs::write(&env.config_path, raised).expect("config");
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let status = tokio::time::timeout(PATIENCE, second)
         .await
         .expect("served once the limit is raised, the stream still open")

@@ -594,8 +594,7 @@ async fn a_dead_pool_member_counts_connect_errors() {
         &format!("\"{live}\", \"{dead}\""),
         &format!("\"{}\"", env.green[0].url()),
     );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let upstreams = pool_urls(&env).await;
     assert!(upstreams.contains(&dead));
     let m = scrape(&env).await;

@@ -27,8 +27,7 @@ async fn a_removed_upstreams_stream_is_drained_with_the_protocol_aware_close() {
         &format!("\"{kept}\""),
         &format!("\"{}\"", env.green[0].url()),
     );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = env.reload().await;
     assert_eq!(
         body["active"], "blue",
         "a reload leaves the active colour alone"
@@ -150,8 +149,7 @@ async fn an_upstream_a_reload_puts_back_keeps_its_streams() {
     );
     let on_removed = env.blue[1].state.ws_open_now();
     env.write_config(&builder, &format!("\"{}\"", env.blue[0].url()), &green);
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let draining = || {
         env.app()
             .tracker
@@ -161,8 +159,7 @@ async fn an_upstream_a_reload_puts_back_keeps_its_streams() {
     eventually(|| async { draining() == on_removed }).await;
 
     env.write_config(&builder, &both, &green);
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = env.reload().await;
     eventually(|| async { draining() == 0 }).await;
     let back = &body["colors"]["blue"]["upstreams"][1];
     assert_eq!(back["url"], env.blue[1].url(), "{body}");
@@ -195,8 +192,7 @@ async fn a_standby_colour_draining_a_removed_upstream_shows_its_deadline() {
     let streams = streams_on_each(&env.blue, &format!("ws://{preview}/v1/listen")).await;
     let reloaded_at = std::time::SystemTime::now();
     env.write_config_of_first_stubs(&builder);
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     eventually(|| async {
         env.admin_get("/status").await.1["colors"]["blue"]["state"] == "draining"
     })
@@ -223,8 +219,7 @@ async fn an_upstream_a_reload_adds_is_probed_before_a_flip_can_count_it_healthy(
     // Green's URL now names a node that accepts and never answers.
     let (hung, task) = support::hung_upstream().await;
     env.write_config(&builder, &blue, &format!("\"http://{hung}\""));
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = env.reload().await;
     let green = &body["colors"]["green"]["upstreams"][0];
     assert_eq!(green["url"], format!("http://{hung}"));
     assert_eq!(green["healthy"], false, "{green}");
@@ -237,8 +232,7 @@ async fn an_upstream_a_reload_adds_is_probed_before_a_flip_can_count_it_healthy(
 
     // A live node added by a reload is judged by the same first probe, and serves.
     env.write_config(&builder, &blue, &format!("\"{}\"", env.green[0].url()));
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = env.reload().await;
     let green = &body["colors"]["green"]["upstreams"][0];
     assert_eq!(green["healthy"], true, "{green}");
     assert_ne!(green["health"], "unknown", "{green}");
@@ -264,8 +258,7 @@ async fn a_reload_that_shortens_the_health_interval_applies_it_at_once() {
         ..slow
     };
     env.write_config(&fast, &blue, &green);
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     env.blue[0].state.set_health("Critical");
     eventually(|| async {
         let (_, status) = env.admin_get("/status").await;
@@ -329,8 +322,7 @@ async fn a_reloaded_drain_timeout_applies_to_the_next_flip() {
         drain_timeout: "7m",
         ..builder
     });
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let (status, flipped) = env.admin_post("/flip", None).await;
     assert_eq!(status, StatusCode::OK, "{flipped}");
     let blue = &flipped["colors"]["blue"];
@@ -362,8 +354,7 @@ async fn a_reload_does_not_wait_out_a_long_health_timeout() {
     let (hung, task) = support::hung_upstream().await;
     env.write_config(&builder, &blue, &format!("\"http://{hung}\""));
     // Without the bound the reload would answer in an hour (the client gives up at 20 s).
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = env.reload().await;
     let green = &body["colors"]["green"]["upstreams"][0];
     assert_eq!(green["url"], format!("http://{hung}"));
     assert_eq!(green["health"], "unknown", "{green}");
@@ -376,8 +367,7 @@ async fn a_reload_does_not_wait_out_a_long_health_timeout() {
     // A judged one beside it is, and the change goes through.
     let green = format!("\"{}\", \"http://{hung}\"", env.green[0].url());
     env.write_config(&builder, &blue, &green);
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     env.flip("green").await;
     task.abort();
 }
@@ -398,8 +388,7 @@ async fn a_running_drain_keeps_the_grace_it_started_with() {
         grace: "0s",
         ..builder
     });
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let blue = env.blue[0].state.clone();
     assert_eq!(blue.flushes(), 0, "the reload came before the deadline");
     tokio::time::timeout(PATIENCE, blue.wait_until(|s| s.flushes() == 1))
@@ -432,8 +421,7 @@ async fn a_stream_under_two_drains_ends_by_the_sooner_end() {
     };
     let kept = format!("\"{}\"", env.blue[1 - on].url());
     env.write_config(&removal, &kept, &format!("\"{}\"", env.green[0].url()));
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     assert_eq!(
         env.blue[on].state.flushes(),
         0,
@@ -473,13 +461,11 @@ async fn health_checks_back_on_decide_at_the_first_probe() {
     let env = checked("200ms").start().await;
     eventually(|| async { green_upstream(&env).await["health"] == "Healthy" }).await;
     env.write_config_of_first_stubs(&checked("off"));
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     eventually(|| async { green_upstream(&env).await["health"] == "not_checked" }).await;
     env.green[0].state.set_health("Critical");
     env.write_config_of_first_stubs(&checked("1h"));
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = env.reload().await;
     // Judged before the reload answers, as an added upstream is: a flip right after it
     // meets the verdict, not a presumption.
     let green = &body["colors"]["green"]["upstreams"][0];
@@ -536,8 +522,7 @@ async fn a_drain_in_its_grace_follows_later_changes() {
     };
     let kept = format!("\"{}\"", env.blue[1 - on].url());
     env.write_config(&removal, &kept, &format!("\"{}\"", env.green[0].url()));
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let end = tokio::time::timeout(PATIENCE, close_code_of(&mut ws))
         .await
         .expect("the removal ends the grace, not the flip's hour");
@@ -598,15 +583,13 @@ async fn checks_turned_on_gate_a_flip_until_a_probe_answers() {
     let (hung, task) = support::hung_upstream().await;
     let green = format!("\"http://{hung}\"");
     env.write_config(&off, &blue, &green);
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let on = EnvBuilder {
         health: "mode = \"deepgram\"\ninterval = \"200ms\"\ntimeout = \"1h\"\nrise = 1\nfall = 1",
         ..Default::default()
     };
     env.write_config(&on, &blue, &green);
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let (status, body) = env
         .admin_post("/flip", Some(serde_json::json!({ "to": "green" })))
         .await;

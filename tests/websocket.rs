@@ -774,8 +774,7 @@ async fn a_client_that_ended_before_the_deadline_gets_no_drain_message_and_no_10
         &format!("\"http://{}\"", upstream.addr),
         &format!("\"{}\"", env.green[0].url()),
     );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
 
     let (mut ws, _) = open(&env.ws_url("/v1/listen")).await;
     ws.send(Message::binary(vec![1u8; 640]))
@@ -1858,8 +1857,7 @@ async fn a_handshake_still_connecting_counts_as_traffic() {
         &format!("\"https://127.0.0.1:{}\"", addr.port()),
         &format!("\"{}\"", env.green[0].url()),
     );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     let url = env.ws_url("/v1/listen");
     let client = tokio::spawn(async move { connect_async(url).await.map(|_| ()) });
     let _held = within("the upstream connection", accepted)
@@ -2275,8 +2273,7 @@ async fn an_unanswered_upgrade_is_a_504_and_a_garbled_one_a_502() {
         &format!("\"http://{garbled}\""),
         &format!("\"{}\"", env.green[0].url()),
     );
-    let (status, body) = env.admin_post("/reload", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    env.reload().await;
     match within("the refusal", connect_async(env.ws_url("/v1/listen"))).await {
         Err(WsError::Http(response)) => {
             assert_eq!(response.status(), StatusCode::BAD_GATEWAY);

@@ -328,6 +328,13 @@ impl Env {
         body
     }
 
+    /// Re-reads the config file through `POST /reload`, and checks that it was taken.
+    pub async fn reload(&self) -> Value {
+        let (status, body) = self.admin_post("/reload", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
     /// Flips to `to` with the drain timeout given, and checks that it changed the route.
     pub async fn flip_draining(&self, to: &str, drain_timeout: &str) -> Value {
         let (status, body) = self
