@@ -282,6 +282,54 @@ impl AcceptErrors {
     }
 }
 
+/// Closes the oldest connection kept idle to any upstream of `table`, if there is one.
+fn shed_idle_connection(table: &crate::route_table::RouteTable) {
+    let mut upstreams = table.pools.iter().flat_map(|pool| pool.iter());
+    let _ = upstreams.any(|u| u.idle.close_oldest());
+}
+
+/// Why a client listener waits before accepting.
+#[derive(Clone, Copy)]
+enum Full {
+    /// The listener holds `limits.max_connections`.
+    Connections(usize),
+    /// Client and upstream sockets have reached the open-file limit less its reserve
+    /// (`nofile::at_ceiling`).
+    Descriptors,
+}
+
+/// A listener's waits at a limit, logged as one begins, once a minute at most for each
+/// limit: at the limit each close lets one client in, and the next waits again.
+#[derive(Default)]
+struct Waits {
+    /// When a wait at `Full::Connections` and at `Full::Descriptors` was last logged.
+    logged: [Option<Instant>; 2],
+}
+
+impl Waits {
+    fn began(&mut self, listener: &str, full: Full) {
+        let logged = &mut self.logged[match full {
+            Full::Connections(_) => 0,
+            Full::Descriptors => 1,
+        }];
+        if logged.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        *logged = Some(Instant::now());
+        match full {
+            Full::Connections(max_connections) => tracing::warn!(
+                listener,
+                max_connections,
+                "limits.max_connections reached: new connections wait to be accepted until one closes (logged once a minute at most)"
+            ),
+            Full::Descriptors => tracing::warn!(
+                listener,
+                "the open-file limit is used up but for the reserve kept for the admin API, health probes and the state file: new connections wait to be accepted until a socket closes; raise LimitNOFILE or ulimit -n, or lower limits.max_connections (logged once a minute at most)"
+            ),
+        }
+    }
+}
+
 /// Serves `listener` until `stop` is cancelled, then lets open requests finish.
 /// Upgraded streams are not waited for here; `drain` ends them.
 pub async fn serve(
@@ -297,16 +345,34 @@ pub async fn serve(
     let mut accept_errors = AcceptErrors::default();
     // A reload may raise the limit: a loop waiting at it looks again.
     let mut changes = proxy.router().subscribe();
+    let mut waits = Waits::default();
     loop {
         let max = proxy.router().load().settings.config.limits.max_connections;
         {
             let released = open.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            if open.count.load(Ordering::Acquire) >= max {
+            let freed = crate::nofile::freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let full = if open.count.load(Ordering::Acquire) >= max {
+                Some(Full::Connections(max))
+            } else if crate::nofile::at_ceiling() {
+                // A connection kept idle to an upstream is the one socket that can go
+                // without anyone waiting on it: closed, it lets the client in (its close
+                // wakes `freed`) rather than leaving it in the backlog until idle
+                // connections time out.
+                shed_idle_connection(&proxy.router().load());
+                Some(Full::Descriptors)
+            } else {
+                None
+            };
+            if let Some(full) = full {
+                waits.began(kind.as_str(), full);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = released => {}
+                    _ = freed => {}
                     _ = changes.changed() => {}
                 }
                 continue;

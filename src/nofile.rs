@@ -9,6 +9,8 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tokio::sync::Notify;
+
 /// Sockets beyond two per connection: listeners, admin connections, health probes, the
 /// state file, the runtime's own descriptors.
 const RESERVE: u64 = 128;
@@ -20,9 +22,12 @@ pub struct Limit {
     pub now: u64,
 }
 
-/// Raises the soft open-file limit to the hard one, and keeps the reserve below it.
+/// Raises the soft open-file limit to the hard one, and keeps the reserve below it. The
+/// reserve is kept below the limit as it was even when raising it fails (a sandbox that
+/// refuses `setrlimit`).
 pub fn raise() -> io::Result<Limit> {
     let (was, _) = rlimit::Resource::NOFILE.get()?;
+    set_limit(was);
     let now = rlimit::increase_nofile_limit(u64::MAX)?;
     set_limit(now);
     Ok(Limit { was, now })
@@ -35,14 +40,30 @@ static SOCKETS: AtomicU64 = AtomicU64::new(0);
 /// reserve. Unknown (no limit) until `raise`.
 static CEILING: AtomicU64 = AtomicU64::new(u64::MAX);
 
+/// Wakes the client listeners waiting at the ceiling (`freed`) when a socket closes.
+static FREED: Notify = Notify::const_new();
+
 /// Keeps the reserve (`RESERVE`, or half of a small limit) free of client and
 /// upstream sockets: the admin API, health probes and the state file need descriptors
 /// most when traffic has taken the rest. An HTTP/2 client holds an upstream socket per
 /// stream, so a few connections could otherwise take every descriptor, and the admin
-/// listener could accept nothing until their streams end.
+/// listener could accept nothing until their streams end; client connections beyond the
+/// ceiling would do the same, so the client listeners wait at it (`at_ceiling`).
 pub fn set_limit(limit: u64) {
     let reserve = RESERVE.min(limit / 2);
     CEILING.store(limit.saturating_sub(reserve), Ordering::Relaxed);
+}
+
+/// Whether the client and upstream sockets open have reached the ceiling, so a client
+/// listener must wait (`freed`) rather than accept into the reserve.
+pub fn at_ceiling() -> bool {
+    SOCKETS.load(Ordering::Relaxed) >= CEILING.load(Ordering::Relaxed)
+}
+
+/// Resolves when a socket closes while the count is at or above the ceiling. `enable` it
+/// before looking at `at_ceiling`, so a close in between is not missed.
+pub fn freed() -> tokio::sync::futures::Notified<'static> {
+    FREED.notified()
 }
 
 /// A client or upstream socket, counted until dropped.
@@ -61,17 +82,23 @@ impl Counted {
     /// when it would take from the reserve.
     pub fn to_open() -> io::Result<Counted> {
         let ceiling = CEILING.load(Ordering::Relaxed);
-        if SOCKETS.fetch_add(1, Ordering::Relaxed) >= ceiling {
-            SOCKETS.fetch_sub(1, Ordering::Relaxed);
-            return Err(io::Error::from_raw_os_error(libc::EMFILE));
-        }
+        // Counted only below the ceiling: a count raised past it and taken back would
+        // hide from `Drop` the close that brings it under, and a listener waiting at the
+        // ceiling would miss its wake-up.
+        SOCKETS
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < ceiling).then_some(n + 1)
+            })
+            .map_err(|_| io::Error::from_raw_os_error(libc::EMFILE))?;
         Ok(Counted(()))
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        SOCKETS.fetch_sub(1, Ordering::Relaxed);
+        if SOCKETS.fetch_sub(1, Ordering::Relaxed) >= CEILING.load(Ordering::Relaxed) {
+            FREED.notify_waiters();
+        }
     }
 }
 

@@ -314,6 +314,18 @@ impl Idle {
         drop(gone);
     }
 
+    /// Closes the connection parked longest, if there is one; whether there was.
+    pub fn close_oldest(&self) -> bool {
+        let mut parked = self.lock();
+        if parked.conns.is_empty() {
+            return false;
+        }
+        let (oldest, _) = parked.conns.remove(0);
+        drop(parked);
+        drop(oldest);
+        true
+    }
+
     /// Closes every parked connection.
     pub fn clear(&self) {
         let gone = std::mem::take(&mut self.lock().conns);

@@ -96,6 +96,33 @@ async fn sweep_closes_kept_connections_the_upstream_closed() {
     );
 }
 
+/// At the open-file ceiling a client listener sheds the connection kept idle longest
+/// (`listener::shed_idle_connection`): it is closed, and the others stay.
+#[tokio::test]
+async fn close_oldest_closes_the_connection_kept_longest() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let idle = Idle::default();
+    assert!(!idle.close_oldest(), "nothing kept, nothing closed");
+    let oldest = TcpStream::connect(addr).await.expect("connect");
+    let (mut peer_of_oldest, _) = listener.accept().await.expect("accept");
+    let newest = TcpStream::connect(addr).await.expect("connect");
+    let (_peer_of_newest, _) = listener.accept().await.expect("accept");
+    idle.park(Conn::new(Stream::plain(oldest), None));
+    idle.park(Conn::new(Stream::plain(newest), None));
+    assert!(idle.close_oldest());
+    assert_eq!(idle.len(), 1);
+    let read = tokio::time::timeout(Duration::from_secs(10), peer_of_oldest.read(&mut [0u8; 8]))
+        .await
+        .expect("the close in time");
+    assert_eq!(read.expect("read"), 0, "the oldest was closed");
+    assert!(idle.close_oldest());
+    assert!(idle.is_empty());
+}
+
 #[test]
 fn lengths_and_chunk_sizes_are_digits_only() {
     assert_eq!(decimal("42"), Some(42));
