@@ -62,7 +62,7 @@ fn table(config: &Arc<Config>, previous: Option<&RouteTable>, generation: u64) -
             config: config.clone(),
             client_keys: None,
             tls: None,
-            admin_token: None,
+            admin_token: switchyard::admin::Token::new("bench"),
             upstream_tls: switchyard::tls::upstream_client_config(&config.upstream_tls, false)
                 .expect("upstream TLS"),
             upstream_ca: None,

@@ -80,8 +80,8 @@ impl Token {
             ))
         };
         let from_file = || {
-            let bytes =
-                std::fs::read(&config.admin.token_file).map_err(|_| config.no_token_error())?;
+            let bytes = std::fs::read(&config.admin.token_file)
+                .map_err(|e| config.no_token_error(Some(&e)))?;
             let source = config.admin.token_file.display().to_string();
             String::from_utf8(bytes)
                 .map(|text| (text, source.clone()))
@@ -99,7 +99,7 @@ impl Token {
         };
         let text = text.trim();
         if text.is_empty() {
-            return Err(config.no_token_error());
+            return Err(config.no_token_error(None));
         }
         if text.bytes().any(|b| b.is_ascii_control()) {
             return Err(refused(format!(
@@ -333,9 +333,11 @@ pub fn router(admin: Admin) -> Router {
 #[derive(Clone, Copy)]
 struct Peer(SocketAddr);
 
-/// A mutating call that presented the admin token. Taken from the request's head, so a
-/// caller without the token learns only that, before any body is read.
-struct Authorized;
+/// A mutating call that presented the admin token, and where it came from. Taken from the
+/// request's head, so a caller without the token learns only that, before any body is read.
+struct Authorized {
+    client: Option<SocketAddr>,
+}
 
 impl FromRequestParts<Admin> for Authorized {
     type Rejection = ApiError;
@@ -343,16 +345,11 @@ impl FromRequestParts<Admin> for Authorized {
     async fn from_request_parts(parts: &mut Parts, admin: &Admin) -> Result<Self, ApiError> {
         // The token of the current config: a reload that rotated it takes effect at once.
         let table = admin.control.router().load();
-        if table
-            .settings
-            .admin_token
-            .as_ref()
-            .is_some_and(|t| t.accepts(&parts.headers))
-        {
-            return Ok(Authorized);
+        let client = parts.extensions.get::<Peer>().map(|p| p.0);
+        if table.settings.admin_token.accepts(&parts.headers) {
+            return Ok(Authorized { client });
         }
         if admin.metrics.unauthorized(ListenerKind::Admin) {
-            let client = parts.extensions.get::<Peer>().map(|p| p.0);
             tracing::warn!(
                 client = client.map(tracing::field::display),
                 path = parts.uri.path(),
@@ -557,42 +554,59 @@ fn change_answer(admin: &Admin, outcome: crate::control::Outcome) -> Json<Value>
     Json(body)
 }
 
+/// Applies a change asked for through the API. A refusal (409 and the like) is logged
+/// with who asked: the caller alone has the answer, and the record of a flip that did not
+/// happen belongs beside the `route changed` lines of those that did.
+async fn apply(
+    admin: &Admin,
+    by: &Authorized,
+    call: &str,
+    change: Change,
+) -> Result<crate::control::Outcome, ApiError> {
+    admin.control.apply(change).await.map_err(|e| {
+        tracing::info!(
+            client = by.client.map(tracing::field::display),
+            call,
+            error = %e,
+            "route change refused"
+        );
+        e.into()
+    })
+}
+
 async fn flip(
     State(admin): State<Admin>,
-    _: Authorized,
+    by: Authorized,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let b: ChangeBody = parse_body(&admin, body).await?;
-    let outcome = admin.control.apply(Change::Flip(b.into_request())).await?;
+    let change = Change::Flip(b.into_request());
+    let outcome = apply(&admin, &by, "flip", change).await?;
     Ok(change_answer(&admin, outcome))
 }
 
 async fn rollback(
     State(admin): State<Admin>,
-    _: Authorized,
+    by: Authorized,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let b: ChangeBody = parse_body(&admin, body).await?;
-    let outcome = admin
-        .control
-        .apply(Change::Rollback(b.into_request()))
-        .await?;
+    let change = Change::Rollback(b.into_request());
+    let outcome = apply(&admin, &by, "rollback", change).await?;
     Ok(change_answer(&admin, outcome))
 }
 
 async fn commit(
     State(admin): State<Admin>,
-    _: Authorized,
+    by: Authorized,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let b: CommitBody = parse_body(&admin, body).await?;
-    let outcome = admin
-        .control
-        .apply(Change::Commit {
-            expect_generation: b.expect_generation,
-            reason: b.reason,
-        })
-        .await?;
+    let change = Change::Commit {
+        expect_generation: b.expect_generation,
+        reason: b.reason,
+    };
+    let outcome = apply(&admin, &by, "commit", change).await?;
     Ok(change_answer(&admin, outcome))
 }
 

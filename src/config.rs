@@ -1,9 +1,10 @@
 //! Typed, validated configuration and the error that names what is wrong.
 //!
 //! Loading is two stages: `config::file` is the serde mirror of the TOML (unknown keys
-//! rejected), and `Config::try_from` turns it into typed values in one place, so every
-//! refusal names the file, the field and the reason. Secrets (the admin token, client keys)
-//! are read by `Config::load_secrets`, not here, because `check` must work without them.
+//! rejected), and `Config::from_file` turns it into typed values in one place, so every
+//! refusal names the file, the field and the reason. The files a config names (the admin
+//! token, client keys, certificates) are read by `control::load_settings`, not here: a
+//! reload reads them again, and the route table holds what they said.
 
 mod file;
 
@@ -547,14 +548,20 @@ impl Config {
     }
 
     /// The refusal of a config that leaves the admin API without a token (`check`, a
-    /// reload): neither its token file nor `SWITCHYARD_ADMIN_TOKEN` holds one.
-    pub fn no_token_error(&self) -> ConfigError {
+    /// reload): neither its token file nor `SWITCHYARD_ADMIN_TOKEN` holds one. `read`: why
+    /// the file could not be read, when it could not (a missing Secret mount and a
+    /// permission denied call for different fixes).
+    pub fn no_token_error(&self, read: Option<&std::io::Error>) -> ConfigError {
+        let path = self.admin.token_file.display();
+        let file = match read {
+            Some(e) => format!("{path} cannot be read ({e})"),
+            None => format!("{path} is empty"),
+        };
         ConfigError {
             file: self.source.display().to_string(),
             field: "admin.token_file".into(),
             reason: format!(
-                "no admin token: {} is missing, unreadable or empty and SWITCHYARD_ADMIN_TOKEN is not set or empty; admin writes are never open",
-                self.admin.token_file.display()
+                "no admin token: {file} and SWITCHYARD_ADMIN_TOKEN is not set or empty; admin writes are never open"
             ),
         }
     }

@@ -175,7 +175,8 @@ struct PendingReload {
     table: RouteTable,
 }
 
-/// Reads the client keys, the TLS certificate and the upstream CA a config names.
+/// Reads the admin token, the client keys, the TLS certificate and the upstream CA a
+/// config names.
 pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
     let client_keys = match &config.client_auth {
         Some(auth) => {
@@ -230,7 +231,7 @@ pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
         .as_ref()
         .and_then(|path| std::fs::read(path).ok());
     Ok(Settings {
-        admin_token: Some(crate::admin::Token::read(&config)?),
+        admin_token: crate::admin::Token::read(&config)?,
         config: Arc::new(config),
         client_keys,
         tls,
@@ -264,6 +265,7 @@ impl Control {
         if first_start {
             metrics.route_change(Action::Startup.as_str());
         }
+        log_loaded(&state, first_start, &settings.config.routing);
         let table = RouteTable {
             active: state.active,
             rollback_to: state.rollback_to,
@@ -348,6 +350,33 @@ impl Control {
     /// The router this control writes to.
     pub fn router(&self) -> &Arc<Router> {
         &self.router
+    }
+}
+
+/// One line at start-up saying which colour serves and why: a proxy that came up on an
+/// empty volume serves `routing.initial`, which may not be the colour the rest of the
+/// fleet is on, and this line is where that shows.
+fn log_loaded(state: &RouteState, first_start: bool, routing: &crate::config::Routing) {
+    let store = match &routing.store {
+        crate::config::Store::File => routing.state_file.display().to_string(),
+        crate::config::Store::Etcd(etcd) => format!("etcd key {}", etcd.key),
+    };
+    let rollback_to = state.rollback_to.map(|c| c.as_str()).unwrap_or("none");
+    if first_start {
+        tracing::info!(
+            active = %state.active,
+            generation = state.generation,
+            store,
+            "no route state yet: first start on routing.initial"
+        );
+    } else {
+        tracing::info!(
+            active = %state.active,
+            rollback_to,
+            generation = state.generation,
+            store,
+            "route state resumed"
+        );
     }
 }
 
@@ -483,26 +512,18 @@ impl Writer {
                 actual: self.router.load().generation,
             });
         }
-        self.metrics.route(table.active, table.generation);
-        self.metrics.route_change(action.as_str());
-        for pool in &table.pools {
-            for u in pool.iter() {
-                self.metrics.publish_upstream(u);
-            }
-        }
-        self.state.store(Arc::new(new_state));
-        if action == Action::Reload {
-            self.move_upstreams(&current, &table);
-        }
-        self.router.store(table);
-        if action == Action::Reload {
-            self.close_untrusted(&current, &self.router.load());
-        }
-        let table = self.router.load_full();
+        let entry = new_state.history.last().cloned();
+        let reloaded = action == Action::Reload;
+        let table = self.publish(&current, table, new_state, Some(action), reloaded);
+        let reason = entry.as_ref().and_then(|e| e.reason.as_deref());
+        let drain_timeout = entry.as_ref().and_then(|e| e.drain_timeout);
         tracing::info!(
             action = action.as_str(),
+            from = %current.active,
             active = %table.active,
             generation = table.generation,
+            reason,
+            drain_timeout = drain_timeout.map(|d| tracing::field::display(humantime::format_duration(d))),
             "route changed"
         );
         if action == Action::Reload {
@@ -622,6 +643,35 @@ impl Writer {
             settings: Arc::new(settings),
         };
         Ok((Action::Reload, table, new_state))
+    }
+
+    /// Makes `table` and `state` the route, `current` replaced: the metrics, the state
+    /// `/history` reads, then the table; for a reload, the upstreams it replaced are
+    /// drained first and the connections its new trust no longer covers closed after.
+    fn publish(
+        &mut self,
+        current: &RouteTable,
+        table: RouteTable,
+        state: RouteState,
+        action: Option<Action>,
+        reloaded: bool,
+    ) -> Arc<RouteTable> {
+        self.metrics.route(table.active, table.generation);
+        if let Some(action) = action {
+            self.metrics.route_change(action.as_str());
+        }
+        for u in table.pools.iter().flat_map(|p| p.iter()) {
+            self.metrics.publish_upstream(u);
+        }
+        self.state.store(Arc::new(state));
+        if reloaded {
+            self.move_upstreams(current, &table);
+        }
+        self.router.store(table);
+        if reloaded {
+            self.close_untrusted(current, &self.router.load());
+        }
+        self.router.load_full()
     }
 
     /// What a reload does to upstreams before its table is in place: those it dropped
@@ -816,26 +866,13 @@ impl Writer {
             settings,
         };
         let action = state.history.last().map(|h| h.action);
-        self.metrics.route(table.active, table.generation);
-        if let Some(action) = action {
-            self.metrics.route_change(action.as_str());
-        }
-        self.state.store(Arc::new(state));
         if reloaded.is_some() {
             tracing::warn!(
                 generation = table.generation,
                 "a reload this replica reported as refused reached etcd after all; its config applies now"
             );
-            for u in table.pools.iter().flat_map(|p| p.iter()) {
-                self.metrics.publish_upstream(u);
-            }
-            self.move_upstreams(&current, &table);
         }
-        self.router.store(table);
-        if reloaded.is_some() {
-            self.close_untrusted(&current, &self.router.load());
-        }
-        let table = self.router.load_full();
+        let table = self.publish(&current, table, state, action, reloaded.is_some());
         tracing::info!(
             action = action.map(|a| a.as_str()),
             active = %table.active,

@@ -603,10 +603,13 @@ pub async fn cut_requests_at_deadlines(
                     if router.load().drain_order(color) == Some(order)
                         || tracker.shutdown_order() == Some(order) =>
                 {
+                    // What the deadline found still there (streams end on their own
+                    // deadline, each with its line).
+                    let Counts { in_flight, open_streams, .. } = tracker.counts(color);
                     if at_shutdown == Some(order) {
-                        tracing::info!(color = %color, "shutdown deadline: ending in-flight requests");
+                        tracing::info!(color = %color, in_flight, open_streams, "shutdown deadline: ending in-flight requests");
                     } else {
-                        tracing::info!(color = %color, "drain deadline: ending in-flight requests on the old colour");
+                        tracing::info!(color = %color, in_flight, open_streams, "drain deadline: ending in-flight requests on the old colour");
                     }
                     tracker.cut_requests(color, &order);
                 }

@@ -219,7 +219,14 @@ async fn probe_loop(
         };
         if let Some(healthy) = changed {
             metrics.upstream_health(&upstream);
-            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy, health = upstream.health_text(), "upstream health changed");
+            let (name, color, health) = (&upstream.name, upstream.color, upstream.health_text());
+            // Going down is what an operator must see at a `warn` filter, as the passive
+            // check's line is; coming back is news, not a warning.
+            if healthy {
+                tracing::info!(upstream = %name, %color, healthy, health, "upstream health changed");
+            } else {
+                tracing::warn!(upstream = %name, %color, healthy, health, "upstream health changed");
+            }
         }
         // The next probe is `interval` after this one began; a reload that changes the
         // interval moves it at once (a check slowed to minutes must not wait one out to

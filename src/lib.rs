@@ -20,6 +20,21 @@
 //! the old colour are told through `drain::DrainWatch`; at their deadline the relay ends
 //! them the way Deepgram's protocol expects and closes the client with 1012.
 //!
+//! # Health's path
+//! `health` probes each upstream every `health.interval` and counts passes and failures
+//! toward `rise` and `fall`; connect errors on live traffic count too
+//! (`proxy::Proxy::connect_failed`). Verdicts are kept on the `upstream::Upstream` itself,
+//! shared by every table that holds it, so `pick` sees them without a new table; the
+//! gauges and `/status` read the same values.
+//!
+//! # The other modules
+//! `app` wires the listeners, tasks and shutdown order; `main.rs` is the CLI. `config`
+//! and `duration` read the TOML; `state` is the durable route state and its file;
+//! `metrics` the Prometheus registry; `error` the answers Switchyard gives itself;
+//! `nofile` the open-file limit and its reserve; `runtime` the tokio runtime's settings;
+//! `ctl` the admin API's command-line client; `stub` the Deepgram-compatible upstream for
+//! tests, the demo and benchmarks.
+//!
 //! # Invariants
 //! - The route table is immutable and swapped whole; a request loads it once.
 //! - No lock is held across `.await`; route changes are serialized by one task instead.

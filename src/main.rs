@@ -211,9 +211,17 @@ fn init_logging(format: LogFormat) {
     let (filter, lowered) = match std::env::var("RUST_LOG") {
         Ok(spec) => {
             let (spec, lowered) = log_directives(&spec, STATIC_MAX_LEVEL);
-            (tracing_subscriber::EnvFilter::try_new(spec).ok(), lowered)
+            (
+                tracing_subscriber::EnvFilter::try_new(spec).map(Some),
+                lowered,
+            )
         }
-        Err(_) => (None, false),
+        Err(_) => (Ok(None), false),
+    };
+    // A RUST_LOG that does not parse is said so once logging is up, not silently `info`.
+    let (filter, unreadable) = match filter {
+        Ok(filter) => (filter, None),
+        Err(e) => (None, Some(e)),
     };
     let filter = filter.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -228,6 +236,9 @@ fn init_logging(format: LogFormat) {
             .with_current_span(true)
             .init(),
         LogFormat::Text => builder.init(),
+    }
+    if let Some(error) = unreadable {
+        tracing::warn!(%error, "RUST_LOG is not a filter this build reads; logging at info");
     }
     if lowered {
         tracing::warn!(
@@ -321,6 +332,10 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                // The files the config names, and the admin token: `run` in this
+                // environment would refuse to start without one, so `check` refuses too (a
+                // pipeline that checks without the secret can set SWITCHYARD_ADMIN_TOKEN
+                // to anything for the check).
                 if let Err(e) = switchyard::control::load_settings(c.clone()) {
                     eprintln!("error: {e}");
                     return Ok(1);
@@ -330,13 +345,6 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 if c.routing.store == switchyard::config::Store::File
                     && let Err(e) = switchyard::state::FileStore::new(&c.routing.state_file).load()
                 {
-                    eprintln!("error: {e}");
-                    return Ok(1);
-                }
-                // `run` in this environment would refuse to start without a token, so
-                // `check` refuses too (a pipeline that checks without the secret can set
-                // SWITCHYARD_ADMIN_TOKEN to anything for the check).
-                if let Err(e) = switchyard::app::load_token(&c) {
                     eprintln!("error: {e}");
                     return Ok(1);
                 }

@@ -56,9 +56,8 @@ pub struct Settings {
     /// reload that leaves them alone keeps the same trust and its connections.
     pub upstream_ca: Option<Vec<u8>>,
     /// The admin API's bearer token, read again on every reload so a rotated token takes
-    /// effect; `None` when neither the file nor `SWITCHYARD_ADMIN_TOKEN` has one (start-up
-    /// and reload refuse that; `check` warns).
-    pub admin_token: Option<crate::admin::Token>,
+    /// effect (start-up, reload and `check` refuse a config without one).
+    pub admin_token: crate::admin::Token,
 }
 
 impl Settings {

@@ -475,6 +475,8 @@ async fn a_refused_start_is_a_json_line_with_log_format_json() {
         error.contains("no admin token") && error.contains(&path),
         "{line}"
     );
+    // Why the file could not be read: a missing mount and a permission denied differ.
+    assert!(error.contains("No such file or directory"), "{line}");
 
     // A RUST_LOG that filters errors out does not silence why the process stopped.
     let out = tokio::time::timeout(
@@ -497,6 +499,37 @@ async fn a_refused_start_is_a_json_line_with_log_format_json() {
     assert_eq!(line["level"], "ERROR", "{line}");
     let error = line["error"].as_str().expect("an error field");
     assert!(error.contains(&path), "{line}");
+}
+
+/// A RUST_LOG that does not parse is said so, and logging goes on at info: before, the
+/// filter fell back to info without a word, and an operator asking for debug saw nothing
+/// of why.
+#[tokio::test]
+async fn an_unreadable_rust_log_is_warned_about() {
+    let site = Site::new().await;
+    std::fs::remove_file(site.token_file()).expect("remove token");
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(site.config())
+            .env("RUST_LOG", "switchyard=loud")
+            .env("NO_COLOR", "1")
+            .env_remove("SWITCHYARD_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("in time")
+    .expect("runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("RUST_LOG is not a filter"))
+        .unwrap_or_else(|| panic!("no warning:\n{stderr}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(stderr.contains("no admin token"), "{stderr}");
 }
 
 /// A worker count tokio cannot use is refused by name, where tokio would panic.
