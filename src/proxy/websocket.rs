@@ -513,6 +513,77 @@ enum Ending {
     GraceExpired,
 }
 
+/// How far a stream's drain message got by its end.
+#[derive(Clone, Copy)]
+struct DrainProgress {
+    /// Queued to go upstream (the deadline came, and the client was not ending itself).
+    queued: bool,
+    /// Written whole to the upstream.
+    sent: bool,
+    /// Speak: the `Close` after the drain's `Flush` was queued too.
+    close_sent: bool,
+}
+
+/// How a stream's end is told to each side (`Stream::close_plan`).
+struct ClosePlan {
+    /// For `stream_closes_total` and the end line.
+    reason: CloseReason,
+    /// The close code the client gets, for the end line.
+    client_code: Option<u16>,
+    /// Switchyard's close frame to the client, if one goes, and whether to wait for the
+    /// client's answer to it.
+    client_close: Option<Bytes>,
+    client_waits: bool,
+    /// The same toward the upstream.
+    upstream_close: Option<Bytes>,
+    upstream_waits: bool,
+    /// The client's own close, passed to the upstream with its answer passed back.
+    forwarded: Option<Bytes>,
+}
+
+impl ClosePlan {
+    /// Nothing said to either side yet.
+    fn of(reason: CloseReason) -> ClosePlan {
+        ClosePlan {
+            reason,
+            client_code: None,
+            client_close: None,
+            client_waits: false,
+            upstream_close: None,
+            upstream_waits: false,
+            forwarded: None,
+        }
+    }
+
+    /// The client gets `close` (with `code`), and its answer is waited for.
+    fn client(self, code: Option<u16>, close: Bytes) -> ClosePlan {
+        ClosePlan {
+            client_code: code,
+            client_close: Some(close),
+            client_waits: true,
+            ..self
+        }
+    }
+
+    /// The upstream gets `close`; `waits`: its answer is waited for.
+    fn upstream(self, close: Bytes, waits: bool) -> ClosePlan {
+        ClosePlan {
+            upstream_close: Some(close),
+            upstream_waits: waits,
+            ..self
+        }
+    }
+}
+
+/// A close frame answering one with `code` (none: an empty close), toward the upstream
+/// (masked) or the client.
+fn echo_close(code: Option<u16>, to_upstream: bool) -> Bytes {
+    match code {
+        Some(code) => frames::close(code, "", to_upstream),
+        None => frames::encode(frames::CLOSE, &[], to_upstream),
+    }
+}
+
 impl Stream {
     async fn relay(mut self, mut client: Io, mut upstream: Switched) {
         let metrics = self.proxy.metrics.color(self.color).clone();
@@ -673,15 +744,6 @@ impl Stream {
         };
         let drain_sent = went(&up, drain_at);
 
-        // The closing handshakes, both sides at once, each bounded by CLOSE_WAIT.
-        let to_client = |code: u16, reason: &str| Some(frames::close(code, reason, false));
-        let to_upstream = |code: u16, reason: &str| Some(frames::close(code, reason, true));
-        let echo = |code: Option<u16>, to_upstream: bool| {
-            Some(match code {
-                Some(code) => frames::close(code, "", to_upstream),
-                None => frames::encode(frames::CLOSE, &[], to_upstream),
-            })
-        };
         let lost_in_drain = matches!(ending, Ending::UpstreamLostInDrain(..))
             || (drain_sent && matches!(ending, Ending::UpstreamBroke(_)));
         // Whether the rest of a frame can still come and go: from the upstream to the
@@ -697,131 +759,22 @@ impl Stream {
         let down_open =
             !upstream_gone && !client_gone && !matches!(ending, Ending::UpstreamBroke(_));
         let up_open = !upstream_gone && !client_gone && !matches!(ending, Ending::ClientBroke(_));
-        // The client's close, passed to the upstream with the close's answer passed back.
-        let mut forwarded = None;
-        let entered = self.span.enter();
-        let (reason, client_code, client_close, client_waits, upstream_close, upstream_waits) =
-            match ending {
-                Ending::UpstreamClosed(code, frame) => (
-                    CloseReason::Upstream,
-                    code,
-                    Some(frame),
-                    true,
-                    echo(code, true),
-                    false,
-                ),
-                Ending::ClientClosed(code, frame) => {
-                    forwarded = Some(frame);
-                    (
-                        CloseReason::Client,
-                        code,
-                        echo(code, false),
-                        false,
-                        None,
-                        false,
-                    )
-                }
-                Ending::UpstreamFinished { closed, code } => (
-                    CloseReason::DrainGraceful,
-                    Some(1012),
-                    to_client(1012, "switchyard: draining, reconnect"),
-                    true,
-                    if closed { echo(code, true) } else { None },
-                    false,
-                ),
-                Ending::DrainNow | Ending::GraceExpired => {
-                    if drain_at.is_some() && !drain_sent {
-                        // The drain message could not go within grace: it waited behind a
-                        // text message the client never finished, or for an upstream that
-                        // took nothing. The upstream gets the close alone (it may come
-                        // between fragments), not half a message and what followed it.
-                        tracing::info!(
-                            "drain grace over: the drain message waited behind a message the client never finished, or for the upstream to read, and was not sent"
-                        );
-                        up.discard_own();
-                    } else if endpoint == Endpoint::Speak && drain_sent && !close_sent {
-                        // TTS: `Close` follows `Flush` even when `Flushed` never came.
-                        up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
-                    }
-                    (
-                        CloseReason::DrainForced,
-                        Some(1012),
-                        to_client(1012, "switchyard: draining, reconnect"),
-                        true,
-                        to_upstream(1001, "switchyard: draining"),
-                        true,
-                    )
-                }
-                // The client is told the same way: a close frame with no status code,
-                // which the JS SDK takes as the end after `CloseStream` (DEEPGRAM.md 5.8).
-                Ending::UpstreamEnded => (
-                    CloseReason::Upstream,
-                    None,
-                    echo(None, false),
-                    true,
-                    None,
-                    false,
-                ),
-                Ending::UpstreamLostInDrain(kind, why) => {
-                    self.proxy.metrics.upstream_error(&self.upstream, kind);
-                    tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost after the drain message");
-                    let close = to_client(1012, "switchyard: draining, reconnect");
-                    (CloseReason::Error, Some(1012), close, true, None, false)
-                }
-                Ending::UpstreamBroke(why) => {
-                    let kind = UpstreamErrorKind::Protocol;
-                    self.proxy.metrics.upstream_error(&self.upstream, kind);
-                    tracing::warn!(upstream = %self.upstream.name, error = %why, "the upstream broke the WebSocket protocol");
-                    let upstream = to_upstream(1002, "protocol error");
-                    let (code, client) = if drain_sent {
-                        (
-                            Some(1012),
-                            to_client(1012, "switchyard: draining, reconnect"),
-                        )
-                    } else if up.client_ended {
-                        // As for a lost upstream: the client ended the stream itself.
-                        (None, echo(None, false))
-                    } else {
-                        (
-                            Some(1011),
-                            to_client(1011, "switchyard: upstream broke the protocol"),
-                        )
-                    };
-                    (CloseReason::Error, code, client, true, upstream, false)
-                }
-                Ending::UpstreamLost(kind, why) => {
-                    self.proxy.metrics.upstream_error(&self.upstream, kind);
-                    tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
-                    if up.client_ended {
-                        // The client ended the stream itself: told as when the upstream
-                        // ends it without a close frame, not with 1011, on which the JS
-                        // SDK would reconnect a session its app ended.
-                        (
-                            CloseReason::Error,
-                            None,
-                            echo(None, false),
-                            true,
-                            None,
-                            false,
-                        )
-                    } else {
-                        let close = to_client(1011, "switchyard: upstream connection lost");
-                        (CloseReason::Error, Some(1011), close, true, None, false)
-                    }
-                }
-                Ending::ClientLost(why) => {
-                    tracing::debug!(error = %why, "client connection lost");
-                    let close = to_upstream(1001, "client went away");
-                    (CloseReason::Error, None, None, false, close, true)
-                }
-                Ending::ClientBroke(why) => {
-                    tracing::debug!(error = %why, "client broke the WebSocket protocol");
-                    let client = to_client(1002, "protocol error");
-                    let upstream = to_upstream(1001, "client went away");
-                    (CloseReason::Error, Some(1002), client, true, upstream, true)
-                }
-            };
-        drop(entered);
+        let drain = DrainProgress {
+            queued: drain_at.is_some(),
+            sent: drain_sent,
+            close_sent,
+        };
+        let ClosePlan {
+            reason,
+            client_code,
+            client_close,
+            client_waits,
+            upstream_close,
+            upstream_waits,
+            forwarded,
+        } = self
+            .span
+            .in_scope(|| self.close_plan(ending, &mut up, drain));
         // The client asked to end: the drain ended it too, but it must not reconnect. Only
         // Switchyard's own 1012 is changed; an upstream's or the client's passes as it came.
         let drain_end = lost_in_drain
@@ -830,7 +783,7 @@ impl Stream {
                 CloseReason::DrainGraceful | CloseReason::DrainForced
             );
         let (client_code, client_close) = if up.client_ended && drain_end {
-            (Some(1000), to_client(1000, ""))
+            (Some(1000), Some(frames::close(1000, "", false)))
         } else {
             (client_code, client_close)
         };
@@ -860,6 +813,102 @@ impl Stream {
         );
         drop(open);
         self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
+    }
+
+    /// How `ending` is told to each side; books what it says of the upstream (its error
+    /// metric and line). Runs in the stream's span.
+    fn close_plan(&self, ending: Ending, up: &mut Pump, drain: DrainProgress) -> ClosePlan {
+        let reconnect = || frames::close(1012, "switchyard: draining, reconnect", false);
+        match ending {
+            Ending::UpstreamClosed(code, frame) => ClosePlan::of(CloseReason::Upstream)
+                .client(code, frame)
+                .upstream(echo_close(code, true), false),
+            Ending::ClientClosed(code, frame) => ClosePlan {
+                client_code: code,
+                client_close: Some(echo_close(code, false)),
+                forwarded: Some(frame),
+                ..ClosePlan::of(CloseReason::Client)
+            },
+            Ending::UpstreamFinished { closed, code } => {
+                let plan =
+                    ClosePlan::of(CloseReason::DrainGraceful).client(Some(1012), reconnect());
+                if closed {
+                    plan.upstream(echo_close(code, true), false)
+                } else {
+                    plan
+                }
+            }
+            Ending::DrainNow | Ending::GraceExpired => {
+                if drain.queued && !drain.sent {
+                    // The drain message could not go within grace: it waited behind a
+                    // text message the client never finished, or for an upstream that
+                    // took nothing. The upstream gets the close alone (it may come
+                    // between fragments), not half a message and what followed it.
+                    tracing::info!(
+                        "drain grace over: the drain message waited behind a message the client never finished, or for the upstream to read, and was not sent"
+                    );
+                    up.discard_own();
+                } else if self.endpoint == Endpoint::Speak && drain.sent && !drain.close_sent {
+                    // TTS: `Close` follows `Flush` even when `Flushed` never came.
+                    up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
+                }
+                ClosePlan::of(CloseReason::DrainForced)
+                    .client(Some(1012), reconnect())
+                    .upstream(frames::close(1001, "switchyard: draining", true), true)
+            }
+            // The client is told the same way: a close frame with no status code,
+            // which the JS SDK takes as the end after `CloseStream` (DEEPGRAM.md 5.8).
+            Ending::UpstreamEnded => {
+                ClosePlan::of(CloseReason::Upstream).client(None, echo_close(None, false))
+            }
+            Ending::UpstreamLostInDrain(kind, why) => {
+                self.proxy.metrics.upstream_error(&self.upstream, kind);
+                tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost after the drain message");
+                ClosePlan::of(CloseReason::Error).client(Some(1012), reconnect())
+            }
+            Ending::UpstreamBroke(why) => {
+                let kind = UpstreamErrorKind::Protocol;
+                self.proxy.metrics.upstream_error(&self.upstream, kind);
+                tracing::warn!(upstream = %self.upstream.name, error = %why, "the upstream broke the WebSocket protocol");
+                let plan = ClosePlan::of(CloseReason::Error)
+                    .upstream(frames::close(1002, "protocol error", true), false);
+                if drain.sent {
+                    plan.client(Some(1012), reconnect())
+                } else if up.client_ended {
+                    // As for a lost upstream: the client ended the stream itself.
+                    plan.client(None, echo_close(None, false))
+                } else {
+                    let close =
+                        frames::close(1011, "switchyard: upstream broke the protocol", false);
+                    plan.client(Some(1011), close)
+                }
+            }
+            Ending::UpstreamLost(kind, why) => {
+                self.proxy.metrics.upstream_error(&self.upstream, kind);
+                tracing::warn!(upstream = %self.upstream.name, error = %why, "upstream connection lost mid-stream");
+                let plan = ClosePlan::of(CloseReason::Error);
+                if up.client_ended {
+                    // The client ended the stream itself: told as when the upstream
+                    // ends it without a close frame, not with 1011, on which the JS
+                    // SDK would reconnect a session its app ended.
+                    plan.client(None, echo_close(None, false))
+                } else {
+                    let close = frames::close(1011, "switchyard: upstream connection lost", false);
+                    plan.client(Some(1011), close)
+                }
+            }
+            Ending::ClientLost(why) => {
+                tracing::debug!(error = %why, "client connection lost");
+                ClosePlan::of(CloseReason::Error)
+                    .upstream(frames::close(1001, "client went away", true), true)
+            }
+            Ending::ClientBroke(why) => {
+                tracing::debug!(error = %why, "client broke the WebSocket protocol");
+                ClosePlan::of(CloseReason::Error)
+                    .client(Some(1002), frames::close(1002, "protocol error", false))
+                    .upstream(frames::close(1001, "client went away", true), true)
+            }
+        }
     }
 
     fn ended(
