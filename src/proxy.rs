@@ -27,7 +27,7 @@ use ::http::{HeaderValue, Request, Response};
 use futures_util::future::{self, Either};
 use hyper::body::Incoming;
 
-use crate::drain::Tracker;
+use crate::drain::{RequestGuard, Tracker};
 use crate::error::ProxyError;
 use crate::metrics::{ListenerKind, Metrics, UpstreamErrorKind, first_this_second};
 use crate::route_table::{RouteTable, Router};
@@ -244,6 +244,78 @@ impl Proxy {
             Response::from_parts(parts, ProxyBody::upstream(rbody, finish, limits)),
             color,
         )
+    }
+}
+
+/// Most attempts per request: the first pick and at most two more on connect failure.
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// The upstreams one request or handshake tries within its colour: a connect failure is
+/// retried on another upstream of the same colour, at most `MAX_ATTEMPTS` in all, and
+/// never on the other colour.
+pub(crate) struct Attempts<'t> {
+    proxy: &'t Proxy,
+    table: &'t RouteTable,
+    color: Color,
+    tried: Vec<&'t Upstream>,
+    /// The last failed attempt's count of work in flight, kept until the next attempt
+    /// counts: in between the colour would look empty to `/drain/wait`.
+    failed: Option<RequestGuard>,
+}
+
+impl<'t> Attempts<'t> {
+    pub(crate) fn new(proxy: &'t Proxy, table: &'t RouteTable, color: Color) -> Attempts<'t> {
+        Attempts {
+            proxy,
+            table,
+            color,
+            tried: Vec::new(),
+            failed: None,
+        }
+    }
+
+    /// The next upstream to try, with the work counted on it from now; or the answer
+    /// when none is left: 503 when the colour had no healthy upstream at all, else 502.
+    pub(crate) fn next(&mut self) -> Result<(&'t Arc<Upstream>, RequestGuard), ProxyError> {
+        let Some(upstream) = crate::upstream::pick(self.table.pool(self.color), &self.tried) else {
+            return Err(if self.tried.is_empty() {
+                self.proxy.no_healthy_upstream(self.color);
+                ProxyError::NoHealthyUpstream(self.color.as_str())
+            } else {
+                self.gave_up()
+            });
+        };
+        let guard = self.proxy.tracker.request(upstream, self.table.generation);
+        drop(self.failed.take());
+        Ok((upstream, guard))
+    }
+
+    /// Books a connect to `upstream` that failed with `error`. `Ok`: try the next. A
+    /// connect that failed for want of a socket here is not the upstream's failure, and
+    /// is not retried: another would fail alike.
+    pub(crate) fn connect_failed(
+        &mut self,
+        upstream: &'t Upstream,
+        guard: RequestGuard,
+        error: &std::io::Error,
+    ) -> Result<(), ProxyError> {
+        if crate::nofile::is_local_exhaustion(error) {
+            return Err(self.proxy.out_of_sockets(upstream, error));
+        }
+        let fall = self.table.settings.config.health.fall;
+        self.proxy
+            .connect_failed(upstream, fall, &error.to_string());
+        self.failed = Some(guard);
+        self.tried.push(upstream);
+        if self.tried.len() >= MAX_ATTEMPTS {
+            return Err(self.gave_up());
+        }
+        Ok(())
+    }
+
+    /// The answer when every upstream tried refused its connect.
+    pub(crate) fn gave_up(&self) -> ProxyError {
+        ProxyError::ConnectFailed(self.color.as_str())
     }
 }
 

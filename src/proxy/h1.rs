@@ -82,6 +82,22 @@ impl Stream {
     }
 }
 
+/// `connect` within `limits.connect_timeout`; past it, an error of kind `TimedOut` that
+/// says how long it waited.
+pub async fn connect_within(
+    tls: &Arc<rustls::ClientConfig>,
+    url: &UpstreamUrl,
+    timeout: Duration,
+) -> io::Result<Stream> {
+    match tokio::time::timeout(timeout, connect(tls, url)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?}"),
+        )),
+    }
+}
+
 /// Opens a connection to `url` (TLS for `https://`, verified with `tls`), Nagle off; an
 /// error as at the open-file limit when the descriptors left are the reserve's
 /// (`nofile::Counted::to_open`).
@@ -420,21 +436,14 @@ pub async fn exchange(
             None => {
                 // Boxed: a TLS handshake's state is large, and every request's future
                 // would carry its size (and be copied with it) for this rare path.
-                let connecting = Box::pin(connect(tls, &upstream.url));
-                match tokio::time::timeout(limits.connect_timeout, connecting).await {
-                    Ok(Ok(io)) => {
+                let connecting = connect_within(tls, &upstream.url, limits.connect_timeout);
+                match Box::pin(connecting).await {
+                    Ok(io) => {
                         upstream.record_connect();
                         let trust = io.is_tls().then(|| tls.clone());
                         Conn::new(io, trust)
                     }
-                    Ok(Err(e)) => return Err(Failure::Connect(e, body)),
-                    Err(_) => {
-                        let e = io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("connect timed out after {:?}", limits.connect_timeout),
-                        );
-                        return Err(Failure::Connect(e, body));
-                    }
+                    Err(e) => return Err(Failure::Connect(e, body)),
                 }
             }
         };

@@ -9,14 +9,11 @@ use hyper::body::Incoming;
 
 use super::body::{Access, Finish, ProxyBody, Session, Waiting};
 use super::h1::{self, Failure, RequestHead};
-use super::{ConnInfo, Proxy, error_response, headers};
+use super::{Attempts, ConnInfo, Proxy, error_response, headers};
 use crate::error::ProxyError;
 use crate::metrics::{Protocol, UpstreamErrorKind};
 use crate::route_table::RouteTable;
-use crate::upstream::{Color, Upstream, pick};
-
-/// Most attempts per request: the first pick and at most two more on connect failure.
-pub const MAX_ATTEMPTS: usize = 3;
+use crate::upstream::{Color, Upstream};
 
 /// Forwards one plain HTTP request to `color`.
 pub async fn forward(
@@ -42,28 +39,18 @@ pub async fn forward(
         (&parts.method, &parts.uri),
         Session::Headers(&parts.headers),
     );
-    let pool = table.pool(color);
     let mut body = Some(body);
-    let mut tried: Vec<&Upstream> = Vec::new();
-    let mut failed = None;
+    let mut attempts = Attempts::new(&proxy, &table, color);
     let mut last: Option<&Upstream> = None;
     let error = loop {
-        let Some(upstream) = pick(pool, &tried) else {
-            break if tried.is_empty() {
-                proxy.no_healthy_upstream(color);
-                ProxyError::NoHealthyUpstream(color.as_str())
-            } else {
-                ProxyError::ConnectFailed(color.as_str())
-            };
+        let (upstream, guard) = match attempts.next() {
+            Ok(next) => next,
+            Err(e) => break e,
         };
         let Some(attempt_body) = body.take() else {
-            break ProxyError::ConnectFailed(color.as_str());
+            break attempts.gave_up();
         };
         last = Some(upstream);
-        let guard = proxy.tracker.request(upstream, table.generation);
-        // The failed attempt stops counting only now that this one counts: in between the
-        // colour would look empty to `/drain/wait`.
-        drop(failed.take());
         let access = Access::capture(
             &parts.method,
             &parts.uri,
@@ -114,17 +101,10 @@ pub async fn forward(
                 .with_access(access);
                 return Proxy::relay_answer(response, finish, &limits);
             }
-            Err(Failure::Connect(e, unread)) if crate::nofile::is_local_exhaustion(&e) => {
-                body = Some(unread);
-                break proxy.out_of_sockets(upstream, &e);
-            }
             Err(Failure::Connect(e, unread)) => {
-                failed = Some(guard);
-                proxy.connect_failed(upstream, table.settings.config.health.fall, &e.to_string());
-                tried.push(upstream);
                 body = Some(unread);
-                if tried.len() >= MAX_ATTEMPTS {
-                    break ProxyError::ConnectFailed(color.as_str());
+                if let Err(e) = attempts.connect_failed(upstream, guard, &e) {
+                    break e;
                 }
             }
             Err(Failure::Upstream(e)) => {

@@ -39,12 +39,12 @@ use super::h1::{self, RequestHead, Switched, Unanswered, Upgrade};
 use super::pump::{self, Event, Pump};
 use super::stall;
 use super::woken::Woken;
-use super::{ConnInfo, Proxy, error_response, headers, tag};
+use super::{Attempts, ConnInfo, Proxy, error_response, headers, tag};
 use crate::drain::{DrainWatch, Endpoint};
 use crate::error::ProxyError;
 use crate::metrics::{CloseReason, GaugeGuard, Protocol, UpstreamErrorKind};
 use crate::route_table::RouteTable;
-use crate::upstream::{Color, Upstream, pick};
+use crate::upstream::{Color, Upstream};
 
 /// How long a close handshake with one peer may take once Switchyard starts or answers
 /// one, sending its close frame included: a peer that stopped reading must not hold a
@@ -166,7 +166,6 @@ pub async fn forward(
     );
 
     let limits = super::limits(&table);
-    let fall = table.settings.config.health.fall;
     let get = Method::GET;
     let mut waiting = Waiting::new(
         metrics,
@@ -176,49 +175,24 @@ pub async fn forward(
         (&get, &parts.uri),
         Session::Known(session.as_deref()),
     );
-    let pool = table.pool(color);
-    let mut tried: Vec<&Upstream> = Vec::new();
-    let mut failed = None;
+    // The handshake counts from its connect, as a request does.
+    let mut attempts = Attempts::new(proxy, &table, color);
     let (picked, io, guard) = loop {
-        let Some(upstream) = pick(pool, &tried) else {
-            let e = if tried.is_empty() {
-                proxy.no_healthy_upstream(color);
-                ProxyError::NoHealthyUpstream(color.as_str())
-            } else {
-                ProxyError::ConnectFailed(color.as_str())
-            };
-            return refuse(e);
+        let (upstream, guard) = match attempts.next() {
+            Ok(next) => next,
+            Err(e) => return refuse(e),
         };
-        // The handshake counts from its connect, as a request does; a failed attempt
-        // stops counting only once the next one counts.
-        let guard = proxy.tracker.request(upstream, table.generation);
-        drop(failed.take());
         waiting.on(upstream);
-        let connected = tokio::time::timeout(
-            limits.connect_timeout,
-            super::h1::connect(&table.settings.upstream_tls, &upstream.url),
-        )
-        .await;
+        let tls = &table.settings.upstream_tls;
+        let connected = h1::connect_within(tls, &upstream.url, limits.connect_timeout).await;
         waiting.answered();
         match connected {
-            Ok(Ok(io)) => {
+            Ok(io) => {
                 upstream.record_connect();
                 break (upstream, io, guard);
             }
-            Ok(Err(e)) if crate::nofile::is_local_exhaustion(&e) => {
-                let e = proxy.out_of_sockets(upstream, &e);
-                return refuse(e);
-            }
-            outcome => {
-                let reason = match outcome {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("connect timed out after {:?}", limits.connect_timeout),
-                };
-                proxy.connect_failed(upstream, fall, &reason);
-                failed = Some(guard);
-                tried.push(upstream);
-                if tried.len() >= super::http::MAX_ATTEMPTS {
-                    let e = ProxyError::ConnectFailed(color.as_str());
+            Err(e) => {
+                if let Err(e) = attempts.connect_failed(upstream, guard, &e) {
                     return refuse(e);
                 }
             }
