@@ -1,7 +1,8 @@
 //! Errors Switchyard itself answers with, and who is to blame for each.
 //!
-//! The HTTP edge turns a `ProxyError` into a JSON response in one exhaustive match; blame
-//! decides the log level (client faults are not logged as errors) and the metric label.
+//! The HTTP edge turns a `ProxyError` into a JSON response in one exhaustive match. Blame
+//! goes on the answer's access line beside its code, so an operator tells Switchyard's
+//! own 503 from an upstream's, and a client's fault from a colour's.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -11,7 +12,19 @@ use http::{HeaderValue, Response, StatusCode, header};
 pub enum Blame {
     Client,
     Upstream,
+    /// Switchyard itself: its own limits, or a drain it ran.
     Internal,
+}
+
+impl Blame {
+    /// The access line's `blame` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blame::Client => "client",
+            Blame::Upstream => "upstream",
+            Blame::Internal => "switchyard",
+        }
+    }
 }
 
 /// A request Switchyard answers itself.
@@ -37,6 +50,8 @@ pub enum ProxyError {
     Unauthorized,
     #[error("{0}")]
     BadRequest(String),
+    #[error("only WebSocket version 13 is supported")]
+    WebSocketVersion,
     #[error(
         "the request body stopped: none of it came for {}",
         humantime::format_duration(*.0)
@@ -57,6 +72,7 @@ impl ProxyError {
             ProxyError::DrainDeadline(_) | ProxyError::OutOfSockets(_) => Blame::Internal,
             ProxyError::Unauthorized
             | ProxyError::BadRequest(_)
+            | ProxyError::WebSocketVersion
             | ProxyError::RequestTimeout(_)
             | ProxyError::MethodNotProxied(_) => Blame::Client,
         }
@@ -75,20 +91,34 @@ impl ProxyError {
             ProxyError::OutOfSockets(_) => (StatusCode::SERVICE_UNAVAILABLE, "proxy_overloaded"),
             ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            // The request is at fault, as the runbook lists it; the status says how.
+            ProxyError::WebSocketVersion => (StatusCode::UPGRADE_REQUIRED, "bad_request"),
             ProxyError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ProxyError::MethodNotProxied(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
         }
     }
 
-    /// The JSON answer; a 401 names the schemes a key is accepted in (RFC 9110 §11.6.1).
+    /// The JSON answer; a 401 names the schemes a key is accepted in (RFC 9110 §11.6.1),
+    /// a 426 the WebSocket version that is (RFC 6455 §4.4).
     pub fn to_response(&self) -> Response<Bytes> {
         let (status, code) = self.status_and_code();
         let mut response = json_error(status, code, &self.to_string());
-        if let ProxyError::Unauthorized = self {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"Token realm="switchyard", Bearer realm="switchyard""#),
-            );
+        match self {
+            ProxyError::Unauthorized => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        r#"Token realm="switchyard", Bearer realm="switchyard""#,
+                    ),
+                );
+            }
+            ProxyError::WebSocketVersion => {
+                response.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            _ => {}
         }
         response
     }

@@ -668,6 +668,82 @@ async fn sigterm_keeps_the_admin_api_up_while_streams_drain() {
     assert_eq!(exit.code(), Some(0), "{}", proxy.log());
 }
 
+/// SPEC: a stream's log lines carry its session. A warning is what an operator filtering
+/// with `RUST_LOG=warn` sees, so it must carry the session there too (the stream's span
+/// was at info, and vanished with the info lines).
+#[tokio::test]
+async fn a_streams_warning_names_its_session_when_only_warnings_are_logged() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let site = Site::new().await;
+    // An upstream that takes the upgrade, reads the first audio, and drops the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("the upgrade");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).await.expect("the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let key = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then_some(value.trim())
+            })
+            .expect("a key");
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        );
+        socket.write_all(answer.as_bytes()).await.expect("the 101");
+        let _ = socket.read(&mut [0u8; 64]).await;
+    });
+    let config = site
+        .config_text()
+        .replace(&site.blue.url(), &format!("http://{upstream}"))
+        .replace("[health]\n", "[health]\nmode = \"off\"\n");
+    std::fs::write(site.config(), config).expect("config file");
+    let mut command = Command::new(BIN);
+    command
+        .env("RUST_LOG", "warn")
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .args(["run", "--config"])
+        .arg(site.config());
+    let (child, log) = ChildLog::spawn(&mut command);
+    let mut proxy = Running {
+        child: Some(child),
+        log,
+    };
+    eventually(|| async { tokio::net::TcpStream::connect(&site.proxy).await.is_ok() }).await;
+
+    let mut req = format!("ws://{}/v1/listen", site.proxy)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "x-deepgram-session-id",
+        "session-warned".parse().expect("value"),
+    );
+    let (mut ws, _) = tokio::time::timeout(PATIENCE, connect_async(req))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    ws.send(Message::Binary(vec![0u8; 3200].into()))
+        .await
+        .expect("audio");
+    let line = proxy.log_line("upstream connection lost").await;
+    assert!(line.contains(r#"session="session-warned""#), "{line}");
+    assert!(line.contains("color=blue"), "{line}");
+    assert!(!proxy.log().contains("INFO"), "{}", proxy.log());
+}
+
 // ---- ctl ------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,6 +261,9 @@ async fn sigterm_drains_open_streams_then_exits_zero() {
         .collect();
     assert_eq!(access.len(), 1, "{log}");
     assert_eq!(access[0]["session"], "session-http", "{log}");
+    // The upstream's own answer: no `error` or `blame`, which mark Switchyard's.
+    assert!(access[0].get("error").is_none(), "{log}");
+    assert!(access[0].get("blame").is_none(), "{log}");
     assert!(
         !log.contains("very-secret-client-key"),
         "a client key reached the log:\n{log}"
@@ -618,6 +621,19 @@ async fn out_of_sockets_answers_503_and_leaves_the_upstream_healthy() {
     let (head, body) = exchange(&mut clients[3], &upgrade).await;
     assert!(head.starts_with("http/1.1 503"), "{head}\n{body}");
     assert!(body.contains(r#""error":"proxy_overloaded""#), "{body}");
+    // The refused handshake has its access line, as a refused plain request has, each
+    // saying whose the 503 is.
+    let own_503 = |path: &str| {
+        p.log().lines().any(|l| {
+            l.contains("switchyard::access")
+                && l.contains(&format!(r#""path":"{path}""#))
+                && l.contains(r#""status":503"#)
+                && l.contains(r#""error":"proxy_overloaded""#)
+                && l.contains(r#""blame":"switchyard""#)
+        })
+    };
+    assert!(own_503("/v1/listen"), "{}", p.log());
+    assert!(own_503("/v1/status"), "{}", p.log());
 
     let (_, body) = exchange(&mut admin, status).await;
     let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");

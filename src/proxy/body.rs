@@ -17,18 +17,25 @@ use super::h1;
 use super::stall::{self, StallTimer};
 use tokio::sync::futures::OwnedNotified;
 
+use super::ConnInfo;
 use crate::config::Limits;
 use crate::drain::RequestGuard;
-use crate::metrics::{ColorMetrics, Metrics, Protocol, UpstreamErrorKind};
+use crate::error::ProxyError;
+use crate::metrics::{ColorMetrics, ListenerKind, Metrics, Protocol, UpstreamErrorKind};
 use crate::upstream::{Color, Upstream};
 
 /// What the access log line names; captured only when that log is enabled.
 #[derive(Debug)]
 pub struct Access {
+    /// The client's address, and the listener it came in on (`preview` traffic is an
+    /// operator's test, not users').
+    pub client: http::HeaderValue,
+    pub listener: ListenerKind,
     pub method: http::Method,
     /// The path without the query (queries can carry keys and personal data).
     pub path: String,
-    pub upstream: Arc<str>,
+    /// The upstream that answered or was tried last; `None` when none was.
+    pub upstream: Option<Arc<str>>,
     /// The client's `x-deepgram-session-id`: the SDKs send it on every call, so a
     /// session's requests can be followed across colours as its streams are.
     pub session: Option<String>,
@@ -37,31 +44,56 @@ pub struct Access {
 impl Access {
     /// Captures the fields if `switchyard::access` logs at info; `None` costs nothing.
     pub fn capture(
+        conn: &ConnInfo,
         method: &http::Method,
         uri: &http::Uri,
         session: impl FnOnce() -> Option<String>,
-        upstream: &Arc<str>,
+        upstream: Option<&Arc<str>>,
     ) -> Option<Access> {
         tracing::enabled!(target: "switchyard::access", tracing::Level::INFO).then(|| Access {
+            client: conn.client_ip.clone(),
+            listener: conn.listener,
             method: method.clone(),
             path: uri.path().to_owned(),
-            upstream: upstream.clone(),
+            upstream: upstream.cloned(),
             session: session(),
         })
     }
 
     /// Writes one access line.
     pub fn log(&self, color: Color, status: u16, seconds: f64, bytes: Option<u64>) {
+        self.write(color, status, seconds, bytes, None);
+    }
+
+    /// Writes the access line of an answer of Switchyard's own: its status, and its
+    /// `error` code and `blame`, which an upstream's answer of the same status lacks.
+    pub fn log_own(&self, color: Color, error: &ProxyError, seconds: f64) {
+        let status = error.status_and_code().0.as_u16();
+        self.write(color, status, seconds, None, Some(error));
+    }
+
+    fn write(
+        &self,
+        color: Color,
+        status: u16,
+        seconds: f64,
+        bytes: Option<u64>,
+        own: Option<&ProxyError>,
+    ) {
         tracing::info!(
             target: "switchyard::access",
+            client = self.client.to_str().unwrap_or("-"),
+            listener = self.listener.as_str(),
             color = color.as_str(),
-            upstream = &*self.upstream,
+            upstream = self.upstream.as_deref().unwrap_or("-"),
             method = %self.method,
             path = %self.path,
             session = self.session.as_deref().unwrap_or("-"),
             status,
             duration_ms = seconds * 1000.0,
             bytes_to_client = bytes,
+            error = own.map(|e| e.status_and_code().1),
+            blame = own.map(|e| e.blame().as_str()),
             "request"
         );
     }
@@ -85,6 +117,7 @@ pub enum Session<'a> {
 /// nowhere: no `requests_total`, no duration, no access line. It is counted with
 /// `CLIENT_CLOSED` and the time it waited.
 pub struct Waiting<'a> {
+    pub conn: &'a ConnInfo,
     pub metrics: &'a ColorMetrics,
     pub protocol: Protocol,
     pub color: Color,
@@ -99,6 +132,7 @@ pub struct Waiting<'a> {
 impl<'a> Waiting<'a> {
     /// Bookkeeping for a request; nothing is waited on yet.
     pub fn new(
+        conn: &'a ConnInfo,
         metrics: &'a ColorMetrics,
         protocol: Protocol,
         color: Color,
@@ -107,6 +141,7 @@ impl<'a> Waiting<'a> {
         session: Session<'a>,
     ) -> Waiting<'a> {
         Waiting {
+            conn,
             metrics,
             protocol,
             color,
@@ -143,7 +178,8 @@ impl Drop for Waiting<'_> {
             Session::Headers(headers) => super::headers::session_id(headers),
             Session::Known(session) => session.map(str::to_owned),
         };
-        if let Some(access) = Access::capture(self.method, self.uri, session, &upstream.name) {
+        let name = Some(&upstream.name);
+        if let Some(access) = Access::capture(self.conn, self.method, self.uri, session, name) {
             access.log(self.color, CLIENT_CLOSED, seconds, None);
         }
     }

@@ -32,6 +32,7 @@ pub async fn forward(
     let path = origin_form(&parts.uri);
 
     let mut waiting = Waiting::new(
+        &conn,
         metrics,
         Protocol::Http,
         color,
@@ -52,10 +53,11 @@ pub async fn forward(
         };
         last = Some(upstream);
         let access = Access::capture(
+            &conn,
             &parts.method,
             &parts.uri,
             || headers::session_id(&parts.headers),
-            &upstream.name,
+            Some(&upstream.name),
         );
         let head = RequestHead {
             method: &parts.method,
@@ -143,10 +145,10 @@ pub async fn forward(
     let seconds = started.elapsed().as_secs_f64();
     metrics.request(Protocol::Http, status.as_u16(), seconds);
     // Switchyard's own answers get their access line too, naming the upstream last tried.
-    let upstream = last.map_or_else(|| Arc::from("-"), |u| u.name.clone());
+    let upstream = last.map(|u| &u.name);
     let session = || headers::session_id(&parts.headers);
-    if let Some(access) = Access::capture(&parts.method, &parts.uri, session, &upstream) {
-        access.log(color, status.as_u16(), seconds, None);
+    if let Some(access) = Access::capture(&conn, &parts.method, &parts.uri, session, upstream) {
+        access.log_own(color, &error, seconds);
     }
     let mut answer = error_response(&error, color);
     // The rest of the body may still come, and cannot be told from a next request.

@@ -98,9 +98,23 @@ pub async fn forward(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let metrics = proxy.metrics.color(color);
-    // An answer of Switchyard's own instead of the handshake, counted as the handshake's.
+    // An answer of Switchyard's own instead of the handshake, counted as the handshake's,
+    // with an access line as a plain request's own answer has (the upstream is not named:
+    // the line says what the client got).
+    let access = Access::capture(
+        &conn,
+        req.method(),
+        req.uri(),
+        || headers::session_id(req.headers()),
+        None,
+    );
     let refuse = |e: ProxyError| {
-        metrics.count_request(Protocol::WebSocket, e.status_and_code().0.as_u16());
+        let status = e.status_and_code().0.as_u16();
+        metrics.count_request(Protocol::WebSocket, status);
+        if let Some(access) = &access {
+            let seconds = started.elapsed().as_secs_f64();
+            access.log_own(color, &e, seconds);
+        }
         error_response(&e, color)
     };
     let Some(client_key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
@@ -112,15 +126,7 @@ pub async fn forward(
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_none_or(|v| v.as_bytes() != b"13")
     {
-        let e = ProxyError::BadRequest("only WebSocket version 13 is supported".into());
-        let mut r = error_response(&e, color);
-        *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        metrics.count_request(Protocol::WebSocket, r.status().as_u16());
-        return r;
+        return refuse(ProxyError::WebSocketVersion);
     }
     if let Some(fault) = handshake_fault(&req, &client_key) {
         let e = ProxyError::BadRequest(fault.into());
@@ -168,6 +174,7 @@ pub async fn forward(
     let limits = super::limits(&table);
     let get = Method::GET;
     let mut waiting = Waiting::new(
+        &conn,
         metrics,
         Protocol::WebSocket,
         color,
@@ -235,8 +242,14 @@ pub async fn forward(
             // A refusal (400 bad model, 429 over capacity, 503 no engine) goes back as it
             // came.
             let status = response.status().as_u16();
-            let access =
-                Access::capture(&Method::GET, &parts.uri, || session.clone(), &upstream.name);
+            let session = || session.clone();
+            let access = Access::capture(
+                &conn,
+                &Method::GET,
+                &parts.uri,
+                session,
+                Some(&upstream.name),
+            );
             let finish = Finish::new(
                 &proxy.metrics,
                 color,
@@ -340,8 +353,16 @@ pub async fn forward(
         upstream,
         opened: started,
         // Entered only around its log lines: instrumenting the task would enter it on
-        // every poll, which is every frame.
-        span: tracing::info_span!("stream", color = %color, path = %parts.uri.path(), session = session.as_deref().unwrap_or("-")),
+        // every poll, which is every frame. At the level of its most severe line, so the
+        // session and colour stay on a warning when `RUST_LOG` shows warnings alone.
+        span: tracing::error_span!(
+            "stream",
+            color = %color,
+            path = %parts.uri.path(),
+            session = session.as_deref().unwrap_or("-"),
+            client = conn.client_ip.to_str().unwrap_or("-"),
+            listener = conn.listener.as_str(),
+        ),
     };
     // The handshake stops counting only now that the stream counts: in between the colour
     // would look empty to `/drain/wait`.
@@ -356,10 +377,12 @@ pub async fn forward(
                     .in_scope(|| tracing::info!(upstream = %stream.upstream.name, "stream opened"));
                 io
             }
+            // The client's connection ended between the 101 and the upgrade: a client
+            // lost, as one lost mid-stream is.
             Err(e) => {
-                stream
-                    .span
-                    .in_scope(|| tracing::warn!(error = %e, "upgrade failed"));
+                stream.span.in_scope(
+                    || tracing::debug!(error = %e, "client connection lost before the upgrade completed"),
+                );
                 stream.ended(CloseReason::Error, None, 0, 0, 0);
                 return;
             }

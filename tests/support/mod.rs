@@ -54,12 +54,14 @@ pub struct ChildLog {
 }
 
 impl ChildLog {
-    /// Spawns `command` with `RUST_LOG=info`, no colours, no stdin or stdout, and its
-    /// stderr read by a thread until the process closes it.
+    /// Spawns `command` with `RUST_LOG=info` (unless it sets its own), no colours, no
+    /// stdin or stdout, and its stderr read by a thread until the process closes it.
     pub fn spawn(command: &mut std::process::Command) -> (std::process::Child, ChildLog) {
         use std::process::Stdio;
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let mut child = command
-            .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
