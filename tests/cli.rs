@@ -479,19 +479,7 @@ async fn a_refused_start_is_a_json_line_with_log_format_json() {
     assert!(error.contains("No such file or directory"), "{line}");
 
     // A RUST_LOG that filters errors out does not silence why the process stopped.
-    let out = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(BIN)
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "off")
-            .env_remove("SWITCHYARD_ADMIN_TOKEN")
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .expect("in time")
-    .expect("runs");
+    let out = run_once(&["--log-format", "json"], &config, "off").await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line: serde_json::Value =
@@ -508,20 +496,7 @@ async fn a_refused_start_is_a_json_line_with_log_format_json() {
 async fn an_unreadable_rust_log_is_warned_about() {
     let site = Site::new().await;
     std::fs::remove_file(site.token_file()).expect("remove token");
-    let out = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(site.config())
-            .env("RUST_LOG", "switchyard=loud")
-            .env("NO_COLOR", "1")
-            .env_remove("SWITCHYARD_ADMIN_TOKEN")
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .expect("in time")
-    .expect("runs");
+    let out = run_once(&[], &site.config(), "switchyard=loud").await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let warning = stderr
@@ -530,6 +505,26 @@ async fn an_unreadable_rust_log_is_warned_about() {
         .unwrap_or_else(|| panic!("no warning:\n{stderr}"));
     assert!(warning.contains("WARN"), "{warning}");
     assert!(stderr.contains("no admin token"), "{stderr}");
+}
+
+/// `switchyard ARGS run --config CONFIG` with `RUST_LOG` set, no admin token in the
+/// environment and no colours: its output once it has exited (in time).
+async fn run_once(args: &[&str], config: &Path, rust_log: &str) -> std::process::Output {
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1")
+            .env_remove("SWITCHYARD_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("in time")
+    .expect("runs")
 }
 
 /// A worker count tokio cannot use is refused by name, where tokio would panic.
@@ -674,38 +669,12 @@ async fn sigterm_keeps_the_admin_api_up_while_streams_drain() {
 #[tokio::test]
 async fn a_streams_warning_names_its_session_when_only_warnings_are_logged() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     let site = Site::new().await;
     // An upstream that takes the upgrade, reads the first audio, and drops the connection.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let upstream = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("the upgrade");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            socket.read_exact(&mut byte).await.expect("the head");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let key = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("sec-websocket-key")
-                    .then_some(value.trim())
-            })
-            .expect("a key");
-        let answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            derive_accept_key(key.as_bytes())
-        );
-        socket.write_all(answer.as_bytes()).await.expect("the 101");
+    let upstream = support::hand_written_upstream(Vec::new(), |mut socket| async move {
         let _ = socket.read(&mut [0u8; 64]).await;
-    });
+    })
+    .await;
     let config = site
         .config_text()
         .replace(&site.blue.url(), &format!("http://{upstream}"))

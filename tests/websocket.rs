@@ -16,7 +16,7 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, StatusCode};
 use serde_json::{Value, json};
-use support::{Env, EnvBuilder, PATIENCE, eventually};
+use support::{Env, EnvBuilder, PATIENCE, eventually, hand_written_upstream};
 use switchyard::stub::{StubHandle, StubOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1561,46 +1561,6 @@ async fn client_gets_1002_after(env: &Env, wire: &[u8]) -> Result<(), String> {
         return Err("server frames are unmasked".into());
     }
     Ok(())
-}
-
-/// An upstream on a loopback port that answers one WebSocket upgrade by hand, with
-/// `first` in the same write as its 101, then leaves the connection to `then`.
-async fn hand_written_upstream<F, Fut>(first: Vec<u8>, then: F) -> SocketAddr
-where
-    F: FnOnce(TcpStream) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("the upgrade");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            socket.read_exact(&mut byte).await.expect("the head");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let key = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("sec-websocket-key")
-                    .then_some(value.trim())
-            })
-            .expect("a key");
-        let mut answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            derive_accept_key(key.as_bytes())
-        )
-        .into_bytes();
-        answer.extend_from_slice(&first);
-        socket.write_all(&answer).await.expect("the 101");
-        then(socket).await;
-    });
-    addr
 }
 
 /// A masked close frame's code, as the upstream reads it.

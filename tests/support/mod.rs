@@ -586,3 +586,46 @@ pub async fn upload_then_read_answer(conn: &mut tokio::net::TcpStream, bytes: us
         .expect("the connection is not reset");
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+/// An upstream on a loopback port that answers one WebSocket upgrade by hand, with
+/// `first` in the same write as its 101, then leaves the connection to `then`.
+pub async fn hand_written_upstream<F, Fut>(first: Vec<u8>, then: F) -> std::net::SocketAddr
+where
+    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("the upgrade");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).await.expect("the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let key = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then_some(value.trim())
+            })
+            .expect("a key");
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        )
+        .into_bytes();
+        answer.extend_from_slice(&first);
+        socket.write_all(&answer).await.expect("the 101");
+        then(socket).await;
+    });
+    addr
+}
