@@ -69,11 +69,7 @@ impl Token {
     /// token holds a line break or another control character: no `Authorization` header
     /// can carry it, so every admin write would get 401.
     pub fn read(config: &crate::config::Config) -> Result<Token, crate::config::ConfigError> {
-        let refused = |reason: String| crate::config::ConfigError {
-            file: config.source.display().to_string(),
-            field: "admin.token_file".into(),
-            reason,
-        };
+        let refused = |reason: String| config.refused("admin.token_file", reason);
         let not_text = |source: &str| {
             refused(format!(
                 "the token in {source} is not UTF-8 text; a token is one line of text"

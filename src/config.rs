@@ -557,21 +557,30 @@ impl Config {
             Some(e) => format!("{path} cannot be read ({e})"),
             None => format!("{path} is empty"),
         };
-        ConfigError {
-            file: self.source.display().to_string(),
-            field: "admin.token_file".into(),
-            reason: format!(
+        self.refused(
+            "admin.token_file",
+            format!(
                 "no admin token: {file} and SWITCHYARD_ADMIN_TOKEN is not set or empty; admin writes are never open"
             ),
+        )
+    }
+
+    /// The refusal of this config's `field` for `reason`, naming its file.
+    pub fn refused(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.source.display().to_string(),
+            field: field.into(),
+            reason: reason.into(),
         }
     }
 
     /// Names the first field a reload may not change, if any (listeners and the store).
     pub fn reload_conflict(&self, new: &Config) -> Option<ConfigError> {
-        let err = |field: &str| ConfigError {
-            file: new.source.display().to_string(),
-            field: field.into(),
-            reason: "cannot change on reload; restart Switchyard to change it".into(),
+        let err = |field: &str| {
+            new.refused(
+                field,
+                "cannot change on reload; restart Switchyard to change it",
+            )
         };
         if self.listen.proxy != new.listen.proxy {
             return Some(err("listen.proxy"));

@@ -180,50 +180,36 @@ struct PendingReload {
 pub fn load_settings(config: Config) -> Result<Settings, ConfigError> {
     let client_keys = match &config.client_auth {
         Some(auth) => {
-            let text = std::fs::read_to_string(&auth.keys_file).map_err(|e| ConfigError {
-                file: config.source.display().to_string(),
-                field: "client_auth.keys_file".into(),
-                reason: format!("cannot read {}: {e}", auth.keys_file.display()),
-            })?;
-            let keys = ClientKeys::parse(&text).map_err(|reason| ConfigError {
-                file: config.source.display().to_string(),
-                field: "client_auth.keys_file".into(),
-                reason: format!("{}: {reason}", auth.keys_file.display()),
-            })?;
+            let field = "client_auth.keys_file";
+            let path = auth.keys_file.display();
+            let text = std::fs::read_to_string(&auth.keys_file)
+                .map_err(|e| config.refused(field, format!("cannot read {path}: {e}")))?;
+            let keys = ClientKeys::parse(&text)
+                .map_err(|reason| config.refused(field, format!("{path}: {reason}")))?;
             // Like an empty admin token: refused, since every request would get 401. A
             // file truncated by mistake must not take every client off the air at a reload.
             if keys.is_empty() {
-                return Err(ConfigError {
-                    file: config.source.display().to_string(),
-                    field: "client_auth.keys_file".into(),
-                    reason: format!(
-                        "{} lists no key, so every request would get 401; list at least one, or remove [client_auth]",
-                        auth.keys_file.display()
+                return Err(config.refused(
+                    field,
+                    format!(
+                        "{path} lists no key, so every request would get 401; list at least one, or remove [client_auth]"
                     ),
-                });
+                ));
             }
             Some(keys)
         }
         None => None,
     };
     let tls = match &config.tls {
-        Some(files) => Some(
-            crate::tls::server_config(files).map_err(|reason| ConfigError {
-                file: config.source.display().to_string(),
-                field: reason.0,
-                reason: reason.1,
-            })?,
-        ),
+        Some(files) => {
+            Some(crate::tls::server_config(files).map_err(|e| config.refused(e.field, e.reason))?)
+        }
         None => None,
     };
     let pools = &config.pools;
     let https_pools = pools.blue.iter().chain(&pools.green).any(|u| u.is_tls());
     let upstream_tls = crate::tls::upstream_client_config(&config.upstream_tls, https_pools)
-        .map_err(|e| ConfigError {
-            file: config.source.display().to_string(),
-            field: e.0,
-            reason: e.1,
-        })?;
+        .map_err(|e| config.refused(e.field, e.reason))?;
     // Read again (it was just parsed) only to tell a later reload whether it changed.
     let upstream_ca = config
         .upstream_tls

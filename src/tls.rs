@@ -12,17 +12,29 @@ use crate::config::{TlsFiles, UpstreamTls};
 
 /// A TLS set-up failure: the config field to blame and the reason.
 #[derive(Debug)]
-pub struct TlsError(pub String, pub String);
+pub struct TlsError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl TlsError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> TlsError {
+        TlsError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path)
-        .map_err(|e| TlsError(field.into(), format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| TlsError::new(field, format!("cannot read {}: {e}", path.display())))?;
     let certs = rustls_pemfile::certs(&mut bytes.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| TlsError(field.into(), not_pem(path)))?;
+        .map_err(|_| TlsError::new(field, not_pem(path)))?;
     if certs.is_empty() {
-        return Err(TlsError(
-            field.into(),
+        return Err(TlsError::new(
+            field,
             format!("{} holds no PEM certificate", path.display()),
         ));
     }
@@ -45,19 +57,18 @@ fn not_pem(path: &Path) -> String {
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = read_certs(&files.cert, "tls.cert")?;
     let key_bytes = std::fs::read(&files.key).map_err(|e| {
-        TlsError(
-            "tls.key".into(),
+        TlsError::new(
+            "tls.key",
             format!("cannot read {}: {e}", files.key.display()),
         )
     })?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_bytes.as_slice())
-        .map_err(|_| TlsError("tls.key".into(), not_pem(&files.key)))?
+        .map_err(|_| TlsError::new("tls.key", not_pem(&files.key)))?
         .ok_or_else(|| {
             let encrypted = key_bytes
                 .windows(ENCRYPTED.len())
                 .any(|w| w == ENCRYPTED.as_bytes());
-            TlsError(
-                "tls.key".into(),
+            TlsError::new("tls.key",
                 if encrypted {
                     format!(
                         "{} holds an encrypted private key; give Switchyard the key decrypted (`openssl pkey -in {0} -out NEW`)",
@@ -71,8 +82,8 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     // What `with_single_cert` does, step by step, so that each failure names its file.
     let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
-        TlsError(
-            "tls.key".into(),
+        TlsError::new(
+            "tls.key",
             format!("{}: not a usable private key: {e}", files.key.display()),
         )
     })?;
@@ -81,8 +92,8 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         // A key type whose public half rustls cannot derive is not checked (as rustls does).
         Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
         Err(rustls::Error::InconsistentKeys(_)) => {
-            return Err(TlsError(
-                "tls.key".into(),
+            return Err(TlsError::new(
+                "tls.key",
                 format!(
                     "{} does not match the certificate in {}",
                     files.key.display(),
@@ -91,15 +102,15 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
             ));
         }
         Err(e) => {
-            return Err(TlsError(
-                "tls.cert".into(),
+            return Err(TlsError::new(
+                "tls.cert",
                 format!("{}: not a usable certificate: {e}", files.cert.display()),
             ));
         }
     }
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError("tls".into(), e.to_string()))?
+        .map_err(|e| TlsError::new("tls", e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -130,10 +141,7 @@ pub fn upstream_client_config(
         Some(path) => {
             for cert in read_certs(path, "upstream_tls.ca_file")? {
                 roots.add(cert).map_err(|e| {
-                    TlsError(
-                        "upstream_tls.ca_file".into(),
-                        format!("bad CA certificate: {e}"),
-                    )
+                    TlsError::new("upstream_tls.ca_file", format!("bad CA certificate: {e}"))
                 })?;
             }
         }
@@ -143,11 +151,10 @@ pub fn upstream_client_config(
                 let _ = roots.add(cert);
             }
             if https_pools && roots.is_empty() {
-                return Err(TlsError(
-                    "upstream_tls.ca_file".into(),
+                return Err(TlsError::new(
+                    "upstream_tls.ca_file",
                     "no system CA certificates were found to verify the https:// upstreams: \
-                     name a CA file here, or install the system's CA bundle"
-                        .into(),
+                     name a CA file here, or install the system's CA bundle",
                 ));
             }
         }
@@ -156,7 +163,7 @@ pub fn upstream_client_config(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| TlsError("upstream_tls".into(), e.to_string()))?
+    .map_err(|e| TlsError::new("upstream_tls", e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -190,7 +197,7 @@ mod tests {
         std::fs::write(&files.key, key).expect("key");
         match server_config(&files) {
             Ok(_) => (String::new(), String::new()),
-            Err(TlsError(field, reason)) => (field, reason),
+            Err(TlsError { field, reason }) => (field, reason),
         }
     }
 
