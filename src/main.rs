@@ -240,6 +240,21 @@ fn init_logging(format: LogFormat) {
     if let Some(error) = unreadable {
         tracing::warn!(%error, "RUST_LOG is not a filter this build reads; logging at info");
     }
+    // One that parses may still leave out every line of Switchyard's (`warning` is read as
+    // a target's name, not a level), this one too: said on stderr all the same, as
+    // `fatal` says why the process stopped.
+    if std::env::var("RUST_LOG").is_ok_and(|spec| !spec.trim().eq_ignore_ascii_case("off"))
+        && !tracing::enabled!(target: "switchyard", tracing::Level::ERROR)
+    {
+        let message = "RUST_LOG leaves out every line of Switchyard's, errors included: a level is one of error, warn, info, debug, trace, and any other word names a target (RUST_LOG=off says nothing on purpose)";
+        match format {
+            LogFormat::Json => eprintln!(
+                "{}",
+                serde_json::json!({ "level": "WARN", "message": message, "target": module_path!() })
+            ),
+            LogFormat::Text => eprintln!("warning: {message}"),
+        }
+    }
     if lowered {
         tracing::warn!(
             max = %STATIC_MAX_LEVEL,

@@ -505,6 +505,18 @@ async fn an_unreadable_rust_log_is_warned_about() {
         .unwrap_or_else(|| panic!("no warning:\n{stderr}"));
     assert!(warning.contains("WARN"), "{warning}");
     assert!(stderr.contains("no admin token"), "{stderr}");
+
+    // One that parses but names no level Switchyard logs at (`warning` is a target's
+    // name to tracing) is said too, on stderr, since it silences every line.
+    let out = run_once(&[], &site.config(), "warning").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: RUST_LOG leaves out every line"),
+        "{stderr}"
+    );
+    let out = run_once(&[], &site.config(), "off").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("RUST_LOG"), "off is on purpose: {stderr}");
 }
 
 /// `switchyard ARGS run --config CONFIG` with `RUST_LOG` set, no admin token in the
