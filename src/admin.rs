@@ -332,7 +332,7 @@ struct Peer(SocketAddr);
 /// A mutating call that presented the admin token, and where it came from. Taken from the
 /// request's head, so a caller without the token learns only that, before any body is read.
 struct Authorized {
-    client: Option<SocketAddr>,
+    client: Option<std::net::IpAddr>,
 }
 
 impl FromRequestParts<Admin> for Authorized {
@@ -341,7 +341,10 @@ impl FromRequestParts<Admin> for Authorized {
     async fn from_request_parts(parts: &mut Parts, admin: &Admin) -> Result<Self, ApiError> {
         // The token of the current config: a reload that rotated it takes effect at once.
         let table = admin.control.router().load();
-        let client = parts.extensions.get::<Peer>().map(|p| p.0);
+        let client = parts
+            .extensions
+            .get::<Peer>()
+            .map(|p| p.0.ip().to_canonical());
         if table.settings.admin_token.accepts(&parts.headers) {
             return Ok(Authorized { client });
         }
@@ -559,15 +562,19 @@ async fn apply(
     call: &str,
     change: Change,
 ) -> Result<crate::control::Outcome, ApiError> {
-    admin.control.apply(change).await.map_err(|e| {
-        tracing::info!(
-            client = by.client.map(tracing::field::display),
-            call,
-            error = %e,
-            "route change refused"
-        );
-        e.into()
-    })
+    admin
+        .control
+        .apply_from(change, by.client)
+        .await
+        .map_err(|e| {
+            tracing::info!(
+                action = call,
+                client = by.client.map(tracing::field::display),
+                error = %e,
+                "route change refused"
+            );
+            e.into()
+        })
 }
 
 async fn flip(
@@ -608,7 +615,7 @@ async fn commit(
 
 async fn reload(
     State(admin): State<Admin>,
-    _: Authorized,
+    by: Authorized,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     // No body; an empty JSON object, which generic clients send, says nothing either.
@@ -623,9 +630,13 @@ async fn reload(
         ));
     }
     // Logged as SIGHUP's refusal is: the caller has the 400, the log keeps the record.
-    let outcome = admin.control.apply(Change::Reload).await.inspect_err(
-        |e| tracing::warn!(error = %e, "reload refused (POST /reload); the old config stays"),
-    )?;
+    let outcome = admin
+        .control
+        .apply_from(Change::Reload, by.client)
+        .await
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "reload refused (POST /reload); the old config stays"),
+        )?;
     Ok(change_answer(&admin, outcome))
 }
 

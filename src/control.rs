@@ -135,7 +135,9 @@ type Reply = oneshot::Sender<Result<Outcome, ChangeError>>;
 
 /// A change, where its answer goes, and when it was asked for (a change that waited
 /// behind a write etcd failed slowly is refused at once: `Store::refused_since`).
-type Asked = (Change, Reply, Instant);
+/// A change, where its answer goes, when it was asked for, and by whom (the admin API's
+/// client address, for the log).
+type Asked = (Change, Reply, Instant, Option<std::net::IpAddr>);
 
 /// The handle the admin API and the signal handler use.
 #[derive(Clone)]
@@ -294,13 +296,22 @@ impl Control {
     /// Applies a change and waits for it to be stored and published (and, for a flip or
     /// rollback with `wait_replicas`, applied by every live replica).
     pub async fn apply(&self, change: Change) -> Result<Outcome, ChangeError> {
+        self.apply_from(change, None).await
+    }
+
+    /// `apply`, for a caller whose address the `route changed` line names.
+    pub async fn apply_from(
+        &self,
+        change: Change,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Outcome, ChangeError> {
         let wait = match &change {
             Change::Flip(r) | Change::Rollback(r) => r.wait_replicas,
             _ => None,
         };
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((change, reply, Instant::now()))
+            .send((change, reply, Instant::now(), client))
             .await
             .map_err(|_| ChangeError::Stopped)?;
         let outcome = answer.await.map_err(|_| ChangeError::Stopped)??;
@@ -347,7 +358,7 @@ fn log_loaded(state: &RouteState, first_start: bool, routing: &crate::config::Ro
         crate::config::Store::File => routing.state_file.display().to_string(),
         crate::config::Store::Etcd(etcd) => format!("etcd key {}", etcd.key),
     };
-    let rollback_to = state.rollback_to.map(|c| c.as_str()).unwrap_or("none");
+    let rollback_to = state.rollback_to.map(|c| c.as_str());
     if first_start {
         tracing::info!(
             active = %state.active,
@@ -368,15 +379,23 @@ fn log_loaded(state: &RouteState, first_start: bool, routing: &crate::config::Ro
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Asked>) {
-        while let Some((change, reply, asked)) = rx.recv().await {
-            let result = self.apply(change, asked).await;
+        while let Some((change, reply, asked, client)) = rx.recv().await {
+            let result = self.apply(change, asked, client).await;
             // The caller may have gone (client disconnected); the change stands regardless.
             let _ = reply.send(result);
         }
     }
 
-    async fn apply(&mut self, change: Change, asked: Instant) -> Result<Outcome, ChangeError> {
+    async fn apply(
+        &mut self,
+        change: Change,
+        asked: Instant,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Outcome, ChangeError> {
         let current = self.router.load_full();
+        // A flip past the health gate: traffic may now go to a colour with no upstream
+        // a probe has judged healthy, which the log must not make look ordinary.
+        let forced = matches!(&change, Change::Flip(r) | Change::Rollback(r) if r.force);
         let (expect, reason) = match &change {
             Change::Flip(r) | Change::Rollback(r) => (r.expect_generation, r.reason.as_deref()),
             Change::Commit {
@@ -510,6 +529,8 @@ impl Writer {
             generation = table.generation,
             reason,
             drain_timeout = drain_timeout.map(|d| tracing::field::display(humantime::format_duration(d))),
+            forced = forced.then_some(true),
+            client = client.map(tracing::field::display),
             "route changed"
         );
         if action == Action::Reload {

@@ -165,7 +165,12 @@ impl Proxy {
                 .any(|k| keys.accepts(k))
         {
             if self.metrics.unauthorized(conn.listener) {
-                tracing::warn!(listener = conn.listener.as_str(), client = %conn.client, path = req.uri().path(), "a request without a listed client key got 401 (one line a second at most; switchyard_unauthorized_total counts them all)");
+                tracing::warn!(
+                    listener = conn.listener.as_str(),
+                    client = conn.client_ip.to_str().unwrap_or("-"),
+                    path = req.uri().path(),
+                    "a request without a listed client key got 401 (one line a second at most; switchyard_unauthorized_total counts them all)"
+                );
             }
             let answer = ProxyError::Unauthorized.to_response().map(ProxyBody::full);
             // HTTP/1.1 has the lingering close for a body still coming.
