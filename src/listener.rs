@@ -282,12 +282,6 @@ impl AcceptErrors {
     }
 }
 
-/// Closes the oldest connection kept idle to any upstream of `table`, if there is one.
-fn shed_idle_connection(table: &crate::route_table::RouteTable) {
-    let mut upstreams = table.pools.iter().flat_map(|pool| pool.iter());
-    let _ = upstreams.any(|u| u.idle.close_oldest());
-}
-
 /// Why a client listener waits before accepting.
 #[derive(Clone, Copy)]
 enum Full {
@@ -358,11 +352,9 @@ pub async fn serve(
             let full = if open.count.load(Ordering::Acquire) >= max {
                 Some(Full::Connections(max))
             } else if crate::nofile::at_ceiling() {
-                // A connection kept idle to an upstream is the one socket that can go
-                // without anyone waiting on it: closed, it lets the client in (its close
-                // wakes `freed`) rather than leaving it in the backlog until idle
-                // connections time out.
-                shed_idle_connection(&proxy.router().load());
+                // Connections kept idle to upstreams stay: the clients already in reuse
+                // them, and a request that needs a socket closes one (`Attempts`); a
+                // connection that has sent nothing yet is not worth their 503s.
                 Some(Full::Descriptors)
             } else {
                 None

@@ -252,6 +252,13 @@ impl Proxy {
     }
 }
 
+/// Closes the connection kept idle longest to an upstream of `table` (the first that has
+/// one), for a request that needs a socket at the open-file ceiling; whether one was.
+pub(crate) fn close_an_idle_connection(table: &RouteTable) -> bool {
+    let mut upstreams = table.pools.iter().flat_map(|pool| pool.iter());
+    upstreams.any(|u| u.idle.close_oldest())
+}
+
 /// Most attempts per request: the first pick and at most two more on connect failure.
 pub const MAX_ATTEMPTS: usize = 3;
 
@@ -266,6 +273,8 @@ pub(crate) struct Attempts<'t> {
     /// The last failed attempt's count of work in flight, kept until the next attempt
     /// counts: in between the colour would look empty to `/drain/wait`.
     failed: Option<RequestGuard>,
+    /// A connection kept idle was closed to make room for this request's (once).
+    made_room: bool,
 }
 
 impl<'t> Attempts<'t> {
@@ -276,6 +285,7 @@ impl<'t> Attempts<'t> {
             color,
             tried: Vec::new(),
             failed: None,
+            made_room: false,
         }
     }
 
@@ -296,8 +306,10 @@ impl<'t> Attempts<'t> {
     }
 
     /// Books a connect to `upstream` that failed with `error`. `Ok`: try the next. A
-    /// connect that failed for want of a socket here is not the upstream's failure, and
-    /// is not retried: another would fail alike.
+    /// connect that failed for want of a socket here is not the upstream's failure: it is
+    /// tried once more if a connection kept idle (to another upstream, or to a colour no
+    /// longer active) could be closed to make room, and otherwise not retried, since
+    /// another would fail alike.
     pub(crate) fn connect_failed(
         &mut self,
         upstream: &'t Upstream,
@@ -305,6 +317,11 @@ impl<'t> Attempts<'t> {
         error: &std::io::Error,
     ) -> Result<(), ProxyError> {
         if crate::nofile::is_local_exhaustion(error) {
+            if !self.made_room && close_an_idle_connection(self.table) {
+                self.made_room = true;
+                self.failed = Some(guard);
+                return Ok(());
+            }
             return Err(self.proxy.out_of_sockets(upstream, error));
         }
         let fall = self.table.settings.config.health.fall;

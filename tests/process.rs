@@ -699,6 +699,85 @@ async fn out_of_sockets_answers_503_and_leaves_the_upstream_healthy() {
     );
 }
 
+/// At the open-file ceiling, a request that needs a new upstream connection closes one
+/// kept idle (here, to the colour no longer active) and goes on: before, it got 503
+/// `proxy_overloaded` while idle connections held the sockets until they timed out.
+#[tokio::test]
+async fn a_connect_at_the_ceiling_closes_an_idle_connection_to_make_room() {
+    use tokio::io::AsyncWriteExt;
+    // 64 descriptors: 32 client and upstream sockets at most.
+    let p = Proc::start_with(
+        "1s",
+        Some("ulimit -n 64"),
+        "[health]\nmode = \"off\"\n[limits]\nheader_read_timeout = \"60s\"",
+    )
+    .await;
+    let client = http_client();
+    let admin = |method: http::Method, path: &str, body: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{}{path}", p.admin))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_owned(),
+            )))
+            .expect("request")
+    };
+    let count = |color: &'static str, field: &'static str| {
+        let client = client.clone();
+        let req = admin(http::Method::GET, "/status", "");
+        async move {
+            let (_, status) = send_json(&client, req).await;
+            status["colors"][color][field].as_u64()
+        }
+    };
+    // Uploads of two bytes, one sent: each holds its client and upstream connection.
+    let upload = "POST /v1/listen HTTP/1.1\r\nhost: proxy\r\n\
+                  authorization: Token very-secret-client-key\r\ncontent-length: 2\r\n\r\na";
+    let start = |n: usize| async move {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p.proxy))
+                .await
+                .expect("connect");
+            c.write_all(upload.as_bytes()).await.expect("write");
+            clients.push(c);
+        }
+        clients
+    };
+    // Ten at once on blue leave ten connections kept idle to it.
+    let mut clients = start(10).await;
+    eventually(|| async { count("blue", "in_flight").await == Some(10) }).await;
+    for c in &mut clients {
+        let (head, body) = exchange(c, "a").await;
+        assert!(head.starts_with("http/1.1 200"), "{head}\n{body}");
+    }
+    drop(clients);
+    let metrics = format!("http://127.0.0.1:{}/metrics", p.admin);
+    eventually(|| async {
+        let m = get(&client, &metrics).await;
+        String::from_utf8_lossy(m.body()).contains(r#"switchyard_connections{listener="proxy"} 0"#)
+    })
+    .await;
+    let (status, body) = send_json(
+        &client,
+        admin(
+            http::Method::POST,
+            "/flip",
+            r#"{"to": "green", "force": true}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, http::StatusCode::OK, "{body}");
+    // Twelve on green: with ten sockets kept idle to blue, the last two find the ceiling.
+    let mut clients = start(12).await;
+    eventually(|| async { count("green", "in_flight").await == Some(12) }).await;
+    for c in &mut clients {
+        let (head, body) = exchange(c, "a").await;
+        assert!(head.starts_with("http/1.1 200"), "{head}\n{body}");
+    }
+}
+
 /// One HTTP/2 client with 100 requests at once holds 100 upstream sockets: with 64
 /// descriptors in all, those past the reserve are answered 503 `proxy_overloaded`, and
 /// the descriptors left stay the admin API's (before, the streams took every descriptor

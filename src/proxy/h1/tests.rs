@@ -96,8 +96,8 @@ async fn sweep_closes_kept_connections_the_upstream_closed() {
     );
 }
 
-/// At the open-file ceiling a client listener sheds the connection kept idle longest
-/// (`listener::shed_idle_connection`): it is closed, and the others stay.
+/// At the open-file ceiling a request that needs a socket closes the connection kept
+/// idle longest (`proxy::close_an_idle_connection`): it is closed, and the others stay.
 #[tokio::test]
 async fn close_oldest_closes_the_connection_kept_longest() {
     use tokio::io::AsyncReadExt;
