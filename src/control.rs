@@ -675,10 +675,11 @@ impl Writer {
             self.move_upstreams(current, &table);
         }
         self.router.store(table);
+        let table = self.router.load_full();
         if reloaded {
-            self.close_untrusted(current, &self.router.load());
+            self.close_untrusted(current, &table);
         }
-        self.router.load_full()
+        table
     }
 
     /// What a reload does to upstreams before its table is in place: those it dropped

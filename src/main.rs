@@ -247,13 +247,7 @@ fn init_logging(format: LogFormat) {
         && !tracing::enabled!(target: "switchyard", tracing::Level::ERROR)
     {
         let message = "RUST_LOG leaves out every line of Switchyard's, errors included: a level is one of error, warn, info, debug, trace, and any other word names a target (RUST_LOG=off says nothing on purpose)";
-        match format {
-            LogFormat::Json => eprintln!(
-                "{}",
-                serde_json::json!({ "level": "WARN", "message": message, "target": module_path!() })
-            ),
-            LogFormat::Text => eprintln!("warning: {message}"),
-        }
+        unfiltered(format, tracing::Level::WARN, message, None);
     }
     if lowered {
         tracing::warn!(
@@ -313,16 +307,39 @@ fn fatal(format: LogFormat, message: &str) {
             tracing::error!(error = %message, "switchyard stopped");
         }
         // RUST_LOG filtered errors out: the reason is still said, in the same shape.
-        LogFormat::Json => eprintln!(
-            "{}",
-            serde_json::json!({
-                "level": "ERROR",
-                "message": "switchyard stopped",
-                "error": message,
-                "target": module_path!(),
-            })
+        _ => unfiltered(
+            format,
+            tracing::Level::ERROR,
+            "switchyard stopped",
+            Some(message),
         ),
-        LogFormat::Text => eprintln!("error: {message}"),
+    }
+}
+
+/// A line on stderr whatever RUST_LOG lets through: shaped as the log's JSON lines with
+/// `--log-format json`, else `error: ...` or `warning: ...` (the `error` when there is
+/// one, else the message), as `nginx` prints them.
+fn unfiltered(format: LogFormat, level: tracing::Level, message: &str, error: Option<&str>) {
+    match format {
+        LogFormat::Json => {
+            let mut line = serde_json::json!({
+                "level": level.as_str(),
+                "message": message,
+                "target": module_path!(),
+            });
+            if let Some(error) = error {
+                line["error"] = error.into();
+            }
+            eprintln!("{line}");
+        }
+        LogFormat::Text => {
+            let prefix = if level == tracing::Level::ERROR {
+                "error"
+            } else {
+                "warning"
+            };
+            eprintln!("{prefix}: {}", error.unwrap_or(message));
+        }
     }
 }
 
