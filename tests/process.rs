@@ -734,14 +734,28 @@ async fn a_connect_at_the_ceiling_closes_an_idle_connection_to_make_room() {
     // Uploads of two bytes, one sent: each holds its client and upstream connection.
     let upload = "POST /v1/listen HTTP/1.1\r\nhost: proxy\r\n\
                   authorization: Token very-secret-client-key\r\ncontent-length: 2\r\n\r\na";
+    let metrics = format!("http://127.0.0.1:{}/metrics", p.admin);
+    let connections = |n: usize| {
+        let (client, metrics) = (client.clone(), metrics.clone());
+        async move {
+            let m = get(&client, &metrics).await;
+            let line = format!(r#"switchyard_connections{{listener="proxy"}} {n}"#);
+            String::from_utf8_lossy(m.body()).contains(&line)
+        }
+    };
+    // All `n` are accepted before any upload starts: the listener stops at the ceiling
+    // too, and the uploads' connects must be what finds it.
     let start = |n: usize| async move {
         let mut clients = Vec::new();
         for _ in 0..n {
-            let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p.proxy))
+            let c = tokio::net::TcpStream::connect(("127.0.0.1", p.proxy))
                 .await
                 .expect("connect");
-            c.write_all(upload.as_bytes()).await.expect("write");
             clients.push(c);
+        }
+        eventually(|| connections(n)).await;
+        for c in &mut clients {
+            c.write_all(upload.as_bytes()).await.expect("write");
         }
         clients
     };
@@ -753,12 +767,7 @@ async fn a_connect_at_the_ceiling_closes_an_idle_connection_to_make_room() {
         assert!(head.starts_with("http/1.1 200"), "{head}\n{body}");
     }
     drop(clients);
-    let metrics = format!("http://127.0.0.1:{}/metrics", p.admin);
-    eventually(|| async {
-        let m = get(&client, &metrics).await;
-        String::from_utf8_lossy(m.body()).contains(r#"switchyard_connections{listener="proxy"} 0"#)
-    })
-    .await;
+    eventually(|| connections(0)).await;
     let (status, body) = send_json(
         &client,
         admin(
