@@ -1,6 +1,11 @@
 //! Unit tests of the HTTP/1.1 upstream client: the request head it writes, kept
 //! connections the upstream closed, and the framing it accepts.
 
+use http::header::{self, HeaderMap, HeaderValue};
+use tokio::net::TcpStream;
+
+use super::body::{Decode, step};
+use super::head::parse_head;
 use super::*;
 
 #[test]
