@@ -3,13 +3,13 @@
 //! `Tracker` counts in-flight requests and open streams per colour (the guards below keep
 //! the counts honest on every exit path) and carries the shutdown order. `DrainWatch` tells
 //! one stream its deadline: the earliest of its colour's drain order (a flip away from it),
-//! its upstream's retirement (a reload removed it) and shutdown, counting only orders
-//! given by changes after the table that routed the stream. The protocol-aware close
-//! itself is in `proxy::websocket`; this module takes no hyper types. Plain HTTP requests
-//! on a draining colour, and on every colour at shutdown, are bounded by the same
-//! deadline: `cut_requests_at_deadlines` raises a per-colour mark that their guards see
-//! (the response body then ends with an error; a request still waiting for its answer
-//! gets a 503 the client can retry).
+//! its upstream's retirement (a reload removed it) and shutdown, counting only orders given
+//! by changes after the table that routed the stream. The protocol-aware close itself is in
+//! `proxy::websocket`, with the messages it sends in `deepgram`; this module takes no hyper
+//! types. Plain HTTP requests on a draining colour, and on every colour at shutdown, are
+//! bounded by the same deadline: `cut_requests_at_deadlines` raises a per-colour mark that
+//! their guards see (the response body then ends with an error; a request still waiting for
+//! its answer gets a 503 the client can retry).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -66,37 +66,6 @@ impl DrainOrder {
     /// Whether a stream routed by a table of `generation` is covered.
     pub fn covers(&self, generation: u64) -> bool {
         generation < self.generation
-    }
-}
-
-/// What a WebSocket stream is, for metrics and for how a drain ends it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `/v1/listen`, `/v2/listen`: `CloseStream`, then the finals.
-    Listen,
-    /// `/v1/speak`, `/v2/speak`: `Flush`, then `Close`.
-    Speak,
-    /// Anything else (e.g. `/v1/agent/converse`): 1012 to the client, 1001 upstream.
-    Other,
-}
-
-impl Endpoint {
-    /// Classifies a request path.
-    pub fn of_path(path: &str) -> Endpoint {
-        match path.trim_end_matches('/') {
-            "/v1/listen" | "/v2/listen" => Endpoint::Listen,
-            "/v1/speak" | "/v2/speak" => Endpoint::Speak,
-            _ => Endpoint::Other,
-        }
-    }
-
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::Listen => "listen",
-            Endpoint::Speak => "speak",
-            Endpoint::Other => "other",
-        }
     }
 }
 

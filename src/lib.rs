@@ -18,7 +18,8 @@
 //! (`store`: the state file, or with the `etcd` feature a key several replicas share and
 //! watch) and publishes a new table. New requests see the new colour at once. Streams on
 //! the old colour are told through `drain::DrainWatch`; at their deadline the relay ends
-//! them the way Deepgram's protocol expects and closes the client with 1012.
+//! them the way Deepgram's protocol expects (`deepgram`: which messages, per endpoint)
+//! and closes the client with 1012.
 //!
 //! # Health's path
 //! `health` probes each upstream every `health.interval` and counts passes and failures
@@ -52,6 +53,7 @@ pub mod app;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod deepgram;
 pub mod drain;
 pub mod duration;
 pub mod error;

@@ -13,7 +13,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::drain::Endpoint;
+use crate::deepgram::Endpoint;
 use crate::upstream::{Color, Upstream};
 
 /// Which side of the proxy a request came through.

@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::frames::{self, FrameError, Header};
+use crate::deepgram::{self, ClientMessages, is_type};
 
 /// First read size; doubled while reads fill it, up to `MAX_READ`.
 const FIRST_READ: usize = 4 * 1024;
@@ -103,27 +104,18 @@ pub struct Pump {
     /// Report `Flushed` and `Cleared` messages (a Speak drain waits for the answer to its
     /// `Flush`).
     pub watch_flushed: bool,
-    /// The client's message that ends the stream (`CloseStream`, speak's `Close`), looked
-    /// for in its text frames, passed on or dropped.
-    pub watch_end: Option<&'static str>,
-    /// The client sent `watch_end`: it ended the stream itself.
+    /// The client's messages looked for in its text frames (passed on or dropped): its
+    /// own end, the counted and reset ones, and content that counts when dropped.
+    pub watch: ClientMessages,
+    /// The client sent `watch.end`: it ended the stream itself.
     pub client_ended: bool,
-    /// A client message counted when passed on (speak's `Flush`, each answered by one
-    /// `Flushed`), looked for in its text frames.
-    pub count_type: Option<&'static str>,
-    /// `count_type` messages passed on.
+    /// `watch.counted` messages passed on.
     pub counted: u64,
-    /// A client message after which the `count_type` messages before it get no answer
-    /// (speak's `Clear` drops the text their `Flush` would have spoken).
-    pub reset_type: Option<&'static str>,
-    /// `counted` when the last `reset_type` message was passed on.
+    /// `counted` when the last `watch.reset` message was passed on.
     pub counted_at_reset: u64,
     /// The text so far of a fragmented text message being looked inside (its fragments
     /// are passed on or dropped as they come; the message is read at its last).
     watched_text: Option<Vec<u8>>,
-    /// A client text message counted in `dropped` like audio when it is dropped (speak's
-    /// `Speak`: text that is never spoken). Looked for in text frames of up to 4 KiB.
-    pub dropped_type: Option<&'static str>,
     /// Payload bytes passed on.
     pub bytes: u64,
     /// Payload bytes of frames let through and not yet written: counted in `bytes` once
@@ -170,14 +162,11 @@ impl Pump {
             unflushed: false,
             drop_data: false,
             watch_flushed: false,
-            watch_end: None,
+            watch: ClientMessages::default(),
             client_ended: false,
-            count_type: None,
             counted: 0,
-            reset_type: None,
             counted_at_reset: 0,
             watched_text: None,
-            dropped_type: None,
             bytes: 0,
             uncounted: 0,
             dropped: 0,
@@ -213,7 +202,7 @@ impl Pump {
     /// empty last fragment and the rest of it dropped (counted), so that a client
     /// streaming all its audio as one message cannot hold the drain's message back.
     ///
-    /// A text message that turns out to be the client's own end (`watch_end`) takes the
+    /// A text message that turns out to be the client's own end (`watch.end`) takes the
     /// frames still queued with it: nothing of Switchyard's follows the client's end.
     pub fn inject(&mut self, frame: Bytes) {
         if self.in_message && self.message_binary {
@@ -490,7 +479,7 @@ impl Pump {
     }
 
     /// Whether a frame is looked inside: for `Flushed` and `Cleared`, or for the client's
-    /// end message, `count_type`, `reset_type` or `dropped_type`. A text message may come
+    /// messages in `watch`. A text message may come
     /// in fragments: each is looked inside, and the message read at its last.
     fn watches(&self, header: &Header) -> bool {
         let text = match header.opcode {
@@ -498,12 +487,7 @@ impl Pump {
             frames::CONTINUATION => self.watched_text.is_some(),
             _ => false,
         };
-        text && header.len <= MAX_WATCHED
-            && (self.watch_flushed
-                || self.watch_end.is_some()
-                || self.count_type.is_some()
-                || self.reset_type.is_some()
-                || self.dropped_type.is_some())
+        text && header.len <= MAX_WATCHED && (self.watch_flushed || self.watch.any())
     }
 
     /// The text of the watched message `header`'s frame ends, if it ends one: the frame's
@@ -615,31 +599,23 @@ impl Pump {
         let mut resets = false;
         let mut content = false;
         if let Some(text) = watched.then(|| self.watched_message(&header)).flatten() {
-            flushed = self.watch_flushed && super::websocket::is_type(&text, "Flushed");
-            cleared = self.watch_flushed && super::websocket::is_type(&text, "Cleared");
-            if let Some(end) = self.watch_end
-                && super::websocket::is_type(&text, end)
-            {
+            let is = |name: Option<&str>| name.is_some_and(|name| is_type(&text, name));
+            flushed = self.watch_flushed && is(Some(deepgram::FLUSHED));
+            cleared = self.watch_flushed && is(Some(deepgram::CLEARED));
+            if is(self.watch.end) {
                 self.client_ended = true;
                 self.own.clear();
             }
-            counts = self
-                .count_type
-                .is_some_and(|t| super::websocket::is_type(&text, t));
-            resets = self
-                .reset_type
-                .is_some_and(|t| super::websocket::is_type(&text, t));
-            content = self.drop_data
-                && self
-                    .dropped_type
-                    .is_some_and(|t| super::websocket::is_type(&text, t));
+            counts = is(self.watch.counted);
+            resets = is(self.watch.reset);
+            content = self.drop_data && is(self.watch.content);
         }
         if self.drops(&header) {
             // Counted are the client's audio messages that the upstream never gets: after
             // the drain message each one at its first frame; an empty binary message at
             // its last (one that starts empty may yet carry data), or at its first data
             // if that comes after the drain message. Text (`KeepAlive`, the client's own
-            // `CloseStream`) is dropped but is not audio, except `dropped_type` (speak's
+            // `CloseStream`) is dropped but is not audio, except `watch.content` (speak's
             // `Speak`).
             let first_data =
                 header.opcode == frames::CONTINUATION && self.empty_start && header.len > 0;

@@ -40,7 +40,8 @@ use super::pump::{self, Event, Pump};
 use super::stall;
 use super::woken::Woken;
 use super::{Attempts, ConnInfo, Proxy, error_response, headers, tag};
-use crate::drain::{DrainWatch, Endpoint};
+use crate::deepgram::{self, Endpoint};
+use crate::drain::DrainWatch;
 use crate::error::ProxyError;
 use crate::metrics::{CloseReason, GaugeGuard, Protocol, UpstreamErrorKind};
 use crate::route_table::RouteTable;
@@ -50,10 +51,6 @@ use crate::upstream::{Color, Upstream};
 /// one, sending its close frame included: a peer that stopped reading must not hold a
 /// stream, its drain or shutdown open.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
-
-const CLOSE_STREAM: &str = r#"{"type":"CloseStream"}"#;
-const FLUSH: &str = r#"{"type":"Flush"}"#;
-const CLOSE: &str = r#"{"type":"Close"}"#;
 
 type Io = TokioIo<Upgraded>;
 
@@ -591,23 +588,10 @@ impl Stream {
         let mut up = Pump::new(true, metrics.bytes_to_upstream.clone());
         let mut down = Pump::new(false, metrics.bytes_to_client.clone());
         let endpoint = self.endpoint;
-        // A client that ends the stream itself is not sent 1012 (the JS SDK would reconnect
-        // a session its app ended), even when its end crosses the drain deadline.
-        up.watch_end = match endpoint {
-            Endpoint::Listen => Some("CloseStream"),
-            Endpoint::Speak => Some("Close"),
-            Endpoint::Other => None,
-        };
-        // TTS: each `Flush` the client sends is answered by one `Flushed`, so a drain's own
-        // `Flush` is answered by the first `Flushed` after those of the client's before it;
-        // a `Clear` drops the text of the ones before it, which then get none.
-        if endpoint == Endpoint::Speak {
-            up.count_type = Some("Flush");
-            up.reset_type = Some("Clear");
-            down.watch_flushed = true;
-            // Text the client sends after the drain's `Flush` is never spoken.
-            up.dropped_type = Some("Speak");
-        }
+        // A client that ends the stream itself is not sent 1012, even when its end crosses
+        // the drain deadline; on speak, the drain's `Flush` is answered after the client's.
+        up.watch = endpoint.client_messages();
+        down.watch_flushed = endpoint.flushes();
         // The client's `Flush` messages answered (by `Flushed`, or dropped by a `Clear`:
         // `Cleared`); the drain's own is answered once this passes the count of them the
         // pump had passed on when it went (`Pump::counted_at_own`).
@@ -632,10 +616,8 @@ impl Stream {
                 let grace_over = drain_woken.poll(drain.as_mut(), cx).is_ready();
                 // At the drain deadline: the protocol's own end, then only the finals flow.
                 if !deadline_passed && fired.load(std::sync::atomic::Ordering::Acquire) {
-                    let message = match endpoint {
-                        Endpoint::Other => return Poll::Ready(Ending::DrainNow),
-                        Endpoint::Listen => CLOSE_STREAM,
-                        Endpoint::Speak => FLUSH,
+                    let Some(message) = endpoint.drain_message() else {
+                        return Poll::Ready(Ending::DrainNow);
                     };
                     if up.client_ended {
                         // Its own end is under way upstream: wait for that, within grace.
@@ -669,7 +651,11 @@ impl Stream {
                             };
                             // The drain's `Flush` is answered after the client's before it.
                             if went(&up, drain_at) && flushed > up.counted_at_own() && !close_sent {
-                                up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
+                                up.inject(frames::encode(
+                                    frames::TEXT,
+                                    deepgram::CLOSE.as_bytes(),
+                                    true,
+                                ));
                                 close_sent = true;
                             }
                             continue;
@@ -845,9 +831,13 @@ impl Stream {
                         "drain grace over: the drain message waited behind a message the client never finished, or for the upstream to read, and was not sent"
                     );
                     up.discard_own();
-                } else if self.endpoint == Endpoint::Speak && drain.sent && !drain.close_sent {
+                } else if self.endpoint.flushes() && drain.sent && !drain.close_sent {
                     // TTS: `Close` follows `Flush` even when `Flushed` never came.
-                    up.inject(frames::encode(frames::TEXT, CLOSE.as_bytes(), true));
+                    up.inject(frames::encode(
+                        frames::TEXT,
+                        deepgram::CLOSE.as_bytes(),
+                        true,
+                    ));
                 }
                 ClosePlan::of(CloseReason::DrainForced)
                     .client(Some(1012), reconnect())
@@ -1077,13 +1067,4 @@ where
         let _ = io.shutdown().await;
     })
     .await;
-}
-
-/// Whether a JSON text message has `"type": name`, without a full parse on the hot path.
-pub(crate) fn is_type(text: &[u8], name: &str) -> bool {
-    text.windows(name.len()).any(|w| w == name.as_bytes())
-        && serde_json::from_slice::<serde_json::Value>(text)
-            .ok()
-            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(|t| t == name))
-            .unwrap_or(false)
 }

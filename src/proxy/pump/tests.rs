@@ -303,8 +303,8 @@ async fn client_messages_sent_while_waiting_for_a_close_count_as_dropped() {
 async fn dropped_speak_messages_count_as_dropped_and_control_text_does_not() {
     for (dropped_type, expected) in [(Some("Speak"), 3), (None, 1)] {
         let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
-        pump.watch_end = Some("Close");
-        pump.dropped_type = dropped_type;
+        pump.watch.end = Some("Close");
+        pump.watch.content = dropped_type;
         pump.drop_data = true;
         let mut wire = Vec::new();
         for text in [
@@ -330,7 +330,7 @@ async fn the_clients_own_end_of_stream_is_seen_passed_on_or_dropped() {
 
     // Before any drain: passed on, and seen.
     let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
-    pump.watch_end = Some("CloseStream");
+    pump.watch.end = Some("CloseStream");
     client.write_all(&keep_alive).await.expect("write");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
     assert_eq!(
@@ -348,7 +348,7 @@ async fn the_clients_own_end_of_stream_is_seen_passed_on_or_dropped() {
 
     // After the drain message: dropped, still seen, and not counted as lost audio.
     let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
-    pump.watch_end = Some("CloseStream");
+    pump.watch.end = Some("CloseStream");
     pump.drop_data = true;
     client.write_all(&keep_alive).await.expect("write");
     client.write_all(&close_stream).await.expect("write");
@@ -474,7 +474,7 @@ async fn an_injected_frame_waits_for_the_end_of_a_fragmented_message() {
 #[tokio::test]
 async fn the_clients_own_end_in_fragments_takes_the_held_drain_message_with_it() {
     let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
-    pump.watch_end = Some("CloseStream");
+    pump.watch.end = Some("CloseStream");
     let first = masked(frames::TEXT, false, b"{\"type\":\"Clo");
     client.write_all(&first).await.expect("write");
     assert!(run(&mut pump, &mut src, &mut dst).await.is_none());
@@ -501,7 +501,7 @@ async fn the_clients_own_end_in_fragments_takes_the_held_drain_message_with_it()
 #[tokio::test]
 async fn a_drain_message_after_a_held_flush_is_counted_after_it() {
     let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
-    pump.count_type = Some("Flush");
+    pump.watch.counted = Some("Flush");
     client
         .write_all(&masked(frames::TEXT, false, b"{\"type\":\"Fl"))
         .await
@@ -889,7 +889,7 @@ async fn a_fragmented_flushed_is_reported_at_its_last_fragment() {
 #[tokio::test]
 async fn a_fragmented_message_is_read_whole_or_not_at_all() {
     let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
-    pump.watch_end = Some("CloseStream");
+    pump.watch.end = Some("CloseStream");
     client
         .write_all(&masked(frames::TEXT, false, br#"{"type": "Clo"#))
         .await
@@ -905,7 +905,7 @@ async fn a_fragmented_message_is_read_whole_or_not_at_all() {
     );
 
     let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
-    pump.watch_end = Some("CloseStream");
+    pump.watch.end = Some("CloseStream");
     let padding = vec![b' '; 4 * 1024];
     client
         .write_all(&masked(frames::TEXT, false, br#"{"type": "#))
@@ -923,7 +923,7 @@ async fn a_fragmented_message_is_read_whole_or_not_at_all() {
     assert!(!pump.client_ended, "past 4 KiB the message is not read");
 
     let (mut pump, mut client, mut src, mut dst, _upstream) = client_pump();
-    pump.watch_end = Some("CloseStream");
+    pump.watch.end = Some("CloseStream");
     let large = vec![b' '; 5 * 1024];
     client
         .write_all(&masked(frames::TEXT, false, br#"{"type": "CloseStream""#))
@@ -1011,7 +1011,7 @@ async fn any_drain_timing_leaves_the_upstream_a_valid_stream() {
         let wire = random_client_frames(&mut rng);
         let drain_at = rng.usize(..=wire.len());
         let (mut pump, mut client, mut src, mut dst, mut upstream) = client_pump();
-        pump.watch_end = Some("CloseStream");
+        pump.watch.end = Some("CloseStream");
         let (mut at, mut injected) = (0, false);
         while at < wire.len() || !injected {
             if !injected && at == drain_at {
