@@ -1,7 +1,8 @@
 //! The `switchyard` binary: CLI, logging, config, and running until a signal.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -90,7 +91,7 @@ enum Command {
     /// A Deepgram-compatible stub server, for tests, demos and benchmarks.
     StubUpstream {
         #[arg(long)]
-        listen: std::net::SocketAddr,
+        listen: SocketAddr,
         #[arg(long)]
         name: String,
         /// The `system_health` it reports at start.
@@ -362,32 +363,7 @@ fn describe(error: &anyhow::Error) -> String {
 
 async fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                // The files the config names, and the admin token: `run` in this
-                // environment would refuse to start without one, so `check` refuses too (a
-                // pipeline that checks without the secret can set SWITCHYARD_ADMIN_TOKEN
-                // to anything for the check).
-                if let Err(e) = switchyard::control::load_settings(c.clone()) {
-                    eprintln!("error: {e}");
-                    return Ok(1);
-                }
-                // A state file `run` would refuse is refused here too (the etcd store's
-                // copy is only a fallback, read when etcd is down).
-                if c.routing.store == switchyard::config::Store::File
-                    && let Err(e) = switchyard::state::FileStore::new(&c.routing.state_file).load()
-                {
-                    eprintln!("error: {e}");
-                    return Ok(1);
-                }
-                println!("{}: ok", config.display());
-                Ok(0)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                Ok(1)
-            }
-        },
+        Command::Check { config } => Ok(check(&config)),
         Command::Run { config } => {
             let config = Config::load(&config).map_err(anyhow::Error::msg)?;
             switchyard::nofile::warn_if_short(&config);
@@ -402,98 +378,137 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             listen,
             name,
             health,
-        } => {
-            let mut stop = Stop::new()?;
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("--listen: cannot listen on {listen}"))?;
-            tracing::info!(%listen, %name, "stub upstream listening");
-            let stub = switchyard::stub::Stub::new(switchyard::stub::StubOptions {
-                name,
-                health,
-                ..Default::default()
-            });
-            stub.serve(listener, async move { stop.recv().await })
-                .await?;
-            Ok(0)
-        }
+        } => stub_upstream(listen, name, health).await,
         Command::Ctl {
             admin,
             token_file,
             json,
             command,
         } => {
-            // Trimmed, as `run` reads them: a token written with `echo` ends in a newline,
-            // which no header value may hold.
-            let token = match token_file {
-                Some(f) => {
-                    let token = std::fs::read_to_string(&f)
-                        .with_context(|| format!("--token-file {}", f.display()))?
-                        .trim()
-                        .to_owned();
-                    anyhow::ensure!(!token.is_empty(), "--token-file {} is empty", f.display());
-                    Some(token)
-                }
-                // Not text: refused, as `run` refuses it, rather than sent as no token.
-                None => match std::env::var("SWITCHYARD_ADMIN_TOKEN") {
-                    Err(std::env::VarError::NotUnicode(_)) => {
-                        anyhow::bail!("SWITCHYARD_ADMIN_TOKEN is not UTF-8 text")
-                    }
-                    Err(std::env::VarError::NotPresent) => None,
-                    Ok(t) => Some(t.trim().to_owned()).filter(|t| !t.is_empty()),
-                },
-            };
-            let command = match command {
-                CtlCommand::Status => ctl::Command::Status,
-                CtlCommand::History => ctl::Command::History,
-                CtlCommand::Reload => ctl::Command::Reload,
-                CtlCommand::Flip {
-                    to,
-                    force,
-                    drain_timeout,
-                    expect_generation,
-                    reason,
-                    wait_all,
-                } => ctl::Command::Flip {
-                    to,
-                    force,
-                    drain_timeout,
-                    expect_generation,
-                    reason,
-                    wait_replicas: wait_all,
-                },
-                CtlCommand::Rollback {
-                    force,
-                    drain_timeout,
-                    expect_generation,
-                    reason,
-                    wait_all,
-                } => ctl::Command::Rollback {
-                    force,
-                    drain_timeout,
-                    expect_generation,
-                    reason,
-                    wait_replicas: wait_all,
-                },
-                CtlCommand::Commit {
-                    expect_generation,
-                    reason,
-                } => ctl::Command::Commit {
-                    expect_generation,
-                    reason,
-                },
-                CtlCommand::WaitDrained { color, timeout } => {
-                    ctl::Command::WaitDrained { color, timeout }
-                }
-            };
+            let token = ctl_token(token_file.as_deref())?;
             // As curl takes it: an address without a scheme is plain HTTP.
             let admin = if admin.contains("://") {
                 admin
             } else {
                 format!("http://{admin}")
             };
-            let code = ctl::run(&ctl::Options { admin, token, json }, command).await;
+            let code = ctl::run(&ctl::Options { admin, token, json }, command.into()).await;
             Ok(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}
+
+/// `switchyard check`: 0 when `run` would start on this config, else 1 with the reason.
+fn check(config: &Path) -> u8 {
+    let c = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    // The files the config names, and the admin token: `run` in this environment would
+    // refuse to start without one, so `check` refuses too (a pipeline that checks without
+    // the secret can set SWITCHYARD_ADMIN_TOKEN to anything for the check).
+    if let Err(e) = switchyard::control::load_settings(c.clone()) {
+        eprintln!("error: {e}");
+        return 1;
+    }
+    // A state file `run` would refuse is refused here too (the etcd store's copy is only a
+    // fallback, read when etcd is down).
+    if c.routing.store == switchyard::config::Store::File
+        && let Err(e) = switchyard::state::FileStore::new(&c.routing.state_file).load()
+    {
+        eprintln!("error: {e}");
+        return 1;
+    }
+    println!("{}: ok", config.display());
+    0
+}
+
+/// `switchyard stub-upstream`: serves until SIGTERM or SIGINT.
+async fn stub_upstream(listen: SocketAddr, name: String, health: String) -> anyhow::Result<u8> {
+    let mut stop = Stop::new()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("--listen: cannot listen on {listen}"))?;
+    tracing::info!(%listen, %name, "stub upstream listening");
+    let stub = switchyard::stub::Stub::new(switchyard::stub::StubOptions {
+        name,
+        health,
+        ..Default::default()
+    });
+    stub.serve(listener, async move { stop.recv().await })
+        .await?;
+    Ok(0)
+}
+
+/// The admin token `ctl` sends: `--token-file`'s, else SWITCHYARD_ADMIN_TOKEN's, else none.
+/// Trimmed, as `run` reads them: a token written with `echo` ends in a newline, which no
+/// header value may hold.
+fn ctl_token(token_file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    if let Some(f) = token_file {
+        let token = std::fs::read_to_string(f)
+            .with_context(|| format!("--token-file {}", f.display()))?
+            .trim()
+            .to_owned();
+        anyhow::ensure!(!token.is_empty(), "--token-file {} is empty", f.display());
+        return Ok(Some(token));
+    }
+    // Not text: refused, as `run` refuses it, rather than sent as no token.
+    match std::env::var("SWITCHYARD_ADMIN_TOKEN") {
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("SWITCHYARD_ADMIN_TOKEN is not UTF-8 text")
+        }
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(t) => Ok(Some(t.trim().to_owned()).filter(|t| !t.is_empty())),
+    }
+}
+
+impl From<CtlCommand> for ctl::Command {
+    fn from(command: CtlCommand) -> ctl::Command {
+        match command {
+            CtlCommand::Status => ctl::Command::Status,
+            CtlCommand::History => ctl::Command::History,
+            CtlCommand::Reload => ctl::Command::Reload,
+            CtlCommand::Flip {
+                to,
+                force,
+                drain_timeout,
+                expect_generation,
+                reason,
+                wait_all,
+            } => ctl::Command::Flip {
+                to,
+                force,
+                drain_timeout,
+                expect_generation,
+                reason,
+                wait_replicas: wait_all,
+            },
+            CtlCommand::Rollback {
+                force,
+                drain_timeout,
+                expect_generation,
+                reason,
+                wait_all,
+            } => ctl::Command::Rollback {
+                force,
+                drain_timeout,
+                expect_generation,
+                reason,
+                wait_replicas: wait_all,
+            },
+            CtlCommand::Commit {
+                expect_generation,
+                reason,
+            } => ctl::Command::Commit {
+                expect_generation,
+                reason,
+            },
+            CtlCommand::WaitDrained { color, timeout } => {
+                ctl::Command::WaitDrained { color, timeout }
+            }
         }
     }
 }
