@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use ::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use ::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use bytes::Buf;
 use hyper::body::{Body, Bytes, Incoming};
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
@@ -68,20 +68,132 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
         && has_token(req.headers().get(header::CONNECTION), "upgrade")
 }
 
-/// What makes a client's opening handshake one a server must refuse (RFC 6455 §4.2.1),
-/// beyond a missing key or version: a key that is not 16 bytes in base64; a body, which
-/// the upgrade would leave unread between the handshake and the first frame (and which no
-/// upstream would be sent).
-fn handshake_fault(req: &Request<Incoming>, key: &HeaderValue) -> Option<&'static str> {
-    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
-    let key = key.as_bytes();
-    if !(key.len() == 24 && key[..22].iter().all(base64) && key.ends_with(b"==")) {
-        Some("Sec-WebSocket-Key must be 16 bytes in base64")
-    } else if !req.body().is_end_stream() {
-        Some("a WebSocket handshake has no body")
-    } else {
-        None
+/// The client's `Sec-WebSocket-Key`, or why its opening handshake is one a server must
+/// refuse (RFC 6455 §4.2.1): no key, or one that is not 16 bytes in base64; a version other
+/// than 13; a body, which the upgrade would leave unread between the handshake and the
+/// first frame (and which no upstream would be sent).
+fn client_key(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
+    let bad = |why: &str| ProxyError::BadRequest(why.into());
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| bad("a WebSocket upgrade needs Sec-WebSocket-Key"))?;
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(ProxyError::WebSocketVersion);
     }
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    let bytes = key.as_bytes();
+    if !(bytes.len() == 24 && bytes[..22].iter().all(base64) && bytes.ends_with(b"==")) {
+        return Err(bad("Sec-WebSocket-Key must be 16 bytes in base64"));
+    }
+    if !req.body().is_end_stream() {
+        return Err(bad("a WebSocket handshake has no body"));
+    }
+    Ok(key.clone())
+}
+
+/// The upstream handshake's headers: the client's end-to-end ones, with Switchyard's own
+/// `key` and version in place of the client's and no extension offered (each side's
+/// handshake is its own: Switchyard reads the frames in between).
+fn upstream_headers(mut headers: HeaderMap, key: &str) -> HeaderMap {
+    headers::strip_hop_by_hop(&mut headers);
+    for h in [
+        header::SEC_WEBSOCKET_KEY,
+        header::SEC_WEBSOCKET_EXTENSIONS,
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::SEC_WEBSOCKET_VERSION,
+    ] {
+        headers.remove(h);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    headers.insert(
+        header::SEC_WEBSOCKET_KEY,
+        HeaderValue::from_str(key).expect("a base64 key is a valid header value"),
+    );
+    headers
+}
+
+/// Why the upstream's 101 cannot be relayed: it does not answer Switchyard's `key`, or it
+/// accepts an extension, which was not offered and would mean frames (compressed ones,
+/// say) the relay cannot pass on; RFC 6455 §4.1 says to fail the connection.
+fn switch_fault(answer: &Response<()>, key: &str) -> Option<ProxyError> {
+    let expected = derive_accept_key(key.as_bytes());
+    let why = if answer
+        .headers()
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .is_none_or(|v| v.as_bytes() != expected.as_bytes())
+    {
+        "the upstream's Sec-WebSocket-Accept does not match"
+    } else if answer
+        .headers()
+        .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
+    {
+        "the upstream accepted a WebSocket extension that was not offered"
+    } else {
+        return None;
+    };
+    Some(ProxyError::UpstreamFailed(why.into()))
+}
+
+/// The 101 for the client: the upstream's end-to-end headers, the accept value for the
+/// client's own key, and a subprotocol from those the client `offered`. That is the
+/// upstream's choice, spelt as the client offered it (a browser compares the 101's choice
+/// with its offers exactly, and an upstream may answer `TOKEN` to `token`); else, when
+/// the upstream chose none of them, `token` or `bearer` wherever it stands in the list (a
+/// browser fails a handshake that picks none; the JS SDK may put a session id first).
+fn client_switch(
+    answer: &Response<()>,
+    client_key: &HeaderValue,
+    offered: &[String],
+) -> Response<ProxyBody> {
+    let chosen = answer
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|p| {
+            let p = p.to_str().unwrap_or_default().trim();
+            offered.iter().find(|o| o.eq_ignore_ascii_case(p))
+        })
+        .or_else(|| {
+            offered
+                .iter()
+                .find(|p| p.eq_ignore_ascii_case("token") || p.eq_ignore_ascii_case("bearer"))
+        })
+        .and_then(|p| HeaderValue::from_str(p).ok());
+    let mut reply = Response::new(ProxyBody::empty());
+    *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = reply.headers_mut();
+    for (name, value) in answer.headers() {
+        h.append(name, value.clone());
+    }
+    headers::strip_hop_by_hop(h);
+    for name in [
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::SEC_WEBSOCKET_EXTENSIONS,
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::CONTENT_LENGTH,
+    ] {
+        h.remove(name);
+    }
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&derive_accept_key(client_key.as_bytes()))
+            .expect("base64 is a valid header value"),
+    );
+    if let Some(p) = chosen {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    reply
 }
 
 /// Proxies a WebSocket handshake to `color`, then relays the stream in its own task.
@@ -114,59 +226,22 @@ pub async fn forward(
         }
         error_response(&e, color)
     };
-    let Some(client_key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        let e = ProxyError::BadRequest("a WebSocket upgrade needs Sec-WebSocket-Key".into());
-        return refuse(e);
+    let client_key = match client_key(&req) {
+        Ok(key) => key,
+        Err(e) => return refuse(e),
     };
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_none_or(|v| v.as_bytes() != b"13")
-    {
-        return refuse(ProxyError::WebSocketVersion);
-    }
-    if let Some(fault) = handshake_fault(&req, &client_key) {
-        let e = ProxyError::BadRequest(fault.into());
-        return refuse(e);
-    }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
     let path = super::http::origin_form(&parts.uri);
     let endpoint = Endpoint::of_path(parts.uri.path());
     let session = headers::session_id(&parts.headers);
-    // What the client offered, for the 101: the upstream's choice if it is one of these
-    // (a browser fails a handshake that picks one it did not offer), else `token` or
-    // `bearer` wherever it stands in the list (the JS SDK may put a session id first).
+    // What the client offered, for the 101's choice.
     let offered: Vec<String> = headers::offered_protocols(&parts.headers)
         .into_iter()
         .map(str::to_owned)
         .collect();
-    let fallback_protocol = offered
-        .iter()
-        .find(|p| p.eq_ignore_ascii_case("token") || p.eq_ignore_ascii_case("bearer"))
-        .and_then(|p| HeaderValue::from_str(p).ok());
-
-    let mut up_headers = parts.headers;
-    headers::strip_hop_by_hop(&mut up_headers);
-    for h in [
-        header::SEC_WEBSOCKET_KEY,
-        header::SEC_WEBSOCKET_EXTENSIONS,
-        header::SEC_WEBSOCKET_ACCEPT,
-        header::SEC_WEBSOCKET_VERSION,
-    ] {
-        up_headers.remove(h);
-    }
     let key = generate_key();
-    up_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    up_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    up_headers.insert(
-        header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
-    up_headers.insert(
-        header::SEC_WEBSOCKET_KEY,
-        HeaderValue::from_str(&key).expect("a base64 key is a valid header value"),
-    );
+    let up_headers = upstream_headers(parts.headers, &key);
 
     let limits = super::limits(&table);
     let get = Method::GET;
@@ -268,69 +343,10 @@ pub async fn forward(
             return fail(ProxyError::UpstreamFailed(why), UpstreamErrorKind::Protocol);
         }
     };
-    let expected = derive_accept_key(key.as_bytes());
-    if response
-        .headers()
-        .get(header::SEC_WEBSOCKET_ACCEPT)
-        .is_none_or(|v| v.as_bytes() != expected.as_bytes())
-    {
-        return fail(
-            ProxyError::UpstreamFailed("the upstream's Sec-WebSocket-Accept does not match".into()),
-            UpstreamErrorKind::Protocol,
-        );
+    if let Some(e) = switch_fault(&response, &key) {
+        return fail(e, UpstreamErrorKind::Protocol);
     }
-    // No extension was offered, so an upstream that names one would send frames (say,
-    // compressed ones) the relay cannot pass on; RFC 6455 §4.1 says to fail it here.
-    if response
-        .headers()
-        .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
-    {
-        return fail(
-            ProxyError::UpstreamFailed(
-                "the upstream accepted a WebSocket extension that was not offered".into(),
-            ),
-            UpstreamErrorKind::Protocol,
-        );
-    }
-
-    let mut reply = Response::new(ProxyBody::empty());
-    *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    // Spelt as the client offered it: a browser compares the 101's choice with its
-    // offers exactly, and an upstream may answer `TOKEN` to `token`.
-    let chosen = response
-        .headers()
-        .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .and_then(|p| {
-            let p = p.to_str().unwrap_or_default().trim();
-            offered.iter().find(|o| o.eq_ignore_ascii_case(p))
-        })
-        .and_then(|o| HeaderValue::from_str(o).ok())
-        .or(fallback_protocol);
-    {
-        let h = reply.headers_mut();
-        for (name, value) in response.headers() {
-            h.append(name, value.clone());
-        }
-        headers::strip_hop_by_hop(h);
-        for name in [
-            header::SEC_WEBSOCKET_ACCEPT,
-            header::SEC_WEBSOCKET_EXTENSIONS,
-            header::SEC_WEBSOCKET_PROTOCOL,
-            header::CONTENT_LENGTH,
-        ] {
-            h.remove(name);
-        }
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(
-            header::SEC_WEBSOCKET_ACCEPT,
-            HeaderValue::from_str(&derive_accept_key(client_key.as_bytes()))
-                .expect("base64 is a valid header value"),
-        );
-        if let Some(p) = chosen {
-            h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
-        }
-    }
+    let reply = client_switch(&response, &client_key, &offered);
 
     metrics.count_request(Protocol::WebSocket, 101);
     let stream = Stream {
@@ -364,28 +380,7 @@ pub async fn forward(
     // The handshake stops counting only now that the stream counts: in between the colour
     // would look empty to `/drain/wait`.
     drop(guard);
-    tokio::spawn(async move {
-        let client_io = match client_upgrade.await {
-            Ok(io) => {
-                // The session's first line on its colour: a drained session's reconnect
-                // shows here at once, not only when it ends.
-                stream
-                    .span
-                    .in_scope(|| tracing::info!(upstream = %stream.upstream.name, "stream opened"));
-                io
-            }
-            // The client's connection ended between the 101 and the upgrade: a client
-            // lost, as one lost mid-stream is.
-            Err(e) => {
-                stream.span.in_scope(
-                    || tracing::debug!(error = %e, "client connection lost before the upgrade completed"),
-                );
-                stream.ended(CloseReason::Error, None, 0, 0, 0);
-                return;
-            }
-        };
-        stream.relay(TokioIo::new(client_io), upstream_io).await;
-    });
+    tokio::spawn(stream.run(client_upgrade, upstream_io));
     tag(reply, color)
 }
 
@@ -579,6 +574,28 @@ fn echo_close(code: Option<u16>, to_upstream: bool) -> Bytes {
 }
 
 impl Stream {
+    /// Waits for hyper to hand over the client's upgraded connection (once the 101 is
+    /// written), then relays until the stream ends.
+    async fn run(self, client_upgrade: OnUpgrade, upstream: Switched) {
+        let client = match client_upgrade.await {
+            Ok(io) => io,
+            // The client's connection ended between the 101 and the upgrade: a client
+            // lost, as one lost mid-stream is.
+            Err(e) => {
+                self.span.in_scope(
+                    || tracing::debug!(error = %e, "client connection lost before the upgrade completed"),
+                );
+                self.ended(CloseReason::Error, None, 0, 0, 0);
+                return;
+            }
+        };
+        // The session's first line on its colour: a drained session's reconnect shows
+        // here at once, not only when it ends.
+        self.span
+            .in_scope(|| tracing::info!(upstream = %self.upstream.name, "stream opened"));
+        self.relay(TokioIo::new(client), upstream).await;
+    }
+
     async fn relay(mut self, mut client: Io, mut upstream: Switched) {
         let metrics = self.proxy.metrics.color(self.color).clone();
         // Counted until the stream ends, whatever way it ends (a panic, the runtime
