@@ -15,6 +15,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::header::{HeaderMap, HeaderValue};
 use switchyard::config::Config;
 use switchyard::route_table::{RouteTable, Router, Settings};
+use switchyard::state::RouteState;
 use switchyard::upstream::{Color, pick};
 
 /// A config with `n` upstreams per colour; nothing is read from disk.
@@ -67,6 +68,7 @@ fn table(config: &Arc<Config>, previous: Option<&RouteTable>, generation: u64) -
                 .expect("upstream TLS"),
             upstream_ca: None,
         }),
+        state: Arc::new(RouteState::first_start(Color::Blue, SystemTime::now())),
     }
 }
 

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -143,7 +142,6 @@ type Asked = (Change, Reply, Instant, Option<std::net::IpAddr>);
 #[derive(Clone)]
 pub struct Control {
     tx: mpsc::Sender<Asked>,
-    state: Arc<ArcSwap<RouteState>>,
     router: Arc<Router>,
     /// The store as `/status` shows it, and what `wait_replicas` waits on.
     view: View,
@@ -151,7 +149,6 @@ pub struct Control {
 
 struct Writer {
     router: Arc<Router>,
-    state: Arc<ArcSwap<RouteState>>,
     store: Store,
     metrics: Metrics,
     config_path: std::path::PathBuf,
@@ -262,6 +259,7 @@ impl Control {
             pools: RouteTable::pools_for(&settings.config, None),
             drains: [None, None],
             settings,
+            state: Arc::new(state),
         };
         metrics.route(table.active, table.generation);
         for pool in &table.pools {
@@ -270,18 +268,15 @@ impl Control {
             }
         }
         let router = Arc::new(Router::new(table));
-        let state = Arc::new(ArcSwap::from_pointee(state));
         let (tx, rx) = mpsc::channel(64);
         let control = Control {
             tx,
-            state: state.clone(),
             router: router.clone(),
             view,
         };
         let tasks = store.spawn(control.clone(), router.clone(), stop);
         let writer = Writer {
             router: router.clone(),
-            state,
             store,
             metrics,
             config_path,
@@ -341,7 +336,7 @@ impl Control {
 
     /// The persisted state (history included) as of the last change.
     pub fn state(&self) -> Arc<RouteState> {
-        self.state.load_full()
+        self.router.load().state.clone()
     }
 
     /// The router this control writes to.
@@ -424,8 +419,8 @@ impl Writer {
             return Err(ChangeError::RollbackTo);
         }
         let now = SystemTime::now();
-        let state = self.state.load_full();
-        let (action, table, new_state) = match change {
+        let state = current.state.clone();
+        let (action, table) = match change {
             Change::Flip(req) => {
                 let to = req.to.unwrap_or(current.standby());
                 if to == current.active {
@@ -462,8 +457,9 @@ impl Writer {
                     drains: current.drains,
                     settings: current.settings.clone(),
                     active: current.active,
+                    state: Arc::new(new_state),
                 };
-                (Action::Commit, table, new_state)
+                (Action::Commit, table)
             }
             Change::Reload => self.reload(&current, &state, now).await?,
             Change::Observed(seen) => return self.observe(seen).await,
@@ -476,7 +472,7 @@ impl Writer {
         // as long again, so changes asked for together are answered about together.
         let saved = match self.store.refused_since(asked) {
             Some(e) => Err(e),
-            None => self.store.save(&new_state).await,
+            None => self.store.save(&table.state).await,
         };
         let saved = match saved {
             Ok(saved) => saved,
@@ -487,8 +483,8 @@ impl Writer {
                         self.pending_reloads.remove(0);
                     }
                     self.pending_reloads.push(PendingReload {
-                        generation: new_state.generation,
-                        at: new_state.changed_at.clone(),
+                        generation: table.generation,
+                        at: table.state.changed_at.clone(),
                         table,
                     });
                 }
@@ -517,9 +513,9 @@ impl Writer {
                 actual: self.router.load().generation,
             });
         }
-        let entry = new_state.history.last().cloned();
+        let entry = table.state.history.last().cloned();
         let reloaded = action == Action::Reload;
-        let table = self.publish(&current, table, new_state, Some(action), reloaded);
+        let table = self.publish(&current, table, Some(action), reloaded);
         let reason = entry.as_ref().and_then(|e| e.reason.as_deref());
         let drain_timeout = entry.as_ref().and_then(|e| e.drain_timeout);
         tracing::info!(
@@ -550,7 +546,7 @@ impl Writer {
         to: Color,
         req: FlipRequest,
         now: SystemTime,
-    ) -> Result<(Action, RouteTable, RouteState), ChangeError> {
+    ) -> Result<(Action, RouteTable), ChangeError> {
         if !req.force && !current.has_healthy(to) {
             return Err(ChangeError::TargetUnhealthy(to));
         }
@@ -581,8 +577,9 @@ impl Writer {
             pools: current.pools.clone(),
             drains,
             settings: current.settings.clone(),
+            state: Arc::new(new_state),
         };
-        Ok((action, table, new_state))
+        Ok((action, table))
     }
 
     async fn reload(
@@ -590,7 +587,7 @@ impl Writer {
         current: &RouteTable,
         state: &RouteState,
         now: SystemTime,
-    ) -> Result<(Action, RouteTable, RouteState), ChangeError> {
+    ) -> Result<(Action, RouteTable), ChangeError> {
         let path = self.config_path.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let config = Config::load(&path)?;
@@ -648,18 +645,18 @@ impl Writer {
             pools,
             drains: current.drains,
             settings: Arc::new(settings),
+            state: Arc::new(new_state),
         };
-        Ok((Action::Reload, table, new_state))
+        Ok((Action::Reload, table))
     }
 
-    /// Makes `table` and `state` the route, `current` replaced: the metrics, the state
-    /// `/history` reads, then the table; for a reload, the upstreams it replaced are
-    /// drained first and the connections its new trust no longer covers closed after.
+    /// Makes `table` the route, `current` replaced: the metrics, then the table (with the
+    /// state `/history` reads); for a reload, the upstreams it replaced are drained first
+    /// and the connections its new trust no longer covers closed after.
     fn publish(
         &mut self,
         current: &RouteTable,
         table: RouteTable,
-        state: RouteState,
         action: Option<Action>,
         reloaded: bool,
     ) -> Arc<RouteTable> {
@@ -670,7 +667,6 @@ impl Writer {
         for u in table.pools.iter().flat_map(|p| p.iter()) {
             self.metrics.publish_upstream(u);
         }
-        self.state.store(Arc::new(state));
         if reloaded {
             self.move_upstreams(current, &table);
         }
@@ -789,7 +785,7 @@ impl Writer {
         // brings whatever comes after).
         let mut rounds = 0;
         let state = loop {
-            let ours = self.state.load_full();
+            let ours = self.router.load().state.clone();
             // What is news: a revision after the one this replica follows (a watch event
             // older than that is one of its own changes, which a later one has passed), or
             // another state at that very revision: etcd's history went back and forward
@@ -830,7 +826,7 @@ impl Writer {
         };
         self.store.adopt(&state, seen.revision).await;
         let current = self.router.load_full();
-        if *self.state.load_full() == state {
+        if *current.state == state {
             return Ok(unchanged(current));
         }
         let mut drains = current.drains;
@@ -872,15 +868,16 @@ impl Writer {
             pools,
             drains,
             settings,
+            state: Arc::new(state),
         };
-        let action = state.history.last().map(|h| h.action);
+        let action = table.state.history.last().map(|h| h.action);
         if reloaded.is_some() {
             tracing::warn!(
                 generation = table.generation,
                 "a reload this replica reported as refused reached etcd after all; its config applies now"
             );
         }
-        let table = self.publish(&current, table, state, action, reloaded.is_some());
+        let table = self.publish(&current, table, action, reloaded.is_some());
         tracing::info!(
             action = action.map(|a| a.as_str()),
             active = %table.active,

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, UpstreamUrl};
 use crate::drain::DrainOrder;
+use crate::state::RouteState;
 use crate::upstream::{Color, Observed, Upstream};
 
 /// One colour's upstreams in this table.
@@ -37,6 +38,9 @@ pub struct RouteTable {
     pub drains: [Option<DrainOrder>; 2],
     /// What a reload may change besides the pools.
     pub settings: Arc<Settings>,
+    /// The persisted state this table was made from, history included: `/history` reads
+    /// it here, so it never shows a change whose table is not yet the route.
+    pub state: Arc<RouteState>,
 }
 
 /// Reloadable settings that travel with the table, so one load sees one consistent config.
