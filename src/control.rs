@@ -387,6 +387,12 @@ impl Writer {
         asked: Instant,
         client: Option<std::net::IpAddr>,
     ) -> Result<Outcome, ChangeError> {
+        if matches!(
+            change,
+            Change::Flip(_) | Change::Rollback(_) | Change::Commit { .. }
+        ) {
+            self.catch_up(asked).await?;
+        }
         let current = self.router.load_full();
         // A flip past the health gate: traffic may now go to a colour with no upstream
         // a probe has judged healthy, which the log must not make look ordinary.
@@ -536,6 +542,23 @@ impl Writer {
             changed: true,
             table,
         })
+    }
+
+    /// With etcd, the table trails the key by the watch's delay, so a change another
+    /// replica acknowledged a moment ago may not be here yet. A flip, rollback or commit
+    /// is decided on what etcd holds now: "already active", "no rollback target" and a
+    /// stale `expect_generation` are never answered from an older view. (A reload's
+    /// answer does not depend on the route; a race it loses is refused as any is.)
+    async fn catch_up(&mut self, asked: Instant) -> Result<(), ChangeError> {
+        if let Some(e) = self.store.refused_since(asked) {
+            return Err(e.into());
+        }
+        if let Some(seen) = self.store.latest().await?
+            && self.store.is_news(seen.revision)
+        {
+            self.observe(seen).await?;
+        }
+        Ok(())
     }
 
     fn switch(
@@ -832,11 +855,15 @@ impl Writer {
         let mut drains = current.drains;
         if state.active != current.active {
             // As in `switch`, from the moment this replica applies the change, with the
-            // drain timeout the flip asked for, or this replica's `drain.timeout`.
+            // drain timeout the flip asked for, or this replica's `drain.timeout`. The
+            // change that moved traffic is the last that changed the active colour: a
+            // replica cut off from etcd may see a commit or reload after it first.
             let timeout = state
                 .history
-                .last()
-                .filter(|entry| entry.generation == state.generation)
+                .iter()
+                .rev()
+                .take_while(|entry| entry.generation > current.generation)
+                .find(|entry| entry.from.is_some_and(|from| from != entry.to))
                 .and_then(|entry| entry.drain_timeout)
                 .unwrap_or(current.settings.config.drain.timeout);
             let grace = current.settings.config.drain.grace;

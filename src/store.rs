@@ -158,6 +158,16 @@ impl Store {
         }
     }
 
+    /// The key as etcd holds it now, to decide a change on; `None` with the file store,
+    /// whose state is the table's.
+    pub async fn latest(&mut self) -> Result<Option<Observed>, StoreError> {
+        match self {
+            Store::File(_) => Ok(None),
+            #[cfg(feature = "etcd")]
+            Store::Etcd(etcd) => etcd.latest().await.map(Some),
+        }
+    }
+
     /// Writes `state` only if the key does not exist (a first start while etcd was down,
     /// or a deleted key); a key that exists answers what it holds.
     #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]

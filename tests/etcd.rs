@@ -212,6 +212,8 @@ struct FleetOptions {
     default_id_for_c: bool,
     /// `routing.initial` of the third replica (the others: blue).
     initial_for_c: &'static str,
+    /// The etcd endpoint of the second replica, if not the fleet's (a `Relay`).
+    etcd_for_b: Option<String>,
 }
 
 impl Default for FleetOptions {
@@ -222,6 +224,7 @@ impl Default for FleetOptions {
             lease_ttl: "10s",
             default_id_for_c: false,
             initial_for_c: "blue",
+            etcd_for_b: None,
         }
     }
 }
@@ -284,6 +287,10 @@ impl Fleet {
             let admin = format!("127.0.0.1:{}", free_port());
             let named = !(name == "c" && options.default_id_for_c);
             let id = format!("proxy-{name}");
+            let endpoint = match &options.etcd_for_b {
+                Some(relay) if name == "b" => relay.as_str(),
+                _ => etcd,
+            };
             let config = format!(
                 r#"[listen]
 proxy = "{proxy}"
@@ -297,7 +304,7 @@ green = ["{green}"]
 initial = "{initial}"
 state_file = "{state}"
 store = "etcd"
-etcd = {{ endpoints = ["{etcd}"], key = "{key}", {replica_id}lease_ttl = "{lease_ttl}", timeout = "{timeout}" }}
+etcd = {{ endpoints = ["{endpoint}"], key = "{key}", {replica_id}lease_ttl = "{lease_ttl}", timeout = "{timeout}" }}
 
 [drain]
 timeout = "{drain}"
@@ -1495,11 +1502,14 @@ async fn a_first_start_while_etcd_is_down_writes_the_key_only_if_still_missing()
     fleet.stop().await;
 }
 
-/// A TCP relay to etcd that passes requests on and can hold etcd's answers back: a write
-/// is committed while the client, seeing no answer, gives up on it.
+/// A TCP relay to etcd that passes requests on and can hold etcd's answers back (a write
+/// is committed while the client, seeing no answer, gives up on it), or cut the client off:
+/// every connection through it closed, and new ones closed as they come, until restored.
 struct Relay {
     endpoint: String,
     hold: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Whether connections are let through (not cut).
+    open: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Relay {
@@ -1510,19 +1520,24 @@ impl Relay {
             .expect("bind");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let hold = Arc::new(tokio::sync::watch::Sender::new(false));
-        let holding = hold.clone();
+        let open = Arc::new(tokio::sync::watch::Sender::new(true));
+        let (holding, opened) = (hold.clone(), open.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let mut cut = opened.subscribe();
+                if !*cut.borrow_and_update() {
+                    continue;
+                }
                 let Ok(etcd) = tokio::net::TcpStream::connect(&target).await else {
                     continue;
                 };
                 let (mut client_read, mut client_write) = client.into_split();
                 let (mut etcd_read, mut etcd_write) = etcd.into_split();
-                tokio::spawn(async move {
+                let up = tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut client_read, &mut etcd_write).await;
                 });
                 let mut held = holding.subscribe();
-                tokio::spawn(async move {
+                let down = tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut buf = vec![0; 16 * 1024];
                     while let Ok(n @ 1..) = etcd_read.read(&mut buf).await {
@@ -1532,13 +1547,31 @@ impl Relay {
                         }
                     }
                 });
+                // Cut: both halves dropped, so both sockets close.
+                tokio::spawn(async move {
+                    let _ = cut.wait_for(|open| !*open).await;
+                    up.abort();
+                    down.abort();
+                });
             }
         });
-        Relay { endpoint, hold }
+        Relay {
+            endpoint,
+            hold,
+            open,
+        }
     }
 
     fn hold(&self, hold: bool) {
         self.hold.send_replace(hold);
+    }
+
+    fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.open.send_replace(true);
     }
 }
 
@@ -1908,4 +1941,101 @@ async fn wait_replicas_answers_when_every_live_replica_applied_the_flip() {
     assert_eq!(status["generation"], generation, "{status}");
     fleet.settled().await;
     fleet.agreed().await;
+}
+
+/// A replica's table trails etcd by its watch. B, cut off from etcd while a flip goes
+/// through A, is asked to commit: from its own table there is nothing to commit (200,
+/// "changed": false, and the flip never committed). It asks etcd first, so it refuses
+/// with 503 while it cannot, and once back it commits the flip it had not seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_replica_behind_etcd_decides_a_change_on_what_etcd_holds() {
+    let etcd = Etcd::any().await;
+    let relay = Relay::start(&etcd.endpoint()).await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "behind",
+            etcd_for_b: Some(relay.endpoint.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
+    relay.cut();
+    let flipped = a.flip(json!({"to": "green"})).await;
+    let generation = flipped["generation"].as_u64().expect("generation");
+    assert_eq!(
+        b.status().await["active"],
+        "blue",
+        "B has not seen the flip"
+    );
+    let (status, body) = b.post("/commit", json!({})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    relay.restore();
+    let deadline = Instant::now() + PATIENCE;
+    let committed = loop {
+        let (status, body) = b.post("/commit", json!({})).await;
+        if status == StatusCode::OK {
+            break body;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "B commits once etcd answers: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(committed["changed"], true, "{committed}");
+    assert_eq!(committed["generation"], generation + 1, "{committed}");
+    assert_eq!(committed["active"], "green", "{committed}");
+    assert_eq!(committed["rollback_to"], Value::Null, "{committed}");
+    fleet.converged("green", generation + 1, FOLLOW).await;
+}
+
+/// B, cut off from etcd, misses a flip with `drain_timeout` "1s" and the commit after it;
+/// back, it reads only the commit's state. Its blue stream still drains at the flip's
+/// drain timeout (from when B applied it), not at B's own `drain.timeout` of 30 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_replica_that_missed_a_flip_drains_at_the_flips_drain_timeout() {
+    let etcd = Etcd::any().await;
+    let relay = Relay::start(&etcd.endpoint()).await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "missed-flip",
+            drain_timeout: "30m",
+            etcd_for_b: Some(relay.endpoint.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
+    let (mut stream, color) = Listen::open(&b.proxy).await;
+    assert_eq!(color, "blue");
+    stream.send_confirmed().await;
+    relay.cut();
+    let flipped = a.flip(json!({"to": "green", "drain_timeout": "1s"})).await;
+    let generation = flipped["generation"].as_u64().expect("generation");
+    let (status, body) = a.post("/commit", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(b.status().await["active"], "blue", "B has seen neither");
+    relay.restore();
+    fleet.converged("green", generation + 1, PATIENCE).await;
+    let status = b.status().await;
+    let deadline = status["colors"]["blue"]["drain_deadline"]
+        .as_str()
+        .expect("blue drains on B");
+    let deadline = humantime::parse_rfc3339(deadline).expect("RFC 3339");
+    assert!(
+        deadline < std::time::SystemTime::now() + Duration::from_secs(60),
+        "the flip's 1 s, not drain.timeout's 30 min: {status}"
+    );
+    tokio::time::timeout(PATIENCE, stream.expect_drained("blue"))
+        .await
+        .expect("drained at the flip's drain_timeout");
 }

@@ -286,6 +286,34 @@ impl EtcdStore {
         self.put_if(when, state).await
     }
 
+    /// The key as etcd holds it now: a linearizable read, within `etcd.timeout`.
+    pub async fn latest(&mut self) -> Result<Observed, StoreError> {
+        let mut client = self.client.clone();
+        let started = Instant::now();
+        let answer = within(self.timeout, client.get(self.key.as_str(), None)).await;
+        self.note_failure(started, &answer);
+        let answer = answer?;
+        match answer.kvs().first() {
+            Some(kv) => route_of(&self.key, kv),
+            None => Ok(Observed {
+                state: None,
+                revision: answer.header().map(|h| h.revision()).unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Remembers a call's failure for `refused_since`, if it took long (no answer, or a
+    /// connection given up for want of one): an error etcd answered at once (refused
+    /// connection, leader change, too large) costs the changes behind it no wait.
+    fn note_failure<T>(&mut self, started: Instant, answer: &Result<T, StoreError>) {
+        self.failed = match answer {
+            Err(StoreError::Unavailable(why)) if started.elapsed() >= self.timeout / 2 => {
+                Some((Instant::now(), why.clone()))
+            }
+            _ => None,
+        };
+    }
+
     /// Whether this replica follows the key at `revision`.
     pub fn follows(&self, revision: i64) -> bool {
         self.known == Known::At(revision)
@@ -382,15 +410,7 @@ impl EtcdStore {
         let mut client = self.client.clone();
         let started = Instant::now();
         let answer = within(self.timeout, client.txn(txn)).await;
-        // Only a failure that took long (no answer, or a connection given up for want of
-        // one): an error etcd answered at once (refused connection, leader change, too
-        // large) costs the changes behind it no wait.
-        self.failed = match &answer {
-            Err(StoreError::Unavailable(why)) if started.elapsed() >= self.timeout / 2 => {
-                Some((Instant::now(), why.clone()))
-            }
-            _ => None,
-        };
+        self.note_failure(started, &answer);
         let answer = answer.map_err(|e| match e {
             // A write that timed out may still reach etcd; it is conditioned on this
             // revision, so it either lands whole, for every replica, or not at all.
