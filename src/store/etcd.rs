@@ -497,8 +497,9 @@ impl Shared {
     /// Why this replica should take no traffic yet: its route state is a guess.
     pub fn not_ready(&self) -> Option<&'static str> {
         self.guessing.load(Ordering::Acquire).then_some(
-            "etcd was unreachable at start and there is no state file: this replica serves \
-             routing.initial until it has read the route state from etcd",
+            "etcd was unreachable or held no valid route state at start, and there is no \
+             state file: this replica serves routing.initial until it has read a valid route \
+             state from etcd",
         )
     }
 
