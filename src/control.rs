@@ -3,7 +3,8 @@
 //!
 //! Changes arrive over a channel and are applied one at a time by one task, so no lock is
 //! needed and none is held across the store's write. Each change is checked
-//! (`expect_generation` first), stored (`store`), and only then published to the `Router`
+//! (`expect_generation` first; with etcd, against the key as etcd holds it then, read
+//! first: `Writer::catch_up`), stored (`store`), and only then published to the `Router`
 //! and acknowledged. A state another replica stored arrives as `Change::Observed` and is
 //! published the same way, with this replica's own drain orders.
 
@@ -132,10 +133,9 @@ pub enum StartError {
 
 type Reply = oneshot::Sender<Result<Outcome, ChangeError>>;
 
-/// A change, where its answer goes, and when it was asked for (a change that waited
-/// behind a write etcd failed slowly is refused at once: `Store::refused_since`).
-/// A change, where its answer goes, when it was asked for, and by whom (the admin API's
-/// client address, for the log).
+/// A change, where its answer goes, when it was asked for (a change that waited behind a
+/// write etcd failed slowly is refused at once: `Store::refused_since`), and by whom (the
+/// admin API's client address, for the log).
 type Asked = (Change, Reply, Instant, Option<std::net::IpAddr>);
 
 /// The handle the admin API and the signal handler use.
@@ -387,24 +387,46 @@ impl Writer {
         asked: Instant,
         client: Option<std::net::IpAddr>,
     ) -> Result<Outcome, ChangeError> {
-        if matches!(
-            change,
-            Change::Flip(_) | Change::Rollback(_) | Change::Commit { .. }
-        ) {
-            self.catch_up(asked).await?;
-        }
-        let current = self.router.load_full();
         // A flip past the health gate: traffic may now go to a colour with no upstream
         // a probe has judged healthy, which the log must not make look ordinary.
         let forced = matches!(&change, Change::Flip(r) | Change::Rollback(r) if r.force);
-        let (expect, reason) = match &change {
-            Change::Flip(r) | Change::Rollback(r) => (r.expect_generation, r.reason.as_deref()),
+        let (action_asked, expect, reason) = match &change {
+            Change::Flip(r) => (Some(Action::Flip), r.expect_generation, r.reason.as_deref()),
+            Change::Rollback(r) => (
+                Some(Action::Rollback),
+                r.expect_generation,
+                r.reason.as_deref(),
+            ),
             Change::Commit {
                 expect_generation,
                 reason,
-            } => (*expect_generation, reason.as_deref()),
-            Change::Reload | Change::Observed(_) | Change::Rewound(_) => (None, None),
+            } => (Some(Action::Commit), *expect_generation, reason.as_deref()),
+            Change::Reload | Change::Observed(_) | Change::Rewound(_) => (None, None, None),
         };
+        // Checked after `expect_generation`, but a request that is wrong in itself is
+        // told so (400) even while etcd cannot be read.
+        let malformed = if let Some(chars) = reason
+            .map(|r| r.chars().count())
+            .filter(|&n| n > MAX_REASON)
+        {
+            Some(ChangeError::ReasonTooLong(chars))
+        } else if let Change::Rollback(r) = &change
+            && r.to.is_some()
+        {
+            Some(ChangeError::RollbackTo)
+        } else {
+            None
+        };
+        if let Some(action) = action_asked
+            && let Err(e) = self.catch_up(asked).await
+        {
+            if let Some(malformed) = malformed {
+                return Err(malformed);
+            }
+            tracing::error!(action = action.as_str(), error = %e, "could not read the route from etcd; the change is refused and the route stays as it was");
+            return Err(e);
+        }
+        let current = self.router.load_full();
         if let Some(expected) = expect
             && expected != current.generation
         {
@@ -413,16 +435,8 @@ impl Writer {
                 actual: current.generation,
             });
         }
-        if let Some(chars) = reason
-            .map(|r| r.chars().count())
-            .filter(|&n| n > MAX_REASON)
-        {
-            return Err(ChangeError::ReasonTooLong(chars));
-        }
-        if let Change::Rollback(r) = &change
-            && r.to.is_some()
-        {
-            return Err(ChangeError::RollbackTo);
+        if let Some(malformed) = malformed {
+            return Err(malformed);
         }
         let now = SystemTime::now();
         let state = current.state.clone();

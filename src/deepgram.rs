@@ -9,9 +9,10 @@
 /// A drain's first message to a `/v1/listen` or `/v2/listen` upstream: finalize what it
 /// has, send the finals, close.
 pub const CLOSE_STREAM: &str = r#"{"type":"CloseStream"}"#;
-/// A drain's first message to a `/v1/speak` upstream: speak what it has, answer `Flushed`.
+/// A drain's first message to a `/v1/speak` or `/v2/speak` upstream: speak what it has,
+/// answer `Flushed`.
 pub const FLUSH: &str = r#"{"type":"Flush"}"#;
-/// A drain's last message to a `/v1/speak` upstream, once `Flushed` came or grace ran out.
+/// A drain's last message to a speak upstream, once `Flushed` came or grace ran out.
 pub const CLOSE: &str = r#"{"type":"Close"}"#;
 /// A speak upstream's answer to one `Flush`.
 pub const FLUSHED: &str = "Flushed";

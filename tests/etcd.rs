@@ -860,6 +860,21 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
         took < ETCD_TIMEOUT + Duration::from_millis(1500),
         "four changes asked together were all refused only after {took:?}"
     );
+    // A request wrong in itself is told so, etcd or not.
+    let long = "r".repeat(switchyard::control::MAX_REASON + 1);
+    for (path, body) in [
+        ("/flip", json!({"to": "blue", "reason": long})),
+        ("/rollback", json!({"to": "blue"})),
+    ] {
+        let (code, refused) = a.post(path, body).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {refused}");
+        assert_eq!(refused["error"], "bad_request", "{path}: {refused}");
+    }
+    let log = a.log();
+    assert!(
+        log.contains("could not read the route from etcd"),
+        "a refusal for want of etcd is logged: {log}"
+    );
     for r in &fleet.replicas {
         until(&format!("{} out of sync", r.id), PATIENCE, || async {
             r.status().await["store"]["in_sync"] == false

@@ -600,8 +600,8 @@ impl Pump {
         let mut content = false;
         if let Some(text) = watched.then(|| self.watched_message(&header)).flatten() {
             let is = |name: Option<&str>| name.is_some_and(|name| is_type(&text, name));
-            flushed = self.watch_flushed && is(Some(deepgram::FLUSHED));
-            cleared = self.watch_flushed && is(Some(deepgram::CLEARED));
+            flushed = self.watch_flushed && is_type(&text, deepgram::FLUSHED);
+            cleared = self.watch_flushed && is_type(&text, deepgram::CLEARED);
             if is(self.watch.end) {
                 self.client_ended = true;
                 self.own.clear();

@@ -14,7 +14,9 @@
 //!   or freezes drops out of the others' lists within `lease_ttl`.
 //! - Fail static: while etcd does not answer, the replica serves the last state it saw
 //!   (also kept in `routing.state_file`, which it starts from when etcd is down) and
-//!   refuses changes within `etcd.timeout`.
+//!   refuses changes within `etcd.timeout` (a flip, rollback or commit reads the key, then
+//!   writes it: with an etcd that answers the read slowly and not the write, up to twice
+//!   that).
 //!
 //! Every call is bounded here by `etcd.timeout`, not by the client's per-request timeout,
 //! which would also end the long-lived watch and keep-alive streams.
@@ -66,8 +68,8 @@ pub struct EtcdStore {
 /// What this replica knows of the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Known {
-    /// Not read since start (etcd was down), or since etcd's history went back: changes
-    /// wait until the watch has read it.
+    /// Not read since start (etcd was down), or since etcd's history went back: a reload
+    /// waits until the watch has read it; a flip, rollback or commit reads it itself.
     Unread,
     /// Read, and missing at this revision.
     Missing(i64),
