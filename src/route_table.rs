@@ -39,7 +39,9 @@ pub struct RouteTable {
     /// What a reload may change besides the pools.
     pub settings: Arc<Settings>,
     /// The persisted state this table was made from, history included: `/history` reads
-    /// it here, so it never shows a change whose table is not yet the route.
+    /// it here, so it never shows a change whose table is not yet the route. `active`,
+    /// `rollback_to`, `generation` and `changed_at` above are its typed copies, read on
+    /// every request without going through it; the writer sets both from one value.
     pub state: Arc<RouteState>,
 }
 
