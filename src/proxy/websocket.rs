@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use ::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -502,6 +502,60 @@ enum Ending {
     GraceExpired,
 }
 
+impl Ending {
+    /// How an event of the upstream's direction (`down`) ends the relay, other than a
+    /// `Flushed` or `Cleared` passing on. `drained`: the drain message went upstream;
+    /// `client_ended`: the client sent its own end.
+    fn from_upstream(event: Event, drained: bool, client_ended: bool) -> Ending {
+        let lost = |why| Ending::UpstreamLost(UpstreamErrorKind::Protocol, why);
+        match event {
+            // No drain message went (none yet, or the client was already ending): the
+            // upstream's close passes on as it came.
+            Event::Close { code, frame } if !drained => Ending::UpstreamClosed(code, frame),
+            Event::Close { code, .. } => Ending::UpstreamFinished { closed: true, code },
+            Event::DestinationLost(why) => Ending::ClientLost(why),
+            Event::SourceLost(why) if drained => {
+                Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
+            }
+            Event::Protocol(e) => Ending::UpstreamBroke(e.to_string()),
+            _ if drained => Ending::UpstreamFinished {
+                closed: false,
+                code: None,
+            },
+            Event::Ended if client_ended => Ending::UpstreamEnded,
+            Event::Ended => lost("connection closed without a close frame".into()),
+            Event::SourceLost(why) => lost(why),
+            Event::Flushed | Event::Cleared => Ending::UpstreamBroke("unexpected".into()),
+        }
+    }
+
+    /// How an event of the client's direction (`up`) ends the relay.
+    fn from_client(event: Event, drained: bool) -> Ending {
+        match event {
+            Event::Close { code, frame } => Ending::ClientClosed(code, frame),
+            Event::Ended => Ending::ClientLost("connection closed without a close frame".into()),
+            Event::SourceLost(why) => Ending::ClientLost(why),
+            Event::Protocol(e) => Ending::ClientBroke(e.to_string()),
+            Event::DestinationLost(why) if drained => {
+                Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
+            }
+            Event::DestinationLost(why) => Ending::UpstreamLost(UpstreamErrorKind::Protocol, why),
+            Event::Flushed | Event::Cleared => Ending::ClientBroke("unexpected".into()),
+        }
+    }
+
+    /// How a side that took no bytes for `limits.stall_timeout` ends the relay.
+    fn stalled(side: Side, why: String, drained: bool) -> Ending {
+        match side {
+            Side::Upstream if drained => {
+                Ending::UpstreamLostInDrain(UpstreamErrorKind::Timeout, why)
+            }
+            Side::Upstream => Ending::UpstreamLost(UpstreamErrorKind::Timeout, why),
+            Side::Client => Ending::ClientLost(why),
+        }
+    }
+}
+
 /// How far a stream's drain message got by its end.
 #[derive(Clone, Copy)]
 struct DrainProgress {
@@ -659,7 +713,7 @@ impl Stream {
                     return Poll::Ready(Ending::GraceExpired);
                 }
                 loop {
-                    let ending = match down.poll(cx, &mut upstream, &mut client) {
+                    let event = match down.poll(cx, &mut upstream, &mut client) {
                         Poll::Pending => break,
                         Poll::Ready(event @ (Event::Flushed | Event::Cleared)) => {
                             flushed = match event {
@@ -677,66 +731,26 @@ impl Stream {
                             }
                             continue;
                         }
-                        // No drain message went (none yet, or the client was already
-                        // ending): the upstream's close passes on as it came.
-                        // (What of Switchyard's own is still queued cannot follow its close.)
-                        Poll::Ready(Event::Close { code, frame }) if !went(&up, drain_at) => {
-                            up.discard_own();
-                            Ending::UpstreamClosed(code, frame)
-                        }
-                        Poll::Ready(Event::Close { code, .. }) => {
-                            up.discard_own();
-                            Ending::UpstreamFinished { closed: true, code }
-                        }
-                        Poll::Ready(Event::DestinationLost(why)) => Ending::ClientLost(why),
-                        Poll::Ready(Event::SourceLost(why)) if went(&up, drain_at) => {
-                            Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
-                        }
-                        Poll::Ready(Event::Protocol(e)) => Ending::UpstreamBroke(e.to_string()),
-                        Poll::Ready(_) if went(&up, drain_at) => Ending::UpstreamFinished {
-                            closed: false,
-                            code: None,
-                        },
-                        Poll::Ready(Event::Ended) if up.client_ended => Ending::UpstreamEnded,
-                        Poll::Ready(Event::Ended) => {
-                            let why = "connection closed without a close frame";
-                            Ending::UpstreamLost(UpstreamErrorKind::Protocol, why.into())
-                        }
-                        Poll::Ready(Event::SourceLost(why)) => {
-                            Ending::UpstreamLost(UpstreamErrorKind::Protocol, why)
-                        }
+                        Poll::Ready(event) => event,
                     };
+                    let drained = went(&up, drain_at);
+                    if matches!(event, Event::Close { .. }) {
+                        // What of Switchyard's own is still queued cannot follow its close.
+                        up.discard_own();
+                    }
+                    let ending = Ending::from_upstream(event, drained, up.client_ended);
                     return Poll::Ready(ending);
                 }
-                let ending = match up.poll(cx, &mut client, &mut upstream) {
+                let polled = up.poll(cx, &mut client, &mut upstream);
+                // After the poll, which may have written the drain message.
+                let drained = went(&up, drain_at);
+                let ending = match polled {
                     Poll::Pending => {
                         let timeout = || router.load().settings.config.limits.stall_timeout;
-                        match stall.poll(cx, &up, &down, timeout) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready((Side::Upstream, why)) if went(&up, drain_at) => {
-                                Ending::UpstreamLostInDrain(UpstreamErrorKind::Timeout, why)
-                            }
-                            Poll::Ready((Side::Upstream, why)) => {
-                                Ending::UpstreamLost(UpstreamErrorKind::Timeout, why)
-                            }
-                            Poll::Ready((Side::Client, why)) => Ending::ClientLost(why),
-                        }
+                        let (side, why) = ready!(stall.poll(cx, &up, &down, timeout));
+                        Ending::stalled(side, why, drained)
                     }
-                    Poll::Ready(Event::Close { code, frame }) => Ending::ClientClosed(code, frame),
-                    Poll::Ready(Event::Ended) => {
-                        Ending::ClientLost("connection closed without a close frame".into())
-                    }
-                    Poll::Ready(Event::SourceLost(why)) => Ending::ClientLost(why),
-                    Poll::Ready(Event::Protocol(e)) => Ending::ClientBroke(e.to_string()),
-                    Poll::Ready(Event::DestinationLost(why)) if went(&up, drain_at) => {
-                        Ending::UpstreamLostInDrain(UpstreamErrorKind::Protocol, why)
-                    }
-                    Poll::Ready(Event::DestinationLost(why)) => {
-                        Ending::UpstreamLost(UpstreamErrorKind::Protocol, why)
-                    }
-                    Poll::Ready(Event::Flushed | Event::Cleared) => {
-                        Ending::ClientBroke("unexpected".into())
-                    }
+                    Poll::Ready(event) => Ending::from_client(event, drained),
                 };
                 Poll::Ready(ending)
             })
