@@ -375,9 +375,31 @@ fn log_loaded(state: &RouteState, first_start: bool, routing: &crate::config::Ro
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Asked>) {
         while let Some((change, reply, asked, client)) = rx.recv().await {
-            let result = self.apply(change, asked, client).await;
+            let result = match change {
+                Change::Reload => self.reload_retried(asked, client).await,
+                change => self.apply(change, asked, client).await,
+            };
+            self.store.end_change();
             // The caller may have gone (client disconnected); the change stands regardless.
             let _ = reply.send(result);
+        }
+    }
+
+    /// A reload, tried again when another replica's change got to etcd first: it asks
+    /// for no generation, so losing that race says nothing to its caller, and a SIGHUP
+    /// has no caller to try again. Each try follows what won first; a replica whose
+    /// watch is late learns of the change only by losing to it. Three tries at most.
+    async fn reload_retried(
+        &mut self,
+        asked: Instant,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Outcome, ChangeError> {
+        let mut tries = 1;
+        loop {
+            match self.apply(Change::Reload, asked, client).await {
+                Err(ChangeError::GenerationMismatch { .. }) if tries < 3 => tries += 1,
+                result => return result,
+            }
         }
     }
 
@@ -417,6 +439,11 @@ impl Writer {
         } else {
             None
         };
+        // The read and the write answer within one `etcd.timeout` together: nothing
+        // else waits in between (a reload's probes may take longer; it does not read).
+        if action_asked.is_some() {
+            self.store.begin_change();
+        }
         if let Some(action) = action_asked
             && let Err(e) = self.catch_up(asked).await
         {

@@ -158,6 +158,23 @@ impl Store {
         }
     }
 
+    /// Starts a change: with etcd, its read and writes are answered within one
+    /// `etcd.timeout` together, until `end_change`.
+    pub fn begin_change(&mut self) {
+        #[cfg(feature = "etcd")]
+        if let Store::Etcd(etcd) = self {
+            etcd.begin_change();
+        }
+    }
+
+    /// Ends the change `begin_change` started.
+    pub fn end_change(&mut self) {
+        #[cfg(feature = "etcd")]
+        if let Store::Etcd(etcd) = self {
+            etcd.end_change();
+        }
+    }
+
     /// The key as etcd holds it now, to decide a change on; `None` with the file store,
     /// whose state is the table's.
     pub async fn latest(&mut self) -> Result<Option<Observed>, StoreError> {

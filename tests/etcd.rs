@@ -212,8 +212,9 @@ struct FleetOptions {
     default_id_for_c: bool,
     /// `routing.initial` of the third replica (the others: blue).
     initial_for_c: &'static str,
-    /// The etcd endpoint of the second replica, if not the fleet's (a `Relay`).
-    etcd_for_b: Option<String>,
+    /// The etcd endpoints of the second replica, if not the fleet's (a `Relay`, or a
+    /// member that is down beside the one that is up).
+    etcd_for_b: Option<Vec<String>>,
 }
 
 impl Default for FleetOptions {
@@ -287,9 +288,9 @@ impl Fleet {
             let admin = format!("127.0.0.1:{}", free_port());
             let named = !(name == "c" && options.default_id_for_c);
             let id = format!("proxy-{name}");
-            let endpoint = match &options.etcd_for_b {
-                Some(relay) if name == "b" => relay.as_str(),
-                _ => etcd,
+            let endpoints = match &options.etcd_for_b {
+                Some(endpoints) if name == "b" => endpoints.join("\", \""),
+                _ => etcd.to_owned(),
             };
             let config = format!(
                 r#"[listen]
@@ -304,7 +305,7 @@ green = ["{green}"]
 initial = "{initial}"
 state_file = "{state}"
 store = "etcd"
-etcd = {{ endpoints = ["{endpoint}"], key = "{key}", {replica_id}lease_ttl = "{lease_ttl}", timeout = "{timeout}" }}
+etcd = {{ endpoints = ["{endpoints}"], key = "{key}", {replica_id}lease_ttl = "{lease_ttl}", timeout = "{timeout}" }}
 
 [drain]
 timeout = "{drain}"
@@ -1971,7 +1972,7 @@ async fn a_replica_behind_etcd_decides_a_change_on_what_etcd_holds() {
         &etcd.endpoint(),
         FleetOptions {
             scenario: "behind",
-            etcd_for_b: Some(relay.endpoint.clone()),
+            etcd_for_b: Some(vec![relay.endpoint.clone()]),
             ..Default::default()
         },
     )
@@ -2023,7 +2024,7 @@ async fn a_replica_that_missed_a_flip_drains_at_the_flips_drain_timeout() {
         FleetOptions {
             scenario: "missed-flip",
             drain_timeout: "30m",
-            etcd_for_b: Some(relay.endpoint.clone()),
+            etcd_for_b: Some(vec![relay.endpoint.clone()]),
             ..Default::default()
         },
     )
@@ -2053,4 +2054,34 @@ async fn a_replica_that_missed_a_flip_drains_at_the_flips_drain_timeout() {
     tokio::time::timeout(PATIENCE, stream.expect_drained("blue"))
         .await
         .expect("drained at the flip's drain_timeout");
+}
+
+/// An etcd cluster with a member down still takes every change: B lists a member that
+/// refuses connections first and the live one second, and the client sends some calls
+/// to the dead one. A call that could not be sent goes again, within `etcd.timeout`,
+/// instead of refusing the change with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_member_down_refuses_no_change() {
+    let etcd = Etcd::any().await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "member-down",
+            etcd_for_b: Some(vec![dead, etcd.endpoint()]),
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let b = &fleet.replicas[1];
+    let mut generation = b.status().await["generation"].as_u64().expect("generation");
+    for to in ["green", "blue"].into_iter().cycle().take(20) {
+        let (code, answer) = b.post("/flip", json!({"to": to})).await;
+        assert_eq!(code, StatusCode::OK, "flip to {to}: {answer}");
+        generation += 1;
+        assert_eq!(answer["generation"], generation, "{answer}");
+    }
+    fleet.converged("blue", generation, FOLLOW).await;
 }

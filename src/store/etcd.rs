@@ -62,6 +62,9 @@ pub struct EtcdStore {
     known: Known,
     /// When and why the last write failed slowly (none since one did not).
     failed: Option<(Instant, String)>,
+    /// When the flip, rollback or commit being made must have its answer: its read and
+    /// its writes share one `etcd.timeout` (`begin_change`).
+    deadline: Option<Instant>,
     shared: Arc<Shared>,
 }
 
@@ -141,6 +144,7 @@ impl EtcdStore {
             file,
             known: Known::Unread,
             failed: None,
+            deadline: None,
             shared: Arc::new(Shared {
                 replica_id,
                 applied: AtomicI64::new(0),
@@ -288,11 +292,32 @@ impl EtcdStore {
         self.put_if(when, state).await
     }
 
+    /// Starts a change: the calls it makes until `end_change` are answered within one
+    /// `etcd.timeout` from now, together.
+    pub fn begin_change(&mut self) {
+        self.deadline = Some(Instant::now() + self.timeout);
+    }
+
+    /// Ends the change `begin_change` started.
+    pub fn end_change(&mut self) {
+        self.deadline = None;
+    }
+
+    /// When the next call must be answered by.
+    fn call_deadline(&self) -> Instant {
+        let own = Instant::now() + self.timeout;
+        self.deadline.map_or(own, |change| change.min(own))
+    }
+
     /// The key as etcd holds it now: a linearizable read, within `etcd.timeout`.
     pub async fn latest(&mut self) -> Result<Observed, StoreError> {
-        let mut client = self.client.clone();
         let started = Instant::now();
-        let answer = within(self.timeout, client.get(self.key.as_str(), None)).await;
+        let key = self.key.as_str();
+        let answer = until_sent(self.call_deadline(), self.timeout, || {
+            let mut client = self.client.clone();
+            async move { client.get(key, None).await }
+        })
+        .await;
         self.note_failure(started, &answer);
         let answer = answer?;
         match answer.kvs().first() {
@@ -409,9 +434,12 @@ impl EtcdStore {
             .when([when])
             .and_then([TxnOp::put(self.key.as_str(), value, None)])
             .or_else([TxnOp::get(self.key.as_str(), None)]);
-        let mut client = self.client.clone();
         let started = Instant::now();
-        let answer = within(self.timeout, client.txn(txn)).await;
+        let answer = until_sent(self.call_deadline(), self.timeout, || {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await;
         self.note_failure(started, &answer);
         let answer = answer.map_err(|e| match e {
             // A write that timed out may still reach etcd; it is conditioned on this
@@ -924,6 +952,42 @@ fn hostname() -> String {
 fn unavailable(reason: impl Into<String>) -> StoreError {
     StoreError::Unavailable(reason.into())
 }
+
+/// Runs an etcd call of a change by `deadline`, again while it fails before it is sent:
+/// with several endpoints, the client may send one call to a member that is down (its
+/// connection refused) and the next to one that is up. A call that was sent is not made
+/// twice; `timeout` is what the error names.
+async fn until_sent<T, F, Fut>(
+    deadline: Instant,
+    timeout: Duration,
+    mut call: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = match tokio::time::timeout(left, call()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "no answer within {}",
+                    humantime::format_duration(timeout)
+                )));
+            }
+        };
+        let unsent = e.contains("tcp connect error") || e.contains("error trying to connect");
+        if !unsent || Instant::now() + UNSENT_PAUSE >= deadline {
+            return Err(unavailable(e));
+        }
+        tokio::time::sleep(UNSENT_PAUSE).await;
+    }
+}
+
+/// The pause before a call that could not be sent goes again (`until_sent`).
+const UNSENT_PAUSE: Duration = Duration::from_millis(20);
 
 /// Runs one etcd call bounded by `timeout`.
 async fn within<T>(
