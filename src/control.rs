@@ -683,11 +683,22 @@ impl Writer {
                 .collect::<Vec<_>>()
         };
         // Probed before the reload answers: the upstreams it adds or puts back, or all of
-        // them when it turns health checks on (none has a verdict then).
+        // them when it turns health checks on (none has a verdict then). A new trust (the
+        // upstream CA changed) judges every https upstream afresh: a verdict made with the
+        // old one says nothing of the new, and a flip right after the reload must not pass
+        // its gate on it.
+        let retrust = !Arc::ptr_eq(&settings.upstream_tls, &current.settings.upstream_tls);
         let known = every(&current.pools);
         let mut judge = every(&pools);
         if current.settings.config.health.mode != HealthMode::Off {
-            judge.retain(|u| !known.iter().any(|k| Arc::ptr_eq(k, u)));
+            judge.retain(|u| {
+                !known.iter().any(|k| Arc::ptr_eq(k, u)) || (retrust && u.url.is_tls())
+            });
+        }
+        if retrust && settings.config.health.mode != HealthMode::Off {
+            for u in judge.iter().filter(|u| u.url.is_tls()) {
+                u.forget_verdict();
+            }
         }
         self.prober
             .first_verdicts(&judge, &settings.config.health, &settings.upstream_tls)

@@ -111,6 +111,12 @@ impl Prober {
     }
 }
 
+/// A probe failure's reason without its digits, to tell a new reason from the same one
+/// again: an expired certificate's error names the time of each probe.
+fn gist(why: &str) -> String {
+    why.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
 /// The longest wait for upstreams' first health verdicts (`Prober::first_verdicts`).
 pub const FIRST_VERDICTS_WAIT: Duration = Duration::from_secs(3);
 
@@ -163,7 +169,8 @@ async fn probe_loop(
     stop: CancellationToken,
 ) {
     let mut changes = router.subscribe();
-    // Why the probes fail, as last logged: each new reason is logged once, not per probe.
+    // Why the probes fail, as last logged (`gist`): each new reason is logged once, not
+    // per probe.
     let mut failing: Option<String> = None;
     // An upstream judged already (start-up and a reload probe first) is next probed an
     // interval later, not at once.
@@ -205,11 +212,12 @@ async fn probe_loop(
                 let client = prober.client(&tls);
                 match probe(&client, &upstream, mode, &health.path, health.timeout).await {
                     Some(finding) => {
-                        if finding.why != failing {
+                        let reason = finding.why.as_deref().map(gist);
+                        if reason != failing {
                             if let Some(why) = &finding.why {
                                 tracing::warn!(upstream = %upstream.name, color = %upstream.color, health = finding.observed.as_str(), why = %why, "health probe failed");
                             }
-                            failing = finding.why;
+                            failing = reason;
                         }
                         upstream.record_probe(finding.observed, health.rise, health.fall)
                     }
@@ -392,5 +400,17 @@ mod tests {
         assert!(!judge(br#"{"system_health":"Sleepy"}"#).passes());
         assert_eq!(judge(b"not json"), Observed::BadResponse);
         assert_eq!(judge(br#"{"other":1}"#), Observed::BadResponse);
+    }
+
+    #[test]
+    fn a_reason_that_differs_only_in_its_numbers_is_the_same_reason() {
+        let expired = |now: u64| {
+            format!("invalid peer certificate: Expired {{ time: UnixTime({now}) }}; {now} s ago")
+        };
+        assert_eq!(gist(&expired(1796601538)), gist(&expired(1796601540)));
+        assert_ne!(
+            gist("invalid peer certificate: UnknownIssuer"),
+            gist("connection refused")
+        );
     }
 }

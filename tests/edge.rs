@@ -1269,6 +1269,49 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
     .await;
 }
 
+/// A reload that changes the upstream CA judges the https upstreams again before it
+/// answers: with a CA that did not sign their certificate they are unhealthy at once, and a
+/// flip right after is refused (409), not let through on the old CA's verdict. Probes are
+/// 10 s apart, so only the reload's own can find it.
+#[tokio::test]
+async fn a_reload_that_changes_the_upstream_ca_judges_https_upstreams_again() {
+    let cert = self_signed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, &cert.cert_pem).expect("ca file");
+    let builder = EnvBuilder {
+        health: "mode = \"deepgram\"\ninterval = \"10s\"\nrise = 2\nfall = 3",
+        extra: format!("\n[upstream_tls]\nca_file = \"{}\"\n", ca_file.display()),
+        ..Default::default()
+    };
+    let env = builder.clone().start().await;
+    let front = tls_front(&cert, env.green[0].addr).await;
+    env.write_config(
+        &builder,
+        &format!("\"{}\"", env.blue[0].url()),
+        &format!("\"https://localhost:{}\"", front.port()),
+    );
+    let reloaded = env.reload().await;
+    let green = &reloaded["colors"]["green"]["upstreams"][0];
+    assert_eq!(green["health"], "Healthy", "{reloaded}");
+
+    std::fs::write(&ca_file, self_signed().cert_pem).expect("another CA");
+    let reloaded = env.reload().await;
+    let green = &reloaded["colors"]["green"]["upstreams"][0];
+    assert_eq!(green["healthy"], false, "{reloaded}");
+    assert_eq!(green["health"], "unreachable", "{reloaded}");
+    let (status, refused) = env
+        .admin_post("/flip", Some(serde_json::json!({ "to": "green" })))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["error"], "target_unhealthy", "{refused}");
+    let (_, status) = env.admin_get("/status").await;
+    assert_eq!(
+        status["colors"]["blue"]["upstreams"][0]["health"], "Healthy",
+        "a plain upstream keeps its verdict: {status}"
+    );
+}
+
 /// A reload that raises `max_connections` lets a waiting connection in at once, without
 /// waiting for one of those open to end.
 #[tokio::test]
