@@ -100,17 +100,15 @@ fn client_key(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
 /// `key` and version in place of the client's and no extension offered (each side's
 /// handshake is its own: Switchyard reads the frames in between).
 fn upstream_headers(mut headers: HeaderMap, key: &str) -> HeaderMap {
-    headers::strip_hop_by_hop(&mut headers);
-    for h in [
-        header::SEC_WEBSOCKET_KEY,
-        header::SEC_WEBSOCKET_EXTENSIONS,
-        header::SEC_WEBSOCKET_ACCEPT,
-        header::SEC_WEBSOCKET_VERSION,
-    ] {
-        headers.remove(h);
-    }
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    handshake_fields(
+        &mut headers,
+        [
+            header::SEC_WEBSOCKET_KEY,
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            header::SEC_WEBSOCKET_ACCEPT,
+            header::SEC_WEBSOCKET_VERSION,
+        ],
+    );
     headers.insert(
         header::SEC_WEBSOCKET_VERSION,
         HeaderValue::from_static("13"),
@@ -120,6 +118,18 @@ fn upstream_headers(mut headers: HeaderMap, key: &str) -> HeaderMap {
         HeaderValue::from_str(key).expect("a base64 key is a valid header value"),
     );
     headers
+}
+
+/// Readies the header fields of one side's handshake, copied from the other side's: the
+/// hop-by-hop ones and `theirs` (the other handshake's own) taken out, `Upgrade: websocket`
+/// and `Connection: Upgrade` put in.
+fn handshake_fields(headers: &mut HeaderMap, theirs: [header::HeaderName; 4]) {
+    headers::strip_hop_by_hop(headers);
+    for name in theirs {
+        headers.remove(name);
+    }
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
 }
 
 /// Why the upstream's 101 cannot be relayed: it does not answer Switchyard's `key`, or it
@@ -174,17 +184,15 @@ fn client_switch(
     for (name, value) in answer.headers() {
         h.append(name, value.clone());
     }
-    headers::strip_hop_by_hop(h);
-    for name in [
-        header::SEC_WEBSOCKET_ACCEPT,
-        header::SEC_WEBSOCKET_EXTENSIONS,
-        header::SEC_WEBSOCKET_PROTOCOL,
-        header::CONTENT_LENGTH,
-    ] {
-        h.remove(name);
-    }
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    handshake_fields(
+        h,
+        [
+            header::SEC_WEBSOCKET_ACCEPT,
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::CONTENT_LENGTH,
+        ],
+    );
     h.insert(
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&derive_accept_key(client_key.as_bytes()))
