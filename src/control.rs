@@ -145,6 +145,9 @@ pub struct Control {
     router: Arc<Router>,
     /// The store as `/status` shows it, and what `wait_replicas` waits on.
     view: View,
+    /// Cancelled once a shutdown has drained the traffic: the store stops following etcd
+    /// and the admin API closes soon after, so a wait for replicas answers then.
+    stop: CancellationToken,
 }
 
 struct Writer {
@@ -273,6 +276,7 @@ impl Control {
             tx,
             router: router.clone(),
             view,
+            stop: stop.clone(),
         };
         let tasks = store.spawn(control.clone(), router.clone(), stop);
         let writer = Writer {
@@ -312,14 +316,20 @@ impl Control {
         let outcome = answer.await.map_err(|_| ChangeError::Stopped)??;
         if let Some(waited) = wait {
             let generation = outcome.table.generation;
-            self.view
-                .wait_replicas(generation, waited)
-                .await
-                .map_err(|lagging| ChangeError::ReplicasLagging {
-                    generation,
-                    waited,
-                    lagging,
-                })?;
+            let started = Instant::now();
+            let answer = tokio::select! {
+                answer = self.view.wait_replicas(generation, waited) => answer,
+                // Shutting down: who lags now, rather than no answer when the admin API
+                // closes under the wait.
+                () = self.stop.cancelled() => {
+                    self.view.wait_replicas(generation, Duration::ZERO).await
+                }
+            };
+            answer.map_err(|lagging| ChangeError::ReplicasLagging {
+                generation,
+                waited: started.elapsed().min(waited),
+                lagging,
+            })?;
         }
         Ok(outcome)
     }

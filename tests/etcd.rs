@@ -2085,3 +2085,49 @@ async fn a_member_down_refuses_no_change() {
     }
     fleet.converged("blue", generation, FOLLOW).await;
 }
+
+/// SIGTERM while a flip waits for a frozen replica (`wait_replicas`): the flip stands, and
+/// its caller is answered 504 `replicas_lagging` as the replica shuts down, not left with
+/// a connection closed under the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd"]
+async fn a_flip_waiting_for_replicas_is_answered_when_its_replica_shuts_down() {
+    let etcd = Etcd::any().await;
+    let fleet = Fleet::start(
+        &etcd.endpoint(),
+        FleetOptions {
+            scenario: "term-wait",
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.settled().await;
+    let (a, c) = (&fleet.replicas[0], &fleet.replicas[2]);
+    let before = a.status().await["generation"].as_u64().expect("generation");
+    signal(c.pid(), "-STOP");
+    let flip = {
+        let admin = a.admin_url();
+        tokio::spawn(async move {
+            let body = json!({"to": "green", "wait_replicas": "60s"}).to_string();
+            let req = http::Request::post(format!("{admin}/flip"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .expect("request");
+            send_json(&http_client(), req).await
+        })
+    };
+    until("A applied the flip and waits", PATIENCE, || async {
+        a.status().await["generation"] == before + 1
+    })
+    .await;
+    signal(a.pid(), "-TERM");
+    let (code, answer) = tokio::time::timeout(PATIENCE, flip)
+        .await
+        .expect("answered before the wait's 60 s")
+        .expect("the flip's task");
+    signal(c.pid(), "-CONT");
+    assert_eq!(code, StatusCode::GATEWAY_TIMEOUT, "{answer}");
+    assert_eq!(answer["error"], "replicas_lagging", "{answer}");
+    assert_eq!(answer["lagging"], json!(["proxy-c"]), "{answer}");
+    assert_eq!(answer["generation"], before + 1, "{answer}");
+}
