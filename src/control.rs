@@ -588,11 +588,46 @@ impl Writer {
         );
         if action == Action::Reload {
             tracing::info!(client_auth = %table.settings.client_auth(), "config reloaded");
+            self.judge_retrusted(&current, &table).await;
         }
         Ok(Outcome {
             changed: true,
             table,
         })
+    }
+
+    /// After a reload that changed the upstream trust (the CA), the https upstreams it
+    /// kept are judged again with the new trust before it answers: a verdict made with
+    /// the old one says nothing of the new, and a flip right after must not pass its gate
+    /// on it. Done once the reload is stored and published, since these upstreams are the
+    /// live table's too; each keeps its old verdict until its probe answers.
+    async fn judge_retrusted(&self, old: &RouteTable, new: &RouteTable) {
+        let health = &new.settings.config.health;
+        if Arc::ptr_eq(&old.settings.upstream_tls, &new.settings.upstream_tls)
+            || health.mode == HealthMode::Off
+            || old.settings.config.health.mode == HealthMode::Off
+        {
+            return;
+        }
+        let kept: Vec<_> = new
+            .pools
+            .iter()
+            .flat_map(|p| p.iter())
+            .filter(|u| u.url.is_tls())
+            .filter(|u| {
+                old.pools
+                    .iter()
+                    .flat_map(|p| p.iter())
+                    .any(|o| Arc::ptr_eq(o, u))
+            })
+            .cloned()
+            .collect();
+        self.prober
+            .judge_afresh(&kept, health, &new.settings.upstream_tls)
+            .await;
+        for u in &kept {
+            self.metrics.publish_upstream(u);
+        }
     }
 
     /// With etcd, the table trails the key by the watch's delay, so a change another
@@ -693,22 +728,12 @@ impl Writer {
                 .collect::<Vec<_>>()
         };
         // Probed before the reload answers: the upstreams it adds or puts back, or all of
-        // them when it turns health checks on (none has a verdict then). A new trust (the
-        // upstream CA changed) judges every https upstream afresh: a verdict made with the
-        // old one says nothing of the new, and a flip right after the reload must not pass
-        // its gate on it.
-        let retrust = !Arc::ptr_eq(&settings.upstream_tls, &current.settings.upstream_tls);
+        // them when it turns health checks on (none has a verdict then). Those it keeps
+        // are judged again only once it is stored, if it changes their trust (`apply`).
         let known = every(&current.pools);
         let mut judge = every(&pools);
         if current.settings.config.health.mode != HealthMode::Off {
-            judge.retain(|u| {
-                !known.iter().any(|k| Arc::ptr_eq(k, u)) || (retrust && u.url.is_tls())
-            });
-        }
-        if retrust && settings.config.health.mode != HealthMode::Off {
-            for u in judge.iter().filter(|u| u.url.is_tls()) {
-                u.forget_verdict();
-            }
+            judge.retain(|u| !known.iter().any(|k| Arc::ptr_eq(k, u)));
         }
         self.prober
             .first_verdicts(&judge, &settings.config.health, &settings.upstream_tls)

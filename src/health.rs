@@ -79,6 +79,28 @@ impl Prober {
         health: &Health,
         tls: &Arc<rustls::ClientConfig>,
     ) {
+        self.verdicts(upstreams, health, tls, false).await;
+    }
+
+    /// As `first_verdicts`, for upstreams that have verdicts: each probe's finding
+    /// replaces its upstream's verdict when it answers (the earlier ones were made with
+    /// another trust); one that does not answer in time keeps its verdict.
+    pub async fn judge_afresh(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        health: &Health,
+        tls: &Arc<rustls::ClientConfig>,
+    ) {
+        self.verdicts(upstreams, health, tls, true).await;
+    }
+
+    async fn verdicts(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        health: &Health,
+        tls: &Arc<rustls::ClientConfig>,
+        afresh: bool,
+    ) {
         if health.mode == HealthMode::Off || upstreams.is_empty() {
             return;
         }
@@ -98,9 +120,17 @@ impl Prober {
             .unwrap_or_else(|| {
                 Finding::failed(Observed::Unreachable, "out of sockets here".into())
             });
+            if afresh {
+                upstream.forget_verdict();
+            }
             upstream.record_probe(finding.observed, health.rise, health.fall);
             let why = finding.why.as_deref().unwrap_or("");
-            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), why, "first health probe");
+            let line = if afresh {
+                "health probe with the reloaded upstream trust"
+            } else {
+                "first health probe"
+            };
+            tracing::info!(upstream = %upstream.name, color = %upstream.color, healthy = upstream.is_healthy(), health = upstream.health_text(), why, "{line}");
         });
         if tokio::time::timeout(FIRST_VERDICTS_WAIT, futures_util::future::join_all(probes))
             .await
@@ -111,10 +141,25 @@ impl Prober {
     }
 }
 
-/// A probe failure's reason without its digits, to tell a new reason from the same one
-/// again: an expired certificate's error names the time of each probe.
+/// A probe failure's reason with its long numbers (four digits or more) taken out, to
+/// tell a new reason from the same one again: an expired certificate's error names the
+/// time of each probe. A status code (502, 503) is a different reason.
 fn gist(why: &str) -> String {
-    why.chars().filter(|c| !c.is_ascii_digit()).collect()
+    let mut out = String::with_capacity(why.len());
+    let mut digits = String::new();
+    for c in why.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        if digits.len() < 4 {
+            out.push_str(&digits);
+        }
+        digits.clear();
+        out.push(c);
+    }
+    out.pop();
+    out
 }
 
 /// The longest wait for upstreams' first health verdicts (`Prober::first_verdicts`).
@@ -412,5 +457,7 @@ mod tests {
             gist("invalid peer certificate: UnknownIssuer"),
             gist("connection refused")
         );
+        assert_ne!(gist("status 502"), gist("status 503"));
+        assert_eq!(gist("status 502"), "status 502");
     }
 }

@@ -15,8 +15,7 @@
 //! - Fail static: while etcd does not answer, the replica serves the last state it saw
 //!   (also kept in `routing.state_file`, which it starts from when etcd is down) and
 //!   refuses changes within `etcd.timeout` (a flip, rollback or commit reads the key, then
-//!   writes it: with an etcd that answers the read slowly and not the write, up to twice
-//!   that).
+//!   writes it, both within that one timeout: `begin_change`).
 //!
 //! Every call is bounded here by `etcd.timeout`, not by the client's per-request timeout,
 //! which would also end the long-lived watch and keep-alive streams.
@@ -329,12 +328,17 @@ impl EtcdStore {
         }
     }
 
-    /// Remembers a call's failure for `refused_since`, if it took long (no answer, or a
-    /// connection given up for want of one): an error etcd answered at once (refused
-    /// connection, leader change, too large) costs the changes behind it no wait.
+    /// Remembers a call's failure for `refused_since`, if it took long (no answer, or
+    /// connections given up for want of one), counted from the start of its change when
+    /// it is part of one: an error etcd answered at once (a leader change, too large)
+    /// costs the changes behind it no wait.
     fn note_failure<T>(&mut self, started: Instant, answer: &Result<T, StoreError>) {
+        let since = match self.deadline {
+            Some(deadline) => deadline.checked_sub(self.timeout).unwrap_or(started),
+            None => started,
+        };
         self.failed = match answer {
-            Err(StoreError::Unavailable(why)) if started.elapsed() >= self.timeout / 2 => {
+            Err(StoreError::Unavailable(why)) if since.elapsed() >= self.timeout / 2 => {
                 Some((Instant::now(), why.clone()))
             }
             _ => None,
@@ -966,20 +970,27 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
+    let no_answer = || {
+        unavailable(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        ))
+    };
+    let mut tries = 0;
     loop {
+        tries += 1;
         let left = deadline.saturating_duration_since(Instant::now());
+        // Not begun with no time left: it could reach etcd and never be answered.
+        if left < UNSENT_PAUSE {
+            return Err(no_answer());
+        }
         let e = match tokio::time::timeout(left, call()).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => e.to_string(),
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "no answer within {}",
-                    humantime::format_duration(timeout)
-                )));
-            }
+            Err(_) => return Err(no_answer()),
         };
         let unsent = e.contains("tcp connect error") || e.contains("error trying to connect");
-        if !unsent || Instant::now() + UNSENT_PAUSE >= deadline {
+        if !unsent || tries == UNSENT_TRIES || Instant::now() + UNSENT_PAUSE >= deadline {
             return Err(unavailable(e));
         }
         tokio::time::sleep(UNSENT_PAUSE).await;
@@ -988,6 +999,10 @@ where
 
 /// The pause before a call that could not be sent goes again (`until_sent`).
 const UNSENT_PAUSE: Duration = Duration::from_millis(20);
+/// Tries of a call that cannot be sent: enough to find a live member among several when
+/// one is down, few enough that an etcd refusing every call answers 503 in half a second,
+/// not at the timeout.
+const UNSENT_TRIES: u32 = 25;
 
 /// Runs one etcd call bounded by `timeout`.
 async fn within<T>(
