@@ -120,10 +120,15 @@ impl Prober {
             .unwrap_or_else(|| {
                 Finding::failed(Observed::Unreachable, "out of sockets here".into())
             });
+            let was = upstream.is_healthy();
             if afresh {
                 upstream.forget_verdict();
             }
             upstream.record_probe(finding.observed, health.rise, health.fall);
+            let healthy = upstream.is_healthy();
+            if afresh && healthy != was {
+                log_change(upstream, healthy);
+            }
             let why = finding.why.as_deref().unwrap_or("");
             let line = if afresh {
                 "health probe with the reloaded upstream trust"
@@ -138,6 +143,18 @@ impl Prober {
         {
             tracing::warn!(waited = ?FIRST_VERDICTS_WAIT, "going on before every new upstream's first health probe answered (health.timeout is longer); those not judged yet take traffic, but a flip's gate and /readyz wait for their verdicts");
         }
+    }
+}
+
+/// The line for an upstream that became healthy or unhealthy. Going down is what an
+/// operator must see at a `warn` filter, as the passive check's line is; coming back is
+/// news, not a warning.
+fn log_change(upstream: &Upstream, healthy: bool) {
+    let (name, color, health) = (&upstream.name, upstream.color, upstream.health_text());
+    if healthy {
+        tracing::info!(upstream = %name, %color, healthy, health, "upstream health changed");
+    } else {
+        tracing::warn!(upstream = %name, %color, healthy, health, "upstream health changed");
     }
 }
 
@@ -272,14 +289,7 @@ async fn probe_loop(
         };
         if let Some(healthy) = changed {
             metrics.upstream_health(&upstream);
-            let (name, color, health) = (&upstream.name, upstream.color, upstream.health_text());
-            // Going down is what an operator must see at a `warn` filter, as the passive
-            // check's line is; coming back is news, not a warning.
-            if healthy {
-                tracing::info!(upstream = %name, %color, healthy, health, "upstream health changed");
-            } else {
-                tracing::warn!(upstream = %name, %color, healthy, health, "upstream health changed");
-            }
+            log_change(&upstream, healthy);
         }
         // The next probe is `interval` after this one began; a reload that changes the
         // interval moves it at once (a check slowed to minutes must not wait one out to
