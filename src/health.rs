@@ -84,7 +84,8 @@ impl Prober {
 
     /// As `first_verdicts`, for upstreams that have verdicts: each probe's finding
     /// replaces its upstream's verdict when it answers (the earlier ones were made with
-    /// another trust); one that does not answer in time keeps its verdict.
+    /// another trust); a probe that times out counts toward `fall` as any does, and one
+    /// still under way after `FIRST_VERDICTS_WAIT` leaves the verdict as it was.
     pub async fn judge_afresh(
         &self,
         upstreams: &[Arc<Upstream>],
@@ -121,7 +122,9 @@ impl Prober {
                 Finding::failed(Observed::Unreachable, "out of sockets here".into())
             });
             let was = upstream.is_healthy();
-            if afresh {
+            // A probe that found no answer in time counts as any probe does (toward
+            // `fall`): a slow moment during a reload must not take a trusted upstream out.
+            if afresh && !finding.timed_out {
                 upstream.forget_verdict();
             }
             upstream.record_probe(finding.observed, health.rise, health.fall);
@@ -319,6 +322,8 @@ async fn probe_loop(
 struct Finding {
     observed: Observed,
     why: Option<String>,
+    /// No answer within `health.timeout`: a slow moment, not a verdict on the trust.
+    timed_out: bool,
 }
 
 impl Finding {
@@ -326,6 +331,7 @@ impl Finding {
         Finding {
             observed,
             why: Some(why),
+            timed_out: false,
         }
     }
 }
@@ -373,6 +379,7 @@ async fn probe(
                 Finding {
                     observed: Observed::Ok,
                     why: None,
+                    timed_out: false,
                 }
             } else {
                 Finding::failed(Observed::BadResponse, format!("status {status}"))
@@ -410,15 +417,22 @@ async fn probe(
             o if !o.passes() => Some(format!("system_health {}", o.as_str())),
             _ => None,
         };
-        Some(Finding { observed, why })
+        Some(Finding {
+            observed,
+            why,
+            timed_out: false,
+        })
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| {
-            Some(Finding::failed(
-                Observed::Unreachable,
-                format!("no answer within {}", humantime::format_duration(timeout)),
-            ))
+            Some(Finding {
+                timed_out: true,
+                ..Finding::failed(
+                    Observed::Unreachable,
+                    format!("no answer within {}", humantime::format_duration(timeout)),
+                )
+            })
         })
 }
 
