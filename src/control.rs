@@ -634,7 +634,8 @@ impl Writer {
     /// replica acknowledged a moment ago may not be here yet. A flip, rollback or commit
     /// is decided on what etcd holds now: "already active", "no rollback target" and a
     /// stale `expect_generation` are never answered from an older view. (A reload's
-    /// answer does not depend on the route; a race it loses is refused as any is.)
+    /// answer does not depend on the route; a race it loses is tried again instead:
+    /// `reload_retried`.)
     async fn catch_up(&mut self, asked: Instant) -> Result<(), ChangeError> {
         if let Some(e) = self.store.refused_since(asked) {
             return Err(e.into());
