@@ -1991,19 +1991,12 @@ async fn a_replica_behind_etcd_decides_a_change_on_what_etcd_holds() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"], "store_unavailable", "{body}");
     relay.restore();
-    let deadline = Instant::now() + PATIENCE;
-    let committed = loop {
-        let (status, body) = b.post("/commit", json!({})).await;
-        if status == StatusCode::OK {
-            break body;
-        }
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert!(
-            Instant::now() < deadline,
-            "B commits once etcd answers: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    until("B back in sync", PATIENCE, || async {
+        b.status().await["store"]["in_sync"] == true
+    })
+    .await;
+    let (status, committed) = b.post("/commit", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{committed}");
     assert_eq!(committed["changed"], true, "{committed}");
     assert_eq!(committed["generation"], generation + 1, "{committed}");
     assert_eq!(committed["active"], "green", "{committed}");
