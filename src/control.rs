@@ -457,6 +457,15 @@ impl Writer {
         if let Some(action) = action_asked
             && let Err(e) = self.catch_up(asked).await
         {
+            // Generations only grow: one older than this replica's is stale whatever
+            // etcd holds now, and is refused as such (checked first, as ever).
+            let seen = self.router.load().generation;
+            if let Some(expected) = expect.filter(|&expected| expected < seen) {
+                return Err(ChangeError::GenerationMismatch {
+                    expected,
+                    actual: seen,
+                });
+            }
             if let Some(malformed) = malformed {
                 return Err(malformed);
             }

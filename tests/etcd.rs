@@ -871,6 +871,25 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_changes() {
         assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {refused}");
         assert_eq!(refused["error"], "bad_request", "{path}: {refused}");
     }
+    // So is an `expect_generation` older than one this replica applied (generations only
+    // grow); the one it holds may still be stale in etcd, which it cannot tell.
+    let (code, refused) = a
+        .post(
+            "/flip",
+            json!({"to": "blue", "expect_generation": generation - 1}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["error"], "generation_mismatch", "{refused}");
+    assert_eq!(refused["generation"], generation, "{refused}");
+    let (code, refused) = a
+        .post(
+            "/flip",
+            json!({"to": "blue", "expect_generation": generation}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert_eq!(refused["error"], "store_unavailable", "{refused}");
     let log = a.log();
     assert!(
         log.contains("could not read the route from etcd"),
