@@ -243,6 +243,12 @@ async fn sigterm_drains_open_streams_then_exits_zero() {
             .map(|l| l["span"]["session"].as_str().unwrap_or("none").to_owned())
             .collect();
         sessions.sort();
+        if message == "stream ended" {
+            for l in lines.iter().filter(|l| l["message"] == message) {
+                assert_eq!(l["close_code"], 1012, "{l}");
+                assert_eq!(l["close_sent"], true, "{l}");
+            }
+        }
         assert_eq!(
             sessions,
             [
@@ -369,6 +375,87 @@ async fn a_drain_message_never_sent_is_logged() {
         async move { log.contains(message) }
     })
     .await;
+}
+
+/// A drained client that reads nothing cannot take its 1012: its connection is dropped
+/// after the close wait, and the stream's end line says the close was not sent.
+#[tokio::test]
+async fn a_close_the_client_never_took_is_logged_as_not_sent() {
+    let p = Proc::start("0s").await;
+    let mut req = format!("ws://127.0.0.1:{}/v1/agent/converse", p.proxy)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        "Token very-secret-client-key".parse().expect("value"),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("handshake");
+    // The stub echoes every binary message; this client sends and never reads, so the
+    // echoes fill every buffer back to it until its own sends stop completing.
+    let (mut tx, _never_read) = ws.split();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flood = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            // Bounded: far more than loopback buffers hold, so it stalls long before.
+            for _ in 0..4096 {
+                if tx
+                    .send(Message::binary(vec![7u8; 64 * 1024]))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
+        }
+    });
+    // Stalled: neither the client's sends nor the stub's reads moved for 2 s. The stub
+    // reads only once its echo is written, so every buffer toward the client is full.
+    let stalled = tokio::time::timeout(PATIENCE * 3, async {
+        let mut last = (u64::MAX, u64::MAX);
+        let mut still = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = (
+                sent.load(std::sync::atomic::Ordering::Acquire),
+                p.blue.audio_bytes(),
+            );
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+            if still >= 20 && now.0 > 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(stalled.is_ok(), "the flood never stalled");
+    assert!(!flood.is_finished(), "the flood went through unread");
+    let (status, _) = exchange(
+        &mut tokio::net::TcpStream::connect(("127.0.0.1", p.admin))
+            .await
+            .expect("admin"),
+        &format!("POST /flip HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: 0\r\n\r\n"),
+    )
+    .await;
+    assert!(status.starts_with("http/1.1 200"), "{status}");
+    eventually(|| {
+        let log = p.log();
+        async move { log.contains("\"stream ended\"") }
+    })
+    .await;
+    let line = p
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "stream ended")
+        .expect("the end line is JSON");
+    assert_eq!(line["reason"], "drain_forced", "{line}");
+    assert_eq!(line["close_code"], 1012, "{line}");
+    assert_eq!(line["close_sent"], false, "{line}");
+    flood.abort();
 }
 
 /// Switchyard's own answers get an access line too: here a 502 (or 503, once a probe has

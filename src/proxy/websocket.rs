@@ -647,7 +647,7 @@ impl Stream {
                 self.span.in_scope(
                     || tracing::debug!(error = %e, "client connection lost before the upgrade completed"),
                 );
-                self.ended(CloseReason::Error, None, 0, 0, 0);
+                self.ended(CloseReason::Error, None, false, 0, 0, 0);
                 return;
             }
         };
@@ -810,11 +810,20 @@ impl Stream {
             (client_code, client_close)
         };
         if let Some(close) = forwarded {
-            close_through(&mut client, &mut upstream, &mut down, close, client_close).await;
+            let sent =
+                close_through(&mut client, &mut upstream, &mut down, close, client_close).await;
             drop(open);
-            self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
+            self.ended(
+                reason,
+                client_code,
+                sent,
+                up.dropped(),
+                up.bytes,
+                down.bytes,
+            );
             return;
         }
+        let closes_client = client_close.is_some();
         // Each side's closing frames go as soon as it can take them, neither waiting on
         // the other, all within CLOSE_WAIT; then both wait for the answers to their closes.
         let mut to_client = Closing::new(client_close, down_open);
@@ -834,7 +843,15 @@ impl Stream {
             finish(&mut upstream, &mut down, upstream_waits && to_upstream.sent),
         );
         drop(open);
-        self.ended(reason, client_code, up.dropped(), up.bytes, down.bytes);
+        let sent = closes_client && to_client.sent;
+        self.ended(
+            reason,
+            client_code,
+            sent,
+            up.dropped(),
+            up.bytes,
+            down.bytes,
+        );
     }
 
     /// How `ending` is told to each side; books what it says of the upstream (its error
@@ -937,10 +954,14 @@ impl Stream {
         }
     }
 
+    /// Books the stream's end: `code` is the close code the client was told, and
+    /// `close_sent` whether that close frame reached its socket (a client that does not
+    /// read by `CLOSE_WAIT` has its connection dropped without one).
     fn ended(
         &self,
         reason: CloseReason,
         code: Option<u16>,
+        close_sent: bool,
         dropped: u64,
         bytes_in: u64,
         bytes_out: u64,
@@ -955,6 +976,7 @@ impl Stream {
             upstream = %self.upstream.name,
             reason = reason.as_str(),
             close_code = code,
+            close_sent,
             duration_s = seconds,
             bytes_to_upstream = bytes_in,
             bytes_to_client = bytes_out,
@@ -1055,14 +1077,16 @@ fn went(up: &Pump, at: Option<u64>) -> bool {
 
 /// Ends a stream the client closed as a direct connection would: the client's `close`
 /// goes to the upstream, and the client gets what the upstream sends until its close (a
-/// last result), then that close, or `echo` if none comes within `CLOSE_WAIT`.
+/// last result), then that close, or `echo` if none comes within `CLOSE_WAIT`; whether
+/// a close reached the client.
 async fn close_through<C, U>(
     client: &mut C,
     upstream: &mut U,
     down: &mut Pump,
     close: Bytes,
     echo: Option<Bytes>,
-) where
+) -> bool
+where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -1083,13 +1107,16 @@ async fn close_through<C, U>(
     })
     .await;
     // The upstream's close, or, if none came, Switchyard's echo after the frame in flight.
-    let mut to_client = Closing::new(answered.ok().flatten().or(echo), true);
+    let close = answered.ok().flatten().or(echo);
+    let closes_client = close.is_some();
+    let mut to_client = Closing::new(close, true);
     let closing = std::future::poll_fn(|cx| to_client.poll(cx, down, upstream, client));
     let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
         let _ = tokio::join!(client.shutdown(), upstream.shutdown());
     })
     .await;
+    closes_client && to_client.sent
 }
 
 /// Ends one side within `CLOSE_WAIT`: if `wait` (a close went to it), reads (`reader`)
