@@ -394,7 +394,7 @@ async fn a_close_the_client_never_took_is_logged_as_not_sent() {
         .expect("handshake");
     // The stub echoes every binary message; this client sends and never reads, so the
     // echoes fill every buffer back to it until its own sends stop completing.
-    let (mut tx, _never_read) = ws.split();
+    let (mut tx, never_read) = ws.split();
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let flood = tokio::spawn({
         let sent = sent.clone();
@@ -412,7 +412,7 @@ async fn a_close_the_client_never_took_is_logged_as_not_sent() {
             }
         }
     });
-    // Stalled: neither the client's sends nor the stub's reads moved for 2 s. The stub
+    // Stalled: neither the client's sends nor the stub's reads moved for 3 s. The stub
     // reads only once its echo is written, so every buffer toward the client is full.
     let stalled = tokio::time::timeout(PATIENCE * 3, async {
         let mut last = (u64::MAX, u64::MAX);
@@ -425,7 +425,7 @@ async fn a_close_the_client_never_took_is_logged_as_not_sent() {
             );
             still = if now == last { still + 1 } else { 0 };
             last = now;
-            if still >= 20 && now.0 > 0 {
+            if still >= 30 && now.0 > 0 {
                 break;
             }
         }
@@ -441,21 +441,36 @@ async fn a_close_the_client_never_took_is_logged_as_not_sent() {
     )
     .await;
     assert!(status.starts_with("http/1.1 200"), "{status}");
+    // Found whole: a line read while it is being written does not parse.
+    let end_line = || {
+        p.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["message"] == "stream ended")
+    };
     eventually(|| {
-        let log = p.log();
-        async move { log.contains("\"stream ended\"") }
+        let found = end_line().is_some();
+        async move { found }
     })
     .await;
-    let line = p
-        .log()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["message"] == "stream ended")
-        .expect("the end line is JSON");
+    let line = end_line().expect("found above");
     assert_eq!(line["reason"], "drain_forced", "{line}");
     assert_eq!(line["close_code"], 1012, "{line}");
     assert_eq!(line["close_sent"], false, "{line}");
     flood.abort();
+    // What the client sees once it reads: the echoes that got through, then a connection
+    // ended without a close frame.
+    let mut rx = never_read;
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(Ok(message)) = rx.next().await {
+            assert!(
+                !message.is_close(),
+                "a close frame reached the client: {message:?}"
+            );
+        }
+    })
+    .await
+    .expect("the connection ended");
 }
 
 /// Switchyard's own answers get an access line too: here a 502 (or 503, once a probe has

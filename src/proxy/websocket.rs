@@ -647,7 +647,7 @@ impl Stream {
                 self.span.in_scope(
                     || tracing::debug!(error = %e, "client connection lost before the upgrade completed"),
                 );
-                self.ended(CloseReason::Error, None, false, 0, 0, 0);
+                self.ended(CloseReason::Error, None, false, Carried::default());
                 return;
             }
         };
@@ -810,17 +810,11 @@ impl Stream {
             (client_code, client_close)
         };
         if let Some(close) = forwarded {
-            let sent =
-                close_through(&mut client, &mut upstream, &mut down, close, client_close).await;
+            let echo = client_close.map(|frame| (client_code, frame));
+            let (told, sent) =
+                close_through(&mut client, &mut upstream, &mut down, close, echo).await;
             drop(open);
-            self.ended(
-                reason,
-                client_code,
-                sent,
-                up.dropped(),
-                up.bytes,
-                down.bytes,
-            );
+            self.ended(reason, told, sent, Carried::by(&up, &down));
             return;
         }
         let closes_client = client_close.is_some();
@@ -844,14 +838,7 @@ impl Stream {
         );
         drop(open);
         let sent = closes_client && to_client.sent;
-        self.ended(
-            reason,
-            client_code,
-            sent,
-            up.dropped(),
-            up.bytes,
-            down.bytes,
-        );
+        self.ended(reason, client_code, sent, Carried::by(&up, &down));
     }
 
     /// How `ending` is told to each side; books what it says of the upstream (its error
@@ -957,15 +944,7 @@ impl Stream {
     /// Books the stream's end: `code` is the close code the client was told, and
     /// `close_sent` whether that close frame reached its socket (a client that does not
     /// read by `CLOSE_WAIT` has its connection dropped without one).
-    fn ended(
-        &self,
-        reason: CloseReason,
-        code: Option<u16>,
-        close_sent: bool,
-        dropped: u64,
-        bytes_in: u64,
-        bytes_out: u64,
-    ) {
+    fn ended(&self, reason: CloseReason, code: Option<u16>, close_sent: bool, carried: Carried) {
         let _entered = self.span.enter();
         let seconds = self.opened.elapsed().as_secs_f64();
         self.proxy
@@ -978,11 +957,31 @@ impl Stream {
             close_code = code,
             close_sent,
             duration_s = seconds,
-            bytes_to_upstream = bytes_in,
-            bytes_to_client = bytes_out,
-            dropped_frames = dropped,
+            bytes_to_upstream = carried.to_upstream,
+            bytes_to_client = carried.to_client,
+            dropped_frames = carried.dropped,
             "stream ended"
         );
+    }
+}
+
+/// What a stream carried, for its end line.
+#[derive(Default)]
+struct Carried {
+    to_upstream: u64,
+    to_client: u64,
+    /// The client's messages the upstream never got (`Pump::dropped`).
+    dropped: u64,
+}
+
+impl Carried {
+    /// What the pumps toward the upstream (`up`) and the client (`down`) carried.
+    fn by(up: &Pump, down: &Pump) -> Carried {
+        Carried {
+            to_upstream: up.bytes,
+            to_client: down.bytes,
+            dropped: up.dropped(),
+        }
     }
 }
 
@@ -1077,15 +1076,16 @@ fn went(up: &Pump, at: Option<u64>) -> bool {
 
 /// Ends a stream the client closed as a direct connection would: the client's `close`
 /// goes to the upstream, and the client gets what the upstream sends until its close (a
-/// last result), then that close, or `echo` if none comes within `CLOSE_WAIT`; whether
-/// a close reached the client.
+/// last result), then that close, or `echo` (a code and its frame) if none comes within
+/// `CLOSE_WAIT`. Answers the code of the close the client was sent, and whether it was
+/// written to the client's connection.
 async fn close_through<C, U>(
     client: &mut C,
     upstream: &mut U,
     down: &mut Pump,
     close: Bytes,
-    echo: Option<Bytes>,
-) -> bool
+    echo: Option<(Option<u16>, Bytes)>,
+) -> (Option<u16>, bool)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -1098,7 +1098,7 @@ where
             loop {
                 match std::task::ready!(down.poll(cx, upstream, client)) {
                     Event::Flushed | Event::Cleared => {}
-                    Event::Close { frame, .. } => return Poll::Ready(Some(frame)),
+                    Event::Close { code, frame } => return Poll::Ready(Some((code, frame))),
                     _ => return Poll::Ready(None),
                 }
             }
@@ -1107,7 +1107,7 @@ where
     })
     .await;
     // The upstream's close, or, if none came, Switchyard's echo after the frame in flight.
-    let close = answered.ok().flatten().or(echo);
+    let (code, close) = answered.ok().flatten().or(echo).unzip();
     let closes_client = close.is_some();
     let mut to_client = Closing::new(close, true);
     let closing = std::future::poll_fn(|cx| to_client.poll(cx, down, upstream, client));
@@ -1116,7 +1116,7 @@ where
         let _ = tokio::join!(client.shutdown(), upstream.shutdown());
     })
     .await;
-    closes_client && to_client.sent
+    (code.flatten(), closes_client && to_client.sent)
 }
 
 /// Ends one side within `CLOSE_WAIT`: if `wait` (a close went to it), reads (`reader`)
