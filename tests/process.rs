@@ -126,6 +126,29 @@ keys_file = "{keys}"
         assert!(status.success());
     }
 
+    /// A WebSocket request to `path` on the proxy listener, with the client key.
+    fn ws_request(&self, path: &str) -> http::Request<()> {
+        let mut req = format!("ws://127.0.0.1:{}{path}", self.proxy)
+            .into_client_request()
+            .expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            "Token very-secret-client-key".parse().expect("value"),
+        );
+        req
+    }
+
+    /// Flips to the standby colour through the admin API; the answer's status line.
+    async fn flip(&self) -> String {
+        let mut admin = tokio::net::TcpStream::connect(("127.0.0.1", self.admin))
+            .await
+            .expect("admin");
+        let request = format!(
+            "POST /flip HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: 0\r\n\r\n"
+        );
+        exchange(&mut admin, &request).await.0
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
@@ -161,13 +184,7 @@ async fn sigterm_drains_open_streams_then_exits_zero() {
     assert_eq!(status, http::StatusCode::OK);
     let mut streams = Vec::new();
     for i in 0..5 {
-        let mut req = format!("ws://127.0.0.1:{}/v1/listen", p.proxy)
-            .into_client_request()
-            .expect("request");
-        req.headers_mut().insert(
-            "authorization",
-            "Token very-secret-client-key".parse().expect("value"),
-        );
+        let mut req = p.ws_request("/v1/listen");
         req.headers_mut().insert(
             "x-deepgram-session-id",
             format!("session-{i}").parse().expect("value"),
@@ -327,14 +344,7 @@ async fn a_drain_message_never_sent_is_logged() {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
     let p = Proc::start("0s").await;
-    let mut req = format!("ws://127.0.0.1:{}/v1/speak", p.proxy)
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        "Token very-secret-client-key".parse().expect("value"),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+    let (mut ws, _) = tokio_tungstenite::connect_async(p.ws_request("/v1/speak"))
         .await
         .expect("handshake");
     let first = Frame::message(&b"{\"type\":\"Sp"[..], OpCode::Data(Data::Text), false);
@@ -350,13 +360,7 @@ async fn a_drain_message_never_sent_is_logged() {
         loop {
             match ws.next().await {
                 Some(Ok(Message::Pong(_))) if !flipped => {
-                    let (status, _) = exchange(
-                        &mut tokio::net::TcpStream::connect(("127.0.0.1", p.admin))
-                            .await
-                            .expect("admin"),
-                        &format!("POST /flip HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: 0\r\n\r\n"),
-                    )
-                    .await;
+                    let status = p.flip().await;
                     assert!(status.starts_with("http/1.1 200"), "{status}");
                     flipped = true;
                 }
@@ -382,14 +386,7 @@ async fn a_drain_message_never_sent_is_logged() {
 #[tokio::test]
 async fn a_close_the_client_never_took_is_logged_as_not_sent() {
     let p = Proc::start("0s").await;
-    let mut req = format!("ws://127.0.0.1:{}/v1/agent/converse", p.proxy)
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        "Token very-secret-client-key".parse().expect("value"),
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    let (ws, _) = tokio_tungstenite::connect_async(p.ws_request("/v1/agent/converse"))
         .await
         .expect("handshake");
     // The stub echoes every binary message; this client sends and never reads, so the
@@ -433,13 +430,7 @@ async fn a_close_the_client_never_took_is_logged_as_not_sent() {
     .await;
     assert!(stalled.is_ok(), "the flood never stalled");
     assert!(!flood.is_finished(), "the flood went through unread");
-    let (status, _) = exchange(
-        &mut tokio::net::TcpStream::connect(("127.0.0.1", p.admin))
-            .await
-            .expect("admin"),
-        &format!("POST /flip HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: 0\r\n\r\n"),
-    )
-    .await;
+    let status = p.flip().await;
     assert!(status.starts_with("http/1.1 200"), "{status}");
     // Found whole: a line read while it is being written does not parse.
     let end_line = || {
