@@ -29,6 +29,16 @@ impl Proc {
     /// `ulimit`: a shell `ulimit` command run before the binary; `extra`: whole TOML tables
     /// added to the config.
     async fn start_with(drain_timeout: &str, ulimit: Option<&str>, extra: &str) -> Proc {
+        Proc::start_on(drain_timeout, ulimit, extra, None).await
+    }
+
+    /// As `start_with`, with the blue pool at `blue_url` instead of its stub when given.
+    async fn start_on(
+        drain_timeout: &str,
+        ulimit: Option<&str>,
+        extra: &str,
+        blue_url: Option<String>,
+    ) -> Proc {
         let blue = switchyard::stub::spawn(StubOptions {
             name: "blue".into(),
             ..Default::default()
@@ -63,7 +73,7 @@ token_file = "{token}"
 keys_file = "{keys}"
 {extra}
 "#,
-            blue = blue.url(),
+            blue = blue_url.unwrap_or_else(|| blue.url()),
             green = green.url(),
             state = dir.path().join("route.json").display(),
             token = dir.path().join("admin.token").display(),
@@ -147,6 +157,23 @@ keys_file = "{keys}"
             "POST /flip HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: 0\r\n\r\n"
         );
         exchange(&mut admin, &request).await.0
+    }
+
+    /// The first stream's `stream ended` line, waited for (bounded). Found whole: a line
+    /// read while it is being written does not parse.
+    async fn stream_end_line(&self) -> serde_json::Value {
+        let end_line = || {
+            self.log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["message"] == "stream ended")
+        };
+        eventually(|| {
+            let found = end_line().is_some();
+            async move { found }
+        })
+        .await;
+        end_line().expect("found above")
     }
 
     fn log(&self) -> String {
@@ -432,19 +459,7 @@ async fn a_close_the_client_never_took_is_logged_as_not_sent() {
     assert!(!flood.is_finished(), "the flood went through unread");
     let status = p.flip().await;
     assert!(status.starts_with("http/1.1 200"), "{status}");
-    // Found whole: a line read while it is being written does not parse.
-    let end_line = || {
-        p.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["message"] == "stream ended")
-    };
-    eventually(|| {
-        let found = end_line().is_some();
-        async move { found }
-    })
-    .await;
-    let line = end_line().expect("found above");
+    let line = p.stream_end_line().await;
     assert_eq!(line["reason"], "drain_forced", "{line}");
     assert_eq!(line["close_code"], 1012, "{line}");
     assert_eq!(line["close_sent"], false, "{line}");
@@ -462,6 +477,61 @@ async fn a_close_the_client_never_took_is_logged_as_not_sent() {
     })
     .await
     .expect("the connection ended");
+}
+
+/// A client that closes first gets the upstream's answering close, as on a direct
+/// connection, and the stream's end line names that close, not the client's.
+#[tokio::test]
+async fn the_end_line_names_the_close_the_client_got() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+    // An upstream that answers the first frame it reads, the client's close, with a close
+    // of its own: 4000.
+    let addr = hand_written_upstream(Vec::new(), |mut socket| async move {
+        let mut byte = [0u8; 1];
+        match socket.read(&mut byte).await {
+            Ok(1) if byte[0] == 0x88 => {}
+            _ => return,
+        }
+        // Close, unmasked, code 4000.
+        let _ = socket.write_all(&[0x88, 0x02, 0x0f, 0xa0]).await;
+        let mut rest = [0u8; 1024];
+        while matches!(socket.read(&mut rest).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let p = Proc::start_on(
+        "30m",
+        None,
+        "[health]\nmode = \"off\"",
+        Some(format!("http://{addr}")),
+    )
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(p.ws_request("/v1/listen"))
+        .await
+        .expect("handshake");
+    ws.close(Some(CloseFrame {
+        code: 1000.into(),
+        reason: "".into(),
+    }))
+    .await
+    .expect("close sent");
+    let got = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("the stream ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("answered");
+    assert_eq!(got, Some(4000), "the upstream's close reached the client");
+    let line = p.stream_end_line().await;
+    assert_eq!(line["reason"], "client", "{line}");
+    assert_eq!(line["close_code"], 4000, "{line}");
+    assert_eq!(line["close_sent"], true, "{line}");
 }
 
 /// Switchyard's own answers get an access line too: here a 502 (or 503, once a probe has
