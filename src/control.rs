@@ -449,28 +449,26 @@ impl Writer {
         } else {
             None
         };
-        // The read and the write answer within one `etcd.timeout` together: nothing
-        // else waits in between (a reload's probes may take longer; it does not read).
-        if action_asked.is_some() {
+        if let Some(action) = action_asked {
+            // The read and the write answer within one `etcd.timeout` together: nothing
+            // else waits in between (a reload's probes may take longer; it does not read).
             self.store.begin_change();
-        }
-        if let Some(action) = action_asked
-            && let Err(e) = self.catch_up(asked).await
-        {
-            // Generations only grow: one older than this replica's is stale whatever
-            // etcd holds now, and is refused as such (checked first, as ever).
-            let seen = self.router.load().generation;
-            if let Some(expected) = expect.filter(|&expected| expected < seen) {
-                return Err(ChangeError::GenerationMismatch {
-                    expected,
-                    actual: seen,
-                });
+            if let Err(e) = self.catch_up(asked).await {
+                // Generations only grow: one older than this replica's is stale whatever
+                // etcd holds now, and is refused as such (checked first, as ever).
+                let seen = self.router.load().generation;
+                if let Some(expected) = expect.filter(|&expected| expected < seen) {
+                    return Err(ChangeError::GenerationMismatch {
+                        expected,
+                        actual: seen,
+                    });
+                }
+                if let Some(malformed) = malformed {
+                    return Err(malformed);
+                }
+                tracing::error!(action = action.as_str(), error = %e, "could not read the route from etcd; the change is refused and the route stays as it was");
+                return Err(e);
             }
-            if let Some(malformed) = malformed {
-                return Err(malformed);
-            }
-            tracing::error!(action = action.as_str(), error = %e, "could not read the route from etcd; the change is refused and the route stays as it was");
-            return Err(e);
         }
         let current = self.router.load_full();
         if let Some(expected) = expect
