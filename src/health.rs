@@ -327,12 +327,17 @@ struct Finding {
 }
 
 impl Finding {
-    fn failed(observed: Observed, why: String) -> Finding {
+    /// What an answer (or a failed connection) showed; `why` is `None` for a pass.
+    fn new(observed: Observed, why: Option<String>) -> Finding {
         Finding {
             observed,
-            why: Some(why),
+            why,
             timed_out: false,
         }
+    }
+
+    fn failed(observed: Observed, why: String) -> Finding {
+        Finding::new(observed, Some(why))
     }
 }
 
@@ -376,11 +381,7 @@ async fn probe(
         let status = response.status();
         if mode == HealthMode::Http {
             return Some(if status.is_success() {
-                Finding {
-                    observed: Observed::Ok,
-                    why: None,
-                    timed_out: false,
-                }
+                Finding::new(Observed::Ok, None)
             } else {
                 Finding::failed(Observed::BadResponse, format!("status {status}"))
             });
@@ -417,11 +418,7 @@ async fn probe(
             o if !o.passes() => Some(format!("system_health {}", o.as_str())),
             _ => None,
         };
-        Some(Finding {
-            observed,
-            why,
-            timed_out: false,
-        })
+        Some(Finding::new(observed, why))
     };
     tokio::time::timeout(timeout, attempt)
         .await
