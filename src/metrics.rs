@@ -146,7 +146,7 @@ pub struct Families {
     connections: [IntGauge; 3],
     /// Requests refused 401 per listener (never routed, so not in `requests_total`).
     unauthorized: [IntCounter; 3],
-    /// Per listener, the second (Unix time) of the last log line about a 401.
+    /// Per listener, when (Unix milliseconds) the last log line about a 401 was written.
     unauthorized_logged: [AtomicU64; 3],
     /// 1 while this replica's route state matches its store (always, for the file store).
     pub store_in_sync: IntGauge,
@@ -160,14 +160,15 @@ impl std::ops::Deref for Metrics {
     }
 }
 
-/// Whether this is the first call this second (Unix time) for `last`, which keeps the
-/// second of the last `true`: for log lines that would otherwise come once a request.
-pub(crate) fn first_this_second(last: &AtomicU64) -> bool {
+/// Whether a second or more has passed since the last `true` for `last`, which keeps the
+/// time (Unix milliseconds) of that `true`: for log lines that would otherwise come once a
+/// request.
+pub(crate) fn once_a_second(last: &AtomicU64) -> bool {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let before = last.load(Ordering::Relaxed);
-    now != before
+    now.saturating_sub(before) >= 1000
         && last
             .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
@@ -470,7 +471,7 @@ impl Metrics {
     /// every refusal).
     pub fn unauthorized(&self, listener: ListenerKind) -> bool {
         self.unauthorized[listener as usize].inc();
-        first_this_second(&self.unauthorized_logged[listener as usize])
+        once_a_second(&self.unauthorized_logged[listener as usize])
     }
 
     /// The text exposition of every family.
@@ -488,5 +489,26 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn millis_ago(ms: u64) -> AtomicU64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("the clock is after 1970");
+        AtomicU64::new(u64::try_from(now.as_millis()).expect("milliseconds fit in u64") - ms)
+    }
+
+    #[test]
+    fn a_rate_limited_line_waits_a_whole_second_not_the_next_clock_second() {
+        let last = AtomicU64::new(0);
+        assert!(once_a_second(&last), "the first line is written");
+        assert!(!once_a_second(&last), "the next, at once, is not");
+        assert!(!once_a_second(&millis_ago(900)), "900 ms after the last");
+        assert!(once_a_second(&millis_ago(1_100)), "1.1 s after the last");
     }
 }

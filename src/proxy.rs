@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 
 use crate::drain::{RequestGuard, Tracker};
 use crate::error::ProxyError;
-use crate::metrics::{ListenerKind, Metrics, UpstreamErrorKind, first_this_second};
+use crate::metrics::{ListenerKind, Metrics, UpstreamErrorKind, once_a_second};
 use crate::route_table::{RouteTable, Router};
 use crate::upstream::{Color, Upstream};
 
@@ -94,7 +94,7 @@ pub struct Proxy {
     pub(crate) router: Arc<Router>,
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) metrics: Metrics,
-    /// Per colour, the second (Unix time) of the last "no healthy upstream" line.
+    /// Per colour, when (Unix milliseconds) the last "no healthy upstream" line was written.
     no_healthy_logged: [AtomicU64; 2],
     /// The same for the last "out of sockets" line.
     out_of_sockets_logged: AtomicU64,
@@ -202,7 +202,7 @@ impl Proxy {
     /// in the log, without a line for every request refused while it lasts (the 503s are
     /// all in `requests_total`).
     pub(crate) fn no_healthy_upstream(&self, color: Color) {
-        if first_this_second(&self.no_healthy_logged[color.index()]) {
+        if once_a_second(&self.no_healthy_logged[color.index()]) {
             tracing::warn!(color = %color, "no healthy upstream: requests get 503");
         }
     }
@@ -212,7 +212,7 @@ impl Proxy {
     /// `upstream_errors_total`, and not retried on another upstream, which would fail
     /// alike. Logged at most once a second; the 503s are all in `requests_total`.
     pub(crate) fn out_of_sockets(&self, upstream: &Upstream, error: &std::io::Error) -> ProxyError {
-        if first_this_second(&self.out_of_sockets_logged) {
+        if once_a_second(&self.out_of_sockets_logged) {
             tracing::error!(upstream = %upstream.name, color = %upstream.color, error = %error, "out of sockets here (open-file limit or socket memory): requests get 503; raise the open-file limit (LimitNOFILE, ulimit -n) or lower limits.max_connections");
         }
         ProxyError::OutOfSockets(error.to_string())
