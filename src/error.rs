@@ -124,9 +124,17 @@ impl ProxyError {
     }
 }
 
-/// `{"error": code, "message": message}` with the given status.
+/// `{"error": code, "message": message}` with the given status, and the same again as
+/// Deepgram names them, `err_code` and `err_msg`: Deepgram's SDKs before v5 (Python) show a
+/// failed call by its `err_msg`, and printed `None` for Switchyard's own answers without it.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let body = serde_json::json!({
+        "error": code,
+        "message": message,
+        "err_code": code,
+        "err_msg": message,
+    })
+    .to_string();
     let mut response = Response::new(Bytes::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(

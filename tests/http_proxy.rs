@@ -362,6 +362,13 @@ async fn every_upstream_refusing_is_a_502_json_and_never_the_other_colour() {
     assert_eq!(got.status(), StatusCode::SERVICE_UNAVAILABLE);
     let json: Value = serde_json::from_slice(got.body()).expect("json");
     assert_eq!(json["error"], "no_healthy_upstream", "{json}");
+    // Deepgram's own names for the same, which its older SDKs show.
+    assert_eq!(json["err_code"], json["error"], "{json}");
+    assert!(
+        json["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{json}"
+    );
+    assert_eq!(json["err_msg"], json["message"], "{json}");
     assert_eq!(
         env.green[0].state.http_requests(),
         0,
