@@ -227,6 +227,8 @@ const X_STUB_NAME: HeaderName = HeaderName::from_static("x-stub-name");
 const DG_REQUEST_ID: HeaderName = HeaderName::from_static("dg-request-id");
 const DG_ERROR: HeaderName = HeaderName::from_static("dg-error");
 const DG_CHAR_COUNT: HeaderName = HeaderName::from_static("dg-char-count");
+const DG_MODEL_NAME: HeaderName = HeaderName::from_static("dg-model-name");
+const DG_MODEL_UUID: HeaderName = HeaderName::from_static("dg-model-uuid");
 
 impl Default for StubOptions {
     fn default() -> Self {
@@ -749,6 +751,10 @@ async fn rest_speak(req: Request<Incoming>) -> Response<Body> {
     if let Some(count) = char_count {
         response.headers_mut().insert(DG_CHAR_COUNT, count.into());
     }
+    // Deepgram's Python SDK before v5 reads both into its answer and fails without them.
+    let headers = response.headers_mut();
+    headers.insert(DG_MODEL_NAME, HeaderValue::from_static("stub"));
+    headers.insert(DG_MODEL_UUID, HeaderValue::from_static("stub"));
     insert_request_id(&mut response, &request_id);
     response
 }

@@ -245,6 +245,8 @@ async fn rest_speak_streams_the_requested_chunks() {
     assert_eq!(default.status, StatusCode::OK);
     assert_eq!(default.headers["content-type"], "audio/mpeg");
     assert_eq!(default.headers["dg-char-count"], "5");
+    assert_eq!(default.headers["dg-model-name"], "stub");
+    assert_eq!(default.headers["dg-model-uuid"], "stub");
     assert_eq!(default.body.len(), 8 * 4096);
 
     let three = send(
