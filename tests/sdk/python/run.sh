@@ -2,34 +2,52 @@
 # Interop check: the official Python Deepgram SDK (deepgram-sdk, pinned below) against
 # Switchyard in front of Switchyard's own Deepgram-compatible stub upstreams.
 #
-#   tests/sdk/python/run.sh PATH/TO/switchyard
+#   tests/sdk/python/run.sh PATH/TO/switchyard [v4]
 #
 # Starts two stubs (blue, green) and two proxies (A: no client auth, with a preview listener;
 # B: [client_auth] keys_file) on free loopback ports, runs interop.py, and stops every process
 # it started by PID. Exits non-zero, naming the failed checks, on any failure.
 #
+# Flavour (second argument, or SDK_FLAVOUR; the argument wins): empty (the default) is the
+# current SDK above with interop.py; `v4` is the last 4.x SDK (deepgram-sdk 4.8.1, the
+# event-callback API still widely deployed) with interop_v4.py, in its own venv (default
+# target/sdk-py4-venv). Same processes, configs and script arguments either way.
+#
 # Environment:
-#   SDK_VENV       the virtualenv to create or reuse (default target/sdk-py-venv, relative to
-#                  the repo root)
+#   SDK_FLAVOUR    the flavour when no second argument is given (default: empty)
+#   SDK_VENV       the virtualenv to create or reuse (default target/sdk-py-venv, or
+#                  target/sdk-py4-venv for v4; relative to the repo root)
 #   SDK_PORT_MIN / SDK_PORT_MAX   the loopback port range to pick from (default 18000-18999)
 #   SDK_KEEP_LOGS=1   keep the temp dir with configs and logs even on success
 set -euo pipefail
 
 SDK_VERSION="7.17.0"
+SDK_VERSION_V4="4.8.1"
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: $0 PATH/TO/switchyard" >&2
+if [[ $# -lt 1 || $# -gt 2 ]]; then
+    echo "usage: $0 PATH/TO/switchyard [v4]" >&2
     exit 2
 fi
+FLAVOUR="${2:-${SDK_FLAVOUR:-}}"
+case "$FLAVOUR" in
+    "")
+        LABEL="sdk-python"; SCRIPT="interop.py"; DEFAULT_VENV="target/sdk-py-venv" ;;
+    v4)
+        LABEL="sdk-python-v4"; SCRIPT="interop_v4.py"; DEFAULT_VENV="target/sdk-py4-venv"
+        SDK_VERSION="$SDK_VERSION_V4" ;;
+    *)
+        echo "$0: unknown flavour '$FLAVOUR' (expected nothing or v4)" >&2
+        exit 2 ;;
+esac
 BIN="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
 if [[ ! -x "$BIN" ]]; then
-    echo "sdk-python: $BIN is not an executable switchyard binary" >&2
+    echo "$LABEL: $BIN is not an executable switchyard binary" >&2
     exit 2
 fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../../.." && pwd)"
-VENV="${SDK_VENV:-target/sdk-py-venv}"
+VENV="${SDK_VENV:-$DEFAULT_VENV}"
 [[ "$VENV" = /* ]] || VENV="$REPO_ROOT/$VENV"
 PY="$VENV/bin/python"
 
@@ -42,10 +60,10 @@ sys.exit(0 if metadata.version("deepgram-sdk") == sys.argv[1] else 1)
 EOF
 }
 if ! have_version; then
-    echo "sdk-python: installing deepgram-sdk==$SDK_VERSION into $VENV"
+    echo "$LABEL: installing deepgram-sdk==$SDK_VERSION into $VENV"
     python3 -m venv "$VENV"
     "$PY" -m pip install --quiet --disable-pip-version-check "deepgram-sdk==$SDK_VERSION"
-    have_version || { echo "sdk-python: deepgram-sdk==$SDK_VERSION did not install" >&2; exit 1; }
+    have_version || { echo "$LABEL: deepgram-sdk==$SDK_VERSION did not install" >&2; exit 1; }
 fi
 
 # --- processes, stopped by PID whatever happens --------------------------------------------
@@ -67,7 +85,7 @@ cleanup() {
         wait "$pid" 2>/dev/null || true
     done
     if [[ $STATUS -ne 0 || "${SDK_KEEP_LOGS:-0}" = 1 ]]; then
-        echo "sdk-python: configs and logs kept in $WORK" >&2
+        echo "$LABEL: configs and logs kept in $WORK" >&2
     else
         rm -rf "$WORK"
     fi
@@ -134,7 +152,7 @@ RUST_LOG=debug "$BIN" --log-format json run --config "$WORK/b.toml" > "$WORK/pro
 PIDS+=($!)
 
 set +e
-timeout --signal=TERM 120 "$PY" -W ignore::DeprecationWarning "$HERE/interop.py" \
+timeout --signal=TERM 120 "$PY" -W ignore::DeprecationWarning "$HERE/$SCRIPT" \
     --blue "127.0.0.1:$P_BLUE" --green "127.0.0.1:$P_GREEN" \
     --proxy-a "127.0.0.1:$P_A" --preview-a "127.0.0.1:$P_A_PREVIEW" --admin-a "127.0.0.1:$P_A_ADMIN" \
     --proxy-b "127.0.0.1:$P_B" --admin-b "127.0.0.1:$P_B_ADMIN" \
@@ -149,7 +167,7 @@ if [[ $STATUS -ne 0 ]]; then
         echo "--- last lines of $log.log (without health-probe noise) ---" >&2
         grep -v 'hyper_util::client::legacy' "$WORK/$log.log" | tail -n 15 >&2 || true
     done
-    [[ $STATUS -eq 124 ]] && echo "sdk-python: FAILED: interop.py timed out after 120 s" >&2
-    echo "sdk-python: FAILED (exit $STATUS)" >&2
+    [[ $STATUS -eq 124 ]] && echo "$LABEL: FAILED: $SCRIPT timed out after 120 s" >&2
+    echo "$LABEL: FAILED (exit $STATUS)" >&2
 fi
 exit "$STATUS"
