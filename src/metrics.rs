@@ -4,9 +4,9 @@
 //! plus upstream URLs, which the config bounds. The request path uses children resolved at
 //! start-up, so counting is an atomic add, not a label lookup.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -146,7 +146,7 @@ pub struct Families {
     connections: [IntGauge; 3],
     /// Requests refused 401 per listener (never routed, so not in `requests_total`).
     unauthorized: [IntCounter; 3],
-    /// Per listener, when (Unix milliseconds) the last log line about a 401 was written.
+    /// Per listener, when the next log line about a 401 may be written (`once_a_second`).
     unauthorized_logged: [AtomicU64; 3],
     /// 1 while this replica's route state matches its store (always, for the file store).
     pub store_in_sync: IntGauge,
@@ -160,18 +160,22 @@ impl std::ops::Deref for Metrics {
     }
 }
 
-/// Whether a second or more has passed since the last `true` for `last`, which keeps the
-/// time (Unix milliseconds) of that `true`: for log lines that would otherwise come once a
-/// request.
-pub(crate) fn once_a_second(last: &AtomicU64) -> bool {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let before = last.load(Ordering::Relaxed);
-    now.saturating_sub(before) >= 1000
-        && last
-            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+/// Whether a line rate-limited by `next` may be written now: at most one a second. `next`
+/// keeps the earliest time the next one may be (`monotonic_millis`; 0 for at once). The
+/// monotonic clock, so that a wall clock stepped back does not silence the line.
+pub(crate) fn once_a_second(next: &AtomicU64) -> bool {
+    let now = monotonic_millis();
+    let allowed = next.load(Ordering::Relaxed);
+    now >= allowed
+        && next
+            .compare_exchange(allowed, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
+}
+
+/// Milliseconds since the first call, on the monotonic clock.
+fn monotonic_millis() -> u64 {
+    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX - 1000)
 }
 
 fn status_class(status: u16) -> usize {
@@ -496,19 +500,15 @@ impl Default for Metrics {
 mod tests {
     use super::*;
 
-    fn millis_ago(ms: u64) -> AtomicU64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("the clock is after 1970");
-        AtomicU64::new(u64::try_from(now.as_millis()).expect("milliseconds fit in u64") - ms)
-    }
-
     #[test]
-    fn a_rate_limited_line_waits_a_whole_second_not_the_next_clock_second() {
-        let last = AtomicU64::new(0);
-        assert!(once_a_second(&last), "the first line is written");
-        assert!(!once_a_second(&last), "the next, at once, is not");
-        assert!(!once_a_second(&millis_ago(900)), "900 ms after the last");
-        assert!(once_a_second(&millis_ago(1_100)), "1.1 s after the last");
+    fn a_rate_limited_line_waits_a_whole_second() {
+        let next = AtomicU64::new(0);
+        assert!(once_a_second(&next), "the first line is written");
+        assert!(!once_a_second(&next), "the next, at once, is not");
+        // 900 ms after the last line the next may come in 100 ms; 1.1 s after, 100 ms ago.
+        let at_900_ms = AtomicU64::new(monotonic_millis() + 100);
+        assert!(!once_a_second(&at_900_ms), "900 ms after the last");
+        let at_1100_ms = AtomicU64::new(monotonic_millis().saturating_sub(100));
+        assert!(once_a_second(&at_1100_ms), "1.1 s after the last");
     }
 }

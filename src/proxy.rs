@@ -94,9 +94,9 @@ pub struct Proxy {
     pub(crate) router: Arc<Router>,
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) metrics: Metrics,
-    /// Per colour, when (Unix milliseconds) the last "no healthy upstream" line was written.
+    /// Per colour, when the next "no healthy upstream" line may be written (`once_a_second`).
     no_healthy_logged: [AtomicU64; 2],
-    /// The same for the last "out of sockets" line.
+    /// The same for the "out of sockets" line.
     out_of_sockets_logged: AtomicU64,
 }
 
