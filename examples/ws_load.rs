@@ -6,7 +6,7 @@
 //! gives the round trip. Prints one line of `key=value` figures at the end.
 //!
 //! With `--idle` it only opens the streams, prints `opened=N` once they are all open,
-//! holds them for `--duration` seconds without sending, and closes them.
+//! holds them for `--duration` seconds from then without sending, and closes them.
 //!
 //! Usage: `cargo run --release --example ws_load -- --url ws://127.0.0.1:8080/v1/agent/converse
 //! --streams 200 --duration 20`
@@ -71,6 +71,7 @@ async fn stream(
     epoch: Instant,
     start_at: tokio::time::Instant,
     opened: tokio::sync::mpsc::Sender<()>,
+    mut all_open: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
 ) -> Tally {
     let mut tally = Tally::default();
     // tungstenite's default 128 KiB read buffer is zero-filled up to its capacity before
@@ -91,10 +92,22 @@ async fn stream(
     drop(opened);
     let (mut tx, mut rx) = ws.split();
     if args.idle {
-        // Read (and ignore) whatever the upstream sends, so pings are answered.
-        let deadline = start_at + args.duration;
-        let _ =
-            tokio::time::timeout_at(deadline, async { while rx.next().await.is_some() {} }).await;
+        // Read (and ignore) whatever the upstream sends, so pings are answered, until
+        // `--duration` after the last stream opened: opening 10,000 can take half a minute.
+        let held = async {
+            // An error is `run` gone, and the streams with it.
+            let at = all_open
+                .wait_for(Option::is_some)
+                .await
+                .map_or(None, |at| *at);
+            if let Some(at) = at {
+                tokio::time::sleep_until(at + args.duration).await;
+            }
+        };
+        tokio::select! {
+            () = held => {}
+            () = async { while rx.next().await.is_some() {} } => {}
+        }
         let _ = tx.send(Message::Close(None)).await;
         return tally;
     }
@@ -163,16 +176,21 @@ async fn run(args: Args) -> Result<(), String> {
     let start_at = tokio::time::Instant::now()
         + Duration::from_secs(2)
         + args.streams as u32 * Duration::from_micros(500);
+    let (all_open_tx, all_open) = tokio::sync::watch::channel(None);
     let mut tasks = Vec::with_capacity(args.streams);
     for _ in 0..args.streams {
         let opened = opened_tx.clone();
-        tasks.push(tokio::spawn(stream(args, epoch, start_at, opened)));
+        let all_open = all_open.clone();
+        tasks.push(tokio::spawn(stream(
+            args, epoch, start_at, opened, all_open,
+        )));
     }
     drop(opened_tx);
     let mut opened = 0usize;
     while opened_rx.recv().await.is_some() {
         opened += 1;
     }
+    all_open_tx.send_replace(Some(tokio::time::Instant::now()));
     let mut stdout = tokio::io::stdout();
     let line = format!(
         "opened={opened} open_secs={:.2}\n",

@@ -494,7 +494,7 @@ section_idle() {
     PIDS+=($client)
     # RSS each second: its peak while the streams open, 3 s after the last one opened (the
     # figure of the runs before 2026-12-06), and 15 s after, when jemalloc's purging thread
-    # has given back what the burst of handshakes freed (the streams are held for 30 s).
+    # has given back what the burst of handshakes freed (the client holds them 30 s from then).
     local i rss
     for i in $(seq 1 240); do
         rss=$(rss_kib "$SY_PID")
@@ -509,12 +509,17 @@ section_idle() {
         ((i == 3)) && after=$rss
     done
     settled=$rss
+    # The reading counts only while the streams are still open: say how many were.
+    local open_then
+    open_then=$(curl -fsS "http://127.0.0.1:$P_SY_ADMIN/status" 2>/dev/null | python3 -c \
+        'import json, sys; print(sum(c["open_streams"] for c in json.load(sys.stdin)["colors"].values()))' \
+        2>/dev/null || echo "?")
     opened=$(sed -n 's/^opened=\([0-9]*\).*/\1/p' "$file")
     local stub_rss
     stub_rss=$(rss_kib "$ORIGIN_PID")
     wait "$client" || true
     per() { awk -v a="$1" -v b="$before" -v n="${opened:-0}" 'BEGIN { printf "%.1f", n ? (a - b) / n : 0 }'; }
-    say "switchyard VmRSS: ${before} KiB before, ${after} KiB with ${opened:-0} of $IDLE_STREAMS streams open → $(per "$after") KiB per stream 3 s after the last opened (client and upstream side together) ${IDLE_NOTE:-}; ${settled} KiB → **$(per "$settled") KiB per stream** 15 s after; peak ${peak} KiB while they opened. Stub origin RSS at the time: $stub_rss KiB. Client: $(tail -1 "$file")"
+    say "switchyard VmRSS: ${before} KiB before, ${after} KiB with ${opened:-0} of $IDLE_STREAMS streams open → $(per "$after") KiB per stream 3 s after the last opened (client and upstream side together) ${IDLE_NOTE:-}; ${settled} KiB → **$(per "$settled") KiB per stream** 15 s after, with $open_then streams open; peak ${peak} KiB while they opened. Stub origin RSS at the time: $stub_rss KiB. Client: $(tail -1 "$file")"
 }
 
 section_flip() {
