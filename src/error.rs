@@ -128,13 +128,21 @@ impl ProxyError {
 /// Deepgram names them, `err_code` and `err_msg`: Deepgram's SDKs before v5 (Python) show a
 /// failed call by its `err_msg`, and printed `None` for Switchyard's own answers without it.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
-    let body = serde_json::json!({
-        "error": code,
-        "message": message,
-        "err_code": code,
-        "err_msg": message,
+    /// In this order, SPEC's fields first (a `json!` map would sort them).
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        error: &'a str,
+        message: &'a str,
+        err_code: &'a str,
+        err_msg: &'a str,
+    }
+    let body = serde_json::to_string(&Body {
+        error: code,
+        message,
+        err_code: code,
+        err_msg: message,
     })
-    .to_string();
+    .unwrap_or_default();
     let mut response = Response::new(Bytes::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -500,10 +500,6 @@ pub async fn serve(
     shutdown.closed().await;
 }
 
-/// What a client that speaks plain HTTP to a TLS listener gets, instead of a TLS alert its
-/// HTTP library would report as garbage.
-const PLAIN_HTTP_BODY: &str = r#"{"error":"tls_required","message":"this listener speaks TLS: use https:// or wss:// on this port"}"#;
-
 /// The server side of a TLS handshake. A client whose first byte is a letter sent an HTTP
 /// request in the clear (a TLS record starts with 0x16): it gets a 400 saying so.
 async fn tls_handshake(
@@ -513,11 +509,20 @@ async fn tls_handshake(
     let mut first = [0u8; 1];
     if socket.get_ref().peek(&mut first).await? == 1 && first[0].is_ascii_uppercase() {
         use tokio::io::AsyncWriteExt;
-        let answer = format!(
-            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{PLAIN_HTTP_BODY}",
-            PLAIN_HTTP_BODY.len()
-        );
-        socket.write_all(answer.as_bytes()).await?;
+        // Instead of a TLS alert, which its HTTP library would report as garbage.
+        let body = crate::error::json_error(
+            http::StatusCode::BAD_REQUEST,
+            "tls_required",
+            "this listener speaks TLS: use https:// or wss:// on this port",
+        )
+        .into_body();
+        let mut answer = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(&body);
+        socket.write_all(&answer).await?;
         // Shut down, the socket lingers as it drops (`ClientIo`): what the client still
         // sends is read until it closes, so no reset overtakes the answer.
         socket.shutdown().await?;

@@ -131,6 +131,8 @@ async fn plain_http_on_the_tls_listener_is_told_to_use_tls() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let json: serde_json::Value = serde_json::from_slice(response.body()).expect("JSON");
     assert_eq!(json["error"], "tls_required", "{json}");
+    assert_eq!(json["err_code"], json["error"], "{json}");
+    assert_eq!(json["err_msg"], json["message"], "{json}");
 
     // A client that sends a whole upload before it reads still reads the answer: the
     // socket lingers, taking what comes, instead of resetting the answer away.
