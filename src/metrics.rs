@@ -164,7 +164,10 @@ impl std::ops::Deref for Metrics {
 /// keeps the earliest time the next one may be (`monotonic_millis`; 0 for at once). The
 /// monotonic clock, so that a wall clock stepped back does not silence the line.
 pub(crate) fn once_a_second(next: &AtomicU64) -> bool {
-    let now = monotonic_millis();
+    once_a_second_at(next, monotonic_millis())
+}
+
+fn once_a_second_at(next: &AtomicU64, now: u64) -> bool {
     let allowed = next.load(Ordering::Relaxed);
     now >= allowed
         && next
@@ -503,12 +506,11 @@ mod tests {
     #[test]
     fn a_rate_limited_line_waits_a_whole_second() {
         let next = AtomicU64::new(0);
-        assert!(once_a_second(&next), "the first line is written");
-        assert!(!once_a_second(&next), "the next, at once, is not");
-        // 900 ms after the last line the next may come in 100 ms; 1.1 s after, 100 ms ago.
-        let at_900_ms = AtomicU64::new(monotonic_millis() + 100);
-        assert!(!once_a_second(&at_900_ms), "900 ms after the last");
-        let at_1100_ms = AtomicU64::new(monotonic_millis().saturating_sub(100));
-        assert!(once_a_second(&at_1100_ms), "1.1 s after the last");
+        assert!(once_a_second_at(&next, 5_000), "the first line is written");
+        assert!(!once_a_second_at(&next, 5_000), "the next, at once, is not");
+        assert!(!once_a_second_at(&next, 5_900), "nor 900 ms after");
+        assert!(once_a_second_at(&next, 6_000), "a second after, it is");
+        assert!(!once_a_second_at(&next, 6_999), "and then not for a second");
+        assert!(once_a_second(&AtomicU64::new(0)), "on the real clock too");
     }
 }
