@@ -511,7 +511,7 @@ section_idle() {
     settled=$rss
     # The reading counts only while the streams are still open: say how many were.
     local open_then
-    open_then=$(curl -fsS "http://127.0.0.1:$P_SY_ADMIN/status" 2>/dev/null | python3 -c \
+    open_then=$(curl -fsS -m 5 "http://127.0.0.1:$P_SY_ADMIN/status" 2>/dev/null | python3 -c \
         'import json, sys; print(sum(c["open_streams"] for c in json.load(sys.stdin)["colors"].values()))' \
         2>/dev/null || echo "?")
     opened=$(sed -n 's/^opened=\([0-9]*\).*/\1/p' "$file")
@@ -584,7 +584,7 @@ start_haproxy
 log "all up: origin $ORIGIN_PID switchyard $SY_PID nginx $NGINX_PID haproxy $HAPROXY_PID (ports from $BASE)"
 # Warm every path once so the first measured run does not pay for connection set-up.
 for name in $TARGETS; do
-    curl -fsS -o /dev/null "$(target_url $name)$PATH_HTTP"
+    curl -fsS -m 10 -o /dev/null "$(target_url $name)$PATH_HTTP"
 done
 
 for s in $SECTIONS; do
