@@ -158,6 +158,32 @@ def reset_to_blue(tag, a):
     wait_drained(tag, a, "green")
 
 
+def flip_to_green(tag, a, reason, streams=1):
+    """Flips proxy A to green with drain_timeout DRAIN_TIMEOUT, and checks that blue then drains
+    `streams` open streams; returns the monotonic time taken just before the request (the
+    server's deadline is later than t + DRAIN_TIMEOUT)."""
+    token = open(a.admin_token_file).read().strip()
+    t_flip = time.monotonic()
+    code, body = http_json(
+        "POST", f"http://{a.admin_a}/flip", token, {"to": "green", "drain_timeout": f"{DRAIN_TIMEOUT:.0f}s", "reason": reason}
+    )
+    check(
+        tag,
+        "flip to green: 200 changed",
+        code == 200 and body.get("active") == "green" and body.get("changed") is True,
+        f"{code} active={body.get('active')} changed={body.get('changed')} error={body.get('error')}",
+    )
+    _, status = http_json("GET", f"http://{a.admin_a}/status")
+    blue = status["colors"]["blue"]
+    check(
+        tag,
+        f"status right after the flip: blue draining with {streams} open stream{'' if streams == 1 else 's'}",
+        blue["state"] == "draining" and blue["open_streams"] == streams,
+        f"state={blue['state']} open_streams={blue['open_streams']}",
+    )
+    return t_flip
+
+
 def start(label, packages):
     """Reads run.sh's arguments, prints the versions of `packages`, and waits until the stubs
     and both proxies are ready. Returns (arguments, start time), or None after printing why

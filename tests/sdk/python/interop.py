@@ -54,6 +54,7 @@ from harness import (
     TTS_FRAME,
     audio,
     check,
+    flip_to_green,
     http_json,
     note,
     reset_to_blue,
@@ -416,7 +417,6 @@ def s3_tts(a, sessions):
 @scenario("S4")
 def s4_drain(a, sessions):
     tag = "S4"
-    token = open(a.admin_token_file).read().strip()
     stt_sid = new_session(sessions, "s4-stt")
     tts_sid = new_session(sessions, "s4-tts")
     stt_client = client(a.proxy_a, session_id=stt_sid)
@@ -452,17 +452,7 @@ def s4_drain(a, sessions):
         check(tag, "STT stream produces Results on blue before the flip", isinstance(first, ListenV1Results) and first.channel.alternatives[0].transcript == "blue 1")
         tts.send_text(SpeakV1Text(type="Speak", text="z" * 20))
 
-        t_flip = time.monotonic()
-        code, body = http_json("POST", f"http://{a.admin_a}/flip", token, {"to": "green", "drain_timeout": "1s", "reason": "sdk-py interop"})
-        check(tag, "flip to green: 200 changed", code == 200 and body.get("active") == "green" and body.get("changed") is True, f"{code} {body}")
-        code, status = http_json("GET", f"http://{a.admin_a}/status")
-        blue = status["colors"]["blue"]
-        check(
-            tag,
-            "status right after the flip: blue draining with 2 open streams",
-            blue["state"] == "draining" and blue["open_streams"] == 2,
-            f"state={blue['state']} open_streams={blue['open_streams']}",
-        )
+        t_flip = flip_to_green(tag, a, "sdk-py interop", streams=2)
         tts.send_text(SpeakV1Text(type="Speak", text="w" * 20))  # still served by blue while draining
 
         msgs = []
@@ -673,31 +663,6 @@ def s5_auth(a, sessions):
 # ------------------------------------------------------------------------------------------
 # Colour resets (proxy A), shared by S7 and S8
 # ------------------------------------------------------------------------------------------
-
-
-def flip_to_green(tag, a, reason):
-    """Flips proxy A to green with drain_timeout DRAIN_TIMEOUT; returns the monotonic time taken
-    just before the request (the server's deadline is later than t + DRAIN_TIMEOUT)."""
-    token = open(a.admin_token_file).read().strip()
-    t_flip = time.monotonic()
-    code, body = http_json(
-        "POST", f"http://{a.admin_a}/flip", token, {"to": "green", "drain_timeout": f"{DRAIN_TIMEOUT:.0f}s", "reason": reason}
-    )
-    check(
-        tag,
-        "flip to green: 200 changed",
-        code == 200 and body.get("active") == "green" and body.get("changed") is True,
-        f"{code} active={body.get('active')} changed={body.get('changed')} error={body.get('error')}",
-    )
-    _, status = http_json("GET", f"http://{a.admin_a}/status")
-    blue = status["colors"]["blue"]
-    check(
-        tag,
-        "status right after the flip: blue draining with 1 open stream",
-        blue["state"] == "draining" and blue["open_streams"] == 1,
-        f"state={blue['state']} open_streams={blue['open_streams']}",
-    )
-    return t_flip
 
 
 def close_rcvd(ws):

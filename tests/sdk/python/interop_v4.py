@@ -62,7 +62,7 @@ from harness import (
     TTS_FRAME,
     audio,
     check,
-    http_json,
+    flip_to_green,
     note,
     reset_to_blue,
     scenario,
@@ -446,7 +446,6 @@ def error_text(err):
 def s4_drain(a):
     tag = "S4"
     reset_to_blue(tag, a)
-    token = open(a.admin_token_file).read().strip()
     stt_ev, tts_ev = Events(), Events()
     stt, ssock = live_start(client(a.proxy_a), stt_ev)
     tts, tsock = speak_start(client(a.proxy_a), tts_ev)
@@ -463,18 +462,8 @@ def s4_drain(a):
     check(tag, "STT stream produces Results on blue before the flip", first and transcript(first[0]) == "blue 1")
     tts.send_text("z" * 20)
 
-    t_flip = time.monotonic()
     n_results_at_flip = stt_ev.count("Results")
-    code, body = http_json("POST", f"http://{a.admin_a}/flip", token, {"to": "green", "drain_timeout": "1s", "reason": "sdk-py4 interop"})
-    check(tag, "flip to green: 200 changed", code == 200 and body.get("active") == "green" and body.get("changed") is True, f"{code} {body}")
-    code, status = http_json("GET", f"http://{a.admin_a}/status")
-    blue = status["colors"]["blue"]
-    check(
-        tag,
-        "status right after the flip: blue draining with 2 open streams",
-        blue["state"] == "draining" and blue["open_streams"] == 2,
-        f"state={blue['state']} open_streams={blue['open_streams']}",
-    )
+    t_flip = flip_to_green(tag, a, "sdk-py4 interop", streams=2)
     tts.send_text("w" * 20)  # still served by blue while draining
 
     bound = DRAIN_TIMEOUT + DRAIN_GRACE + 3
