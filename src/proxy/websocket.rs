@@ -817,7 +817,6 @@ impl Stream {
             self.ended(reason, told, sent, Carried::by(&up, &down));
             return;
         }
-        let closes_client = client_close.is_some();
         // Each side's closing frames go as soon as it can take them, neither waiting on
         // the other, all within CLOSE_WAIT; then both wait for the answers to their closes.
         let mut to_client = Closing::new(client_close, down_open);
@@ -837,8 +836,12 @@ impl Stream {
             finish(&mut upstream, &mut down, upstream_waits && to_upstream.sent),
         );
         drop(open);
-        let sent = closes_client && to_client.sent;
-        self.ended(reason, client_code, sent, Carried::by(&up, &down));
+        self.ended(
+            reason,
+            client_code,
+            to_client.close_sent(),
+            Carried::by(&up, &down),
+        );
     }
 
     /// How `ending` is told to each side; books what it says of the upstream (its error
@@ -997,6 +1000,8 @@ struct Closing {
     /// The frames, once the writer is at a frame boundary (or gave up on reaching one).
     frames: Option<VecDeque<Bytes>>,
     done: bool,
+    /// Whether it was given a close to send (`close` is taken once the frames are made).
+    closes: bool,
     /// Every frame, a close among them, was written and flushed.
     sent: bool,
 }
@@ -1004,12 +1009,18 @@ struct Closing {
 impl Closing {
     fn new(close: Option<Bytes>, source_open: bool) -> Closing {
         Closing {
+            closes: close.is_some(),
             close,
             source_open,
             frames: None,
             done: false,
             sent: false,
         }
+    }
+
+    /// Whether a close frame reached the other side's connection.
+    fn close_sent(&self) -> bool {
+        self.closes && self.sent
     }
 
     /// Writes the frames to `dst`; `writer` is the pump that passes `src`'s frames to it.
@@ -1108,7 +1119,6 @@ where
     .await;
     // The upstream's close, or, if none came, Switchyard's echo after the frame in flight.
     let (code, close) = answered.ok().flatten().or(echo).unzip();
-    let closes_client = close.is_some();
     let mut to_client = Closing::new(close, true);
     let closing = std::future::poll_fn(|cx| to_client.poll(cx, down, upstream, client));
     let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
@@ -1116,7 +1126,7 @@ where
         let _ = tokio::join!(client.shutdown(), upstream.shutdown());
     })
     .await;
-    (code.flatten(), closes_client && to_client.sent)
+    (code.flatten(), to_client.close_sent())
 }
 
 /// Ends one side within `CLOSE_WAIT`: if `wait` (a close went to it), reads (`reader`)
