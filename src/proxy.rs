@@ -253,10 +253,11 @@ impl Proxy {
 }
 
 /// Closes the connection kept idle longest to an upstream of `table` (the first that has
-/// one), for a request that needs a socket at the open-file ceiling; whether one was.
-pub(crate) fn close_an_idle_connection(table: &RouteTable) -> bool {
+/// one), for a request that needs a socket at the open-file ceiling, and answers its place
+/// under the ceiling, for that request's connect alone.
+pub(crate) fn close_an_idle_connection(table: &RouteTable) -> Option<crate::nofile::Counted> {
     let mut upstreams = table.pools.iter().flat_map(|pool| pool.iter());
-    upstreams.any(|u| u.idle.close_oldest())
+    upstreams.find_map(|u| u.idle.close_oldest())
 }
 
 /// Most attempts per request: the first pick and at most two more on connect failure.
@@ -275,6 +276,9 @@ pub(crate) struct Attempts<'t> {
     failed: Option<RequestGuard>,
     /// A connection kept idle was closed to make room for this request's (once).
     made_room: bool,
+    /// The place under the open-file ceiling that closing it left, held for the next
+    /// connect (`room`): a request on another thread cannot take it first.
+    room: Option<crate::nofile::Counted>,
 }
 
 impl<'t> Attempts<'t> {
@@ -286,7 +290,13 @@ impl<'t> Attempts<'t> {
             tried: Vec::new(),
             failed: None,
             made_room: false,
+            room: None,
         }
+    }
+
+    /// The place a closed idle connection left for this attempt's connect, if any.
+    pub(crate) fn room(&mut self) -> Option<crate::nofile::Counted> {
+        self.room.take()
     }
 
     /// The next upstream to try, with the work counted on it from now; or the answer
@@ -317,8 +327,11 @@ impl<'t> Attempts<'t> {
         error: &std::io::Error,
     ) -> Result<(), ProxyError> {
         if crate::nofile::is_local_exhaustion(error) {
-            if !self.made_room && close_an_idle_connection(self.table) {
+            if !self.made_room
+                && let Some(room) = close_an_idle_connection(self.table)
+            {
                 self.made_room = true;
+                self.room = Some(room);
                 self.failed = Some(guard);
                 return Ok(());
             }

@@ -111,6 +111,7 @@ pub async fn exchange(
     head: RequestHead<'_>,
     body: Incoming,
     to_upstream: &IntCounter,
+    mut room: Option<crate::nofile::Counted>,
 ) -> Result<Response<ResponseBody>, Failure> {
     let framing = request_framing(head.method, head.headers, &body);
     let encoded = encode_head(&head, &upstream.url.authority, framing);
@@ -121,7 +122,8 @@ pub async fn exchange(
             None => {
                 // Boxed: a TLS handshake's state is large, and every request's future
                 // would carry its size (and be copied with it) for this rare path.
-                let connecting = connect_within(tls, &upstream.url, limits.connect_timeout);
+                let connecting =
+                    connect_within(tls, &upstream.url, limits.connect_timeout, room.take());
                 match Box::pin(connecting).await {
                     Ok(io) => {
                         upstream.record_connect();

@@ -76,6 +76,7 @@ pub async fn forward(
             head,
             attempt_body,
             &metrics.bytes_to_upstream,
+            attempts.room(),
         );
         waiting.on(upstream);
         let answer = tokio::select! {

@@ -271,7 +271,8 @@ pub async fn forward(
         };
         waiting.on(upstream);
         let tls = &table.settings.upstream_tls;
-        let connected = h1::connect_within(tls, &upstream.url, limits.connect_timeout).await;
+        let room = attempts.room();
+        let connected = h1::connect_within(tls, &upstream.url, limits.connect_timeout, room).await;
         waiting.answered();
         match connected {
             Ok(io) => {

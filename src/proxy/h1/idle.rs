@@ -85,16 +85,16 @@ impl Idle {
         drop(gone);
     }
 
-    /// Closes the connection parked longest, if there is one; whether there was.
-    pub fn close_oldest(&self) -> bool {
+    /// Closes the connection parked longest, if there is one, and answers its place under
+    /// the open-file ceiling (`Stream::close_keeping_room`).
+    pub fn close_oldest(&self) -> Option<crate::nofile::Counted> {
         let mut parked = self.lock();
         if parked.conns.is_empty() {
-            return false;
+            return None;
         }
         let (oldest, _) = parked.conns.remove(0);
         drop(parked);
-        drop(oldest);
-        true
+        Some(oldest.io.close_keeping_room())
     }
 
     /// Closes every parked connection.

@@ -16,7 +16,7 @@ use crate::config::UpstreamUrl;
 /// A connection to an upstream, plain or TLS, counted against the open-file limit.
 pub struct Stream {
     io: Io,
-    _socket: crate::nofile::Counted,
+    socket: crate::nofile::Counted,
 }
 
 enum Io {
@@ -29,8 +29,16 @@ impl Stream {
     pub fn plain(tcp: TcpStream) -> Stream {
         Stream {
             io: Io::Plain(tcp),
-            _socket: crate::nofile::Counted::accepted(),
+            socket: crate::nofile::Counted::accepted(),
         }
+    }
+
+    /// Closes the connection and keeps its place under the open-file ceiling, for the
+    /// connect that closed it to make room (`connect`'s `room`).
+    pub fn close_keeping_room(self) -> crate::nofile::Counted {
+        let Stream { io, socket } = self;
+        drop(io);
+        socket
     }
 
     /// Whether it is TLS.
@@ -45,8 +53,9 @@ pub async fn connect_within(
     tls: &Arc<rustls::ClientConfig>,
     url: &UpstreamUrl,
     timeout: Duration,
+    room: Option<crate::nofile::Counted>,
 ) -> io::Result<Stream> {
-    match tokio::time::timeout(timeout, connect(tls, url)).await {
+    match tokio::time::timeout(timeout, connect(tls, url, room)).await {
         Ok(connected) => connected,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -57,9 +66,16 @@ pub async fn connect_within(
 
 /// Opens a connection to `url` (TLS for `https://`, verified with `tls`), Nagle off; an
 /// error as at the open-file limit when the descriptors left are the reserve's
-/// (`nofile::Counted::to_open`).
-pub async fn connect(tls: &Arc<rustls::ClientConfig>, url: &UpstreamUrl) -> io::Result<Stream> {
-    let socket = crate::nofile::Counted::to_open()?;
+/// (`nofile::Counted::to_open`), unless it has `room` a closed connection left it.
+pub async fn connect(
+    tls: &Arc<rustls::ClientConfig>,
+    url: &UpstreamUrl,
+    room: Option<crate::nofile::Counted>,
+) -> io::Result<Stream> {
+    let socket = match room {
+        Some(room) => room,
+        None => crate::nofile::Counted::to_open()?,
+    };
     let host = url.authority.host();
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = TcpStream::connect((host, url.port())).await?;
@@ -68,7 +84,7 @@ pub async fn connect(tls: &Arc<rustls::ClientConfig>, url: &UpstreamUrl) -> io::
     if !url.is_tls() {
         return Ok(Stream {
             io: Io::Plain(tcp),
-            _socket: socket,
+            socket,
         });
     }
     let name = rustls::pki_types::ServerName::try_from(host.to_owned())
@@ -78,7 +94,7 @@ pub async fn connect(tls: &Arc<rustls::ClientConfig>, url: &UpstreamUrl) -> io::
         .await?;
     Ok(Stream {
         io: Io::Tls(Box::new(tls)),
-        _socket: socket,
+        socket,
     })
 }
 
