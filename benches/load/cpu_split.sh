@@ -14,20 +14,22 @@
 # ws: examples/ws_load, 200 streams of 640-byte binary frames every 20 ms to the stub's echo
 # for 8 s, per relayed frame (one frame through the proxy in one direction; each echo is two).
 #
-# SY=path measures that switchyard binary (and the ws_load example beside it) instead of
-# building them; ORIGIN_SY=path runs the stub origins from another binary.
+# SY=path measures that switchyard binary (and ws uses the ws_load example beside it)
+# instead of building them; ORIGIN_SY=path runs the stub origins from another binary.
 #
 # Loopback only; every process it starts is stopped by PID.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 ROUNDS=${1:-2}
 MODE=${2:-http}
-case $MODE in
-    http | ws) ;;
-    *) echo "usage: $0 [rounds] [http|ws]" >&2; exit 2 ;;
-esac
-for tool in nginx haproxy wrk; do
-    command -v $tool >/dev/null || { echo "needs $tool (apt-get install nginx haproxy wrk)" >&2; exit 2; }
+if ! [[ $ROUNDS =~ ^[1-9][0-9]*$ && $MODE =~ ^(http|ws)$ ]]; then
+    echo "usage: $0 [rounds] [http|ws]" >&2
+    exit 2
+fi
+tools="nginx haproxy"
+[[ $MODE == http ]] && tools+=" wrk"
+for tool in $tools; do
+    command -v $tool >/dev/null || { echo "needs $tool (apt-get install $tools)" >&2; exit 2; }
 done
 if [[ -z ${SY:-} ]]; then
     (cd "$ROOT" && cargo build --release --quiet --bin switchyard --example ws_load)
@@ -56,15 +58,19 @@ HAPROXY_PID=$!
 PIDS+=($HAPROXY_PID)
 for port in $P_NGINX $P_HAPROXY; do wait_port $port; done
 
-# load PORT: runs the mode's load through the proxy on PORT and prints how many requests
+# load PID PORT: runs the mode's load through the proxy on PORT (process PID, whose system
+# calls perf counts for as long as the load runs, where it can) and prints how many requests
 # or relayed frames it made.
 load() {
-    local port=$1
+    local pid=$1 port=$2
+    local -a count=()
+    if ((perf_ok)); then count=(perf stat -e raw_syscalls:sys_enter -p "$pid" -o "$DIR/perf.txt" --); fi
     if [[ $MODE == http ]]; then
-        taskset -c 1 wrk -t1 -c64 -d8s "http://127.0.0.1:$port/v1/status" >"$DIR/load.txt" 2>&1
+        "${count[@]}" taskset -c 1 wrk -t1 -c64 -d8s "http://127.0.0.1:$port/v1/status" \
+            >"$DIR/load.txt" 2>&1 || true
         awk '/requests in/ { print $1 }' "$DIR/load.txt"
     else
-        taskset -c 1 timeout 70 "$WS_LOAD" --url "ws://127.0.0.1:$port/v1/agent/converse" \
+        "${count[@]}" taskset -c 1 timeout 70 "$WS_LOAD" --url "ws://127.0.0.1:$port/v1/agent/converse" \
             --streams 200 --duration 8 >"$DIR/load.txt" 2>&1 || true
         awk '/^streams=/ {
             for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
@@ -87,18 +93,7 @@ for round in $(seq "$ROUNDS"); do
         rm -f "$DIR/perf.txt"
         read -r u0 s0 < <(cpu "$pid")
         read -r v0 i0 < <(switches "$pid")
-        if ((perf_ok)); then
-            # Counts the whole load and the moment either side of it; stopped by SIGINT,
-            # on which perf stat prints its counts.
-            perf stat -e raw_syscalls:sys_enter -p "$pid" -o "$DIR/perf.txt" &
-            PERF_PID=$!
-            sleep 0.5
-        fi
-        n=$(load "$port")
-        if ((perf_ok)); then
-            kill -INT "$PERF_PID" 2>/dev/null || true
-            wait "$PERF_PID" || true
-        fi
+        n=$(load "$pid" "$port")
         read -r u1 s1 < <(cpu "$pid")
         read -r v1 i1 < <(switches "$pid")
         calls=$(awk '/sys_enter/ { gsub(",", "", $1); print $1 }' "$DIR/perf.txt" 2>/dev/null || true)
