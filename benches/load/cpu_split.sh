@@ -8,7 +8,7 @@
 # preemptions by the origin sharing its core), and the system calls it made (`perf stat -e
 # raw_syscalls:sys_enter`, "-" where perf cannot count them).
 #
-#   benches/load/cpu_split.sh [rounds] [http|ws]     (default 2 http; needs nginx, haproxy, wrk)
+#   benches/load/cpu_split.sh [rounds] [http|ws]     (default 2 http; needs nginx and haproxy, and wrk for http)
 #
 # http: `wrk -t1 -c64 -d8s` of /v1/status per proxy and round, per request.
 # ws: examples/ws_load, 200 streams of 640-byte binary frames every 20 ms to the stub's echo
